@@ -1,0 +1,1 @@
+//! Tunnel policy. Not implemented yet: the tunnels issue (#4) fills this crate.

@@ -1,0 +1,465 @@
+//! Configuration: TOML with unknown keys refused, validated into the types the gateway
+//! runs on. Every error names the line and the key at fault.
+
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::core::route::destination_of;
+use crate::core::{RouteTable, Target};
+use crate::flow::Transport;
+use crate::sip::{Limits, Scheme, Uri};
+use crate::transaction::TimerConfig;
+
+/// The configuration compiled into the binary: a gateway for `org.example` on loopback.
+pub const DEFAULT_CONFIG: &str = include_str!("default.toml");
+
+/// A configuration error with its position.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{origin}:{line}: {key}: {message}")]
+pub struct ConfigError {
+    pub origin: String,
+    pub line: usize,
+    pub key: String,
+    pub message: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    sip: RawSip,
+    #[serde(default)]
+    listen: Vec<RawListen>,
+    tls: Option<RawTls>,
+    #[serde(default)]
+    timers: RawTimers,
+    #[serde(default)]
+    limits: RawLimits,
+    #[serde(default)]
+    trust: RawTrust,
+    #[serde(default)]
+    route: Vec<RawRoute>,
+    #[serde(default)]
+    log: RawLog,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSip {
+    domains: Spanned<Vec<String>>,
+    #[serde(default = "default_grace")]
+    shutdown_grace_ms: u64,
+}
+
+fn default_grace() -> u64 {
+    5000
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawListen {
+    transport: Spanned<Transport>,
+    address: Spanned<String>,
+    advertise: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    certificate: Spanned<PathBuf>,
+    private_key: Spanned<PathBuf>,
+    /// Trust anchors for outbound TLS (`sips:` next hops).
+    ca: Option<Spanned<PathBuf>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTimers {
+    #[serde(default = "d_t1")]
+    t1_ms: Spanned<u64>,
+    #[serde(default = "d_t2")]
+    t2_ms: Spanned<u64>,
+    #[serde(default = "d_t4")]
+    t4_ms: Spanned<u64>,
+    #[serde(default = "d_c")]
+    timer_c_ms: Spanned<u64>,
+}
+
+fn d_t1() -> Spanned<u64> {
+    Spanned::new(0..0, 500)
+}
+fn d_t2() -> Spanned<u64> {
+    Spanned::new(0..0, 4000)
+}
+fn d_t4() -> Spanned<u64> {
+    Spanned::new(0..0, 5000)
+}
+fn d_c() -> Spanned<u64> {
+    Spanned::new(0..0, 180_000)
+}
+
+impl Default for RawTimers {
+    fn default() -> Self {
+        RawTimers {
+            t1_ms: d_t1(),
+            t2_ms: d_t2(),
+            t4_ms: d_t4(),
+            timer_c_ms: d_c(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawLimits {
+    max_message_bytes: usize,
+    max_headers: usize,
+    max_connections: usize,
+    connection_idle_ms: u64,
+    max_transactions: usize,
+}
+
+impl Default for RawLimits {
+    fn default() -> Self {
+        RawLimits {
+            max_message_bytes: 65_535,
+            max_headers: 128,
+            max_connections: 4096,
+            connection_idle_ms: 300_000,
+            max_transactions: 200_000,
+        }
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTrust {
+    #[serde(default)]
+    sources: Vec<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRoute {
+    aor: Option<Spanned<String>>,
+    domain: Option<Spanned<String>>,
+    target: Spanned<String>,
+    transport: Option<Spanned<Transport>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLog {
+    #[serde(default = "d_level")]
+    level: Spanned<String>,
+    #[serde(default)]
+    format: LogFormat,
+}
+
+fn d_level() -> Spanned<String> {
+    Spanned::new(0..0, "info".into())
+}
+
+impl Default for RawLog {
+    fn default() -> Self {
+        RawLog {
+            level: d_level(),
+            format: LogFormat::default(),
+        }
+    }
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Human,
+    Json,
+}
+
+/// One listening socket.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listen {
+    pub transport: Transport,
+    pub address: SocketAddr,
+    pub advertise: Option<(String, u16)>,
+}
+
+/// TLS material paths.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    pub certificate: PathBuf,
+    pub private_key: PathBuf,
+    pub ca: Option<PathBuf>,
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub domains: Vec<String>,
+    pub listen: Vec<Listen>,
+    pub tls: Option<TlsFiles>,
+    pub timers: TimerConfig,
+    pub limits: Limits,
+    pub max_connections: usize,
+    pub connection_idle: Duration,
+    pub max_transactions: usize,
+    pub trusted: Vec<ipnet::IpNet>,
+    pub routes: RouteTable,
+    pub log_level: String,
+    pub log_format: LogFormat,
+    pub shutdown_grace: Duration,
+}
+
+struct Ctx<'a> {
+    origin: &'a str,
+    text: &'a str,
+}
+
+impl Ctx<'_> {
+    fn err(&self, span: std::ops::Range<usize>, key: &str, message: impl Into<String>) -> ConfigError {
+        let line = if span.start == 0 && span.end == 0 {
+            0
+        } else {
+            self.text[..span.start.min(self.text.len())].matches('\n').count() + 1
+        };
+        ConfigError {
+            origin: self.origin.to_owned(),
+            line,
+            key: key.to_owned(),
+            message: message.into(),
+        }
+    }
+}
+
+impl Config {
+    /// The embedded default configuration.
+    pub fn embedded() -> Config {
+        Config::parse(DEFAULT_CONFIG, "<embedded>").expect("the embedded default config is valid")
+    }
+
+    /// Reads and validates a file.
+    pub fn load(path: &std::path::Path) -> Result<Config, ConfigError> {
+        let origin = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            origin: origin.clone(),
+            line: 0,
+            key: String::new(),
+            message: format!("cannot read: {e}"),
+        })?;
+        Config::parse(&text, &origin)
+    }
+
+    /// Parses and validates configuration text; `origin` names it in errors.
+    pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
+        let cx = Ctx { origin, text };
+        let raw: RawConfig = toml::from_str(text).map_err(|e| {
+            let span = e.span().unwrap_or(0..0);
+            let msg = e.message().to_owned();
+            let key = msg
+                .split('`')
+                .nth(1)
+                .map(str::to_owned)
+                .unwrap_or_else(|| text.get(span.clone()).unwrap_or("").trim().to_owned());
+            let mut err = cx.err(span, &key, msg);
+            if err.line == 0 {
+                err.line = 1;
+            }
+            err
+        })?;
+        let domains: Vec<String> = raw.sip.domains.get_ref().iter().map(|d| d.to_ascii_lowercase()).collect();
+        if domains.is_empty() {
+            return Err(cx.err(raw.sip.domains.span(), "sip.domains", "at least one domain is required"));
+        }
+        for d in &domains {
+            if crate::sip::uri::split_hostport(d).is_none_or(|(_, p)| p.is_some()) {
+                return Err(cx.err(raw.sip.domains.span(), "sip.domains", format!("`{d}` is not a host name")));
+            }
+        }
+        if raw.listen.is_empty() {
+            return Err(cx.err(0..0, "listen", "at least one [[listen]] table is required"));
+        }
+        let mut listen = Vec::new();
+        for (i, l) in raw.listen.iter().enumerate() {
+            let key = format!("listen[{i}].address");
+            let address: SocketAddr = l
+                .address
+                .get_ref()
+                .parse()
+                .map_err(|_| cx.err(l.address.span(), &key, "expected IP:port, e.g. \"127.0.0.1:5060\" or \"[::1]:5060\""))?;
+            let advertise = match &l.advertise {
+                None => None,
+                Some(a) => {
+                    let (h, p) = crate::sip::uri::split_hostport(a.get_ref()).ok_or_else(|| {
+                        cx.err(a.span(), &format!("listen[{i}].advertise"), "expected host[:port]")
+                    })?;
+                    Some((h.to_owned(), p.unwrap_or(address.port())))
+                }
+            };
+            if *l.transport.get_ref() == Transport::Tls && raw.tls.is_none() {
+                return Err(cx.err(l.transport.span(), &format!("listen[{i}].transport"), "a tls listener needs a [tls] table"));
+            }
+            listen.push(Listen {
+                transport: *l.transport.get_ref(),
+                address,
+                advertise,
+            });
+        }
+        let tls = match &raw.tls {
+            None => None,
+            Some(t) => {
+                for (p, key) in [(&t.certificate, "tls.certificate"), (&t.private_key, "tls.private_key")] {
+                    if !p.get_ref().exists() {
+                        return Err(cx.err(p.span(), key, format!("{} does not exist", p.get_ref().display())));
+                    }
+                }
+                Some(TlsFiles {
+                    certificate: t.certificate.get_ref().clone(),
+                    private_key: t.private_key.get_ref().clone(),
+                    ca: t.ca.as_ref().map(|c| c.get_ref().clone()),
+                })
+            }
+        };
+        let ms = |s: &Spanned<u64>, key: &str, min: u64| -> Result<Duration, ConfigError> {
+            if *s.get_ref() < min {
+                return Err(cx.err(s.span(), key, format!("must be at least {min} ms")));
+            }
+            Ok(Duration::from_millis(*s.get_ref()))
+        };
+        let timers = TimerConfig {
+            t1: ms(&raw.timers.t1_ms, "timers.t1_ms", 10)?,
+            t2: ms(&raw.timers.t2_ms, "timers.t2_ms", 10)?,
+            t4: ms(&raw.timers.t4_ms, "timers.t4_ms", 10)?,
+            timer_c: ms(&raw.timers.timer_c_ms, "timers.timer_c_ms", 100)?,
+        };
+        let mut trusted = Vec::new();
+        for (i, s) in raw.trust.sources.iter().enumerate() {
+            let text = s.get_ref();
+            let net = text
+                .parse::<ipnet::IpNet>()
+                .or_else(|_| text.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                .map_err(|_| cx.err(s.span(), &format!("trust.sources[{i}]"), format!("`{text}` is not an address or prefix")))?;
+            trusted.push(net.trunc());
+        }
+        let mut routes = RouteTable::default();
+        for (i, r) in raw.route.iter().enumerate() {
+            let target_text = r.target.get_ref();
+            let key = format!("route[{i}].target");
+            let uri = Uri::parse(target_text)
+                .ok()
+                .filter(|u| matches!(u.scheme, Scheme::Sip | Scheme::Sips))
+                .ok_or_else(|| cx.err(r.target.span(), &key, format!("`{target_text}` is not a sip: or sips: URI")))?;
+            let default = r.transport.as_ref().map_or(Transport::Udp, |t| *t.get_ref());
+            let mut dest = destination_of(&uri, default);
+            if let crate::flow::Destination::Name { transport, host, port } = &dest {
+                // Resolve static targets once, at load time.
+                let addr = (host.as_ref(), *port)
+                    .to_socket_addrs()
+                    .ok()
+                    .and_then(|mut a| a.next())
+                    .ok_or_else(|| cx.err(r.target.span(), &key, format!("cannot resolve `{host}`")))?;
+                dest = crate::flow::Destination::Addr {
+                    transport: *transport,
+                    addr,
+                    server_name: Some(host.clone()),
+                };
+            }
+            let transport = match &dest {
+                crate::flow::Destination::Addr { transport, .. } => *transport,
+                _ => default,
+            };
+            if !listen.iter().any(|l| l.transport == transport) {
+                return Err(cx.err(r.target.span(), &key, format!("no listener for transport {transport}")));
+            }
+            let target = Target {
+                uri: target_text.clone(),
+                dest,
+                transport,
+            };
+            match (&r.aor, &r.domain) {
+                (Some(aor), None) => {
+                    let u = Uri::parse(aor.get_ref())
+                        .ok()
+                        .filter(|u| u.user.is_some())
+                        .ok_or_else(|| cx.err(aor.span(), &format!("route[{i}].aor"), "expected sip:user@domain"))?;
+                    routes.add_aor(u.user.unwrap_or_default(), u.host, target);
+                }
+                (None, Some(domain)) => routes.add_domain(domain.get_ref(), target),
+                _ => {
+                    return Err(cx.err(r.target.span(), &format!("route[{i}]"), "give exactly one of `aor` or `domain`"));
+                }
+            }
+        }
+        let level = raw.log.level.get_ref().to_ascii_lowercase();
+        if !["error", "warn", "info", "debug", "trace"].contains(&level.as_str()) {
+            return Err(cx.err(raw.log.level.span(), "log.level", "one of error, warn, info, debug, trace"));
+        }
+        let l = &raw.limits;
+        if l.max_message_bytes < 1024 || l.max_headers < 8 || l.max_connections == 0 || l.max_transactions == 0 {
+            return Err(cx.err(0..0, "limits", "limits too small (max_message_bytes >= 1024, max_headers >= 8, others > 0)"));
+        }
+        Ok(Config {
+            domains,
+            listen,
+            tls,
+            timers,
+            limits: Limits {
+                max_message_bytes: l.max_message_bytes,
+                max_headers: l.max_headers,
+            },
+            max_connections: l.max_connections,
+            connection_idle: Duration::from_millis(l.connection_idle_ms.max(1000)),
+            max_transactions: l.max_transactions,
+            trusted,
+            routes,
+            log_level: level,
+            log_format: raw.log.format,
+            shutdown_grace: Duration::from_millis(raw.sip.shutdown_grace_ms),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embedded_default_is_valid() {
+        let c = Config::embedded();
+        assert!(c.listen.iter().all(|l| l.address.ip().is_loopback()));
+        assert_eq!(c.domains, vec!["org.example"]);
+    }
+
+    #[test]
+    fn examples_are_valid() {
+        for f in ["bench.toml", "edge.toml"] {
+            let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/examples/").to_owned() + f;
+            Config::load(std::path::Path::new(&path)).unwrap_or_else(|e| panic!("{f}: {e}"));
+        }
+    }
+
+    #[test]
+    fn unknown_key_names_line_and_key() {
+        let text = "[sip]\ndomains = [\"org.example\"]\n\n[[listen]]\ntransport = \"udp\"\naddress = \"127.0.0.1:5060\"\nadress = \"x\"\n";
+        let e = Config::parse(text, "t.toml").unwrap_err();
+        assert_eq!(e.line, 7, "{e}");
+        assert_eq!(e.key, "adress", "{e}");
+    }
+
+    #[test]
+    fn bad_values_name_line_and_key() {
+        let base = "[sip]\ndomains = [\"org.example\"]\n[[listen]]\ntransport = \"udp\"\naddress = \"127.0.0.1:5060\"\n";
+        let e = Config::parse(&format!("{base}[trust]\nsources = [\"10.0.0.0/33\"]\n"), "t").unwrap_err();
+        assert_eq!((e.line, e.key.as_str()), (7, "trust.sources[0]"), "{e}");
+        let e = Config::parse(&format!("{base}[[route]]\naor = \"sip:a@org.example\"\ntarget = \"mailto:x\"\n"), "t").unwrap_err();
+        assert_eq!((e.line, e.key.as_str()), (8, "route[0].target"), "{e}");
+        let e = Config::parse(&base.replace("127.0.0.1:5060", "127.0.0.1"), "t").unwrap_err();
+        assert_eq!((e.line, e.key.as_str()), (5, "listen[0].address"), "{e}");
+        let e = Config::parse(&base.replace("\"udp\"", "\"sctp\""), "t").unwrap_err();
+        assert_eq!(e.line, 4, "{e}");
+    }
+}

@@ -1,0 +1,76 @@
+//! The one mapping from "why a request is refused" to the SIP response that says so.
+//! Every refusal in the pipeline is a [`Reject`]; nothing else builds error responses.
+
+use crate::sip::ParseError;
+
+/// Who is at fault, for logs and metrics.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fault {
+    /// The sender of the request (4xx).
+    Caller,
+    /// The next hop or the network (5xx, 408).
+    NextHop,
+    /// This gateway (overload, shutting down, internal error).
+    Gateway,
+}
+
+/// A refusal of a request, mapped to exactly one response.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Reject {
+    #[error("malformed request: {0}")]
+    Malformed(ParseError),
+    #[error("Max-Forwards reached zero")]
+    TooManyHops,
+    #[error("request loops through this gateway")]
+    Loop,
+    #[error("unsupported Request-URI scheme")]
+    UnsupportedScheme,
+    #[error("unsupported Proxy-Require option tags: {0}")]
+    BadExtension(String),
+    #[error("forbidden: {0}")]
+    Forbidden(&'static str),
+    #[error("no route to the Request-URI")]
+    NotFound,
+    #[error("in-dialog request for no dialog of this gateway")]
+    NoDialog,
+    #[error("method not supported by the gateway itself")]
+    NotImplemented,
+    #[error("transaction table full")]
+    Overloaded,
+    #[error("gateway shutting down")]
+    ShuttingDown,
+    #[error("next hop did not answer")]
+    Timeout,
+    #[error("next hop unreachable")]
+    Unreachable,
+}
+
+impl Reject {
+    /// Status code, reason phrase and extra headers of the response.
+    pub fn response(&self) -> (u16, &'static str, Vec<(&'static str, String)>) {
+        match self {
+            Reject::Malformed(ParseError::Version) => (505, "Version Not Supported", vec![]),
+            Reject::Malformed(e) => (400, e.reason_phrase(), vec![]),
+            Reject::TooManyHops => (483, "Too Many Hops", vec![]),
+            Reject::Loop => (482, "Loop Detected", vec![]),
+            Reject::UnsupportedScheme => (416, "Unsupported URI Scheme", vec![]),
+            Reject::BadExtension(tags) => (420, "Bad Extension", vec![("Unsupported", tags.clone())]),
+            Reject::Forbidden(why) => (403, why, vec![]),
+            Reject::NotFound => (404, "Not Found", vec![]),
+            Reject::NoDialog => (481, "Call/Transaction Does Not Exist", vec![]),
+            Reject::NotImplemented => (501, "Not Implemented", vec![]),
+            Reject::Overloaded => (503, "Service Unavailable (overloaded)", vec![("Retry-After", "5".into())]),
+            Reject::ShuttingDown => (503, "Service Unavailable (shutting down)", vec![("Retry-After", "10".into())]),
+            Reject::Timeout => (408, "Request Timeout", vec![]),
+            Reject::Unreachable => (503, "Service Unavailable (next hop unreachable)", vec![]),
+        }
+    }
+
+    pub fn fault(&self) -> Fault {
+        match self {
+            Reject::Timeout | Reject::Unreachable => Fault::NextHop,
+            Reject::Overloaded | Reject::ShuttingDown => Fault::Gateway,
+            _ => Fault::Caller,
+        }
+    }
+}

@@ -1,0 +1,1083 @@
+//! The stateful proxy core of RFC 3261 section 16, sans-IO.
+//!
+//! Every request goes through one fixed pipeline; each stage returns an explicit outcome
+//! and every refusal is a [`Reject`] mapped to its response in one place:
+//!
+//! 1. **sanity**: parse and validate (400 with the fault in the reason phrase, 505),
+//!    RFC 3581 `received`/`rport` on the top Via, transaction table bound (503);
+//! 2. **retransmission / CANCEL**: server transaction matching absorbs retransmissions;
+//!    CANCEL is answered and relayed to the pending branches; ACK for 2xx goes on statelessly;
+//! 3. **checks**: Max-Forwards (483), loop detection (482), Request-URI scheme (416),
+//!    Proxy-Require (420); OPTIONS to the gateway itself is answered 200 here;
+//! 4. **in-dialog**: Route pre-processing (16.4), loose routing along the route set, only
+//!    for requests that carry a Record-Route entry this gateway signed (else 481);
+//! 5. **authenticate**: [`Admission`] proof; for now only trusted sources are admitted
+//!    (the SASL stage takes this place);
+//! 6. **authorize / rewrite**: reserved for policy and SDP rewriting (issue 4);
+//! 7. **target**: static routes (AOR, then domain) — 404 otherwise;
+//! 8. **relay**: Via with an RFC 3261 branch carrying the loop hash, Max-Forwards,
+//!    Record-Route (doubled when transport or address family changes), client transaction,
+//!    100 Trying for INVITE, response context with best-response selection (16.7),
+//!    Timer C, CANCEL of pending branches, 408/503 synthesised for timeouts and
+//!    unreachable next hops.
+
+pub mod error;
+pub mod route;
+
+use std::collections::HashMap;
+use std::hash::{BuildHasher, Hasher};
+use std::net::{IpAddr, SocketAddr};
+use std::time::Instant;
+
+use bytes::Bytes;
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+
+pub use error::{Fault, Reject};
+pub use route::{RouteTable, Target};
+
+use crate::flow::{Destination, Flow, Transport};
+use crate::sip::values::split_list;
+use crate::sip::{build_response, HeaderName, Limits, Message, Method, NameAddr, Scheme, Uri, Via};
+use crate::transaction::{
+    build_cancel, ServerOutcome, TimerConfig, TransactionLayer, Transmit, TxEvent, TxId,
+};
+
+/// One address the gateway listens on, as it names itself in Via and Record-Route.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LocalAddr {
+    pub transport: Transport,
+    /// The bound socket address.
+    pub addr: SocketAddr,
+    /// Host written into Via/Record-Route (an advertised name or the address, IPv6 bracketed).
+    pub host: String,
+    pub port: u16,
+}
+
+impl LocalAddr {
+    pub fn new(transport: Transport, addr: SocketAddr, advertise: Option<(String, u16)>) -> Self {
+        let (host, port) = advertise.unwrap_or_else(|| (host_text(addr.ip()), addr.port()));
+        LocalAddr {
+            transport,
+            addr,
+            host,
+            port,
+        }
+    }
+}
+
+/// Writes an IP address as a SIP host (IPv6 in brackets).
+pub fn host_text(ip: IpAddr) -> String {
+    match ip {
+        IpAddr::V4(v4) => v4.to_string(),
+        IpAddr::V6(v6) => format!("[{v6}]"),
+    }
+}
+
+/// Everything the core needs to know, validated by the config layer.
+#[derive(Clone, Debug)]
+pub struct CoreConfig {
+    /// SIP domains the gateway is the authority for (lower-case).
+    pub domains: Vec<String>,
+    pub locals: Vec<LocalAddr>,
+    pub routes: RouteTable,
+    /// Sources admitted without authentication (Kamailio `permissions` style).
+    pub trusted: Vec<ipnet::IpNet>,
+    pub limits: Limits,
+    pub max_transactions: usize,
+    pub timers: TimerConfig,
+    /// Key for the Record-Route MAC that admits in-dialog requests.
+    pub dialog_key: [u8; 32],
+}
+
+/// Proof that a request passed the authenticate stage. Only [`Proxy::authenticate`]
+/// makes one; relaying an out-of-dialog request requires it.
+#[derive(Debug)]
+pub struct Admission {
+    _private: (),
+    pub basis: AdmissionBasis,
+}
+
+/// Why a request was admitted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AdmissionBasis {
+    TrustedSource,
+}
+
+/// Counters the metrics layer reads.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct CoreStats {
+    pub requests: u64,
+    pub responses: u64,
+    pub parse_errors: u64,
+    pub malformed_responses_dropped: u64,
+    pub stray_responses: u64,
+    pub rejected: u64,
+    pub forwarded: u64,
+}
+
+#[derive(Debug)]
+struct Branch {
+    client: TxId,
+    done: bool,
+    cancel_pending: bool,
+    provisional: bool,
+}
+
+/// Response context of a forwarded request (RFC 3261 16.7).
+#[derive(Debug)]
+struct Context {
+    request: Message,
+    invite: bool,
+    branches: Vec<Branch>,
+    best: Option<(u16, Bytes)>,
+    final_sent: bool,
+    cancelled: bool,
+}
+
+/// The sans-IO stateful proxy.
+#[derive(Debug)]
+pub struct Proxy {
+    cfg: CoreConfig,
+    txl: TransactionLayer,
+    contexts: HashMap<TxId, Context>,
+    branch_of: HashMap<TxId, TxId>,
+    hasher: std::collections::hash_map::RandomState,
+    branch_salt: u32,
+    branch_counter: u64,
+    draining: bool,
+    pub stats: CoreStats,
+}
+
+type HmacSha256 = Hmac<Sha256>;
+
+impl Proxy {
+    pub fn new(cfg: CoreConfig) -> Self {
+        let txl = TransactionLayer::new(cfg.timers);
+        Proxy {
+            cfg,
+            txl,
+            contexts: HashMap::new(),
+            branch_of: HashMap::new(),
+            hasher: Default::default(),
+            branch_salt: rand::random(),
+            branch_counter: 0,
+            draining: false,
+            stats: CoreStats::default(),
+        }
+    }
+
+    pub fn config(&self) -> &CoreConfig {
+        &self.cfg
+    }
+
+    /// Live transactions (server and client).
+    pub fn transactions(&self) -> usize {
+        self.txl.len()
+    }
+
+    pub fn tx_stats(&self) -> crate::transaction::TxStats {
+        self.txl.stats
+    }
+
+    /// Stop admitting new out-of-dialog requests; in-dialog requests and running
+    /// transactions continue.
+    pub fn begin_shutdown(&mut self) {
+        self.draining = true;
+    }
+
+    /// True when no transaction is left.
+    pub fn is_idle(&self) -> bool {
+        self.txl.is_empty()
+    }
+
+    pub fn poll_transmit(&mut self) -> Option<Transmit> {
+        self.txl.poll_transmit()
+    }
+
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.txl.poll_timeout()
+    }
+
+    /// Entry point for every message the transports receive.
+    pub fn handle_message(&mut self, bytes: Bytes, flow: Flow, now: Instant) {
+        match Message::parse(bytes.clone(), &self.cfg.limits) {
+            Ok(msg) if msg.is_request() => {
+                self.stats.requests += 1;
+                self.handle_request(msg, flow, now);
+            }
+            Ok(msg) => {
+                self.stats.responses += 1;
+                self.handle_response(msg, now);
+            }
+            Err(e) => {
+                self.stats.parse_errors += 1;
+                if looks_like_response(&bytes) {
+                    self.stats.malformed_responses_dropped += 1;
+                    tracing::debug!(error = %e, remote = %flow.remote, "malformed response dropped");
+                    return;
+                }
+                tracing::debug!(error = %e, remote = %flow.remote, "malformed request");
+                let (code, reason, _) = Reject::Malformed(e).response();
+                if let Some(resp) = raw_response(&bytes, code, reason) {
+                    self.txl.send_stateless(Destination::Flow(flow), resp);
+                }
+            }
+        }
+    }
+
+    /// The transport could not deliver a message of client transaction `tx` (17.1.4, 16.9).
+    pub fn handle_transport_error(&mut self, tx: TxId, now: Instant) {
+        if self.txl.transport_error(tx) {
+            self.branch_failed(tx, Reject::Unreachable, now);
+            self.branch_of.remove(&tx);
+        }
+    }
+
+    /// Runs due timers.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        for ev in self.txl.handle_timeout(now) {
+            match ev {
+                TxEvent::Timeout(tx) => {
+                    self.branch_failed(tx, Reject::Timeout, now);
+                    self.branch_of.remove(&tx);
+                }
+                TxEvent::TimerC { tx, provisional } => {
+                    // 16.8: CANCEL a branch that answered provisionally, and in either case
+                    // answer the caller 408 now rather than wait for the branch.
+                    if provisional {
+                        self.send_cancel(tx, now);
+                    } else {
+                        self.txl.abandon_client(tx);
+                    }
+                    self.branch_failed(tx, Reject::Timeout, now);
+                    if !provisional {
+                        self.branch_of.remove(&tx);
+                    }
+                }
+                TxEvent::ServerGone(id) => {
+                    self.contexts.remove(&id);
+                }
+                TxEvent::ClientGone(id) => {
+                    self.branch_of.remove(&id);
+                }
+            }
+        }
+    }
+
+    // ===== requests =====
+
+    fn handle_request(&mut self, mut msg: Message, flow: Flow, now: Instant) {
+        // Stage 1: sanity (parsing done), RFC 3581 annotation.
+        annotate_via(&mut msg, &flow);
+        let response_flow = response_flow(&msg, flow);
+        let method = msg.method().unwrap_or(Method::Other);
+
+        // Stage 2: retransmissions, ACK, CANCEL.
+        if method == Method::Ack {
+            if self.txl.on_request(&msg, response_flow, now) == ServerOutcome::AckToCore {
+                self.forward_ack(msg, flow);
+            }
+            return;
+        }
+        if self.txl.len() >= self.cfg.max_transactions {
+            self.reject_stateless(&msg, response_flow, Reject::Overloaded);
+            return;
+        }
+        let id = match self.txl.on_request(&msg, response_flow, now) {
+            ServerOutcome::New(id) => id,
+            ServerOutcome::Absorbed | ServerOutcome::AckToCore => return,
+        };
+        if method == Method::Cancel {
+            self.handle_cancel(id, &msg, now);
+            return;
+        }
+        if let Err(reject) = self.route_request(id, msg, flow, now) {
+            self.stats.rejected += 1;
+            tracing::debug!(%reject, "request rejected");
+            if let Some(req) = self.contexts.get(&id).map(|c| c.request.clone()) {
+                self.reply(id, &req, reject, now);
+            }
+        }
+    }
+
+    /// Stages 3 to 8 for a request that has its server transaction.
+    fn route_request(&mut self, id: TxId, msg: Message, flow: Flow, now: Instant) -> Result<(), Reject> {
+        let invite = msg.method() == Some(Method::Invite);
+        self.contexts.insert(
+            id,
+            Context {
+                request: msg.clone(),
+                invite,
+                branches: Vec::new(),
+                best: None,
+                final_sent: false,
+                cancelled: false,
+            },
+        );
+        let mut msg = msg;
+        // Stage 3: checks.
+        let ruri = msg.request_uri().map(|u| u.into_owned()).unwrap_or_default();
+        let uri = Uri::parse(&ruri).map_err(|_| Reject::Malformed(crate::sip::ParseError::RequestUri))?;
+        if !matches!(uri.scheme, Scheme::Sip | Scheme::Sips) {
+            return Err(Reject::UnsupportedScheme);
+        }
+        let to_self = self.is_self_uri(&uri) && msg.position_of(HeaderName::Route).is_none();
+        let max_forwards = msg.max_forwards();
+        if max_forwards == Some(0) {
+            if to_self && msg.method() == Some(Method::Options) {
+                return self.answer_options(id, &msg, now);
+            }
+            return Err(Reject::TooManyHops);
+        }
+        let loop_hash = self.loop_hash(&msg);
+        if self.is_loop(&msg, loop_hash) {
+            return Err(Reject::Loop);
+        }
+        if let Some(tags) = unsupported_requirements(&msg) {
+            return Err(Reject::BadExtension(tags));
+        }
+
+        // Stage 4: Route pre-processing and in-dialog requests.
+        let signed_route = self.preprocess_routes(&mut msg)?;
+        let in_dialog = msg.tag(HeaderName::To).is_some();
+        if in_dialog {
+            if !signed_route {
+                return Err(Reject::NoDialog);
+            }
+            let dest = self.next_hop(&mut msg)?;
+            return self.relay(id, msg, flow, dest, loop_hash, false, now);
+        }
+        if self.draining {
+            return Err(Reject::ShuttingDown);
+        }
+        if to_self {
+            return match msg.method() {
+                Some(Method::Options) => self.answer_options(id, &msg, now),
+                _ => Err(Reject::NotImplemented),
+            };
+        }
+
+        // Stage 5: authenticate.
+        let admission = self.authenticate(&msg, &flow)?;
+
+        // Stage 6: authorize / rewrite (policy and SDP arrive with the tunnel issue).
+
+        // Stage 7: target.
+        let target = self.target(&msg, &admission)?;
+        msg.set_request_uri(&target.uri);
+
+        // Stage 8: relay.
+        let record_route = matches!(
+            msg.method(),
+            Some(Method::Invite | Method::Subscribe | Method::Refer | Method::Notify)
+        );
+        self.relay(id, msg, flow, target.dest, loop_hash, record_route, now)
+    }
+
+    /// The authenticate stage. Trusted sources are admitted; everything else is refused
+    /// until the SASL stage exists.
+    fn authenticate(&self, _msg: &Message, flow: &Flow) -> Result<Admission, Reject> {
+        let ip = canonical_ip(flow.remote.ip());
+        if self.cfg.trusted.iter().any(|net| net.contains(&ip)) {
+            return Ok(Admission {
+                _private: (),
+                basis: AdmissionBasis::TrustedSource,
+            });
+        }
+        Err(Reject::Forbidden("Forbidden (source not trusted)"))
+    }
+
+    fn target(&self, msg: &Message, _admission: &Admission) -> Result<Target, Reject> {
+        let ruri = msg.request_uri().unwrap_or_default();
+        let uri = Uri::parse(&ruri).map_err(|_| Reject::NotFound)?;
+        if let Some(t) = self.cfg.routes.lookup(&uri) {
+            return Ok(t.clone());
+        }
+        if self.is_our_domain(uri.host) {
+            Err(Reject::NotFound)
+        } else {
+            Err(Reject::Forbidden("Forbidden (relaying denied)"))
+        }
+    }
+
+    fn answer_options(&mut self, id: TxId, msg: &Message, now: Instant) -> Result<(), Reject> {
+        let tag = self.new_tag();
+        let resp = build_response(
+            msg,
+            200,
+            "OK",
+            Some(&tag),
+            &[
+                ("Allow", "INVITE, ACK, CANCEL, BYE, OPTIONS, UPDATE, INFO, PRACK, NOTIFY, REFER"),
+                ("Accept", "application/sdp"),
+            ],
+        );
+        self.finish(id, 200, resp, now);
+        Ok(())
+    }
+
+    fn reply(&mut self, id: TxId, req: &Message, reject: Reject, now: Instant) {
+        let (code, reason, extra) = reject.response();
+        let extra: Vec<(&str, &str)> = extra.iter().map(|(n, v)| (*n, v.as_str())).collect();
+        let tag = self.new_tag();
+        let resp = build_response(req, code, reason, Some(&tag), &extra);
+        self.finish(id, code, resp, now);
+    }
+
+    fn finish(&mut self, id: TxId, code: u16, resp: Bytes, now: Instant) {
+        self.txl.respond(id, code, resp, now);
+        if let Some(ctx) = self.contexts.get_mut(&id) {
+            ctx.final_sent = true;
+        }
+    }
+
+    fn reject_stateless(&mut self, msg: &Message, flow: Flow, reject: Reject) {
+        self.stats.rejected += 1;
+        let (code, reason, extra) = reject.response();
+        let extra: Vec<(&str, &str)> = extra.iter().map(|(n, v)| (*n, v.as_str())).collect();
+        let tag = self.new_tag();
+        let resp = build_response(msg, code, reason, Some(&tag), &extra);
+        self.txl.send_stateless(Destination::Flow(flow), resp);
+    }
+
+    fn handle_cancel(&mut self, cancel_id: TxId, cancel: &Message, now: Instant) {
+        let Some(invite_id) = self.txl.invite_for_cancel(cancel) else {
+            self.reply(cancel_id, cancel, Reject::NoDialog, now);
+            return;
+        };
+        let tag = self.new_tag();
+        let ok = build_response(cancel, 200, "OK", Some(&tag), &[]);
+        self.txl.respond(cancel_id, 200, ok, now);
+        let Some(ctx) = self.contexts.get_mut(&invite_id) else {
+            return;
+        };
+        ctx.cancelled = true;
+        let mut to_cancel = Vec::new();
+        for b in ctx.branches.iter_mut().filter(|b| !b.done) {
+            if b.provisional {
+                to_cancel.push(b.client);
+            } else {
+                b.cancel_pending = true;
+            }
+        }
+        let no_branch = ctx.branches.is_empty();
+        for tx in to_cancel {
+            self.send_cancel(tx, now);
+        }
+        if no_branch && self.txl.server_awaits_final(invite_id) {
+            let req = ctx_request(&self.contexts, invite_id);
+            if let Some(req) = req {
+                let tag = self.new_tag();
+                let resp = build_response(&req, 487, "Request Terminated", Some(&tag), &[]);
+                self.finish(invite_id, 487, resp, now);
+            }
+        }
+    }
+
+    /// Sends a CANCEL for the client INVITE transaction `tx` (RFC 3261 9.1).
+    fn send_cancel(&mut self, tx: TxId, now: Instant) {
+        let Some(request) = self.txl.client_request(tx).cloned() else {
+            return;
+        };
+        let Some((dest, reliable)) = self.txl.client_dest(tx) else {
+            return;
+        };
+        let Ok(invite) = Message::parse(request, &self.cfg.limits) else {
+            return;
+        };
+        let branch = invite
+            .top_via_value()
+            .and_then(|v| Via::parse(&v).and_then(|v| v.branch()).map(str::to_owned));
+        if let Some(branch) = branch {
+            let cancel = build_cancel(&invite);
+            self.txl.start_client(cancel, Method::Cancel, &branch, dest, reliable, now);
+        }
+    }
+
+    /// Stateless forwarding of an ACK for a 2xx along the route set (16.11).
+    fn forward_ack(&mut self, mut msg: Message, flow: Flow) {
+        match self.preprocess_routes(&mut msg) {
+            Ok(true) => {}
+            _ => return,
+        }
+        let Ok(dest) = self.next_hop(&mut msg) else {
+            return;
+        };
+        let incoming_branch = msg
+            .top_via_value()
+            .and_then(|v| Via::parse(&v).and_then(|v| v.branch()).map(str::to_owned))
+            .unwrap_or_default();
+        let mut h = self.hasher.build_hasher();
+        h.write(incoming_branch.as_bytes());
+        let branch = format!("z9hG4bK{:x}a{:016x}", self.branch_salt, h.finish());
+        let _ = flow;
+        self.add_via_and_forwarding_headers(&mut msg, &dest, &branch);
+        self.stats.forwarded += 1;
+        self.txl.send_stateless(dest, msg.serialize());
+    }
+
+    /// Removes the Route entries that name this gateway (16.4); returns whether one of them
+    /// carried a valid dialog MAC. A strict router's Request-URI pointing at us is replaced
+    /// by the last Route entry.
+    fn preprocess_routes(&mut self, msg: &mut Message) -> Result<bool, Reject> {
+        let mut signed = false;
+        // Strict-router case: the Request-URI is one of our Record-Route URIs.
+        if let Some(ruri) = msg.request_uri().map(|u| u.into_owned()) {
+            if let Ok(u) = Uri::parse(&ruri) {
+                if u.user.is_none() && self.is_local_hostport(&u) && u.param("gh").is_some() {
+                    signed |= self.verify_dialog_mac(msg, u.param("gh").unwrap_or_default());
+                    let routes = msg.list_values(HeaderName::Route);
+                    if let Some(last) = routes.last() {
+                        let na = NameAddr::parse(last).ok_or(Reject::Malformed(
+                            crate::sip::ParseError::Malformed(HeaderName::Route),
+                        ))?;
+                        let new_uri = na.uri.to_owned();
+                        self.remove_route_element(msg, routes.len() - 1);
+                        msg.set_request_uri(&new_uri);
+                    }
+                }
+            }
+        }
+        // Loose routing: pop every leading Route entry that is ours (double Record-Route
+        // leaves two).
+        loop {
+            let Some(first) = msg.list_values(HeaderName::Route).into_iter().next() else {
+                break;
+            };
+            let na = NameAddr::parse(&first).ok_or(Reject::Malformed(
+                crate::sip::ParseError::Malformed(HeaderName::Route),
+            ))?;
+            let Ok(u) = Uri::parse(na.uri) else {
+                return Err(Reject::Malformed(crate::sip::ParseError::Malformed(HeaderName::Route)));
+            };
+            if !self.is_local_hostport(&u) {
+                break;
+            }
+            if let Some(mac) = u.param("gh") {
+                signed |= self.verify_dialog_mac(msg, mac);
+            }
+            self.remove_route_element(msg, 0);
+        }
+        Ok(signed)
+    }
+
+    /// Removes the `n`-th element of the Route list, editing multi-value lines.
+    fn remove_route_element(&self, msg: &mut Message, n: usize) {
+        let mut seen = 0;
+        let fields: Vec<usize> = msg.fields(HeaderName::Route).map(|(i, _)| i).collect();
+        for idx in fields {
+            let value = msg.value(idx).into_owned();
+            let items: Vec<&str> = split_list(&value).collect();
+            if n < seen + items.len() {
+                let keep: Vec<&str> = items
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, _)| seen + i != n)
+                    .map(|(_, s)| *s)
+                    .collect();
+                if keep.is_empty() {
+                    msg.remove(idx);
+                } else {
+                    msg.replace_value(idx, keep.join(", "));
+                }
+                return;
+            }
+            seen += items.len();
+        }
+    }
+
+    /// The next hop of a request after Route pre-processing (16.6 items 6 and 7).
+    fn next_hop(&self, msg: &mut Message) -> Result<Destination, Reject> {
+        let routes = msg.list_values(HeaderName::Route);
+        let bad_route = || Reject::Malformed(crate::sip::ParseError::Malformed(HeaderName::Route));
+        if let Some(first) = routes.first() {
+            let na = NameAddr::parse(first).ok_or_else(bad_route)?;
+            let uri = Uri::parse(na.uri).map_err(|_| bad_route())?;
+            if uri.param("lr").is_none() {
+                // Strict router next: it wants its URI as Request-URI.
+                let ruri = msg.request_uri().unwrap_or_default().into_owned();
+                let route_uri = na.uri.to_owned();
+                let dest = route::destination_of(&uri, Transport::Udp);
+                self.remove_route_element(msg, 0);
+                msg.push(HeaderName::Route, format!("<{ruri}>"));
+                msg.set_request_uri(&route_uri);
+                return Ok(dest);
+            }
+            return Ok(route::destination_of(&uri, Transport::Udp));
+        }
+        let ruri = msg.request_uri().unwrap_or_default().into_owned();
+        let uri = Uri::parse(&ruri).map_err(|_| Reject::Malformed(crate::sip::ParseError::RequestUri))?;
+        Ok(route::destination_of(&uri, Transport::Udp))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn relay(
+        &mut self,
+        id: TxId,
+        mut msg: Message,
+        flow: Flow,
+        dest: Destination,
+        loop_hash: u32,
+        record_route: bool,
+        now: Instant,
+    ) -> Result<(), Reject> {
+        let method = msg.method().unwrap_or(Method::Other);
+        if record_route {
+            self.add_record_route(&mut msg, &flow, &dest);
+        }
+        self.branch_counter += 1;
+        let branch = format!(
+            "z9hG4bK{:08x}{:x}.{:08x}",
+            self.branch_salt, self.branch_counter, loop_hash
+        );
+        self.add_via_and_forwarding_headers(&mut msg, &dest, &branch);
+        let reliable = dest_transport(&dest).is_reliable();
+        if method == Method::Invite {
+            let trying = build_response(&msg_for_response(&self.contexts, id), 100, "Trying", None, &[]);
+            self.txl.respond(id, 100, trying, now);
+        }
+        let bytes = msg.serialize();
+        let client = self.txl.start_client(bytes, method, &branch, dest, reliable, now);
+        self.branch_of.insert(client, id);
+        if let Some(ctx) = self.contexts.get_mut(&id) {
+            ctx.branches.push(Branch {
+                client,
+                done: false,
+                cancel_pending: false,
+                provisional: false,
+            });
+        }
+        self.stats.forwarded += 1;
+        Ok(())
+    }
+
+    fn add_via_and_forwarding_headers(&self, msg: &mut Message, dest: &Destination, branch: &str) {
+        let local = self.local_for(dest);
+        let via = format!(
+            "SIP/2.0/{} {}:{};branch={branch}",
+            local.transport.via_token(),
+            local.host,
+            local.port
+        );
+        match msg.position_of(HeaderName::MaxForwards) {
+            Some(idx) => {
+                let mf = msg.max_forwards().unwrap_or(70).saturating_sub(1);
+                msg.replace_value(idx, mf.to_string());
+            }
+            None => msg.push(HeaderName::MaxForwards, "70".into()),
+        }
+        msg.insert(0, HeaderName::Via, via);
+    }
+
+    /// Adds our Record-Route entry, or two when the request changes transport or address
+    /// family (the outbound-facing entry on top), each signed with the dialog MAC.
+    fn add_record_route(&self, msg: &mut Message, flow: &Flow, dest: &Destination) {
+        let inbound = self.local_for_flow(flow);
+        let outbound = self.local_for(dest);
+        let mac = self.dialog_mac(&msg.call_id(), msg.tag(HeaderName::From).as_deref().unwrap_or(""));
+        let pos = msg.position_of(HeaderName::RecordRoute).unwrap_or(0);
+        msg.insert(pos, HeaderName::RecordRoute, rr_value(inbound, &mac));
+        if outbound != inbound {
+            msg.insert(pos, HeaderName::RecordRoute, rr_value(outbound, &mac));
+        }
+    }
+
+    fn local_for_flow(&self, flow: &Flow) -> &LocalAddr {
+        self.cfg
+            .locals
+            .iter()
+            .find(|l| l.transport == flow.transport && l.addr == flow.local)
+            .or_else(|| {
+                self.cfg
+                    .locals
+                    .iter()
+                    .find(|l| l.transport == flow.transport && l.addr.is_ipv4() == flow.local.is_ipv4())
+            })
+            .unwrap_or(&self.cfg.locals[0])
+    }
+
+    /// The local address the gateway uses towards `dest`: same transport, same family.
+    fn local_for(&self, dest: &Destination) -> &LocalAddr {
+        let (transport, v4) = match dest {
+            Destination::Flow(f) => (f.transport, f.remote.is_ipv4()),
+            Destination::Addr { transport, addr, .. } => (*transport, addr.is_ipv4()),
+            Destination::Name { transport, .. } => (*transport, true),
+        };
+        self.cfg
+            .locals
+            .iter()
+            .find(|l| l.transport == transport && l.addr.is_ipv4() == v4)
+            .or_else(|| self.cfg.locals.iter().find(|l| l.transport == transport))
+            .unwrap_or(&self.cfg.locals[0])
+    }
+
+    // ===== responses =====
+
+    fn handle_response(&mut self, mut msg: Message, now: Instant) {
+        let Some(client) = self.txl.on_response(&msg, now) else {
+            self.stats.stray_responses += 1;
+            return;
+        };
+        let status = msg.status().unwrap_or(500);
+        // 16.7 item 3: remove our Via.
+        if !remove_top_via(&mut msg) {
+            return;
+        }
+        let Some(&server) = self.branch_of.get(&client) else {
+            // Context gone (only 2xx retransmissions can get here): forward statelessly.
+            if (200..300).contains(&status) {
+                if let Some(dest) = via_destination(&msg) {
+                    self.txl.send_stateless(dest, msg.serialize());
+                }
+            }
+            return;
+        };
+        if status == 100 {
+            return;
+        }
+        let bytes = msg.serialize();
+        self.on_branch_response(server, client, status, bytes, now);
+    }
+
+    fn on_branch_response(&mut self, server: TxId, client: TxId, status: u16, bytes: Bytes, now: Instant) {
+        let mut cancel_now = Vec::new();
+        let Some(ctx) = self.contexts.get_mut(&server) else {
+            return;
+        };
+        let Some(branch) = ctx.branches.iter_mut().find(|b| b.client == client) else {
+            return;
+        };
+        if status < 200 {
+            branch.provisional = true;
+            if branch.cancel_pending {
+                branch.cancel_pending = false;
+                cancel_now.push(client);
+            }
+            if !ctx.final_sent {
+                self.txl.respond(server, status, bytes, now);
+            }
+        } else if status < 300 {
+            branch.done = true;
+            // 2xx are forwarded at once, every one of them (16.7 item 5).
+            ctx.final_sent = true;
+            if ctx.invite {
+                cancel_now.extend(
+                    ctx.branches
+                        .iter()
+                        .filter(|b| !b.done && b.client != client)
+                        .map(|b| b.client),
+                );
+            }
+            self.txl.respond(server, status, bytes, now);
+        } else {
+            branch.done = true;
+            if status >= 600 && ctx.invite {
+                cancel_now.extend(ctx.branches.iter().filter(|b| !b.done).map(|b| b.client));
+            }
+            let better = match &ctx.best {
+                None => true,
+                Some((best, _)) => response_rank(status) < response_rank(*best),
+            };
+            if better {
+                ctx.best = Some((status, bytes));
+            }
+            self.maybe_send_best(server, now);
+        }
+        for tx in cancel_now {
+            self.send_cancel(tx, now);
+        }
+    }
+
+    /// Sends the best final response once every branch is done (16.7 item 6).
+    fn maybe_send_best(&mut self, server: TxId, now: Instant) {
+        let Some(ctx) = self.contexts.get_mut(&server) else {
+            return;
+        };
+        if ctx.final_sent || ctx.branches.iter().any(|b| !b.done) {
+            return;
+        }
+        if let Some((status, bytes)) = ctx.best.take() {
+            ctx.final_sent = true;
+            self.txl.respond(server, status, bytes, now);
+        }
+    }
+
+    /// A branch ended without a response (timeout, unreachable): behave as if `reject`'s
+    /// response had arrived from it.
+    fn branch_failed(&mut self, client: TxId, reject: Reject, now: Instant) {
+        let Some(&server) = self.branch_of.get(&client) else {
+            return;
+        };
+        let Some(ctx) = self.contexts.get(&server) else {
+            return;
+        };
+        if ctx.branches.iter().any(|b| b.client == client && b.done) {
+            return;
+        }
+        let (code, reason, _) = reject.response();
+        let request = ctx.request.clone();
+        let tag = self.new_tag();
+        let resp = build_response(&request, code, reason, Some(&tag), &[]);
+        self.on_branch_response(server, client, code, resp, now);
+    }
+
+    // ===== identity helpers =====
+
+    fn is_our_domain(&self, host: &str) -> bool {
+        self.cfg.domains.iter().any(|d| d.eq_ignore_ascii_case(host))
+    }
+
+    /// A URI that names this gateway: one of its addresses, or a served domain without user.
+    fn is_self_uri(&self, uri: &Uri<'_>) -> bool {
+        uri.user.is_none() && (self.is_local_hostport(uri) || self.is_our_domain(uri.host))
+    }
+
+    fn is_local_hostport(&self, uri: &Uri<'_>) -> bool {
+        let ip = uri.ip();
+        self.cfg.locals.iter().any(|l| {
+            let host_match = l.host.eq_ignore_ascii_case(uri.host)
+                || ip.is_some_and(|ip| canonical_ip(ip) == canonical_ip(l.addr.ip()));
+            let port = uri.port.unwrap_or(if uri.scheme == Scheme::Sips {
+                5061
+            } else {
+                l.transport.default_port()
+            });
+            host_match && port == l.port
+        })
+    }
+
+    fn dialog_mac(&self, call_id: &str, caller_tag: &str) -> String {
+        let mut mac = HmacSha256::new_from_slice(&self.cfg.dialog_key).expect("HMAC takes any key length");
+        mac.update(call_id.as_bytes());
+        mac.update(b"\0");
+        mac.update(caller_tag.as_bytes());
+        let out = mac.finalize().into_bytes();
+        out[..12].iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    fn verify_dialog_mac(&self, msg: &Message, presented: &str) -> bool {
+        let call_id = msg.call_id();
+        [HeaderName::From, HeaderName::To].iter().any(|h| {
+            let tag = msg.tag(*h).unwrap_or_default();
+            constant_time_eq(self.dialog_mac(&call_id, &tag).as_bytes(), presented.as_bytes())
+        })
+    }
+
+    /// The loop-detection hash of 16.6 item 8 over the fields that change on a spiral.
+    fn loop_hash(&self, msg: &Message) -> u32 {
+        let mut h = self.hasher.build_hasher();
+        h.write(msg.request_uri().unwrap_or_default().as_bytes());
+        h.write(msg.tag(HeaderName::From).unwrap_or_default().as_bytes());
+        h.write(msg.tag(HeaderName::To).unwrap_or_default().as_bytes());
+        h.write(msg.call_id().as_bytes());
+        h.write_u32(msg.cseq().seq);
+        for name in [HeaderName::ProxyRequire, HeaderName::ProxyAuthorization] {
+            for (idx, _) in msg.fields(name) {
+                h.write(msg.value(idx).as_bytes());
+            }
+        }
+        h.finish() as u32
+    }
+
+    /// 16.3 item 4: a Via of ours whose branch carries this request's loop hash.
+    fn is_loop(&self, msg: &Message, loop_hash: u32) -> bool {
+        let suffix = format!(".{loop_hash:08x}");
+        msg.list_values(HeaderName::Via).iter().any(|v| {
+            Via::parse(v).is_some_and(|via| {
+                via.branch().is_some_and(|b| b.ends_with(&suffix))
+                    && self.cfg.locals.iter().any(|l| {
+                        l.host.eq_ignore_ascii_case(via.host) && via.port.unwrap_or(5060) == l.port
+                    })
+            })
+        })
+    }
+
+    fn new_tag(&mut self) -> String {
+        format!("gh{:08x}", rand::random::<u32>())
+    }
+}
+
+fn ctx_request(contexts: &HashMap<TxId, Context>, id: TxId) -> Option<Message> {
+    contexts.get(&id).map(|c| c.request.clone())
+}
+
+fn msg_for_response(contexts: &HashMap<TxId, Context>, id: TxId) -> Message {
+    ctx_request(contexts, id).expect("context exists for a relayed request")
+}
+
+fn rr_value(local: &LocalAddr, mac: &str) -> String {
+    let transport = match local.transport.uri_param() {
+        Some(t) => format!(";transport={t}"),
+        None => String::new(),
+    };
+    format!("<sip:{}:{}{transport};lr;gh={mac}>", local.host, local.port)
+}
+
+fn dest_transport(dest: &Destination) -> Transport {
+    match dest {
+        Destination::Flow(f) => f.transport,
+        Destination::Addr { transport, .. } | Destination::Name { transport, .. } => *transport,
+    }
+}
+
+/// Ranking for best-response selection: 6xx first, then the lowest class (16.7 item 6).
+fn response_rank(status: u16) -> u16 {
+    match status {
+        600..=699 => 0,
+        s => s,
+    }
+}
+
+/// Proxy-Require option tags this gateway does not support (all of them, for now).
+fn unsupported_requirements(msg: &Message) -> Option<String> {
+    let tags = msg.list_values(HeaderName::ProxyRequire);
+    (!tags.is_empty()).then(|| tags.join(", "))
+}
+
+/// RFC 3261 18.2.1 and RFC 3581: add `received` when the sent-by host is not the source
+/// address, and fill an empty `rport` with the source port.
+fn annotate_via(msg: &mut Message, flow: &Flow) {
+    let Some((idx, _)) = msg.fields(HeaderName::Via).next() else {
+        return;
+    };
+    let value = msg.value(idx).into_owned();
+    let mut items = split_list(&value);
+    let Some(first) = items.next() else { return };
+    let Some(via) = Via::parse(first) else { return };
+    let src = canonical_ip(flow.remote.ip());
+    let sent_by_is_source = crate::sip::uri::host_ip(via.host).is_some_and(|ip| canonical_ip(ip) == src);
+    let wants_rport = via.param("rport").is_some();
+    if sent_by_is_source && !wants_rport {
+        return;
+    }
+    let mut new_first = String::with_capacity(first.len() + 48);
+    let head_end = first.find(';').unwrap_or(first.len());
+    new_first.push_str(first[..head_end].trim_end());
+    for p in via.params.split(';').map(str::trim).filter(|p| !p.is_empty()) {
+        let name = p.split('=').next().unwrap_or("").trim();
+        if name.eq_ignore_ascii_case("rport") || name.eq_ignore_ascii_case("received") {
+            continue;
+        }
+        new_first.push(';');
+        new_first.push_str(p);
+    }
+    if !sent_by_is_source || wants_rport {
+        new_first.push_str(";received=");
+        new_first.push_str(&src.to_string());
+    }
+    if wants_rport {
+        new_first.push_str(";rport=");
+        new_first.push_str(&flow.remote.port().to_string());
+    }
+    let rest: Vec<&str> = items.collect();
+    if !rest.is_empty() {
+        new_first.push_str(", ");
+        new_first.push_str(&rest.join(", "));
+    }
+    msg.replace_value(idx, new_first);
+}
+
+/// Where responses to a request go (18.2.2): the flow itself for reliable transports and
+/// `rport`; otherwise the source address with the Via port.
+fn response_flow(msg: &Message, flow: Flow) -> Flow {
+    if flow.transport.is_reliable() {
+        return flow;
+    }
+    let Some(top) = msg.top_via_value() else { return flow };
+    let Some(via) = Via::parse(&top) else { return flow };
+    if via.param("rport").is_some() {
+        return flow;
+    }
+    let port = via.port.unwrap_or(5060);
+    Flow {
+        remote: SocketAddr::new(flow.remote.ip(), port),
+        ..flow
+    }
+}
+
+/// Removes the topmost Via value; false when no Via remains (the response was for us).
+fn remove_top_via(msg: &mut Message) -> bool {
+    let Some((idx, _)) = msg.fields(HeaderName::Via).next() else {
+        return false;
+    };
+    let value = msg.value(idx).into_owned();
+    let rest: Vec<&str> = split_list(&value).skip(1).collect();
+    if rest.is_empty() {
+        msg.remove(idx);
+    } else {
+        msg.replace_value(idx, rest.join(", "));
+    }
+    msg.position_of(HeaderName::Via).is_some()
+}
+
+/// Destination of a response from its top Via (18.2.2), for stateless forwarding.
+fn via_destination(msg: &Message) -> Option<Destination> {
+    let top = msg.top_via_value()?;
+    let via = Via::parse(&top)?;
+    let transport = Transport::from_token(via.transport)?;
+    let port = via
+        .param("rport")
+        .and_then(|p| p.parse().ok())
+        .or(via.port)
+        .unwrap_or(transport.default_port());
+    let ip = via
+        .param("received")
+        .and_then(|r| crate::sip::uri::host_ip(r))
+        .or_else(|| crate::sip::uri::host_ip(via.host));
+    Some(match ip {
+        Some(ip) => Destination::Addr {
+            transport,
+            addr: SocketAddr::new(ip, port),
+            server_name: None,
+        },
+        None => Destination::Name {
+            transport,
+            host: via.host.into(),
+            port,
+        },
+    })
+}
+
+fn canonical_ip(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn looks_like_response(b: &[u8]) -> bool {
+    let start = b.iter().position(|c| !matches!(c, b'\r' | b'\n')).unwrap_or(b.len());
+    b[start..].len() >= 4 && b[start..start + 4].eq_ignore_ascii_case(b"SIP/")
+}
+
+/// A 400 for a request too broken to parse: copies the Via, From, To, Call-ID and CSeq
+/// lines it can find. `None` without a Via (nowhere to send it).
+fn raw_response(b: &[u8], code: u16, reason: &str) -> Option<Bytes> {
+    let mut out = format!("SIP/2.0 {code} {reason}\r\n").into_bytes();
+    let mut has_via = false;
+    for line in b.split(|&c| c == b'\n').skip(1) {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        if line.is_empty() {
+            break;
+        }
+        let Some(colon) = line.iter().position(|&c| c == b':') else { continue };
+        let name = HeaderName::from_wire(line[..colon].trim_ascii());
+        if matches!(name, HeaderName::Via | HeaderName::From | HeaderName::To | HeaderName::CallId | HeaderName::CSeq) {
+            has_via |= name == HeaderName::Via;
+            out.extend_from_slice(name.canonical().as_bytes());
+            out.extend_from_slice(b": ");
+            out.extend_from_slice(line[colon + 1..].trim_ascii());
+            out.extend_from_slice(b"\r\n");
+        }
+    }
+    out.extend_from_slice(b"Server: Gatehouse\r\nContent-Length: 0\r\n\r\n");
+    has_via.then(|| Bytes::from(out))
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,72 @@
+//! Static routing: an AOR or a whole domain maps to an internal target (RFC 3261 16.5
+//! "determining request targets", the static part).
+
+use std::collections::HashMap;
+
+use crate::flow::{Destination, Transport};
+use crate::sip::Uri;
+
+/// Where requests for a matched AOR or domain go.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Target {
+    /// The Request-URI the forwarded request carries.
+    pub uri: String,
+    /// The next hop.
+    pub dest: Destination,
+    pub transport: Transport,
+}
+
+/// AOR routes win over domain routes. Keys are lower-cased hosts; users compare exactly.
+#[derive(Clone, Debug, Default)]
+pub struct RouteTable {
+    aors: HashMap<(String, String), Target>,
+    domains: HashMap<String, Target>,
+}
+
+impl RouteTable {
+    pub fn add_aor(&mut self, user: &str, host: &str, target: Target) {
+        self.aors.insert((user.to_owned(), host.to_ascii_lowercase()), target);
+    }
+
+    pub fn add_domain(&mut self, host: &str, target: Target) {
+        self.domains.insert(host.to_ascii_lowercase(), target);
+    }
+
+    pub fn lookup(&self, uri: &Uri<'_>) -> Option<&Target> {
+        let host = uri.host.to_ascii_lowercase();
+        if let Some(user) = uri.user {
+            let user = user.split(';').next().unwrap_or(user);
+            if let Some(t) = self.aors.get(&(user.to_owned(), host.clone())) {
+                return Some(t);
+            }
+        }
+        self.domains.get(&host)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.aors.is_empty() && self.domains.is_empty()
+    }
+}
+
+/// The next hop for a URI (RFC 3263 without DNS SRV: literal addresses, or a name the
+/// driver resolves). `sips:` and `transport=tls` mean TLS.
+pub fn destination_of(uri: &Uri<'_>, default: Transport) -> Destination {
+    let transport = if uri.scheme == crate::sip::Scheme::Sips {
+        Transport::Tls
+    } else {
+        uri.transport().and_then(Transport::from_token).unwrap_or(default)
+    };
+    let port = uri.port.unwrap_or(transport.default_port());
+    match uri.ip() {
+        Some(ip) => Destination::Addr {
+            transport,
+            addr: (ip, port).into(),
+            server_name: None,
+        },
+        None => Destination::Name {
+            transport,
+            host: uri.host.into(),
+            port,
+        },
+    }
+}

@@ -1,0 +1,91 @@
+//! Where a message came from and where one goes: the vocabulary shared by the sans-IO
+//! core and the transport driver.
+
+use std::fmt;
+use std::net::SocketAddr;
+
+/// SIP transport protocols.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Transport {
+    Udp,
+    Tcp,
+    Tls,
+}
+
+impl Transport {
+    /// Reliable transports need no retransmission timers (RFC 3261 section 17).
+    pub fn is_reliable(self) -> bool {
+        !matches!(self, Transport::Udp)
+    }
+
+    /// Token used in Via (`SIP/2.0/UDP`).
+    pub fn via_token(self) -> &'static str {
+        match self {
+            Transport::Udp => "UDP",
+            Transport::Tcp => "TCP",
+            Transport::Tls => "TLS",
+        }
+    }
+
+    /// Value of the URI `transport` parameter, `None` for UDP (the default).
+    pub fn uri_param(self) -> Option<&'static str> {
+        match self {
+            Transport::Udp => None,
+            Transport::Tcp => Some("tcp"),
+            Transport::Tls => Some("tls"),
+        }
+    }
+
+    pub fn default_port(self) -> u16 {
+        match self {
+            Transport::Tls => 5061,
+            _ => 5060,
+        }
+    }
+
+    /// Parses a Via transport token or URI transport parameter.
+    pub fn from_token(t: &str) -> Option<Transport> {
+        if t.eq_ignore_ascii_case("udp") {
+            Some(Transport::Udp)
+        } else if t.eq_ignore_ascii_case("tcp") {
+            Some(Transport::Tcp)
+        } else if t.eq_ignore_ascii_case("tls") {
+            Some(Transport::Tls)
+        } else {
+            None
+        }
+    }
+}
+
+impl fmt::Display for Transport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.via_token())
+    }
+}
+
+/// Identifier of a TCP or TLS connection owned by the transport driver.
+pub type ConnId = u64;
+
+/// A transport flow: the path a message arrived on, and the path its responses go back on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Flow {
+    pub transport: Transport,
+    /// Local address the message arrived at (the listener or connection's local end).
+    pub local: SocketAddr,
+    /// Remote address (source of a request, RFC 3581 target of its responses).
+    pub remote: SocketAddr,
+    /// The connection for TCP/TLS flows.
+    pub conn: Option<ConnId>,
+}
+
+/// Where the core wants a message sent.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Destination {
+    /// Back along an existing flow (responses; requests on a known connection).
+    Flow(Flow),
+    /// A next hop by address: the driver reuses a connection to it or opens one.
+    Addr { transport: Transport, addr: SocketAddr, server_name: Option<Box<str>> },
+    /// A next hop by host name, resolved by the driver.
+    Name { transport: Transport, host: Box<str>, port: u16 },
+}

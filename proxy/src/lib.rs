@@ -1,0 +1,57 @@
+//! Gatehouse, a SASL-authenticating SIP edge proxy.
+//!
+//! Layers, bottom up (see ARCHITECTURE.md):
+//! - [`sip`]: message model, lazy byte-preserving parser, stream framing (sans-IO);
+//! - [`transaction`]: RFC 3261 section 17 transaction machines and timers (sans-IO);
+//! - [`core`]: the RFC 3261 section 16 request pipeline and response contexts (sans-IO);
+//! - [`transport`]: sockets and the one I/O loop that drives the core;
+//! - [`config`]: validated configuration.
+
+pub mod config;
+pub mod core;
+pub mod flow;
+pub mod sip;
+pub mod transaction;
+pub mod transport;
+
+use std::future::Future;
+use std::io;
+
+use crate::config::Config;
+use crate::core::{CoreConfig, LocalAddr, Proxy};
+use crate::transport::{Bound, Driver};
+
+/// Builds the core's view of the configuration for the sockets actually bound.
+pub fn core_config(cfg: &Config, bound: &Bound) -> CoreConfig {
+    let locals = cfg
+        .listen
+        .iter()
+        .zip(&bound.addrs)
+        .map(|(l, &(transport, actual))| {
+            // Port 0 in the configuration becomes the port actually bound.
+            let advertise = l
+                .advertise
+                .clone()
+                .map(|(h, p)| (h, if l.address.port() == 0 { actual.port() } else { p }));
+            LocalAddr::new(transport, actual, advertise)
+        })
+        .collect();
+    CoreConfig {
+        domains: cfg.domains.clone(),
+        locals,
+        routes: cfg.routes.clone(),
+        trusted: cfg.trusted.clone(),
+        limits: cfg.limits,
+        max_transactions: cfg.max_transactions,
+        timers: cfg.timers,
+        dialog_key: rand::random(),
+    }
+}
+
+/// Runs the gateway on already bound sockets until `shutdown` resolves, then drains.
+pub async fn run(cfg: Config, bound: Bound, shutdown: impl Future<Output = ()>) -> io::Result<()> {
+    let proxy = Proxy::new(core_config(&cfg, &bound));
+    let driver = Driver::new(&cfg, proxy, bound)?;
+    driver.run(shutdown).await;
+    Ok(())
+}

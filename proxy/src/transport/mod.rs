@@ -1,0 +1,535 @@
+//! The only socket code: UDP sockets, TCP and TLS listeners and connections, and the one
+//! I/O loop ([`Driver`]) that owns the sans-IO [`Proxy`] and feeds it.
+//!
+//! UDP datagrams are received by the driver itself (no channel hop); each TCP/TLS connection
+//! is a task that frames the stream and hands complete messages to the driver over one
+//! bounded channel, and writes what the driver gives it. Connections are keyed by remote
+//! address for reuse, closed after an idle time, and bounded in number by a semaphore.
+
+pub mod tls;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context as TaskContext, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::ReadBuf;
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::sync::{mpsc, Semaphore};
+use tokio::task::JoinHandle;
+
+use crate::config::Config;
+use crate::core::Proxy;
+use crate::flow::{ConnId, Destination, Flow, Transport};
+use crate::sip::framer::{Frame, StreamFramer};
+use crate::transaction::{Transmit, TxId};
+
+/// Sockets bound before the gateway runs (tests bind port 0 and read the addresses back).
+#[derive(Debug)]
+pub struct Bound {
+    pub udp: Vec<Arc<UdpSocket>>,
+    pub streams: Vec<(Transport, TcpListener)>,
+    /// Bound addresses in the order of the configuration's `[[listen]]` tables.
+    pub addrs: Vec<(Transport, SocketAddr)>,
+}
+
+impl Bound {
+    /// Binds every listener of the configuration.
+    pub async fn bind(cfg: &Config) -> io::Result<Bound> {
+        let mut udp = Vec::new();
+        let mut streams = Vec::new();
+        let mut addrs = Vec::new();
+        for l in &cfg.listen {
+            match l.transport {
+                Transport::Udp => {
+                    let s = UdpSocket::bind(l.address).await.map_err(|e| with_addr(e, l.address))?;
+                    addrs.push((Transport::Udp, s.local_addr()?));
+                    udp.push(Arc::new(s));
+                }
+                t => {
+                    let s = TcpListener::bind(l.address).await.map_err(|e| with_addr(e, l.address))?;
+                    addrs.push((t, s.local_addr()?));
+                    streams.push((t, s));
+                }
+            }
+        }
+        Ok(Bound { udp, streams, addrs })
+    }
+
+    /// The bound address of the listener of the given transport and family.
+    pub fn addr_of(&self, transport: Transport, v4: bool) -> Option<SocketAddr> {
+        self.addrs
+            .iter()
+            .find(|(t, a)| *t == transport && a.is_ipv4() == v4)
+            .map(|(_, a)| *a)
+    }
+}
+
+fn with_addr(e: io::Error, addr: SocketAddr) -> io::Error {
+    io::Error::new(e.kind(), format!("cannot bind {addr}: {e}"))
+}
+
+/// What connection tasks tell the driver.
+enum Event {
+    Message(Bytes, Flow),
+    Opened { id: ConnId, transport: Transport, remote: SocketAddr, tx: mpsc::Sender<Outgoing> },
+    Closed(ConnId),
+    SendFailed(Vec<TxId>),
+    Resolved(Transmit),
+}
+
+struct Outgoing {
+    bytes: Bytes,
+    tx: Option<TxId>,
+}
+
+struct ConnHandle {
+    transport: Transport,
+    remote: SocketAddr,
+    tx: mpsc::Sender<Outgoing>,
+}
+
+/// Settings shared by connection tasks.
+#[derive(Clone)]
+struct StreamSettings {
+    idle: Duration,
+    max_message: usize,
+    limit: Arc<Semaphore>,
+    next_id: Arc<AtomicU64>,
+    events: mpsc::Sender<Event>,
+}
+
+/// The I/O loop: owns the proxy core, the UDP sockets and the connection table.
+pub struct Driver {
+    proxy: Proxy,
+    udp: Vec<Arc<UdpSocket>>,
+    conns: HashMap<ConnId, ConnHandle>,
+    by_remote: HashMap<(Transport, SocketAddr), ConnId>,
+    settings: StreamSettings,
+    events: mpsc::Receiver<Event>,
+    tls: tls::TlsContext,
+    accept_tasks: Vec<JoinHandle<()>>,
+    shutdown_grace: Duration,
+    rotate: usize,
+}
+
+impl std::fmt::Debug for Driver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Driver").field("conns", &self.conns.len()).finish()
+    }
+}
+
+impl Driver {
+    pub fn new(cfg: &Config, proxy: Proxy, bound: Bound) -> io::Result<Driver> {
+        let (events_tx, events) = mpsc::channel(8192);
+        let settings = StreamSettings {
+            idle: cfg.connection_idle,
+            max_message: cfg.limits.max_message_bytes,
+            limit: Arc::new(Semaphore::new(cfg.max_connections)),
+            next_id: Arc::new(AtomicU64::new(1)),
+            events: events_tx,
+        };
+        let tls = tls::TlsContext::from_config(cfg)?;
+        let mut accept_tasks = Vec::new();
+        for (transport, listener) in bound.streams {
+            let acceptor = match transport {
+                Transport::Tls => Some(tls.acceptor().ok_or_else(|| {
+                    io::Error::new(io::ErrorKind::InvalidInput, "tls listener without [tls]")
+                })?),
+                _ => None,
+            };
+            accept_tasks.push(tokio::spawn(accept_loop(listener, transport, acceptor, settings.clone())));
+        }
+        Ok(Driver {
+            proxy,
+            udp: bound.udp,
+            conns: HashMap::new(),
+            by_remote: HashMap::new(),
+            settings,
+            events,
+            tls,
+            accept_tasks,
+            shutdown_grace: cfg.shutdown_grace,
+            rotate: 0,
+        })
+    }
+
+    /// Runs until `shutdown` resolves, then drains running transactions up to the grace time.
+    pub async fn run(mut self, shutdown: impl Future<Output = ()>) {
+        let mut buf = vec![0u8; 65_536];
+        tokio::pin!(shutdown);
+        let mut draining_until: Option<Instant> = None;
+        loop {
+            self.flush();
+            if let Some(deadline) = draining_until {
+                if self.proxy.is_idle() || Instant::now() >= deadline {
+                    break;
+                }
+            }
+            let timer_at = self
+                .proxy
+                .poll_timeout()
+                .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
+            let drain_at = draining_until.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
+            let udp = &self.udp;
+            let rotate = self.rotate;
+            tokio::select! {
+                biased;
+                _ = &mut shutdown, if draining_until.is_none() => {
+                    tracing::info!("shutdown requested: refusing new requests, draining transactions");
+                    self.proxy.begin_shutdown();
+                    for t in &self.accept_tasks {
+                        t.abort();
+                    }
+                    draining_until = Some(Instant::now() + self.shutdown_grace);
+                }
+                ev = self.events.recv() => {
+                    if let Some(ev) = ev {
+                        self.on_event(ev);
+                    }
+                }
+                (idx, res) = std::future::poll_fn(|cx| poll_udp(udp, rotate, cx, &mut buf)) => {
+                    self.rotate = self.rotate.wrapping_add(1);
+                    if let Ok((n, from)) = res {
+                        self.on_datagram(idx, &buf[..n], from);
+                        self.drain_udp(idx, &mut buf);
+                    }
+                }
+                _ = tokio::time::sleep_until(timer_at.into()) => {
+                    self.proxy.handle_timeout(Instant::now());
+                }
+                _ = tokio::time::sleep_until(drain_at.into()), if draining_until.is_some() => {}
+            }
+        }
+        tracing::info!(transactions = self.proxy.transactions(), "gateway stopped");
+    }
+
+    /// After one readable event, read what else is queued on that socket (bounded).
+    fn drain_udp(&mut self, idx: usize, buf: &mut [u8]) {
+        for _ in 0..64 {
+            let sock = Arc::clone(&self.udp[idx]);
+            match sock.try_recv_from(buf) {
+                Ok((n, from)) => {
+                    self.on_datagram(idx, &buf[..n], from);
+                    self.flush();
+                }
+                Err(_) => break,
+            }
+        }
+    }
+
+    fn on_datagram(&mut self, idx: usize, data: &[u8], from: SocketAddr) {
+        let Ok(local) = self.udp[idx].local_addr() else { return };
+        if data.iter().all(|&c| matches!(c, b'\r' | b'\n' | b' ' | 0)) {
+            return; // keep-alive datagram
+        }
+        let flow = Flow {
+            transport: Transport::Udp,
+            local,
+            remote: from,
+            conn: None,
+        };
+        self.proxy.handle_message(Bytes::copy_from_slice(data), flow, Instant::now());
+    }
+
+    fn on_event(&mut self, ev: Event) {
+        match ev {
+            Event::Message(bytes, flow) => self.proxy.handle_message(bytes, flow, Instant::now()),
+            Event::Opened { id, transport, remote, tx } => {
+                self.by_remote.insert((transport, remote), id);
+                self.conns.insert(id, ConnHandle { transport, remote, tx });
+            }
+            Event::Closed(id) => {
+                if let Some(h) = self.conns.remove(&id) {
+                    if self.by_remote.get(&(h.transport, h.remote)) == Some(&id) {
+                        self.by_remote.remove(&(h.transport, h.remote));
+                    }
+                }
+            }
+            Event::SendFailed(txs) => {
+                for tx in txs {
+                    self.proxy.handle_transport_error(tx, Instant::now());
+                }
+            }
+            Event::Resolved(t) => self.dispatch(t),
+        }
+    }
+
+    fn flush(&mut self) {
+        while let Some(t) = self.proxy.poll_transmit() {
+            self.dispatch(t);
+        }
+    }
+
+    fn dispatch(&mut self, t: Transmit) {
+        match t.dest.clone() {
+            Destination::Flow(flow) => match flow.transport {
+                Transport::Udp => self.send_udp(Some(flow.local), flow.remote, t),
+                transport => {
+                    let id = flow
+                        .conn
+                        .filter(|id| self.conns.contains_key(id))
+                        .or_else(|| self.by_remote.get(&(transport, flow.remote)).copied());
+                    match id {
+                        Some(id) => self.send_conn(id, t),
+                        None => self.fail(t.tx),
+                    }
+                }
+            },
+            Destination::Addr { transport: Transport::Udp, addr, .. } => self.send_udp(None, addr, t),
+            Destination::Addr { transport, addr, server_name } => {
+                let id = match self.by_remote.get(&(transport, addr)) {
+                    Some(id) => *id,
+                    None => self.connect(transport, addr, server_name),
+                };
+                self.send_conn(id, t);
+            }
+            Destination::Name { transport, host, port } => {
+                let events = self.settings.events.clone();
+                tokio::spawn(async move {
+                    let resolved = tokio::net::lookup_host((host.as_ref(), port)).await.ok().and_then(|mut a| a.next());
+                    let ev = match resolved {
+                        Some(addr) => Event::Resolved(Transmit {
+                            dest: Destination::Addr { transport, addr, server_name: Some(host) },
+                            ..t
+                        }),
+                        None => Event::SendFailed(t.tx.into_iter().collect()),
+                    };
+                    let _ = events.send(ev).await;
+                });
+            }
+        }
+    }
+
+    fn send_udp(&mut self, local: Option<SocketAddr>, to: SocketAddr, t: Transmit) {
+        let sock = self
+            .udp
+            .iter()
+            .find(|s| local.is_some_and(|l| s.local_addr().ok() == Some(l)))
+            .or_else(|| self.udp.iter().find(|s| s.local_addr().is_ok_and(|a| a.is_ipv4() == to.is_ipv4())));
+        let Some(sock) = sock else {
+            self.fail(t.tx);
+            return;
+        };
+        match sock.try_send_to(&t.bytes, to) {
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                // Socket buffer full: hand the datagram to a task rather than block the loop.
+                let sock = Arc::clone(sock);
+                tokio::spawn(async move {
+                    let _ = sock.send_to(&t.bytes, to).await;
+                });
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, %to, "udp send failed");
+                self.fail(t.tx);
+            }
+        }
+    }
+
+    fn send_conn(&mut self, id: ConnId, t: Transmit) {
+        let Some(h) = self.conns.get(&id) else {
+            self.fail(t.tx);
+            return;
+        };
+        if h.tx.try_send(Outgoing { bytes: t.bytes, tx: t.tx }).is_err() {
+            self.fail(t.tx);
+        }
+    }
+
+    fn fail(&mut self, tx: Option<TxId>) {
+        if let Some(tx) = tx {
+            self.proxy.handle_transport_error(tx, Instant::now());
+        }
+    }
+
+    /// Opens an outbound connection; messages queue on its channel until it is up.
+    fn connect(&mut self, transport: Transport, addr: SocketAddr, server_name: Option<Box<str>>) -> ConnId {
+        let id = self.settings.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = mpsc::channel(1024);
+        self.by_remote.insert((transport, addr), id);
+        self.conns.insert(id, ConnHandle { transport, remote: addr, tx });
+        let settings = self.settings.clone();
+        let connector = self.tls.connector();
+        tokio::spawn(async move {
+            let Ok(permit) = settings.limit.clone().try_acquire_owned() else {
+                fail_queued(rx, &settings, id).await;
+                return;
+            };
+            let stream = tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(addr)).await;
+            let stream = match stream {
+                Ok(Ok(s)) => s,
+                _ => {
+                    tracing::debug!(%addr, "connect failed");
+                    fail_queued(rx, &settings, id).await;
+                    return;
+                }
+            };
+            let _ = stream.set_nodelay(true);
+            let local = stream.local_addr().unwrap_or(addr);
+            match transport {
+                Transport::Tls => {
+                    let Some(connector) = connector else {
+                        fail_queued(rx, &settings, id).await;
+                        return;
+                    };
+                    let name = tls::server_name(server_name.as_deref(), addr);
+                    match connector.connect(name, stream).await {
+                        Ok(s) => serve_conn(s, id, transport, local, addr, rx, settings, permit).await,
+                        Err(_) => fail_queued(rx, &settings, id).await,
+                    }
+                }
+                _ => serve_conn(stream, id, transport, local, addr, rx, settings, permit).await,
+            }
+        });
+        id
+    }
+}
+
+async fn fail_queued(mut rx: mpsc::Receiver<Outgoing>, settings: &StreamSettings, id: ConnId) {
+    rx.close();
+    let mut failed = Vec::new();
+    while let Ok(m) = rx.try_recv() {
+        failed.extend(m.tx);
+    }
+    let _ = settings.events.send(Event::Closed(id)).await;
+    let _ = settings.events.send(Event::SendFailed(failed)).await;
+}
+
+fn poll_udp(
+    socks: &[Arc<UdpSocket>],
+    rotate: usize,
+    cx: &mut TaskContext<'_>,
+    buf: &mut [u8],
+) -> Poll<(usize, io::Result<(usize, SocketAddr)>)> {
+    let n = socks.len();
+    for k in 0..n {
+        let i = (rotate + k) % n;
+        let mut rb = ReadBuf::new(buf);
+        match socks[i].poll_recv_from(cx, &mut rb) {
+            Poll::Ready(Ok(from)) => return Poll::Ready((i, Ok((rb.filled().len(), from)))),
+            Poll::Ready(Err(e)) => return Poll::Ready((i, Err(e))),
+            Poll::Pending => {}
+        }
+    }
+    Poll::Pending
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    transport: Transport,
+    acceptor: Option<tokio_rustls::TlsAcceptor>,
+    settings: StreamSettings,
+) {
+    loop {
+        let Ok((stream, remote)) = listener.accept().await else {
+            continue;
+        };
+        let Ok(permit) = settings.limit.clone().try_acquire_owned() else {
+            tracing::warn!(%remote, "connection limit reached: closing new connection");
+            drop(stream);
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let settings = settings.clone();
+        let acceptor = acceptor.clone();
+        tokio::spawn(async move {
+            let local = stream.local_addr().unwrap_or(remote);
+            let id = settings.next_id.fetch_add(1, Ordering::Relaxed);
+            let (tx, rx) = mpsc::channel(1024);
+            match acceptor {
+                Some(acc) => {
+                    let hs = tokio::time::timeout(Duration::from_secs(10), acc.accept(stream)).await;
+                    let Ok(Ok(tls)) = hs else {
+                        tracing::debug!(%remote, "TLS handshake failed");
+                        return;
+                    };
+                    if settings.events.send(Event::Opened { id, transport, remote, tx }).await.is_ok() {
+                        serve_conn(tls, id, transport, local, remote, rx, settings, permit).await;
+                    }
+                }
+                None => {
+                    if settings.events.send(Event::Opened { id, transport, remote, tx }).await.is_ok() {
+                        serve_conn(stream, id, transport, local, remote, rx, settings, permit).await;
+                    }
+                }
+            }
+        });
+    }
+}
+
+/// One connection: frames incoming bytes into messages for the driver, writes outgoing
+/// messages, answers RFC 5626 pings, closes when idle. The permit bounds the connection count.
+#[allow(clippy::too_many_arguments)]
+async fn serve_conn<S: AsyncRead + AsyncWrite + Unpin>(
+    mut stream: S,
+    id: ConnId,
+    transport: Transport,
+    local: SocketAddr,
+    remote: SocketAddr,
+    mut rx: mpsc::Receiver<Outgoing>,
+    settings: StreamSettings,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+) {
+    let flow = Flow {
+        transport,
+        local,
+        remote,
+        conn: Some(id),
+    };
+    let mut framer = StreamFramer::new(settings.max_message);
+    let mut failed: Vec<TxId> = Vec::new();
+    'conn: loop {
+        tokio::select! {
+            r = stream.read_buf(framer.buffer()) => {
+                match r {
+                    Ok(0) | Err(_) => break 'conn,
+                    Ok(_) => loop {
+                        match framer.next_frame() {
+                            Ok(Some(Frame::Message(bytes))) => {
+                                if settings.events.send(Event::Message(bytes, flow)).await.is_err() {
+                                    break 'conn;
+                                }
+                            }
+                            Ok(Some(Frame::Ping)) => {
+                                if stream.write_all(b"\r\n").await.is_err() {
+                                    break 'conn;
+                                }
+                            }
+                            Ok(None) => break,
+                            Err(e) => {
+                                tracing::debug!(%remote, error = %e, "closing unframeable stream");
+                                break 'conn;
+                            }
+                        }
+                    },
+                }
+            }
+            out = rx.recv() => match out {
+                Some(m) => {
+                    if stream.write_all(&m.bytes).await.is_err() {
+                        failed.extend(m.tx);
+                        break 'conn;
+                    }
+                }
+                None => break 'conn,
+            },
+            _ = tokio::time::sleep(settings.idle) => break 'conn,
+        }
+    }
+    let _ = stream.shutdown().await;
+    rx.close();
+    while let Ok(m) = rx.try_recv() {
+        failed.extend(m.tx);
+    }
+    let _ = settings.events.send(Event::Closed(id)).await;
+    if !failed.is_empty() {
+        let _ = settings.events.send(Event::SendFailed(failed)).await;
+    }
+}

@@ -1,0 +1,90 @@
+//! TLS with rustls (ring provider only): the server side for `tls` listeners and the
+//! client side for `sips:` next hops.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use tokio_rustls::{TlsAcceptor, TlsConnector};
+
+use crate::config::Config;
+
+/// The process's single crypto provider.
+pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// TLS configuration for both directions, built once at start.
+#[derive(Clone, Default)]
+pub struct TlsContext {
+    acceptor: Option<TlsAcceptor>,
+    connector: Option<TlsConnector>,
+}
+
+impl std::fmt::Debug for TlsContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsContext")
+            .field("server", &self.acceptor.is_some())
+            .field("client", &self.connector.is_some())
+            .finish()
+    }
+}
+
+fn invalid(msg: String) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidInput, msg)
+}
+
+impl TlsContext {
+    pub fn from_config(cfg: &Config) -> io::Result<TlsContext> {
+        let Some(files) = &cfg.tls else {
+            return Ok(TlsContext::default());
+        };
+        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&files.certificate)
+            .and_then(|it| it.collect::<Result<_, _>>())
+            .map_err(|e| invalid(format!("{}: {e}", files.certificate.display())))?;
+        let key = PrivateKeyDer::from_pem_file(&files.private_key)
+            .map_err(|e| invalid(format!("{}: {e}", files.private_key.display())))?;
+        let server = rustls::ServerConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| invalid(e.to_string()))?
+            .with_no_client_auth()
+            .with_single_cert(certs, key)
+            .map_err(|e| invalid(format!("TLS certificate/key: {e}")))?;
+        let connector = match &files.ca {
+            None => None,
+            Some(ca) => {
+                let mut roots = rustls::RootCertStore::empty();
+                for c in CertificateDer::pem_file_iter(ca).map_err(|e| invalid(format!("{}: {e}", ca.display())))? {
+                    let c = c.map_err(|e| invalid(format!("{}: {e}", ca.display())))?;
+                    roots.add(c).map_err(|e| invalid(format!("{}: {e}", ca.display())))?;
+                }
+                let client = rustls::ClientConfig::builder_with_provider(provider())
+                    .with_safe_default_protocol_versions()
+                    .map_err(|e| invalid(e.to_string()))?
+                    .with_root_certificates(roots)
+                    .with_no_client_auth();
+                Some(TlsConnector::from(Arc::new(client)))
+            }
+        };
+        Ok(TlsContext {
+            acceptor: Some(TlsAcceptor::from(Arc::new(server))),
+            connector,
+        })
+    }
+
+    pub fn acceptor(&self) -> Option<TlsAcceptor> {
+        self.acceptor.clone()
+    }
+
+    pub fn connector(&self) -> Option<TlsConnector> {
+        self.connector.clone()
+    }
+}
+
+/// The name to verify the next hop's certificate against: its host name, else its address.
+pub fn server_name(name: Option<&str>, addr: SocketAddr) -> ServerName<'static> {
+    name.and_then(|n| ServerName::try_from(n.to_owned()).ok())
+        .unwrap_or_else(|| ServerName::IpAddress(addr.ip().into()))
+}
