@@ -86,8 +86,9 @@ fn init_logging(cfg: &Config) {
 }
 
 fn run(cfg: Config) -> anyhow::Result<()> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+    // One thread: the driver owns the whole proxy state, so there is nothing to share, and
+    // a single-threaded runtime avoids cross-thread wake-ups on every datagram.
+    let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("cannot start the runtime")?;

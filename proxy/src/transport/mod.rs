@@ -48,7 +48,7 @@ impl Bound {
         for l in &cfg.listen {
             match l.transport {
                 Transport::Udp => {
-                    let s = UdpSocket::bind(l.address).await.map_err(|e| with_addr(e, l.address))?;
+                    let s = bind_udp(l.address).map_err(|e| with_addr(e, l.address))?;
                     addrs.push((Transport::Udp, s.local_addr()?));
                     udp.push(Arc::new(s));
                 }
@@ -70,6 +70,25 @@ impl Bound {
             .map(|(_, a)| *a)
     }
 }
+
+/// UDP socket with large kernel buffers: a burst of datagrams must wait in the socket, not
+/// be dropped, while the single I/O loop works through the previous burst.
+fn bind_udp(addr: SocketAddr) -> io::Result<UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let sock = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    if addr.is_ipv6() {
+        sock.set_only_v6(true)?;
+    }
+    // Best effort: the kernel caps these at net.core.{r,w}mem_max.
+    let _ = sock.set_recv_buffer_size(UDP_BUFFER_BYTES);
+    let _ = sock.set_send_buffer_size(UDP_BUFFER_BYTES);
+    sock.set_nonblocking(true)?;
+    sock.bind(&addr.into())?;
+    UdpSocket::from_std(sock.into())
+}
+
+/// Requested UDP socket buffer size.
+const UDP_BUFFER_BYTES: usize = 4 << 20;
 
 fn with_addr(e: io::Error, addr: SocketAddr) -> io::Error {
     io::Error::new(e.kind(), format!("cannot bind {addr}: {e}"))
@@ -109,6 +128,7 @@ struct StreamSettings {
 pub struct Driver {
     proxy: Proxy,
     udp: Vec<Arc<UdpSocket>>,
+    udp_local: Vec<SocketAddr>,
     conns: HashMap<ConnId, ConnHandle>,
     by_remote: HashMap<(Transport, SocketAddr), ConnId>,
     settings: StreamSettings,
@@ -146,9 +166,15 @@ impl Driver {
             };
             accept_tasks.push(tokio::spawn(accept_loop(listener, transport, acceptor, settings.clone())));
         }
+        let udp_local = bound
+            .udp
+            .iter()
+            .map(|s| s.local_addr())
+            .collect::<io::Result<Vec<_>>>()?;
         Ok(Driver {
             proxy,
             udp: bound.udp,
+            udp_local,
             conns: HashMap::new(),
             by_remote: HashMap::new(),
             settings,
@@ -225,7 +251,7 @@ impl Driver {
     }
 
     fn on_datagram(&mut self, idx: usize, data: &[u8], from: SocketAddr) {
-        let Ok(local) = self.udp[idx].local_addr() else { return };
+        let local = self.udp_local[idx];
         if data.iter().all(|&c| matches!(c, b'\r' | b'\n' | b' ' | 0)) {
             return; // keep-alive datagram
         }
@@ -308,12 +334,12 @@ impl Driver {
     }
 
     fn send_udp(&mut self, local: Option<SocketAddr>, to: SocketAddr, t: Transmit) {
-        let sock = self
-            .udp
+        let idx = self
+            .udp_local
             .iter()
-            .find(|s| local.is_some_and(|l| s.local_addr().ok() == Some(l)))
-            .or_else(|| self.udp.iter().find(|s| s.local_addr().is_ok_and(|a| a.is_ipv4() == to.is_ipv4())));
-        let Some(sock) = sock else {
+            .position(|a| Some(*a) == local)
+            .or_else(|| self.udp_local.iter().position(|a| a.is_ipv4() == to.is_ipv4()));
+        let Some(sock) = idx.map(|i| &self.udp[i]) else {
             self.fail(t.tx);
             return;
         };
