@@ -1,1 +1,4 @@
+//! Gatehouse system tests: one binary, one harness (see `harness`).
 
+mod harness;
+mod torture;

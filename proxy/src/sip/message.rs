@@ -14,7 +14,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use super::error::ParseError;
 use super::header::{is_token_char, HeaderName};
 use super::uri::{Scheme, Uri};
-use super::values::{split_list, CSeq, NameAddr, Via};
+use super::values::{list_is_well_formed, split_list, CSeq, NameAddr, Via};
 
 /// Size limits enforced before and during parsing.
 #[derive(Clone, Copy, Debug)]
@@ -248,8 +248,15 @@ impl Message {
                 return Err(ParseError::Duplicate(name));
             }
         }
-        let via = self.top_via_value().ok_or(ParseError::Missing(HeaderName::Via))?;
-        Via::parse(&via).ok_or(ParseError::Malformed(HeaderName::Via))?;
+        if self.count(HeaderName::Via) == 0 {
+            return Err(ParseError::Missing(HeaderName::Via));
+        }
+        for (idx, _) in self.fields(HeaderName::Via) {
+            let v = self.value(idx);
+            if !list_is_well_formed(&v) || !split_list(&v).all(|item| Via::parse(item).is_some()) {
+                return Err(ParseError::Malformed(HeaderName::Via));
+            }
+        }
         for name in [HeaderName::From, HeaderName::To] {
             let v = self.value_of(name).unwrap_or_default();
             let na = NameAddr::parse(&v).ok_or(ParseError::Malformed(name))?;
@@ -587,7 +594,12 @@ fn parse_start_line(b: &[u8], s: usize, e: usize) -> Result<StartLine, ParseErro
     let uri = &line[sp1 + 1..sp2];
     let uri_str = std::str::from_utf8(uri).map_err(|_| ParseError::RequestUri)?;
     let parsed = Uri::parse(uri_str).map_err(|_| ParseError::RequestUri)?;
-    if uri_str.contains(char::is_whitespace) || (parsed.scheme != Scheme::Other && uri_str.contains(['<', '>'])) {
+    // RFC 3261 19.1.1 Table 1: headers are not allowed in a Request-URI.
+    let sip_like = matches!(parsed.scheme, Scheme::Sip | Scheme::Sips);
+    if uri_str.contains(char::is_whitespace)
+        || uri_str.contains(['<', '>'])
+        || (sip_like && !parsed.headers.is_empty())
+    {
         return Err(ParseError::RequestUri);
     }
     Ok(StartLine::Request {

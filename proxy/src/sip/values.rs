@@ -36,6 +36,47 @@ pub fn split_list(value: &str) -> impl Iterator<Item = &str> {
     .filter(|s| !s.is_empty())
 }
 
+/// True when a list header value has no empty elements (`a,,b` and `a,` are malformed).
+pub fn list_is_well_formed(value: &str) -> bool {
+    let mut depth_quote = false;
+    let mut in_angle = false;
+    let mut item_has_content = false;
+    let mut escaped = false;
+    for c in value.bytes() {
+        if escaped {
+            escaped = false;
+            continue;
+        }
+        match c {
+            b'\\' if depth_quote => escaped = true,
+            b'"' => depth_quote = !depth_quote,
+            b'<' if !depth_quote => in_angle = true,
+            b'>' if !depth_quote => in_angle = false,
+            b',' if !depth_quote && !in_angle => {
+                if !item_has_content {
+                    return false;
+                }
+                item_has_content = false;
+                continue;
+            }
+            _ => {}
+        }
+        if !c.is_ascii_whitespace() {
+            item_has_content = true;
+        }
+    }
+    item_has_content && !depth_quote
+}
+
+/// Parameters are `;`-separated `name[=value]` with a non-empty token name.
+fn params_well_formed(params: &str) -> bool {
+    params.is_empty()
+        || params.split(';').all(|p| {
+            let name = p.split('=').next().unwrap_or("").trim();
+            !name.is_empty() && name.bytes().all(super::header::is_token_char)
+        })
+}
+
 /// One Via value: `SIP/2.0/UDP host:port;branch=...`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Via<'a> {
@@ -73,8 +114,10 @@ impl<'a> Via<'a> {
             Some(sc) => (rest[..sc].trim(), rest[sc + 1..].trim()),
             None => (rest.trim(), ""),
         };
-        // sent-by may contain LWS around the colon in torture messages; take it compactly.
         let (host, port) = split_hostport(sent_by)?;
+        if !params_well_formed(params) {
+            return None;
+        }
         Some(Via {
             transport: parts[2],
             host,
