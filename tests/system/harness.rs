@@ -1,8 +1,16 @@
-//! Shared test harness: fixtures, a gateway on ephemeral loopback ports, waiting on
-//! events with timeouts, external tools found or skipped loudly.
+//! Shared test harness: fixtures, a gateway on ephemeral loopback ports, child processes
+//! that are waited on with time limits and ended by PID, and external tools that are
+//! required in CI and skipped loudly elsewhere.
 
-use std::path::PathBuf;
-use std::time::Duration;
+use std::net::{SocketAddr, TcpStream, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use gatehouse::config::Config;
+use gatehouse::flow::Transport;
+use gatehouse::transport::Bound;
 
 /// Root of the repository.
 pub fn repo() -> PathBuf {
@@ -15,5 +23,221 @@ pub fn fixture(rel: &str) -> Vec<u8> {
     std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
 }
 
+/// Path of a SIPp scenario under tests/sipp.
+pub fn scenario(name: &str) -> String {
+    repo().join("tests/sipp").join(name).display().to_string()
+}
+
 /// Default time limit for waiting on an event in a test.
-pub const WAIT: Duration = Duration::from_secs(10);
+pub const WAIT: Duration = Duration::from_secs(20);
+
+/// True when an external tool is installed. In CI a missing tool fails the test; on a
+/// developer machine the test says loudly that it is skipped.
+pub fn tool(name: &str) -> bool {
+    let found = Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {name}"))
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !found {
+        assert!(std::env::var_os("CI").is_none(), "{name} is required in CI (.ci/run installs it)");
+        eprintln!("SKIPPED: {name} is not installed; run .ci/run or install it to run this test");
+    }
+    found
+}
+
+/// A port that was free a moment ago on loopback for both UDP and TCP.
+pub fn free_port() -> u16 {
+    loop {
+        let u = UdpSocket::bind("127.0.0.1:0").expect("bind udp");
+        let port = u.local_addr().expect("addr").port();
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+}
+
+/// Waits until something listens on the UDP port (our bind attempt fails).
+pub fn wait_udp_bound(port: u16) {
+    wait_until(|| UdpSocket::bind(("127.0.0.1", port)).is_err(), &format!("udp port {port} bound"));
+}
+
+/// Waits until a TCP listener accepts on the port.
+pub fn wait_tcp_listening(port: u16) {
+    wait_until(
+        || TcpStream::connect_timeout(&SocketAddr::from(([127, 0, 0, 1], port)), Duration::from_millis(200)).is_ok(),
+        &format!("tcp port {port} listening"),
+    );
+}
+
+/// Polls a condition (each probe is a real check of the event) until it holds or WAIT passes.
+pub fn wait_until(mut cond: impl FnMut() -> bool, what: &str) {
+    let deadline = Instant::now() + WAIT;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::yield_now();
+        std::thread::park_timeout(Duration::from_millis(10));
+    }
+}
+
+/// A scratch directory removed at drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        let p = std::env::temp_dir().join(format!("gatehouse-{tag}-{}-{}", std::process::id(), rand_suffix()));
+        std::fs::create_dir_all(&p).expect("temp dir");
+        TempDir(p)
+    }
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn rand_suffix() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(Instant::now().elapsed().as_nanos() as u64);
+    h.finish()
+}
+
+/// A child process started by a test; killed by its PID if still running at drop.
+pub struct Proc {
+    child: Option<Child>,
+    pub name: String,
+    pub log: PathBuf,
+}
+
+impl Proc {
+    pub fn spawn(name: &str, cmd: &mut Command, dir: &Path) -> Proc {
+        let log = dir.join(format!("{name}.log"));
+        let out = std::fs::File::create(&log).expect("log file");
+        let err = out.try_clone().expect("log file");
+        let child = cmd
+            .current_dir(dir)
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
+        Proc {
+            child: Some(child),
+            name: name.into(),
+            log,
+        }
+    }
+
+    /// Waits for exit up to `limit` (a waiter thread, no polling).
+    pub fn wait(&mut self, limit: Duration) -> ExitStatus {
+        let mut child = self.child.take().expect("not yet waited");
+        let (tx, rx) = mpsc::channel();
+        let pid = child.id();
+        let waiter = std::thread::spawn(move || {
+            let st = child.wait();
+            let _ = tx.send(());
+            (child, st)
+        });
+        if rx.recv_timeout(limit).is_err() {
+            // Still running: end it by its PID, then report.
+            let _ = Command::new("kill").arg(pid.to_string()).status();
+            let _ = waiter.join();
+            panic!("{} did not finish within {limit:?}; log:\n{}", self.name, self.log_text());
+        }
+        let (_, st) = waiter.join().expect("waiter");
+        st.expect("wait")
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// A gateway running in this process on its own runtime thread.
+pub struct Gateway {
+    pub addrs: Vec<(Transport, SocketAddr)>,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Gateway {
+    /// Starts a gateway from configuration text (listen on port 0 to get ephemeral ports).
+    pub fn start(config: &str) -> Gateway {
+        let cfg = Config::parse(config, "<test>").unwrap_or_else(|e| panic!("test config: {e}"));
+        let (addr_tx, addr_rx) = mpsc::channel();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+            rt.block_on(async move {
+                let bound = Bound::bind(&cfg).await.expect("bind");
+                addr_tx.send(bound.addrs.clone()).expect("report addresses");
+                gatehouse::run(cfg, bound, async {
+                    let _ = stop_rx.await;
+                })
+                .await
+                .expect("gateway run");
+            });
+        });
+        let addrs = addr_rx.recv_timeout(WAIT).expect("gateway started");
+        Gateway {
+            addrs,
+            shutdown: Some(stop_tx),
+            thread: Some(thread),
+        }
+    }
+
+    pub fn addr(&self, transport: Transport) -> SocketAddr {
+        self.addrs
+            .iter()
+            .find(|(t, _)| *t == transport)
+            .map(|(_, a)| *a)
+            .unwrap_or_else(|| panic!("no {transport} listener"))
+    }
+
+    /// Stops and waits for the drain to finish.
+    pub fn stop(mut self) {
+        self.stop_inner();
+    }
+
+    fn stop_inner(&mut self) {
+        if let Some(s) = self.shutdown.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        self.stop_inner();
+    }
+}
+
+/// A minimal gateway configuration: loopback listeners on ephemeral ports, loopback trusted,
+/// `extra` appended (routes, timers).
+pub fn gateway_config(transports: &[&str], extra: &str) -> String {
+    let mut s = String::from("[sip]\ndomains = [\"org.example\"]\nshutdown_grace_ms = 500\n");
+    for t in transports {
+        s.push_str(&format!("[[listen]]\ntransport = \"{t}\"\naddress = \"127.0.0.1:0\"\n"));
+    }
+    s.push_str("[trust]\nsources = [\"127.0.0.0/8\"]\n");
+    s.push_str(extra);
+    s
+}

@@ -1,4 +1,5 @@
 //! Gatehouse system tests: one binary, one harness (see `harness`).
 
 mod harness;
+mod sipp;
 mod torture;
