@@ -2,4 +2,5 @@
 
 mod harness;
 mod sipp;
+mod tls;
 mod torture;

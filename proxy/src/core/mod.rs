@@ -186,9 +186,9 @@ impl Proxy {
         self.draining = true;
     }
 
-    /// True when no transaction is left.
+    /// True when no transaction waits for a final response: shutting down loses nothing.
     pub fn is_idle(&self) -> bool {
-        self.txl.is_empty()
+        self.txl.unfinished() == 0
     }
 
     pub fn poll_transmit(&mut self) -> Option<Transmit> {

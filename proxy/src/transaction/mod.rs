@@ -218,6 +218,18 @@ impl TransactionLayer {
         self.txs.is_empty()
     }
 
+    /// Transactions still waiting for a final response (server) or sending one (client);
+    /// the others only absorb retransmissions until their timers end them.
+    pub fn unfinished(&self) -> usize {
+        self.txs
+            .values()
+            .filter(|t| match t {
+                Tx::Server(s) => matches!(s.state, ServerState::Trying | ServerState::Proceeding { .. }),
+                Tx::Client(c) => matches!(c.state, ClientState::Calling { .. } | ClientState::Proceeding),
+            })
+            .count()
+    }
+
     pub fn poll_transmit(&mut self) -> Option<Transmit> {
         self.out.pop_front()
     }

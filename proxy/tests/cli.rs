@@ -1,0 +1,141 @@
+//! The `gatehouse` binary: arguments, configuration errors, and a real run with the
+//! embedded default and with deploy/examples/bench.toml (SIPp calls through it).
+
+use std::net::UdpSocket;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_gatehouse"))
+}
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+#[test]
+fn version_and_help() {
+    let out = bin().arg("--version").output().expect("run");
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("gatehouse 0."));
+    let out = bin().arg("--help").output().expect("run");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("run") && text.contains("check-config"), "{text}");
+}
+
+#[test]
+fn check_config_accepts_examples_and_names_line_and_key_of_errors() {
+    for f in ["bench.toml", "edge.toml"] {
+        let out = bin().arg("check-config").arg(repo().join("deploy/examples").join(f)).output().expect("run");
+        assert!(out.status.success(), "{f}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let dir = std::env::temp_dir().join(format!("gatehouse-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let bad = dir.join("bad.toml");
+    std::fs::write(
+        &bad,
+        "[sip]\ndomains = [\"org.example\"]\n\n[[listen]]\ntransport = \"udp\"\naddress = \"127.0.0.1:5060\"\n\n[trust]\nsources = [\"10.0.0.300/8\"]\n",
+    )
+    .expect("write");
+    let out = bin().arg("check-config").arg(&bad).output().expect("run");
+    assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("bad.toml:9: trust.sources[0]:"), "{err}");
+    std::fs::write(&bad, "[sip]\ndomains = [\"org.example\"]\nlisten_everywhere = true\n").expect("write");
+    let out = bin().arg("check-config").arg(&bad).output().expect("run");
+    assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("bad.toml:3: listen_everywhere:"), "{err}");
+    // `run` refuses the same file with the same code, before binding anything.
+    let out = bin().args(["run", "--config"]).arg(&bad).output().expect("run");
+    assert_eq!(out.status.code(), Some(64));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Sends OPTIONS to the gateway until it answers (it is up) or the time limit passes.
+fn ping(addr: &str) -> String {
+    let sock = UdpSocket::bind("127.0.0.1:0").expect("bind");
+    sock.set_read_timeout(Some(Duration::from_millis(200))).expect("timeout");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut n = 0;
+    loop {
+        n += 1;
+        let msg = format!(
+            "OPTIONS sip:{addr} SIP/2.0\r\nVia: SIP/2.0/UDP {local};branch=z9hG4bKping{n};rport\r\nMax-Forwards: 70\r\n\
+From: <sip:probe@org.example>;tag=p\r\nTo: <sip:{addr}>\r\nCall-ID: ping-{n}@probe\r\nCSeq: {n} OPTIONS\r\nContent-Length: 0\r\n\r\n",
+            local = sock.local_addr().expect("addr")
+        );
+        sock.send_to(msg.as_bytes(), addr).expect("send");
+        let mut buf = [0u8; 4096];
+        if let Ok(len) = sock.recv(&mut buf) {
+            return String::from_utf8_lossy(&buf[..len]).into_owned();
+        }
+        assert!(Instant::now() < deadline, "gateway at {addr} never answered");
+    }
+}
+
+fn terminate(mut child: Child) {
+    let st = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().expect("kill");
+    assert!(st.success());
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait());
+    });
+    let status = rx.recv_timeout(Duration::from_secs(20)).expect("gateway exits after SIGTERM").expect("wait");
+    assert!(status.success(), "{status}");
+}
+
+fn have(tool: &str) -> bool {
+    let ok = Command::new("sh").arg("-c").arg(format!("command -v {tool}")).stdout(Stdio::null()).status().is_ok_and(|s| s.success());
+    if !ok {
+        assert!(std::env::var_os("CI").is_none(), "{tool} is required in CI");
+        eprintln!("SKIPPED: {tool} not installed");
+    }
+    ok
+}
+
+/// Both runs use the fixed ports of the embedded default and bench.toml, so they share
+/// one test and run one after the other.
+#[test]
+fn run_embedded_default_then_bench_config_with_sipp() {
+    let child = bin().arg("run").stderr(Stdio::null()).spawn().expect("start");
+    let answer = ping("127.0.0.1:5060");
+    assert!(answer.starts_with("SIP/2.0 200 OK\r\n"), "{answer}");
+    terminate(child);
+
+    if !have("sipp") {
+        return;
+    }
+    let child = bin()
+        .args(["run", "--config"])
+        .arg(repo().join("deploy/examples/bench.toml"))
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start");
+    ping("127.0.0.1:5060");
+    let dir = std::env::temp_dir().join(format!("gatehouse-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let sipp = |args: &[&str]| {
+        Command::new("sipp")
+            .args(args)
+            .current_dir(&dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("sipp")
+    };
+    let uas_xml = repo().join("tests/sipp/uas.xml");
+    let uac_xml = repo().join("tests/sipp/uac.xml");
+    let mut uas = sipp(&["-sf", uas_xml.to_str().unwrap_or(""), "-i", "127.0.0.1", "-p", "5070", "-m", "200", "-nostdin", "-timeout", "60", "-default_behaviors", "all,-abortunexp"]);
+    // SIPp retransmits the INVITE, so an answerer that is a moment late costs no call.
+    let mut uac = sipp(&[
+        "127.0.0.1:5060", "-sf", uac_xml.to_str().unwrap_or(""), "-s", "vpn", "-i", "127.0.0.1", "-p", "0", "-m", "200", "-r", "200",
+        "-nostdin", "-timeout", "60", "-timeout_error", "-default_behaviors", "all,-abortunexp",
+    ]);
+    assert!(uac.wait().expect("uac").success(), "200 calls through bench.toml");
+    assert!(uas.wait().expect("uas").success());
+    let _ = std::fs::remove_dir_all(&dir);
+    terminate(child);
+}
