@@ -85,7 +85,15 @@ pub enum Destination {
     /// Back along an existing flow (responses; requests on a known connection).
     Flow(Flow),
     /// A next hop by address: the driver reuses a connection to it or opens one.
-    Addr { transport: Transport, addr: SocketAddr, server_name: Option<Box<str>> },
+    Addr {
+        transport: Transport,
+        addr: SocketAddr,
+        server_name: Option<Box<str>>,
+    },
     /// A next hop by host name, resolved by the driver.
-    Name { transport: Transport, host: Box<str>, port: u16 },
+    Name {
+        transport: Transport,
+        host: Box<str>,
+        port: u16,
+    },
 }

@@ -29,10 +29,16 @@ pub fn core_config(cfg: &Config, bound: &Bound) -> CoreConfig {
         .zip(&bound.addrs)
         .map(|(l, &(transport, actual))| {
             // Port 0 in the configuration becomes the port actually bound.
-            let advertise = l
-                .advertise
-                .clone()
-                .map(|(h, p)| (h, if l.address.port() == 0 { actual.port() } else { p }));
+            let advertise = l.advertise.clone().map(|(h, p)| {
+                (
+                    h,
+                    if l.address.port() == 0 {
+                        actual.port()
+                    } else {
+                        p
+                    },
+                )
+            });
             LocalAddr::new(transport, actual, advertise)
         })
         .collect();

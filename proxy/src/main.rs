@@ -1,5 +1,8 @@
 //! `gatehouse`: command line. Thin: parse arguments, load config, start the runtime.
 
+// The command line prints its results on standard output by design.
+#![allow(clippy::print_stdout)]
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -12,7 +15,11 @@ use gatehouse::transport::Bound;
 const EX_CONFIG: u8 = 64;
 
 #[derive(Parser)]
-#[command(name = "gatehouse", version, about = "SASL-authenticating SIP edge proxy")]
+#[command(
+    name = "gatehouse",
+    version,
+    about = "SASL-authenticating SIP edge proxy"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -78,7 +85,9 @@ fn main() -> ExitCode {
 fn init_logging(cfg: &Config) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("GATEHOUSE_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cfg.log_level));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match cfg.log_format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Human => builder.init(),

@@ -1,6 +1,8 @@
 //! The `gatehouse` binary: arguments, configuration errors, and a real run with the
 //! embedded default and with deploy/examples/bench.toml (SIPp calls through it).
 
+#![allow(clippy::unwrap_used)]
+
 use std::net::UdpSocket;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -21,14 +23,25 @@ fn version_and_help() {
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("gatehouse 0."));
     let out = bin().arg("--help").output().expect("run");
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("run") && text.contains("check-config"), "{text}");
+    assert!(
+        text.contains("run") && text.contains("check-config"),
+        "{text}"
+    );
 }
 
 #[test]
 fn check_config_accepts_examples_and_names_line_and_key_of_errors() {
     for f in ["bench.toml", "edge.toml"] {
-        let out = bin().arg("check-config").arg(repo().join("deploy/examples").join(f)).output().expect("run");
-        assert!(out.status.success(), "{f}: {}", String::from_utf8_lossy(&out.stderr));
+        let out = bin()
+            .arg("check-config")
+            .arg(repo().join("deploy/examples").join(f))
+            .output()
+            .expect("run");
+        assert!(
+            out.status.success(),
+            "{f}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     let dir = std::env::temp_dir().join(format!("gatehouse-cli-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("dir");
@@ -42,13 +55,21 @@ fn check_config_accepts_examples_and_names_line_and_key_of_errors() {
     assert_eq!(out.status.code(), Some(64));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("bad.toml:9: trust.sources[0]:"), "{err}");
-    std::fs::write(&bad, "[sip]\ndomains = [\"org.example\"]\nlisten_everywhere = true\n").expect("write");
+    std::fs::write(
+        &bad,
+        "[sip]\ndomains = [\"org.example\"]\nlisten_everywhere = true\n",
+    )
+    .expect("write");
     let out = bin().arg("check-config").arg(&bad).output().expect("run");
     assert_eq!(out.status.code(), Some(64));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("bad.toml:3: listen_everywhere:"), "{err}");
     // `run` refuses the same file with the same code, before binding anything.
-    let out = bin().args(["run", "--config"]).arg(&bad).output().expect("run");
+    let out = bin()
+        .args(["run", "--config"])
+        .arg(&bad)
+        .output()
+        .expect("run");
     assert_eq!(out.status.code(), Some(64));
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -56,7 +77,8 @@ fn check_config_accepts_examples_and_names_line_and_key_of_errors() {
 /// Sends OPTIONS to the gateway until it answers (it is up) or the time limit passes.
 fn ping(addr: &str) -> String {
     let sock = UdpSocket::bind("127.0.0.1:0").expect("bind");
-    sock.set_read_timeout(Some(Duration::from_millis(200))).expect("timeout");
+    sock.set_read_timeout(Some(Duration::from_millis(200)))
+        .expect("timeout");
     let deadline = Instant::now() + Duration::from_secs(20);
     let mut n = 0;
     loop {
@@ -71,23 +93,37 @@ From: <sip:probe@org.example>;tag=p\r\nTo: <sip:{addr}>\r\nCall-ID: ping-{n}@pro
         if let Ok(len) = sock.recv(&mut buf) {
             return String::from_utf8_lossy(&buf[..len]).into_owned();
         }
-        assert!(Instant::now() < deadline, "gateway at {addr} never answered");
+        assert!(
+            Instant::now() < deadline,
+            "gateway at {addr} never answered"
+        );
     }
 }
 
 fn terminate(mut child: Child) {
-    let st = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().expect("kill");
+    let st = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill");
     assert!(st.success());
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         let _ = tx.send(child.wait());
     });
-    let status = rx.recv_timeout(Duration::from_secs(20)).expect("gateway exits after SIGTERM").expect("wait");
+    let status = rx
+        .recv_timeout(Duration::from_secs(20))
+        .expect("gateway exits after SIGTERM")
+        .expect("wait");
     assert!(status.success(), "{status}");
 }
 
 fn have(tool: &str) -> bool {
-    let ok = Command::new("sh").arg("-c").arg(format!("command -v {tool}")).stdout(Stdio::null()).status().is_ok_and(|s| s.success());
+    let ok = Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {tool}"))
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
     if !ok {
         assert!(std::env::var_os("CI").is_none(), "{tool} is required in CI");
         eprintln!("SKIPPED: {tool} not installed");
@@ -99,7 +135,11 @@ fn have(tool: &str) -> bool {
 /// one test and run one after the other.
 #[test]
 fn run_embedded_default_then_bench_config_with_sipp() {
-    let child = bin().arg("run").stderr(Stdio::null()).spawn().expect("start");
+    let child = bin()
+        .arg("run")
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start");
     let answer = ping("127.0.0.1:5060");
     assert!(answer.starts_with("SIP/2.0 200 OK\r\n"), "{answer}");
     terminate(child);
@@ -128,13 +168,47 @@ fn run_embedded_default_then_bench_config_with_sipp() {
     };
     let uas_xml = repo().join("tests/sipp/uas.xml");
     let uac_xml = repo().join("tests/sipp/uac.xml");
-    let mut uas = sipp(&["-sf", uas_xml.to_str().unwrap_or(""), "-i", "127.0.0.1", "-p", "5070", "-m", "200", "-nostdin", "-timeout", "60", "-default_behaviors", "all,-abortunexp"]);
+    let mut uas = sipp(&[
+        "-sf",
+        uas_xml.to_str().unwrap_or(""),
+        "-i",
+        "127.0.0.1",
+        "-p",
+        "5070",
+        "-m",
+        "200",
+        "-nostdin",
+        "-timeout",
+        "60",
+        "-default_behaviors",
+        "all,-abortunexp",
+    ]);
     // SIPp retransmits the INVITE, so an answerer that is a moment late costs no call.
     let mut uac = sipp(&[
-        "127.0.0.1:5060", "-sf", uac_xml.to_str().unwrap_or(""), "-s", "vpn", "-i", "127.0.0.1", "-p", "0", "-m", "200", "-r", "200",
-        "-nostdin", "-timeout", "60", "-timeout_error", "-default_behaviors", "all,-abortunexp",
+        "127.0.0.1:5060",
+        "-sf",
+        uac_xml.to_str().unwrap_or(""),
+        "-s",
+        "vpn",
+        "-i",
+        "127.0.0.1",
+        "-p",
+        "0",
+        "-m",
+        "200",
+        "-r",
+        "200",
+        "-nostdin",
+        "-timeout",
+        "60",
+        "-timeout_error",
+        "-default_behaviors",
+        "all,-abortunexp",
     ]);
-    assert!(uac.wait().expect("uac").success(), "200 calls through bench.toml");
+    assert!(
+        uac.wait().expect("uac").success(),
+        "200 calls through bench.toml"
+    );
     assert!(uas.wait().expect("uas").success());
     let _ = std::fs::remove_dir_all(&dir);
     terminate(child);

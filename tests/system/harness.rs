@@ -41,7 +41,10 @@ pub fn tool(name: &str) -> bool {
         .status()
         .is_ok_and(|s| s.success());
     if !found {
-        assert!(std::env::var_os("CI").is_none(), "{name} is required in CI (.ci/run installs it)");
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "{name} is required in CI (.ci/run installs it)"
+        );
         eprintln!("SKIPPED: {name} is not installed; run .ci/run or install it to run this test");
     }
     found
@@ -60,13 +63,22 @@ pub fn free_port() -> u16 {
 
 /// Waits until something listens on the UDP port (our bind attempt fails).
 pub fn wait_udp_bound(port: u16) {
-    wait_until(|| UdpSocket::bind(("127.0.0.1", port)).is_err(), &format!("udp port {port} bound"));
+    wait_until(
+        || UdpSocket::bind(("127.0.0.1", port)).is_err(),
+        &format!("udp port {port} bound"),
+    );
 }
 
 /// Waits until a TCP listener accepts on the port.
 pub fn wait_tcp_listening(port: u16) {
     wait_until(
-        || TcpStream::connect_timeout(&SocketAddr::from(([127, 0, 0, 1], port)), Duration::from_millis(200)).is_ok(),
+        || {
+            TcpStream::connect_timeout(
+                &SocketAddr::from(([127, 0, 0, 1], port)),
+                Duration::from_millis(200),
+            )
+            .is_ok()
+        },
         &format!("tcp port {port} listening"),
     );
 }
@@ -86,7 +98,11 @@ pub struct TempDir(pub PathBuf);
 
 impl TempDir {
     pub fn new(tag: &str) -> TempDir {
-        let p = std::env::temp_dir().join(format!("gatehouse-{tag}-{}-{}", std::process::id(), rand_suffix()));
+        let p = std::env::temp_dir().join(format!(
+            "gatehouse-{tag}-{}-{}",
+            std::process::id(),
+            rand_suffix()
+        ));
         std::fs::create_dir_all(&p).expect("temp dir");
         TempDir(p)
     }
@@ -148,7 +164,11 @@ impl Proc {
             // Still running: end it by its PID, then report.
             let _ = Command::new("kill").arg(pid.to_string()).status();
             let _ = waiter.join();
-            panic!("{} did not finish within {limit:?}; log:\n{}", self.name, self.log_text());
+            panic!(
+                "{} did not finish within {limit:?}; log:\n{}",
+                self.name,
+                self.log_text()
+            );
         }
         let (_, st) = waiter.join().expect("waiter");
         st.expect("wait")
@@ -182,7 +202,10 @@ impl Gateway {
         let (addr_tx, addr_rx) = mpsc::channel();
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let thread = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
             rt.block_on(async move {
                 let bound = Bound::bind(&cfg).await.expect("bind");
                 addr_tx.send(bound.addrs.clone()).expect("report addresses");
@@ -235,7 +258,9 @@ impl Drop for Gateway {
 pub fn gateway_config(transports: &[&str], extra: &str) -> String {
     let mut s = String::from("[sip]\ndomains = [\"org.example\"]\nshutdown_grace_ms = 500\n");
     for t in transports {
-        s.push_str(&format!("[[listen]]\ntransport = \"{t}\"\naddress = \"127.0.0.1:0\"\n"));
+        s.push_str(&format!(
+            "[[listen]]\ntransport = \"{t}\"\naddress = \"127.0.0.1:0\"\n"
+        ));
     }
     s.push_str("[trust]\nsources = [\"127.0.0.0/8\"]\n");
     s.push_str(extra);

@@ -1,5 +1,8 @@
 //! Gatehouse system tests: one binary, one harness (see `harness`).
 
+// A failed unwrap in a test is a failed test with its location: what a test should do.
+#![allow(clippy::unwrap_used)]
+
 mod harness;
 mod sipp;
 mod tls;

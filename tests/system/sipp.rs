@@ -6,7 +6,8 @@ use std::time::Duration;
 use gatehouse::flow::Transport;
 
 use crate::harness::{
-    free_port, gateway_config, scenario, tool, wait_tcp_listening, wait_udp_bound, Gateway, Proc, TempDir,
+    free_port, gateway_config, scenario, tool, wait_tcp_listening, wait_udp_bound, Gateway, Proc,
+    TempDir,
 };
 
 struct Call<'a> {
@@ -54,8 +55,22 @@ fn run(call: Call<'_>) -> Option<(String, String)> {
     let mut uas = Proc::spawn(
         "uas",
         Command::new("sipp").args([
-            "-sf", &scenario(call.uas), "-i", "127.0.0.1", "-p", &uas_port.to_string(), "-t", sipp_transport,
-            "-m", &calls, "-nostdin", "-default_behaviors", "all,-abortunexp", "-timeout", "60", "-timeout_error",
+            "-sf",
+            &scenario(call.uas),
+            "-i",
+            "127.0.0.1",
+            "-p",
+            &uas_port.to_string(),
+            "-t",
+            sipp_transport,
+            "-m",
+            &calls,
+            "-nostdin",
+            "-default_behaviors",
+            "all,-abortunexp",
+            "-timeout",
+            "60",
+            "-timeout_error",
         ]),
         dir.path(),
     );
@@ -66,9 +81,27 @@ fn run(call: Call<'_>) -> Option<(String, String)> {
     }
     let uac_port = free_port().to_string();
     let mut args: Vec<String> = [
-        gw_addr.to_string().as_str(), "-sf", &scenario(call.uac), "-s", "vpn", "-i", "127.0.0.1", "-p", &uac_port,
-        "-t", sipp_transport, "-m", &calls, "-r", &call.rate.to_string(), "-nostdin",
-        "-default_behaviors", "all,-abortunexp", "-timeout", "60", "-timeout_error",
+        gw_addr.to_string().as_str(),
+        "-sf",
+        &scenario(call.uac),
+        "-s",
+        "vpn",
+        "-i",
+        "127.0.0.1",
+        "-p",
+        &uac_port,
+        "-t",
+        sipp_transport,
+        "-m",
+        &calls,
+        "-r",
+        &call.rate.to_string(),
+        "-nostdin",
+        "-default_behaviors",
+        "all,-abortunexp",
+        "-timeout",
+        "60",
+        "-timeout_error",
     ]
     .iter()
     .map(|s| s.to_string())
@@ -77,10 +110,18 @@ fn run(call: Call<'_>) -> Option<(String, String)> {
     let mut uac = Proc::spawn("uac", Command::new("sipp").args(&args), dir.path());
     let uac_status = uac.wait(Duration::from_secs(90));
     let uac_log = uac.log_text();
-    assert!(uac_status.success(), "caller failed ({uac_status}):\n{}", tail(&uac_log));
+    assert!(
+        uac_status.success(),
+        "caller failed ({uac_status}):\n{}",
+        tail(&uac_log)
+    );
     let uas_status = uas.wait(Duration::from_secs(30));
     let uas_log = uas.log_text();
-    assert!(uas_status.success(), "answerer failed ({uas_status}):\n{}", tail(&uas_log));
+    assert!(
+        uas_status.success(),
+        "answerer failed ({uas_status}):\n{}",
+        tail(&uas_log)
+    );
     gw.stop();
     Some((uac_log, uas_log))
 }
@@ -95,7 +136,7 @@ fn successful(log: &str) -> u32 {
     log.lines()
         .filter(|l| l.trim_start().starts_with("Successful call"))
         .filter_map(|l| l.rsplit('|').next().and_then(|v| v.trim().parse().ok()))
-        .last()
+        .next_back()
         .unwrap_or(0)
 }
 
@@ -177,7 +218,10 @@ fn sipsak_ping_and_traceroute() {
         &["udp"],
         &format!("[[route]]\ndomain = \"127.0.0.1\"\ntarget = \"sip:127.0.0.1:{uas_port}\"\n"),
     )
-    .replace("domains = [\"org.example\"]", "domains = [\"org.example\", \"127.0.0.1\"]");
+    .replace(
+        "domains = [\"org.example\"]",
+        "domains = [\"org.example\", \"127.0.0.1\"]",
+    );
     let gw = Gateway::start(&config);
     let gw_port = gw.addr(Transport::Udp).port();
     // Ping: OPTIONS to the gateway itself. sipsak sends from one port and listens on another
@@ -195,8 +239,17 @@ fn sipsak_ping_and_traceroute() {
     let mut uas = Proc::spawn(
         "uas-options",
         Command::new("sipp").args([
-            "-sf", &scenario("uas_options.xml"), "-i", "127.0.0.1", "-p", &uas_port.to_string(), "-m", "1",
-            "-nostdin", "-timeout", "30",
+            "-sf",
+            &scenario("uas_options.xml"),
+            "-i",
+            "127.0.0.1",
+            "-p",
+            &uas_port.to_string(),
+            "-m",
+            "1",
+            "-nostdin",
+            "-timeout",
+            "30",
         ]),
         dir.path(),
     );
@@ -209,8 +262,19 @@ fn sipsak_ping_and_traceroute() {
     let st = trace.wait(Duration::from_secs(30));
     let log = trace.log_text();
     assert!(st.success(), "sipsak traceroute failed:\n{log}");
-    let lines: Vec<&str> = log.lines().filter(|l| l.starts_with("0:") || l.starts_with("1:")).collect();
-    assert!(lines.first().is_some_and(|l| l.starts_with("0:") && l.contains("483 Too Many Hops")), "{log}");
-    assert!(lines.iter().any(|l| l.contains("200 OK")), "the answerer is reached: {log}");
+    let lines: Vec<&str> = log
+        .lines()
+        .filter(|l| l.starts_with("0:") || l.starts_with("1:"))
+        .collect();
+    assert!(
+        lines
+            .first()
+            .is_some_and(|l| l.starts_with("0:") && l.contains("483 Too Many Hops")),
+        "{log}"
+    );
+    assert!(
+        lines.iter().any(|l| l.contains("200 OK")),
+        "the answerer is reached: {log}"
+    );
     assert!(uas.wait(Duration::from_secs(30)).success());
 }

@@ -30,8 +30,22 @@ fn parse(name: &str) -> Result<Message, ParseError> {
 }
 
 const VALID: &[&str] = &[
-    "wsinv", "esc01", "escnull", "esc02", "lwsdisp", "semiuri", "transports", "dblreq", "inv2543", "unkscm",
-    "novelsc", "bext01", "badaspec", "badbranch", "unreason", "noreason",
+    "wsinv",
+    "esc01",
+    "escnull",
+    "esc02",
+    "lwsdisp",
+    "semiuri",
+    "transports",
+    "dblreq",
+    "inv2543",
+    "unkscm",
+    "novelsc",
+    "bext01",
+    "badaspec",
+    "badbranch",
+    "unreason",
+    "noreason",
 ];
 
 #[test]
@@ -45,7 +59,10 @@ fn valid_torture_messages_parse() {
 #[test]
 fn wsinv_details() {
     let m = parse("wsinv").unwrap();
-    assert_eq!(m.request_uri().unwrap(), "sip:vivekg@chair-dnrc.example.com;unknownparam");
+    assert_eq!(
+        m.request_uri().unwrap(),
+        "sip:vivekg@chair-dnrc.example.com;unknownparam"
+    );
     assert_eq!(m.max_forwards(), Some(68));
     assert_eq!(m.cseq().seq, 9);
     assert_eq!(m.cseq().method, "INVITE");
@@ -55,7 +72,11 @@ fn wsinv_details() {
     assert_eq!(m.tag(HeaderName::To).as_deref(), Some("1918181833n"));
     assert_eq!(m.tag(HeaderName::From).as_deref(), Some("98asjd8"));
     assert_eq!(m.body().len(), 150);
-    let unusual = m.headers().find(|(i, _)| m.name_text(*i) == "UnknownHeaderWithUnusualValue").unwrap().0;
+    let unusual = m
+        .headers()
+        .find(|(i, _)| m.name_text(*i) == "UnknownHeaderWithUnusualValue")
+        .unwrap()
+        .0;
     assert_eq!(m.value(unusual), ";;,,;;,;");
     // Untouched, it is forwarded byte for byte.
     assert_eq!(m.serialize(), wire("wsinv"));
@@ -64,7 +85,11 @@ fn wsinv_details() {
 #[test]
 fn escaping_and_odd_methods() {
     let m = parse("esc02").unwrap();
-    assert_eq!(m.method_text(), "RE%47IST%45R", "% is not an escape in a method");
+    assert_eq!(
+        m.method_text(),
+        "RE%47IST%45R",
+        "% is not an escape in a method"
+    );
     assert_eq!(m.method(), Some(gatehouse::sip::Method::Other));
     let contacts = m.list_values(HeaderName::Contact);
     assert_eq!(contacts.len(), 2, "C%6Fntact is not Contact: {contacts:?}");
@@ -75,7 +100,10 @@ fn escaping_and_odd_methods() {
     assert_eq!(u.host, "example.com");
     let m = parse("dblreq").unwrap();
     assert_eq!(m.method_text(), "REGISTER");
-    assert!(m.body().is_empty(), "the second request is not this message's body");
+    assert!(
+        m.body().is_empty(),
+        "the second request is not this message's body"
+    );
     let m = parse("noreason").unwrap();
     assert_eq!(m.status(), Some(100));
     assert_eq!(m.reason().unwrap(), "");
@@ -112,7 +140,11 @@ fn invalid_torture_messages_are_refused_with_the_fault_named() {
 fn proxy() -> Proxy {
     Proxy::new(CoreConfig {
         domains: vec!["example.com".into()],
-        locals: vec![LocalAddr::new(Transport::Udp, "192.0.2.200:5060".parse().unwrap(), None)],
+        locals: vec![LocalAddr::new(
+            Transport::Udp,
+            "192.0.2.200:5060".parse().unwrap(),
+            None,
+        )],
         routes: RouteTable::default(),
         trusted: vec!["192.0.2.0/24".parse().unwrap()],
         limits: Limits::default(),
@@ -132,8 +164,14 @@ fn proxy_answer(name: &str) -> String {
         conn: None,
     };
     p.handle_message(wire(name), flow, Instant::now());
-    let t = p.poll_transmit().unwrap_or_else(|| panic!("{name}: no response"));
-    String::from_utf8_lossy(&t.bytes).lines().next().unwrap_or("").to_owned()
+    let t = p
+        .poll_transmit()
+        .unwrap_or_else(|| panic!("{name}: no response"));
+    String::from_utf8_lossy(&t.bytes)
+        .lines()
+        .next()
+        .unwrap_or("")
+        .to_owned()
 }
 
 #[test]
@@ -143,8 +181,14 @@ fn proxy_answers_torture_messages_as_rfc_3261_says() {
         ("novelsc", "SIP/2.0 416 Unsupported URI Scheme"),
         ("bext01", "SIP/2.0 420 Bad Extension"),
         ("badvers", "SIP/2.0 505 Version Not Supported"),
-        ("mismatch01", "SIP/2.0 400 Bad Request (CSeq method mismatch)"),
-        ("clerr", "SIP/2.0 400 Bad Request (Content-Length exceeds body)"),
+        (
+            "mismatch01",
+            "SIP/2.0 400 Bad Request (CSeq method mismatch)",
+        ),
+        (
+            "clerr",
+            "SIP/2.0 400 Bad Request (Content-Length exceeds body)",
+        ),
         ("badinv01", "SIP/2.0 400 Bad Request (malformed Via)"),
         ("escruri", "SIP/2.0 400 Bad Request (malformed Request-URI)"),
         ("insuf", "SIP/2.0 400 Bad Request (missing From)"),
@@ -167,7 +211,11 @@ struct Summary {
 fn ours(m: &Message) -> Summary {
     let first = match m.status() {
         Some(code) => code.to_string(),
-        None => format!("{} {}", m.method_text(), m.request_uri().unwrap_or_default()),
+        None => format!(
+            "{} {}",
+            m.method_text(),
+            m.request_uri().unwrap_or_default()
+        ),
     };
     Summary {
         first,
@@ -184,10 +232,21 @@ fn theirs(bytes: &[u8]) -> Option<Summary> {
     let cseq = msg.cseq_header().ok()?.seq().ok()?;
     let (first, body) = match &msg {
         // rsip escapes `%` again when it prints a URI (`%3A` -> `%253A`): undo that.
-        SipMessage::Request(r) => (format!("{} {}", r.method(), r.uri()).replace("%25", "%"), r.body().clone()),
-        SipMessage::Response(r) => (u16::from(r.status_code().clone()).to_string(), r.body().clone()),
+        SipMessage::Request(r) => (
+            format!("{} {}", r.method(), r.uri()).replace("%25", "%"),
+            r.body().clone(),
+        ),
+        SipMessage::Response(r) => (
+            u16::from(r.status_code().clone()).to_string(),
+            r.body().clone(),
+        ),
     };
-    Some(Summary { first, call_id, cseq, body })
+    Some(Summary {
+        first,
+        call_id,
+        cseq,
+        body,
+    })
 }
 
 #[test]
@@ -195,7 +254,9 @@ fn differential_against_rsip_on_messages_both_accept() {
     let mut compared = Vec::new();
     for name in VALID {
         let bytes = wire(name);
-        let Some(reference) = theirs(&bytes) else { continue };
+        let Some(reference) = theirs(&bytes) else {
+            continue;
+        };
         let parsed = parse(name).unwrap();
         let mut mine = ours(&parsed);
         let mut reference = reference;
@@ -212,10 +273,14 @@ fn differential_against_rsip_on_messages_both_accept() {
     // An IPv6 message in the style of the gateway's own traffic.
     let v6 = "INVITE sip:bob@[2001:db8::2] SIP/2.0\r\nVia: SIP/2.0/UDP [2001:db8::9]:5060;branch=z9hG4bK776;received=2001:db8::9\r\n\
 Max-Forwards: 70\r\nFrom: <sip:alice@[2001:db8::9]>;tag=1\r\nTo: <sip:bob@[2001:db8::2]>\r\nCall-ID: v6@host\r\nCSeq: 7 INVITE\r\nContent-Length: 3\r\n\r\nabc";
-    let mine = ours(&Message::parse(Bytes::from_static(v6.as_bytes()), &Limits::default()).unwrap());
+    let mine =
+        ours(&Message::parse(Bytes::from_static(v6.as_bytes()), &Limits::default()).unwrap());
     if let Some(reference) = theirs(v6.as_bytes()) {
         assert_eq!(mine, reference, "ipv6 INVITE");
         compared.push("ipv6");
     }
-    assert!(compared.len() >= 5, "too few messages compared: {compared:?}");
+    assert!(
+        compared.len() >= 5,
+        "too few messages compared: {compared:?}"
+    );
 }

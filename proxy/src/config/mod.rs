@@ -221,11 +221,19 @@ struct Ctx<'a> {
 }
 
 impl Ctx<'_> {
-    fn err(&self, span: std::ops::Range<usize>, key: &str, message: impl Into<String>) -> ConfigError {
+    fn err(
+        &self,
+        span: std::ops::Range<usize>,
+        key: &str,
+        message: impl Into<String>,
+    ) -> ConfigError {
         let line = if span.start == 0 && span.end == 0 {
             0
         } else {
-            self.text[..span.start.min(self.text.len())].matches('\n').count() + 1
+            self.text[..span.start.min(self.text.len())]
+                .matches('\n')
+                .count()
+                + 1
         };
         ConfigError {
             origin: self.origin.to_owned(),
@@ -271,13 +279,27 @@ impl Config {
             }
             err
         })?;
-        let domains: Vec<String> = raw.sip.domains.get_ref().iter().map(|d| d.to_ascii_lowercase()).collect();
+        let domains: Vec<String> = raw
+            .sip
+            .domains
+            .get_ref()
+            .iter()
+            .map(|d| d.to_ascii_lowercase())
+            .collect();
         if domains.is_empty() {
-            return Err(cx.err(raw.sip.domains.span(), "sip.domains", "at least one domain is required"));
+            return Err(cx.err(
+                raw.sip.domains.span(),
+                "sip.domains",
+                "at least one domain is required",
+            ));
         }
         for d in &domains {
             if crate::sip::uri::split_hostport(d).is_none_or(|(_, p)| p.is_some()) {
-                return Err(cx.err(raw.sip.domains.span(), "sip.domains", format!("`{d}` is not a host name")));
+                return Err(cx.err(
+                    raw.sip.domains.span(),
+                    "sip.domains",
+                    format!("`{d}` is not a host name"),
+                ));
             }
         }
         if raw.listen.is_empty() {
@@ -286,22 +308,32 @@ impl Config {
         let mut listen = Vec::new();
         for (i, l) in raw.listen.iter().enumerate() {
             let key = format!("listen[{i}].address");
-            let address: SocketAddr = l
-                .address
-                .get_ref()
-                .parse()
-                .map_err(|_| cx.err(l.address.span(), &key, "expected IP:port, e.g. \"127.0.0.1:5060\" or \"[::1]:5060\""))?;
+            let address: SocketAddr = l.address.get_ref().parse().map_err(|_| {
+                cx.err(
+                    l.address.span(),
+                    &key,
+                    "expected IP:port, e.g. \"127.0.0.1:5060\" or \"[::1]:5060\"",
+                )
+            })?;
             let advertise = match &l.advertise {
                 None => None,
                 Some(a) => {
                     let (h, p) = crate::sip::uri::split_hostport(a.get_ref()).ok_or_else(|| {
-                        cx.err(a.span(), &format!("listen[{i}].advertise"), "expected host[:port]")
+                        cx.err(
+                            a.span(),
+                            &format!("listen[{i}].advertise"),
+                            "expected host[:port]",
+                        )
                     })?;
                     Some((h.to_owned(), p.unwrap_or(address.port())))
                 }
             };
             if *l.transport.get_ref() == Transport::Tls && raw.tls.is_none() {
-                return Err(cx.err(l.transport.span(), &format!("listen[{i}].transport"), "a tls listener needs a [tls] table"));
+                return Err(cx.err(
+                    l.transport.span(),
+                    &format!("listen[{i}].transport"),
+                    "a tls listener needs a [tls] table",
+                ));
             }
             listen.push(Listen {
                 transport: *l.transport.get_ref(),
@@ -312,9 +344,16 @@ impl Config {
         let tls = match &raw.tls {
             None => None,
             Some(t) => {
-                for (p, key) in [(&t.certificate, "tls.certificate"), (&t.private_key, "tls.private_key")] {
+                for (p, key) in [
+                    (&t.certificate, "tls.certificate"),
+                    (&t.private_key, "tls.private_key"),
+                ] {
                     if !p.get_ref().exists() {
-                        return Err(cx.err(p.span(), key, format!("{} does not exist", p.get_ref().display())));
+                        return Err(cx.err(
+                            p.span(),
+                            key,
+                            format!("{} does not exist", p.get_ref().display()),
+                        ));
                     }
                 }
                 Some(TlsFiles {
@@ -342,7 +381,13 @@ impl Config {
             let net = text
                 .parse::<ipnet::IpNet>()
                 .or_else(|_| text.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
-                .map_err(|_| cx.err(s.span(), &format!("trust.sources[{i}]"), format!("`{text}` is not an address or prefix")))?;
+                .map_err(|_| {
+                    cx.err(
+                        s.span(),
+                        &format!("trust.sources[{i}]"),
+                        format!("`{text}` is not an address or prefix"),
+                    )
+                })?;
             trusted.push(net.trunc());
         }
         let mut routes = RouteTable::default();
@@ -352,16 +397,32 @@ impl Config {
             let uri = Uri::parse(target_text)
                 .ok()
                 .filter(|u| matches!(u.scheme, Scheme::Sip | Scheme::Sips))
-                .ok_or_else(|| cx.err(r.target.span(), &key, format!("`{target_text}` is not a sip: or sips: URI")))?;
-            let default = r.transport.as_ref().map_or(Transport::Udp, |t| *t.get_ref());
+                .ok_or_else(|| {
+                    cx.err(
+                        r.target.span(),
+                        &key,
+                        format!("`{target_text}` is not a sip: or sips: URI"),
+                    )
+                })?;
+            let default = r
+                .transport
+                .as_ref()
+                .map_or(Transport::Udp, |t| *t.get_ref());
             let mut dest = destination_of(&uri, default);
-            if let crate::flow::Destination::Name { transport, host, port } = &dest {
+            if let crate::flow::Destination::Name {
+                transport,
+                host,
+                port,
+            } = &dest
+            {
                 // Resolve static targets once, at load time.
                 let addr = (host.as_ref(), *port)
                     .to_socket_addrs()
                     .ok()
                     .and_then(|mut a| a.next())
-                    .ok_or_else(|| cx.err(r.target.span(), &key, format!("cannot resolve `{host}`")))?;
+                    .ok_or_else(|| {
+                        cx.err(r.target.span(), &key, format!("cannot resolve `{host}`"))
+                    })?;
                 dest = crate::flow::Destination::Addr {
                     transport: *transport,
                     addr,
@@ -373,7 +434,11 @@ impl Config {
                 _ => default,
             };
             if !listen.iter().any(|l| l.transport == transport) {
-                return Err(cx.err(r.target.span(), &key, format!("no listener for transport {transport}")));
+                return Err(cx.err(
+                    r.target.span(),
+                    &key,
+                    format!("no listener for transport {transport}"),
+                ));
             }
             let target = Target {
                 uri: target_text.clone(),
@@ -385,22 +450,44 @@ impl Config {
                     let u = Uri::parse(aor.get_ref())
                         .ok()
                         .filter(|u| u.user.is_some())
-                        .ok_or_else(|| cx.err(aor.span(), &format!("route[{i}].aor"), "expected sip:user@domain"))?;
+                        .ok_or_else(|| {
+                            cx.err(
+                                aor.span(),
+                                &format!("route[{i}].aor"),
+                                "expected sip:user@domain",
+                            )
+                        })?;
                     routes.add_aor(u.user.unwrap_or_default(), u.host, target);
                 }
                 (None, Some(domain)) => routes.add_domain(domain.get_ref(), target),
                 _ => {
-                    return Err(cx.err(r.target.span(), &format!("route[{i}]"), "give exactly one of `aor` or `domain`"));
+                    return Err(cx.err(
+                        r.target.span(),
+                        &format!("route[{i}]"),
+                        "give exactly one of `aor` or `domain`",
+                    ));
                 }
             }
         }
         let level = raw.log.level.get_ref().to_ascii_lowercase();
         if !["error", "warn", "info", "debug", "trace"].contains(&level.as_str()) {
-            return Err(cx.err(raw.log.level.span(), "log.level", "one of error, warn, info, debug, trace"));
+            return Err(cx.err(
+                raw.log.level.span(),
+                "log.level",
+                "one of error, warn, info, debug, trace",
+            ));
         }
         let l = &raw.limits;
-        if l.max_message_bytes < 1024 || l.max_headers < 8 || l.max_connections == 0 || l.max_transactions == 0 {
-            return Err(cx.err(0..0, "limits", "limits too small (max_message_bytes >= 1024, max_headers >= 8, others > 0)"));
+        if l.max_message_bytes < 1024
+            || l.max_headers < 8
+            || l.max_connections == 0
+            || l.max_transactions == 0
+        {
+            return Err(cx.err(
+                0..0,
+                "limits",
+                "limits too small (max_message_bytes >= 1024, max_headers >= 8, others > 0)",
+            ));
         }
         Ok(Config {
             domains,
@@ -453,9 +540,17 @@ mod tests {
     #[test]
     fn bad_values_name_line_and_key() {
         let base = "[sip]\ndomains = [\"org.example\"]\n[[listen]]\ntransport = \"udp\"\naddress = \"127.0.0.1:5060\"\n";
-        let e = Config::parse(&format!("{base}[trust]\nsources = [\"10.0.0.0/33\"]\n"), "t").unwrap_err();
+        let e = Config::parse(
+            &format!("{base}[trust]\nsources = [\"10.0.0.0/33\"]\n"),
+            "t",
+        )
+        .unwrap_err();
         assert_eq!((e.line, e.key.as_str()), (7, "trust.sources[0]"), "{e}");
-        let e = Config::parse(&format!("{base}[[route]]\naor = \"sip:a@org.example\"\ntarget = \"mailto:x\"\n"), "t").unwrap_err();
+        let e = Config::parse(
+            &format!("{base}[[route]]\naor = \"sip:a@org.example\"\ntarget = \"mailto:x\"\n"),
+            "t",
+        )
+        .unwrap_err();
         assert_eq!((e.line, e.key.as_str()), (8, "route[0].target"), "{e}");
         let e = Config::parse(&base.replace("127.0.0.1:5060", "127.0.0.1"), "t").unwrap_err();
         assert_eq!((e.line, e.key.as_str()), (5, "listen[0].address"), "{e}");

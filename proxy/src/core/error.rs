@@ -54,13 +54,23 @@ impl Reject {
             Reject::TooManyHops => (483, "Too Many Hops", vec![]),
             Reject::Loop => (482, "Loop Detected", vec![]),
             Reject::UnsupportedScheme => (416, "Unsupported URI Scheme", vec![]),
-            Reject::BadExtension(tags) => (420, "Bad Extension", vec![("Unsupported", tags.clone())]),
+            Reject::BadExtension(tags) => {
+                (420, "Bad Extension", vec![("Unsupported", tags.clone())])
+            }
             Reject::Forbidden(why) => (403, why, vec![]),
             Reject::NotFound => (404, "Not Found", vec![]),
             Reject::NoDialog => (481, "Call/Transaction Does Not Exist", vec![]),
             Reject::NotImplemented => (501, "Not Implemented", vec![]),
-            Reject::Overloaded => (503, "Service Unavailable (overloaded)", vec![("Retry-After", "5".into())]),
-            Reject::ShuttingDown => (503, "Service Unavailable (shutting down)", vec![("Retry-After", "10".into())]),
+            Reject::Overloaded => (
+                503,
+                "Service Unavailable (overloaded)",
+                vec![("Retry-After", "5".into())],
+            ),
+            Reject::ShuttingDown => (
+                503,
+                "Service Unavailable (shutting down)",
+                vec![("Retry-After", "10".into())],
+            ),
             Reject::Timeout => (408, "Request Timeout", vec![]),
             Reject::Unreachable => (503, "Service Unavailable (next hop unreachable)", vec![]),
         }

@@ -94,8 +94,13 @@ pub struct CoreConfig {
 /// makes one; relaying an out-of-dialog request requires it.
 #[derive(Debug)]
 pub struct Admission {
-    _private: (),
-    pub basis: AdmissionBasis,
+    basis: AdmissionBasis,
+}
+
+impl Admission {
+    pub fn basis(&self) -> AdmissionBasis {
+        self.basis
+    }
 }
 
 /// Why a request was admitted.
@@ -302,7 +307,13 @@ impl Proxy {
     }
 
     /// Stages 3 to 8 for a request that has its server transaction.
-    fn route_request(&mut self, id: TxId, msg: Message, flow: Flow, now: Instant) -> Result<(), Reject> {
+    fn route_request(
+        &mut self,
+        id: TxId,
+        msg: Message,
+        flow: Flow,
+        now: Instant,
+    ) -> Result<(), Reject> {
         let invite = msg.method() == Some(Method::Invite);
         self.contexts.insert(
             id,
@@ -317,8 +328,12 @@ impl Proxy {
         );
         let mut msg = msg;
         // Stage 3: checks.
-        let ruri = msg.request_uri().map(|u| u.into_owned()).unwrap_or_default();
-        let uri = Uri::parse(&ruri).map_err(|_| Reject::Malformed(crate::sip::ParseError::RequestUri))?;
+        let ruri = msg
+            .request_uri()
+            .map(|u| u.into_owned())
+            .unwrap_or_default();
+        let uri =
+            Uri::parse(&ruri).map_err(|_| Reject::Malformed(crate::sip::ParseError::RequestUri))?;
         if !matches!(uri.scheme, Scheme::Sip | Scheme::Sips) {
             return Err(Reject::UnsupportedScheme);
         }
@@ -381,7 +396,6 @@ impl Proxy {
         let ip = canonical_ip(flow.remote.ip());
         if self.cfg.trusted.iter().any(|net| net.contains(&ip)) {
             return Ok(Admission {
-                _private: (),
                 basis: AdmissionBasis::TrustedSource,
             });
         }
@@ -409,7 +423,10 @@ impl Proxy {
             "OK",
             Some(&tag),
             &[
-                ("Allow", "INVITE, ACK, CANCEL, BYE, OPTIONS, UPDATE, INFO, PRACK, NOTIFY, REFER"),
+                (
+                    "Allow",
+                    "INVITE, ACK, CANCEL, BYE, OPTIONS, UPDATE, INFO, PRACK, NOTIFY, REFER",
+                ),
                 ("Accept", "application/sdp"),
             ],
         );
@@ -491,7 +508,8 @@ impl Proxy {
             .and_then(|v| Via::parse(&v).and_then(|v| v.branch()).map(str::to_owned));
         if let Some(branch) = branch {
             let cancel = build_cancel(&invite);
-            self.txl.start_client(cancel, Method::Cancel, &branch, dest, reliable, now);
+            self.txl
+                .start_client(cancel, Method::Cancel, &branch, dest, reliable, now);
         }
     }
 
@@ -541,15 +559,14 @@ impl Proxy {
         }
         // Loose routing: pop every leading Route entry that is ours (double Record-Route
         // leaves two).
-        loop {
-            let Some(first) = msg.list_values(HeaderName::Route).into_iter().next() else {
-                break;
-            };
+        while let Some(first) = msg.list_values(HeaderName::Route).into_iter().next() {
             let na = NameAddr::parse(&first).ok_or(Reject::Malformed(
                 crate::sip::ParseError::Malformed(HeaderName::Route),
             ))?;
             let Ok(u) = Uri::parse(na.uri) else {
-                return Err(Reject::Malformed(crate::sip::ParseError::Malformed(HeaderName::Route)));
+                return Err(Reject::Malformed(crate::sip::ParseError::Malformed(
+                    HeaderName::Route,
+                )));
             };
             if !self.is_local_hostport(&u) {
                 break;
@@ -607,7 +624,8 @@ impl Proxy {
             return Ok(route::destination_of(&uri, Transport::Udp));
         }
         let ruri = msg.request_uri().unwrap_or_default().into_owned();
-        let uri = Uri::parse(&ruri).map_err(|_| Reject::Malformed(crate::sip::ParseError::RequestUri))?;
+        let uri =
+            Uri::parse(&ruri).map_err(|_| Reject::Malformed(crate::sip::ParseError::RequestUri))?;
         Ok(route::destination_of(&uri, Transport::Udp))
     }
 
@@ -634,11 +652,19 @@ impl Proxy {
         self.add_via_and_forwarding_headers(&mut msg, &dest, &branch);
         let reliable = dest_transport(&dest).is_reliable();
         if method == Method::Invite {
-            let trying = build_response(&msg_for_response(&self.contexts, id), 100, "Trying", None, &[]);
+            let trying = build_response(
+                &msg_for_response(&self.contexts, id),
+                100,
+                "Trying",
+                None,
+                &[],
+            );
             self.txl.respond(id, 100, trying, now);
         }
         let bytes = msg.serialize();
-        let client = self.txl.start_client(bytes, method, &branch, dest, reliable, now);
+        let client = self
+            .txl
+            .start_client(bytes, method, &branch, dest, reliable, now);
         self.branch_of.insert(client, id);
         if let Some(ctx) = self.contexts.get_mut(&id) {
             ctx.branches.push(Branch {
@@ -675,7 +701,10 @@ impl Proxy {
     fn add_record_route(&self, msg: &mut Message, flow: &Flow, dest: &Destination) {
         let inbound = self.local_for_flow(flow);
         let outbound = self.local_for(dest);
-        let mac = self.dialog_mac(&msg.call_id(), msg.tag(HeaderName::From).as_deref().unwrap_or(""));
+        let mac = self.dialog_mac(
+            &msg.call_id(),
+            msg.tag(HeaderName::From).as_deref().unwrap_or(""),
+        );
         let pos = msg.position_of(HeaderName::RecordRoute).unwrap_or(0);
         msg.insert(pos, HeaderName::RecordRoute, rr_value(inbound, &mac));
         if outbound != inbound {
@@ -689,10 +718,9 @@ impl Proxy {
             .iter()
             .find(|l| l.transport == flow.transport && l.addr == flow.local)
             .or_else(|| {
-                self.cfg
-                    .locals
-                    .iter()
-                    .find(|l| l.transport == flow.transport && l.addr.is_ipv4() == flow.local.is_ipv4())
+                self.cfg.locals.iter().find(|l| {
+                    l.transport == flow.transport && l.addr.is_ipv4() == flow.local.is_ipv4()
+                })
             })
             .unwrap_or(&self.cfg.locals[0])
     }
@@ -701,7 +729,9 @@ impl Proxy {
     fn local_for(&self, dest: &Destination) -> &LocalAddr {
         let (transport, v4) = match dest {
             Destination::Flow(f) => (f.transport, f.remote.is_ipv4()),
-            Destination::Addr { transport, addr, .. } => (*transport, addr.is_ipv4()),
+            Destination::Addr {
+                transport, addr, ..
+            } => (*transport, addr.is_ipv4()),
             Destination::Name { transport, .. } => (*transport, true),
         };
         self.cfg
@@ -740,7 +770,14 @@ impl Proxy {
         self.on_branch_response(server, client, status, bytes, now);
     }
 
-    fn on_branch_response(&mut self, server: TxId, client: TxId, status: u16, bytes: Bytes, now: Instant) {
+    fn on_branch_response(
+        &mut self,
+        server: TxId,
+        client: TxId,
+        status: u16,
+        bytes: Bytes,
+        now: Instant,
+    ) {
         let mut cancel_now = Vec::new();
         let Some(ctx) = self.contexts.get_mut(&server) else {
             return;
@@ -825,7 +862,10 @@ impl Proxy {
     // ===== identity helpers =====
 
     fn is_our_domain(&self, host: &str) -> bool {
-        self.cfg.domains.iter().any(|d| d.eq_ignore_ascii_case(host))
+        self.cfg
+            .domains
+            .iter()
+            .any(|d| d.eq_ignore_ascii_case(host))
     }
 
     /// A URI that names this gateway: one of its addresses, or a served domain without user.
@@ -848,7 +888,8 @@ impl Proxy {
     }
 
     fn dialog_mac(&self, call_id: &str, caller_tag: &str) -> String {
-        let mut mac = HmacSha256::new_from_slice(&self.cfg.dialog_key).expect("HMAC takes any key length");
+        let mut mac =
+            HmacSha256::new_from_slice(&self.cfg.dialog_key).expect("HMAC takes any key length");
         mac.update(call_id.as_bytes());
         mac.update(b"\0");
         mac.update(caller_tag.as_bytes());
@@ -860,7 +901,10 @@ impl Proxy {
         let call_id = msg.call_id();
         [HeaderName::From, HeaderName::To].iter().any(|h| {
             let tag = msg.tag(*h).unwrap_or_default();
-            constant_time_eq(self.dialog_mac(&call_id, &tag).as_bytes(), presented.as_bytes())
+            constant_time_eq(
+                self.dialog_mac(&call_id, &tag).as_bytes(),
+                presented.as_bytes(),
+            )
         })
     }
 
@@ -946,7 +990,8 @@ fn annotate_via(msg: &mut Message, flow: &Flow) {
     let Some(first) = items.next() else { return };
     let Some(via) = Via::parse(first) else { return };
     let src = canonical_ip(flow.remote.ip());
-    let sent_by_is_source = crate::sip::uri::host_ip(via.host).is_some_and(|ip| canonical_ip(ip) == src);
+    let sent_by_is_source =
+        crate::sip::uri::host_ip(via.host).is_some_and(|ip| canonical_ip(ip) == src);
     let wants_rport = via.param("rport").is_some();
     if sent_by_is_source && !wants_rport {
         return;
@@ -954,7 +999,12 @@ fn annotate_via(msg: &mut Message, flow: &Flow) {
     let mut new_first = String::with_capacity(first.len() + 48);
     let head_end = first.find(';').unwrap_or(first.len());
     new_first.push_str(first[..head_end].trim_end());
-    for p in via.params.split(';').map(str::trim).filter(|p| !p.is_empty()) {
+    for p in via
+        .params
+        .split(';')
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+    {
         let name = p.split('=').next().unwrap_or("").trim();
         if name.eq_ignore_ascii_case("rport") || name.eq_ignore_ascii_case("received") {
             continue;
@@ -984,8 +1034,12 @@ fn response_flow(msg: &Message, flow: Flow) -> Flow {
     if flow.transport.is_reliable() {
         return flow;
     }
-    let Some(top) = msg.top_via_value() else { return flow };
-    let Some(via) = Via::parse(&top) else { return flow };
+    let Some(top) = msg.top_via_value() else {
+        return flow;
+    };
+    let Some(via) = Via::parse(&top) else {
+        return flow;
+    };
     if via.param("rport").is_some() {
         return flow;
     }
@@ -1023,7 +1077,7 @@ fn via_destination(msg: &Message) -> Option<Destination> {
         .unwrap_or(transport.default_port());
     let ip = via
         .param("received")
-        .and_then(|r| crate::sip::uri::host_ip(r))
+        .and_then(crate::sip::uri::host_ip)
         .or_else(|| crate::sip::uri::host_ip(via.host));
     Some(match ip {
         Some(ip) => Destination::Addr {
@@ -1051,7 +1105,10 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 }
 
 fn looks_like_response(b: &[u8]) -> bool {
-    let start = b.iter().position(|c| !matches!(c, b'\r' | b'\n')).unwrap_or(b.len());
+    let start = b
+        .iter()
+        .position(|c| !matches!(c, b'\r' | b'\n'))
+        .unwrap_or(b.len());
     b[start..].len() >= 4 && b[start..start + 4].eq_ignore_ascii_case(b"SIP/")
 }
 
@@ -1065,9 +1122,18 @@ fn raw_response(b: &[u8], code: u16, reason: &str) -> Option<Bytes> {
         if line.is_empty() {
             break;
         }
-        let Some(colon) = line.iter().position(|&c| c == b':') else { continue };
+        let Some(colon) = line.iter().position(|&c| c == b':') else {
+            continue;
+        };
         let name = HeaderName::from_wire(line[..colon].trim_ascii());
-        if matches!(name, HeaderName::Via | HeaderName::From | HeaderName::To | HeaderName::CallId | HeaderName::CSeq) {
+        if matches!(
+            name,
+            HeaderName::Via
+                | HeaderName::From
+                | HeaderName::To
+                | HeaderName::CallId
+                | HeaderName::CSeq
+        ) {
             has_via |= name == HeaderName::Via;
             out.extend_from_slice(name.canonical().as_bytes());
             out.extend_from_slice(b": ");

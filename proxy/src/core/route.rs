@@ -25,7 +25,8 @@ pub struct RouteTable {
 
 impl RouteTable {
     pub fn add_aor(&mut self, user: &str, host: &str, target: Target) {
-        self.aors.insert((user.to_owned(), host.to_ascii_lowercase()), target);
+        self.aors
+            .insert((user.to_owned(), host.to_ascii_lowercase()), target);
     }
 
     pub fn add_domain(&mut self, host: &str, target: Target) {
@@ -54,7 +55,9 @@ pub fn destination_of(uri: &Uri<'_>, default: Transport) -> Destination {
     let transport = if uri.scheme == crate::sip::Scheme::Sips {
         Transport::Tls
     } else {
-        uri.transport().and_then(Transport::from_token).unwrap_or(default)
+        uri.transport()
+            .and_then(Transport::from_token)
+            .unwrap_or(default)
     };
     let port = uri.port.unwrap_or(transport.default_port());
     match uri.ip() {

@@ -24,13 +24,25 @@ fn config() -> CoreConfig {
         },
         transport,
     };
-    routes.add_aor("vpn", "org.example", target("sip:vpn@198.51.100.20:5060", UAS, Transport::Udp));
+    routes.add_aor(
+        "vpn",
+        "org.example",
+        target("sip:vpn@198.51.100.20:5060", UAS, Transport::Udp),
+    );
     routes.add_aor(
         "tcp",
         "org.example",
-        target("sip:tcp@198.51.100.21:5060;transport=tcp", UAS_TCP, Transport::Tcp),
+        target(
+            "sip:tcp@198.51.100.21:5060;transport=tcp",
+            UAS_TCP,
+            Transport::Tcp,
+        ),
     );
-    routes.add_aor("v6", "org.example", target("sip:v6@[2001:db8::20]:5060", UAS_V6, Transport::Udp));
+    routes.add_aor(
+        "v6",
+        "org.example",
+        target("sip:v6@[2001:db8::20]:5060", UAS_V6, Transport::Udp),
+    );
     CoreConfig {
         domains: vec!["org.example".into()],
         locals: vec![
@@ -116,7 +128,8 @@ impl Harness {
     }
 
     fn send(&mut self, text: &str, flow: Flow) -> Vec<Sent> {
-        self.proxy.handle_message(Bytes::from(text.to_owned()), flow, self.now);
+        self.proxy
+            .handle_message(Bytes::from(text.to_owned()), flow, self.now);
         self.drain()
     }
 
@@ -148,7 +161,9 @@ impl Harness {
     /// Sends the INVITE and returns (upstream messages, the forwarded INVITE).
     fn forward_invite(&mut self, user: &str) -> (Vec<Sent>, Sent) {
         let out = self.send(&invite(user), caller_flow());
-        let (up, mut down): (Vec<_>, Vec<_>) = out.into_iter().partition(|s| matches!(s.dest, Destination::Flow(_)));
+        let (up, mut down): (Vec<_>, Vec<_>) = out
+            .into_iter()
+            .partition(|s| matches!(s.dest, Destination::Flow(_)));
         assert_eq!(down.len(), 1, "one forwarded request: {down:?} {up:?}");
         (up, down.remove(0))
     }
@@ -159,7 +174,14 @@ fn answer(fwd: &Sent, status: u16, reason: &str, extra: &str) -> String {
     let m = fwd.msg();
     let mut s = format!("SIP/2.0 {status} {reason}\r\n");
     for (i, h) in m.headers() {
-        if matches!(h.name, HeaderName::Via | HeaderName::From | HeaderName::CallId | HeaderName::CSeq | HeaderName::RecordRoute) {
+        if matches!(
+            h.name,
+            HeaderName::Via
+                | HeaderName::From
+                | HeaderName::CallId
+                | HeaderName::CSeq
+                | HeaderName::RecordRoute
+        ) {
             s.push_str(&format!("{}: {}\r\n", h.name.canonical(), m.value(i)));
         }
         if h.name == HeaderName::To {
@@ -177,12 +199,26 @@ fn trusted_invite_is_relayed_with_via_record_route_and_100_trying() {
     let (up, fwd) = h.forward_invite("vpn");
     assert_eq!(up.len(), 1);
     assert_eq!(up[0].status(), Some(100));
-    assert_eq!(up[0].dest, Destination::Flow(caller_flow()), "rport: back to the source port");
+    assert_eq!(
+        up[0].dest,
+        Destination::Flow(caller_flow()),
+        "rport: back to the source port"
+    );
     let m = fwd.msg();
     assert_eq!(m.request_uri().unwrap(), "sip:vpn@198.51.100.20:5060");
-    assert_eq!(fwd.dest, Destination::Addr { transport: Transport::Udp, addr: UAS.parse().unwrap(), server_name: None });
+    assert_eq!(
+        fwd.dest,
+        Destination::Addr {
+            transport: Transport::Udp,
+            addr: UAS.parse().unwrap(),
+            server_name: None
+        }
+    );
     let vias = m.list_values(HeaderName::Via);
-    assert!(vias[0].starts_with("SIP/2.0/UDP 192.0.2.1:5060;branch=z9hG4bK"), "{vias:?}");
+    assert!(
+        vias[0].starts_with("SIP/2.0/UDP 192.0.2.1:5060;branch=z9hG4bK"),
+        "{vias:?}"
+    );
     assert_eq!(
         vias[1],
         "SIP/2.0/UDP caller.example:5060;branch=z9hG4bKcaller1;received=203.0.113.5;rport=5062"
@@ -202,18 +238,45 @@ fn untrusted_source_is_refused_until_authenticated() {
     flow.remote = "192.0.2.200:5060".parse().unwrap();
     let out = h.send(&invite("vpn"), flow);
     assert_eq!(out.len(), 1);
-    assert_eq!(out[0].first_line(), "SIP/2.0 403 Forbidden (source not trusted)");
+    assert_eq!(
+        out[0].first_line(),
+        "SIP/2.0 403 Forbidden (source not trusted)"
+    );
 }
 
 #[test]
 fn pipeline_refusals_have_their_status_codes() {
     let cases: [(&str, &str, &str); 6] = [
-        ("Max-Forwards: 70", "Max-Forwards: 0", "SIP/2.0 483 Too Many Hops"),
-        ("INVITE sip:vpn@org.example", "INVITE tel:+15551234", "SIP/2.0 416 Unsupported URI Scheme"),
-        ("Max-Forwards: 70", "Max-Forwards: 70\r\nProxy-Require: foo, bar", "SIP/2.0 420 Bad Extension"),
-        ("INVITE sip:vpn@org.example", "INVITE sip:nobody@org.example", "SIP/2.0 404 Not Found"),
-        ("INVITE sip:vpn@org.example", "INVITE sip:x@elsewhere.example", "SIP/2.0 403 Forbidden (relaying denied)"),
-        ("INVITE sip:vpn@org.example", "INVITE sip:org.example", "SIP/2.0 501 Not Implemented"),
+        (
+            "Max-Forwards: 70",
+            "Max-Forwards: 0",
+            "SIP/2.0 483 Too Many Hops",
+        ),
+        (
+            "INVITE sip:vpn@org.example",
+            "INVITE tel:+15551234",
+            "SIP/2.0 416 Unsupported URI Scheme",
+        ),
+        (
+            "Max-Forwards: 70",
+            "Max-Forwards: 70\r\nProxy-Require: foo, bar",
+            "SIP/2.0 420 Bad Extension",
+        ),
+        (
+            "INVITE sip:vpn@org.example",
+            "INVITE sip:nobody@org.example",
+            "SIP/2.0 404 Not Found",
+        ),
+        (
+            "INVITE sip:vpn@org.example",
+            "INVITE sip:x@elsewhere.example",
+            "SIP/2.0 403 Forbidden (relaying denied)",
+        ),
+        (
+            "INVITE sip:vpn@org.example",
+            "INVITE sip:org.example",
+            "SIP/2.0 501 Not Implemented",
+        ),
     ];
     for (from, to, expect) in cases {
         let mut h = Harness::new();
@@ -221,22 +284,50 @@ fn pipeline_refusals_have_their_status_codes() {
         assert_eq!(out.len(), 1, "{expect}: {out:?}");
         assert_eq!(out[0].first_line(), expect);
         if expect.contains("420") {
-            assert!(out[0].text.contains("Unsupported: foo, bar\r\n"), "{}", out[0].text);
+            assert!(
+                out[0].text.contains("Unsupported: foo, bar\r\n"),
+                "{}",
+                out[0].text
+            );
         }
-        assert!(out[0].msg().tag(HeaderName::To).is_some(), "final responses carry a To tag");
+        assert!(
+            out[0].msg().tag(HeaderName::To).is_some(),
+            "final responses carry a To tag"
+        );
     }
 }
 
 #[test]
 fn malformed_request_gets_400_naming_the_fault_and_malformed_response_is_dropped() {
     let mut h = Harness::new();
-    let out = h.send(&invite("vpn").replace("Call-ID: call-1@partner.example\r\n", ""), caller_flow());
-    assert_eq!(out[0].first_line(), "SIP/2.0 400 Bad Request (missing Call-ID)");
-    let out = h.send(&invite("vpn").replace("CSeq: 1 INVITE", "CSeq: x INVITE"), caller_flow());
-    assert_eq!(out[0].first_line(), "SIP/2.0 400 Bad Request (malformed CSeq)");
-    let out = h.send(&invite("vpn").replace("Max-Forwards: 70", "Max-Forwards: many"), caller_flow());
-    assert_eq!(out[0].first_line(), "SIP/2.0 400 Bad Request (malformed Max-Forwards)");
-    let out = h.send(&invite("vpn").replace("SIP/2.0\r\n", "SIP/3.0\r\n"), caller_flow());
+    let out = h.send(
+        &invite("vpn").replace("Call-ID: call-1@partner.example\r\n", ""),
+        caller_flow(),
+    );
+    assert_eq!(
+        out[0].first_line(),
+        "SIP/2.0 400 Bad Request (missing Call-ID)"
+    );
+    let out = h.send(
+        &invite("vpn").replace("CSeq: 1 INVITE", "CSeq: x INVITE"),
+        caller_flow(),
+    );
+    assert_eq!(
+        out[0].first_line(),
+        "SIP/2.0 400 Bad Request (malformed CSeq)"
+    );
+    let out = h.send(
+        &invite("vpn").replace("Max-Forwards: 70", "Max-Forwards: many"),
+        caller_flow(),
+    );
+    assert_eq!(
+        out[0].first_line(),
+        "SIP/2.0 400 Bad Request (malformed Max-Forwards)"
+    );
+    let out = h.send(
+        &invite("vpn").replace("SIP/2.0\r\n", "SIP/3.0\r\n"),
+        caller_flow(),
+    );
     assert_eq!(out[0].first_line(), "SIP/2.0 505 Version Not Supported");
     let out = h.send("SIP/2.0 200 OK\r\nVia: nonsense\r\n\r\n", uas_flow());
     assert!(out.is_empty());
@@ -249,20 +340,31 @@ fn loop_is_detected_but_a_spiral_is_not() {
     let (_, fwd) = h.forward_invite("vpn");
     // The same request coming back unchanged (same Request-URI) is a loop.
     // Each time the request comes back through a next hop, that hop's Via is on top.
-    let via_of_hop = |n: u32| format!("SIP/2.0\r\nVia: SIP/2.0/UDP 203.0.113.9;branch=z9hG4bKhop{n}\r\n");
+    let via_of_hop =
+        |n: u32| format!("SIP/2.0\r\nVia: SIP/2.0/UDP 203.0.113.9;branch=z9hG4bKhop{n}\r\n");
     let looped = fwd
         .text
-        .replace("INVITE sip:vpn@198.51.100.20:5060", "INVITE sip:vpn@org.example")
+        .replace(
+            "INVITE sip:vpn@198.51.100.20:5060",
+            "INVITE sip:vpn@org.example",
+        )
         .replacen("SIP/2.0\r\n", &via_of_hop(1), 1);
     let out = h.send(&looped, caller_flow());
     assert_eq!(out[0].first_line(), "SIP/2.0 482 Loop Detected");
     // Coming back with another Request-URI is a spiral: forwarded again.
     let spiral = fwd
         .text
-        .replace("INVITE sip:vpn@198.51.100.20:5060", "INVITE sip:tcp@org.example")
+        .replace(
+            "INVITE sip:vpn@198.51.100.20:5060",
+            "INVITE sip:tcp@org.example",
+        )
         .replacen("SIP/2.0\r\n", &via_of_hop(2), 1);
     let out = h.send(&spiral, caller_flow());
-    assert!(out.iter().any(|s| s.first_line().starts_with("INVITE sip:tcp@198.51.100.21")), "{out:?}");
+    assert!(
+        out.iter()
+            .any(|s| s.first_line().starts_with("INVITE sip:tcp@198.51.100.21")),
+        "{out:?}"
+    );
 }
 
 #[test]
@@ -277,9 +379,15 @@ fn responses_are_relayed_without_our_via() {
     assert_eq!(vias.len(), 1);
     assert!(vias[0].contains("branch=z9hG4bKcaller1"));
     let out = h.send(&answer(&fwd, 200, "OK Fine", "X-Keep: me\r\n"), uas_flow());
-    assert_eq!(out[0].first_line(), "SIP/2.0 200 OK Fine", "reason phrase kept");
+    assert_eq!(
+        out[0].first_line(),
+        "SIP/2.0 200 OK Fine",
+        "reason phrase kept"
+    );
     assert!(out[0].text.contains("X-Keep: me\r\n"));
-    assert!(out[0].text.contains("Record-Route: <sip:192.0.2.1:5060;lr;gh="));
+    assert!(out[0]
+        .text
+        .contains("Record-Route: <sip:192.0.2.1:5060;lr;gh="));
 }
 
 #[test]
@@ -287,9 +395,15 @@ fn error_response_is_acked_downstream_and_relayed() {
     let mut h = Harness::new();
     let (_, fwd) = h.forward_invite("vpn");
     let out = h.send(&answer(&fwd, 486, "Busy Here", ""), uas_flow());
-    let ack = out.iter().find(|s| s.first_line().starts_with("ACK ")).expect("ACK downstream");
+    let ack = out
+        .iter()
+        .find(|s| s.first_line().starts_with("ACK "))
+        .expect("ACK downstream");
     assert!(matches!(ack.dest, Destination::Addr { .. }));
-    let relayed = out.iter().find(|s| s.first_line().starts_with("SIP/2.0 486")).expect("486 upstream");
+    let relayed = out
+        .iter()
+        .find(|s| s.first_line().starts_with("SIP/2.0 486"))
+        .expect("486 upstream");
     assert_eq!(relayed.dest, Destination::Flow(caller_flow()));
 }
 
@@ -297,7 +411,13 @@ fn error_response_is_acked_downstream_and_relayed() {
 fn timer_c_without_provisional_gives_408() {
     let mut h = Harness::new();
     let (_, fwd) = h.forward_invite("tcp");
-    assert!(matches!(fwd.dest, Destination::Addr { transport: Transport::Tcp, .. }));
+    assert!(matches!(
+        fwd.dest,
+        Destination::Addr {
+            transport: Transport::Tcp,
+            ..
+        }
+    ));
     let out = h.advance(Duration::from_secs(20));
     assert_eq!(out.len(), 1, "{out:?}");
     assert_eq!(out[0].first_line(), "SIP/2.0 408 Request Timeout");
@@ -309,13 +429,25 @@ fn timer_c_after_provisional_cancels_the_branch_and_gives_408() {
     let (_, fwd) = h.forward_invite("vpn");
     h.send(&answer(&fwd, 180, "Ringing", ""), uas_flow());
     let out = h.advance(Duration::from_secs(20));
-    let cancel = out.iter().find(|s| s.first_line().starts_with("CANCEL ")).expect("CANCEL downstream");
+    let cancel = out
+        .iter()
+        .find(|s| s.first_line().starts_with("CANCEL "))
+        .expect("CANCEL downstream");
     let fwd_branch = fwd.msg().top_via_value().unwrap().into_owned();
-    assert_eq!(cancel.msg().top_via_value().unwrap(), fwd_branch, "CANCEL reuses the INVITE's Via");
-    assert!(out.iter().any(|s| s.first_line() == "SIP/2.0 408 Request Timeout"));
+    assert_eq!(
+        cancel.msg().top_via_value().unwrap(),
+        fwd_branch,
+        "CANCEL reuses the INVITE's Via"
+    );
+    assert!(out
+        .iter()
+        .any(|s| s.first_line() == "SIP/2.0 408 Request Timeout"));
     // The UAS answers 487 later: it is ACKed, not relayed (the caller has its 408).
     let out = h.send(&answer(&fwd, 487, "Request Terminated", ""), uas_flow());
-    assert!(out.iter().all(|s| !s.first_line().starts_with("SIP/2.0")), "{out:?}");
+    assert!(
+        out.iter().all(|s| !s.first_line().starts_with("SIP/2.0")),
+        "{out:?}"
+    );
 }
 
 #[test]
@@ -328,9 +460,15 @@ fn unanswered_udp_invite_times_out_with_408_on_timer_b() {
     });
     let (_, _) = h.forward_invite("vpn");
     let out = h.advance(Duration::from_secs(32));
-    let retrans = out.iter().filter(|s| s.first_line().starts_with("INVITE")).count();
+    let retrans = out
+        .iter()
+        .filter(|s| s.first_line().starts_with("INVITE"))
+        .count();
     assert_eq!(retrans, 6, "Timer A retransmissions");
-    assert_eq!(out.last().unwrap().first_line(), "SIP/2.0 408 Request Timeout");
+    assert_eq!(
+        out.last().unwrap().first_line(),
+        "SIP/2.0 408 Request Timeout"
+    );
 }
 
 #[test]
@@ -339,7 +477,10 @@ fn unreachable_next_hop_gives_503() {
     let (_, fwd) = h.forward_invite("tcp");
     h.proxy.handle_transport_error(fwd.tx.unwrap(), h.now);
     let out = h.drain();
-    assert_eq!(out[0].first_line(), "SIP/2.0 503 Service Unavailable (next hop unreachable)");
+    assert_eq!(
+        out[0].first_line(),
+        "SIP/2.0 503 Service Unavailable (next hop unreachable)"
+    );
 }
 
 #[test]
@@ -349,16 +490,27 @@ fn cancel_is_answered_and_relayed_after_a_provisional() {
     let cancel = invite("vpn")
         .replace("INVITE sip", "CANCEL sip")
         .replace("CSeq: 1 INVITE", "CSeq: 1 CANCEL")
-        .replace("Content-Length: 4\r\n\r\nv=0\n", "Content-Length: 0\r\n\r\n");
+        .replace(
+            "Content-Length: 4\r\n\r\nv=0\n",
+            "Content-Length: 0\r\n\r\n",
+        );
     // Before any provisional: 200 to the CANCEL, CANCEL held back (RFC 3261 9.1).
     let out = h.send(&cancel, caller_flow());
     assert_eq!(out.len(), 1);
     assert_eq!(out[0].first_line(), "SIP/2.0 200 OK");
     assert_eq!(out[0].msg().cseq().method, "CANCEL");
     let out = h.send(&answer(&fwd, 180, "Ringing", ""), uas_flow());
-    assert!(out.iter().any(|s| s.first_line().starts_with("CANCEL sip:vpn@198.51.100.20")), "{out:?}");
+    assert!(
+        out.iter()
+            .any(|s| s.first_line().starts_with("CANCEL sip:vpn@198.51.100.20")),
+        "{out:?}"
+    );
     let out = h.send(&answer(&fwd, 487, "Request Terminated", ""), uas_flow());
-    assert!(out.iter().any(|s| s.first_line() == "SIP/2.0 487 Request Terminated"), "{out:?}");
+    assert!(
+        out.iter()
+            .any(|s| s.first_line() == "SIP/2.0 487 Request Terminated"),
+        "{out:?}"
+    );
 }
 
 #[test]
@@ -368,7 +520,10 @@ fn cancel_for_unknown_transaction_gets_481() {
         .replace("INVITE sip", "CANCEL sip")
         .replace("CSeq: 1 INVITE", "CSeq: 1 CANCEL");
     let out = h.send(&cancel, caller_flow());
-    assert_eq!(out[0].first_line(), "SIP/2.0 481 Call/Transaction Does Not Exist");
+    assert_eq!(
+        out[0].first_line(),
+        "SIP/2.0 481 Call/Transaction Does Not Exist"
+    );
 }
 
 fn in_dialog(method: &str, route: &str) -> String {
@@ -390,17 +545,44 @@ fn in_dialog_requests_follow_a_signed_route_only() {
     let mut h = Harness::new();
     let (_, fwd) = h.forward_invite("vpn");
     let rr = fwd.msg().list_values(HeaderName::RecordRoute)[0].clone();
-    let out = h.send(&in_dialog("BYE", &format!("Route: {rr}\r\n")), caller_flow());
+    let out = h.send(
+        &in_dialog("BYE", &format!("Route: {rr}\r\n")),
+        caller_flow(),
+    );
     assert_eq!(out.len(), 1, "{out:?}");
-    assert!(out[0].first_line().starts_with("BYE sip:vpn@198.51.100.20:5060"));
-    assert!(!out[0].text.contains("Route:"), "our Route entry is consumed");
-    assert_eq!(out[0].dest, Destination::Addr { transport: Transport::Udp, addr: UAS.parse().unwrap(), server_name: None });
+    assert!(out[0]
+        .first_line()
+        .starts_with("BYE sip:vpn@198.51.100.20:5060"));
+    assert!(
+        !out[0].text.contains("Route:"),
+        "our Route entry is consumed"
+    );
+    assert_eq!(
+        out[0].dest,
+        Destination::Addr {
+            transport: Transport::Udp,
+            addr: UAS.parse().unwrap(),
+            server_name: None
+        }
+    );
 
     let forged = rr.replace("gh=", "gh=00");
-    let out = h.send(&in_dialog("BYE", &format!("Route: {forged}\r\n")).replace("indlgBYE", "forged"), caller_flow());
-    assert_eq!(out[0].first_line(), "SIP/2.0 481 Call/Transaction Does Not Exist");
-    let out = h.send(&in_dialog("BYE", "").replace("indlgBYE", "noroute"), caller_flow());
-    assert_eq!(out[0].first_line(), "SIP/2.0 481 Call/Transaction Does Not Exist");
+    let out = h.send(
+        &in_dialog("BYE", &format!("Route: {forged}\r\n")).replace("indlgBYE", "forged"),
+        caller_flow(),
+    );
+    assert_eq!(
+        out[0].first_line(),
+        "SIP/2.0 481 Call/Transaction Does Not Exist"
+    );
+    let out = h.send(
+        &in_dialog("BYE", "").replace("indlgBYE", "noroute"),
+        caller_flow(),
+    );
+    assert_eq!(
+        out[0].first_line(),
+        "SIP/2.0 481 Call/Transaction Does Not Exist"
+    );
 }
 
 #[test]
@@ -411,7 +593,9 @@ fn ack_for_2xx_is_forwarded_statelessly_along_the_route() {
     let ack = in_dialog("ACK", &format!("Route: {rr}\r\n")).replace("CSeq: 2 ACK", "CSeq: 1 ACK");
     let out = h.send(&ack, caller_flow());
     assert_eq!(out.len(), 1);
-    assert!(out[0].first_line().starts_with("ACK sip:vpn@198.51.100.20:5060"));
+    assert!(out[0]
+        .first_line()
+        .starts_with("ACK sip:vpn@198.51.100.20:5060"));
     assert!(out[0].tx.is_none(), "no transaction for ACK of 2xx");
     // A retransmitted ACK gets the same branch.
     let again = h.send(&ack, caller_flow());
@@ -424,20 +608,42 @@ fn transport_or_family_change_doubles_record_route() {
     let (_, fwd) = h.forward_invite("tcp");
     let rr = fwd.msg().list_values(HeaderName::RecordRoute);
     assert_eq!(rr.len(), 2, "{rr:?}");
-    assert!(rr[0].starts_with("<sip:192.0.2.1:5060;transport=tcp;lr;gh="), "outbound-facing on top: {rr:?}");
+    assert!(
+        rr[0].starts_with("<sip:192.0.2.1:5060;transport=tcp;lr;gh="),
+        "outbound-facing on top: {rr:?}"
+    );
     assert!(rr[1].starts_with("<sip:192.0.2.1:5060;lr;gh="), "{rr:?}");
-    assert!(fwd.msg().top_via_value().unwrap().starts_with("SIP/2.0/TCP 192.0.2.1:5060;"));
+    assert!(fwd
+        .msg()
+        .top_via_value()
+        .unwrap()
+        .starts_with("SIP/2.0/TCP 192.0.2.1:5060;"));
 
     let mut h = Harness::new();
     let (_, fwd) = h.forward_invite("v6");
     let rr = fwd.msg().list_values(HeaderName::RecordRoute);
     assert_eq!(rr.len(), 2, "{rr:?}");
-    assert!(rr[0].starts_with("<sip:[2001:db8::1]:5060;lr;gh="), "{rr:?}");
-    assert!(fwd.msg().top_via_value().unwrap().starts_with("SIP/2.0/UDP [2001:db8::1]:5060;"));
+    assert!(
+        rr[0].starts_with("<sip:[2001:db8::1]:5060;lr;gh="),
+        "{rr:?}"
+    );
+    assert!(fwd
+        .msg()
+        .top_via_value()
+        .unwrap()
+        .starts_with("SIP/2.0/UDP [2001:db8::1]:5060;"));
     // An in-dialog request through both entries consumes both.
     let route = format!("Route: {}, {}\r\n", rr[1], rr[0]);
-    let out = h.send(&in_dialog("BYE", &route).replace("198.51.100.20:5060", "[2001:db8::20]:5060"), caller_flow());
-    assert!(out[0].first_line().starts_with("BYE sip:vpn@[2001:db8::20]:5060"), "{out:?}");
+    let out = h.send(
+        &in_dialog("BYE", &route).replace("198.51.100.20:5060", "[2001:db8::20]:5060"),
+        caller_flow(),
+    );
+    assert!(
+        out[0]
+            .first_line()
+            .starts_with("BYE sip:vpn@[2001:db8::20]:5060"),
+        "{out:?}"
+    );
     assert!(!out[0].text.contains("Route:"));
 }
 
@@ -453,7 +659,11 @@ fn options_to_the_gateway_is_answered() {
     // Even from an untrusted source, and with Max-Forwards 0.
     let mut flow = caller_flow();
     flow.remote = "192.0.2.200:5060".parse().unwrap();
-    let out = h.send(&opt.replace("Max-Forwards: 70", "Max-Forwards: 0").replace("caller1", "c2"), flow);
+    let out = h.send(
+        &opt.replace("Max-Forwards: 70", "Max-Forwards: 0")
+            .replace("caller1", "c2"),
+        flow,
+    );
     assert_eq!(out[0].first_line(), "SIP/2.0 200 OK");
 }
 
@@ -474,8 +684,16 @@ fn transaction_table_is_bounded() {
         ..config()
     });
     h.forward_invite("vpn"); // server + client transaction
-    let out = h.send(&invite("vpn").replace("caller1", "caller2").replace("call-1", "call-2"), caller_flow());
-    assert_eq!(out[0].first_line(), "SIP/2.0 503 Service Unavailable (overloaded)");
+    let out = h.send(
+        &invite("vpn")
+            .replace("caller1", "caller2")
+            .replace("call-1", "call-2"),
+        caller_flow(),
+    );
+    assert_eq!(
+        out[0].first_line(),
+        "SIP/2.0 503 Service Unavailable (overloaded)"
+    );
     assert!(out[0].text.contains("Retry-After: 5\r\n"));
 }
 
@@ -484,10 +702,21 @@ fn draining_refuses_new_calls_but_relays_in_dialog() {
     let mut h = Harness::new();
     let (_, fwd) = h.forward_invite("vpn");
     h.proxy.begin_shutdown();
-    let out = h.send(&invite("vpn").replace("caller1", "caller2").replace("call-1", "call-2"), caller_flow());
-    assert_eq!(out[0].first_line(), "SIP/2.0 503 Service Unavailable (shutting down)");
+    let out = h.send(
+        &invite("vpn")
+            .replace("caller1", "caller2")
+            .replace("call-1", "call-2"),
+        caller_flow(),
+    );
+    assert_eq!(
+        out[0].first_line(),
+        "SIP/2.0 503 Service Unavailable (shutting down)"
+    );
     let rr = fwd.msg().list_values(HeaderName::RecordRoute)[0].clone();
-    let out = h.send(&in_dialog("BYE", &format!("Route: {rr}\r\n")), caller_flow());
+    let out = h.send(
+        &in_dialog("BYE", &format!("Route: {rr}\r\n")),
+        caller_flow(),
+    );
     assert!(out[0].first_line().starts_with("BYE "));
 }
 
@@ -497,7 +726,9 @@ fn unknown_methods_are_forwarded() {
     let req = invite("vpn").replace("INVITE", "FOOBAR");
     let out = h.send(&req, caller_flow());
     assert_eq!(out.len(), 1, "no 100 Trying for non-INVITE");
-    assert!(out[0].first_line().starts_with("FOOBAR sip:vpn@198.51.100.20:5060"));
+    assert!(out[0]
+        .first_line()
+        .starts_with("FOOBAR sip:vpn@198.51.100.20:5060"));
     assert!(!out[0].text.contains("Record-Route"));
     let _ = SocketAddr::from(([0, 0, 0, 0], 0));
 }

@@ -107,10 +107,13 @@ fn find_header_end(b: &[u8]) -> Option<usize> {
 /// Content-Length from a header section; required on streams (RFC 3261 18.3).
 fn content_length(head: &[u8]) -> Result<usize, FrameError> {
     for line in head.split(|&c| c == b'\n') {
-        let Some(colon) = memchr(b':', line) else { continue };
+        let Some(colon) = memchr(b':', line) else {
+            continue;
+        };
         let name = line[..colon].trim_ascii();
         if name.eq_ignore_ascii_case(b"content-length") || name.eq_ignore_ascii_case(b"l") {
-            let v = std::str::from_utf8(&line[colon + 1..]).map_err(|_| FrameError::ContentLength)?;
+            let v =
+                std::str::from_utf8(&line[colon + 1..]).map_err(|_| FrameError::ContentLength)?;
             return parse_small_number(v, u32::MAX)
                 .map(|n| n as usize)
                 .ok_or(FrameError::ContentLength);
@@ -136,8 +139,14 @@ mod tests {
         assert_eq!(f.next_frame(), Ok(None));
         feed(&mut f, &m1[10..]);
         feed(&mut f, m2);
-        assert_eq!(f.next_frame(), Ok(Some(Frame::Message(Bytes::from_static(m1)))));
-        assert_eq!(f.next_frame(), Ok(Some(Frame::Message(Bytes::from_static(m2)))));
+        assert_eq!(
+            f.next_frame(),
+            Ok(Some(Frame::Message(Bytes::from_static(m1))))
+        );
+        assert_eq!(
+            f.next_frame(),
+            Ok(Some(Frame::Message(Bytes::from_static(m2))))
+        );
         assert_eq!(f.next_frame(), Ok(None));
     }
 

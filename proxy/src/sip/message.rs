@@ -155,7 +155,9 @@ impl Message {
         if pos == b.len() {
             return Err(ParseError::Empty);
         }
-        let line_end = memchr(b'\n', &b[pos..]).map(|i| pos + i).ok_or(ParseError::Unterminated)?;
+        let line_end = memchr(b'\n', &b[pos..])
+            .map(|i| pos + i)
+            .ok_or(ParseError::Unterminated)?;
         let sl_end = if line_end > pos && b[line_end - 1] == b'\r' {
             line_end - 1
         } else {
@@ -171,8 +173,14 @@ impl Message {
             if pos >= b.len() {
                 return Err(ParseError::Unterminated);
             }
-            let le = memchr(b'\n', &b[pos..]).map(|i| pos + i).ok_or(ParseError::Unterminated)?;
-            let content_end = if le > pos && b[le - 1] == b'\r' { le - 1 } else { le };
+            let le = memchr(b'\n', &b[pos..])
+                .map(|i| pos + i)
+                .ok_or(ParseError::Unterminated)?;
+            let content_end = if le > pos && b[le - 1] == b'\r' {
+                le - 1
+            } else {
+                le
+            };
             if content_end == pos {
                 body_start = le + 1;
                 break;
@@ -236,7 +244,12 @@ impl Message {
                 }
             }
         }
-        for name in [HeaderName::From, HeaderName::To, HeaderName::CallId, HeaderName::CSeq] {
+        for name in [
+            HeaderName::From,
+            HeaderName::To,
+            HeaderName::CallId,
+            HeaderName::CSeq,
+        ] {
             match self.count(name) {
                 0 => return Err(ParseError::Missing(name)),
                 1 => {}
@@ -262,7 +275,10 @@ impl Message {
             let na = NameAddr::parse(&v).ok_or(ParseError::Malformed(name))?;
             Uri::parse(na.uri).map_err(|_| ParseError::Malformed(name))?;
         }
-        if self.value_of(HeaderName::CallId).is_none_or(|c| c.trim().is_empty() || c.contains(char::is_whitespace)) {
+        if self
+            .value_of(HeaderName::CallId)
+            .is_none_or(|c| c.trim().is_empty() || c.contains(char::is_whitespace))
+        {
             return Err(ParseError::Malformed(HeaderName::CallId));
         }
         let cseq = self.value_of(HeaderName::CSeq).unwrap_or_default();
@@ -343,7 +359,12 @@ impl Message {
     }
 
     fn span_str(&self, (s, e): Span) -> Cow<'_, str> {
-        String::from_utf8_lossy(&self.buf[s as usize..e as usize])
+        let raw = &self.buf[s as usize..e as usize];
+        // Interpreted headers were checked for UTF-8 at parse time: the fast path is the rule.
+        match std::str::from_utf8(raw) {
+            Ok(text) => Cow::Borrowed(text),
+            Err(_) => String::from_utf8_lossy(raw),
+        }
     }
 
     fn text<'s>(&'s self, t: &'s Text) -> Cow<'s, str> {
@@ -392,7 +413,11 @@ impl Message {
     /// Every list element of every header with this name, in order (`Via: a, b` + `Via: c`).
     pub fn list_values(&self, name: HeaderName) -> Vec<String> {
         self.fields(name)
-            .flat_map(|(i, _)| split_list(&self.value(i)).map(str::to_owned).collect::<Vec<_>>())
+            .flat_map(|(i, _)| {
+                split_list(&self.value(i))
+                    .map(str::to_owned)
+                    .collect::<Vec<_>>()
+            })
             .collect()
     }
 
@@ -507,7 +532,12 @@ impl Message {
         let mut out = BytesMut::with_capacity(self.buf.len() + 256);
         let b = &self.buf[..];
         match (&self.start, self.start_edited) {
-            (StartLine::Request { method_span, uri, .. }, true) => {
+            (
+                StartLine::Request {
+                    method_span, uri, ..
+                },
+                true,
+            ) => {
                 out.put_slice(&b[method_span.0 as usize..method_span.1 as usize]);
                 out.put_u8(b' ');
                 out.put_slice(self.text(uri).as_bytes());
@@ -562,7 +592,8 @@ fn parse_start_line(b: &[u8], s: usize, e: usize) -> Result<StartLine, ParseErro
         if rest.len() < 3 || !rest[..3].iter().all(u8::is_ascii_digit) {
             return Err(ParseError::StatusCode);
         }
-        let code = (rest[0] - b'0') as u16 * 100 + (rest[1] - b'0') as u16 * 10 + (rest[2] - b'0') as u16;
+        let code =
+            (rest[0] - b'0') as u16 * 100 + (rest[1] - b'0') as u16 * 10 + (rest[2] - b'0') as u16;
         if !(100..=699).contains(&code) || (rest.len() > 3 && rest[3] != b' ') {
             return Err(ParseError::StatusCode);
         }
@@ -577,7 +608,10 @@ fn parse_start_line(b: &[u8], s: usize, e: usize) -> Result<StartLine, ParseErro
     }
     // Request-Line = Method SP Request-URI SP SIP-Version
     let sp1 = memchr(b' ', line).ok_or(ParseError::StartLine)?;
-    let sp2 = line.iter().rposition(|&c| c == b' ').ok_or(ParseError::StartLine)?;
+    let sp2 = line
+        .iter()
+        .rposition(|&c| c == b' ')
+        .ok_or(ParseError::StartLine)?;
     if sp1 == 0 || !line[..sp1].iter().all(|&c| is_token_char(c)) {
         return Err(ParseError::Method);
     }
@@ -668,7 +702,11 @@ body";
         assert_eq!(m.call_id(), "a84b4c76e66710@pc33.atlanta.com");
         assert_eq!(m.tag(HeaderName::From).as_deref(), Some("1928301774"));
         assert_eq!(m.body(), b"body");
-        let subj = m.headers().find(|(i, _)| m.name_text(*i) == "Subject").unwrap().0;
+        let subj = m
+            .headers()
+            .find(|(i, _)| m.name_text(*i) == "Subject")
+            .unwrap()
+            .0;
         assert_eq!(m.value(subj), "folded across lines");
     }
 
@@ -682,7 +720,11 @@ body";
     fn edits_apply_once_and_content_length_follows_body() {
         let mut m = parse(INVITE).unwrap();
         m.set_request_uri("sip:bob@192.0.2.4:5070");
-        m.insert(0, HeaderName::Via, "SIP/2.0/UDP 192.0.2.1;branch=z9hG4bKp".into());
+        m.insert(
+            0,
+            HeaderName::Via,
+            "SIP/2.0/UDP 192.0.2.1;branch=z9hG4bKp".into(),
+        );
         let mf = m.position_of(HeaderName::MaxForwards).unwrap();
         m.replace_value(mf, "69".into());
         m.set_body(Bytes::from_static(b"longer body"));

@@ -68,7 +68,10 @@ impl<'a> Uri<'a> {
                 headers: "",
             });
         }
-        if rest.bytes().any(|c| c <= b' ' || c == b'<' || c == b'>' || c == b'"') {
+        if rest
+            .bytes()
+            .any(|c| c <= b' ' || c == b'<' || c == b'>' || c == b'"')
+        {
             return Err(UriError);
         }
         let (before_headers, headers) = match rest.find('?') {

@@ -131,9 +131,13 @@ struct ServerTx {
 #[derive(Debug)]
 enum ClientState {
     /// INVITE `Calling` / non-INVITE `Trying`, with the current retransmission interval.
-    Calling { interval: Duration },
+    Calling {
+        interval: Duration,
+    },
     Proceeding,
-    Completed { ack: Option<Bytes> },
+    Completed {
+        ack: Option<Bytes>,
+    },
     Accepted,
 }
 
@@ -224,8 +228,14 @@ impl TransactionLayer {
         self.txs
             .values()
             .filter(|t| match t {
-                Tx::Server(s) => matches!(s.state, ServerState::Trying | ServerState::Proceeding { .. }),
-                Tx::Client(c) => matches!(c.state, ClientState::Calling { .. } | ClientState::Proceeding),
+                Tx::Server(s) => matches!(
+                    s.state,
+                    ServerState::Trying | ServerState::Proceeding { .. }
+                ),
+                Tx::Client(c) => matches!(
+                    c.state,
+                    ClientState::Calling { .. } | ClientState::Proceeding
+                ),
             })
             .count()
     }
@@ -512,7 +522,14 @@ impl TransactionLayer {
                     let ack = Message::parse(tx.request.clone(), &Default::default())
                         .ok()
                         .map(|req| build_ack(&req, msg));
-                    arm.push((Timer::D, if tx.reliable { Duration::ZERO } else { 32 * t1.max(Duration::from_secs(1)) }));
+                    arm.push((
+                        Timer::D,
+                        if tx.reliable {
+                            Duration::ZERO
+                        } else {
+                            32 * t1.max(Duration::from_secs(1))
+                        },
+                    ));
                     ack
                 } else {
                     arm.push((Timer::K, if tx.reliable { Duration::ZERO } else { t4 }));
@@ -628,7 +645,10 @@ impl TransactionLayer {
                 let waiting = if c.invite {
                     matches!(c.state, ClientState::Calling { .. })
                 } else {
-                    matches!(c.state, ClientState::Calling { .. } | ClientState::Proceeding)
+                    matches!(
+                        c.state,
+                        ClientState::Calling { .. } | ClientState::Proceeding
+                    )
                 };
                 if waiting {
                     events.push(TxEvent::Timeout(id));
@@ -738,7 +758,11 @@ fn build_in_transaction(invite: &Message, method: &str, to: Option<&str>) -> Byt
             _ => {}
         }
     }
-    let _ = write!(s, "CSeq: {} {method}\r\nContent-Length: 0\r\n\r\n", invite.cseq().seq);
+    let _ = write!(
+        s,
+        "CSeq: {} {method}\r\nContent-Length: 0\r\n\r\n",
+        invite.cseq().seq
+    );
     Bytes::from(s)
 }
 

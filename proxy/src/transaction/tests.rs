@@ -75,7 +75,9 @@ fn client_invite_retransmits_on_timer_a_and_times_out_on_b() {
     assert!(events.is_empty());
     let (sent, events) = advance(&mut txl, t0 + 64 * T1);
     assert!(sent.is_empty());
-    assert!(matches!(events[..], [TxEvent::Timeout(t), TxEvent::ClientGone(g)] if t == id && g == id));
+    assert!(
+        matches!(events[..], [TxEvent::Timeout(t), TxEvent::ClientGone(g)] if t == id && g == id)
+    );
     assert!(txl.is_empty());
 }
 
@@ -98,18 +100,36 @@ fn client_invite_acks_non_2xx_and_absorbs_retransmitted_final() {
     let req = request("INVITE", "z9hG4bKc3").serialize();
     let id = txl.start_client(req, Method::Invite, "z9hG4bKc3", dest(), false, t0);
     drain(&mut txl);
-    assert_eq!(txl.on_response(&response(180, "INVITE", "z9hG4bKc3"), t0), Some(id));
+    assert_eq!(
+        txl.on_response(&response(180, "INVITE", "z9hG4bKc3"), t0),
+        Some(id)
+    );
     assert!(txl.client_has_provisional(id));
-    assert_eq!(txl.on_response(&response(486, "INVITE", "z9hG4bKc3"), t0), Some(id));
+    assert_eq!(
+        txl.on_response(&response(486, "INVITE", "z9hG4bKc3"), t0),
+        Some(id)
+    );
     let sent = drain(&mut txl);
     assert_eq!(sent.len(), 1);
     let ack = std::str::from_utf8(&sent[0].bytes).unwrap();
-    assert!(ack.starts_with("ACK sip:bob@org.example SIP/2.0\r\n"), "{ack}");
-    assert!(ack.contains("branch=z9hG4bKc3"), "ACK for non-2xx reuses the branch: {ack}");
-    assert!(ack.contains("To: <sip:bob@org.example>;tag=2"), "To of the response: {ack}");
+    assert!(
+        ack.starts_with("ACK sip:bob@org.example SIP/2.0\r\n"),
+        "{ack}"
+    );
+    assert!(
+        ack.contains("branch=z9hG4bKc3"),
+        "ACK for non-2xx reuses the branch: {ack}"
+    );
+    assert!(
+        ack.contains("To: <sip:bob@org.example>;tag=2"),
+        "To of the response: {ack}"
+    );
     assert!(ack.contains("CSeq: 1 ACK"));
     // The retransmitted 486 is absorbed and answered with the same ACK.
-    assert_eq!(txl.on_response(&response(486, "INVITE", "z9hG4bKc3"), t0), None);
+    assert_eq!(
+        txl.on_response(&response(486, "INVITE", "z9hG4bKc3"), t0),
+        None
+    );
     assert_eq!(drain(&mut txl)[0].bytes, sent[0].bytes);
     // Timer D (32 s over UDP) ends it.
     let (_, events) = advance(&mut txl, t0 + Duration::from_secs(32));
@@ -123,8 +143,14 @@ fn client_invite_accepted_passes_2xx_retransmissions() {
     let req = request("INVITE", "z9hG4bKc4").serialize();
     let id = txl.start_client(req, Method::Invite, "z9hG4bKc4", dest(), false, t0);
     drain(&mut txl);
-    assert_eq!(txl.on_response(&response(200, "INVITE", "z9hG4bKc4"), t0), Some(id));
-    assert_eq!(txl.on_response(&response(200, "INVITE", "z9hG4bKc4"), t0), Some(id));
+    assert_eq!(
+        txl.on_response(&response(200, "INVITE", "z9hG4bKc4"), t0),
+        Some(id)
+    );
+    assert_eq!(
+        txl.on_response(&response(200, "INVITE", "z9hG4bKc4"), t0),
+        Some(id)
+    );
     assert!(drain(&mut txl).is_empty(), "the proxy never ACKs a 2xx");
     let (sent, events) = advance(&mut txl, t0 + 64 * T1);
     assert!(sent.is_empty(), "no retransmission after a response");
@@ -142,9 +168,15 @@ fn timer_c_fires_and_is_reset_by_provisionals() {
     let req = request("INVITE", "z9hG4bKc5").serialize();
     let id = txl.start_client(req, Method::Invite, "z9hG4bKc5", dest(), true, t0);
     drain(&mut txl);
-    txl.on_response(&response(180, "INVITE", "z9hG4bKc5"), t0 + Duration::from_secs(6));
+    txl.on_response(
+        &response(180, "INVITE", "z9hG4bKc5"),
+        t0 + Duration::from_secs(6),
+    );
     let (_, events) = advance(&mut txl, t0 + Duration::from_secs(15));
-    assert!(events.is_empty(), "the 180 at 6 s moved Timer C to 16 s: {events:?}");
+    assert!(
+        events.is_empty(),
+        "the 180 at 6 s moved Timer C to 16 s: {events:?}"
+    );
     let (_, events) = advance(&mut txl, t0 + Duration::from_secs(16));
     assert!(matches!(events[..], [TxEvent::TimerC { tx, provisional: true }] if tx == id));
 }
@@ -171,8 +203,15 @@ fn client_non_invite_completed_waits_timer_k() {
     let req = request("BYE", "z9hG4bKc7").serialize();
     let id = txl.start_client(req, Method::Bye, "z9hG4bKc7", dest(), false, t0);
     drain(&mut txl);
-    assert_eq!(txl.on_response(&response(200, "BYE", "z9hG4bKc7"), t0), Some(id));
-    assert_eq!(txl.on_response(&response(200, "BYE", "z9hG4bKc7"), t0), None, "absorbed");
+    assert_eq!(
+        txl.on_response(&response(200, "BYE", "z9hG4bKc7"), t0),
+        Some(id)
+    );
+    assert_eq!(
+        txl.on_response(&response(200, "BYE", "z9hG4bKc7"), t0),
+        None,
+        "absorbed"
+    );
     let (sent, events) = advance(&mut txl, t0 + Duration::from_secs(5));
     assert!(sent.is_empty());
     assert!(matches!(events[..], [TxEvent::ClientGone(_)]));
@@ -187,11 +226,17 @@ fn server_invite_absorbs_retransmissions_and_resends_last_response() {
         panic!("new transaction expected");
     };
     // Retransmission before any response: absorbed silently.
-    assert_eq!(txl.on_request(&inv, flow(Transport::Udp), t0), ServerOutcome::Absorbed);
+    assert_eq!(
+        txl.on_request(&inv, flow(Transport::Udp), t0),
+        ServerOutcome::Absorbed
+    );
     assert!(drain(&mut txl).is_empty());
     txl.respond(id, 100, Bytes::from_static(b"100"), t0);
     drain(&mut txl);
-    assert_eq!(txl.on_request(&inv, flow(Transport::Udp), t0), ServerOutcome::Absorbed);
+    assert_eq!(
+        txl.on_request(&inv, flow(Transport::Udp), t0),
+        ServerOutcome::Absorbed
+    );
     assert_eq!(drain(&mut txl)[0].bytes, Bytes::from_static(b"100"));
 }
 
@@ -209,10 +254,16 @@ fn server_invite_non_2xx_retransmits_on_g_until_ack() {
     let (sent, _) = advance(&mut txl, t0 + Duration::from_millis(3600));
     assert_eq!(sent.len(), 3);
     let ack = request("ACK", "z9hG4bKs2");
-    assert_eq!(txl.on_request(&ack, flow(Transport::Udp), t0), ServerOutcome::Absorbed);
+    assert_eq!(
+        txl.on_request(&ack, flow(Transport::Udp), t0),
+        ServerOutcome::Absorbed
+    );
     let (sent, events) = advance(&mut txl, t0 + Duration::from_secs(60));
     assert!(sent.is_empty(), "no retransmission once confirmed");
-    assert!(matches!(events[..], [TxEvent::ServerGone(g)] if g == id), "Timer I ends it: {events:?}");
+    assert!(
+        matches!(events[..], [TxEvent::ServerGone(g)] if g == id),
+        "Timer I ends it: {events:?}"
+    );
 }
 
 #[test]
@@ -240,9 +291,19 @@ fn server_invite_2xx_accepted_until_timer_l() {
     };
     txl.respond(id, 200, Bytes::from_static(b"200"), t0);
     txl.respond(id, 200, Bytes::from_static(b"200 again"), t0);
-    assert_eq!(drain(&mut txl).len(), 2, "2xx retransmissions from downstream pass through");
-    assert_eq!(txl.on_request(&inv, flow(Transport::Udp), t0), ServerOutcome::Absorbed);
-    assert!(drain(&mut txl).is_empty(), "INVITE retransmission absorbed in Accepted");
+    assert_eq!(
+        drain(&mut txl).len(),
+        2,
+        "2xx retransmissions from downstream pass through"
+    );
+    assert_eq!(
+        txl.on_request(&inv, flow(Transport::Udp), t0),
+        ServerOutcome::Absorbed
+    );
+    assert!(
+        drain(&mut txl).is_empty(),
+        "INVITE retransmission absorbed in Accepted"
+    );
     let (_, events) = advance(&mut txl, t0 + 64 * T1);
     assert!(matches!(events[..], [TxEvent::ServerGone(_)]));
 }
@@ -255,11 +316,17 @@ fn server_non_invite_completed_timer_j() {
     let ServerOutcome::New(id) = txl.on_request(&opt, flow(Transport::Udp), t0) else {
         panic!("new transaction expected");
     };
-    assert_eq!(txl.on_request(&opt, flow(Transport::Udp), t0), ServerOutcome::Absorbed);
+    assert_eq!(
+        txl.on_request(&opt, flow(Transport::Udp), t0),
+        ServerOutcome::Absorbed
+    );
     assert!(drain(&mut txl).is_empty(), "Trying absorbs silently");
     txl.respond(id, 200, Bytes::from_static(b"200"), t0);
     drain(&mut txl);
-    assert_eq!(txl.on_request(&opt, flow(Transport::Udp), t0), ServerOutcome::Absorbed);
+    assert_eq!(
+        txl.on_request(&opt, flow(Transport::Udp), t0),
+        ServerOutcome::Absorbed
+    );
     assert_eq!(drain(&mut txl).len(), 1, "Completed resends the final");
     let (_, events) = advance(&mut txl, t0 + 64 * T1 - Duration::from_millis(1));
     assert!(events.is_empty());
@@ -277,9 +344,14 @@ fn cancel_and_ack_match_the_invite_transaction() {
     };
     let cancel = request("CANCEL", "z9hG4bKs6");
     assert_eq!(txl.invite_for_cancel(&cancel), Some(id));
-    assert!(matches!(txl.on_request(&cancel, flow(Transport::Udp), t0), ServerOutcome::New(c) if c != id));
+    assert!(
+        matches!(txl.on_request(&cancel, flow(Transport::Udp), t0), ServerOutcome::New(c) if c != id)
+    );
     let stray_ack = request("ACK", "z9hG4bKother");
-    assert_eq!(txl.on_request(&stray_ack, flow(Transport::Udp), t0), ServerOutcome::AckToCore);
+    assert_eq!(
+        txl.on_request(&stray_ack, flow(Transport::Udp), t0),
+        ServerOutcome::AckToCore
+    );
 }
 
 #[test]

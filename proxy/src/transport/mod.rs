@@ -18,8 +18,8 @@ use std::task::{Context as TaskContext, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::io::ReadBuf;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::{mpsc, Semaphore};
 use tokio::task::JoinHandle;
@@ -53,13 +53,19 @@ impl Bound {
                     udp.push(Arc::new(s));
                 }
                 t => {
-                    let s = TcpListener::bind(l.address).await.map_err(|e| with_addr(e, l.address))?;
+                    let s = TcpListener::bind(l.address)
+                        .await
+                        .map_err(|e| with_addr(e, l.address))?;
                     addrs.push((t, s.local_addr()?));
                     streams.push((t, s));
                 }
             }
         }
-        Ok(Bound { udp, streams, addrs })
+        Ok(Bound {
+            udp,
+            streams,
+            addrs,
+        })
     }
 
     /// The bound address of the listener of the given transport and family.
@@ -97,7 +103,12 @@ fn with_addr(e: io::Error, addr: SocketAddr) -> io::Error {
 /// What connection tasks tell the driver.
 enum Event {
     Message(Bytes, Flow),
-    Opened { id: ConnId, transport: Transport, remote: SocketAddr, tx: mpsc::Sender<Outgoing> },
+    Opened {
+        id: ConnId,
+        transport: Transport,
+        remote: SocketAddr,
+        tx: mpsc::Sender<Outgoing>,
+    },
     Closed(ConnId),
     SendFailed(Vec<TxId>),
     Resolved(Transmit),
@@ -141,7 +152,9 @@ pub struct Driver {
 
 impl std::fmt::Debug for Driver {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Driver").field("conns", &self.conns.len()).finish()
+        f.debug_struct("Driver")
+            .field("conns", &self.conns.len())
+            .finish()
     }
 }
 
@@ -164,7 +177,12 @@ impl Driver {
                 })?),
                 _ => None,
             };
-            accept_tasks.push(tokio::spawn(accept_loop(listener, transport, acceptor, settings.clone())));
+            accept_tasks.push(tokio::spawn(accept_loop(
+                listener,
+                transport,
+                acceptor,
+                settings.clone(),
+            )));
         }
         let udp_local = bound
             .udp
@@ -202,7 +220,8 @@ impl Driver {
                 .proxy
                 .poll_timeout()
                 .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
-            let drain_at = draining_until.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
+            let drain_at =
+                draining_until.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
             let udp = &self.udp;
             let rotate = self.rotate;
             tokio::select! {
@@ -261,15 +280,28 @@ impl Driver {
             remote: from,
             conn: None,
         };
-        self.proxy.handle_message(Bytes::copy_from_slice(data), flow, Instant::now());
+        self.proxy
+            .handle_message(Bytes::copy_from_slice(data), flow, Instant::now());
     }
 
     fn on_event(&mut self, ev: Event) {
         match ev {
             Event::Message(bytes, flow) => self.proxy.handle_message(bytes, flow, Instant::now()),
-            Event::Opened { id, transport, remote, tx } => {
+            Event::Opened {
+                id,
+                transport,
+                remote,
+                tx,
+            } => {
                 self.by_remote.insert((transport, remote), id);
-                self.conns.insert(id, ConnHandle { transport, remote, tx });
+                self.conns.insert(
+                    id,
+                    ConnHandle {
+                        transport,
+                        remote,
+                        tx,
+                    },
+                );
             }
             Event::Closed(id) => {
                 if let Some(h) = self.conns.remove(&id) {
@@ -308,21 +340,40 @@ impl Driver {
                     }
                 }
             },
-            Destination::Addr { transport: Transport::Udp, addr, .. } => self.send_udp(None, addr, t),
-            Destination::Addr { transport, addr, server_name } => {
+            Destination::Addr {
+                transport: Transport::Udp,
+                addr,
+                ..
+            } => self.send_udp(None, addr, t),
+            Destination::Addr {
+                transport,
+                addr,
+                server_name,
+            } => {
                 let id = match self.by_remote.get(&(transport, addr)) {
                     Some(id) => *id,
                     None => self.connect(transport, addr, server_name),
                 };
                 self.send_conn(id, t);
             }
-            Destination::Name { transport, host, port } => {
+            Destination::Name {
+                transport,
+                host,
+                port,
+            } => {
                 let events = self.settings.events.clone();
                 tokio::spawn(async move {
-                    let resolved = tokio::net::lookup_host((host.as_ref(), port)).await.ok().and_then(|mut a| a.next());
+                    let resolved = tokio::net::lookup_host((host.as_ref(), port))
+                        .await
+                        .ok()
+                        .and_then(|mut a| a.next());
                     let ev = match resolved {
                         Some(addr) => Event::Resolved(Transmit {
-                            dest: Destination::Addr { transport, addr, server_name: Some(host) },
+                            dest: Destination::Addr {
+                                transport,
+                                addr,
+                                server_name: Some(host),
+                            },
                             ..t
                         }),
                         None => Event::SendFailed(t.tx.into_iter().collect()),
@@ -338,7 +389,11 @@ impl Driver {
             .udp_local
             .iter()
             .position(|a| Some(*a) == local)
-            .or_else(|| self.udp_local.iter().position(|a| a.is_ipv4() == to.is_ipv4()));
+            .or_else(|| {
+                self.udp_local
+                    .iter()
+                    .position(|a| a.is_ipv4() == to.is_ipv4())
+            });
         let Some(sock) = idx.map(|i| &self.udp[i]) else {
             self.fail(t.tx);
             return;
@@ -364,7 +419,13 @@ impl Driver {
             self.fail(t.tx);
             return;
         };
-        if h.tx.try_send(Outgoing { bytes: t.bytes, tx: t.tx }).is_err() {
+        if h.tx
+            .try_send(Outgoing {
+                bytes: t.bytes,
+                tx: t.tx,
+            })
+            .is_err()
+        {
             self.fail(t.tx);
         }
     }
@@ -376,11 +437,23 @@ impl Driver {
     }
 
     /// Opens an outbound connection; messages queue on its channel until it is up.
-    fn connect(&mut self, transport: Transport, addr: SocketAddr, server_name: Option<Box<str>>) -> ConnId {
+    fn connect(
+        &mut self,
+        transport: Transport,
+        addr: SocketAddr,
+        server_name: Option<Box<str>>,
+    ) -> ConnId {
         let id = self.settings.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = mpsc::channel(1024);
         self.by_remote.insert((transport, addr), id);
-        self.conns.insert(id, ConnHandle { transport, remote: addr, tx });
+        self.conns.insert(
+            id,
+            ConnHandle {
+                transport,
+                remote: addr,
+                tx,
+            },
+        );
         let settings = self.settings.clone();
         let connector = self.tls.connector();
         tokio::spawn(async move {
@@ -388,7 +461,8 @@ impl Driver {
                 fail_queued(rx, &settings, id).await;
                 return;
             };
-            let stream = tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(addr)).await;
+            let stream =
+                tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(addr)).await;
             let stream = match stream {
                 Ok(Ok(s)) => s,
                 _ => {
@@ -407,7 +481,9 @@ impl Driver {
                     };
                     let name = tls::server_name(server_name.as_deref(), addr);
                     match connector.connect(name, stream).await {
-                        Ok(s) => serve_conn(s, id, transport, local, addr, rx, settings, permit).await,
+                        Ok(s) => {
+                            serve_conn(s, id, transport, local, addr, rx, settings, permit).await
+                        }
                         Err(_) => fail_queued(rx, &settings, id).await,
                     }
                 }
@@ -471,18 +547,40 @@ async fn accept_loop(
             let (tx, rx) = mpsc::channel(1024);
             match acceptor {
                 Some(acc) => {
-                    let hs = tokio::time::timeout(Duration::from_secs(10), acc.accept(stream)).await;
+                    let hs =
+                        tokio::time::timeout(Duration::from_secs(10), acc.accept(stream)).await;
                     let Ok(Ok(tls)) = hs else {
                         tracing::debug!(%remote, "TLS handshake failed");
                         return;
                     };
-                    if settings.events.send(Event::Opened { id, transport, remote, tx }).await.is_ok() {
+                    if settings
+                        .events
+                        .send(Event::Opened {
+                            id,
+                            transport,
+                            remote,
+                            tx,
+                        })
+                        .await
+                        .is_ok()
+                    {
                         serve_conn(tls, id, transport, local, remote, rx, settings, permit).await;
                     }
                 }
                 None => {
-                    if settings.events.send(Event::Opened { id, transport, remote, tx }).await.is_ok() {
-                        serve_conn(stream, id, transport, local, remote, rx, settings, permit).await;
+                    if settings
+                        .events
+                        .send(Event::Opened {
+                            id,
+                            transport,
+                            remote,
+                            tx,
+                        })
+                        .await
+                        .is_ok()
+                    {
+                        serve_conn(stream, id, transport, local, remote, rx, settings, permit)
+                            .await;
                     }
                 }
             }

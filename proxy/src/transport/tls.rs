@@ -56,9 +56,13 @@ impl TlsContext {
             None => None,
             Some(ca) => {
                 let mut roots = rustls::RootCertStore::empty();
-                for c in CertificateDer::pem_file_iter(ca).map_err(|e| invalid(format!("{}: {e}", ca.display())))? {
+                for c in CertificateDer::pem_file_iter(ca)
+                    .map_err(|e| invalid(format!("{}: {e}", ca.display())))?
+                {
                     let c = c.map_err(|e| invalid(format!("{}: {e}", ca.display())))?;
-                    roots.add(c).map_err(|e| invalid(format!("{}: {e}", ca.display())))?;
+                    roots
+                        .add(c)
+                        .map_err(|e| invalid(format!("{}: {e}", ca.display())))?;
                 }
                 let client = rustls::ClientConfig::builder_with_provider(provider())
                     .with_safe_default_protocol_versions()
