@@ -1,0 +1,714 @@
+//! The SASL server of the SIP-SASL and HTTP-SASL profiles, sans-IO.
+//!
+//! One [`SaslServer`] per realm. A request without credentials gets a challenge listing the
+//! mechanisms offered on its transport; a first round (`mech` + `c2s`) starts an exchange; a
+//! multi-round mechanism (SCRAM) is parked under an unguessable `s2s` handle bound to the
+//! Call-ID (or HTTP connection), From tag, realm and mechanism, with a TTL, a global cap and
+//! a per-source cap, and is taken out again (single use) by the next round.
+//!
+//! SCRAM runs in rsasl. Around it, the gateway itself:
+//! - checks the GS2 header: a `-PLUS` mechanism requires `p=tls-exporter` (rsasl 2.3.1 would
+//!   accept `n`), and `y` on a connection where `-PLUS` was offered is a downgrade;
+//! - answers unknown, disabled or mechanism-restricted users exactly like known ones: a
+//!   deterministic per-user fake verifier with the same iteration count, and the exchange
+//!   fails only at the proof (no `e=unknown-user` ever leaves);
+//! - sends a server-final only after a validated success;
+//! - recovers ClientKey from the proof for the PSK transcript.
+//!
+//! The only way to get an [`Authenticated`] is [`SaslServer::step`] returning success.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rsasl::callback::{Context, Request, SessionCallback, SessionData};
+use rsasl::mechanisms::scram::properties::ScramStoredPassword;
+use rsasl::prelude::{
+    ChannelBindingCallback, Mechname, Registry, SASLConfig, SASLServer, Session, SessionError,
+    State,
+};
+use rsasl::property::AuthId;
+use rsasl::validate::{Validate, Validation, ValidationError};
+
+use crate::header::{HeaderError, SaslParams};
+use crate::scram::{self, ClientFirst, Gs2Binding, Transcript, Verifier};
+use crate::secret::Secret;
+
+/// Mechanisms of the profile.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Mechanism {
+    ScramSha256Plus,
+    ScramSha256,
+    External,
+    Plain,
+}
+
+impl Mechanism {
+    pub const ALL: [Mechanism; 4] = [
+        Mechanism::ScramSha256Plus,
+        Mechanism::ScramSha256,
+        Mechanism::External,
+        Mechanism::Plain,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Mechanism::ScramSha256Plus => "SCRAM-SHA-256-PLUS",
+            Mechanism::ScramSha256 => "SCRAM-SHA-256",
+            Mechanism::External => "EXTERNAL",
+            Mechanism::Plain => "PLAIN",
+        }
+    }
+
+    pub fn from_name(n: &str) -> Option<Mechanism> {
+        Mechanism::ALL.into_iter().find(|m| m.name() == n)
+    }
+
+    /// Offered only over TLS.
+    pub fn needs_tls(self) -> bool {
+        !matches!(self, Mechanism::ScramSha256)
+    }
+}
+
+/// A user record as the server needs it.
+#[derive(Debug, Clone)]
+pub struct Credential {
+    pub username: String,
+    pub verifier: Verifier,
+    /// SIP AORs (or other identities) the user may present.
+    pub aors: Vec<String>,
+    /// Mechanisms the user may use; `None` = all offered.
+    pub mechanisms: Option<Vec<Mechanism>>,
+    pub enabled: bool,
+}
+
+/// Where user records come from (the store implements it; tests use a map).
+pub trait CredentialSource {
+    fn lookup(&self, username: &str) -> Option<Credential>;
+}
+
+impl CredentialSource for HashMap<String, Credential> {
+    fn lookup(&self, username: &str) -> Option<Credential> {
+        self.get(username).cloned()
+    }
+}
+
+/// Server settings for one realm.
+#[derive(Clone)]
+pub struct ServerSettings {
+    pub realm: String,
+    /// Mechanisms offered, in order of preference.
+    pub mechanisms: Vec<Mechanism>,
+    pub ttl: Duration,
+    pub max_pending: usize,
+    pub max_pending_per_source: usize,
+    /// Iteration count of the fake verifiers (set it to the store's default).
+    pub iterations: u32,
+    /// Key for the fake verifiers of unknown users (stable across restarts for the same users).
+    pub secret: Secret<[u8; 32]>,
+}
+
+impl std::fmt::Debug for ServerSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerSettings")
+            .field("realm", &self.realm)
+            .field("mechanisms", &self.mechanisms)
+            .finish_non_exhaustive()
+    }
+}
+
+/// TLS facts of the connection a request came on.
+#[derive(Clone)]
+pub struct TlsInfo {
+    /// RFC 9266 tls-exporter channel-binding data (32 bytes).
+    pub exporter: Vec<u8>,
+    /// Identity of a verified client certificate, for EXTERNAL.
+    pub peer_identity: Option<String>,
+}
+
+impl std::fmt::Debug for TlsInfo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsInfo")
+            .field("peer_identity", &self.peer_identity)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The request an exchange step belongs to.
+#[derive(Debug, Clone, Copy)]
+pub struct Exchange<'a> {
+    /// SIP Call-ID (HTTP: a connection or client identifier).
+    pub call_id: &'a str,
+    /// SIP From tag.
+    pub from_tag: &'a str,
+    pub source: IpAddr,
+    pub tls: Option<&'a TlsInfo>,
+}
+
+/// Why authentication failed. The peer only ever sees a generic 403; the label is for
+/// logs and metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    UnknownHandle,
+    ForeignHandle,
+    Expired,
+    MechanismNotOffered,
+    ChannelBinding,
+    Protocol,
+    BadCredentials,
+    IdentityNotAllowed,
+}
+
+impl Failure {
+    /// Bounded metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Failure::UnknownHandle => "unknown_handle",
+            Failure::ForeignHandle => "foreign_handle",
+            Failure::Expired => "expired",
+            Failure::MechanismNotOffered => "mechanism_not_offered",
+            Failure::ChannelBinding => "channel_binding",
+            Failure::Protocol => "protocol",
+            Failure::BadCredentials => "bad_credentials",
+            Failure::IdentityNotAllowed => "identity_not_allowed",
+        }
+    }
+}
+
+/// Errors of a step, each with one response: 400, 503, 403.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    #[error("malformed SASL header: {0}")]
+    Malformed(#[from] HeaderError),
+    #[error("too many pending SASL exchanges")]
+    Overloaded,
+    #[error("authentication failed ({})", .0.label())]
+    Failed(Failure),
+}
+
+/// Proof of a finished, validated exchange. Fields are private: only this module builds it.
+#[derive(Debug)]
+pub struct Authenticated {
+    identity: String,
+    mechanism: Mechanism,
+    aors: Vec<String>,
+    transcript: Option<Transcript>,
+}
+
+impl Authenticated {
+    /// The authenticated identity (authzid when given and equal to the authcid, else authcid).
+    pub fn identity(&self) -> &str {
+        &self.identity
+    }
+    pub fn mechanism(&self) -> Mechanism {
+        self.mechanism
+    }
+    /// The identities (SIP AORs) this user may present.
+    pub fn aors(&self) -> &[String] {
+        &self.aors
+    }
+    /// SCRAM transcript for the PSK derivation (`None` for PLAIN and EXTERNAL).
+    pub fn transcript(&self) -> Option<&Transcript> {
+        self.transcript.as_ref()
+    }
+}
+
+/// What to answer.
+#[derive(Debug)]
+pub enum Outcome {
+    /// Send a challenge (407/401) carrying these parameters.
+    Challenge(SaslParams),
+    /// Authenticated; `info` goes into the final response's *-Authentication-Info.
+    Success {
+        auth: Authenticated,
+        info: SaslParams,
+    },
+}
+
+/// Counters for the metrics layer.
+#[derive(Debug, Default, Clone)]
+pub struct ServerStats {
+    /// (mechanism, outcome label) -> count. Outcomes: `success`, failure labels.
+    pub outcomes: HashMap<(&'static str, &'static str), u64>,
+}
+
+struct GatehouseValidation;
+impl Validation for GatehouseValidation {
+    type Value = String;
+}
+
+/// Per-exchange rsasl callback: answers the stored-password request with this exchange's
+/// (real or fake) verifier and validates by returning the authcid.
+struct ExchangeCallback {
+    verifier: Verifier,
+}
+
+impl SessionCallback for ExchangeCallback {
+    fn callback(
+        &self,
+        _session: &SessionData,
+        _context: &Context,
+        request: &mut Request,
+    ) -> Result<(), SessionError> {
+        let v = &self.verifier;
+        request.satisfy::<ScramStoredPassword>(&ScramStoredPassword::new(
+            v.iterations,
+            &v.salt,
+            &v.stored_key,
+            &v.server_key,
+        ))?;
+        Ok(())
+    }
+
+    fn validate(
+        &self,
+        _session: &SessionData,
+        context: &Context,
+        validate: &mut Validate<'_>,
+    ) -> Result<(), ValidationError> {
+        let authid = context.get_ref::<AuthId>().map(str::to_owned);
+        validate.with::<GatehouseValidation, _>(|| {
+            authid.ok_or(ValidationError::MissingRequiredProperty)
+        })?;
+        Ok(())
+    }
+}
+
+struct Binding(Option<Vec<u8>>);
+impl ChannelBindingCallback for Binding {
+    fn get_cb_data(&self, cbname: &str) -> Option<&[u8]> {
+        (cbname == "tls-exporter")
+            .then_some(self.0.as_deref())
+            .flatten()
+    }
+}
+
+static SCRAM_MECHANISMS: &[rsasl::prelude::Mechanism] = &[
+    rsasl::mechanisms::scram::SCRAM_SHA256_PLUS,
+    rsasl::mechanisms::scram::SCRAM_SHA256,
+];
+
+struct Pending {
+    session: Session<GatehouseValidation, Binding>,
+    mechanism: Mechanism,
+    call_id: String,
+    from_tag: String,
+    source: IpAddr,
+    expires: Instant,
+    client_first_bare: String,
+    server_first: String,
+    credential: Option<Credential>,
+}
+
+/// The SASL server of one realm.
+pub struct SaslServer {
+    settings: ServerSettings,
+    pending: HashMap<String, Pending>,
+    per_source: HashMap<IpAddr, usize>,
+    pub stats: ServerStats,
+}
+
+impl std::fmt::Debug for SaslServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SaslServer")
+            .field("realm", &self.settings.realm)
+            .field("pending", &self.pending.len())
+            .finish()
+    }
+}
+
+fn fail<T>(f: Failure) -> Result<T, AuthError> {
+    Err(AuthError::Failed(f))
+}
+
+impl SaslServer {
+    pub fn new(settings: ServerSettings) -> Self {
+        SaslServer {
+            settings,
+            pending: HashMap::new(),
+            per_source: HashMap::new(),
+            stats: ServerStats::default(),
+        }
+    }
+
+    pub fn realm(&self) -> &str {
+        &self.settings.realm
+    }
+
+    /// Exchanges parked between rounds.
+    pub fn pending(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// Mechanisms offered on a connection (the -PLUS, PLAIN and EXTERNAL ones need TLS;
+    /// EXTERNAL also a client certificate).
+    pub fn offered(&self, tls: Option<&TlsInfo>) -> Vec<Mechanism> {
+        self.settings
+            .mechanisms
+            .iter()
+            .copied()
+            .filter(|m| match m {
+                Mechanism::ScramSha256 => true,
+                Mechanism::External => tls.is_some_and(|t| t.peer_identity.is_some()),
+                _ => tls.is_some(),
+            })
+            .collect()
+    }
+
+    /// The first challenge: realm and mechanism list.
+    pub fn challenge(&self, tls: Option<&TlsInfo>) -> SaslParams {
+        SaslParams {
+            realm: Some(self.settings.realm.clone()),
+            mech: Some(
+                self.offered(tls)
+                    .iter()
+                    .map(|m| m.name())
+                    .collect::<Vec<_>>()
+                    .join(" "),
+            ),
+            ..SaslParams::default()
+        }
+    }
+
+    /// Drops exchanges whose TTL passed.
+    pub fn expire(&mut self, now: Instant) {
+        let expired: Vec<String> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| p.expires <= now)
+            .map(|(h, _)| h.clone())
+            .collect();
+        for h in expired {
+            self.take(&h);
+        }
+    }
+
+    fn take(&mut self, handle: &str) -> Option<Pending> {
+        let p = self.pending.remove(handle)?;
+        if let Some(n) = self.per_source.get_mut(&p.source) {
+            *n -= 1;
+            if *n == 0 {
+                self.per_source.remove(&p.source);
+            }
+        }
+        Some(p)
+    }
+
+    fn count(&mut self, mech: Mechanism, outcome: &'static str) {
+        *self
+            .stats
+            .outcomes
+            .entry((mech.name(), outcome))
+            .or_default() += 1;
+    }
+
+    /// One round of an exchange. `params` is the client's header for this realm.
+    pub fn step(
+        &mut self,
+        params: &SaslParams,
+        ex: &Exchange<'_>,
+        creds: &dyn CredentialSource,
+        now: Instant,
+    ) -> Result<Outcome, AuthError> {
+        if let Some(realm) = &params.realm {
+            if realm != &self.settings.realm {
+                return fail(Failure::Protocol);
+            }
+        }
+        match (&params.s2s, &params.mech) {
+            (Some(handle), _) => self.continue_exchange(handle, params, ex, now),
+            (None, Some(mech)) => self.start_exchange(mech, params, ex, creds, now),
+            (None, None) => Ok(Outcome::Challenge(self.challenge(ex.tls))),
+        }
+    }
+
+    fn start_exchange(
+        &mut self,
+        mech: &str,
+        params: &SaslParams,
+        ex: &Exchange<'_>,
+        creds: &dyn CredentialSource,
+        now: Instant,
+    ) -> Result<Outcome, AuthError> {
+        let Some(mechanism) =
+            Mechanism::from_name(mech).filter(|m| self.offered(ex.tls).contains(m))
+        else {
+            return fail(Failure::MechanismNotOffered);
+        };
+        let c2s = params
+            .c2s
+            .as_deref()
+            .ok_or(AuthError::Malformed(HeaderError::Value("c2s")))?;
+        match mechanism {
+            Mechanism::Plain => self.plain(c2s, creds),
+            Mechanism::External => self.external(c2s, ex, creds),
+            Mechanism::ScramSha256 | Mechanism::ScramSha256Plus => {
+                self.scram_first(mechanism, c2s, ex, creds, now)
+            }
+        }
+    }
+
+    /// The record to run an exchange against: the user's when it exists, is enabled and may
+    /// use the mechanism; else a fake one that looks the same and never verifies.
+    fn verifier_for(
+        &self,
+        username: &str,
+        mechanism: Mechanism,
+        creds: &dyn CredentialSource,
+    ) -> (Verifier, Option<Credential>) {
+        match creds.lookup(username) {
+            Some(c)
+                if c.enabled && c.mechanisms.as_ref().is_none_or(|m| m.contains(&mechanism)) =>
+            {
+                (c.verifier.clone(), Some(c))
+            }
+            _ => (self.fake_verifier(username), None),
+        }
+    }
+
+    fn fake_verifier(&self, username: &str) -> Verifier {
+        let key = self.settings.secret.expose();
+        let salt = scram::hmac(key, &[b"fake-salt\0", username.as_bytes()])[..16].to_vec();
+        Verifier {
+            salt,
+            iterations: self.settings.iterations,
+            stored_key: scram::hmac(key, &[b"fake-stored\0", username.as_bytes()]),
+            server_key: scram::hmac(key, &[b"fake-server\0", username.as_bytes()]),
+        }
+    }
+
+    fn scram_first(
+        &mut self,
+        mechanism: Mechanism,
+        c2s: &[u8],
+        ex: &Exchange<'_>,
+        creds: &dyn CredentialSource,
+        now: Instant,
+    ) -> Result<Outcome, AuthError> {
+        let first = ClientFirst::parse(c2s).ok_or(AuthError::Failed(Failure::Protocol))?;
+        let plus_offered = self.offered(ex.tls).contains(&Mechanism::ScramSha256Plus);
+        match (&first.binding, mechanism) {
+            (Gs2Binding::Used(name), Mechanism::ScramSha256Plus)
+                if name == "tls-exporter" && ex.tls.is_some() => {}
+            (_, Mechanism::ScramSha256Plus) => return fail(Failure::ChannelBinding),
+            (Gs2Binding::Used(_), _) => return fail(Failure::ChannelBinding),
+            (Gs2Binding::SupportedNotUsed, _) if plus_offered => {
+                return fail(Failure::ChannelBinding)
+            }
+            _ => {}
+        }
+        if first.authzid.as_ref().is_some_and(|a| a != &first.username) {
+            return fail(Failure::IdentityNotAllowed);
+        }
+        if self.pending.len() >= self.settings.max_pending
+            || self.per_source.get(&ex.source).copied().unwrap_or(0)
+                >= self.settings.max_pending_per_source
+        {
+            return Err(AuthError::Overloaded);
+        }
+        self.expire(now);
+        let (verifier, credential) = self.verifier_for(&first.username, mechanism, creds);
+        let config = SASLConfig::builder()
+            .with_registry(Registry::with_mechanisms(SCRAM_MECHANISMS))
+            .with_callback(ExchangeCallback { verifier })
+            .map_err(|_| AuthError::Failed(Failure::Protocol))?;
+        let binding = Binding(ex.tls.map(|t| t.exporter.clone()));
+        let mechname = Mechname::parse(mechanism.name().as_bytes())
+            .map_err(|_| AuthError::Failed(Failure::Protocol))?;
+        let mut session =
+            SASLServer::<GatehouseValidation, Binding>::with_cb(Arc::clone(&config), binding)
+                .start_suggested(mechname)
+                .map_err(|_| AuthError::Failed(Failure::Protocol))?;
+        let mut out = Vec::new();
+        match session.step(Some(c2s), &mut out) {
+            Ok(State::Running) => {}
+            _ => return fail(Failure::Protocol),
+        }
+        let server_first =
+            String::from_utf8(out).map_err(|_| AuthError::Failed(Failure::Protocol))?;
+        if server_first.starts_with("e=") {
+            // rsasl refused (e.g. a binding it could not satisfy): never forward its error text.
+            return fail(Failure::Protocol);
+        }
+        let handle = new_handle();
+        *self.per_source.entry(ex.source).or_default() += 1;
+        self.pending.insert(
+            handle.clone(),
+            Pending {
+                session,
+                mechanism,
+                call_id: ex.call_id.to_owned(),
+                from_tag: ex.from_tag.to_owned(),
+                source: ex.source,
+                expires: now + self.settings.ttl,
+                client_first_bare: first.bare,
+                server_first: server_first.clone(),
+                credential,
+            },
+        );
+        Ok(Outcome::Challenge(SaslParams {
+            realm: Some(self.settings.realm.clone()),
+            mech: Some(mechanism.name().to_owned()),
+            s2s: Some(handle),
+            s2c: Some(server_first.into_bytes()),
+            c2s: None,
+        }))
+    }
+
+    fn continue_exchange(
+        &mut self,
+        handle: &str,
+        params: &SaslParams,
+        ex: &Exchange<'_>,
+        now: Instant,
+    ) -> Result<Outcome, AuthError> {
+        let Some(p) = self.pending.get(handle) else {
+            return fail(Failure::UnknownHandle);
+        };
+        if p.call_id != ex.call_id || p.from_tag != ex.from_tag {
+            // Someone else's handle: refuse without consuming it.
+            return fail(Failure::ForeignHandle);
+        }
+        let Some(mut p) = self.take(handle) else {
+            return fail(Failure::UnknownHandle);
+        };
+        let mech = p.mechanism;
+        if p.expires <= now {
+            self.count(mech, Failure::Expired.label());
+            return fail(Failure::Expired);
+        }
+        if params.mech.as_deref().is_some_and(|m| m != mech.name()) {
+            return fail(Failure::Protocol);
+        }
+        let Some(c2s) = params.c2s.as_deref() else {
+            return Err(AuthError::Malformed(HeaderError::Value("c2s")));
+        };
+        let mut out = Vec::new();
+        let state = p.session.step(Some(c2s), &mut out);
+        let validated = p.session.validation();
+        let (Ok(State::Finished(_)), Some(authcid), Some(credential)) =
+            (state, validated, p.credential.take())
+        else {
+            self.count(mech, Failure::BadCredentials.label());
+            return fail(Failure::BadCredentials);
+        };
+        if authcid != credential.username {
+            self.count(mech, Failure::BadCredentials.label());
+            return fail(Failure::BadCredentials);
+        }
+        let (without_proof, proof) =
+            scram::split_client_final(c2s).ok_or(AuthError::Failed(Failure::Protocol))?;
+        let auth_message = format!(
+            "{},{},{}",
+            p.client_first_bare, p.server_first, without_proof
+        );
+        let client_key =
+            scram::recover_client_key(&credential.verifier.stored_key, &auth_message, &proof)
+                .ok_or(AuthError::Failed(Failure::BadCredentials))?;
+        self.count(mech, "success");
+        Ok(Outcome::Success {
+            auth: Authenticated {
+                identity: credential.username,
+                mechanism: mech,
+                aors: credential.aors,
+                transcript: Some(Transcript {
+                    auth_message,
+                    client_key,
+                }),
+            },
+            info: SaslParams {
+                realm: Some(self.settings.realm.clone()),
+                s2c: Some(out),
+                ..SaslParams::default()
+            },
+        })
+    }
+
+    /// PLAIN (TLS only): `authzid NUL authcid NUL password`, checked against the SCRAM verifier.
+    fn plain(&mut self, c2s: &[u8], creds: &dyn CredentialSource) -> Result<Outcome, AuthError> {
+        let parts: Vec<&[u8]> = c2s.split(|&b| b == 0).collect();
+        let [authzid, authcid, password] = parts[..] else {
+            return fail(Failure::Protocol);
+        };
+        let authcid =
+            std::str::from_utf8(authcid).map_err(|_| AuthError::Failed(Failure::Protocol))?;
+        if !authzid.is_empty() && authzid != authcid.as_bytes() {
+            return fail(Failure::IdentityNotAllowed);
+        }
+        let (verifier, credential) = self.verifier_for(authcid, Mechanism::Plain, creds);
+        let ok = verifier.check_password(password);
+        match credential {
+            Some(c) if ok => {
+                self.count(Mechanism::Plain, "success");
+                Ok(Outcome::Success {
+                    auth: Authenticated {
+                        identity: c.username,
+                        mechanism: Mechanism::Plain,
+                        aors: c.aors,
+                        transcript: None,
+                    },
+                    info: SaslParams {
+                        realm: Some(self.settings.realm.clone()),
+                        ..SaslParams::default()
+                    },
+                })
+            }
+            _ => {
+                self.count(Mechanism::Plain, Failure::BadCredentials.label());
+                fail(Failure::BadCredentials)
+            }
+        }
+    }
+
+    /// EXTERNAL: the identity of the verified TLS client certificate; `c2s` may name the same
+    /// identity (authzid) or be empty.
+    fn external(
+        &mut self,
+        c2s: &[u8],
+        ex: &Exchange<'_>,
+        creds: &dyn CredentialSource,
+    ) -> Result<Outcome, AuthError> {
+        let Some(identity) = ex.tls.and_then(|t| t.peer_identity.as_deref()) else {
+            return fail(Failure::MechanismNotOffered);
+        };
+        if !c2s.is_empty() && c2s != identity.as_bytes() {
+            return fail(Failure::IdentityNotAllowed);
+        }
+        match creds.lookup(identity) {
+            Some(c)
+                if c.enabled
+                    && c.mechanisms
+                        .as_ref()
+                        .is_none_or(|m| m.contains(&Mechanism::External)) =>
+            {
+                self.count(Mechanism::External, "success");
+                Ok(Outcome::Success {
+                    auth: Authenticated {
+                        identity: c.username,
+                        mechanism: Mechanism::External,
+                        aors: c.aors,
+                        transcript: None,
+                    },
+                    info: SaslParams {
+                        realm: Some(self.settings.realm.clone()),
+                        ..SaslParams::default()
+                    },
+                })
+            }
+            _ => {
+                self.count(Mechanism::External, Failure::BadCredentials.label());
+                fail(Failure::BadCredentials)
+            }
+        }
+    }
+}
+
+fn new_handle() -> String {
+    use base64::Engine;
+    let bytes: [u8; 18] = rand::random();
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+}
+
+#[cfg(test)]
+mod tests;
