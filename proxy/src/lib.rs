@@ -11,6 +11,7 @@ pub mod config;
 pub mod core;
 pub mod flow;
 pub mod sip;
+pub mod store;
 pub mod transaction;
 pub mod transport;
 

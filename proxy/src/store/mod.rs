@@ -1,0 +1,406 @@
+//! The embedded store: one SQLite file (WAL) with users (SCRAM verifiers, never passwords),
+//! the AORs each user may present, registrar bindings, and the gateway's own keys.
+//!
+//! Both the running gateway and `gatehouse user ...` open the same file; WAL mode and a busy
+//! timeout make that safe. Schema changes are numbered migrations (`PRAGMA user_version`).
+
+use std::path::Path;
+use std::time::Duration;
+
+use gatehouse_auth::scram::{Verifier, MIN_ITERATIONS};
+use gatehouse_auth::{Credential, CredentialSource, Mechanism};
+use rusqlite::{params, Connection, OptionalExtension};
+
+/// Store errors.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("store: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("user `{0}` already exists")]
+    Exists(String),
+    #[error("no user `{0}`")]
+    NoUser(String),
+    #[error("invalid input: {0}")]
+    Invalid(String),
+}
+
+const MIGRATIONS: &[&str] = &[
+    // 1: users, their AORs, registrar bindings, gateway keys.
+    "CREATE TABLE users (
+        username    TEXT PRIMARY KEY NOT NULL,
+        salt        BLOB NOT NULL,
+        iterations  INTEGER NOT NULL CHECK (iterations >= 4096),
+        stored_key  BLOB NOT NULL CHECK (length(stored_key) = 32),
+        server_key  BLOB NOT NULL CHECK (length(server_key) = 32),
+        mechanisms  TEXT,
+        enabled     INTEGER NOT NULL DEFAULT 1,
+        created_at  INTEGER NOT NULL,
+        updated_at  INTEGER NOT NULL
+    );
+    CREATE TABLE user_aors (
+        username TEXT NOT NULL REFERENCES users(username) ON DELETE CASCADE,
+        aor      TEXT NOT NULL,
+        PRIMARY KEY (username, aor)
+    );
+    CREATE TABLE bindings (
+        aor         TEXT NOT NULL,
+        contact     TEXT NOT NULL,
+        transport   TEXT NOT NULL,
+        remote      TEXT NOT NULL,
+        expires_at  INTEGER NOT NULL,
+        instance    TEXT,
+        identity    TEXT NOT NULL,
+        PRIMARY KEY (aor, contact)
+    );
+    CREATE TABLE keys (
+        name  TEXT PRIMARY KEY NOT NULL,
+        value BLOB NOT NULL
+    );",
+];
+
+/// A registrar binding (AOR -> Contact through a flow), persisted across restarts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BindingRecord {
+    pub aor: String,
+    pub contact: String,
+    pub transport: String,
+    /// Source address of the REGISTER (where requests to the contact are sent).
+    pub remote: String,
+    /// Unix seconds.
+    pub expires_at: u64,
+    pub instance: Option<String>,
+    pub identity: String,
+}
+
+/// A user as listed by the CLI (no key material).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UserSummary {
+    pub username: String,
+    pub aors: Vec<String>,
+    pub mechanisms: Option<Vec<String>>,
+    pub enabled: bool,
+    pub iterations: u32,
+}
+
+/// An open store.
+#[derive(Debug)]
+pub struct Store {
+    conn: Connection,
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+impl Store {
+    /// Opens (and creates or migrates) the store file.
+    pub fn open(path: &Path) -> Result<Store, StoreError> {
+        let conn = Connection::open(path)?;
+        conn.busy_timeout(Duration::from_secs(5))?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        let mut store = Store { conn };
+        store.migrate()?;
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            // Verifiers are not passwords, but they are offline-attackable: owner only.
+            let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
+        }
+        Ok(store)
+    }
+
+    /// An in-memory store (tests, and the embedded demo when no file is configured).
+    pub fn in_memory() -> Result<Store, StoreError> {
+        let conn = Connection::open_in_memory()?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        let mut store = Store { conn };
+        store.migrate()?;
+        Ok(store)
+    }
+
+    fn migrate(&mut self) -> Result<(), StoreError> {
+        let version: i64 = self.conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+        let tx = self.conn.transaction()?;
+        for (i, m) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+            tx.execute_batch(m)?;
+            tx.pragma_update(None, "user_version", (i + 1) as i64)?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// A named 32-byte key, created at random on first use (dialog MAC key, fake-verifier key).
+    pub fn key(&self, name: &str) -> Result<[u8; 32], StoreError> {
+        let existing: Option<Vec<u8>> = self
+            .conn
+            .query_row("SELECT value FROM keys WHERE name = ?1", [name], |r| r.get(0))
+            .optional()?;
+        if let Some(v) = existing.filter(|v| v.len() == 32) {
+            let mut k = [0u8; 32];
+            k.copy_from_slice(&v);
+            return Ok(k);
+        }
+        let k: [u8; 32] = rand::random();
+        self.conn
+            .execute("INSERT OR REPLACE INTO keys (name, value) VALUES (?1, ?2)", params![name, k.as_slice()])?;
+        Ok(k)
+    }
+
+    fn validate_user(username: &str, aors: &[String]) -> Result<(), StoreError> {
+        if username.is_empty() || username.len() > 128 || username.chars().any(|c| c.is_control() || c.is_whitespace()) {
+            return Err(StoreError::Invalid(format!("bad username `{username}`")));
+        }
+        for a in aors {
+            let ok = crate::sip::Uri::parse(a)
+                .ok()
+                .is_some_and(|u| matches!(u.scheme, crate::sip::Scheme::Sip | crate::sip::Scheme::Sips) && u.user.is_some());
+            if !ok {
+                return Err(StoreError::Invalid(format!("`{a}` is not a sip:user@domain AOR")));
+            }
+        }
+        Ok(())
+    }
+
+    /// Adds a user; the password is turned into a SCRAM-SHA-256 verifier and dropped.
+    pub fn add_user(
+        &mut self,
+        username: &str,
+        password: &[u8],
+        aors: &[String],
+        mechanisms: Option<&[Mechanism]>,
+        iterations: u32,
+    ) -> Result<(), StoreError> {
+        Self::validate_user(username, aors)?;
+        if iterations < MIN_ITERATIONS {
+            return Err(StoreError::Invalid(format!("iterations must be at least {MIN_ITERATIONS}")));
+        }
+        let salt: [u8; 16] = rand::random();
+        let v = Verifier::derive(password, salt.to_vec(), iterations);
+        let mechs = mechanisms.map(|m| m.iter().map(|m| m.name()).collect::<Vec<_>>().join(" "));
+        let tx = self.conn.transaction()?;
+        let now = unix_now();
+        let inserted = tx.execute(
+            "INSERT OR IGNORE INTO users (username, salt, iterations, stored_key, server_key, mechanisms, enabled, created_at, updated_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, 1, ?7, ?7)",
+            params![username, v.salt, v.iterations, v.stored_key.as_slice(), v.server_key.as_slice(), mechs, now],
+        )?;
+        if inserted == 0 {
+            return Err(StoreError::Exists(username.into()));
+        }
+        for a in aors {
+            tx.execute("INSERT OR IGNORE INTO user_aors (username, aor) VALUES (?1, ?2)", params![username, a])?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Replaces a user's verifier.
+    pub fn set_password(&mut self, username: &str, password: &[u8], iterations: u32) -> Result<(), StoreError> {
+        let salt: [u8; 16] = rand::random();
+        let v = Verifier::derive(password, salt.to_vec(), iterations.max(MIN_ITERATIONS));
+        let n = self.conn.execute(
+            "UPDATE users SET salt = ?2, iterations = ?3, stored_key = ?4, server_key = ?5, updated_at = ?6 WHERE username = ?1",
+            params![username, v.salt, v.iterations, v.stored_key.as_slice(), v.server_key.as_slice(), unix_now()],
+        )?;
+        if n == 0 {
+            return Err(StoreError::NoUser(username.into()));
+        }
+        Ok(())
+    }
+
+    pub fn set_enabled(&mut self, username: &str, enabled: bool) -> Result<(), StoreError> {
+        let n = self
+            .conn
+            .execute("UPDATE users SET enabled = ?2, updated_at = ?3 WHERE username = ?1", params![username, enabled, unix_now()])?;
+        if n == 0 {
+            return Err(StoreError::NoUser(username.into()));
+        }
+        Ok(())
+    }
+
+    pub fn delete_user(&mut self, username: &str) -> Result<(), StoreError> {
+        let n = self.conn.execute("DELETE FROM users WHERE username = ?1", [username])?;
+        if n == 0 {
+            return Err(StoreError::NoUser(username.into()));
+        }
+        Ok(())
+    }
+
+    pub fn list_users(&self) -> Result<Vec<UserSummary>, StoreError> {
+        let mut stmt = self.conn.prepare("SELECT username FROM users ORDER BY username")?;
+        let names: Vec<String> = stmt.query_map([], |r| r.get(0))?.collect::<Result<_, _>>()?;
+        names.iter().map(|n| self.user(n)?.ok_or_else(|| StoreError::NoUser(n.clone()))).collect()
+    }
+
+    pub fn user(&self, username: &str) -> Result<Option<UserSummary>, StoreError> {
+        let row = self
+            .conn
+            .query_row(
+                "SELECT mechanisms, enabled, iterations FROM users WHERE username = ?1",
+                [username],
+                |r| Ok((r.get::<_, Option<String>>(0)?, r.get::<_, bool>(1)?, r.get::<_, u32>(2)?)),
+            )
+            .optional()?;
+        let Some((mechs, enabled, iterations)) = row else {
+            return Ok(None);
+        };
+        Ok(Some(UserSummary {
+            username: username.into(),
+            aors: self.aors(username)?,
+            mechanisms: mechs.map(|m| m.split_whitespace().map(str::to_owned).collect()),
+            enabled,
+            iterations,
+        }))
+    }
+
+    fn aors(&self, username: &str) -> Result<Vec<String>, StoreError> {
+        let mut stmt = self.conn.prepare_cached("SELECT aor FROM user_aors WHERE username = ?1 ORDER BY aor")?;
+        let aors = stmt.query_map([username], |r| r.get(0))?.collect::<Result<_, _>>()?;
+        Ok(aors)
+    }
+
+    /// The full credential of a user (for the SASL server).
+    pub fn credential(&self, username: &str) -> Result<Option<Credential>, StoreError> {
+        let row = self
+            .conn
+            .prepare_cached(
+                "SELECT salt, iterations, stored_key, server_key, mechanisms, enabled FROM users WHERE username = ?1",
+            )?
+            .query_row([username], |r| {
+                Ok((
+                    r.get::<_, Vec<u8>>(0)?,
+                    r.get::<_, u32>(1)?,
+                    r.get::<_, Vec<u8>>(2)?,
+                    r.get::<_, Vec<u8>>(3)?,
+                    r.get::<_, Option<String>>(4)?,
+                    r.get::<_, bool>(5)?,
+                ))
+            })
+            .optional()?;
+        let Some((salt, iterations, stored, server, mechs, enabled)) = row else {
+            return Ok(None);
+        };
+        let (Ok(stored_key), Ok(server_key)) = (<[u8; 32]>::try_from(stored), <[u8; 32]>::try_from(server)) else {
+            return Ok(None);
+        };
+        Ok(Some(Credential {
+            username: username.into(),
+            verifier: Verifier {
+                salt,
+                iterations,
+                stored_key,
+                server_key,
+            },
+            aors: self.aors(username)?,
+            mechanisms: mechs.map(|m| m.split_whitespace().filter_map(Mechanism::from_name).collect()),
+            enabled,
+        }))
+    }
+
+    // ----- bindings -----
+
+    pub fn save_binding(&mut self, b: &BindingRecord) -> Result<(), StoreError> {
+        self.conn.execute(
+            "INSERT OR REPLACE INTO bindings (aor, contact, transport, remote, expires_at, instance, identity)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![b.aor, b.contact, b.transport, b.remote, b.expires_at as i64, b.instance, b.identity],
+        )?;
+        Ok(())
+    }
+
+    pub fn remove_binding(&mut self, aor: &str, contact: &str) -> Result<(), StoreError> {
+        self.conn.execute("DELETE FROM bindings WHERE aor = ?1 AND contact = ?2", params![aor, contact])?;
+        Ok(())
+    }
+
+    /// Bindings not yet expired at `now_unix`; expired ones are deleted.
+    pub fn live_bindings(&mut self, now_unix: u64) -> Result<Vec<BindingRecord>, StoreError> {
+        self.conn.execute("DELETE FROM bindings WHERE expires_at <= ?1", [now_unix as i64])?;
+        let mut stmt = self
+            .conn
+            .prepare("SELECT aor, contact, transport, remote, expires_at, instance, identity FROM bindings ORDER BY aor")?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok(BindingRecord {
+                    aor: r.get(0)?,
+                    contact: r.get(1)?,
+                    transport: r.get(2)?,
+                    remote: r.get(3)?,
+                    expires_at: r.get::<_, i64>(4)? as u64,
+                    instance: r.get(5)?,
+                    identity: r.get(6)?,
+                })
+            })?
+            .collect::<Result<_, _>>()?;
+        Ok(rows)
+    }
+}
+
+impl CredentialSource for Store {
+    fn lookup(&self, username: &str) -> Option<Credential> {
+        match self.credential(username) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "credential lookup failed");
+                None
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn users_round_trip_without_plaintext() {
+        let dir = std::env::temp_dir().join(format!("gh-store-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("store.sqlite");
+        let _ = std::fs::remove_file(&path);
+        {
+            let mut s = Store::open(&path).unwrap();
+            s.add_user("alice", b"Pa55-unique-marker", &["sip:alice@partner.example".into()], None, 4096).unwrap();
+            assert!(matches!(
+                s.add_user("alice", b"x", &[], None, 4096),
+                Err(StoreError::Exists(_))
+            ));
+            assert!(matches!(s.add_user("bob", b"x", &["not-a-uri".into()], None, 4096), Err(StoreError::Invalid(_))));
+        }
+        // Another connection (as the CLI next to a running gateway) sees the user.
+        let s = Store::open(&path).unwrap();
+        let c = s.credential("alice").unwrap().unwrap();
+        assert!(c.verifier.check_password(b"Pa55-unique-marker"));
+        assert_eq!(c.aors, vec!["sip:alice@partner.example".to_owned()]);
+        let k1 = s.key("dialog").unwrap();
+        assert_eq!(s.key("dialog").unwrap(), k1, "keys persist");
+        drop(s);
+        let bytes = std::fs::read(&path).unwrap();
+        let wal = std::fs::read(dir.join("store.sqlite-wal")).unwrap_or_default();
+        for b in [&bytes, &wal] {
+            assert!(!b.windows(18).any(|w| w == b"Pa55-unique-marker"), "plaintext password in the store");
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn bindings_expire() {
+        let mut s = Store::in_memory().unwrap();
+        let b = BindingRecord {
+            aor: "sip:vpn@org.example".into(),
+            contact: "sip:vpn@192.0.2.5:5060".into(),
+            transport: "udp".into(),
+            remote: "192.0.2.5:5060".into(),
+            expires_at: 1000,
+            instance: None,
+            identity: "vpn".into(),
+        };
+        s.save_binding(&b).unwrap();
+        assert_eq!(s.live_bindings(999).unwrap(), vec![b]);
+        assert!(s.live_bindings(1000).unwrap().is_empty());
+    }
+}
