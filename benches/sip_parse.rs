@@ -78,6 +78,9 @@ fn config() -> CoreConfig {
         max_transactions: 1 << 20,
         timers: TimerConfig::default(),
         dialog_key: [3; 32],
+        auth: gatehouse::config::AuthSettings::defaults("org.example"),
+        registrar: gatehouse::config::RegistrarSettings::default(),
+        auth_secret: [3; 32],
     }
 }
 
@@ -113,7 +116,7 @@ fn call(c: &mut Criterion) {
         ..caller
     };
     let limits = Limits::default();
-    let mut proxy = Proxy::new(config());
+    let mut proxy = new_proxy(config());
     let mut n: u64 = 0;
     c.bench_function("proxy one call (7 messages in, 7 out)", |b| {
         b.iter(|| {
@@ -155,3 +158,11 @@ CSeq: {seq} {method}\r\nRoute: {rr}\r\nMax-Forwards: 70\r\nContent-Length: 0\r\n
 
 criterion_group!(benches, parse, call);
 criterion_main!(benches);
+
+fn new_proxy(cfg: gatehouse::core::CoreConfig) -> gatehouse::core::Proxy {
+    gatehouse::core::Proxy::new(
+        cfg,
+        gatehouse::store::Store::in_memory().unwrap(),
+        gatehouse::core::WallClock::now(),
+    )
+}

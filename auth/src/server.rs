@@ -298,6 +298,7 @@ struct Pending {
     expires: Instant,
     client_first_bare: String,
     server_first: String,
+    username: String,
     credential: Option<Credential>,
 }
 
@@ -336,6 +337,26 @@ impl SaslServer {
         &self.settings.realm
     }
 
+    /// The username a client claimed in a parked exchange or in a first-round token, for
+    /// per-user failure accounting before the step runs.
+    pub fn claimed_username(&self, params: &SaslParams) -> Option<String> {
+        if let Some(h) = &params.s2s {
+            return self.pending.get(h).map(|p| p.username.clone());
+        }
+        let c2s = params.c2s.as_deref()?;
+        match params.mech.as_deref().and_then(Mechanism::from_name)? {
+            Mechanism::ScramSha256 | Mechanism::ScramSha256Plus => {
+                ClientFirst::parse(c2s).map(|c| c.username)
+            }
+            Mechanism::Plain => c2s
+                .split(|&b| b == 0)
+                .nth(1)
+                .and_then(|u| std::str::from_utf8(u).ok())
+                .map(str::to_owned),
+            Mechanism::External => None,
+        }
+    }
+
     /// Exchanges parked between rounds.
     pub fn pending(&self) -> usize {
         self.pending.len()
@@ -350,8 +371,9 @@ impl SaslServer {
             .copied()
             .filter(|m| match m {
                 Mechanism::ScramSha256 => true,
+                Mechanism::ScramSha256Plus => tls.is_some_and(|t| t.exporter.len() == 32),
                 Mechanism::External => tls.is_some_and(|t| t.peer_identity.is_some()),
-                _ => tls.is_some(),
+                Mechanism::Plain => tls.is_some(),
             })
             .collect()
     }
@@ -544,6 +566,7 @@ impl SaslServer {
                 expires: now + self.settings.ttl,
                 client_first_bare: first.bare,
                 server_first: server_first.clone(),
+                username: first.username,
                 credential,
             },
         );

@@ -19,11 +19,12 @@ use std::future::Future;
 use std::io;
 
 use crate::config::Config;
-use crate::core::{CoreConfig, LocalAddr, Proxy};
+use crate::core::{CoreConfig, LocalAddr, Proxy, WallClock};
+use crate::store::{Store, StoreError};
 use crate::transport::{Bound, Driver};
 
 /// Builds the core's view of the configuration for the sockets actually bound.
-pub fn core_config(cfg: &Config, bound: &Bound) -> CoreConfig {
+pub fn core_config(cfg: &Config, bound: &Bound, store: &Store) -> Result<CoreConfig, StoreError> {
     let locals = cfg
         .listen
         .iter()
@@ -43,7 +44,11 @@ pub fn core_config(cfg: &Config, bound: &Bound) -> CoreConfig {
             LocalAddr::new(transport, actual, advertise)
         })
         .collect();
-    CoreConfig {
+    Ok(CoreConfig {
+        dialog_key: store.key("dialog-mac")?,
+        auth_secret: store.key("fake-verifier")?,
+        auth: cfg.auth.clone(),
+        registrar: cfg.registrar,
         domains: cfg.domains.clone(),
         locals,
         routes: cfg.routes.clone(),
@@ -51,13 +56,23 @@ pub fn core_config(cfg: &Config, bound: &Bound) -> CoreConfig {
         limits: cfg.limits,
         max_transactions: cfg.max_transactions,
         timers: cfg.timers,
-        dialog_key: rand::random(),
+    })
+}
+
+/// Opens the configured store (a file, or memory for the embedded demo).
+pub fn open_store(cfg: &Config) -> Result<Store, StoreError> {
+    match &cfg.auth.store {
+        Some(path) => Store::open(path),
+        None => Store::in_memory(),
     }
 }
 
 /// Runs the gateway on already bound sockets until `shutdown` resolves, then drains.
 pub async fn run(cfg: Config, bound: Bound, shutdown: impl Future<Output = ()>) -> io::Result<()> {
-    let proxy = Proxy::new(core_config(&cfg, &bound));
+    let invalid = |e: StoreError| io::Error::other(e.to_string());
+    let store = open_store(&cfg).map_err(invalid)?;
+    let core = core_config(&cfg, &bound, &store).map_err(invalid)?;
+    let proxy = Proxy::new(core, store, WallClock::now());
     let driver = Driver::new(&cfg, proxy, bound)?;
     driver.run(shutdown).await;
     Ok(())

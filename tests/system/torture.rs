@@ -138,7 +138,7 @@ fn invalid_torture_messages_are_refused_with_the_fault_named() {
 }
 
 fn proxy() -> Proxy {
-    Proxy::new(CoreConfig {
+    new_proxy(CoreConfig {
         domains: vec!["example.com".into()],
         locals: vec![LocalAddr::new(
             Transport::Udp,
@@ -151,6 +151,9 @@ fn proxy() -> Proxy {
         max_transactions: 100,
         timers: TimerConfig::default(),
         dialog_key: [1; 32],
+        auth: gatehouse::config::AuthSettings::defaults("example.com"),
+        registrar: gatehouse::config::RegistrarSettings::default(),
+        auth_secret: [1; 32],
     })
 }
 
@@ -283,4 +286,12 @@ Max-Forwards: 70\r\nFrom: <sip:alice@[2001:db8::9]>;tag=1\r\nTo: <sip:bob@[2001:
         compared.len() >= 5,
         "too few messages compared: {compared:?}"
     );
+}
+
+fn new_proxy(cfg: gatehouse::core::CoreConfig) -> gatehouse::core::Proxy {
+    gatehouse::core::Proxy::new(
+        cfg,
+        gatehouse::store::Store::in_memory().unwrap(),
+        gatehouse::core::WallClock::now(),
+    )
 }

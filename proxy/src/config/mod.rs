@@ -44,6 +44,122 @@ struct RawConfig {
     route: Vec<RawRoute>,
     #[serde(default)]
     log: RawLog,
+    #[serde(default)]
+    auth: RawAuth,
+    #[serde(default)]
+    registrar: RawRegistrar,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawAuth {
+    realm: Option<Spanned<String>>,
+    mechanisms: Spanned<Vec<String>>,
+    store: Option<Spanned<PathBuf>>,
+    exchange_ttl_ms: u64,
+    max_pending: usize,
+    max_pending_per_source: usize,
+    iterations: Spanned<u32>,
+    failures_before_lockout: u32,
+    failure_window_ms: u64,
+    lockout_ms: u64,
+}
+
+impl Default for RawAuth {
+    fn default() -> Self {
+        RawAuth {
+            realm: None,
+            mechanisms: Spanned::new(
+                0..0,
+                vec!["SCRAM-SHA-256-PLUS".into(), "SCRAM-SHA-256".into()],
+            ),
+            store: None,
+            exchange_ttl_ms: 30_000,
+            max_pending: 10_000,
+            max_pending_per_source: 32,
+            iterations: Spanned::new(0..0, 4096),
+            failures_before_lockout: 5,
+            failure_window_ms: 60_000,
+            lockout_ms: 300_000,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawRegistrar {
+    min_expires_s: u32,
+    max_expires_s: u32,
+    default_expires_s: u32,
+    max_bindings_per_aor: usize,
+}
+
+impl Default for RawRegistrar {
+    fn default() -> Self {
+        RawRegistrar {
+            min_expires_s: 60,
+            max_expires_s: 7200,
+            default_expires_s: 3600,
+            max_bindings_per_aor: 8,
+        }
+    }
+}
+
+/// Authentication settings.
+#[derive(Debug, Clone)]
+pub struct AuthSettings {
+    pub realm: String,
+    pub mechanisms: Vec<gatehouse_auth::Mechanism>,
+    /// SQLite store file; `None` = in memory (the embedded demo).
+    pub store: Option<PathBuf>,
+    pub exchange_ttl: Duration,
+    pub max_pending: usize,
+    pub max_pending_per_source: usize,
+    pub iterations: u32,
+    pub failures_before_lockout: u32,
+    pub failure_window: Duration,
+    pub lockout: Duration,
+}
+
+impl AuthSettings {
+    /// The defaults of an `[auth]` table for `realm` (in-memory store).
+    pub fn defaults(realm: &str) -> AuthSettings {
+        AuthSettings {
+            realm: realm.to_owned(),
+            mechanisms: vec![
+                gatehouse_auth::Mechanism::ScramSha256Plus,
+                gatehouse_auth::Mechanism::ScramSha256,
+            ],
+            store: None,
+            exchange_ttl: Duration::from_secs(30),
+            max_pending: 10_000,
+            max_pending_per_source: 32,
+            iterations: 4096,
+            failures_before_lockout: 5,
+            failure_window: Duration::from_secs(60),
+            lockout: Duration::from_secs(300),
+        }
+    }
+}
+
+impl Default for RegistrarSettings {
+    fn default() -> Self {
+        RegistrarSettings {
+            min_expires: 60,
+            max_expires: 7200,
+            default_expires: 3600,
+            max_bindings_per_aor: 8,
+        }
+    }
+}
+
+/// Registrar settings.
+#[derive(Debug, Clone, Copy)]
+pub struct RegistrarSettings {
+    pub min_expires: u32,
+    pub max_expires: u32,
+    pub default_expires: u32,
+    pub max_bindings_per_aor: usize,
 }
 
 #[derive(Debug, Deserialize)]
@@ -213,6 +329,8 @@ pub struct Config {
     pub log_level: String,
     pub log_format: LogFormat,
     pub shutdown_grace: Duration,
+    pub auth: AuthSettings,
+    pub registrar: RegistrarSettings,
 }
 
 struct Ctx<'a> {
@@ -489,7 +607,70 @@ impl Config {
                 "limits too small (max_message_bytes >= 1024, max_headers >= 8, others > 0)",
             ));
         }
+        let a = &raw.auth;
+        let realm = match &a.realm {
+            Some(r) if r.get_ref().trim().is_empty() => {
+                return Err(cx.err(r.span(), "auth.realm", "must not be empty"))
+            }
+            Some(r) => r.get_ref().clone(),
+            None => domains[0].clone(),
+        };
+        let mut mechanisms = Vec::new();
+        for m in a.mechanisms.get_ref() {
+            let mech = gatehouse_auth::Mechanism::from_name(m)
+                .ok_or_else(|| cx.err(a.mechanisms.span(), "auth.mechanisms", format!("unknown mechanism `{m}` (SCRAM-SHA-256-PLUS, SCRAM-SHA-256, EXTERNAL, PLAIN)")))?;
+            mechanisms.push(mech);
+        }
+        if mechanisms.is_empty() {
+            return Err(cx.err(
+                a.mechanisms.span(),
+                "auth.mechanisms",
+                "at least one mechanism",
+            ));
+        }
+        if *a.iterations.get_ref() < gatehouse_auth::scram::MIN_ITERATIONS {
+            return Err(cx.err(
+                a.iterations.span(),
+                "auth.iterations",
+                "must be at least 4096",
+            ));
+        }
+        if a.max_pending == 0 || a.max_pending_per_source == 0 || a.failures_before_lockout == 0 {
+            return Err(cx.err(
+                0..0,
+                "auth",
+                "max_pending, max_pending_per_source and failures_before_lockout must be > 0",
+            ));
+        }
+        let auth = AuthSettings {
+            realm,
+            mechanisms,
+            store: a.store.as_ref().map(|p| p.get_ref().clone()),
+            exchange_ttl: Duration::from_millis(a.exchange_ttl_ms.max(1000)),
+            max_pending: a.max_pending,
+            max_pending_per_source: a.max_pending_per_source,
+            iterations: *a.iterations.get_ref(),
+            failures_before_lockout: a.failures_before_lockout,
+            failure_window: Duration::from_millis(a.failure_window_ms),
+            lockout: Duration::from_millis(a.lockout_ms),
+        };
+        let r = &raw.registrar;
+        if r.min_expires_s > r.max_expires_s
+            || r.default_expires_s < r.min_expires_s
+            || r.default_expires_s > r.max_expires_s
+            || r.max_bindings_per_aor == 0
+        {
+            return Err(cx.err(0..0, "registrar", "need min_expires_s <= default_expires_s <= max_expires_s and max_bindings_per_aor > 0"));
+        }
+        let registrar = RegistrarSettings {
+            min_expires: r.min_expires_s,
+            max_expires: r.max_expires_s,
+            default_expires: r.default_expires_s,
+            max_bindings_per_aor: r.max_bindings_per_aor,
+        };
         Ok(Config {
+            auth,
+            registrar,
             domains,
             listen,
             tls,

@@ -1,6 +1,9 @@
 //! The one mapping from "why a request is refused" to the SIP response that says so.
 //! Every refusal in the pipeline is a [`Reject`]; nothing else builds error responses.
 
+use gatehouse_auth::HeaderError;
+
+use super::auth::Challenger;
 use crate::sip::ParseError;
 
 /// Who is at fault, for logs and metrics.
@@ -43,6 +46,23 @@ pub enum Reject {
     Timeout,
     #[error("next hop unreachable")]
     Unreachable,
+    #[error("authentication required (challenge)")]
+    Challenge {
+        challenger: Challenger,
+        value: String,
+    },
+    #[error("malformed SASL credentials: {0}")]
+    AuthMalformed(HeaderError),
+    #[error("authentication failed")]
+    AuthFailed,
+    #[error("too many pending authentications")]
+    AuthBusy,
+    #[error("the authenticated identity may not use this address")]
+    IdentityNotAllowed,
+    #[error("no binding for the AOR")]
+    TemporarilyUnavailable,
+    #[error("registration interval too brief")]
+    IntervalTooBrief(u32),
 }
 
 impl Reject {
@@ -73,13 +93,40 @@ impl Reject {
             ),
             Reject::Timeout => (408, "Request Timeout", vec![]),
             Reject::Unreachable => (503, "Service Unavailable (next hop unreachable)", vec![]),
+            Reject::Challenge { challenger, value } => {
+                let reason = match challenger {
+                    Challenger::Proxy => "Proxy Authentication Required",
+                    Challenger::Registrar => "Unauthorized",
+                };
+                (
+                    challenger.status(),
+                    reason,
+                    vec![(challenger.challenge_header(), value.clone())],
+                )
+            }
+            Reject::AuthMalformed(e) => (400, e.reason_phrase(), vec![]),
+            Reject::AuthFailed => (403, "Forbidden", vec![]),
+            Reject::AuthBusy => (
+                503,
+                "Service Unavailable (too many pending authentications)",
+                vec![("Retry-After", "5".into())],
+            ),
+            Reject::IdentityNotAllowed => {
+                (403, "Forbidden (identity may not use this address)", vec![])
+            }
+            Reject::TemporarilyUnavailable => (480, "Temporarily Unavailable", vec![]),
+            Reject::IntervalTooBrief(min) => (
+                423,
+                "Interval Too Brief",
+                vec![("Min-Expires", min.to_string())],
+            ),
         }
     }
 
     pub fn fault(&self) -> Fault {
         match self {
             Reject::Timeout | Reject::Unreachable => Fault::NextHop,
-            Reject::Overloaded | Reject::ShuttingDown => Fault::Gateway,
+            Reject::Overloaded | Reject::ShuttingDown | Reject::AuthBusy => Fault::Gateway,
             _ => Fault::Caller,
         }
     }

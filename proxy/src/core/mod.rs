@@ -21,7 +21,9 @@
 //!    Timer C, CANCEL of pending branches, 408/503 synthesised for timeouts and
 //!    unreachable next hops.
 
+pub mod auth;
 pub mod error;
+pub mod registrar;
 pub mod route;
 
 use std::collections::HashMap;
@@ -30,15 +32,20 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Instant;
 
 use bytes::Bytes;
+use gatehouse_auth::{Authenticated, SaslServer, Secret, ServerSettings, TlsInfo};
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
+pub use auth::Challenger;
 pub use error::{Fault, Reject};
+pub use registrar::{Binding, WallClock};
 pub use route::{RouteTable, Target};
 
-use crate::flow::{Destination, Flow, Transport};
+use crate::config::{AuthSettings, RegistrarSettings};
+use crate::flow::{ConnId, Destination, Flow, Transport};
 use crate::sip::values::split_list;
 use crate::sip::{build_response, HeaderName, Limits, Message, Method, NameAddr, Scheme, Uri, Via};
+use crate::store::Store;
 use crate::transaction::{
     build_cancel, ServerOutcome, TimerConfig, TransactionLayer, Transmit, TxEvent, TxId,
 };
@@ -88,6 +95,10 @@ pub struct CoreConfig {
     pub timers: TimerConfig,
     /// Key for the Record-Route MAC that admits in-dialog requests.
     pub dialog_key: [u8; 32],
+    pub auth: AuthSettings,
+    pub registrar: RegistrarSettings,
+    /// Key of the fake verifiers that make unknown users look like known ones.
+    pub auth_secret: [u8; 32],
 }
 
 /// Proof that a request passed the authenticate stage. Only [`Proxy::authenticate`]
@@ -98,15 +109,26 @@ pub struct Admission {
 }
 
 impl Admission {
-    pub fn basis(&self) -> AdmissionBasis {
-        self.basis
+    pub fn basis(&self) -> &AdmissionBasis {
+        &self.basis
     }
 }
 
 /// Why a request was admitted.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum AdmissionBasis {
+    /// From a configured trusted source; no identity.
     TrustedSource,
+    /// A finished, validated SASL exchange whose identity may use the From address.
+    Sasl(Box<Authenticated>),
+}
+
+/// Authentication counters for the metrics layer.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct AuthStats {
+    pub challenges: u64,
+    pub locked_out: u64,
+    pub lockouts: u64,
 }
 
 /// Counters the metrics layer reads.
@@ -135,9 +157,11 @@ struct Context {
     request: Message,
     invite: bool,
     branches: Vec<Branch>,
-    best: Option<(u16, Bytes)>,
+    best: Option<(u16, Message)>,
     final_sent: bool,
     cancelled: bool,
+    /// `*-Authentication-Info` added to every final response of an authenticated request.
+    auth_info: Option<(&'static str, String)>,
 }
 
 /// The sans-IO stateful proxy.
@@ -151,15 +175,42 @@ pub struct Proxy {
     branch_salt: u32,
     branch_counter: u64,
     draining: bool,
+    sasl: SaslServer,
+    store: Store,
+    bindings: registrar::Bindings,
+    tls: HashMap<ConnId, TlsInfo>,
+    lockout: auth::Lockout,
+    clock: WallClock,
     pub stats: CoreStats,
+    pub auth_stats: AuthStats,
 }
 
 type HmacSha256 = Hmac<Sha256>;
 
 impl Proxy {
-    pub fn new(cfg: CoreConfig) -> Self {
+    /// A proxy on `store` (credentials, bindings); `clock` maps its time to wall-clock time
+    /// for persisted expiries.
+    pub fn new(cfg: CoreConfig, store: Store, clock: WallClock) -> Self {
         let txl = TransactionLayer::new(cfg.timers);
-        Proxy {
+        let a = &cfg.auth;
+        let sasl = SaslServer::new(ServerSettings {
+            realm: a.realm.clone(),
+            mechanisms: a.mechanisms.clone(),
+            ttl: a.exchange_ttl,
+            max_pending: a.max_pending,
+            max_pending_per_source: a.max_pending_per_source,
+            iterations: a.iterations,
+            secret: Secret::new(cfg.auth_secret),
+        });
+        let lockout = auth::Lockout::new(a.failures_before_lockout, a.failure_window, a.lockout);
+        let mut proxy = Proxy {
+            sasl,
+            store,
+            bindings: registrar::Bindings::default(),
+            tls: HashMap::new(),
+            lockout,
+            clock,
+            auth_stats: AuthStats::default(),
             cfg,
             txl,
             contexts: HashMap::new(),
@@ -169,7 +220,34 @@ impl Proxy {
             branch_counter: 0,
             draining: false,
             stats: CoreStats::default(),
-        }
+        };
+        proxy.load_bindings();
+        proxy
+    }
+
+    /// The driver reports the TLS facts of a new connection (channel binding, client identity).
+    pub fn set_connection_tls(&mut self, conn: ConnId, info: TlsInfo) {
+        self.tls.insert(conn, info);
+    }
+
+    /// The driver reports a closed connection.
+    pub fn connection_closed(&mut self, conn: ConnId) {
+        self.tls.remove(&conn);
+    }
+
+    /// SASL exchanges parked between rounds.
+    pub fn pending_sasl(&self) -> usize {
+        self.sasl.pending()
+    }
+
+    /// Live registrar bindings.
+    pub fn registrations(&self) -> usize {
+        self.bindings.count()
+    }
+
+    /// SASL outcome counters by (mechanism, outcome).
+    pub fn sasl_outcomes(&self) -> &HashMap<(&'static str, &'static str), u64> {
+        &self.sasl.stats.outcomes
     }
 
     pub fn config(&self) -> &CoreConfig {
@@ -324,6 +402,7 @@ impl Proxy {
                 best: None,
                 final_sent: false,
                 cancelled: false,
+                auth_info: None,
             },
         );
         let mut msg = msg;
@@ -361,7 +440,15 @@ impl Proxy {
                 return Err(Reject::NoDialog);
             }
             let dest = self.next_hop(&mut msg)?;
-            return self.relay(id, msg, flow, dest, loop_hash, false, now);
+            return self.relay(
+                id,
+                msg,
+                flow,
+                vec![(String::new(), dest)],
+                loop_hash,
+                false,
+                now,
+            );
         }
         if self.draining {
             return Err(Reject::ShuttingDown);
@@ -369,47 +456,90 @@ impl Proxy {
         if to_self {
             return match msg.method() {
                 Some(Method::Options) => self.answer_options(id, &msg, now),
+                Some(Method::Register) => self.register(id, msg, flow, now),
                 _ => Err(Reject::NotImplemented),
             };
         }
 
         // Stage 5: authenticate.
-        let admission = self.authenticate(&msg, &flow)?;
+        let admission = self.authenticate(id, &mut msg, &flow, now)?;
 
         // Stage 6: authorize / rewrite (policy and SDP arrive with the tunnel issue).
 
         // Stage 7: target.
-        let target = self.target(&msg, &admission)?;
-        msg.set_request_uri(&target.uri);
+        let targets = self.targets(&msg, &admission, now)?;
 
         // Stage 8: relay.
         let record_route = matches!(
             msg.method(),
             Some(Method::Invite | Method::Subscribe | Method::Refer | Method::Notify)
         );
-        self.relay(id, msg, flow, target.dest, loop_hash, record_route, now)
+        self.relay(id, msg, flow, targets, loop_hash, record_route, now)
     }
 
-    /// The authenticate stage. Trusted sources are admitted; everything else is refused
-    /// until the SASL stage exists.
-    fn authenticate(&self, _msg: &Message, flow: &Flow) -> Result<Admission, Reject> {
+    /// The authenticate stage. Trusted sources are admitted as such; every other request runs
+    /// the SASL exchange (407 flow), and its identity must be allowed to use the From address.
+    fn authenticate(
+        &mut self,
+        id: TxId,
+        msg: &mut Message,
+        flow: &Flow,
+        now: Instant,
+    ) -> Result<Admission, Reject> {
         let ip = canonical_ip(flow.remote.ip());
         if self.cfg.trusted.iter().any(|net| net.contains(&ip)) {
             return Ok(Admission {
                 basis: AdmissionBasis::TrustedSource,
             });
         }
-        Err(Reject::Forbidden("Forbidden (source not trusted)"))
+        let round = self.sasl_round(msg, flow, Challenger::Proxy, now);
+        if matches!(round, Err(Reject::Challenge { .. })) {
+            self.auth_stats.challenges += 1;
+        }
+        let (authenticated, info) = round?;
+        // Every final response of this request now carries the server-final (mutual authentication).
+        self.set_auth_info(id, Challenger::Proxy, info);
+        let from = auth::header_aor(msg, HeaderName::From).ok_or(Reject::IdentityNotAllowed)?;
+        if !auth::may_present(&authenticated, &from) {
+            return Err(Reject::IdentityNotAllowed);
+        }
+        Ok(Admission {
+            basis: AdmissionBasis::Sasl(Box::new(authenticated)),
+        })
     }
 
-    fn target(&self, msg: &Message, _admission: &Admission) -> Result<Target, Reject> {
-        let ruri = msg.request_uri().unwrap_or_default();
+    fn set_auth_info(&mut self, id: TxId, challenger: Challenger, value: String) {
+        if let Some(ctx) = self.contexts.get_mut(&id) {
+            ctx.auth_info = Some((challenger.info_header(), value));
+        }
+    }
+
+    fn auth_info(&self, id: TxId) -> Option<(&'static str, String)> {
+        self.contexts.get(&id).and_then(|c| c.auth_info.clone())
+    }
+
+    /// The target stage: the AOR's registered bindings, else a static route; an AOR of our
+    /// domain with neither is temporarily unavailable; other domains are not relayed.
+    fn targets(
+        &mut self,
+        msg: &Message,
+        _admission: &Admission,
+        now: Instant,
+    ) -> Result<Vec<(String, Destination)>, Reject> {
+        let ruri = msg.request_uri().unwrap_or_default().into_owned();
         let uri = Uri::parse(&ruri).map_err(|_| Reject::NotFound)?;
+        let bindings = self.bindings_for(&ruri, now);
+        if !bindings.is_empty() {
+            return Ok(bindings
+                .iter()
+                .map(|b| (b.contact.clone(), b.destination()))
+                .collect());
+        }
         if let Some(t) = self.cfg.routes.lookup(&uri) {
-            return Ok(t.clone());
+            return Ok(vec![(t.uri.clone(), t.dest.clone())]);
         }
         if self.is_our_domain(uri.host) {
-            Err(Reject::NotFound)
+            Err(Reject::TemporarilyUnavailable)
         } else {
             Err(Reject::Forbidden("Forbidden (relaying denied)"))
         }
@@ -435,7 +565,10 @@ impl Proxy {
     }
 
     fn reply(&mut self, id: TxId, req: &Message, reject: Reject, now: Instant) {
-        let (code, reason, extra) = reject.response();
+        let (code, reason, mut extra) = reject.response();
+        if let Some(info) = self.auth_info(id) {
+            extra.push(info);
+        }
         let extra: Vec<(&str, &str)> = extra.iter().map(|(n, v)| (*n, v.as_str())).collect();
         let tag = self.new_tag();
         let resp = build_response(req, code, reason, Some(&tag), &extra);
@@ -629,28 +762,19 @@ impl Proxy {
         Ok(route::destination_of(&uri, Transport::Udp))
     }
 
+    /// Forwards the request to each target (parallel forking); an empty Request-URI keeps it.
     #[allow(clippy::too_many_arguments)]
     fn relay(
         &mut self,
         id: TxId,
-        mut msg: Message,
+        msg: Message,
         flow: Flow,
-        dest: Destination,
+        targets: Vec<(String, Destination)>,
         loop_hash: u32,
         record_route: bool,
         now: Instant,
     ) -> Result<(), Reject> {
         let method = msg.method().unwrap_or(Method::Other);
-        if record_route {
-            self.add_record_route(&mut msg, &flow, &dest);
-        }
-        self.branch_counter += 1;
-        let branch = format!(
-            "z9hG4bK{:08x}{:x}.{:08x}",
-            self.branch_salt, self.branch_counter, loop_hash
-        );
-        self.add_via_and_forwarding_headers(&mut msg, &dest, &branch);
-        let reliable = dest_transport(&dest).is_reliable();
         if method == Method::Invite {
             let trying = build_response(
                 &msg_for_response(&self.contexts, id),
@@ -661,20 +785,40 @@ impl Proxy {
             );
             self.txl.respond(id, 100, trying, now);
         }
-        let bytes = msg.serialize();
-        let client = self
-            .txl
-            .start_client(bytes, method, &branch, dest, reliable, now);
-        self.branch_of.insert(client, id);
-        if let Some(ctx) = self.contexts.get_mut(&id) {
-            ctx.branches.push(Branch {
-                client,
-                done: false,
-                cancel_pending: false,
-                provisional: false,
-            });
+        let last = targets.len().saturating_sub(1);
+        let mut msg = Some(msg);
+        for (n, (ruri, dest)) in targets.into_iter().enumerate() {
+            // The last branch takes the message itself; the others a copy.
+            let mut branch_msg =
+                if n == last { msg.take() } else { msg.clone() }.ok_or(Reject::NotFound)?;
+            if !ruri.is_empty() {
+                branch_msg.set_request_uri(&ruri);
+            }
+            if record_route {
+                self.add_record_route(&mut branch_msg, &flow, &dest);
+            }
+            self.branch_counter += 1;
+            let branch = format!(
+                "z9hG4bK{:08x}{:x}.{:08x}",
+                self.branch_salt, self.branch_counter, loop_hash
+            );
+            self.add_via_and_forwarding_headers(&mut branch_msg, &dest, &branch);
+            let reliable = dest_transport(&dest).is_reliable();
+            let bytes = branch_msg.serialize();
+            let client = self
+                .txl
+                .start_client(bytes, method, &branch, dest, reliable, now);
+            self.branch_of.insert(client, id);
+            if let Some(ctx) = self.contexts.get_mut(&id) {
+                ctx.branches.push(Branch {
+                    client,
+                    done: false,
+                    cancel_pending: false,
+                    provisional: false,
+                });
+            }
+            self.stats.forwarded += 1;
         }
-        self.stats.forwarded += 1;
         Ok(())
     }
 
@@ -766,8 +910,7 @@ impl Proxy {
         if status == 100 {
             return;
         }
-        let bytes = msg.serialize();
-        self.on_branch_response(server, client, status, bytes, now);
+        self.on_branch_response(server, client, status, msg, now);
     }
 
     fn on_branch_response(
@@ -775,7 +918,7 @@ impl Proxy {
         server: TxId,
         client: TxId,
         status: u16,
-        bytes: Bytes,
+        mut resp: Message,
         now: Instant,
     ) {
         let mut cancel_now = Vec::new();
@@ -792,7 +935,7 @@ impl Proxy {
                 cancel_now.push(client);
             }
             if !ctx.final_sent {
-                self.txl.respond(server, status, bytes, now);
+                self.txl.respond(server, status, resp.serialize(), now);
             }
         } else if status < 300 {
             branch.done = true;
@@ -806,7 +949,10 @@ impl Proxy {
                         .map(|b| b.client),
                 );
             }
-            self.txl.respond(server, status, bytes, now);
+            if let Some((name, value)) = &ctx.auth_info {
+                resp.insert_named(usize::MAX, HeaderName::Other, name, value.clone());
+            }
+            self.txl.respond(server, status, resp.serialize(), now);
         } else {
             branch.done = true;
             if status >= 600 && ctx.invite {
@@ -817,7 +963,7 @@ impl Proxy {
                 Some((best, _)) => response_rank(status) < response_rank(*best),
             };
             if better {
-                ctx.best = Some((status, bytes));
+                ctx.best = Some((status, resp));
             }
             self.maybe_send_best(server, now);
         }
@@ -834,9 +980,12 @@ impl Proxy {
         if ctx.final_sent || ctx.branches.iter().any(|b| !b.done) {
             return;
         }
-        if let Some((status, bytes)) = ctx.best.take() {
+        if let Some((status, mut resp)) = ctx.best.take() {
             ctx.final_sent = true;
-            self.txl.respond(server, status, bytes, now);
+            if let Some((name, value)) = &ctx.auth_info {
+                resp.insert_named(usize::MAX, HeaderName::Other, name, value.clone());
+            }
+            self.txl.respond(server, status, resp.serialize(), now);
         }
     }
 
@@ -855,8 +1004,10 @@ impl Proxy {
         let (code, reason, _) = reject.response();
         let request = ctx.request.clone();
         let tag = self.new_tag();
-        let resp = build_response(&request, code, reason, Some(&tag), &[]);
-        self.on_branch_response(server, client, code, resp, now);
+        let bytes = build_response(&request, code, reason, Some(&tag), &[]);
+        if let Ok(resp) = Message::parse(bytes, &self.cfg.limits) {
+            self.on_branch_response(server, client, code, resp, now);
+        }
     }
 
     // ===== identity helpers =====

@@ -59,6 +59,9 @@ fn config() -> CoreConfig {
             ..TimerConfig::default()
         },
         dialog_key: [7; 32],
+        auth: crate::config::AuthSettings::defaults("org.example"),
+        registrar: crate::config::RegistrarSettings::default(),
+        auth_secret: [7; 32],
     }
 }
 
@@ -122,7 +125,7 @@ impl Sent {
 impl Harness {
     fn new() -> Self {
         Harness {
-            proxy: Proxy::new(config()),
+            proxy: new_proxy(config()),
             now: Instant::now(),
         }
     }
@@ -232,15 +235,22 @@ fn trusted_invite_is_relayed_with_via_record_route_and_100_trying() {
 }
 
 #[test]
-fn untrusted_source_is_refused_until_authenticated() {
+fn untrusted_source_is_challenged() {
     let mut h = Harness::new();
     let mut flow = caller_flow();
     flow.remote = "192.0.2.200:5060".parse().unwrap();
     let out = h.send(&invite("vpn"), flow);
-    assert_eq!(out.len(), 1);
+    assert_eq!(out.len(), 1, "{out:?}");
     assert_eq!(
         out[0].first_line(),
-        "SIP/2.0 403 Forbidden (source not trusted)"
+        "SIP/2.0 407 Proxy Authentication Required"
+    );
+    assert!(
+        out[0]
+            .text
+            .contains("Proxy-Authenticate: SASL realm=\"org.example\", mech=\"SCRAM-SHA-256\"\r\n"),
+        "no -PLUS offered over UDP: {}",
+        out[0].text
     );
 }
 
@@ -265,7 +275,7 @@ fn pipeline_refusals_have_their_status_codes() {
         (
             "INVITE sip:vpn@org.example",
             "INVITE sip:nobody@org.example",
-            "SIP/2.0 404 Not Found",
+            "SIP/2.0 480 Temporarily Unavailable",
         ),
         (
             "INVITE sip:vpn@org.example",
@@ -454,7 +464,7 @@ fn timer_c_after_provisional_cancels_the_branch_and_gives_408() {
 fn unanswered_udp_invite_times_out_with_408_on_timer_b() {
     let mut h = Harness::new();
     h.proxy.cfg.timers.timer_c = Duration::from_secs(180);
-    h.proxy = Proxy::new(CoreConfig {
+    h.proxy = new_proxy(CoreConfig {
         timers: TimerConfig::default(),
         ..config()
     });
@@ -679,7 +689,7 @@ fn retransmitted_invite_is_absorbed_and_100_resent() {
 #[test]
 fn transaction_table_is_bounded() {
     let mut h = Harness::new();
-    h.proxy = Proxy::new(CoreConfig {
+    h.proxy = new_proxy(CoreConfig {
         max_transactions: 2,
         ..config()
     });
@@ -731,4 +741,12 @@ fn unknown_methods_are_forwarded() {
         .starts_with("FOOBAR sip:vpn@198.51.100.20:5060"));
     assert!(!out[0].text.contains("Record-Route"));
     let _ = SocketAddr::from(([0, 0, 0, 0], 0));
+}
+
+fn new_proxy(cfg: crate::core::CoreConfig) -> crate::core::Proxy {
+    crate::core::Proxy::new(
+        cfg,
+        crate::store::Store::in_memory().unwrap(),
+        crate::core::WallClock::now(),
+    )
 }

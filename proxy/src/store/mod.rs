@@ -123,7 +123,9 @@ impl Store {
     }
 
     fn migrate(&mut self) -> Result<(), StoreError> {
-        let version: i64 = self.conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+        let version: i64 = self
+            .conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))?;
         let tx = self.conn.transaction()?;
         for (i, m) in MIGRATIONS.iter().enumerate().skip(version as usize) {
             tx.execute_batch(m)?;
@@ -137,7 +139,9 @@ impl Store {
     pub fn key(&self, name: &str) -> Result<[u8; 32], StoreError> {
         let existing: Option<Vec<u8>> = self
             .conn
-            .query_row("SELECT value FROM keys WHERE name = ?1", [name], |r| r.get(0))
+            .query_row("SELECT value FROM keys WHERE name = ?1", [name], |r| {
+                r.get(0)
+            })
             .optional()?;
         if let Some(v) = existing.filter(|v| v.len() == 32) {
             let mut k = [0u8; 32];
@@ -145,21 +149,31 @@ impl Store {
             return Ok(k);
         }
         let k: [u8; 32] = rand::random();
-        self.conn
-            .execute("INSERT OR REPLACE INTO keys (name, value) VALUES (?1, ?2)", params![name, k.as_slice()])?;
+        self.conn.execute(
+            "INSERT OR REPLACE INTO keys (name, value) VALUES (?1, ?2)",
+            params![name, k.as_slice()],
+        )?;
         Ok(k)
     }
 
     fn validate_user(username: &str, aors: &[String]) -> Result<(), StoreError> {
-        if username.is_empty() || username.len() > 128 || username.chars().any(|c| c.is_control() || c.is_whitespace()) {
+        if username.is_empty()
+            || username.len() > 128
+            || username
+                .chars()
+                .any(|c| c.is_control() || c.is_whitespace())
+        {
             return Err(StoreError::Invalid(format!("bad username `{username}`")));
         }
         for a in aors {
-            let ok = crate::sip::Uri::parse(a)
-                .ok()
-                .is_some_and(|u| matches!(u.scheme, crate::sip::Scheme::Sip | crate::sip::Scheme::Sips) && u.user.is_some());
+            let ok = crate::sip::Uri::parse(a).ok().is_some_and(|u| {
+                matches!(u.scheme, crate::sip::Scheme::Sip | crate::sip::Scheme::Sips)
+                    && u.user.is_some()
+            });
             if !ok {
-                return Err(StoreError::Invalid(format!("`{a}` is not a sip:user@domain AOR")));
+                return Err(StoreError::Invalid(format!(
+                    "`{a}` is not a sip:user@domain AOR"
+                )));
             }
         }
         Ok(())
@@ -176,7 +190,9 @@ impl Store {
     ) -> Result<(), StoreError> {
         Self::validate_user(username, aors)?;
         if iterations < MIN_ITERATIONS {
-            return Err(StoreError::Invalid(format!("iterations must be at least {MIN_ITERATIONS}")));
+            return Err(StoreError::Invalid(format!(
+                "iterations must be at least {MIN_ITERATIONS}"
+            )));
         }
         let salt: [u8; 16] = rand::random();
         let v = Verifier::derive(password, salt.to_vec(), iterations);
@@ -192,14 +208,22 @@ impl Store {
             return Err(StoreError::Exists(username.into()));
         }
         for a in aors {
-            tx.execute("INSERT OR IGNORE INTO user_aors (username, aor) VALUES (?1, ?2)", params![username, a])?;
+            tx.execute(
+                "INSERT OR IGNORE INTO user_aors (username, aor) VALUES (?1, ?2)",
+                params![username, a],
+            )?;
         }
         tx.commit()?;
         Ok(())
     }
 
     /// Replaces a user's verifier.
-    pub fn set_password(&mut self, username: &str, password: &[u8], iterations: u32) -> Result<(), StoreError> {
+    pub fn set_password(
+        &mut self,
+        username: &str,
+        password: &[u8],
+        iterations: u32,
+    ) -> Result<(), StoreError> {
         let salt: [u8; 16] = rand::random();
         let v = Verifier::derive(password, salt.to_vec(), iterations.max(MIN_ITERATIONS));
         let n = self.conn.execute(
@@ -213,9 +237,10 @@ impl Store {
     }
 
     pub fn set_enabled(&mut self, username: &str, enabled: bool) -> Result<(), StoreError> {
-        let n = self
-            .conn
-            .execute("UPDATE users SET enabled = ?2, updated_at = ?3 WHERE username = ?1", params![username, enabled, unix_now()])?;
+        let n = self.conn.execute(
+            "UPDATE users SET enabled = ?2, updated_at = ?3 WHERE username = ?1",
+            params![username, enabled, unix_now()],
+        )?;
         if n == 0 {
             return Err(StoreError::NoUser(username.into()));
         }
@@ -223,7 +248,9 @@ impl Store {
     }
 
     pub fn delete_user(&mut self, username: &str) -> Result<(), StoreError> {
-        let n = self.conn.execute("DELETE FROM users WHERE username = ?1", [username])?;
+        let n = self
+            .conn
+            .execute("DELETE FROM users WHERE username = ?1", [username])?;
         if n == 0 {
             return Err(StoreError::NoUser(username.into()));
         }
@@ -231,9 +258,16 @@ impl Store {
     }
 
     pub fn list_users(&self) -> Result<Vec<UserSummary>, StoreError> {
-        let mut stmt = self.conn.prepare("SELECT username FROM users ORDER BY username")?;
-        let names: Vec<String> = stmt.query_map([], |r| r.get(0))?.collect::<Result<_, _>>()?;
-        names.iter().map(|n| self.user(n)?.ok_or_else(|| StoreError::NoUser(n.clone()))).collect()
+        let mut stmt = self
+            .conn
+            .prepare("SELECT username FROM users ORDER BY username")?;
+        let names: Vec<String> = stmt
+            .query_map([], |r| r.get(0))?
+            .collect::<Result<_, _>>()?;
+        names
+            .iter()
+            .map(|n| self.user(n)?.ok_or_else(|| StoreError::NoUser(n.clone())))
+            .collect()
     }
 
     pub fn user(&self, username: &str) -> Result<Option<UserSummary>, StoreError> {
@@ -242,7 +276,13 @@ impl Store {
             .query_row(
                 "SELECT mechanisms, enabled, iterations FROM users WHERE username = ?1",
                 [username],
-                |r| Ok((r.get::<_, Option<String>>(0)?, r.get::<_, bool>(1)?, r.get::<_, u32>(2)?)),
+                |r| {
+                    Ok((
+                        r.get::<_, Option<String>>(0)?,
+                        r.get::<_, bool>(1)?,
+                        r.get::<_, u32>(2)?,
+                    ))
+                },
             )
             .optional()?;
         let Some((mechs, enabled, iterations)) = row else {
@@ -258,8 +298,12 @@ impl Store {
     }
 
     fn aors(&self, username: &str) -> Result<Vec<String>, StoreError> {
-        let mut stmt = self.conn.prepare_cached("SELECT aor FROM user_aors WHERE username = ?1 ORDER BY aor")?;
-        let aors = stmt.query_map([username], |r| r.get(0))?.collect::<Result<_, _>>()?;
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT aor FROM user_aors WHERE username = ?1 ORDER BY aor")?;
+        let aors = stmt
+            .query_map([username], |r| r.get(0))?
+            .collect::<Result<_, _>>()?;
         Ok(aors)
     }
 
@@ -284,7 +328,9 @@ impl Store {
         let Some((salt, iterations, stored, server, mechs, enabled)) = row else {
             return Ok(None);
         };
-        let (Ok(stored_key), Ok(server_key)) = (<[u8; 32]>::try_from(stored), <[u8; 32]>::try_from(server)) else {
+        let (Ok(stored_key), Ok(server_key)) =
+            (<[u8; 32]>::try_from(stored), <[u8; 32]>::try_from(server))
+        else {
             return Ok(None);
         };
         Ok(Some(Credential {
@@ -296,7 +342,11 @@ impl Store {
                 server_key,
             },
             aors: self.aors(username)?,
-            mechanisms: mechs.map(|m| m.split_whitespace().filter_map(Mechanism::from_name).collect()),
+            mechanisms: mechs.map(|m| {
+                m.split_whitespace()
+                    .filter_map(Mechanism::from_name)
+                    .collect()
+            }),
             enabled,
         }))
     }
@@ -313,13 +363,19 @@ impl Store {
     }
 
     pub fn remove_binding(&mut self, aor: &str, contact: &str) -> Result<(), StoreError> {
-        self.conn.execute("DELETE FROM bindings WHERE aor = ?1 AND contact = ?2", params![aor, contact])?;
+        self.conn.execute(
+            "DELETE FROM bindings WHERE aor = ?1 AND contact = ?2",
+            params![aor, contact],
+        )?;
         Ok(())
     }
 
     /// Bindings not yet expired at `now_unix`; expired ones are deleted.
     pub fn live_bindings(&mut self, now_unix: u64) -> Result<Vec<BindingRecord>, StoreError> {
-        self.conn.execute("DELETE FROM bindings WHERE expires_at <= ?1", [now_unix as i64])?;
+        self.conn.execute(
+            "DELETE FROM bindings WHERE expires_at <= ?1",
+            [now_unix as i64],
+        )?;
         let mut stmt = self
             .conn
             .prepare("SELECT aor, contact, transport, remote, expires_at, instance, identity FROM bindings ORDER BY aor")?;
@@ -364,12 +420,22 @@ mod tests {
         let _ = std::fs::remove_file(&path);
         {
             let mut s = Store::open(&path).unwrap();
-            s.add_user("alice", b"Pa55-unique-marker", &["sip:alice@partner.example".into()], None, 4096).unwrap();
+            s.add_user(
+                "alice",
+                b"Pa55-unique-marker",
+                &["sip:alice@partner.example".into()],
+                None,
+                4096,
+            )
+            .unwrap();
             assert!(matches!(
                 s.add_user("alice", b"x", &[], None, 4096),
                 Err(StoreError::Exists(_))
             ));
-            assert!(matches!(s.add_user("bob", b"x", &["not-a-uri".into()], None, 4096), Err(StoreError::Invalid(_))));
+            assert!(matches!(
+                s.add_user("bob", b"x", &["not-a-uri".into()], None, 4096),
+                Err(StoreError::Invalid(_))
+            ));
         }
         // Another connection (as the CLI next to a running gateway) sees the user.
         let s = Store::open(&path).unwrap();
@@ -382,7 +448,10 @@ mod tests {
         let bytes = std::fs::read(&path).unwrap();
         let wal = std::fs::read(dir.join("store.sqlite-wal")).unwrap_or_default();
         for b in [&bytes, &wal] {
-            assert!(!b.windows(18).any(|w| w == b"Pa55-unique-marker"), "plaintext password in the store");
+            assert!(
+                !b.windows(18).any(|w| w == b"Pa55-unique-marker"),
+                "plaintext password in the store"
+            );
         }
         let _ = std::fs::remove_dir_all(&dir);
     }

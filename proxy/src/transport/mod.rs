@@ -108,6 +108,7 @@ enum Event {
         transport: Transport,
         remote: SocketAddr,
         tx: mpsc::Sender<Outgoing>,
+        tls: Option<gatehouse_auth::TlsInfo>,
     },
     Closed(ConnId),
     SendFailed(Vec<TxId>),
@@ -292,7 +293,11 @@ impl Driver {
                 transport,
                 remote,
                 tx,
+                tls,
             } => {
+                if let Some(info) = tls {
+                    self.proxy.set_connection_tls(id, info);
+                }
                 self.by_remote.insert((transport, remote), id);
                 self.conns.insert(
                     id,
@@ -304,6 +309,7 @@ impl Driver {
                 );
             }
             Event::Closed(id) => {
+                self.proxy.connection_closed(id);
                 if let Some(h) = self.conns.remove(&id) {
                     if self.by_remote.get(&(h.transport, h.remote)) == Some(&id) {
                         self.by_remote.remove(&(h.transport, h.remote));
@@ -553,17 +559,15 @@ async fn accept_loop(
                         tracing::debug!(%remote, "TLS handshake failed");
                         return;
                     };
-                    if settings
-                        .events
-                        .send(Event::Opened {
-                            id,
-                            transport,
-                            remote,
-                            tx,
-                        })
-                        .await
-                        .is_ok()
-                    {
+                    let info = tls::channel_binding(tls.get_ref().1);
+                    let opened = Event::Opened {
+                        id,
+                        transport,
+                        remote,
+                        tx,
+                        tls: Some(info),
+                    };
+                    if settings.events.send(opened).await.is_ok() {
                         serve_conn(tls, id, transport, local, remote, rx, settings, permit).await;
                     }
                 }
@@ -575,6 +579,7 @@ async fn accept_loop(
                             transport,
                             remote,
                             tx,
+                            tls: None,
                         })
                         .await
                         .is_ok()

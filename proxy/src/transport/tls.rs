@@ -92,3 +92,19 @@ pub fn server_name(name: Option<&str>, addr: SocketAddr) -> ServerName<'static> 
     name.and_then(|n| ServerName::try_from(n.to_owned()).ok())
         .unwrap_or_else(|| ServerName::IpAddress(addr.ip().into()))
 }
+
+/// RFC 9266 `tls-exporter` channel-binding data of a server connection (TLS 1.3; for TLS 1.2
+/// the exporter is only safe with extended master secret, which rustls always uses).
+pub fn channel_binding(conn: &rustls::ServerConnection) -> gatehouse_auth::TlsInfo {
+    let mut exporter = vec![0u8; 32];
+    if conn
+        .export_keying_material(&mut exporter[..], b"EXPORTER-Channel-Binding", None)
+        .is_err()
+    {
+        exporter.clear();
+    }
+    gatehouse_auth::TlsInfo {
+        exporter,
+        peer_identity: None,
+    }
+}
