@@ -750,3 +750,429 @@ fn new_proxy(cfg: crate::core::CoreConfig) -> crate::core::Proxy {
         crate::core::WallClock::now(),
     )
 }
+
+// ===== SASL in SIP (sip-sasl.md) =====
+
+mod sasl {
+    use super::*;
+    use crate::store::Store;
+    use gatehouse_auth::scram::ScramClient;
+    use gatehouse_auth::SaslParams;
+
+    /// Each round is a new transaction: a new branch every time.
+    fn unique() -> u64 {
+        static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn store() -> Store {
+        let mut s = Store::in_memory().unwrap();
+        s.add_user(
+            "alice",
+            b"alice-secret",
+            &["sip:alice@partner.example".into()],
+            None,
+            4096,
+        )
+        .unwrap();
+        s.add_user(
+            "vpn",
+            b"vpn-secret",
+            &["sip:vpn@org.example".into()],
+            None,
+            4096,
+        )
+        .unwrap();
+        s
+    }
+
+    fn harness() -> Harness {
+        let mut cfg = config();
+        cfg.routes = RouteTable::default();
+        let mut routes = RouteTable::default();
+        routes.add_aor(
+            "vpn",
+            "org.example",
+            Target {
+                uri: "sip:vpn@198.51.100.20:5060".into(),
+                dest: Destination::Addr {
+                    transport: Transport::Udp,
+                    addr: UAS.parse().unwrap(),
+                    server_name: None,
+                },
+                transport: Transport::Udp,
+            },
+        );
+        cfg.routes = routes;
+        cfg.auth.failures_before_lockout = 3;
+        Harness {
+            proxy: Proxy::new(cfg, store(), WallClock::now()),
+            now: Instant::now(),
+        }
+    }
+
+    fn outside() -> Flow {
+        Flow {
+            remote: "192.0.2.200:5062".parse().unwrap(),
+            ..caller_flow()
+        }
+    }
+
+    /// The INVITE of round `cseq` with a Proxy-Authorization value.
+    fn invite_round(cseq: u32, auth: Option<&str>) -> String {
+        let mut s = invite("vpn")
+            .replace("CSeq: 1 INVITE", &format!("CSeq: {cseq} INVITE"))
+            .replace(
+                "branch=z9hG4bKcaller1",
+                &format!("branch=z9hG4bKround{cseq}x{}", unique()),
+            );
+        if let Some(a) = auth {
+            s = s.replacen(
+                "Max-Forwards: 70\r\n",
+                &format!("Max-Forwards: 70\r\nProxy-Authorization: {a}\r\n"),
+                1,
+            );
+        }
+        s
+    }
+
+    fn challenge_of(sent: &Sent) -> SaslParams {
+        let m = sent.msg();
+        let v = m
+            .headers()
+            .find(|(i, _)| m.name_text(*i).eq_ignore_ascii_case("Proxy-Authenticate"))
+            .map(|(i, _)| m.value(i).into_owned())
+            .expect("Proxy-Authenticate");
+        SaslParams::parse(&v).unwrap()
+    }
+
+    /// Runs the three INVITE rounds; returns the outputs of the last one.
+    fn authenticate(h: &mut Harness, client: &mut ScramClient) -> Vec<Sent> {
+        let out = h.send(&invite_round(1, None), outside());
+        assert_eq!(out[0].status(), Some(407));
+        let p1 = SaslParams {
+            realm: Some("org.example".into()),
+            mech: Some("SCRAM-SHA-256".into()),
+            c2s: Some(client.client_first()),
+            ..SaslParams::default()
+        };
+        let out = h.send(&invite_round(2, Some(&p1.emit())), outside());
+        assert_eq!(out[0].status(), Some(407), "{out:?}");
+        let c = challenge_of(&out[0]);
+        let cf = client.client_final(&c.s2c.unwrap()).unwrap();
+        let p2 = SaslParams {
+            realm: Some("org.example".into()),
+            s2s: c.s2s,
+            c2s: Some(cf),
+            ..SaslParams::default()
+        };
+        h.send(&invite_round(3, Some(&p2.emit())), outside())
+    }
+
+    #[test]
+    fn three_round_scram_then_forward_with_credentials_consumed() {
+        let mut h = harness();
+        let mut client = ScramClient::new("alice", b"alice-secret", None);
+        let out = authenticate(&mut h, &mut client);
+        let fwd = out
+            .iter()
+            .find(|s| s.first_line().starts_with("INVITE"))
+            .expect("forwarded");
+        assert!(
+            !fwd.text.contains("Proxy-Authorization"),
+            "own-realm credentials removed"
+        );
+        assert!(out.iter().any(|s| s.status() == Some(100)));
+        // Every final response relayed for the INVITE carries the server-final.
+        let relayed = h.send(&answer(fwd, 200, "OK", ""), uas_flow());
+        let ok = relayed
+            .iter()
+            .find(|s| s.status() == Some(200))
+            .expect("200 relayed");
+        let m = ok.msg();
+        let info = m
+            .headers()
+            .find(|(i, _)| m.name_text(*i) == "Proxy-Authentication-Info")
+            .map(|(i, _)| m.value(i).into_owned())
+            .expect("Proxy-Authentication-Info");
+        let info = SaslParams::parse(&info).unwrap();
+        assert_eq!(info.realm.as_deref(), Some("org.example"));
+        client
+            .verify_server_final(&info.s2c.unwrap())
+            .expect("mutual authentication");
+        assert_eq!(h.proxy.sasl_outcomes()[&("SCRAM-SHA-256", "success")], 1);
+    }
+
+    #[test]
+    fn error_finals_carry_the_server_final_too() {
+        let mut h = harness();
+        let mut client = ScramClient::new("alice", b"alice-secret", None);
+        let out = authenticate(&mut h, &mut client);
+        let fwd = out
+            .iter()
+            .find(|s| s.first_line().starts_with("INVITE"))
+            .unwrap();
+        let relayed = h.send(&answer(fwd, 486, "Busy Here", ""), uas_flow());
+        let busy = relayed.iter().find(|s| s.status() == Some(486)).unwrap();
+        assert!(
+            busy.text
+                .contains("Proxy-Authentication-Info: SASL realm=\"org.example\", s2c="),
+            "{}",
+            busy.text
+        );
+    }
+
+    #[test]
+    fn from_aor_must_belong_to_the_identity() {
+        let mut h = harness();
+        // vpn authenticates but presents From: alice.
+        let mut client = ScramClient::new("vpn", b"vpn-secret", None);
+        let out = authenticate(&mut h, &mut client);
+        assert_eq!(
+            out[0].first_line(),
+            "SIP/2.0 403 Forbidden (identity may not use this address)"
+        );
+    }
+
+    #[test]
+    fn wrong_password_is_a_generic_403_and_repeated_failures_lock_out() {
+        let mut h = harness();
+        for _ in 0..3 {
+            let mut client = ScramClient::new("alice", b"guess", None);
+            let out = authenticate(&mut h, &mut client);
+            assert_eq!(out[0].first_line(), "SIP/2.0 403 Forbidden");
+            assert!(
+                !out[0].text.contains("s2c"),
+                "no server-final after a failure"
+            );
+        }
+        // Locked out now: even the right password fails.
+        let mut client = ScramClient::new("alice", b"alice-secret", None);
+        let out = h.send(
+            &invite_round(
+                2,
+                Some(
+                    &SaslParams {
+                        mech: Some("SCRAM-SHA-256".into()),
+                        c2s: Some(client.client_first()),
+                        ..SaslParams::default()
+                    }
+                    .emit(),
+                ),
+            ),
+            outside(),
+        );
+        assert_eq!(out[0].first_line(), "SIP/2.0 403 Forbidden");
+        let _ = client.client_final(b"");
+        assert!(h.proxy.auth_stats.lockouts >= 1);
+    }
+
+    #[test]
+    fn malformed_sasl_header_gets_400_with_reason() {
+        let mut h = harness();
+        let out = h.send(
+            &invite_round(2, Some("SASL realm=\"org.example\", realm=\"x\"")),
+            outside(),
+        );
+        assert_eq!(
+            out[0].first_line(),
+            "SIP/2.0 400 Bad Request (duplicate SASL realm)"
+        );
+        let out = h.send(
+            &invite_round(3, Some("SASL mech=\"SCRAM-SHA-256\", c2s=\"***\"")),
+            outside(),
+        );
+        assert_eq!(
+            out[0].first_line(),
+            "SIP/2.0 400 Bad Request (SASL c2s is not base64)"
+        );
+    }
+
+    #[test]
+    fn digest_credentials_are_not_ours_and_get_a_challenge() {
+        let mut h = harness();
+        let out = h.send(
+            &invite_round(2, Some("Digest username=\"alice\", realm=\"org.example\"")),
+            outside(),
+        );
+        assert_eq!(out[0].status(), Some(407));
+    }
+
+    fn register(cseq: u32, auth: Option<&str>, contact: &str) -> String {
+        let n = unique();
+        let mut s = format!(
+            "REGISTER sip:org.example SIP/2.0\r\nVia: SIP/2.0/UDP 198.51.100.30:5060;branch=z9hG4bKreg{cseq}x{n};rport\r\n\
+Max-Forwards: 70\r\nFrom: <sip:vpn@org.example>;tag=r1\r\nTo: <sip:vpn@org.example>\r\nCall-ID: reg-1@endpoint\r\n\
+CSeq: {cseq} REGISTER\r\nContact: {contact}\r\nExpires: 600\r\nContent-Length: 0\r\n\r\n"
+        );
+        if let Some(a) = auth {
+            s = s.replacen(
+                "Max-Forwards: 70\r\n",
+                &format!("Max-Forwards: 70\r\nAuthorization: {a}\r\n"),
+                1,
+            );
+        }
+        s
+    }
+
+    fn endpoint() -> Flow {
+        Flow {
+            remote: "198.51.100.30:5060".parse().unwrap(),
+            ..caller_flow()
+        }
+    }
+
+    fn do_register(h: &mut Harness, user: &str, password: &[u8], contact: &str) -> Vec<Sent> {
+        let out = h.send(&register(1, None, contact), endpoint());
+        assert_eq!(out[0].first_line(), "SIP/2.0 401 Unauthorized");
+        assert!(out[0]
+            .text
+            .contains("WWW-Authenticate: SASL realm=\"org.example\""));
+        let mut client = ScramClient::new(user, password, None);
+        let p1 = SaslParams {
+            mech: Some("SCRAM-SHA-256".into()),
+            c2s: Some(client.client_first()),
+            ..SaslParams::default()
+        };
+        let out = h.send(&register(2, Some(&p1.emit()), contact), endpoint());
+        let m = out[0].msg();
+        let v = m
+            .headers()
+            .find(|(i, _)| m.name_text(*i) == "WWW-Authenticate")
+            .map(|(i, _)| m.value(i).into_owned())
+            .unwrap();
+        let c = SaslParams::parse(&v).unwrap();
+        let cf = client.client_final(&c.s2c.unwrap()).unwrap();
+        let p2 = SaslParams {
+            s2s: c.s2s,
+            c2s: Some(cf),
+            ..SaslParams::default()
+        };
+        h.send(&register(3, Some(&p2.emit()), contact), endpoint())
+    }
+
+    #[test]
+    fn register_then_invite_reaches_the_binding() {
+        let mut h = harness();
+        let out = do_register(&mut h, "vpn", b"vpn-secret", "<sip:vpn@198.51.100.30:5060>");
+        assert_eq!(out[0].first_line(), "SIP/2.0 200 OK");
+        assert!(
+            out[0]
+                .text
+                .contains("Contact: <sip:vpn@198.51.100.30:5060>;expires=600\r\n"),
+            "{}",
+            out[0].text
+        );
+        assert!(out[0]
+            .text
+            .contains("Authentication-Info: SASL realm=\"org.example\", s2c="));
+        assert_eq!(h.proxy.registrations(), 1);
+        // A trusted caller's INVITE now goes to the registered flow, not the static route.
+        let out = h.send(&invite("vpn"), caller_flow());
+        let fwd = out
+            .iter()
+            .find(|s| s.first_line().starts_with("INVITE"))
+            .unwrap();
+        assert!(
+            fwd.first_line()
+                .starts_with("INVITE sip:vpn@198.51.100.30:5060 "),
+            "{}",
+            fwd.first_line()
+        );
+        assert_eq!(
+            fwd.dest,
+            Destination::Addr {
+                transport: Transport::Udp,
+                addr: "198.51.100.30:5060".parse().unwrap(),
+                server_name: None
+            }
+        );
+    }
+
+    #[test]
+    fn register_requires_owning_the_to_aor() {
+        let mut h = harness();
+        let out = do_register(&mut h, "alice", b"alice-secret", "<sip:x@198.51.100.30>");
+        assert_eq!(
+            out[0].first_line(),
+            "SIP/2.0 403 Forbidden (identity may not use this address)"
+        );
+        assert_eq!(h.proxy.registrations(), 0);
+    }
+
+    #[test]
+    fn bindings_survive_a_restart_and_expire() {
+        let dir = std::env::temp_dir().join(format!(
+            "gh-reg-{}-{}",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("store.sqlite");
+        {
+            let mut s = Store::open(&path).unwrap();
+            s.add_user(
+                "vpn",
+                b"vpn-secret",
+                &["sip:vpn@org.example".into()],
+                None,
+                4096,
+            )
+            .unwrap();
+        }
+        let mut h = Harness {
+            proxy: Proxy::new(config(), Store::open(&path).unwrap(), WallClock::now()),
+            now: Instant::now(),
+        };
+        let out = do_register(&mut h, "vpn", b"vpn-secret", "<sip:vpn@198.51.100.30:5060>");
+        assert_eq!(out[0].status(), Some(200));
+        drop(h);
+        // A new gateway on the same store routes to the binding at once.
+        let mut h = Harness {
+            proxy: Proxy::new(config(), Store::open(&path).unwrap(), WallClock::now()),
+            now: Instant::now(),
+        };
+        assert_eq!(h.proxy.registrations(), 1);
+        let out = h.send(&invite("vpn"), caller_flow());
+        assert!(out.iter().any(|s| s
+            .first_line()
+            .starts_with("INVITE sip:vpn@198.51.100.30:5060")));
+        // After the expiry the static route takes over again.
+        h.now += Duration::from_secs(601);
+        let out = h.send(
+            &invite("vpn")
+                .replace("caller1", "caller9")
+                .replace("call-1", "call-9"),
+            caller_flow(),
+        );
+        assert!(
+            out.iter().any(|s| s
+                .first_line()
+                .starts_with("INVITE sip:vpn@198.51.100.20:5060")),
+            "{out:?}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn unregister_and_too_brief_intervals() {
+        let mut h = harness();
+        do_register(&mut h, "vpn", b"vpn-secret", "<sip:vpn@198.51.100.30:5060>");
+        let out = do_register(
+            &mut h,
+            "vpn",
+            b"vpn-secret",
+            "<sip:vpn@198.51.100.30:5060>;expires=10",
+        );
+        assert_eq!(out[0].first_line(), "SIP/2.0 423 Interval Too Brief");
+        assert!(out[0].text.contains("Min-Expires: 60\r\n"));
+        let out = do_register(
+            &mut h,
+            "vpn",
+            b"vpn-secret",
+            "<sip:vpn@198.51.100.30:5060>;expires=0",
+        );
+        assert_eq!(out[0].status(), Some(200));
+        assert_eq!(h.proxy.registrations(), 0);
+    }
+}
