@@ -40,6 +40,47 @@ enum Command {
     },
     /// Print the embedded default configuration.
     DefaultConfig,
+    /// Manage SIP users in the credentials store (passwords from a prompt or stdin, never argv).
+    User {
+        /// The SQLite store file (created when missing).
+        #[arg(long, global = true)]
+        store: Option<PathBuf>,
+        #[command(subcommand)]
+        action: UserAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum UserAction {
+    /// Add a user; the password is read from the terminal (twice) or from stdin.
+    Add {
+        username: String,
+        /// A SIP AOR the user may present (repeatable), e.g. sip:alice@partner.example.
+        #[arg(long = "aor", required = true)]
+        aors: Vec<String>,
+        /// Restrict the user to these mechanisms (repeatable).
+        #[arg(long = "mech")]
+        mechanisms: Vec<String>,
+        /// PBKDF2 iterations of the SCRAM verifier.
+        #[arg(long, default_value_t = 4096)]
+        iterations: u32,
+    },
+    /// Set a new password.
+    Passwd {
+        username: String,
+        #[arg(long, default_value_t = 4096)]
+        iterations: u32,
+    },
+    /// Delete a user.
+    Del { username: String },
+    /// Disable a user (authentication fails as for a wrong password).
+    Disable { username: String },
+    /// Enable a user.
+    Enable { username: String },
+    /// List users.
+    List,
+    /// Show one user (never key material).
+    Show { username: String },
 }
 
 fn main() -> ExitCode {
@@ -53,6 +94,13 @@ fn main() -> ExitCode {
             Err(e) => {
                 eprintln!("error: {e}");
                 ExitCode::from(EX_CONFIG)
+            }
+        },
+        Command::User { store, action } => match user(store, action) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::FAILURE
             }
         },
         Command::DefaultConfig => {
@@ -121,4 +169,98 @@ async fn shutdown_signal() {
         _ = term.recv() => {}
         _ = tokio::signal::ctrl_c() => {}
     }
+}
+
+/// Reads a password: from the terminal without echo (asked twice when `confirm`), or the
+/// first line of stdin when stdin is not a terminal.
+fn read_password(confirm: bool) -> anyhow::Result<zeroize::Zeroizing<String>> {
+    use std::io::IsTerminal;
+    let password = if std::io::stdin().is_terminal() {
+        let first = zeroize::Zeroizing::new(rpassword::prompt_password("Password: ")?);
+        if confirm {
+            let again = zeroize::Zeroizing::new(rpassword::prompt_password("Again: ")?);
+            anyhow::ensure!(*first == *again, "the passwords differ");
+        }
+        first
+    } else {
+        let mut line = zeroize::Zeroizing::new(String::new());
+        std::io::stdin().read_line(&mut line)?;
+        let trimmed = zeroize::Zeroizing::new(line.trim_end_matches(['\r', '\n']).to_owned());
+        trimmed
+    };
+    anyhow::ensure!(!password.is_empty(), "empty password");
+    Ok(password)
+}
+
+fn user(store: Option<PathBuf>, action: UserAction) -> anyhow::Result<()> {
+    use gatehouse::store::Store;
+    let path = store.context("--store FILE is required")?;
+    let mut store =
+        Store::open(&path).with_context(|| format!("cannot open {}", path.display()))?;
+    match action {
+        UserAction::Add {
+            username,
+            aors,
+            mechanisms,
+            iterations,
+        } => {
+            let mechs = mechanisms
+                .iter()
+                .map(|m| {
+                    gatehouse_auth::Mechanism::from_name(m)
+                        .with_context(|| format!("unknown mechanism {m}"))
+                })
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let password = read_password(true)?;
+            let mechs = (!mechs.is_empty()).then_some(mechs.as_slice());
+            store.add_user(&username, password.as_bytes(), &aors, mechs, iterations)?;
+            println!("added {username}");
+        }
+        UserAction::Passwd {
+            username,
+            iterations,
+        } => {
+            let password = read_password(true)?;
+            store.set_password(&username, password.as_bytes(), iterations)?;
+            println!("password of {username} changed");
+        }
+        UserAction::Del { username } => {
+            store.delete_user(&username)?;
+            println!("deleted {username}");
+        }
+        UserAction::Disable { username } => {
+            store.set_enabled(&username, false)?;
+            println!("disabled {username}");
+        }
+        UserAction::Enable { username } => {
+            store.set_enabled(&username, true)?;
+            println!("enabled {username}");
+        }
+        UserAction::List => {
+            println!("{:<24} {:<8} {:<10} AORS", "USER", "ENABLED", "ITER");
+            for u in store.list_users()? {
+                println!(
+                    "{:<24} {:<8} {:<10} {}",
+                    u.username,
+                    u.enabled,
+                    u.iterations,
+                    u.aors.join(" ")
+                );
+            }
+        }
+        UserAction::Show { username } => {
+            let u = store
+                .user(&username)?
+                .with_context(|| format!("no user {username}"))?;
+            println!("user:       {}", u.username);
+            println!("enabled:    {}", u.enabled);
+            println!("iterations: {}", u.iterations);
+            println!("aors:       {}", u.aors.join(" "));
+            println!(
+                "mechanisms: {}",
+                u.mechanisms.map_or("(any offered)".into(), |m| m.join(" "))
+            );
+        }
+    }
+    Ok(())
 }

@@ -213,3 +213,80 @@ fn run_embedded_default_then_bench_config_with_sipp() {
     let _ = std::fs::remove_dir_all(&dir);
     terminate(child);
 }
+
+fn user_cmd(store: &std::path::Path, args: &[&str], stdin: Option<&str>) -> std::process::Output {
+    use std::io::Write;
+    let mut child = bin()
+        .arg("user")
+        .args(args)
+        .arg("--store")
+        .arg(store)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start");
+    let mut input = child.stdin.take().expect("stdin");
+    if let Some(s) = stdin {
+        input.write_all(s.as_bytes()).expect("write");
+    }
+    drop(input);
+    child.wait_with_output().expect("wait")
+}
+
+#[test]
+fn user_commands_round_trip_and_never_store_the_password() {
+    let dir = std::env::temp_dir().join(format!("gatehouse-users-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let store = dir.join("store.sqlite");
+    let _ = std::fs::remove_file(&store);
+    let out = user_cmd(
+        &store,
+        &["add", "alice", "--aor", "sip:alice@partner.example"],
+        Some("Unique-Pa55word-XYZ\n"),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = user_cmd(
+        &store,
+        &["add", "alice", "--aor", "sip:alice@partner.example"],
+        Some("x\n"),
+    );
+    assert!(!out.status.success(), "duplicate refused");
+    let out = user_cmd(&store, &["add", "bob", "--aor", "not-an-aor"], Some("x\n"));
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not a sip:user@domain AOR"));
+    let out = user_cmd(&store, &["list"], None);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("alice") && text.contains("sip:alice@partner.example"),
+        "{text}"
+    );
+    let out = user_cmd(&store, &["passwd", "alice"], Some("Second-Pa55word-XYZ\n"));
+    assert!(out.status.success());
+    let s = gatehouse::store::Store::open(&store).expect("open");
+    let c = s.credential("alice").expect("query").expect("user");
+    assert!(c.verifier.check_password(b"Second-Pa55word-XYZ"));
+    assert!(!c.verifier.check_password(b"Unique-Pa55word-XYZ"));
+    drop(s);
+    let out = user_cmd(&store, &["show", "alice"], None);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("enabled:    true"), "{text}");
+    for f in ["store.sqlite", "store.sqlite-wal"] {
+        let bytes = std::fs::read(dir.join(f)).unwrap_or_default();
+        for pw in [b"Unique-Pa55word-XYZ".as_slice(), b"Second-Pa55word-XYZ"] {
+            assert!(
+                !bytes.windows(pw.len()).any(|w| w == pw),
+                "password found in {f}"
+            );
+        }
+    }
+    let out = user_cmd(&store, &["del", "alice"], None);
+    assert!(out.status.success());
+    let out = user_cmd(&store, &["show", "alice"], None);
+    assert!(!out.status.success());
+    let _ = std::fs::remove_dir_all(&dir);
+}
