@@ -3,7 +3,9 @@
 // A failed unwrap in a test is a failed test with its location: what a test should do.
 #![allow(clippy::unwrap_used)]
 
+mod client;
 mod harness;
+mod sasl;
 mod sipp;
 mod tls;
 mod torture;
