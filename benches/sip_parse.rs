@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, Criterion};
-use gatehouse::core::{CoreConfig, LocalAddr, Proxy, RouteTable, Target};
+use gatehouse::core::{CoreConfig, LocalAddr, RouteTable, Target};
 use gatehouse::flow::{Destination, Flow, Transport};
 use gatehouse::sip::{HeaderName, Limits, Message};
 use gatehouse::transaction::TimerConfig;

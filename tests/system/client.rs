@@ -29,25 +29,39 @@ impl SipClient {
         let s = UdpSocket::bind("127.0.0.1:0").unwrap();
         s.set_read_timeout(Some(WAIT)).unwrap();
         let local = s.local_addr().unwrap();
-        SipClient { conn: Conn::Udp(s, gw), framer: StreamFramer::new(65535), local }
+        SipClient {
+            conn: Conn::Udp(s, gw),
+            framer: StreamFramer::new(65535),
+            local,
+        }
     }
 
     pub fn tcp(gw: SocketAddr) -> SipClient {
         let s = TcpStream::connect(gw).unwrap();
         s.set_read_timeout(Some(WAIT)).unwrap();
         let local = s.local_addr().unwrap();
-        SipClient { conn: Conn::Tcp(s), framer: StreamFramer::new(65535), local }
+        SipClient {
+            conn: Conn::Tcp(s),
+            framer: StreamFramer::new(65535),
+            local,
+        }
     }
 
     pub fn tls(gw: SocketAddr, ca: CertificateDer<'static>) -> SipClient {
         let mut roots = rustls::RootCertStore::empty();
         roots.add(ca).unwrap();
-        let config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        let conn = rustls::ClientConnection::new(Arc::new(config), ServerName::try_from("localhost").unwrap()).unwrap();
+        let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        let conn = rustls::ClientConnection::new(
+            Arc::new(config),
+            ServerName::try_from("localhost").unwrap(),
+        )
+        .unwrap();
         let tcp = TcpStream::connect(gw).unwrap();
         tcp.set_read_timeout(Some(WAIT)).unwrap();
         let local = tcp.local_addr().unwrap();
@@ -56,7 +70,11 @@ impl SipClient {
         while stream.conn.is_handshaking() {
             stream.conn.complete_io(&mut stream.sock).unwrap();
         }
-        SipClient { conn: Conn::Tls(Box::new(stream)), framer: StreamFramer::new(65535), local }
+        SipClient {
+            conn: Conn::Tls(Box::new(stream)),
+            framer: StreamFramer::new(65535),
+            local,
+        }
     }
 
     /// Via transport token of this connection.
@@ -73,7 +91,9 @@ impl SipClient {
         match &self.conn {
             Conn::Tls(s) => {
                 let mut out = vec![0u8; 32];
-                s.conn.export_keying_material(&mut out[..], b"EXPORTER-Channel-Binding", None).ok()?;
+                s.conn
+                    .export_keying_material(&mut out[..], b"EXPORTER-Channel-Binding", None)
+                    .ok()?;
                 Some(out)
             }
             _ => None,
@@ -99,7 +119,8 @@ impl SipClient {
         loop {
             if let Conn::Udp(s, _) = &self.conn {
                 let n = s.recv(&mut buf).expect("datagram within the time limit");
-                return Message::parse(Bytes::copy_from_slice(&buf[..n]), &Limits::default()).expect("parsable");
+                return Message::parse(Bytes::copy_from_slice(&buf[..n]), &Limits::default())
+                    .expect("parsable");
             }
             if let Some(Frame::Message(b)) = self.framer.next_frame().expect("framing") {
                 return Message::parse(b, &Limits::default()).expect("parsable");

@@ -174,6 +174,28 @@ impl Proc {
         st.expect("wait")
     }
 
+    /// Waits up to `limit`; a process still running then is ended by its PID (`None`).
+    pub fn wait_or_end(&mut self, limit: Duration) -> Option<ExitStatus> {
+        let mut child = self.child.take().expect("not yet waited");
+        let pid = child.id();
+        let (tx, rx) = mpsc::channel();
+        let waiter = std::thread::spawn(move || {
+            let st = child.wait();
+            let _ = tx.send(());
+            st
+        });
+        let finished = rx.recv_timeout(limit).is_ok();
+        if !finished {
+            let _ = Command::new("kill").arg(pid.to_string()).status();
+        }
+        let st = waiter.join().expect("waiter").ok();
+        if finished {
+            st
+        } else {
+            None
+        }
+    }
+
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }

@@ -5,6 +5,7 @@
 
 mod client;
 mod harness;
+mod interop;
 mod sasl;
 mod sipp;
 mod tls;

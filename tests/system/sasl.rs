@@ -31,10 +31,14 @@ impl Uas {
         std::thread::spawn(move || {
             let mut buf = vec![0u8; 65535];
             while let Ok((n, from)) = sock.recv_from(&mut buf) {
-                let Ok(m) = Message::parse(Bytes::copy_from_slice(&buf[..n]), &Limits::default()) else {
+                let Ok(m) = Message::parse(Bytes::copy_from_slice(&buf[..n]), &Limits::default())
+                else {
                     continue;
                 };
-                if tx.send(String::from_utf8_lossy(&buf[..n]).into_owned()).is_err() {
+                if tx
+                    .send(String::from_utf8_lossy(&buf[..n]).into_owned())
+                    .is_err()
+                {
                     return;
                 }
                 if !m.is_request() || m.method_text() == "ACK" {
@@ -44,15 +48,23 @@ impl Uas {
                 for (i, h) in m.headers() {
                     let v = m.value(i);
                     match h.name {
-                        HeaderName::Via | HeaderName::From | HeaderName::CallId | HeaderName::CSeq | HeaderName::RecordRoute => {
+                        HeaderName::Via
+                        | HeaderName::From
+                        | HeaderName::CallId
+                        | HeaderName::CSeq
+                        | HeaderName::RecordRoute => {
                             resp.push_str(&format!("{}: {v}\r\n", h.name.canonical()));
                         }
-                        HeaderName::To if v.contains("tag=") => resp.push_str(&format!("To: {v}\r\n")),
+                        HeaderName::To if v.contains("tag=") => {
+                            resp.push_str(&format!("To: {v}\r\n"))
+                        }
                         HeaderName::To => resp.push_str(&format!("To: {v};tag=uas\r\n")),
                         _ => {}
                     }
                 }
-                resp.push_str(&format!("Contact: <sip:vpn@{addr}>\r\nContent-Length: 0\r\n\r\n"));
+                resp.push_str(&format!(
+                    "Contact: <sip:vpn@{addr}>\r\nContent-Length: 0\r\n\r\n"
+                ));
                 let _ = sock.send_to(resp.as_bytes(), from);
             }
         });
@@ -78,7 +90,9 @@ pub fn setup(extra: &str) -> Setup {
     let uas = Uas::start();
     let mut config = String::from("[sip]\ndomains = [\"org.example\"]\nshutdown_grace_ms = 200\n");
     for t in ["udp", "tcp", "tls"] {
-        config.push_str(&format!("[[listen]]\ntransport = \"{t}\"\naddress = \"127.0.0.1:0\"\n"));
+        config.push_str(&format!(
+            "[[listen]]\ntransport = \"{t}\"\naddress = \"127.0.0.1:0\"\n"
+        ));
     }
     config.push_str(&format!(
         "[tls]\ncertificate = \"{}\"\nprivate_key = \"{}\"\n[auth]\nstore = \"{}\"\nmechanisms = [\"SCRAM-SHA-256-PLUS\", \"SCRAM-SHA-256\", \"PLAIN\"]\n{extra}\n\
@@ -89,13 +103,32 @@ pub fn setup(extra: &str) -> Setup {
         uas.addr
     ));
     let gw = Gateway::start(&config);
-    Setup { _dir: dir, gw, uas, ca: key.cert.der().clone() }
+    Setup {
+        _dir: dir,
+        gw,
+        uas,
+        ca: key.cert.der().clone(),
+    }
 }
 
 pub fn seed(path: &Path) {
     let mut s = Store::open(path).unwrap();
-    s.add_user("alice", b"alice-secret", &["sip:alice@partner.example".into()], None, 4096).unwrap();
-    s.add_user("vpn", b"vpn-secret", &["sip:vpn@org.example".into()], None, 4096).unwrap();
+    s.add_user(
+        "alice",
+        b"alice-secret",
+        &["sip:alice@partner.example".into()],
+        None,
+        4096,
+    )
+    .unwrap();
+    s.add_user(
+        "vpn",
+        b"vpn-secret",
+        &["sip:vpn@org.example".into()],
+        None,
+        4096,
+    )
+    .unwrap();
 }
 
 pub struct Call {
@@ -106,14 +139,20 @@ pub struct Call {
 
 impl Call {
     pub fn new(tag: &str) -> Call {
-        Call { call_id: format!("{tag}-{}@test", rand_u32()), cseq: 0, branch: 0 }
+        Call {
+            call_id: format!("{tag}-{}@test", rand_u32()),
+            cseq: 0,
+            branch: 0,
+        }
     }
 
     /// The next INVITE round (new CSeq, new branch, same Call-ID and From tag).
     pub fn invite(&mut self, c: &SipClient, auth: Option<&SaslParams>) -> String {
         self.cseq += 1;
         self.branch += 1;
-        let auth = auth.map(|p| format!("Proxy-Authorization: {}\r\n", p.emit())).unwrap_or_default();
+        let auth = auth
+            .map(|p| format!("Proxy-Authorization: {}\r\n", p.emit()))
+            .unwrap_or_default();
         format!(
             "INVITE sip:vpn@org.example SIP/2.0\r\nVia: SIP/2.0/{t} {l};branch=z9hG4bK{cid}-{b};rport\r\nMax-Forwards: 70\r\n\
 From: <sip:alice@partner.example>;tag=alice1\r\nTo: <sip:vpn@org.example>\r\nCall-ID: {cid}\r\nCSeq: {s} INVITE\r\n\
@@ -139,12 +178,20 @@ pub fn challenge(m: &Message) -> SaslParams {
 }
 
 /// Runs the INVITE flow; returns the final response of the last round.
-pub fn authenticated_invite(client: &mut SipClient, scram: &mut ScramClient, call: &mut Call) -> Message {
+pub fn authenticated_invite(
+    client: &mut SipClient,
+    scram: &mut ScramClient,
+    call: &mut Call,
+) -> Message {
     client.send(&call.invite(client, None));
     let r1 = client.recv_final_or_challenge();
     assert_eq!(r1.status(), Some(407));
     let offered = challenge(&r1).mech.unwrap();
-    assert!(offered.split(' ').any(|m| m == scram.mechanism()), "{} not offered in {offered}", scram.mechanism());
+    assert!(
+        offered.split(' ').any(|m| m == scram.mechanism()),
+        "{} not offered in {offered}",
+        scram.mechanism()
+    );
     let p = SaslParams {
         realm: Some("org.example".into()),
         mech: Some(scram.mechanism().into()),
@@ -156,7 +203,12 @@ pub fn authenticated_invite(client: &mut SipClient, scram: &mut ScramClient, cal
     assert_eq!(r2.status(), Some(407), "{r2:?}");
     let c = challenge(&r2);
     let cf = scram.client_final(&c.s2c.unwrap()).unwrap();
-    let p = SaslParams { realm: Some("org.example".into()), s2s: c.s2s, c2s: Some(cf), ..SaslParams::default() };
+    let p = SaslParams {
+        realm: Some("org.example".into()),
+        s2s: c.s2s,
+        c2s: Some(cf),
+        ..SaslParams::default()
+    };
     client.send(&call.invite(client, Some(&p)));
     client.recv_final_or_challenge()
 }
@@ -167,8 +219,11 @@ fn full_flow(mut client: SipClient, plus: bool, uas: &Uas) {
     let mut call = Call::new("flow");
     let ok = authenticated_invite(&mut client, &mut scram, &mut call);
     assert_eq!(ok.status(), Some(200), "{ok:?}");
-    let info = SaslParams::parse(&header(&ok, "Proxy-Authentication-Info").expect("server-final")).unwrap();
-    scram.verify_server_final(&info.s2c.unwrap()).expect("the gateway proves itself");
+    let info = SaslParams::parse(&header(&ok, "Proxy-Authentication-Info").expect("server-final"))
+        .unwrap();
+    scram
+        .verify_server_final(&info.s2c.unwrap())
+        .expect("the gateway proves itself");
     // What reached the inside carries no credentials of our realm.
     let inside = uas.requests.recv_timeout(WAIT).unwrap();
     assert!(inside.starts_with("INVITE "), "{inside}");
@@ -189,7 +244,11 @@ From: <sip:alice@partner.example>;tag=alice1\r\nTo: {}\r\nCall-ID: {}\r\nCSeq: 9
     );
     client.send(&bye);
     let r = client.recv_final_or_challenge();
-    assert_eq!(r.status(), Some(200), "BYE answered through the gateway: {r:?}");
+    assert_eq!(
+        r.status(),
+        Some(200),
+        "BYE answered through the gateway: {r:?}"
+    );
 }
 
 #[test]
@@ -242,15 +301,72 @@ fn unknown_user_gets_the_same_challenge_shape_as_a_known_user() {
         let mut call = Call::new(user);
         client.send(&call.invite(&client, None));
         client.recv_final_or_challenge();
-        let p = SaslParams { mech: Some("SCRAM-SHA-256".into()), c2s: Some(scram.client_first()), ..SaslParams::default() };
+        let p = SaslParams {
+            mech: Some("SCRAM-SHA-256".into()),
+            c2s: Some(scram.client_first()),
+            ..SaslParams::default()
+        };
         client.send(&call.invite(&client, Some(&p)));
         let r = client.recv_final_or_challenge();
         let c = challenge(&r);
         let sf = String::from_utf8(c.s2c.unwrap()).unwrap();
         // Byte shape: status, header names, parameter names and lengths.
-        let names: Vec<String> = r.headers().map(|(i, _)| r.name_text(i).into_owned()).collect();
-        let fields: Vec<String> = sf.split(',').map(|f| format!("{}{}", &f[..2], f.len())).collect();
-        (r.status(), r.reason().unwrap().into_owned(), names, fields, c.s2s.unwrap().len())
+        let names: Vec<String> = r
+            .headers()
+            .map(|(i, _)| r.name_text(i).into_owned())
+            .collect();
+        let fields: Vec<String> = sf
+            .split(',')
+            .map(|f| format!("{}{}", &f[..2], f.len()))
+            .collect();
+        (
+            r.status(),
+            r.reason().unwrap().into_owned(),
+            names,
+            fields,
+            c.s2s.unwrap().len(),
+        )
     };
     assert_eq!(shape("alice"), shape("mallory"));
+}
+
+#[test]
+fn svcrack_finds_no_password() {
+    if !crate::harness::tool("svcrack") {
+        return;
+    }
+    let s = setup("");
+    let dir = TempDir::new("svcrack");
+    // The real password is in the word list.
+    std::fs::write(
+        dir.path().join("words.txt"),
+        "123456\npassword\nalice-secret\nletmein\n",
+    )
+    .unwrap();
+    let gw = s.gw.addr(Transport::Udp);
+    let local = crate::harness::free_port().to_string();
+    let mut crack = crate::harness::Proc::spawn(
+        "svcrack",
+        std::process::Command::new("svcrack").args([
+            "-u",
+            "alice",
+            "-d",
+            "words.txt",
+            "-P",
+            &local,
+            "-x",
+            "127.0.0.1",
+            "-p",
+            &gw.port().to_string(),
+            "127.0.0.1",
+        ]),
+        dir.path(),
+    );
+    // svcrack cannot answer a SASL challenge; give it a bounded time, then end it.
+    let _ = crack.wait_or_end(std::time::Duration::from_secs(8));
+    let log = crack.log_text();
+    assert!(
+        !log.contains("alice-secret"),
+        "svcrack found the password:\n{log}"
+    );
 }

@@ -195,7 +195,7 @@ fn proxy_answers_torture_messages_as_rfc_3261_says() {
         ("badinv01", "SIP/2.0 400 Bad Request (malformed Via)"),
         ("escruri", "SIP/2.0 400 Bad Request (malformed Request-URI)"),
         ("insuf", "SIP/2.0 400 Bad Request (missing From)"),
-        ("lwsdisp", "SIP/2.0 404 Not Found"),
+        ("lwsdisp", "SIP/2.0 480 Temporarily Unavailable"),
     ];
     for (name, status) in cases {
         assert_eq!(proxy_answer(name), status, "{name}");

@@ -70,7 +70,7 @@ impl Bindings {
             }
             list.push(b);
         }
-        list.sort_by(|a, b| b.expires.cmp(&a.expires));
+        list.sort_by_key(|b| std::cmp::Reverse(b.expires));
         true
     }
 
