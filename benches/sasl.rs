@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use gatehouse_auth::scram::{ScramClient, Verifier};
-use gatehouse_auth::{Credential, Exchange, Mechanism, Outcome, SaslParams, SaslServer, Secret, ServerSettings};
+use gatehouse_auth::{
+    Credential, Exchange, Mechanism, Outcome, SaslParams, SaslServer, Secret, ServerSettings,
+};
 
 fn exchange(c: &mut Criterion) {
     let mut creds = HashMap::new();
@@ -38,14 +40,30 @@ fn exchange(c: &mut Criterion) {
             let mut spent = Duration::ZERO;
             for n in 0..iters {
                 let call = format!("c{n}");
-                let ex = Exchange { call_id: &call, from_tag: "t", source, tls: None };
+                let ex = Exchange {
+                    call_id: &call,
+                    from_tag: "t",
+                    source,
+                    tls: None,
+                };
                 let mut client = ScramClient::new("alice", b"secret", None);
-                let p1 = SaslParams { mech: Some("SCRAM-SHA-256".into()), c2s: Some(client.client_first()), ..SaslParams::default() };
+                let p1 = SaslParams {
+                    mech: Some("SCRAM-SHA-256".into()),
+                    c2s: Some(client.client_first()),
+                    ..SaslParams::default()
+                };
                 let t = Instant::now();
-                let Outcome::Challenge(ch) = server.step(&p1, &ex, &creds, Instant::now()).unwrap() else { panic!() };
+                let Outcome::Challenge(ch) = server.step(&p1, &ex, &creds, Instant::now()).unwrap()
+                else {
+                    panic!()
+                };
                 spent += t.elapsed();
                 let cf = client.client_final(ch.s2c.as_deref().unwrap()).unwrap();
-                let p2 = SaslParams { s2s: ch.s2s, c2s: Some(cf), ..SaslParams::default() };
+                let p2 = SaslParams {
+                    s2s: ch.s2s,
+                    c2s: Some(cf),
+                    ..SaslParams::default()
+                };
                 let t = Instant::now();
                 let out = server.step(&p2, &ex, &creds, Instant::now()).unwrap();
                 spent += t.elapsed();

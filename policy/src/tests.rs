@@ -1,0 +1,334 @@
+//! Table-driven decisions.
+
+use super::*;
+
+const POLICY: &str = r#"
+org_prefixes = ["2001:db8:789::/48", "10.0.0.0/8"]
+
+[limits]
+max_tunnels = 10
+
+[[rule]]
+name = "blocked"
+kind = "any"
+action = "deny"
+callers = ["sip:mallory@partner.example"]
+
+[[rule]]
+name = "partners"
+kind = "tunnel"
+callers = ["*@partner.example"]
+targets = ["sip:vpn@org.example"]
+mechanisms = ["SCRAM-SHA-256-PLUS", "SCRAM-SHA-256"]
+pskmth = ["scram", "none"]
+prefixes = ["2001:db8:456::/48", "192.0.2.0/24"]
+max_tunnels_per_identity = 2
+max_tunnels_per_target = 5
+
+[[rule]]
+name = "strict"
+kind = "tunnel"
+callers = ["*@strict.example"]
+targets = ["sip:vpn@org.example"]
+mechanisms = ["SCRAM-SHA-256-PLUS"]
+require_tls = true
+require_psk = true
+
+[[rule]]
+name = "open"
+kind = "tunnel"
+callers = ["realm:org.example"]
+targets = ["sip:open@org.example"]
+
+[[rule]]
+name = "messages"
+kind = "method"
+methods = ["MESSAGE"]
+callers = ["any"]
+
+[[rule]]
+name = "infrastructure"
+kind = "any"
+callers = ["trusted"]
+"#;
+
+fn policy() -> Policy {
+    Policy::parse(POLICY, "policy.toml").unwrap()
+}
+
+fn nets(list: &[&str]) -> Vec<IpNet> {
+    list.iter().map(|s| s.parse().unwrap()).collect()
+}
+
+struct Case {
+    name: &'static str,
+    caller: Caller<'static>,
+    tls: bool,
+    to: &'static str,
+    prefixes: &'static [&'static str],
+    pskmth: &'static [&'static str],
+    scram: bool,
+    kind: &'static str,
+    counts: Counts,
+    expect: Result<Option<&'static str>, Denied>,
+}
+
+fn alice(mechanism: &'static str) -> Caller<'static> {
+    Caller::Authenticated {
+        aor: "sip:alice@partner.example",
+        realm: "org.example",
+        mechanism,
+    }
+}
+
+fn c(name: &'static str) -> Case {
+    Case {
+        name,
+        caller: alice("SCRAM-SHA-256"),
+        tls: false,
+        to: "sip:vpn@org.example",
+        prefixes: &["2001:db8:456:1::/64"],
+        pskmth: &["scram", "none"],
+        scram: true,
+        kind: "tunnel",
+        counts: Counts::default(),
+        expect: Ok(Some("scram")),
+    }
+}
+
+#[test]
+fn decisions() {
+    let cases = vec![
+        c("allowed with scram first"),
+        Case {
+            pskmth: &["none"],
+            expect: Ok(Some("none")),
+            ..c("caller wants no psk")
+        },
+        Case {
+            scram: false,
+            expect: Ok(Some("none")),
+            ..c("scram impossible without a SCRAM exchange")
+        },
+        Case {
+            prefixes: &["192.0.2.0/25"],
+            ..c("ipv4 prefix inside the allowed one")
+        },
+        Case {
+            prefixes: &["2001:db8:999::/64"],
+            expect: Err(Denied::Prefix),
+            ..c("prefix outside the rule")
+        },
+        Case {
+            prefixes: &["2001:db8:789:1::/64"],
+            expect: Err(Denied::OrgPrefix),
+            ..c("more specific org prefix")
+        },
+        Case {
+            prefixes: &["2001:db8::/32"],
+            expect: Err(Denied::OrgPrefix),
+            ..c("covering the org prefix")
+        },
+        Case {
+            prefixes: &["10.1.0.0/16"],
+            expect: Err(Denied::OrgPrefix),
+            ..c("ipv4 org overlap")
+        },
+        Case {
+            caller: alice("PLAIN"),
+            expect: Err(Denied::Mechanism),
+            ..c("mechanism not allowed")
+        },
+        Case {
+            to: "sip:other@org.example",
+            expect: Err(Denied::NoRule),
+            ..c("target not in any rule")
+        },
+        Case {
+            caller: Caller::Authenticated {
+                aor: "sip:mallory@partner.example",
+                realm: "org.example",
+                mechanism: "SCRAM-SHA-256",
+            },
+            expect: Err(Denied::RuleDenies),
+            ..c("explicitly denied identity, first match wins")
+        },
+        Case {
+            caller: Caller::Authenticated {
+                aor: "sip:eve@elsewhere.example",
+                realm: "elsewhere",
+                mechanism: "SCRAM-SHA-256",
+            },
+            expect: Err(Denied::NoRule),
+            ..c("unknown domain, default deny")
+        },
+        Case {
+            counts: Counts {
+                by_identity: 2,
+                ..Counts::default()
+            },
+            expect: Err(Denied::LimitIdentity),
+            ..c("identity limit")
+        },
+        Case {
+            counts: Counts {
+                by_target: 5,
+                ..Counts::default()
+            },
+            expect: Err(Denied::LimitTarget),
+            ..c("target limit")
+        },
+        Case {
+            counts: Counts {
+                total: 10,
+                ..Counts::default()
+            },
+            expect: Err(Denied::LimitTotal),
+            ..c("global limit")
+        },
+        Case {
+            caller: Caller::Authenticated {
+                aor: "sip:bob@strict.example",
+                realm: "org.example",
+                mechanism: "SCRAM-SHA-256-PLUS",
+            },
+            expect: Err(Denied::TlsRequired),
+            ..c("strict needs TLS")
+        },
+        Case {
+            caller: Caller::Authenticated {
+                aor: "sip:bob@strict.example",
+                realm: "org.example",
+                mechanism: "SCRAM-SHA-256-PLUS",
+            },
+            tls: true,
+            pskmth: &["none"],
+            expect: Err(Denied::PskRequired),
+            ..c("strict requires a psk")
+        },
+        Case {
+            caller: Caller::Authenticated {
+                aor: "sip:bob@strict.example",
+                realm: "org.example",
+                mechanism: "SCRAM-SHA-256",
+            },
+            tls: true,
+            expect: Err(Denied::Mechanism),
+            ..c("strict requires -PLUS")
+        },
+        Case {
+            caller: Caller::Authenticated {
+                aor: "sip:bob@strict.example",
+                realm: "org.example",
+                mechanism: "SCRAM-SHA-256-PLUS",
+            },
+            tls: true,
+            ..c("strict satisfied")
+        },
+        Case {
+            caller: Caller::Authenticated {
+                aor: "sip:anyone@anywhere.example",
+                realm: "org.example",
+                mechanism: "SCRAM-SHA-256",
+            },
+            to: "sip:open@org.example",
+            ..c("open rule: any identity of the realm")
+        },
+        Case {
+            pskmth: &["gateway"],
+            expect: Err(Denied::Pskmth),
+            ..c("gateway is never acceptable from a caller")
+        },
+        Case {
+            kind: "call",
+            expect: Err(Denied::NoRule),
+            ..c("ordinary call from outside is denied by default")
+        },
+        Case {
+            kind: "MESSAGE",
+            expect: Ok(None),
+            ..c("method rule")
+        },
+        Case {
+            kind: "SUBSCRIBE",
+            expect: Err(Denied::NoRule),
+            ..c("other methods denied")
+        },
+        Case {
+            caller: Caller::Trusted,
+            kind: "call",
+            expect: Ok(None),
+            ..c("trusted infrastructure may call")
+        },
+        Case {
+            caller: Caller::Trusted,
+            to: "sip:x@org.example",
+            pskmth: &["none"],
+            expect: Ok(Some("none")),
+            ..c("trusted tunnel")
+        },
+    ];
+    let p = policy();
+    for case in cases {
+        let prefixes = nets(case.prefixes);
+        let pskmth: Vec<String> = case.pskmth.iter().map(|s| s.to_string()).collect();
+        let session = match case.kind {
+            "tunnel" => Session::Tunnel {
+                prefixes: &prefixes,
+                pskmth: &pskmth,
+                scram_available: case.scram,
+            },
+            "call" => Session::Call,
+            m => Session::Method(m),
+        };
+        let q = Query {
+            caller: case.caller,
+            tls: case.tls,
+            from: "sip:alice@partner.example",
+            to: case.to,
+            session,
+            counts: case.counts,
+        };
+        let got = p
+            .decide(&q)
+            .map(|permit| permit.pskmth().map(str::to_owned));
+        let want = case.expect.map(|o| o.map(str::to_owned));
+        assert_eq!(got, want, "{}", case.name);
+    }
+}
+
+#[test]
+fn bad_files_name_the_line() {
+    let cases = [
+        ("[[rule]]\nname = \"x\"\nkind = \"tunnel\"\ncallers = [\"bogus\"]\n", 4),
+        ("org_prefixes = [\"2001:db8::/129\"]\n", 1),
+        ("[[rule]]\nname = \"x\"\nkind = \"tunnel\"\ncallers = [\"any\"]\npskmth = [\"magic\"]\n", 5),
+        ("[[rule]]\nname = \"x\"\nkind = \"tunnel\"\ncallers = [\"any\"]\nfrobnicate = 1\n", 5),
+        ("[[rule]]\nname = \"x\"\nkind = \"method\"\ncallers = [\"any\"]\n", 2),
+    ];
+    for (text, line) in cases {
+        let e = Policy::parse(text, "p.toml").unwrap_err();
+        assert_eq!(e.line, line, "{e}");
+        assert!(e.to_string().starts_with(&format!("p.toml:{line}:")), "{e}");
+    }
+}
+
+#[test]
+fn labels_are_bounded_and_distinct() {
+    use std::collections::HashSet;
+    let all = [
+        Denied::NoRule,
+        Denied::RuleDenies,
+        Denied::Mechanism,
+        Denied::TlsRequired,
+        Denied::Prefix,
+        Denied::OrgPrefix,
+        Denied::Pskmth,
+        Denied::PskRequired,
+        Denied::LimitIdentity,
+        Denied::LimitTarget,
+        Denied::LimitTotal,
+    ];
+    let labels: HashSet<_> = all.iter().map(|d| d.label()).collect();
+    assert_eq!(labels.len(), all.len());
+}
