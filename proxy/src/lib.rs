@@ -14,6 +14,7 @@ pub mod sip;
 pub mod store;
 pub mod transaction;
 pub mod transport;
+pub mod tunnel;
 
 use std::future::Future;
 use std::io;

@@ -1,0 +1,3 @@
+//! Tunnels: WireGuard SDP handling and the table of dialogs the gateway authorised.
+
+pub mod sdp;

@@ -1,0 +1,354 @@
+//! WireGuard offers and answers in SDP (wireguard-sdp.md): strict validation, and edits of
+//! the fmtp parameters, `c=` and the `m=` port that leave every other line as it was.
+//!
+//! Structure is checked twice: a line scan (every line `<type>=<value>` of a known SDP type,
+//! `v=0` first) and sdp-rs, whose output must account for every input line (sdp-rs 0.2.1
+//! silently drops lines it does not expect and still returns `Ok`).
+
+use std::net::{IpAddr, SocketAddr};
+
+use base64::Engine;
+use ipnet::IpNet;
+
+/// Why an SDP body is not an acceptable WireGuard offer or answer. The text goes into a
+/// Warning header of the 488.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SdpError {
+    #[error("SDP is not UTF-8")]
+    Encoding,
+    #[error("SDP line {0} malformed")]
+    Line(usize),
+    #[error("SDP not fully parsed")]
+    Unaccounted,
+    #[error("more than one vnd.wireguard media line")]
+    MultipleWireGuard,
+    #[error("vnd.wireguard mixed with other media")]
+    MixedMedia,
+    #[error("malformed vnd.wireguard media line")]
+    MediaLine,
+    #[error("no connection address for the vnd.wireguard media")]
+    NoConnection,
+    #[error("no fmtp for vnd.wireguard")]
+    NoFmtp,
+    #[error("pubkey is not 32 bytes of base64")]
+    PubKey,
+    #[error("prefix does not parse")]
+    Prefix,
+    #[error("unknown pskmth")]
+    Pskmth,
+    #[error("answer must carry exactly one pskmth")]
+    AnswerPskmth,
+    #[error("psk is not 32 bytes of base64")]
+    Psk,
+}
+
+/// A parsed WireGuard SDP body (offer or answer), keeping its lines.
+#[derive(Debug, Clone)]
+pub struct WgSdp {
+    lines: Vec<String>,
+    eol: &'static str,
+    m_line: usize,
+    c_line: usize,
+    fmtp_line: usize,
+    /// fmtp parameters in order (`name`, `value`).
+    params: Vec<(String, String)>,
+    pub port: u16,
+    pub addr: IpAddr,
+    pub pubkey: [u8; 32],
+    /// The `prefix` value exactly as written (input of the PSK binding).
+    pub prefix_text: String,
+    pub prefixes: Vec<IpNet>,
+    pub pskmth: Vec<String>,
+}
+
+const TYPES: &[u8] = b"vosiuepcbtrzkam";
+/// pskmth values a WireGuard SDP may carry.
+pub const KNOWN_PSKMTH: [&str; 3] = ["none", "scram", "gateway"];
+
+fn b64() -> base64::engine::GeneralPurpose {
+    base64::engine::general_purpose::STANDARD
+}
+
+impl WgSdp {
+    /// `Ok(None)` when the body is SDP without vnd.wireguard media (an ordinary call).
+    pub fn parse(body: &[u8]) -> Result<Option<WgSdp>, SdpError> {
+        let text = std::str::from_utf8(body).map_err(|_| SdpError::Encoding)?;
+        let eol = if text.contains("\r\n") { "\r\n" } else { "\n" };
+        let lines: Vec<String> = text
+            .split('\n')
+            .map(|l| l.strip_suffix('\r').unwrap_or(l).to_owned())
+            .collect();
+        let lines: Vec<String> = match lines.last() {
+            Some(l) if l.is_empty() => lines[..lines.len() - 1].to_vec(),
+            _ => lines,
+        };
+        for (i, l) in lines.iter().enumerate() {
+            let b = l.as_bytes();
+            if b.len() < 2 || b[1] != b'=' || !TYPES.contains(&b[0]) || (i == 0 && l != "v=0") {
+                return Err(SdpError::Line(i + 1));
+            }
+        }
+        let media: Vec<usize> = (0..lines.len()).filter(|&i| lines[i].starts_with("m=")).collect();
+        let wg: Vec<usize> = media.iter().copied().filter(|&i| lines[i].ends_with(" vnd.wireguard")).collect();
+        match (wg.len(), media.len()) {
+            (0, _) => return Ok(None),
+            (1, 1) => {}
+            (1, _) => return Err(SdpError::MixedMedia),
+            _ => return Err(SdpError::MultipleWireGuard),
+        }
+        sdp_rs_accounts_for(text, lines.len())?;
+        let m_line = wg[0];
+        let parts: Vec<&str> = lines[m_line][2..].split(' ').collect();
+        let [kind, port, proto, fmt] = parts[..] else {
+            return Err(SdpError::MediaLine);
+        };
+        if kind != "application" || !proto.eq_ignore_ascii_case("udp") || fmt != "vnd.wireguard" {
+            return Err(SdpError::MediaLine);
+        }
+        let port: u16 = port.parse().map_err(|_| SdpError::MediaLine)?;
+        // The connection line in force: media level, else session level.
+        let c_line = (m_line + 1..lines.len())
+            .find(|&i| lines[i].starts_with("c="))
+            .or_else(|| (0..m_line).rev().find(|&i| lines[i].starts_with("c=")))
+            .ok_or(SdpError::NoConnection)?;
+        let addr = parse_connection(&lines[c_line])?;
+        let fmtp_line = (m_line + 1..lines.len())
+            .find(|&i| lines[i].starts_with("a=fmtp:vnd.wireguard "))
+            .ok_or(SdpError::NoFmtp)?;
+        let raw = &lines[fmtp_line]["a=fmtp:vnd.wireguard ".len()..];
+        let params: Vec<(String, String)> = raw
+            .split(';')
+            .filter(|p| !p.trim().is_empty())
+            .map(|p| match p.split_once('=') {
+                Some((n, v)) => (n.trim().to_owned(), v.trim().to_owned()),
+                None => (p.trim().to_owned(), String::new()),
+            })
+            .collect();
+        let get = |name: &str| params.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str());
+        let pubkey: [u8; 32] = get("pubkey")
+            .and_then(|k| b64().decode(k).ok())
+            .and_then(|k| k.try_into().ok())
+            .ok_or(SdpError::PubKey)?;
+        let prefix_text = get("prefix").ok_or(SdpError::Prefix)?.to_owned();
+        let prefixes = prefix_text
+            .split(',')
+            .map(|p| p.trim().parse::<IpNet>())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|_| SdpError::Prefix)?;
+        if prefixes.is_empty() {
+            return Err(SdpError::Prefix);
+        }
+        let pskmth: Vec<String> = get("pskmth").unwrap_or("none").split(',').map(|m| m.trim().to_owned()).collect();
+        if pskmth.iter().any(|m| !KNOWN_PSKMTH.contains(&m.as_str())) {
+            return Err(SdpError::Pskmth);
+        }
+        if let Some(psk) = get("psk") {
+            let ok = b64().decode(psk).is_ok_and(|k| k.len() == 32);
+            if !ok {
+                return Err(SdpError::Psk);
+            }
+        }
+        Ok(Some(WgSdp {
+            lines,
+            eol,
+            m_line,
+            c_line,
+            fmtp_line,
+            params,
+            port,
+            addr,
+            pubkey,
+            prefix_text,
+            prefixes,
+            pskmth,
+        }))
+    }
+
+    /// The `psk` parameter, decoded (inward offers only).
+    pub fn psk(&self) -> Option<Vec<u8>> {
+        self.param("psk").and_then(|p| b64().decode(p).ok())
+    }
+
+    pub fn param(&self, name: &str) -> Option<&str> {
+        self.params.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str())
+    }
+
+    /// Sets (or with `None` removes) an fmtp parameter; new ones go last.
+    pub fn set_param(&mut self, name: &str, value: Option<&str>) {
+        match (self.params.iter().position(|(n, _)| n == name), value) {
+            (Some(i), Some(v)) => self.params[i].1 = v.to_owned(),
+            (Some(i), None) => {
+                self.params.remove(i);
+            }
+            (None, Some(v)) => self.params.push((name.to_owned(), v.to_owned())),
+            (None, None) => {}
+        }
+        let joined: Vec<String> = self
+            .params
+            .iter()
+            .map(|(n, v)| if v.is_empty() { n.clone() } else { format!("{n}={v}") })
+            .collect();
+        self.lines[self.fmtp_line] = format!("a=fmtp:vnd.wireguard {}", joined.join(";"));
+    }
+
+    /// Replaces the WireGuard endpoint (`c=` in force and the `m=` port).
+    pub fn set_endpoint(&mut self, endpoint: SocketAddr) {
+        let family = if endpoint.is_ipv4() { "IP4" } else { "IP6" };
+        self.lines[self.c_line] = format!("c=IN {family} {}", endpoint.ip());
+        let m = self.lines[self.m_line].clone();
+        let rest: Vec<&str> = m[2..].splitn(3, ' ').collect();
+        if let [kind, _port, tail] = rest[..] {
+            self.lines[self.m_line] = format!("m={kind} {} {tail}", endpoint.port());
+        }
+        self.addr = endpoint.ip();
+        self.port = endpoint.port();
+    }
+
+    /// The body with the edits, line order and line ends kept.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut out = String::with_capacity(self.lines.iter().map(|l| l.len() + 2).sum());
+        for l in &self.lines {
+            out.push_str(l);
+            out.push_str(self.eol);
+        }
+        out.into_bytes()
+    }
+
+    /// The endpoint the SDP announces.
+    pub fn endpoint(&self) -> SocketAddr {
+        SocketAddr::new(self.addr, self.port)
+    }
+}
+
+fn parse_connection(line: &str) -> Result<IpAddr, SdpError> {
+    let parts: Vec<&str> = line[2..].split(' ').collect();
+    match parts[..] {
+        ["IN", "IP4" | "IP6", addr] => addr.split('/').next().and_then(|a| a.parse().ok()).ok_or(SdpError::NoConnection),
+        _ => Err(SdpError::NoConnection),
+    }
+}
+
+/// sdp-rs must parse the body and keep every line (its 0.2.1 drops lines silently).
+fn sdp_rs_accounts_for(text: &str, lines: usize) -> Result<(), SdpError> {
+    let parsed = sdp_rs::SessionDescription::try_from(text.to_owned()).map_err(|_| SdpError::Unaccounted)?;
+    let out = parsed.to_string();
+    let kept = out.lines().filter(|l| !l.trim().is_empty()).count();
+    if kept < lines {
+        return Err(SdpError::Unaccounted);
+    }
+    Ok(())
+}
+
+/// Removes every `psk` fmtp parameter from a WireGuard SDP body; `None` when there was none.
+/// The gateway applies it to everything it relays, so that a PSK can only ever be in the
+/// inward offer the gateway itself writes.
+pub fn strip_psk(body: &[u8]) -> Option<Vec<u8>> {
+    if !body.windows(4).any(|w| w == b"psk=") {
+        return None;
+    }
+    let text = std::str::from_utf8(body).ok()?;
+    let mut changed = false;
+    let out: String = text
+        .split_inclusive('\n')
+        .map(|line| {
+            if !line.starts_with("a=fmtp:vnd.wireguard ") {
+                return line.to_owned();
+            }
+            let (content, end) = match line.strip_suffix("\r\n") {
+                Some(c) => (c, "\r\n"),
+                None => match line.strip_suffix('\n') {
+                    Some(c) => (c, "\n"),
+                    None => (line, ""),
+                },
+            };
+            let head = "a=fmtp:vnd.wireguard ";
+            let kept: Vec<&str> = content[head.len()..]
+                .split(';')
+                .filter(|p| {
+                    let drop = p.trim_start().starts_with("psk=");
+                    changed |= drop;
+                    !drop
+                })
+                .collect();
+            format!("{head}{}{end}", kept.join(";"))
+        })
+        .collect();
+    changed.then(|| out.into_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SEED: &str = "v=0\r\no=- 4124031101 285260646 IN IP6 2001:db8:666::666\r\ns=-\r\nc=IN IP6 2001:db8:666::666\r\nt=0 0\r\n\
+m=application 57660 udp vnd.wireguard\r\n\
+a=fmtp:vnd.wireguard pubkey=YWl42m1t56sMAYKwGZUQZNuYG+AbdW9eE7KLj3KBT1M=;prefix=2001:db8:456:1::/64;pskmth=none\r\n\
+a=sendrecv\r\n";
+
+    fn parse(s: &str) -> Result<Option<WgSdp>, SdpError> {
+        WgSdp::parse(s.as_bytes())
+    }
+
+    #[test]
+    fn the_seed_example() {
+        let w = parse(SEED).unwrap().unwrap();
+        assert_eq!(w.port, 57660);
+        assert_eq!(w.addr, "2001:db8:666::666".parse::<IpAddr>().unwrap());
+        assert_eq!(w.prefix_text, "2001:db8:456:1::/64");
+        assert_eq!(w.pskmth, vec!["none".to_owned()]);
+        assert_eq!(w.to_bytes(), SEED.as_bytes(), "untouched body round-trips");
+    }
+
+    #[test]
+    fn ipv4_variant_and_multiple_prefixes_and_preference_lists() {
+        let s = SEED
+            .replace("IN IP6 2001:db8:666::666\r\ns=-\r\nc=IN IP6 2001:db8:666::666", "IN IP4 192.0.2.66\r\ns=-\r\nc=IN IP4 192.0.2.66")
+            .replace("prefix=2001:db8:456:1::/64;pskmth=none", "prefix=192.0.2.128/25,2001:db8:456:2::/64;pskmth=scram,none");
+        let w = parse(&s).unwrap().unwrap();
+        assert_eq!(w.addr, "192.0.2.66".parse::<IpAddr>().unwrap());
+        assert_eq!(w.prefixes.len(), 2);
+        assert_eq!(w.pskmth, vec!["scram".to_owned(), "none".to_owned()]);
+    }
+
+    #[test]
+    fn edits_keep_unrelated_lines_and_their_order() {
+        let s = SEED.replace("a=sendrecv\r\n", "a=x-unknown:keep me\r\na=sendrecv\r\n");
+        let mut w = parse(&s).unwrap().unwrap();
+        w.set_param("pskmth", Some("gateway"));
+        w.set_param("psk", Some("5c+9c1SPsTZJYcy7A7FGjvGchpDHI6mTAmNNCJw0W5Q="));
+        let out = String::from_utf8(w.to_bytes()).unwrap();
+        assert!(out.contains(";pskmth=gateway;psk=5c+9c1SPsTZJYcy7A7FGjvGchpDHI6mTAmNNCJw0W5Q=\r\na=x-unknown:keep me\r\na=sendrecv\r\n"), "{out}");
+        assert_eq!(out.lines().count(), s.lines().count());
+        let again = WgSdp::parse(out.as_bytes()).unwrap().unwrap();
+        assert_eq!(again.psk().unwrap().len(), 32);
+        let stripped = String::from_utf8(strip_psk(out.as_bytes()).unwrap()).unwrap();
+        assert!(!stripped.contains("psk="));
+        assert!(stripped.contains("pskmth=gateway"));
+        assert!(strip_psk(SEED.as_bytes()).is_none());
+        w.set_endpoint("[2001:db8::10]:51820".parse().unwrap());
+        let out = String::from_utf8(w.to_bytes()).unwrap();
+        assert!(out.contains("c=IN IP6 2001:db8::10\r\n") && out.contains("m=application 51820 udp vnd.wireguard\r\n"));
+        assert!(out.contains("o=- 4124031101 285260646 IN IP6 2001:db8:666::666"), "origin untouched");
+    }
+
+    #[test]
+    fn faults_are_named() {
+        let cases = [
+            (SEED.replace("pubkey=YWl42m1t56sMAYKwGZUQZNuYG+AbdW9eE7KLj3KBT1M=", "pubkey=c2hvcnQ="), SdpError::PubKey),
+            (SEED.replace(";prefix=2001:db8:456:1::/64", ""), SdpError::Prefix),
+            (SEED.replace("prefix=2001:db8:456:1::/64", "prefix=2001:db8:456:1::/129"), SdpError::Prefix),
+            (SEED.replace("pskmth=none", "pskmth=magic"), SdpError::Pskmth),
+            (SEED.replace("a=fmtp:vnd.wireguard", "a=fmtp:other"), SdpError::NoFmtp),
+            (SEED.replace("c=IN IP6 2001:db8:666::666\r\n", ""), SdpError::NoConnection),
+            (SEED.replace("a=sendrecv", "m=audio 4000 RTP/AVP 0"), SdpError::MixedMedia),
+            (SEED.replace("s=-\r\n", "s=-\r\nthis is not sdp\r\n"), SdpError::Line(4)),
+            (SEED.replace("udp vnd.wireguard", "tcp vnd.wireguard"), SdpError::MediaLine),
+        ];
+        for (body, expected) in cases {
+            assert_eq!(parse(&body).unwrap_err(), expected, "{body}");
+        }
+        assert!(parse("v=0\r\no=- 1 1 IN IP4 192.0.2.1\r\ns=-\r\nc=IN IP4 192.0.2.1\r\nt=0 0\r\nm=audio 4000 RTP/AVP 0\r\n")
+            .unwrap()
+            .is_none());
+    }
+}
