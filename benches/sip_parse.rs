@@ -81,6 +81,8 @@ fn config() -> CoreConfig {
         auth: gatehouse::config::AuthSettings::defaults("org.example"),
         registrar: gatehouse::config::RegistrarSettings::default(),
         auth_secret: [3; 32],
+        tunnels: gatehouse::config::TunnelSettings::default(),
+        policy: std::sync::Arc::new(gatehouse_policy::Policy::trusted_only()),
     }
 }
 

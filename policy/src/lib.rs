@@ -419,11 +419,14 @@ impl Policy {
 
     /// The decision.
     pub fn decide(&self, q: &Query<'_>) -> Result<Permit, Denied> {
-        let kind_matches = |k: Kind| match (&q.session, k) {
-            (_, Kind::Any) => true,
-            (Session::Tunnel { .. }, Kind::Tunnel) | (Session::Call, Kind::Call) => true,
-            (Session::Method(_), Kind::Method) => true,
-            _ => false,
+        let kind_matches = |k: Kind| {
+            matches!(
+                (&q.session, k),
+                (_, Kind::Any)
+                    | (Session::Tunnel { .. }, Kind::Tunnel)
+                    | (Session::Call, Kind::Call)
+                    | (Session::Method(_), Kind::Method)
+            )
         };
         let rule = self.rules.iter().find(|r| {
             kind_matches(r.kind)

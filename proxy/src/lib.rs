@@ -49,6 +49,8 @@ pub fn core_config(cfg: &Config, bound: &Bound, store: &Store) -> Result<CoreCon
         dialog_key: store.key("dialog-mac")?,
         auth_secret: store.key("fake-verifier")?,
         auth: cfg.auth.clone(),
+        tunnels: cfg.tunnels.clone(),
+        policy: std::sync::Arc::clone(&cfg.policy),
         registrar: cfg.registrar,
         domains: cfg.domains.clone(),
         locals,

@@ -290,3 +290,127 @@ fn user_commands_round_trip_and_never_store_the_password() {
     assert!(!out.status.success());
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A UDP responder that answers every request 200 (copying the dialog headers).
+fn responder() -> std::net::SocketAddr {
+    let sock = UdpSocket::bind("127.0.0.1:0").expect("bind");
+    let addr = sock.local_addr().expect("addr");
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 65535];
+        while let Ok((n, from)) = sock.recv_from(&mut buf) {
+            let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+            let mut resp = String::from("SIP/2.0 200 OK\r\n");
+            for line in text.split("\r\n").skip(1).take_while(|l| !l.is_empty()) {
+                let name = line.split(':').next().unwrap_or("").to_ascii_lowercase();
+                if ["via", "from", "to", "call-id", "cseq"].contains(&name.as_str()) {
+                    resp.push_str(line);
+                    resp.push_str("\r\n");
+                }
+            }
+            resp.push_str("Content-Length: 0\r\n\r\n");
+            let _ = sock.send_to(resp.as_bytes(), from);
+        }
+    });
+    addr
+}
+
+/// OPTIONS to a user of the domain; returns the status line.
+fn options_status(gw: &str, n: u32) -> String {
+    let sock = UdpSocket::bind("127.0.0.1:0").expect("bind");
+    sock.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    let msg = format!(
+        "OPTIONS sip:someone@org.example SIP/2.0\r\nVia: SIP/2.0/UDP {l};branch=z9hG4bKreload{n}\r\nMax-Forwards: 70\r\n\
+From: <sip:probe@org.example>;tag=p\r\nTo: <sip:someone@org.example>\r\nCall-ID: reload-{n}@probe\r\nCSeq: 1 OPTIONS\r\nContent-Length: 0\r\n\r\n",
+        l = sock.local_addr().expect("addr")
+    );
+    sock.send_to(msg.as_bytes(), gw).expect("send");
+    let mut buf = [0u8; 4096];
+    let n = sock.recv(&mut buf).expect("answer");
+    String::from_utf8_lossy(&buf[..n])
+        .lines()
+        .next()
+        .unwrap_or("")
+        .to_owned()
+}
+
+#[test]
+fn sighup_reloads_a_valid_policy_and_keeps_the_old_one_on_errors() {
+    let dir = std::env::temp_dir().join(format!("gatehouse-reload-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let policy = dir.join("policy.toml");
+    std::fs::write(
+        &policy,
+        "[[rule]]\nname = \"nobody\"\nkind = \"any\"\naction = \"deny\"\ncallers = [\"trusted\"]\n",
+    )
+    .expect("write");
+    let target = responder();
+    let port = UdpSocket::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port();
+    let gw = format!("127.0.0.1:{port}");
+    let config = dir.join("gatehouse.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[sip]\ndomains = [\"org.example\"]\n[[listen]]\ntransport = \"udp\"\naddress = \"{gw}\"\n[trust]\nsources = [\"127.0.0.0/8\"]\n\
+[tunnels]\npolicy = \"{}\"\n[[route]]\ndomain = \"org.example\"\ntarget = \"sip:{target}\"\n",
+            policy.display()
+        ),
+    )
+    .expect("write");
+    let log = dir.join("gatehouse.log");
+    let child = bin()
+        .args(["run", "--config"])
+        .arg(&config)
+        .stderr(std::fs::File::create(&log).expect("log"))
+        .spawn()
+        .expect("start");
+    ping(&gw);
+    let mut n = 0;
+    let mut status = || {
+        n += 1;
+        options_status(&gw, n)
+    };
+    assert_eq!(status(), "SIP/2.0 403 Forbidden", "policy v1 denies");
+    let hup = |child: &Child| {
+        Command::new("kill")
+            .args(["-HUP", &child.id().to_string()])
+            .status()
+            .expect("kill");
+    };
+    std::fs::write(
+        &policy,
+        "[[rule]]\nname = \"infra\"\nkind = \"any\"\ncallers = [\"trusted\"]\n",
+    )
+    .expect("write");
+    hup(&child);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while status() != "SIP/2.0 200 OK" {
+        assert!(Instant::now() < deadline, "policy v2 never took effect");
+    }
+    std::fs::write(&policy, "[[rule]]\nname = = broken\n").expect("write");
+    hup(&child);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .contains("policy reload refused")
+    {
+        assert!(Instant::now() < deadline, "no refusal logged");
+        std::thread::yield_now();
+    }
+    assert_eq!(
+        status(),
+        "SIP/2.0 200 OK",
+        "the previous policy stays in force"
+    );
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        text.contains("policy.toml:2"),
+        "the error names the line: {text}"
+    );
+    terminate(child);
+    let _ = std::fs::remove_dir_all(&dir);
+}

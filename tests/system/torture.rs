@@ -154,6 +154,8 @@ fn proxy() -> Proxy {
         auth: gatehouse::config::AuthSettings::defaults("example.com"),
         registrar: gatehouse::config::RegistrarSettings::default(),
         auth_secret: [1; 32],
+        tunnels: gatehouse::config::TunnelSettings::default(),
+        policy: std::sync::Arc::new(gatehouse_policy::Policy::trusted_only()),
     })
 }
 

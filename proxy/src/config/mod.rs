@@ -48,6 +48,29 @@ struct RawConfig {
     auth: RawAuth,
     #[serde(default)]
     registrar: RawRegistrar,
+    #[serde(default)]
+    tunnels: RawTunnels,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTunnels {
+    policy: Option<Spanned<PathBuf>>,
+    #[serde(default)]
+    internal_networks: Vec<Spanned<String>>,
+    #[serde(default)]
+    public_endpoints: std::collections::BTreeMap<String, Spanned<String>>,
+}
+
+/// Tunnel settings.
+#[derive(Debug, Clone, Default)]
+pub struct TunnelSettings {
+    /// Policy file (reloaded on SIGHUP); `None` = trusted sources only.
+    pub policy_file: Option<PathBuf>,
+    /// Networks of the inside: a PSK may be handed over plain UDP/TCP only to these.
+    pub internal_networks: Vec<ipnet::IpNet>,
+    /// Public WireGuard endpoint published for an internal AOR (`sip:vpn@org.example`).
+    pub public_endpoints: std::collections::HashMap<String, SocketAddr>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -331,6 +354,9 @@ pub struct Config {
     pub shutdown_grace: Duration,
     pub auth: AuthSettings,
     pub registrar: RegistrarSettings,
+    pub tunnels: TunnelSettings,
+    /// The policy in force at load time.
+    pub policy: std::sync::Arc<gatehouse_policy::Policy>,
 }
 
 struct Ctx<'a> {
@@ -668,7 +694,57 @@ impl Config {
             default_expires: r.default_expires_s,
             max_bindings_per_aor: r.max_bindings_per_aor,
         };
+        let t = &raw.tunnels;
+        let mut internal_networks = Vec::new();
+        for (i, n) in t.internal_networks.iter().enumerate() {
+            let net = n
+                .get_ref()
+                .parse::<ipnet::IpNet>()
+                .or_else(|_| {
+                    n.get_ref()
+                        .parse::<std::net::IpAddr>()
+                        .map(ipnet::IpNet::from)
+                })
+                .map_err(|_| {
+                    cx.err(
+                        n.span(),
+                        &format!("tunnels.internal_networks[{i}]"),
+                        "not an address or prefix",
+                    )
+                })?;
+            internal_networks.push(net.trunc());
+        }
+        let mut public_endpoints = std::collections::HashMap::new();
+        for (aor, ep) in &t.public_endpoints {
+            let key = crate::core::auth::aor_key(aor).ok_or_else(|| {
+                cx.err(
+                    ep.span(),
+                    &format!("tunnels.public_endpoints.\"{aor}\""),
+                    "key must be a sip:user@domain AOR",
+                )
+            })?;
+            let addr: SocketAddr = ep.get_ref().parse().map_err(|_| {
+                cx.err(
+                    ep.span(),
+                    &format!("tunnels.public_endpoints.\"{aor}\""),
+                    "expected IP:port",
+                )
+            })?;
+            public_endpoints.insert(key, addr);
+        }
+        let policy_file = t.policy.as_ref().map(|p| p.get_ref().clone());
+        let policy = match &t.policy {
+            None => gatehouse_policy::Policy::trusted_only(),
+            Some(p) => load_policy(p.get_ref())
+                .map_err(|e| cx.err(p.span(), "tunnels.policy", e.to_string()))?,
+        };
         Ok(Config {
+            tunnels: TunnelSettings {
+                policy_file,
+                internal_networks,
+                public_endpoints,
+            },
+            policy: std::sync::Arc::new(policy),
             auth,
             registrar,
             domains,
@@ -689,6 +765,19 @@ impl Config {
             shutdown_grace: Duration::from_millis(raw.sip.shutdown_grace_ms),
         })
     }
+}
+
+/// Reads and validates a policy file (errors name the file and line).
+pub fn load_policy(
+    path: &std::path::Path,
+) -> Result<gatehouse_policy::Policy, gatehouse_policy::PolicyError> {
+    let origin = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|e| gatehouse_policy::PolicyError {
+        origin: origin.clone(),
+        line: 0,
+        message: format!("cannot read: {e}"),
+    })?;
+    gatehouse_policy::Policy::parse(&text, &origin)
 }
 
 #[cfg(test)]

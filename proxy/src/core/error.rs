@@ -63,6 +63,12 @@ pub enum Reject {
     TemporarilyUnavailable,
     #[error("registration interval too brief")]
     IntervalTooBrief(u32),
+    #[error("unacceptable WireGuard offer: {0}")]
+    BadOffer(crate::tunnel::sdp::SdpError),
+    #[error("denied by policy: {0}")]
+    PolicyDenied(gatehouse_policy::Denied),
+    #[error("the inward hop is neither TLS nor an internal network")]
+    InsecureInternalHop,
 }
 
 impl Reject {
@@ -120,13 +126,27 @@ impl Reject {
                 "Interval Too Brief",
                 vec![("Min-Expires", min.to_string())],
             ),
+            Reject::BadOffer(e) => (
+                488,
+                "Not Acceptable Here",
+                vec![("Warning", format!("399 gatehouse \"{e}\""))],
+            ),
+            Reject::PolicyDenied(d) => (
+                403,
+                "Forbidden",
+                vec![("Warning", format!("399 gatehouse \"policy: {d}\""))],
+            ),
+            Reject::InsecureInternalHop => (500, "Server Internal Error", vec![]),
         }
     }
 
     pub fn fault(&self) -> Fault {
         match self {
             Reject::Timeout | Reject::Unreachable => Fault::NextHop,
-            Reject::Overloaded | Reject::ShuttingDown | Reject::AuthBusy => Fault::Gateway,
+            Reject::Overloaded
+            | Reject::ShuttingDown
+            | Reject::AuthBusy
+            | Reject::InsecureInternalHop => Fault::Gateway,
             _ => Fault::Caller,
         }
     }

@@ -22,6 +22,7 @@
 //!    unreachable next hops.
 
 pub mod auth;
+pub mod authorize;
 pub mod error;
 pub mod registrar;
 pub mod route;
@@ -41,7 +42,7 @@ pub use error::{Fault, Reject};
 pub use registrar::{Binding, WallClock};
 pub use route::{RouteTable, Target};
 
-use crate::config::{AuthSettings, RegistrarSettings};
+use crate::config::{AuthSettings, RegistrarSettings, TunnelSettings};
 use crate::flow::{ConnId, Destination, Flow, Transport};
 use crate::sip::values::split_list;
 use crate::sip::{build_response, HeaderName, Limits, Message, Method, NameAddr, Scheme, Uri, Via};
@@ -49,6 +50,8 @@ use crate::store::Store;
 use crate::transaction::{
     build_cancel, ServerOutcome, TimerConfig, TransactionLayer, Transmit, TxEvent, TxId,
 };
+use crate::tunnel::TunnelTable;
+use std::sync::Arc;
 
 /// One address the gateway listens on, as it names itself in Via and Record-Route.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -99,6 +102,8 @@ pub struct CoreConfig {
     pub registrar: RegistrarSettings,
     /// Key of the fake verifiers that make unknown users look like known ones.
     pub auth_secret: [u8; 32],
+    pub tunnels: TunnelSettings,
+    pub policy: Arc<gatehouse_policy::Policy>,
 }
 
 /// Proof that a request passed the authenticate stage. Only [`Proxy::authenticate`]
@@ -162,6 +167,8 @@ struct Context {
     cancelled: bool,
     /// `*-Authentication-Info` added to every final response of an authenticated request.
     auth_info: Option<(&'static str, String)>,
+    /// Set when the request is a tunnel the gateway authorised.
+    tunnel: Option<authorize::TunnelCtx>,
 }
 
 /// The sans-IO stateful proxy.
@@ -181,6 +188,10 @@ pub struct Proxy {
     tls: HashMap<ConnId, TlsInfo>,
     lockout: auth::Lockout,
     clock: WallClock,
+    policy: Arc<gatehouse_policy::Policy>,
+    tunnels: TunnelTable,
+    /// Policy denials by reason label.
+    pub policy_denials: HashMap<&'static str, u64>,
     pub stats: CoreStats,
     pub auth_stats: AuthStats,
 }
@@ -204,6 +215,9 @@ impl Proxy {
         });
         let lockout = auth::Lockout::new(a.failures_before_lockout, a.failure_window, a.lockout);
         let mut proxy = Proxy {
+            policy: Arc::clone(&cfg.policy),
+            tunnels: TunnelTable::default(),
+            policy_denials: HashMap::new(),
             sasl,
             store,
             bindings: registrar::Bindings::default(),
@@ -222,7 +236,23 @@ impl Proxy {
             stats: CoreStats::default(),
         };
         proxy.load_bindings();
+        proxy.load_tunnels();
         proxy
+    }
+
+    /// Replaces the policy (hot reload). Running calls keep the decision they had.
+    pub fn set_policy(&mut self, policy: Arc<gatehouse_policy::Policy>) {
+        self.policy = policy;
+    }
+
+    /// Tunnels in the table.
+    pub fn tunnel_count(&self) -> usize {
+        self.tunnels.len()
+    }
+
+    /// The tunnel table.
+    pub fn tunnels(&self) -> impl Iterator<Item = &crate::tunnel::Tunnel> {
+        self.tunnels.iter()
     }
 
     /// The driver reports the TLS facts of a new connection (channel binding, client identity).
@@ -403,6 +433,7 @@ impl Proxy {
                 final_sent: false,
                 cancelled: false,
                 auth_info: None,
+                tunnel: None,
             },
         );
         let mut msg = msg;
@@ -439,6 +470,7 @@ impl Proxy {
             if !signed_route {
                 return Err(Reject::NoDialog);
             }
+            self.tunnel_in_dialog(&mut msg);
             let dest = self.next_hop(&mut msg)?;
             return self.relay(
                 id,
@@ -464,10 +496,20 @@ impl Proxy {
         // Stage 5: authenticate.
         let admission = self.authenticate(id, &mut msg, &flow, now)?;
 
-        // Stage 6: authorize / rewrite (policy and SDP arrive with the tunnel issue).
+        // Stage 6: authorize (policy; a tunnel offer is validated and its PSK derived).
+        let authorization = self.authorize(&msg, &admission, &flow)?;
 
         // Stage 7: target.
         let targets = self.targets(&msg, &admission, now)?;
+
+        // Stage 7b: rewrite the tunnel offer for the inside (checked against the targets).
+        if let Some(plan) = authorization.tunnel {
+            let identity = match admission.basis() {
+                AdmissionBasis::TrustedSource => "trusted".to_owned(),
+                AdmissionBasis::Sasl(a) => a.identity().to_owned(),
+            };
+            self.rewrite_offer(id, &mut msg, plan, &targets, &identity)?;
+        }
 
         // Stage 8: relay.
         let record_route = matches!(
@@ -652,6 +694,7 @@ impl Proxy {
             Ok(true) => {}
             _ => return,
         }
+        self.tunnel_in_dialog(&mut msg);
         let Ok(dest) = self.next_hop(&mut msg) else {
             return;
         };
@@ -901,6 +944,9 @@ impl Proxy {
         let Some(&server) = self.branch_of.get(&client) else {
             // Context gone (only 2xx retransmissions can get here): forward statelessly.
             if (200..300).contains(&status) {
+                if let Some(clean) = crate::tunnel::sdp::strip_psk(msg.body()) {
+                    msg.set_body(clean.into());
+                }
                 if let Some(dest) = via_destination(&msg) {
                     self.txl.send_stateless(dest, msg.serialize());
                 }
@@ -910,6 +956,7 @@ impl Proxy {
         if status == 100 {
             return;
         }
+        self.tunnel_response(server, status, &mut msg, now);
         self.on_branch_response(server, client, status, msg, now);
     }
 
@@ -982,6 +1029,11 @@ impl Proxy {
         }
         if let Some((status, mut resp)) = ctx.best.take() {
             ctx.final_sent = true;
+            if let Some(t) = &ctx.tunnel {
+                if self.tunnels.remove(&t.call_id, &t.caller_tag).is_some() {
+                    let _ = self.store.delete_tunnel(&t.call_id, &t.caller_tag);
+                }
+            }
             if let Some((name, value)) = &ctx.auth_info {
                 resp.insert_named(usize::MAX, HeaderName::Other, name, value.clone());
             }

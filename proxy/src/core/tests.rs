@@ -62,6 +62,8 @@ fn config() -> CoreConfig {
         auth: crate::config::AuthSettings::defaults("org.example"),
         registrar: crate::config::RegistrarSettings::default(),
         auth_secret: [7; 32],
+        tunnels: crate::config::TunnelSettings::default(),
+        policy: std::sync::Arc::new(gatehouse_policy::Policy::trusted_only()),
     }
 }
 
@@ -805,6 +807,13 @@ mod sasl {
         );
         cfg.routes = routes;
         cfg.auth.failures_before_lockout = 3;
+        cfg.policy = std::sync::Arc::new(
+            gatehouse_policy::Policy::parse(
+                "[[rule]]\nname = \"partners\"\nkind = \"any\"\ncallers = [\"*@partner.example\", \"trusted\"]\n",
+                "test",
+            )
+            .unwrap(),
+        );
         Harness {
             proxy: Proxy::new(cfg, store(), WallClock::now()),
             now: Instant::now(),
@@ -848,6 +857,15 @@ mod sasl {
 
     /// Runs the three INVITE rounds; returns the outputs of the last one.
     fn authenticate(h: &mut Harness, client: &mut ScramClient) -> Vec<Sent> {
+        authenticate_with(h, client, &|cseq, auth| invite_round(cseq, auth))
+    }
+
+    fn authenticate_with(
+        h: &mut Harness,
+        client: &mut ScramClient,
+        build: &dyn Fn(u32, Option<&str>) -> String,
+    ) -> Vec<Sent> {
+        let invite_round = build;
         let out = h.send(&invite_round(1, None), outside());
         assert_eq!(out[0].status(), Some(407));
         let p1 = SaslParams {
@@ -1174,5 +1192,293 @@ CSeq: {cseq} REGISTER\r\nContact: {contact}\r\nExpires: 600\r\nContent-Length: 0
         );
         assert_eq!(out[0].status(), Some(200));
         assert_eq!(h.proxy.registrations(), 0);
+    }
+
+    // ===== tunnels (wireguard-sdp.md) =====
+
+    const OFFER: &str = "v=0\r\no=- 4124031101 285260646 IN IP6 2001:db8:666::666\r\ns=-\r\nc=IN IP6 2001:db8:666::666\r\nt=0 0\r\n\
+m=application 57660 udp vnd.wireguard\r\n\
+a=fmtp:vnd.wireguard pubkey=YWl42m1t56sMAYKwGZUQZNuYG+AbdW9eE7KLj3KBT1M=;prefix=2001:db8:456:1::/64;pskmth=scram,none\r\n\
+a=sendrecv\r\n";
+
+    const POLICY: &str = "org_prefixes = [\"2001:db8:789::/48\"]\n\
+[[rule]]\nname = \"partners\"\nkind = \"tunnel\"\ncallers = [\"*@partner.example\"]\ntargets = [\"sip:vpn@org.example\"]\n\
+pskmth = [\"scram\", \"none\"]\nprefixes = [\"2001:db8:456::/48\"]\n";
+
+    fn tunnel_harness(store: Store, internal: &str) -> Harness {
+        let mut h = harness();
+        let mut cfg = h.proxy.config().clone();
+        cfg.policy = std::sync::Arc::new(gatehouse_policy::Policy::parse(POLICY, "test").unwrap());
+        cfg.tunnels.internal_networks = vec![internal.parse().unwrap()];
+        cfg.tunnels.public_endpoints.insert(
+            "sip:vpn@org.example".into(),
+            "[2001:db8::10]:51820".parse().unwrap(),
+        );
+        h.proxy = Proxy::new(cfg, store, WallClock::now());
+        h
+    }
+
+    fn tunnel_invite(sdp: &str) -> impl Fn(u32, Option<&str>) -> String + '_ {
+        move |cseq, auth| {
+            invite_round(cseq, auth).replace(
+                "Content-Length: 4\r\n\r\nv=0\n",
+                &format!("Content-Length: {}\r\n\r\n{sdp}", sdp.len()),
+            )
+        }
+    }
+
+    fn fmtp(text: &str) -> String {
+        text.lines()
+            .find(|l| l.starts_with("a=fmtp:vnd.wireguard"))
+            .unwrap_or("")
+            .to_owned()
+    }
+
+    /// The PSK the caller derives on its own from its transcript.
+    fn caller_psk(t: &gatehouse_auth::scram::Transcript) -> String {
+        use base64::Engine;
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let pubkey: [u8; 32] = b64
+            .decode("YWl42m1t56sMAYKwGZUQZNuYG+AbdW9eE7KLj3KBT1M=")
+            .unwrap()
+            .try_into()
+            .unwrap();
+        let binding = gatehouse_auth::scram::PskBinding {
+            mech: "SCRAM-SHA-256",
+            from: "sip:alice@partner.example",
+            to: "sip:vpn@org.example",
+            call_id: "call-1@partner.example",
+            pubkey: &pubkey,
+            prefix: "2001:db8:456:1::/64",
+        };
+        b64.encode(gatehouse_auth::scram::derive_psk(t, &binding).expose())
+    }
+
+    fn answer_sdp() -> String {
+        OFFER
+            .replace("2001:db8:666::666", "2001:db8:789::20")
+            .replace("57660", "51000")
+            .replace(
+                "prefix=2001:db8:456:1::/64;pskmth=scram,none",
+                "prefix=2001:db8:789:1::/64;pskmth=gateway",
+            )
+    }
+
+    fn answer_with_sdp(fwd: &Sent, sdp: &str) -> String {
+        answer(fwd, 200, "OK", "Content-Type: application/sdp\r\n").replace(
+            "Content-Length: 0\r\n\r\n",
+            &format!("Content-Length: {}\r\n\r\n{sdp}", sdp.len()),
+        )
+    }
+
+    #[test]
+    fn scram_tunnel_hands_the_psk_inward_only() {
+        let mut h = tunnel_harness(store(), "198.51.100.0/24");
+        let mut client = ScramClient::new("alice", b"alice-secret", None);
+        let mut seen_outside = Vec::new();
+        let out = authenticate_with(&mut h, &mut client, &tunnel_invite(OFFER));
+        let fwd = out
+            .iter()
+            .find(|s| s.first_line().starts_with("INVITE"))
+            .expect("forwarded inward");
+        let inward = fmtp(&fwd.text);
+        seen_outside.extend(
+            out.iter()
+                .filter(|s| s.dest == Destination::Flow(outside()))
+                .map(|s| s.text.clone()),
+        );
+        // The 200 with the endpoint's answer goes back out rewritten.
+        let relayed = h.send(&answer_with_sdp(fwd, &answer_sdp()), uas_flow());
+        let ok = relayed.iter().find(|s| s.status() == Some(200)).unwrap();
+        seen_outside.extend(relayed.iter().map(|s| s.text.clone()));
+        let info = ok.msg();
+        let info = info
+            .headers()
+            .find(|(i, _)| info.name_text(*i) == "Proxy-Authentication-Info")
+            .map(|(i, _)| info.value(i).into_owned())
+            .unwrap();
+        let transcript = client
+            .verify_server_final(
+                &gatehouse_auth::SaslParams::parse(&info)
+                    .unwrap()
+                    .s2c
+                    .unwrap(),
+            )
+            .unwrap();
+        assert_eq!(
+            inward,
+            format!(
+                "a=fmtp:vnd.wireguard pubkey=YWl42m1t56sMAYKwGZUQZNuYG+AbdW9eE7KLj3KBT1M=;prefix=2001:db8:456:1::/64;pskmth=gateway;psk={}",
+                caller_psk(&transcript)
+            ),
+            "the endpoint gets the PSK the caller derives independently"
+        );
+        let answer_out = fmtp(&ok.text);
+        assert!(answer_out.ends_with(";pskmth=scram"), "{answer_out}");
+        assert!(
+            ok.text.contains("c=IN IP6 2001:db8::10\r\n")
+                && ok.text.contains("m=application 51820 udp"),
+            "{}",
+            ok.text
+        );
+        for text in &seen_outside {
+            assert!(
+                !text.contains("psk="),
+                "a psk left towards the outside:\n{text}"
+            );
+        }
+        assert_eq!(h.proxy.tunnel_count(), 1);
+        let t = h.proxy.tunnels().next().unwrap();
+        assert_eq!(
+            (t.identity.as_str(), t.pskmth.as_str(), t.state),
+            ("alice", "scram", crate::tunnel::TunnelState::Established)
+        );
+    }
+
+    #[test]
+    fn a_psk_in_an_answer_from_inside_is_stripped() {
+        let mut h = tunnel_harness(store(), "198.51.100.0/24");
+        let mut client = ScramClient::new("alice", b"alice-secret", None);
+        let out = authenticate_with(&mut h, &mut client, &tunnel_invite(OFFER));
+        let fwd = out
+            .iter()
+            .find(|s| s.first_line().starts_with("INVITE"))
+            .unwrap();
+        let leaky = answer_sdp().replace(
+            "pskmth=gateway",
+            "pskmth=gateway;psk=5c+9c1SPsTZJYcy7A7FGjvGchpDHI6mTAmNNCJw0W5Q=",
+        );
+        let relayed = h.send(&answer_with_sdp(fwd, &leaky), uas_flow());
+        assert!(relayed.iter().all(|s| !s.text.contains("psk=")));
+    }
+
+    #[test]
+    fn policy_denial_is_403_with_warning_and_nothing_goes_inside() {
+        let mut h = tunnel_harness(store(), "198.51.100.0/24");
+        let mut client = ScramClient::new("alice", b"alice-secret", None);
+        let org = OFFER.replace("prefix=2001:db8:456:1::/64", "prefix=2001:db8:789:5::/64");
+        let out = authenticate_with(&mut h, &mut client, &tunnel_invite(&org));
+        assert_eq!(out.len(), 1, "{out:?}");
+        assert_eq!(out[0].first_line(), "SIP/2.0 403 Forbidden");
+        assert!(
+            out[0]
+                .text
+                .contains("Warning: 399 gatehouse \"policy: prefix overlaps the organisation's\""),
+            "{}",
+            out[0].text
+        );
+        assert_eq!(h.proxy.policy_denials["org_prefix"], 1);
+        assert_eq!(h.proxy.tunnel_count(), 0);
+    }
+
+    #[test]
+    fn bad_offer_is_488_naming_the_fault() {
+        let mut h = tunnel_harness(store(), "198.51.100.0/24");
+        let mut client = ScramClient::new("alice", b"alice-secret", None);
+        let bad = OFFER.replace(
+            "pubkey=YWl42m1t56sMAYKwGZUQZNuYG+AbdW9eE7KLj3KBT1M=",
+            "pubkey=c2hvcnQ=",
+        );
+        let out = authenticate_with(&mut h, &mut client, &tunnel_invite(&bad));
+        assert_eq!(out[0].first_line(), "SIP/2.0 488 Not Acceptable Here");
+        assert!(out[0]
+            .text
+            .contains("Warning: 399 gatehouse \"pubkey is not 32 bytes of base64\""));
+    }
+
+    #[test]
+    fn a_psk_is_never_handed_to_an_unprotected_hop() {
+        let mut h = tunnel_harness(store(), "10.0.0.0/8");
+        let mut client = ScramClient::new("alice", b"alice-secret", None);
+        let out = authenticate_with(&mut h, &mut client, &tunnel_invite(OFFER));
+        assert_eq!(out[0].first_line(), "SIP/2.0 500 Server Internal Error");
+        assert!(out.iter().all(|s| !s.text.contains("psk=")));
+    }
+
+    #[test]
+    fn bye_from_either_side_and_a_restart_in_the_middle() {
+        let dir = std::env::temp_dir().join(format!(
+            "gh-tun-{}-{}",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("store.sqlite");
+        {
+            let mut s = Store::open(&path).unwrap();
+            s.add_user(
+                "alice",
+                b"alice-secret",
+                &["sip:alice@partner.example".into()],
+                None,
+                4096,
+            )
+            .unwrap();
+        }
+        let mut h = tunnel_harness(Store::open(&path).unwrap(), "198.51.100.0/24");
+        let mut client = ScramClient::new("alice", b"alice-secret", None);
+        let out = authenticate_with(&mut h, &mut client, &tunnel_invite(OFFER));
+        let fwd = out
+            .iter()
+            .find(|s| s.first_line().starts_with("INVITE"))
+            .unwrap();
+        let relayed = h.send(&answer_with_sdp(fwd, &answer_sdp()), uas_flow());
+        let ok = relayed
+            .iter()
+            .find(|s| s.status() == Some(200))
+            .unwrap()
+            .msg();
+        let rr = ok.list_values(HeaderName::RecordRoute);
+        drop(h);
+        // Restart: the table is complete and in-dialog BYE still routes.
+        let mut h = tunnel_harness(Store::open(&path).unwrap(), "198.51.100.0/24");
+        assert_eq!(h.proxy.tunnel_count(), 1);
+        // BYE from the inside (endpoint -> caller), Route = Record-Route in order.
+        let bye = format!(
+            "BYE sip:alice@203.0.113.5:5062 SIP/2.0\r\nVia: SIP/2.0/UDP 198.51.100.20:5060;branch=z9hG4bKbyein\r\nMax-Forwards: 70\r\n\
+Route: {}\r\nFrom: <sip:vpn@org.example>;tag=uas1\r\nTo: <sip:alice@partner.example>;tag=ft1\r\nCall-ID: call-1@partner.example\r\n\
+CSeq: 5 BYE\r\nContent-Length: 0\r\n\r\n",
+            rr.join(", ")
+        );
+        let out = h.send(&bye, uas_flow());
+        assert!(
+            out.iter()
+                .any(|s| s.first_line().starts_with("BYE sip:alice@203.0.113.5:5062")),
+            "{out:?}"
+        );
+        assert_eq!(h.proxy.tunnel_count(), 0, "BYE tears the tunnel down");
+        drop(h);
+        let h = tunnel_harness(Store::open(&path).unwrap(), "198.51.100.0/24");
+        assert_eq!(h.proxy.tunnel_count(), 0, "and the store agrees");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn bye_from_the_caller_tears_down() {
+        let mut h = tunnel_harness(store(), "198.51.100.0/24");
+        let mut client = ScramClient::new("alice", b"alice-secret", None);
+        let out = authenticate_with(&mut h, &mut client, &tunnel_invite(OFFER));
+        let fwd = out
+            .iter()
+            .find(|s| s.first_line().starts_with("INVITE"))
+            .unwrap();
+        let relayed = h.send(&answer_with_sdp(fwd, &answer_sdp()), uas_flow());
+        let ok = relayed
+            .iter()
+            .find(|s| s.status() == Some(200))
+            .unwrap()
+            .msg();
+        let route: Vec<String> = ok
+            .list_values(HeaderName::RecordRoute)
+            .into_iter()
+            .rev()
+            .collect();
+        let bye = in_dialog("BYE", &format!("Route: {}\r\n", route.join(", ")));
+        let out = h.send(&bye, outside());
+        assert!(
+            out.iter().any(|s| s.first_line().starts_with("BYE ")),
+            "{out:?}"
+        );
+        assert_eq!(h.proxy.tunnel_count(), 0);
     }
 }

@@ -56,6 +56,20 @@ const MIGRATIONS: &[&str] = &[
         name  TEXT PRIMARY KEY NOT NULL,
         value BLOB NOT NULL
     );",
+    // 2: the tunnel table.
+    "CREATE TABLE tunnels (
+        call_id      TEXT NOT NULL,
+        caller_tag   TEXT NOT NULL,
+        callee_tag   TEXT,
+        identity     TEXT NOT NULL,
+        from_aor     TEXT NOT NULL,
+        to_aor       TEXT NOT NULL,
+        prefixes     TEXT NOT NULL,
+        pskmth       TEXT NOT NULL,
+        created_at   INTEGER NOT NULL,
+        state        TEXT NOT NULL,
+        PRIMARY KEY (call_id, caller_tag)
+    );",
 ];
 
 /// A registrar binding (AOR -> Contact through a flow), persisted across restarts.
@@ -389,6 +403,59 @@ impl Store {
                     expires_at: r.get::<_, i64>(4)? as u64,
                     instance: r.get(5)?,
                     identity: r.get(6)?,
+                })
+            })?
+            .collect::<Result<_, _>>()?;
+        Ok(rows)
+    }
+}
+
+impl Store {
+    pub fn save_tunnel(&mut self, t: &crate::tunnel::Tunnel) -> Result<(), StoreError> {
+        self.conn.execute(
+            "INSERT OR REPLACE INTO tunnels (call_id, caller_tag, callee_tag, identity, from_aor, to_aor, prefixes, pskmth, created_at, state)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+            params![
+                t.call_id,
+                t.caller_tag,
+                t.callee_tag,
+                t.identity,
+                t.from,
+                t.to,
+                t.prefixes,
+                t.pskmth,
+                t.created_unix as i64,
+                t.state.as_str()
+            ],
+        )?;
+        Ok(())
+    }
+
+    pub fn delete_tunnel(&mut self, call_id: &str, caller_tag: &str) -> Result<(), StoreError> {
+        self.conn.execute(
+            "DELETE FROM tunnels WHERE call_id = ?1 AND caller_tag = ?2",
+            params![call_id, caller_tag],
+        )?;
+        Ok(())
+    }
+
+    pub fn tunnels(&self) -> Result<Vec<crate::tunnel::Tunnel>, StoreError> {
+        let mut stmt = self.conn.prepare(
+            "SELECT call_id, caller_tag, callee_tag, identity, from_aor, to_aor, prefixes, pskmth, created_at, state FROM tunnels",
+        )?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok(crate::tunnel::Tunnel {
+                    call_id: r.get(0)?,
+                    caller_tag: r.get(1)?,
+                    callee_tag: r.get(2)?,
+                    identity: r.get(3)?,
+                    from: r.get(4)?,
+                    to: r.get(5)?,
+                    prefixes: r.get(6)?,
+                    pskmth: r.get(7)?,
+                    created_unix: r.get::<_, i64>(8)? as u64,
+                    state: crate::tunnel::TunnelState::parse(&r.get::<_, String>(9)?),
                 })
             })?
             .collect::<Result<_, _>>()?;

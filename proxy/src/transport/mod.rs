@@ -149,6 +149,7 @@ pub struct Driver {
     accept_tasks: Vec<JoinHandle<()>>,
     shutdown_grace: Duration,
     rotate: usize,
+    policy_file: Option<std::path::PathBuf>,
 }
 
 impl std::fmt::Debug for Driver {
@@ -202,6 +203,7 @@ impl Driver {
             accept_tasks,
             shutdown_grace: cfg.shutdown_grace,
             rotate: 0,
+            policy_file: cfg.tunnels.policy_file.clone(),
         })
     }
 
@@ -209,6 +211,8 @@ impl Driver {
     pub async fn run(mut self, shutdown: impl Future<Output = ()>) {
         let mut buf = vec![0u8; 65_536];
         tokio::pin!(shutdown);
+        let mut hangup =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
         let mut draining_until: Option<Instant> = None;
         loop {
             self.flush();
@@ -251,9 +255,29 @@ impl Driver {
                     self.proxy.handle_timeout(Instant::now());
                 }
                 _ = tokio::time::sleep_until(drain_at.into()), if draining_until.is_some() => {}
+                Some(()) = async { match hangup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => {
+                    self.reload_policy();
+                }
             }
         }
         tracing::info!(transactions = self.proxy.transactions(), "gateway stopped");
+    }
+
+    /// SIGHUP: read and validate the policy file; only a valid file replaces the policy in force.
+    fn reload_policy(&mut self) {
+        let Some(path) = &self.policy_file else {
+            tracing::info!("SIGHUP: no policy file configured");
+            return;
+        };
+        match crate::config::load_policy(path) {
+            Ok(p) => {
+                self.proxy.set_policy(Arc::new(p));
+                tracing::info!(file = %path.display(), "policy reloaded");
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "policy reload refused; the previous policy stays in force")
+            }
+        }
     }
 
     /// After one readable event, read what else is queued on that socket (bounded).

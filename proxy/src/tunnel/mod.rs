@@ -1,3 +1,6 @@
 //! Tunnels: WireGuard SDP handling and the table of dialogs the gateway authorised.
 
 pub mod sdp;
+pub mod table;
+
+pub use table::{Tunnel, TunnelState, TunnelTable};

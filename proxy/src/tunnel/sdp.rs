@@ -88,8 +88,14 @@ impl WgSdp {
                 return Err(SdpError::Line(i + 1));
             }
         }
-        let media: Vec<usize> = (0..lines.len()).filter(|&i| lines[i].starts_with("m=")).collect();
-        let wg: Vec<usize> = media.iter().copied().filter(|&i| lines[i].ends_with(" vnd.wireguard")).collect();
+        let media: Vec<usize> = (0..lines.len())
+            .filter(|&i| lines[i].starts_with("m="))
+            .collect();
+        let wg: Vec<usize> = media
+            .iter()
+            .copied()
+            .filter(|&i| lines[i].ends_with(" vnd.wireguard"))
+            .collect();
         match (wg.len(), media.len()) {
             (0, _) => return Ok(None),
             (1, 1) => {}
@@ -124,7 +130,12 @@ impl WgSdp {
                 None => (p.trim().to_owned(), String::new()),
             })
             .collect();
-        let get = |name: &str| params.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str());
+        let get = |name: &str| {
+            params
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, v)| v.as_str())
+        };
         let pubkey: [u8; 32] = get("pubkey")
             .and_then(|k| b64().decode(k).ok())
             .and_then(|k| k.try_into().ok())
@@ -138,7 +149,11 @@ impl WgSdp {
         if prefixes.is_empty() {
             return Err(SdpError::Prefix);
         }
-        let pskmth: Vec<String> = get("pskmth").unwrap_or("none").split(',').map(|m| m.trim().to_owned()).collect();
+        let pskmth: Vec<String> = get("pskmth")
+            .unwrap_or("none")
+            .split(',')
+            .map(|m| m.trim().to_owned())
+            .collect();
         if pskmth.iter().any(|m| !KNOWN_PSKMTH.contains(&m.as_str())) {
             return Err(SdpError::Pskmth);
         }
@@ -170,7 +185,10 @@ impl WgSdp {
     }
 
     pub fn param(&self, name: &str) -> Option<&str> {
-        self.params.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str())
+        self.params
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
     }
 
     /// Sets (or with `None` removes) an fmtp parameter; new ones go last.
@@ -186,7 +204,13 @@ impl WgSdp {
         let joined: Vec<String> = self
             .params
             .iter()
-            .map(|(n, v)| if v.is_empty() { n.clone() } else { format!("{n}={v}") })
+            .map(|(n, v)| {
+                if v.is_empty() {
+                    n.clone()
+                } else {
+                    format!("{n}={v}")
+                }
+            })
             .collect();
         self.lines[self.fmtp_line] = format!("a=fmtp:vnd.wireguard {}", joined.join(";"));
     }
@@ -223,14 +247,19 @@ impl WgSdp {
 fn parse_connection(line: &str) -> Result<IpAddr, SdpError> {
     let parts: Vec<&str> = line[2..].split(' ').collect();
     match parts[..] {
-        ["IN", "IP4" | "IP6", addr] => addr.split('/').next().and_then(|a| a.parse().ok()).ok_or(SdpError::NoConnection),
+        ["IN", "IP4" | "IP6", addr] => addr
+            .split('/')
+            .next()
+            .and_then(|a| a.parse().ok())
+            .ok_or(SdpError::NoConnection),
         _ => Err(SdpError::NoConnection),
     }
 }
 
 /// sdp-rs must parse the body and keep every line (its 0.2.1 drops lines silently).
 fn sdp_rs_accounts_for(text: &str, lines: usize) -> Result<(), SdpError> {
-    let parsed = sdp_rs::SessionDescription::try_from(text.to_owned()).map_err(|_| SdpError::Unaccounted)?;
+    let parsed =
+        sdp_rs::SessionDescription::try_from(text.to_owned()).map_err(|_| SdpError::Unaccounted)?;
     let out = parsed.to_string();
     let kept = out.lines().filter(|l| !l.trim().is_empty()).count();
     if kept < lines {
@@ -302,8 +331,14 @@ a=sendrecv\r\n";
     #[test]
     fn ipv4_variant_and_multiple_prefixes_and_preference_lists() {
         let s = SEED
-            .replace("IN IP6 2001:db8:666::666\r\ns=-\r\nc=IN IP6 2001:db8:666::666", "IN IP4 192.0.2.66\r\ns=-\r\nc=IN IP4 192.0.2.66")
-            .replace("prefix=2001:db8:456:1::/64;pskmth=none", "prefix=192.0.2.128/25,2001:db8:456:2::/64;pskmth=scram,none");
+            .replace(
+                "IN IP6 2001:db8:666::666\r\ns=-\r\nc=IN IP6 2001:db8:666::666",
+                "IN IP4 192.0.2.66\r\ns=-\r\nc=IN IP4 192.0.2.66",
+            )
+            .replace(
+                "prefix=2001:db8:456:1::/64;pskmth=none",
+                "prefix=192.0.2.128/25,2001:db8:456:2::/64;pskmth=scram,none",
+            );
         let w = parse(&s).unwrap().unwrap();
         assert_eq!(w.addr, "192.0.2.66".parse::<IpAddr>().unwrap());
         assert_eq!(w.prefixes.len(), 2);
@@ -327,22 +362,58 @@ a=sendrecv\r\n";
         assert!(strip_psk(SEED.as_bytes()).is_none());
         w.set_endpoint("[2001:db8::10]:51820".parse().unwrap());
         let out = String::from_utf8(w.to_bytes()).unwrap();
-        assert!(out.contains("c=IN IP6 2001:db8::10\r\n") && out.contains("m=application 51820 udp vnd.wireguard\r\n"));
-        assert!(out.contains("o=- 4124031101 285260646 IN IP6 2001:db8:666::666"), "origin untouched");
+        assert!(
+            out.contains("c=IN IP6 2001:db8::10\r\n")
+                && out.contains("m=application 51820 udp vnd.wireguard\r\n")
+        );
+        assert!(
+            out.contains("o=- 4124031101 285260646 IN IP6 2001:db8:666::666"),
+            "origin untouched"
+        );
     }
 
     #[test]
     fn faults_are_named() {
         let cases = [
-            (SEED.replace("pubkey=YWl42m1t56sMAYKwGZUQZNuYG+AbdW9eE7KLj3KBT1M=", "pubkey=c2hvcnQ="), SdpError::PubKey),
-            (SEED.replace(";prefix=2001:db8:456:1::/64", ""), SdpError::Prefix),
-            (SEED.replace("prefix=2001:db8:456:1::/64", "prefix=2001:db8:456:1::/129"), SdpError::Prefix),
-            (SEED.replace("pskmth=none", "pskmth=magic"), SdpError::Pskmth),
-            (SEED.replace("a=fmtp:vnd.wireguard", "a=fmtp:other"), SdpError::NoFmtp),
-            (SEED.replace("c=IN IP6 2001:db8:666::666\r\n", ""), SdpError::NoConnection),
-            (SEED.replace("a=sendrecv", "m=audio 4000 RTP/AVP 0"), SdpError::MixedMedia),
-            (SEED.replace("s=-\r\n", "s=-\r\nthis is not sdp\r\n"), SdpError::Line(4)),
-            (SEED.replace("udp vnd.wireguard", "tcp vnd.wireguard"), SdpError::MediaLine),
+            (
+                SEED.replace(
+                    "pubkey=YWl42m1t56sMAYKwGZUQZNuYG+AbdW9eE7KLj3KBT1M=",
+                    "pubkey=c2hvcnQ=",
+                ),
+                SdpError::PubKey,
+            ),
+            (
+                SEED.replace(";prefix=2001:db8:456:1::/64", ""),
+                SdpError::Prefix,
+            ),
+            (
+                SEED.replace("prefix=2001:db8:456:1::/64", "prefix=2001:db8:456:1::/129"),
+                SdpError::Prefix,
+            ),
+            (
+                SEED.replace("pskmth=none", "pskmth=magic"),
+                SdpError::Pskmth,
+            ),
+            (
+                SEED.replace("a=fmtp:vnd.wireguard", "a=fmtp:other"),
+                SdpError::NoFmtp,
+            ),
+            (
+                SEED.replace("c=IN IP6 2001:db8:666::666\r\n", ""),
+                SdpError::NoConnection,
+            ),
+            (
+                SEED.replace("a=sendrecv", "m=audio 4000 RTP/AVP 0"),
+                SdpError::MixedMedia,
+            ),
+            (
+                SEED.replace("s=-\r\n", "s=-\r\nthis is not sdp\r\n"),
+                SdpError::Line(4),
+            ),
+            (
+                SEED.replace("udp vnd.wireguard", "tcp vnd.wireguard"),
+                SdpError::MediaLine,
+            ),
         ];
         for (body, expected) in cases {
             assert_eq!(parse(&body).unwrap_err(), expected, "{body}");

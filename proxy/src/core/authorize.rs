@@ -1,0 +1,309 @@
+//! Stages 6 (authorize) and 7b (rewrite) of the pipeline for tunnels and calls, and the
+//! tunnel side of responses and in-dialog requests (wireguard-sdp.md).
+//!
+//! - authorize: classify the request (tunnel offer, ordinary call, other method), validate a
+//!   WireGuard offer (488 with a Warning naming the fault), ask the policy (403 with a Warning),
+//!   derive the `scram` PSK from the SASL transcript when that pskmth is chosen;
+//! - rewrite: hand the PSK inward as `pskmth=gateway;psk=...`, only to a TLS hop or an
+//!   internal network (else 500), and record the tunnel;
+//! - answers: back to the caller's pskmth, `psk` removed, public endpoint substituted;
+//!   every relayed message loses any `psk` parameter, so the inward offer the gateway writes
+//!   is the only message that can carry one.
+
+use std::time::Instant;
+
+use base64::Engine;
+use gatehouse_auth::scram::{derive_psk, PskBinding};
+use gatehouse_auth::Secret;
+use gatehouse_policy::{Caller, Counts, Permit, Query, Session};
+
+use super::auth::aor_key;
+use super::{Admission, AdmissionBasis, Proxy, Reject};
+use crate::flow::{Destination, Flow, Transport};
+use crate::sip::{HeaderName, Message, Method, NameAddr};
+use crate::transaction::TxId;
+use crate::tunnel::sdp::{strip_psk, WgSdp};
+use crate::tunnel::{Tunnel, TunnelState};
+
+/// What the policy allowed, and for a tunnel what to do with the offer.
+#[derive(Debug)]
+pub struct Authorization {
+    pub permit: Permit,
+    pub tunnel: Option<TunnelPlan>,
+}
+
+/// A permitted tunnel offer.
+#[derive(Debug)]
+pub struct TunnelPlan {
+    pub sdp: WgSdp,
+    /// The pskmth chosen for the caller (`scram` or `none`).
+    pub pskmth: String,
+    pub psk: Option<Secret<[u8; 32]>>,
+}
+
+/// Per-request tunnel state kept in the response context.
+#[derive(Debug, Clone)]
+pub struct TunnelCtx {
+    pub call_id: String,
+    pub caller_tag: String,
+    pub pskmth: String,
+    pub to_aor: String,
+}
+
+/// The addr-spec of From or To exactly as written (inside `<...>` when present).
+fn addr_spec(msg: &Message, name: HeaderName) -> String {
+    msg.value_of(name)
+        .and_then(|v| NameAddr::parse(&v).map(|n| n.uri.to_owned()))
+        .unwrap_or_default()
+}
+
+fn is_sdp(msg: &Message) -> bool {
+    !msg.body().is_empty()
+        && msg
+            .value_of(HeaderName::ContentType)
+            .is_none_or(|c| c.trim().to_ascii_lowercase().starts_with("application/sdp"))
+}
+
+impl Proxy {
+    /// Stage 6: the policy decision (and the PSK derivation for a `scram` tunnel).
+    pub(super) fn authorize(
+        &mut self,
+        msg: &Message,
+        admission: &Admission,
+        flow: &Flow,
+    ) -> Result<Authorization, Reject> {
+        let method = msg.method().unwrap_or(Method::Other);
+        let offer = if method == Method::Invite && is_sdp(msg) {
+            WgSdp::parse(msg.body()).map_err(Reject::BadOffer)?
+        } else {
+            None
+        };
+        let from = aor_key(&addr_spec(msg, HeaderName::From)).unwrap_or_default();
+        let to = aor_key(&addr_spec(msg, HeaderName::To)).unwrap_or_default();
+        let (caller, identity, transcript) = match admission.basis() {
+            AdmissionBasis::TrustedSource => (Caller::Trusted, "trusted".to_owned(), None),
+            AdmissionBasis::Sasl(auth) => (
+                Caller::Authenticated {
+                    aor: &from,
+                    realm: self.sasl.realm(),
+                    mechanism: auth.mechanism().name(),
+                },
+                auth.identity().to_owned(),
+                auth.transcript().map(|t| (t, auth.mechanism().name())),
+            ),
+        };
+        let (by_identity, by_target, total) = self.tunnels.counts(&identity, &to);
+        let method_text = msg.method_text().into_owned();
+        let session = match &offer {
+            Some(sdp) => Session::Tunnel {
+                prefixes: &sdp.prefixes,
+                pskmth: &sdp.pskmth,
+                scram_available: transcript.is_some(),
+            },
+            None if method == Method::Invite => Session::Call,
+            None => Session::Method(&method_text),
+        };
+        let query = Query {
+            caller,
+            tls: flow.transport == Transport::Tls,
+            from: &from,
+            to: &to,
+            session,
+            counts: Counts {
+                by_identity,
+                by_target,
+                total,
+            },
+        };
+        let permit = self.policy.decide(&query).map_err(|d| {
+            *self.policy_denials.entry(d.label()).or_default() += 1;
+            Reject::PolicyDenied(d)
+        })?;
+        let Some(sdp) = offer else {
+            return Ok(Authorization {
+                permit,
+                tunnel: None,
+            });
+        };
+        let pskmth = permit.pskmth().unwrap_or("none").to_owned();
+        let psk = match (pskmth.as_str(), transcript) {
+            ("scram", Some((t, mech))) => {
+                let binding = PskBinding {
+                    mech,
+                    from: &addr_spec(msg, HeaderName::From),
+                    to: &addr_spec(msg, HeaderName::To),
+                    call_id: &msg.call_id(),
+                    pubkey: &sdp.pubkey,
+                    prefix: &sdp.prefix_text,
+                };
+                Some(derive_psk(t, &binding))
+            }
+            ("scram", None) => return Err(Reject::PolicyDenied(gatehouse_policy::Denied::Pskmth)),
+            _ => None,
+        };
+        Ok(Authorization {
+            permit,
+            tunnel: Some(TunnelPlan { sdp, pskmth, psk }),
+        })
+    }
+
+    /// Stage 7b: the inward offer, and the tunnel record.
+    pub(super) fn rewrite_offer(
+        &mut self,
+        id: TxId,
+        msg: &mut Message,
+        plan: TunnelPlan,
+        targets: &[(String, Destination)],
+        identity: &str,
+    ) -> Result<(), Reject> {
+        let TunnelPlan {
+            mut sdp,
+            pskmth,
+            psk,
+        } = plan;
+        match &psk {
+            Some(psk) => {
+                for (_, dest) in targets {
+                    if !self.is_protected_inside(dest) {
+                        tracing::error!(
+                            "refusing to hand a PSK over an unprotected hop: make the target TLS or list its network in tunnels.internal_networks"
+                        );
+                        return Err(Reject::InsecureInternalHop);
+                    }
+                }
+                sdp.set_param("pskmth", Some("gateway"));
+                let encoded = base64::engine::general_purpose::STANDARD.encode(psk.expose());
+                sdp.set_param("psk", Some(&encoded));
+            }
+            None => {
+                sdp.set_param("pskmth", Some(&pskmth));
+                sdp.set_param("psk", None);
+            }
+        }
+        msg.set_body(sdp.to_bytes().into());
+        let call_id = msg.call_id().into_owned();
+        let caller_tag = msg.tag(HeaderName::From).unwrap_or_default();
+        let tunnel = Tunnel {
+            call_id: call_id.clone(),
+            caller_tag: caller_tag.clone(),
+            callee_tag: None,
+            identity: identity.to_owned(),
+            from: aor_key(&addr_spec(msg, HeaderName::From)).unwrap_or_default(),
+            to: aor_key(&addr_spec(msg, HeaderName::To)).unwrap_or_default(),
+            prefixes: sdp.prefix_text.clone(),
+            pskmth: pskmth.clone(),
+            created_unix: self.clock.unix(self.clock.instant),
+            state: TunnelState::Proposed,
+        };
+        if let Err(e) = self.store.save_tunnel(&tunnel) {
+            tracing::warn!(error = %e, "cannot persist a tunnel");
+        }
+        let to_aor = tunnel.to.clone();
+        self.tunnels.insert(tunnel);
+        if let Some(ctx) = self.contexts.get_mut(&id) {
+            ctx.tunnel = Some(TunnelCtx {
+                call_id,
+                caller_tag,
+                pskmth,
+                to_aor,
+            });
+        }
+        Ok(())
+    }
+
+    /// A hop a PSK may travel over: TLS, or an address in the internal networks.
+    fn is_protected_inside(&self, dest: &Destination) -> bool {
+        let internal = |ip: std::net::IpAddr| {
+            self.cfg
+                .tunnels
+                .internal_networks
+                .iter()
+                .any(|n| n.contains(&ip))
+        };
+        match dest {
+            Destination::Addr {
+                transport: Transport::Tls,
+                ..
+            }
+            | Destination::Name {
+                transport: Transport::Tls,
+                ..
+            } => true,
+            Destination::Flow(f) => f.transport == Transport::Tls || internal(f.remote.ip()),
+            Destination::Addr { addr, .. } => internal(addr.ip()),
+            Destination::Name { .. } => false,
+        }
+    }
+
+    /// The tunnel side of a response going back to the caller: answer rewrite, table update,
+    /// and in every case no `psk` leaves.
+    pub(super) fn tunnel_response(
+        &mut self,
+        server: TxId,
+        status: u16,
+        resp: &mut Message,
+        now: Instant,
+    ) {
+        let _ = now;
+        let ctx = self.contexts.get(&server).and_then(|c| c.tunnel.clone());
+        if let Some(t) = &ctx {
+            if (200..300).contains(&status) {
+                if let Ok(Some(mut answer)) = WgSdp::parse(resp.body()) {
+                    answer.set_param("pskmth", Some(&t.pskmth));
+                    answer.set_param("psk", None);
+                    if let Some(ep) = self.cfg.tunnels.public_endpoints.get(&t.to_aor) {
+                        answer.set_endpoint(*ep);
+                    }
+                    resp.set_body(answer.to_bytes().into());
+                }
+                let callee_tag = resp.tag(HeaderName::To);
+                if let Some(tunnel) = self
+                    .tunnels
+                    .establish(&t.call_id, &t.caller_tag, callee_tag)
+                    .cloned()
+                {
+                    tracing::info!(identity = %tunnel.identity, to = %tunnel.to, pskmth = %tunnel.pskmth, "tunnel up");
+                    if let Err(e) = self.store.save_tunnel(&tunnel) {
+                        tracing::warn!(error = %e, "cannot persist a tunnel");
+                    }
+                }
+            } else if status >= 300 && self.tunnels.remove(&t.call_id, &t.caller_tag).is_some() {
+                let _ = self.store.delete_tunnel(&t.call_id, &t.caller_tag);
+            }
+        }
+        sanitize(resp);
+    }
+
+    /// An in-dialog request: no `psk` passes, and a BYE tears its tunnel down.
+    pub(super) fn tunnel_in_dialog(&mut self, msg: &mut Message) {
+        sanitize(msg);
+        if msg.method() == Some(Method::Bye) {
+            let call_id = msg.call_id().into_owned();
+            let from_tag = msg.tag(HeaderName::From).unwrap_or_default();
+            let to_tag = msg.tag(HeaderName::To).unwrap_or_default();
+            if let Some(t) = self.tunnels.remove_dialog(&call_id, &from_tag, &to_tag) {
+                let _ = self.store.delete_tunnel(&t.call_id, &t.caller_tag);
+                tracing::info!(identity = %t.identity, to = %t.to, "tunnel down (BYE)");
+            }
+        }
+    }
+
+    /// Loads the persisted tunnel table (called once at start).
+    pub(super) fn load_tunnels(&mut self) {
+        match self.store.tunnels() {
+            Ok(list) => {
+                for t in list {
+                    self.tunnels.insert(t);
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot load the tunnel table"),
+        }
+    }
+}
+
+/// Removes any `psk` fmtp parameter from a relayed message's WireGuard SDP.
+fn sanitize(msg: &mut Message) {
+    if let Some(clean) = strip_psk(msg.body()) {
+        msg.set_body(clean.into());
+    }
+}
