@@ -403,11 +403,27 @@ impl Config {
             key: String::new(),
             message: format!("cannot read: {e}"),
         })?;
-        Config::parse(&text, &origin)
+        Config::parse_in(&text, &origin, path.parent())
     }
 
     /// Parses and validates configuration text; `origin` names it in errors.
     pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
+        Config::parse_in(text, origin, None)
+    }
+
+    /// Parses configuration text whose relative file paths (TLS material, store, policy)
+    /// are relative to `base` (the configuration file's directory).
+    pub fn parse_in(
+        text: &str,
+        origin: &str,
+        base: Option<&std::path::Path>,
+    ) -> Result<Config, ConfigError> {
+        let resolve = |p: &std::path::Path| -> PathBuf {
+            match base {
+                Some(b) if p.is_relative() => b.join(p),
+                _ => p.to_path_buf(),
+            }
+        };
         let cx = Ctx { origin, text };
         let raw: RawConfig = toml::from_str(text).map_err(|e| {
             let span = e.span().unwrap_or(0..0);
@@ -492,18 +508,18 @@ impl Config {
                     (&t.certificate, "tls.certificate"),
                     (&t.private_key, "tls.private_key"),
                 ] {
-                    if !p.get_ref().exists() {
+                    if !resolve(p.get_ref()).exists() {
                         return Err(cx.err(
                             p.span(),
                             key,
-                            format!("{} does not exist", p.get_ref().display()),
+                            format!("{} does not exist", resolve(p.get_ref()).display()),
                         ));
                     }
                 }
                 Some(TlsFiles {
-                    certificate: t.certificate.get_ref().clone(),
-                    private_key: t.private_key.get_ref().clone(),
-                    ca: t.ca.as_ref().map(|c| c.get_ref().clone()),
+                    certificate: resolve(t.certificate.get_ref()),
+                    private_key: resolve(t.private_key.get_ref()),
+                    ca: t.ca.as_ref().map(|c| resolve(c.get_ref())),
                 })
             }
         };
@@ -671,7 +687,7 @@ impl Config {
         let auth = AuthSettings {
             realm,
             mechanisms,
-            store: a.store.as_ref().map(|p| p.get_ref().clone()),
+            store: a.store.as_ref().map(|p| resolve(p.get_ref())),
             exchange_ttl: Duration::from_millis(a.exchange_ttl_ms.max(1000)),
             max_pending: a.max_pending,
             max_pending_per_source: a.max_pending_per_source,
@@ -732,10 +748,10 @@ impl Config {
             })?;
             public_endpoints.insert(key, addr);
         }
-        let policy_file = t.policy.as_ref().map(|p| p.get_ref().clone());
+        let policy_file = t.policy.as_ref().map(|p| resolve(p.get_ref()));
         let policy = match &t.policy {
             None => gatehouse_policy::Policy::trusted_only(),
-            Some(p) => load_policy(p.get_ref())
+            Some(p) => load_policy(&resolve(p.get_ref()))
                 .map_err(|e| cx.err(p.span(), "tunnels.policy", e.to_string()))?,
         };
         Ok(Config {

@@ -11,10 +11,13 @@
 //!    Proxy-Require (420); OPTIONS to the gateway itself is answered 200 here;
 //! 4. **in-dialog**: Route pre-processing (16.4), loose routing along the route set, only
 //!    for requests that carry a Record-Route entry this gateway signed (else 481);
-//! 5. **authenticate**: [`Admission`] proof; for now only trusted sources are admitted
-//!    (the SASL stage takes this place);
-//! 6. **authorize / rewrite**: reserved for policy and SDP rewriting (issue 4);
-//! 7. **target**: static routes (AOR, then domain) — 404 otherwise;
+//! 5. **authenticate**: [`Admission`] proof: a trusted source, or the SASL exchange of
+//!    sip-sasl.md (407, `Proxy-Authorization`), whose identity must own the From AOR;
+//! 6. **authorize**: the policy decides (403 + Warning); a WireGuard offer is validated
+//!    (488 + Warning) and its `scram` PSK derived;
+//! 7. **target**: registered bindings of the AOR, then static routes (AOR, then domain) —
+//!    480 for the gateway's domains, 403 (no relaying) for others; then **rewrite**: the
+//!    tunnel offer for the inside (PSK only over TLS or to internal networks);
 //! 8. **relay**: Via with an RFC 3261 branch carrying the loop hash, Max-Forwards,
 //!    Record-Route (doubled when transport or address family changes), client transaction,
 //!    100 Trying for INVITE, response context with best-response selection (16.7),
