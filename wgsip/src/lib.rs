@@ -1,1 +1,10 @@
-//! wgsip endpoint and caller. Not implemented yet: issue #5 fills this crate.
+//! wgsip: the WireGuard-over-SIP endpoint and caller that speak Gatehouse's profile
+//! (SASL in SIP, WireGuard SDP) and configure a real WireGuard interface over its UAPI socket.
+
+pub mod caller;
+pub mod config;
+pub mod endpoint;
+pub mod net;
+pub mod sipua;
+pub mod uapi;
+pub mod wgsdp;

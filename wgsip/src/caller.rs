@@ -1,0 +1,181 @@
+//! `wgsip call`: offers a tunnel to an AOR through the gateway, authenticates with SCRAM,
+//! verifies the gateway (server-final), derives the `scram` PSK, configures its WireGuard
+//! peer from the answer, and hangs up with BYE on SIGINT/SIGTERM.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use gatehouse::sip::{HeaderName, Message, NameAddr};
+use gatehouse::tunnel::sdp::WgSdp;
+use gatehouse_auth::scram::{derive_psk, PskBinding, ScramClient};
+use gatehouse_auth::SaslParams;
+
+use crate::config::{load_or_create_key, public_key, read_secret, Config};
+use crate::sipua::{hostport, respond, token, Ua};
+use crate::uapi::{Interface, PeerConfig};
+use crate::{net, wgsdp};
+
+/// Options of one call.
+#[derive(Debug, Clone, Default)]
+pub struct CallOptions {
+    /// Test hook: use a wrong PSK locally (the tunnel must then stay dark).
+    pub corrupt_psk: bool,
+}
+
+pub fn run(cfg: Config, target: &str, opts: &CallOptions) -> anyhow::Result<()> {
+    let password = read_secret(&cfg.sip.password_file)?;
+    let private = load_or_create_key(&cfg.wireguard.private_key_file)?;
+    let public = public_key(&private);
+    let iface = Interface::new(&cfg.wireguard.interface);
+    let mut daemon = if cfg.wireguard.start_daemon {
+        net::ensure_daemon(&iface)?
+    } else {
+        None
+    };
+    iface.set(Some(&private), Some(cfg.wireguard.listen_port), None)?;
+    net::interface_up(&iface.name, cfg.wireguard.interface_address)?;
+    let ua = Ua::bind(cfg.sip.bind, cfg.sip.gateway)?;
+    let stop = Arc::new(AtomicBool::new(false));
+    signal_hook::flag::register(signal_hook::consts::SIGTERM, Arc::clone(&stop))?;
+    signal_hook::flag::register(signal_hook::consts::SIGINT, Arc::clone(&stop))?;
+
+    let call_id = format!("{}@wgsip", token());
+    let from_tag = token();
+    let pskmth = cfg.call.pskmth.join(",");
+    let offer = wgsdp::body(
+        cfg.wireguard.address,
+        cfg.wireguard.listen_port,
+        &public,
+        &cfg.wireguard.prefix,
+        &pskmth,
+        None,
+    );
+    let from = cfg.sip.aor.clone();
+    let build = |cseq: u32, auth: Option<&SaslParams>| {
+        let auth = auth
+            .map(|p| format!("Proxy-Authorization: {}\r\n", p.emit()))
+            .unwrap_or_default();
+        format!(
+            "INVITE {target} SIP/2.0\r\nVia: SIP/2.0/UDP {l};branch=z9hG4bK{b};rport\r\nMax-Forwards: 70\r\n\
+From: <{from}>;tag={from_tag}\r\nTo: <{target}>\r\nCall-ID: {call_id}\r\nCSeq: {cseq} INVITE\r\n\
+Contact: <sip:{user}@{l}>\r\n{auth}Content-Type: application/sdp\r\nContent-Length: {len}\r\n\r\n{offer}",
+            l = hostport(ua.local),
+            b = token(),
+            user = cfg.sip.username,
+            len = offer.len(),
+        )
+    };
+    let client = ScramClient::new(&cfg.sip.username, password.as_bytes(), None);
+    let mechanism = client.mechanism().to_owned();
+    let (ok, transcript) = ua.authenticate(&build, client, true, &mut |_, _| {})?;
+    let status = ok.status().unwrap_or(0);
+    if status != 200 {
+        bail!("call refused: {status} {}", ok.reason().unwrap_or_default());
+    }
+    let transcript = transcript.context("the gateway did not authenticate itself")?;
+    // ACK the 2xx along the route set before anything else.
+    let route = route_set(&ok);
+    let contact = ok
+        .value_of(HeaderName::Contact)
+        .and_then(|c| NameAddr::parse(&c).map(|n| n.uri.to_owned()))
+        .context("2xx without Contact")?;
+    let to = ok.value_of(HeaderName::To).unwrap_or_default().into_owned();
+    let in_dialog = |method: &str, cseq: u32| {
+        format!(
+            "{method} {contact} SIP/2.0\r\nVia: SIP/2.0/UDP {l};branch=z9hG4bK{b};rport\r\nMax-Forwards: 70\r\n{route}\
+From: <{from}>;tag={from_tag}\r\nTo: {to}\r\nCall-ID: {call_id}\r\nCSeq: {cseq} {method}\r\nContent-Length: 0\r\n\r\n",
+            l = hostport(ua.local),
+            b = token(),
+        )
+    };
+    ua.send(&in_dialog("ACK", 3), ua.gateway)?;
+
+    let answer = WgSdp::parse(ok.body())?.context("the answer is not a WireGuard SDP")?;
+    if answer.psk().is_some() {
+        bail!("the answer carries a psk: refusing it");
+    }
+    let chosen = answer
+        .pskmth
+        .first()
+        .cloned()
+        .unwrap_or_else(|| "none".into());
+    let psk = match chosen.as_str() {
+        "scram" => {
+            let binding = PskBinding {
+                mech: &mechanism,
+                from: &from,
+                to: target,
+                call_id: &call_id,
+                pubkey: &public,
+                prefix: &cfg.wireguard.prefix.to_string(),
+            };
+            let mut k = *derive_psk(&transcript, &binding).expose();
+            if opts.corrupt_psk {
+                k[0] ^= 0xff;
+            }
+            Some(k)
+        }
+        "none" => None,
+        other => bail!("unexpected pskmth {other} in the answer"),
+    };
+    let peer = PeerConfig {
+        public_key: answer.pubkey,
+        preshared_key: psk,
+        endpoint: Some(answer.endpoint()),
+        allowed_ips: answer.prefixes.clone(),
+    };
+    iface.set(None, None, Some(&peer))?;
+    for p in &answer.prefixes {
+        net::route_add(&iface.name, p)?;
+    }
+    println!(
+        "tunnel up: peer {} endpoint {} allowed-ips {} psk {}",
+        base64_key(&answer.pubkey),
+        answer.endpoint(),
+        answer.prefix_text,
+        if psk.is_some() { "yes (scram)" } else { "no" }
+    );
+
+    // Keep the dialog until asked to hang up; answer a BYE from the other side.
+    let mut hung_up_by_peer = false;
+    while !stop.load(Ordering::Relaxed) {
+        if let Some((m, from_addr)) = ua.recv(Duration::from_millis(250))? {
+            if m.is_request() && m.method_text() == "BYE" {
+                ua.send(&respond(&m, 200, "OK", &from_tag, "", ""), from_addr)?;
+                hung_up_by_peer = true;
+                break;
+            }
+        }
+    }
+    if !hung_up_by_peer {
+        let r = ua.transact(&in_dialog("BYE", 4), 4, &mut |_, _| {})?;
+        println!("hung up: {}", r.status().unwrap_or(0));
+    }
+    iface.remove_peer(&answer.pubkey)?;
+    for p in &answer.prefixes {
+        net::route_del(&iface.name, p);
+    }
+    println!("tunnel down");
+    if let Some(d) = daemon.as_mut() {
+        let _ = d.kill();
+        let _ = d.wait();
+    }
+    Ok(())
+}
+
+fn base64_key(k: &[u8; 32]) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(k)
+}
+
+/// `Route:` lines from a 2xx's Record-Route, reversed (RFC 3261 12.1.2).
+fn route_set(ok: &Message) -> String {
+    let rr = ok.list_values(HeaderName::RecordRoute);
+    if rr.is_empty() {
+        return String::new();
+    }
+    let reversed: Vec<String> = rr.into_iter().rev().collect();
+    format!("Route: {}\r\n", reversed.join(", "))
+}

@@ -1,0 +1,158 @@
+//! wgsip configuration (TOML, unknown keys refused). Secret files (password, private key)
+//! must be mode 0600 or they are refused.
+
+use std::net::{IpAddr, SocketAddr};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use base64::Engine;
+use ipnet::IpNet;
+use serde::Deserialize;
+use zeroize::Zeroizing;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Sip {
+    /// The gateway's SIP address (UDP).
+    pub gateway: SocketAddr,
+    /// Local SIP address to bind.
+    pub bind: SocketAddr,
+    /// The AOR this side presents (From for a caller, the registered AOR for an endpoint).
+    pub aor: String,
+    pub username: String,
+    pub password_file: PathBuf,
+    #[serde(default = "default_expires")]
+    pub expires: u32,
+}
+
+fn default_expires() -> u32 {
+    600
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WireGuard {
+    pub interface: String,
+    pub private_key_file: PathBuf,
+    pub listen_port: u16,
+    /// The WireGuard UDP address announced in SDP (`c=`).
+    pub address: IpAddr,
+    /// The prefix routed into the tunnel towards this side (`prefix=`).
+    pub prefix: IpNet,
+    /// Address to put on the interface (optional).
+    pub interface_address: Option<IpNet>,
+    /// Start `wireguard-go` for the interface when its socket is missing.
+    #[serde(default)]
+    pub start_daemon: bool,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Accept {
+    /// pskmth values the endpoint accepts in an offer.
+    #[serde(default = "default_accept")]
+    pub pskmth: Vec<String>,
+    /// Prefixes callers may claim.
+    pub prefixes: Vec<IpNet>,
+}
+
+fn default_accept() -> Vec<String> {
+    vec!["gateway".into()]
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Call {
+    /// pskmth list offered, in preference order.
+    #[serde(default = "default_offer")]
+    pub pskmth: Vec<String>,
+}
+
+fn default_offer() -> Vec<String> {
+    vec!["scram".into()]
+}
+
+impl Default for Call {
+    fn default() -> Self {
+        Call {
+            pskmth: default_offer(),
+        }
+    }
+}
+
+/// An endpoint or caller configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub sip: Sip,
+    pub wireguard: WireGuard,
+    /// Endpoint role: what it accepts.
+    pub accept: Option<Accept>,
+    /// Caller role: what it offers.
+    #[serde(default)]
+    pub call: Call,
+}
+
+impl Config {
+    pub fn load(path: &Path) -> anyhow::Result<Config> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        let mut c: Config = toml::from_str(&text).map_err(|e| {
+            let line = e
+                .span()
+                .map_or(0, |s| text[..s.start].matches('\n').count() + 1);
+            anyhow::anyhow!("{}:{line}: {}", path.display(), e.message())
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        for p in [&mut c.sip.password_file, &mut c.wireguard.private_key_file] {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        }
+        Ok(c)
+    }
+}
+
+/// Reads a secret file, refusing one that others can read.
+pub fn read_secret(path: &Path) -> anyhow::Result<Zeroizing<String>> {
+    let meta =
+        std::fs::metadata(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        bail!(
+            "{} has mode {mode:o}: secrets files must be 0600",
+            path.display()
+        );
+    }
+    let text = Zeroizing::new(std::fs::read_to_string(path)?);
+    Ok(Zeroizing::new(
+        text.trim_end_matches(['\r', '\n']).to_owned(),
+    ))
+}
+
+/// Reads a base64 X25519 private key (as `wg genkey` writes it) from a 0600 file, or creates one.
+pub fn load_or_create_key(path: &Path) -> anyhow::Result<Zeroizing<[u8; 32]>> {
+    let b64 = base64::engine::general_purpose::STANDARD;
+    if !path.exists() {
+        let key: [u8; 32] = rand::random();
+        let secret = x25519_dalek::StaticSecret::from(key);
+        std::fs::write(path, format!("{}\n", b64.encode(secret.to_bytes())))?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    }
+    let text = read_secret(path)?;
+    let bytes = b64
+        .decode(text.as_bytes())
+        .context("private key is not base64")?;
+    let key: [u8; 32] = bytes
+        .try_into()
+        .map_err(|_| anyhow::anyhow!("private key is not 32 bytes"))?;
+    Ok(Zeroizing::new(
+        x25519_dalek::StaticSecret::from(key).to_bytes(),
+    ))
+}
+
+/// The public key of a private key.
+pub fn public_key(private: &[u8; 32]) -> [u8; 32] {
+    x25519_dalek::PublicKey::from(&x25519_dalek::StaticSecret::from(*private)).to_bytes()
+}

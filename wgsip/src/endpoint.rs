@@ -1,0 +1,281 @@
+//! `wgsip endpoint`: registers its AOR with the gateway (SASL, 401 flow), re-registers before
+//! expiry, answers tunnel INVITEs by configuring the peer on its WireGuard interface, and
+//! removes the peer on BYE.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use gatehouse::sip::{HeaderName, Message, Method};
+use gatehouse::tunnel::sdp::WgSdp;
+use gatehouse_auth::scram::ScramClient;
+use gatehouse_auth::SaslParams;
+use ipnet::IpNet;
+
+use crate::config::{load_or_create_key, public_key, read_secret, Config};
+use crate::sipua::{hostport, respond, token, Ua};
+use crate::uapi::{Interface, PeerConfig};
+use crate::{net, wgsdp};
+
+/// A peer the endpoint configured for a dialog.
+struct Active {
+    public_key: [u8; 32],
+    prefixes: Vec<IpNet>,
+}
+
+pub fn run(cfg: Config) -> anyhow::Result<()> {
+    let accept = cfg
+        .accept
+        .clone()
+        .context("an endpoint configuration needs an [accept] table")?;
+    let password = read_secret(&cfg.sip.password_file)?;
+    let private = load_or_create_key(&cfg.wireguard.private_key_file)?;
+    let public = public_key(&private);
+    let iface = Interface::new(&cfg.wireguard.interface);
+    let mut daemon = if cfg.wireguard.start_daemon {
+        net::ensure_daemon(&iface)?
+    } else {
+        None
+    };
+    iface.set(Some(&private), Some(cfg.wireguard.listen_port), None)?;
+    net::interface_up(&iface.name, cfg.wireguard.interface_address)?;
+    let ua = Ua::bind(cfg.sip.bind, cfg.sip.gateway)?;
+    let stop = Arc::new(AtomicBool::new(false));
+    signal_hook::flag::register(signal_hook::consts::SIGTERM, Arc::clone(&stop))?;
+    signal_hook::flag::register(signal_hook::consts::SIGINT, Arc::clone(&stop))?;
+
+    let call_id = format!("{}@wgsip", token());
+    let from_tag = token();
+    let mut active: HashMap<String, Active> = HashMap::new();
+    let mut reg_cseq_base = 0u32;
+    let mut next_register = Instant::now();
+    let tag = token();
+    while !stop.load(Ordering::Relaxed) {
+        if Instant::now() >= next_register {
+            let expires = register(
+                &ua,
+                &cfg,
+                &password,
+                &call_id,
+                &from_tag,
+                &mut reg_cseq_base,
+            )?;
+            println!("registered {} for {expires} s", cfg.sip.aor);
+            // Refresh at half the granted time.
+            next_register = Instant::now() + Duration::from_secs(u64::from(expires.max(2)) / 2);
+        }
+        let wait = next_register
+            .saturating_duration_since(Instant::now())
+            .min(Duration::from_millis(250));
+        let Some((msg, from)) = ua.recv(wait)? else {
+            continue;
+        };
+        if !msg.is_request() {
+            continue;
+        }
+        let reply = match msg.method() {
+            Some(Method::Invite) => {
+                answer_invite(&msg, &cfg, &accept, &iface, &public, &tag, &mut active)
+            }
+            Some(Method::Bye) => {
+                if let Some(a) = active.remove(&msg.call_id().into_owned()) {
+                    iface.remove_peer(&a.public_key)?;
+                    for p in &a.prefixes {
+                        net::route_del(&iface.name, p);
+                    }
+                    println!("tunnel down: peer removed");
+                }
+                respond(&msg, 200, "OK", &tag, "", "")
+            }
+            Some(Method::Ack) => continue,
+            Some(Method::Options) => respond(&msg, 200, "OK", &tag, "", ""),
+            _ => respond(&msg, 501, "Not Implemented", &tag, "", ""),
+        };
+        ua.send(&reply, reply_target(&msg, from))?;
+    }
+    for a in active.values() {
+        let _ = iface.remove_peer(&a.public_key);
+    }
+    if let Some(d) = daemon.as_mut() {
+        let _ = d.kill();
+        let _ = d.wait();
+    }
+    Ok(())
+}
+
+/// Responses go to the source of the request (the gateway).
+fn reply_target(_msg: &Message, from: SocketAddr) -> SocketAddr {
+    from
+}
+
+fn register(
+    ua: &Ua,
+    cfg: &Config,
+    password: &str,
+    call_id: &str,
+    from_tag: &str,
+    cseq_base: &mut u32,
+) -> anyhow::Result<u32> {
+    let domain = cfg.sip.aor.rsplit('@').next().unwrap_or("").to_owned();
+    let base = *cseq_base;
+    let build = |cseq: u32, auth: Option<&SaslParams>| {
+        let auth = auth
+            .map(|p| format!("Authorization: {}\r\n", p.emit()))
+            .unwrap_or_default();
+        format!(
+            "REGISTER sip:{domain} SIP/2.0\r\nVia: SIP/2.0/UDP {l};branch=z9hG4bK{b};rport\r\nMax-Forwards: 70\r\n\
+From: <{aor}>;tag={from_tag}\r\nTo: <{aor}>\r\nCall-ID: {call_id}\r\nCSeq: {c} REGISTER\r\n\
+Contact: <sip:{user}@{l}>\r\nExpires: {e}\r\n{auth}Content-Length: 0\r\n\r\n",
+            l = hostport(ua.local),
+            b = token(),
+            aor = cfg.sip.aor,
+            c = base + cseq,
+            user = cfg.sip.username,
+            e = cfg.sip.expires,
+        )
+    };
+    let client = ScramClient::new(&cfg.sip.username, password.as_bytes(), None);
+    let (r, transcript) = ua.authenticate(&build, client, false, &mut |_, _| {})?;
+    *cseq_base += 3;
+    if r.status() != Some(200) || transcript.is_none() {
+        anyhow::bail!(
+            "registration refused: {} {}",
+            r.status().unwrap_or(0),
+            r.reason().unwrap_or_default()
+        );
+    }
+    let granted = r
+        .list_values(HeaderName::Contact)
+        .iter()
+        .find_map(|c| {
+            c.split("expires=")
+                .nth(1)
+                .and_then(|e| e.trim().parse::<u32>().ok())
+        })
+        .unwrap_or(cfg.sip.expires);
+    Ok(granted)
+}
+
+fn answer_invite(
+    msg: &Message,
+    cfg: &Config,
+    accept: &crate::config::Accept,
+    iface: &Interface,
+    public: &[u8; 32],
+    tag: &str,
+    active: &mut HashMap<String, Active>,
+) -> String {
+    let offer = match WgSdp::parse(msg.body()) {
+        Ok(Some(o)) => o,
+        Ok(None) => {
+            return respond(
+                msg,
+                488,
+                "Not Acceptable Here",
+                tag,
+                "Warning: 399 wgsip \"not a WireGuard offer\"\r\n",
+                "",
+            )
+        }
+        Err(e) => {
+            return respond(
+                msg,
+                488,
+                "Not Acceptable Here",
+                tag,
+                &format!("Warning: 399 wgsip \"{e}\"\r\n"),
+                "",
+            )
+        }
+    };
+    let Some(pskmth) = offer
+        .pskmth
+        .iter()
+        .find(|m| accept.pskmth.contains(m))
+        .cloned()
+    else {
+        return respond(
+            msg,
+            488,
+            "Not Acceptable Here",
+            tag,
+            "Warning: 399 wgsip \"pskmth not accepted\"\r\n",
+            "",
+        );
+    };
+    if !offer
+        .prefixes
+        .iter()
+        .all(|p| accept.prefixes.iter().any(|a| a.contains(p)))
+    {
+        return respond(
+            msg,
+            403,
+            "Forbidden",
+            tag,
+            "Warning: 399 wgsip \"prefix not accepted\"\r\n",
+            "",
+        );
+    }
+    let psk: Option<[u8; 32]> = match pskmth.as_str() {
+        "gateway" => match offer.psk().and_then(|k| k.try_into().ok()) {
+            Some(k) => Some(k),
+            None => {
+                return respond(
+                    msg,
+                    488,
+                    "Not Acceptable Here",
+                    tag,
+                    "Warning: 399 wgsip \"pskmth=gateway without psk\"\r\n",
+                    "",
+                )
+            }
+        },
+        _ => None,
+    };
+    let peer = PeerConfig {
+        public_key: offer.pubkey,
+        preshared_key: psk,
+        endpoint: Some(offer.endpoint()),
+        allowed_ips: offer.prefixes.clone(),
+    };
+    if let Err(e) = iface.set(None, None, Some(&peer)) {
+        eprintln!("cannot configure the peer: {e}");
+        return respond(msg, 500, "Server Internal Error", tag, "", "");
+    }
+    for p in &offer.prefixes {
+        if let Err(e) = net::route_add(&iface.name, p) {
+            eprintln!("route: {e}");
+        }
+    }
+    active.insert(
+        msg.call_id().into_owned(),
+        Active {
+            public_key: offer.pubkey,
+            prefixes: offer.prefixes.clone(),
+        },
+    );
+    println!(
+        "tunnel up: peer {} allowed-ips {} psk {}",
+        offer.endpoint(),
+        offer.prefix_text,
+        if psk.is_some() { "yes" } else { "no" }
+    );
+    let body = wgsdp::body(
+        cfg.wireguard.address,
+        cfg.wireguard.listen_port,
+        public,
+        &cfg.wireguard.prefix,
+        &pskmth,
+        None,
+    );
+    let contact = format!(
+        "Contact: <sip:{}@{}>\r\n",
+        cfg.sip.username,
+        hostport(cfg.sip.bind)
+    );
+    respond(msg, 200, "OK", tag, &contact, &body)
+}

@@ -1,0 +1,227 @@
+//! A small SIP user agent over UDP: requests, responses, and the SIP-SASL rounds with the
+//! gateway (the caller's 407 flow, the endpoint's 401 flow), verifying the server-final.
+
+use std::net::{SocketAddr, UdpSocket};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use bytes::Bytes;
+use gatehouse::sip::{HeaderName, Limits, Message};
+use gatehouse_auth::scram::{ScramClient, Transcript};
+use gatehouse_auth::SaslParams;
+
+/// The UA's socket and addresses.
+#[derive(Debug)]
+pub struct Ua {
+    pub sock: UdpSocket,
+    pub gateway: SocketAddr,
+    pub local: SocketAddr,
+}
+
+/// Random token for tags, branches and Call-IDs.
+pub fn token() -> String {
+    format!("{:016x}", rand::random::<u64>())
+}
+
+/// Value of the first header with this (case-insensitive) name.
+pub fn header(m: &Message, name: &str) -> Option<String> {
+    m.headers()
+        .find(|(i, _)| m.name_text(*i).eq_ignore_ascii_case(name))
+        .map(|(i, _)| m.value(i).into_owned())
+}
+
+/// Host:port text of a socket address for SIP (IPv6 bracketed).
+pub fn hostport(a: SocketAddr) -> String {
+    a.to_string()
+}
+
+impl Ua {
+    pub fn bind(local: SocketAddr, gateway: SocketAddr) -> anyhow::Result<Ua> {
+        let sock = UdpSocket::bind(local).with_context(|| format!("cannot bind {local}"))?;
+        let local = sock.local_addr()?;
+        Ok(Ua {
+            sock,
+            gateway,
+            local,
+        })
+    }
+
+    pub fn send(&self, msg: &str, to: SocketAddr) -> anyhow::Result<()> {
+        self.sock.send_to(msg.as_bytes(), to)?;
+        Ok(())
+    }
+
+    /// The next parsable message within `limit`.
+    pub fn recv(&self, limit: Duration) -> anyhow::Result<Option<(Message, SocketAddr)>> {
+        let deadline = Instant::now() + limit;
+        let mut buf = vec![0u8; 65535];
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Ok(None);
+            }
+            self.sock.set_read_timeout(Some(left))?;
+            match self.sock.recv_from(&mut buf) {
+                Ok((n, from)) => {
+                    if let Ok(m) =
+                        Message::parse(Bytes::copy_from_slice(&buf[..n]), &Limits::default())
+                    {
+                        return Ok(Some((m, from)));
+                    }
+                }
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    return Ok(None)
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// Sends a request and waits for its final response (matching CSeq), retransmitting on
+    /// silence like Timer A/E (UDP).
+    pub fn transact(
+        &self,
+        request: &str,
+        cseq: u32,
+        on_other: &mut dyn FnMut(&Message, SocketAddr),
+    ) -> anyhow::Result<Message> {
+        let deadline = Instant::now() + Duration::from_secs(32);
+        let mut interval = Duration::from_millis(500);
+        self.send(request, self.gateway)?;
+        let mut next = Instant::now() + interval;
+        loop {
+            let now = Instant::now();
+            if now >= deadline {
+                bail!("no final response from the gateway");
+            }
+            if now >= next {
+                self.send(request, self.gateway)?;
+                interval = (interval * 2).min(Duration::from_secs(4));
+                next = now + interval;
+            }
+            let Some((m, from)) = self.recv(next.saturating_duration_since(now))? else {
+                continue;
+            };
+            match m.status() {
+                Some(s) if m.cseq().seq == cseq && s >= 200 => return Ok(m),
+                Some(_) if m.cseq().seq == cseq => next = deadline, // provisional: stop retransmitting
+                _ => on_other(&m, from),
+            }
+        }
+    }
+
+    /// Runs the SASL rounds: `build(cseq, credentials)` makes each request. Returns the final
+    /// response and, after a success, the transcript of the verified exchange.
+    pub fn authenticate(
+        &self,
+        build: &dyn Fn(u32, Option<&SaslParams>) -> String,
+        mut client: ScramClient,
+        proxy: bool,
+        on_other: &mut dyn FnMut(&Message, SocketAddr),
+    ) -> anyhow::Result<(Message, Option<Transcript>)> {
+        let (challenge_hdr, info_hdr) = if proxy {
+            ("Proxy-Authenticate", "Proxy-Authentication-Info")
+        } else {
+            ("WWW-Authenticate", "Authentication-Info")
+        };
+        let challenge_status = if proxy { 407 } else { 401 };
+        let mut cseq = 1;
+        let mut r = self.transact(&build(cseq, None), cseq, on_other)?;
+        if r.status() != Some(challenge_status) {
+            return Ok((r, None));
+        }
+        let mech = client.mechanism().to_owned();
+        let offered =
+            SaslParams::parse(&header(&r, challenge_hdr).context("challenge without SASL")?)?;
+        if !offered
+            .mech
+            .unwrap_or_default()
+            .split(' ')
+            .any(|m| m == mech)
+        {
+            bail!("the gateway does not offer {mech}");
+        }
+        let realm = offered.realm;
+        cseq += 1;
+        let p = SaslParams {
+            realm: realm.clone(),
+            mech: Some(mech),
+            c2s: Some(client.client_first()),
+            ..SaslParams::default()
+        };
+        r = self.transact(&build(cseq, Some(&p)), cseq, on_other)?;
+        if r.status() != Some(challenge_status) {
+            bail!(
+                "authentication refused: {} {}",
+                r.status().unwrap_or(0),
+                r.reason().unwrap_or_default()
+            );
+        }
+        let c = SaslParams::parse(&header(&r, challenge_hdr).context("no SASL challenge")?)?;
+        let server_first = c.s2c.context("no server-first")?;
+        let client_final = client.client_final(&server_first)?;
+        cseq += 1;
+        let p = SaslParams {
+            realm,
+            s2s: c.s2s,
+            c2s: Some(client_final),
+            ..SaslParams::default()
+        };
+        r = self.transact(&build(cseq, Some(&p)), cseq, on_other)?;
+        let Some(info) = header(&r, info_hdr) else {
+            bail!(
+                "authentication failed: {} {}",
+                r.status().unwrap_or(0),
+                r.reason().unwrap_or_default()
+            );
+        };
+        let info = SaslParams::parse(&info)?;
+        // Mutual authentication: only a gateway that knows our verifier can produce this.
+        let transcript = client
+            .verify_server_final(&info.s2c.context("no server-final")?)
+            .context("the gateway failed to prove itself (server-final does not verify)")?;
+        Ok((r, Some(transcript)))
+    }
+}
+
+/// Builds a response to `req` with the given status, To tag and extra lines (already CRLF-ended).
+pub fn respond(
+    req: &Message,
+    status: u16,
+    reason: &str,
+    to_tag: &str,
+    extra: &str,
+    body: &str,
+) -> String {
+    let mut s = format!("SIP/2.0 {status} {reason}\r\n");
+    for (i, h) in req.headers() {
+        let v = req.value(i);
+        match h.name {
+            HeaderName::Via
+            | HeaderName::From
+            | HeaderName::CallId
+            | HeaderName::CSeq
+            | HeaderName::RecordRoute => {
+                s.push_str(&format!("{}: {v}\r\n", h.name.canonical()));
+            }
+            HeaderName::To if v.contains("tag=") => s.push_str(&format!("To: {v}\r\n")),
+            HeaderName::To => s.push_str(&format!("To: {v};tag={to_tag}\r\n")),
+            _ => {}
+        }
+    }
+    s.push_str(extra);
+    if body.is_empty() {
+        s.push_str("Content-Length: 0\r\n\r\n");
+    } else {
+        s.push_str(&format!(
+            "Content-Type: application/sdp\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        ));
+    }
+    s
+}
