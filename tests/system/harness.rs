@@ -150,6 +150,11 @@ impl Proc {
         }
     }
 
+    /// The process ID (to signal it).
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, |c| c.id())
+    }
+
     /// Waits for exit up to `limit` (a waiter thread, no polling).
     pub fn wait(&mut self, limit: Duration) -> ExitStatus {
         let mut child = self.child.take().expect("not yet waited");

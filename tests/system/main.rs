@@ -10,3 +10,4 @@ mod sasl;
 mod sipp;
 mod tls;
 mod torture;
+mod wireguard;

@@ -2,6 +2,9 @@
 //! expiry, answers tunnel INVITEs by configuring the peer on its WireGuard interface, and
 //! removes the peer on BYE.
 
+// Status lines on standard output are this command's interface.
+#![allow(clippy::print_stdout)]
+
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};

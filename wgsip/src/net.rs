@@ -17,7 +17,7 @@ fn ip(args: &[&str]) -> anyhow::Result<()> {
     if !out.status.success() {
         let err = String::from_utf8_lossy(&out.stderr);
         // Re-adding what is there is not an error for us.
-        if !err.contains("File exists") {
+        if !err.contains("File exists") && !err.contains("already assigned") {
             bail!("ip {}: {}", args.join(" "), err.trim());
         }
     }

@@ -69,10 +69,13 @@ impl Ua {
                         return Ok(Some((m, from)));
                     }
                 }
+                // A signal (SIGTERM to hang up) interrupts the wait: the caller checks its flag.
                 Err(e)
                     if matches!(
                         e.kind(),
-                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                        std::io::ErrorKind::WouldBlock
+                            | std::io::ErrorKind::TimedOut
+                            | std::io::ErrorKind::Interrupted
                     ) =>
                 {
                     return Ok(None)
