@@ -10,6 +10,7 @@
 pub mod config;
 pub mod core;
 pub mod flow;
+pub mod metrics;
 pub mod sip;
 pub mod store;
 pub mod transaction;

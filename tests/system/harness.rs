@@ -218,6 +218,8 @@ impl Drop for Proc {
 /// A gateway running in this process on its own runtime thread.
 pub struct Gateway {
     pub addrs: Vec<(Transport, SocketAddr)>,
+    /// The metrics listener, when configured.
+    pub metrics: Option<SocketAddr>,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -235,7 +237,10 @@ impl Gateway {
                 .expect("runtime");
             rt.block_on(async move {
                 let bound = Bound::bind(&cfg).await.expect("bind");
-                addr_tx.send(bound.addrs.clone()).expect("report addresses");
+                let metrics = bound.metrics.as_ref().and_then(|l| l.local_addr().ok());
+                addr_tx
+                    .send((bound.addrs.clone(), metrics))
+                    .expect("report addresses");
                 gatehouse::run(cfg, bound, async {
                     let _ = stop_rx.await;
                 })
@@ -243,9 +248,10 @@ impl Gateway {
                 .expect("gateway run");
             });
         });
-        let addrs = addr_rx.recv_timeout(WAIT).expect("gateway started");
+        let (addrs, metrics) = addr_rx.recv_timeout(WAIT).expect("gateway started");
         Gateway {
             addrs,
+            metrics,
             shutdown: Some(stop_tx),
             thread: Some(thread),
         }

@@ -6,6 +6,7 @@
 mod client;
 mod harness;
 mod interop;
+mod operations;
 mod sasl;
 mod sipp;
 mod tls;

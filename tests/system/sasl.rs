@@ -88,6 +88,11 @@ pub fn setup(extra: &str) -> Setup {
     std::fs::write(dir.path().join("cert.pem"), key.cert.pem()).unwrap();
     std::fs::write(dir.path().join("key.pem"), key.signing_key.serialize_pem()).unwrap();
     let uas = Uas::start();
+    std::fs::write(
+        dir.path().join("policy.toml"),
+        "[[rule]]\nname = \"partners\"\nkind = \"any\"\ncallers = [\"*@partner.example\"]\n",
+    )
+    .unwrap();
     let mut config = String::from("[sip]\ndomains = [\"org.example\"]\nshutdown_grace_ms = 200\n");
     for t in ["udp", "tcp", "tls"] {
         config.push_str(&format!(
@@ -95,11 +100,13 @@ pub fn setup(extra: &str) -> Setup {
         ));
     }
     config.push_str(&format!(
-        "[tls]\ncertificate = \"{}\"\nprivate_key = \"{}\"\n[auth]\nstore = \"{}\"\nmechanisms = [\"SCRAM-SHA-256-PLUS\", \"SCRAM-SHA-256\", \"PLAIN\"]\n{extra}\n\
+        "[tls]\ncertificate = \"{}\"\nprivate_key = \"{}\"\n[auth]\nstore = \"{}\"\nmechanisms = [\"SCRAM-SHA-256-PLUS\", \"SCRAM-SHA-256\", \"PLAIN\"]\n\
+[tunnels]\npolicy = \"{}\"\n{extra}\n\
 [[route]]\naor = \"sip:vpn@org.example\"\ntarget = \"sip:vpn@{}\"\n",
         dir.path().join("cert.pem").display(),
         dir.path().join("key.pem").display(),
         store_path.display(),
+        dir.path().join("policy.toml").display(),
         uas.addr
     ));
     let gw = Gateway::start(&config);

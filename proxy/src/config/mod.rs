@@ -50,6 +50,14 @@ struct RawConfig {
     registrar: RawRegistrar,
     #[serde(default)]
     tunnels: RawTunnels,
+    #[serde(default)]
+    metrics: RawMetrics,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMetrics {
+    listen: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -355,6 +363,8 @@ pub struct Config {
     pub auth: AuthSettings,
     pub registrar: RegistrarSettings,
     pub tunnels: TunnelSettings,
+    /// Where `/metrics`, `/healthz` and `/readyz` are served (plain HTTP, no SASL).
+    pub metrics_listen: Option<SocketAddr>,
     /// The policy in force at load time.
     pub policy: std::sync::Arc<gatehouse_policy::Policy>,
 }
@@ -754,7 +764,16 @@ impl Config {
             Some(p) => load_policy(&resolve(p.get_ref()))
                 .map_err(|e| cx.err(p.span(), "tunnels.policy", e.to_string()))?,
         };
+        let metrics_listen = match &raw.metrics.listen {
+            None => None,
+            Some(l) => Some(
+                l.get_ref()
+                    .parse::<SocketAddr>()
+                    .map_err(|_| cx.err(l.span(), "metrics.listen", "expected IP:port"))?,
+            ),
+        };
         Ok(Config {
+            metrics_listen,
             tunnels: TunnelSettings {
                 policy_file,
                 internal_networks,

@@ -244,7 +244,6 @@ impl Proxy {
         resp: &mut Message,
         now: Instant,
     ) {
-        let _ = now;
         let ctx = self.contexts.get(&server).and_then(|c| c.tunnel.clone());
         if let Some(t) = &ctx {
             if (200..300).contains(&status) {
@@ -257,6 +256,11 @@ impl Proxy {
                     resp.set_body(answer.to_bytes().into());
                 }
                 let callee_tag = resp.tag(HeaderName::To);
+                if let Some(ctx) = self.contexts.get(&server) {
+                    self.metrics
+                        .tunnel_setup
+                        .observe(now.saturating_duration_since(ctx.started).as_secs_f64());
+                }
                 if let Some(tunnel) = self
                     .tunnels
                     .establish(&t.call_id, &t.caller_tag, callee_tag)

@@ -172,6 +172,9 @@ struct Context {
     auth_info: Option<(&'static str, String)>,
     /// Set when the request is a tunnel the gateway authorised.
     tunnel: Option<authorize::TunnelCtx>,
+    /// When the request arrived (latency metrics).
+    started: Instant,
+    latency_recorded: bool,
 }
 
 /// The sans-IO stateful proxy.
@@ -195,6 +198,9 @@ pub struct Proxy {
     tunnels: TunnelTable,
     /// Policy denials by reason label.
     pub policy_denials: HashMap<&'static str, u64>,
+    metrics: Arc<crate::metrics::Metrics>,
+    /// Values already reported into `metrics` by `sync_metrics`.
+    synced: HashMap<String, u64>,
     pub stats: CoreStats,
     pub auth_stats: AuthStats,
 }
@@ -221,6 +227,8 @@ impl Proxy {
             policy: Arc::clone(&cfg.policy),
             tunnels: TunnelTable::default(),
             policy_denials: HashMap::new(),
+            metrics: Arc::new(crate::metrics::Metrics::new()),
+            synced: HashMap::new(),
             sasl,
             store,
             bindings: registrar::Bindings::default(),
@@ -296,6 +304,84 @@ impl Proxy {
         self.txl.stats
     }
 
+    /// Sends a response through a server transaction, counting it.
+    fn respond(&mut self, id: TxId, status: u16, bytes: Bytes, now: Instant) {
+        if let Some(flow) = self.txl.server_flow(id) {
+            self.metrics
+                .sip_responses
+                .with_label_values(&[crate::metrics::class(status), flow.transport.via_token()])
+                .inc();
+        }
+        if status >= 200 {
+            if let Some(ctx) = self.contexts.get_mut(&id) {
+                if ctx.invite && !ctx.latency_recorded {
+                    ctx.latency_recorded = true;
+                    self.metrics
+                        .invite_final_latency
+                        .observe(now.saturating_duration_since(ctx.started).as_secs_f64());
+                }
+            }
+        }
+        self.txl.respond(id, status, bytes, now);
+    }
+
+    /// The metrics this proxy reports into.
+    pub fn metrics(&self) -> Arc<crate::metrics::Metrics> {
+        Arc::clone(&self.metrics)
+    }
+
+    /// Brings gauges and counters kept by the sans-IO layers into the metrics (the driver
+    /// calls it a few times a second).
+    pub fn sync_metrics(&mut self) {
+        let m = Arc::clone(&self.metrics);
+        m.sip_transactions.set(self.txl.len() as i64);
+        m.sasl_pending.set(self.sasl.pending() as i64);
+        m.tunnels_active.set(self.tunnels.len() as i64);
+        m.registrar_bindings.set(self.bindings.count() as i64);
+        let mut bump = |key: String, now: u64, inc: &dyn Fn(u64)| {
+            let last = self.synced.entry(key).or_default();
+            if now > *last {
+                inc(now - *last);
+                *last = now;
+            }
+        };
+        for (&(mech, outcome), &n) in &self.sasl.stats.outcomes {
+            bump(format!("sasl/{mech}/{outcome}"), n, &|d| {
+                m.sasl_attempts
+                    .with_label_values(&[mech, outcome])
+                    .inc_by(d)
+            });
+        }
+        for (&reason, &n) in &self.policy_denials {
+            bump(format!("policy/{reason}"), n, &|d| {
+                m.policy_denials.with_label_values(&[reason]).inc_by(d)
+            });
+        }
+        bump("auth/challenges".into(), self.auth_stats.challenges, &|d| {
+            m.auth_challenges.inc_by(d)
+        });
+        bump("auth/lockouts".into(), self.lockout.lockouts, &|d| {
+            m.auth_lockouts.inc_by(d)
+        });
+        bump(
+            "sip/malformed".into(),
+            self.stats.malformed_responses_dropped,
+            &|d| {
+                m.sip_dropped
+                    .with_label_values(&["malformed_response"])
+                    .inc_by(d)
+            },
+        );
+        bump("sip/stray".into(), self.stats.stray_responses, &|d| {
+            m.sip_dropped
+                .with_label_values(&["stray_response"])
+                .inc_by(d)
+        });
+        bump("sip/parse".into(), self.stats.parse_errors, &|d| {
+            m.sip_parse_errors.inc_by(d)
+        });
+    }
+
     /// Stop admitting new out-of-dialog requests; in-dialog requests and running
     /// transactions continue.
     pub fn begin_shutdown(&mut self) {
@@ -320,6 +406,15 @@ impl Proxy {
         match Message::parse(bytes.clone(), &self.cfg.limits) {
             Ok(msg) if msg.is_request() => {
                 self.stats.requests += 1;
+                if let Some(m) = msg.method() {
+                    self.metrics
+                        .sip_requests
+                        .with_label_values(&[
+                            crate::metrics::method_label(m),
+                            flow.transport.via_token(),
+                        ])
+                        .inc();
+                }
                 self.handle_request(msg, flow, now);
             }
             Ok(msg) => {
@@ -437,6 +532,8 @@ impl Proxy {
                 cancelled: false,
                 auth_info: None,
                 tunnel: None,
+                started: now,
+                latency_recorded: false,
             },
         );
         let mut msg = msg;
@@ -621,7 +718,7 @@ impl Proxy {
     }
 
     fn finish(&mut self, id: TxId, code: u16, resp: Bytes, now: Instant) {
-        self.txl.respond(id, code, resp, now);
+        self.respond(id, code, resp, now);
         if let Some(ctx) = self.contexts.get_mut(&id) {
             ctx.final_sent = true;
         }
@@ -643,7 +740,7 @@ impl Proxy {
         };
         let tag = self.new_tag();
         let ok = build_response(cancel, 200, "OK", Some(&tag), &[]);
-        self.txl.respond(cancel_id, 200, ok, now);
+        self.respond(cancel_id, 200, ok, now);
         let Some(ctx) = self.contexts.get_mut(&invite_id) else {
             return;
         };
@@ -829,7 +926,7 @@ impl Proxy {
                 None,
                 &[],
             );
-            self.txl.respond(id, 100, trying, now);
+            self.respond(id, 100, trying, now);
         }
         let last = targets.len().saturating_sub(1);
         let mut msg = Some(msg);
@@ -985,7 +1082,7 @@ impl Proxy {
                 cancel_now.push(client);
             }
             if !ctx.final_sent {
-                self.txl.respond(server, status, resp.serialize(), now);
+                self.respond(server, status, resp.serialize(), now);
             }
         } else if status < 300 {
             branch.done = true;
@@ -1002,7 +1099,7 @@ impl Proxy {
             if let Some((name, value)) = &ctx.auth_info {
                 resp.insert_named(usize::MAX, HeaderName::Other, name, value.clone());
             }
-            self.txl.respond(server, status, resp.serialize(), now);
+            self.respond(server, status, resp.serialize(), now);
         } else {
             branch.done = true;
             if status >= 600 && ctx.invite {
@@ -1040,7 +1137,7 @@ impl Proxy {
             if let Some((name, value)) = &ctx.auth_info {
                 resp.insert_named(usize::MAX, HeaderName::Other, name, value.clone());
             }
-            self.txl.respond(server, status, resp.serialize(), now);
+            self.respond(server, status, resp.serialize(), now);
         }
     }
 

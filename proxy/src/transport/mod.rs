@@ -37,6 +37,8 @@ pub struct Bound {
     pub streams: Vec<(Transport, TcpListener)>,
     /// Bound addresses in the order of the configuration's `[[listen]]` tables.
     pub addrs: Vec<(Transport, SocketAddr)>,
+    /// The metrics HTTP listener, when configured.
+    pub metrics: Option<TcpListener>,
 }
 
 impl Bound {
@@ -61,10 +63,15 @@ impl Bound {
                 }
             }
         }
+        let metrics = match cfg.metrics_listen {
+            Some(a) => Some(TcpListener::bind(a).await.map_err(|e| with_addr(e, a))?),
+            None => None,
+        };
         Ok(Bound {
             udp,
             streams,
             addrs,
+            metrics,
         })
     }
 
@@ -150,6 +157,7 @@ pub struct Driver {
     shutdown_grace: Duration,
     rotate: usize,
     policy_file: Option<std::path::PathBuf>,
+    metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl std::fmt::Debug for Driver {
@@ -172,6 +180,11 @@ impl Driver {
         };
         let tls = tls::TlsContext::from_config(cfg)?;
         let mut accept_tasks = Vec::new();
+        let metrics = proxy.metrics();
+        if let Some(listener) = bound.metrics {
+            // Not an accept task: it keeps answering (/readyz = 503) while the gateway drains.
+            tokio::spawn(crate::metrics::serve(listener, Arc::clone(&metrics)));
+        }
         for (transport, listener) in bound.streams {
             let acceptor = match transport {
                 Transport::Tls => Some(tls.acceptor().ok_or_else(|| {
@@ -204,6 +217,7 @@ impl Driver {
             shutdown_grace: cfg.shutdown_grace,
             rotate: 0,
             policy_file: cfg.tunnels.policy_file.clone(),
+            metrics,
         })
     }
 
@@ -213,6 +227,9 @@ impl Driver {
         tokio::pin!(shutdown);
         let mut hangup =
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+        let mut sync = tokio::time::interval(Duration::from_millis(250));
+        sync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        self.metrics.ready.store(true, Ordering::Relaxed);
         let mut draining_until: Option<Instant> = None;
         loop {
             self.flush();
@@ -234,6 +251,7 @@ impl Driver {
                 _ = &mut shutdown, if draining_until.is_none() => {
                     tracing::info!("shutdown requested: refusing new requests, draining transactions");
                     self.proxy.begin_shutdown();
+                    self.metrics.ready.store(false, Ordering::Relaxed);
                     for t in &self.accept_tasks {
                         t.abort();
                     }
@@ -257,6 +275,10 @@ impl Driver {
                 _ = tokio::time::sleep_until(drain_at.into()), if draining_until.is_some() => {}
                 Some(()) = async { match hangup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => {
                     self.reload_policy();
+                }
+                _ = sync.tick() => {
+                    self.proxy.sync_metrics();
+                    self.metrics.connections.set(self.conns.len() as i64);
                 }
             }
         }

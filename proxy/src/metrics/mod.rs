@@ -1,0 +1,281 @@
+//! Prometheus metrics (names `gatehouse_<area>_<thing>_<unit>`, bounded labels only: method,
+//! status class, transport, mechanism, outcome, reason — never a user, Call-ID or address)
+//! and the HTTP listener that serves `/metrics`, `/healthz` and `/readyz`.
+//!
+//! | metric | type | labels |
+//! |---|---|---|
+//! | `gatehouse_sip_requests_total` | counter | `method`, `transport` |
+//! | `gatehouse_sip_responses_total` | counter | `class` (1xx..6xx), `transport` |
+//! | `gatehouse_sip_parse_errors_total` | counter | |
+//! | `gatehouse_sip_dropped_total` | counter | `reason` (`malformed_response`, `stray_response`) |
+//! | `gatehouse_sip_transactions` | gauge | |
+//! | `gatehouse_sip_invite_final_latency_seconds` | histogram | |
+//! | `gatehouse_transport_connections` | gauge | |
+//! | `gatehouse_sasl_attempts_total` | counter | `mechanism`, `outcome` |
+//! | `gatehouse_sasl_pending_exchanges` | gauge | |
+//! | `gatehouse_auth_challenges_total`, `gatehouse_auth_lockouts_total` | counter | |
+//! | `gatehouse_policy_denials_total` | counter | `reason` |
+//! | `gatehouse_tunnels_active` | gauge | |
+//! | `gatehouse_tunnel_setup_duration_seconds` | histogram | |
+//! | `gatehouse_registrar_bindings` | gauge | |
+//! | `process_*` | (process collector) | |
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{Request, Response, StatusCode};
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    TextEncoder,
+};
+
+/// Every metric of the gateway, registered in one registry.
+#[derive(Clone)]
+pub struct Metrics {
+    pub registry: Registry,
+    pub sip_requests: IntCounterVec,
+    pub sip_responses: IntCounterVec,
+    pub sip_parse_errors: IntCounter,
+    pub sip_dropped: IntCounterVec,
+    pub sip_transactions: IntGauge,
+    pub invite_final_latency: Histogram,
+    pub connections: IntGauge,
+    pub sasl_attempts: IntCounterVec,
+    pub sasl_pending: IntGauge,
+    pub auth_challenges: IntCounter,
+    pub auth_lockouts: IntCounter,
+    pub policy_denials: IntCounterVec,
+    pub tunnels_active: IntGauge,
+    pub tunnel_setup: Histogram,
+    pub registrar_bindings: IntGauge,
+    /// Set while the gateway accepts new requests.
+    pub ready: Arc<AtomicBool>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+    r.register(Box::new(c.clone())).expect("registered once");
+    c
+}
+
+fn counter(r: &Registry, name: &str, help: &str) -> IntCounter {
+    let c = IntCounter::new(name, help).expect("valid metric");
+    r.register(Box::new(c.clone())).expect("registered once");
+    c
+}
+
+fn gauge(r: &Registry, name: &str, help: &str) -> IntGauge {
+    let g = IntGauge::new(name, help).expect("valid metric");
+    r.register(Box::new(g.clone())).expect("registered once");
+    g
+}
+
+fn histogram(r: &Registry, name: &str, help: &str, buckets: Vec<f64>) -> Histogram {
+    let h = Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets))
+        .expect("valid metric");
+    r.register(Box::new(h.clone())).expect("registered once");
+    h
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let r = Registry::new();
+        let latency = vec![0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0, 180.0];
+        let m = Metrics {
+            sip_requests: counter_vec(
+                &r,
+                "gatehouse_sip_requests_total",
+                "SIP requests received",
+                &["method", "transport"],
+            ),
+            sip_responses: counter_vec(
+                &r,
+                "gatehouse_sip_responses_total",
+                "SIP responses sent",
+                &["class", "transport"],
+            ),
+            sip_parse_errors: counter(
+                &r,
+                "gatehouse_sip_parse_errors_total",
+                "Messages that did not parse",
+            ),
+            sip_dropped: counter_vec(
+                &r,
+                "gatehouse_sip_dropped_total",
+                "Messages dropped",
+                &["reason"],
+            ),
+            sip_transactions: gauge(&r, "gatehouse_sip_transactions", "Live SIP transactions"),
+            invite_final_latency: histogram(
+                &r,
+                "gatehouse_sip_invite_final_latency_seconds",
+                "INVITE received to final response sent",
+                latency.clone(),
+            ),
+            connections: gauge(
+                &r,
+                "gatehouse_transport_connections",
+                "Open TCP and TLS connections",
+            ),
+            sasl_attempts: counter_vec(
+                &r,
+                "gatehouse_sasl_attempts_total",
+                "Finished SASL exchanges",
+                &["mechanism", "outcome"],
+            ),
+            sasl_pending: gauge(
+                &r,
+                "gatehouse_sasl_pending_exchanges",
+                "SASL exchanges parked between rounds",
+            ),
+            auth_challenges: counter(
+                &r,
+                "gatehouse_auth_challenges_total",
+                "SASL challenges sent to callers (407 rounds)",
+            ),
+            auth_lockouts: counter(&r, "gatehouse_auth_lockouts_total", "Lockouts started"),
+            policy_denials: counter_vec(
+                &r,
+                "gatehouse_policy_denials_total",
+                "Requests denied by policy",
+                &["reason"],
+            ),
+            tunnels_active: gauge(
+                &r,
+                "gatehouse_tunnels_active",
+                "Tunnels in the tunnel table",
+            ),
+            tunnel_setup: histogram(
+                &r,
+                "gatehouse_tunnel_setup_duration_seconds",
+                "Tunnel INVITE received to 2xx relayed",
+                latency,
+            ),
+            registrar_bindings: gauge(
+                &r,
+                "gatehouse_registrar_bindings",
+                "Live registrar bindings",
+            ),
+            ready: Arc::new(AtomicBool::new(false)),
+            registry: r,
+        };
+        #[cfg(target_os = "linux")]
+        {
+            let pc = prometheus::process_collector::ProcessCollector::for_self();
+            let _ = m.registry.register(Box::new(pc));
+        }
+        m
+    }
+
+    /// The text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
+        String::from_utf8(buf).unwrap_or_default()
+    }
+}
+
+/// Response status class label.
+pub fn class(status: u16) -> &'static str {
+    match status / 100 {
+        1 => "1xx",
+        2 => "2xx",
+        3 => "3xx",
+        4 => "4xx",
+        5 => "5xx",
+        _ => "6xx",
+    }
+}
+
+/// Method label, bounded: known methods by name, everything else `other`.
+pub fn method_label(m: crate::sip::Method) -> &'static str {
+    use crate::sip::Method::*;
+    match m {
+        Invite => "INVITE",
+        Ack => "ACK",
+        Bye => "BYE",
+        Cancel => "CANCEL",
+        Register => "REGISTER",
+        Options => "OPTIONS",
+        Info => "INFO",
+        Update => "UPDATE",
+        Prack => "PRACK",
+        Subscribe => "SUBSCRIBE",
+        Notify => "NOTIFY",
+        Refer => "REFER",
+        Message => "MESSAGE",
+        Publish => "PUBLISH",
+        Other => "other",
+    }
+}
+
+async fn handle(
+    metrics: Arc<Metrics>,
+    req: Request<hyper::body::Incoming>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    let (status, ctype, body) = match req.uri().path() {
+        "/metrics" => (
+            StatusCode::OK,
+            "text/plain; version=0.0.4",
+            metrics.render(),
+        ),
+        "/healthz" => (StatusCode::OK, "text/plain", "ok\n".to_owned()),
+        "/readyz" if metrics.ready.load(Ordering::Relaxed) => {
+            (StatusCode::OK, "text/plain", "ready\n".to_owned())
+        }
+        "/readyz" => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "text/plain",
+            "not ready\n".to_owned(),
+        ),
+        _ => (
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "not found\n".to_owned(),
+        ),
+    };
+    let resp = Response::builder()
+        .status(status)
+        .header("content-type", ctype)
+        .body(Full::new(Bytes::from(body)))
+        .unwrap_or_else(|_| Response::new(Full::new(Bytes::new())));
+    Ok(resp)
+}
+
+/// Serves the metrics listener until the task is dropped.
+pub async fn serve(listener: tokio::net::TcpListener, metrics: Arc<Metrics>) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let metrics = Arc::clone(&metrics);
+        tokio::spawn(async move {
+            let io = hyper_util::rt::TokioIo::new(stream);
+            let service = hyper::service::service_fn(move |req| handle(Arc::clone(&metrics), req));
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(io, service)
+                .await;
+        });
+    }
+}
+
+/// Binds the metrics listener.
+pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr).await
+}
