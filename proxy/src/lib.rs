@@ -7,6 +7,7 @@
 //! - [`transport`]: sockets and the one I/O loop that drives the core;
 //! - [`config`]: validated configuration.
 
+pub mod admin;
 pub mod config;
 pub mod core;
 pub mod flow;
@@ -24,6 +25,9 @@ use crate::config::Config;
 use crate::core::{CoreConfig, LocalAddr, Proxy, WallClock};
 use crate::store::{Store, StoreError};
 use crate::transport::{Bound, Driver};
+
+/// Log-level control installed once by the binary (the admin API's `PUT /api/v1/log-level`).
+pub static LOG_CONTROL: std::sync::OnceLock<admin::LogControl> = std::sync::OnceLock::new();
 
 /// Builds the core's view of the configuration for the sockets actually bound.
 pub fn core_config(cfg: &Config, bound: &Bound, store: &Store) -> Result<CoreConfig, StoreError> {

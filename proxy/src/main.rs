@@ -40,6 +40,29 @@ enum Command {
     },
     /// Print the embedded default configuration.
     DefaultConfig,
+    /// Manage admin identities (admin API) in the store.
+    AdminUser {
+        #[arg(long, global = true)]
+        store: Option<PathBuf>,
+        #[command(subcommand)]
+        action: AdminUserAction,
+    },
+    /// Talk to a running gateway's admin API (HTTP-SASL).
+    Admin {
+        /// Admin API address (host:port, plain HTTP on loopback).
+        #[arg(long, default_value = "127.0.0.1:9465")]
+        url: String,
+        #[arg(long)]
+        user: String,
+        /// Password file (mode 0600); otherwise a prompt or stdin.
+        #[arg(long)]
+        password_file: Option<PathBuf>,
+        /// Print the JSON as returned.
+        #[arg(long)]
+        json: bool,
+        #[command(subcommand)]
+        action: AdminAction,
+    },
     /// Manage SIP users in the credentials store (passwords from a prompt or stdin, never argv).
     User {
         /// The SQLite store file (created when missing).
@@ -47,6 +70,58 @@ enum Command {
         store: Option<PathBuf>,
         #[command(subcommand)]
         action: UserAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum AdminUserAction {
+    /// Add an admin identity (password from a prompt or stdin).
+    Add {
+        username: String,
+        #[arg(long, default_value = "admin")]
+        role: String,
+    },
+    Del {
+        username: String,
+    },
+    List,
+}
+
+#[derive(Subcommand)]
+enum AdminAction {
+    Status,
+    Tunnels,
+    /// Tear a tunnel down (BYE both ways).
+    Teardown {
+        call_id: String,
+    },
+    Registrations,
+    /// Remove an AOR's bindings.
+    Unregister {
+        aor: String,
+    },
+    Users,
+    UserAdd {
+        username: String,
+        #[arg(long = "aor", required = true)]
+        aors: Vec<String>,
+    },
+    UserDisable {
+        username: String,
+    },
+    UserEnable {
+        username: String,
+    },
+    UserDel {
+        username: String,
+    },
+    UserPasswd {
+        username: String,
+    },
+    /// Reload the policy file.
+    Reload,
+    LogLevel {
+        level: String,
     },
 }
 
@@ -96,6 +171,27 @@ fn main() -> ExitCode {
                 ExitCode::from(EX_CONFIG)
             }
         },
+        Command::AdminUser { store, action } => match admin_user(store, action) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Admin {
+            url,
+            user,
+            password_file,
+            json,
+            action,
+        } => match admin(&url, &user, password_file, json, action) {
+            Ok(true) => ExitCode::SUCCESS,
+            Ok(false) => ExitCode::FAILURE,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
         Command::User { store, action } => match user(store, action) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -131,14 +227,193 @@ fn main() -> ExitCode {
 }
 
 fn init_logging(cfg: &Config) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("GATEHOUSE_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cfg.log_level));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match cfg.log_format {
-        LogFormat::Json => builder.json().init(),
-        LogFormat::Human => builder.init(),
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::EnvFilter;
+    let filter =
+        EnvFilter::try_from_env("GATEHOUSE_LOG").unwrap_or_else(|_| EnvFilter::new(&cfg.log_level));
+    let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
+    let registry = tracing_subscriber::registry().with(filter);
+    let result = match cfg.log_format {
+        LogFormat::Json => registry
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .json()
+                    .with_writer(std::io::stderr),
+            )
+            .try_init(),
+        LogFormat::Human => registry
+            .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+            .try_init(),
+    };
+    if result.is_ok() {
+        let control: gatehouse::admin::LogControl = std::sync::Arc::new(move |level: &str| {
+            handle
+                .modify(|f| *f = EnvFilter::new(level))
+                .map_err(|e| e.to_string())
+        });
+        let _ = gatehouse::LOG_CONTROL.set(control);
+    }
+}
+
+fn admin_user(store: Option<PathBuf>, action: AdminUserAction) -> anyhow::Result<()> {
+    use gatehouse::store::{Role, Store};
+    let path = store.context("--store FILE is required")?;
+    let mut store =
+        Store::open(&path).with_context(|| format!("cannot open {}", path.display()))?;
+    match action {
+        AdminUserAction::Add { username, role } => {
+            let role = Role::parse(&role).context("role is admin or read-only")?;
+            let password = read_password(true)?;
+            store.add_admin(&username, password.as_bytes(), role)?;
+            println!("added admin {username} ({})", role.as_str());
+        }
+        AdminUserAction::Del { username } => {
+            store.delete_admin(&username)?;
+            println!("deleted admin {username}");
+        }
+        AdminUserAction::List => {
+            for (u, r, e) in store.admins()? {
+                println!("{u:<24} {:<10} enabled={e}", r.as_str());
+            }
+        }
+    }
+    Ok(())
+}
+
+/// One admin API call; prints a table or the JSON. `Ok(false)` for an error status.
+fn admin(
+    url: &str,
+    user: &str,
+    password_file: Option<PathBuf>,
+    json: bool,
+    action: AdminAction,
+) -> anyhow::Result<bool> {
+    use gatehouse::admin::client::AdminClient;
+    use serde_json::json;
+    let addr: std::net::SocketAddr = url
+        .trim_start_matches("http://")
+        .trim_end_matches('/')
+        .parse()
+        .context("--url is host:port")?;
+    let password = match password_file {
+        Some(p) => {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&p)?.permissions().mode() & 0o777;
+            anyhow::ensure!(mode & 0o077 == 0, "{} must be mode 0600", p.display());
+            zeroize::Zeroizing::new(std::fs::read_to_string(&p)?.trim_end().to_owned())
+        }
+        None => read_password(false)?,
+    };
+    let mut client = AdminClient::new(addr, user, &password);
+    let (method, path, body) = match &action {
+        AdminAction::Status => ("GET", "/api/v1/status".to_owned(), None),
+        AdminAction::Tunnels => ("GET", "/api/v1/tunnels".to_owned(), None),
+        AdminAction::Teardown { call_id } => (
+            "DELETE",
+            format!("/api/v1/tunnels/{}", encode(call_id)),
+            None,
+        ),
+        AdminAction::Registrations => ("GET", "/api/v1/registrations".to_owned(), None),
+        AdminAction::Unregister { aor } => (
+            "DELETE",
+            format!("/api/v1/registrations/{}", encode(aor)),
+            None,
+        ),
+        AdminAction::Users => ("GET", "/api/v1/users".to_owned(), None),
+        AdminAction::UserAdd { username, aors } => {
+            let pw = read_password(true)?;
+            (
+                "POST",
+                "/api/v1/users".to_owned(),
+                Some(json!({"username": username, "aors": aors, "password": pw.as_str()})),
+            )
+        }
+        AdminAction::UserDisable { username } => (
+            "POST",
+            format!("/api/v1/users/{}/disable", encode(username)),
+            None,
+        ),
+        AdminAction::UserEnable { username } => (
+            "POST",
+            format!("/api/v1/users/{}/enable", encode(username)),
+            None,
+        ),
+        AdminAction::UserDel { username } => (
+            "DELETE",
+            format!("/api/v1/users/{}", encode(username)),
+            None,
+        ),
+        AdminAction::UserPasswd { username } => {
+            let pw = read_password(true)?;
+            (
+                "PUT",
+                format!("/api/v1/users/{}/password", encode(username)),
+                Some(json!({"password": pw.as_str()})),
+            )
+        }
+        AdminAction::Reload => ("POST", "/api/v1/reload".to_owned(), None),
+        AdminAction::LogLevel { level } => (
+            "PUT",
+            "/api/v1/log-level".to_owned(),
+            Some(json!({"level": level})),
+        ),
+    };
+    let r = client.request(method, &path, body.as_ref())?;
+    let value = r.json();
+    if json {
+        println!("{value}");
+    } else {
+        print_table(&value);
+    }
+    Ok((200..300).contains(&r.status))
+}
+
+fn encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-._~@".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
+fn print_table(v: &serde_json::Value) {
+    match v {
+        serde_json::Value::Array(rows) => {
+            let Some(serde_json::Value::Object(first)) = rows.first() else {
+                println!("(none)");
+                return;
+            };
+            let cols: Vec<&String> = first.keys().collect();
+            println!(
+                "{}",
+                cols.iter()
+                    .map(|c| c.to_uppercase())
+                    .collect::<Vec<_>>()
+                    .join("\t")
+            );
+            for row in rows {
+                let cells: Vec<String> = cols.iter().map(|c| cell(&row[c.as_str()])).collect();
+                println!("{}", cells.join("\t"));
+            }
+        }
+        serde_json::Value::Object(map) => {
+            for (k, val) in map {
+                println!("{k:<16} {}", cell(val));
+            }
+        }
+        other => println!("{other}"),
+    }
+}
+
+fn cell(v: &serde_json::Value) -> String {
+    match v {
+        serde_json::Value::String(s) => s.clone(),
+        other => other.to_string(),
     }
 }
 

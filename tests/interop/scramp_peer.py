@@ -6,6 +6,9 @@
       messages; exits 0 when the gateway relays a final response whose
       Proxy-Authentication-Info verifies (mutual authentication), prints the status.
 
+  scramp_peer.py http HOST PORT USER PASSWORD
+      HTTP-SASL against the admin API (GET /api/v1/status); exits 0 on 200.
+
   scramp_peer.py server USER PASSWORD
       Acts as a SCRAM server on stdin/stdout, one base64 token per line:
       reads client-first, writes server-first, reads client-final, writes server-final.
@@ -94,6 +97,40 @@ def server(user, password):
     return 0
 
 
+def http(host, port, user, password):
+    """HTTP-SASL against the admin API: GET /api/v1/status; prints the status code."""
+    client = ScramClient(["SCRAM-SHA-256"], user, password)
+
+    def get(auth):
+        s = socket.create_connection((host, int(port)), timeout=10)
+        hdr = "Authorization: %s\r\n" % auth if auth else ""
+        s.sendall(("GET /api/v1/status HTTP/1.1\r\nHost: x\r\nConnection: close\r\n%s\r\n" % hdr).encode())
+        data = b""
+        while True:
+            chunk = s.recv(65535)
+            if not chunk:
+                break
+            data += chunk
+        return data.decode()
+
+    r = get(None)
+    assert " 401 " in r.split("\r\n")[0], r
+    r = get('SASL mech="SCRAM-SHA-256", c2s="%s"' % B64(client.get_client_first().encode()))
+    p = params(header(r, "WWW-Authenticate"))
+    client.set_server_first(base64.b64decode(p["s2c"]).decode())
+    r = get('SASL s2s="%s", c2s="%s"' % (p["s2s"], B64(client.get_client_final().encode())))
+    status = r.split(" ", 2)[1]
+    info = params(header(r, "Authentication-Info"))
+    if "s2c" in info:
+        client.set_server_final(base64.b64decode(info["s2c"]).decode())
+    print(status)
+    return 0 if status == "200" else 1
+
+
 if __name__ == "__main__":
     mode = sys.argv[1]
-    sys.exit(invite(*sys.argv[2:6]) if mode == "invite" else server(*sys.argv[2:4]))
+    if mode == "invite":
+        sys.exit(invite(*sys.argv[2:6]))
+    if mode == "http":
+        sys.exit(http(*sys.argv[2:6]))
+    sys.exit(server(*sys.argv[2:4]))

@@ -220,6 +220,8 @@ pub struct Gateway {
     pub addrs: Vec<(Transport, SocketAddr)>,
     /// The metrics listener, when configured.
     pub metrics: Option<SocketAddr>,
+    /// The admin API listener, when configured.
+    pub admin: Option<SocketAddr>,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -239,7 +241,11 @@ impl Gateway {
                 let bound = Bound::bind(&cfg).await.expect("bind");
                 let metrics = bound.metrics.as_ref().and_then(|l| l.local_addr().ok());
                 addr_tx
-                    .send((bound.addrs.clone(), metrics))
+                    .send((
+                        bound.addrs.clone(),
+                        metrics,
+                        bound.admin.as_ref().and_then(|l| l.local_addr().ok()),
+                    ))
                     .expect("report addresses");
                 gatehouse::run(cfg, bound, async {
                     let _ = stop_rx.await;
@@ -248,10 +254,11 @@ impl Gateway {
                 .expect("gateway run");
             });
         });
-        let (addrs, metrics) = addr_rx.recv_timeout(WAIT).expect("gateway started");
+        let (addrs, metrics, admin) = addr_rx.recv_timeout(WAIT).expect("gateway started");
         Gateway {
             addrs,
             metrics,
+            admin,
             shutdown: Some(stop_tx),
             thread: Some(thread),
         }

@@ -3,6 +3,7 @@
 // A failed unwrap in a test is a failed test with its location: what a test should do.
 #![allow(clippy::unwrap_used)]
 
+mod admin;
 mod client;
 mod harness;
 mod interop;

@@ -73,7 +73,7 @@ impl Uas {
 }
 
 pub struct Setup {
-    pub _dir: TempDir,
+    pub dir: TempDir,
     pub gw: Gateway,
     pub uas: Uas,
     pub ca: rustls::pki_types::CertificateDer<'static>,
@@ -111,7 +111,7 @@ pub fn setup(extra: &str) -> Setup {
     ));
     let gw = Gateway::start(&config);
     Setup {
-        _dir: dir,
+        dir,
         gw,
         uas,
         ca: key.cert.der().clone(),
@@ -120,6 +120,10 @@ pub fn setup(extra: &str) -> Setup {
 
 pub fn seed(path: &Path) {
     let mut s = Store::open(path).unwrap();
+    s.add_admin("root", b"root-secret", gatehouse::store::Role::Admin)
+        .unwrap();
+    s.add_admin("viewer", b"viewer-secret", gatehouse::store::Role::ReadOnly)
+        .unwrap();
     s.add_user(
         "alice",
         b"alice-secret",

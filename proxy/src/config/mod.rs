@@ -52,6 +52,30 @@ struct RawConfig {
     tunnels: RawTunnels,
     #[serde(default)]
     metrics: RawMetrics,
+    #[serde(default)]
+    admin: RawAdmin,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAdmin {
+    listen: Option<Spanned<String>>,
+    realm: Option<String>,
+    #[serde(default)]
+    tls: bool,
+    session_idle_s: Option<u64>,
+    #[serde(default)]
+    allow_remote_plain_http: bool,
+}
+
+/// Admin API settings.
+#[derive(Debug, Clone)]
+pub struct AdminSettings {
+    pub listen: SocketAddr,
+    pub realm: String,
+    /// Serve over TLS with the `[tls]` certificate (SCRAM-SHA-256-PLUS then).
+    pub tls: bool,
+    pub session_idle: Duration,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -365,6 +389,8 @@ pub struct Config {
     pub tunnels: TunnelSettings,
     /// Where `/metrics`, `/healthz` and `/readyz` are served (plain HTTP, no SASL).
     pub metrics_listen: Option<SocketAddr>,
+    /// The admin API, when configured.
+    pub admin: Option<AdminSettings>,
     /// The policy in force at load time.
     pub policy: std::sync::Arc<gatehouse_policy::Policy>,
 }
@@ -772,7 +798,44 @@ impl Config {
                     .map_err(|_| cx.err(l.span(), "metrics.listen", "expected IP:port"))?,
             ),
         };
+        let admin = match &raw.admin.listen {
+            None => None,
+            Some(l) => {
+                let listen: SocketAddr = l
+                    .get_ref()
+                    .parse()
+                    .map_err(|_| cx.err(l.span(), "admin.listen", "expected IP:port"))?;
+                if !raw.admin.tls
+                    && !crate::admin::plain_http_allowed(listen, raw.admin.allow_remote_plain_http)
+                {
+                    return Err(cx.err(l.span(), "admin.listen", "plain HTTP only on loopback: set admin.tls = true (or allow_remote_plain_http)"));
+                }
+                if raw.admin.tls && raw.tls.is_none() {
+                    return Err(cx.err(l.span(), "admin.tls", "needs the [tls] table"));
+                }
+                if raw.auth.store.is_none() {
+                    return Err(cx.err(
+                        l.span(),
+                        "admin.listen",
+                        "the admin API needs auth.store (admin identities live there)",
+                    ));
+                }
+                Some(AdminSettings {
+                    listen,
+                    realm: raw
+                        .admin
+                        .realm
+                        .clone()
+                        .unwrap_or_else(|| format!("admin.{}", domains[0])),
+                    tls: raw.admin.tls,
+                    session_idle: Duration::from_secs(
+                        raw.admin.session_idle_s.unwrap_or(900).max(1),
+                    ),
+                })
+            }
+        };
         Ok(Config {
+            admin,
             metrics_listen,
             tunnels: TunnelSettings {
                 policy_file,

@@ -23,7 +23,7 @@ use crate::flow::{Destination, Flow, Transport};
 use crate::sip::{HeaderName, Message, Method, NameAddr};
 use crate::transaction::TxId;
 use crate::tunnel::sdp::{strip_psk, WgSdp};
-use crate::tunnel::{Tunnel, TunnelState};
+use crate::tunnel::{Party, Tunnel, TunnelState};
 
 /// What the policy allowed, and for a tunnel what to do with the offer.
 #[derive(Debug)]
@@ -155,6 +155,7 @@ impl Proxy {
         plan: TunnelPlan,
         targets: &[(String, Destination)],
         identity: &str,
+        flow: &Flow,
     ) -> Result<(), Reject> {
         let TunnelPlan {
             mut sdp,
@@ -194,6 +195,17 @@ impl Proxy {
             pskmth: pskmth.clone(),
             created_unix: self.clock.unix(self.clock.instant),
             state: TunnelState::Proposed,
+            caller: msg
+                .value_of(HeaderName::Contact)
+                .and_then(|c| NameAddr::parse(&c).map(|n| n.uri.to_owned()))
+                .map(|contact| Party {
+                    contact,
+                    transport: flow.transport,
+                    addr: flow.remote,
+                    aor: addr_spec(msg, HeaderName::From),
+                    tag: msg.tag(HeaderName::From).unwrap_or_default(),
+                }),
+            callee: None,
         };
         if let Err(e) = self.store.save_tunnel(&tunnel) {
             tracing::warn!(error = %e, "cannot persist a tunnel");
@@ -240,6 +252,7 @@ impl Proxy {
     pub(super) fn tunnel_response(
         &mut self,
         server: TxId,
+        client: TxId,
         status: u16,
         resp: &mut Message,
         now: Instant,
@@ -260,6 +273,30 @@ impl Proxy {
                     self.metrics
                         .tunnel_setup
                         .observe(now.saturating_duration_since(ctx.started).as_secs_f64());
+                }
+                let callee = match (
+                    self.txl.client_dest(client),
+                    resp.value_of(HeaderName::Contact),
+                ) {
+                    (
+                        Some((
+                            Destination::Addr {
+                                transport, addr, ..
+                            },
+                            _,
+                        )),
+                        Some(c),
+                    ) => NameAddr::parse(&c).map(|n| Party {
+                        contact: n.uri.to_owned(),
+                        transport,
+                        addr,
+                        aor: addr_spec(resp, HeaderName::To),
+                        tag: callee_tag.clone().unwrap_or_default(),
+                    }),
+                    _ => None,
+                };
+                if let Some(entry) = self.tunnels.get_mut(&t.call_id, &t.caller_tag) {
+                    entry.callee = callee;
                 }
                 if let Some(tunnel) = self
                     .tunnels
@@ -309,5 +346,61 @@ impl Proxy {
 fn sanitize(msg: &mut Message) {
     if let Some(clean) = strip_psk(msg.body()) {
         msg.set_body(clean.into());
+    }
+}
+
+impl Proxy {
+    /// Ends a tunnel from the gateway (admin API): BYE to both parties, as each would have
+    /// received it from the other, then the table entry goes. The endpoint removes its
+    /// WireGuard peer on that BYE.
+    pub fn teardown(&mut self, call_id: &str, now: Instant) -> Result<(), String> {
+        let t = self
+            .tunnels
+            .by_call_id(call_id)
+            .cloned()
+            .ok_or("no such tunnel")?;
+        let (Some(caller), Some(callee)) = (&t.caller, &t.callee) else {
+            return Err("the tunnel is not established".into());
+        };
+        for (to, from) in [(callee, caller), (caller, callee)] {
+            self.branch_counter += 1;
+            let branch = format!(
+                "z9hG4bK{:08x}{:x}.td",
+                self.branch_salt, self.branch_counter
+            );
+            let dest = Destination::Addr {
+                transport: to.transport,
+                addr: to.addr,
+                server_name: None,
+            };
+            let local = self.local_for(&dest).clone();
+            let bye = format!(
+                "BYE {} SIP/2.0\r\nVia: SIP/2.0/{} {}:{};branch={branch}\r\nMax-Forwards: 70\r\n\
+From: <{}>;tag={}\r\nTo: <{}>;tag={}\r\nCall-ID: {}\r\nCSeq: 999999 BYE\r\nReason: SIP;cause=200;text=\"ended by the gateway\"\r\n\
+Content-Length: 0\r\n\r\n",
+                to.contact,
+                local.transport.via_token(),
+                local.host,
+                local.port,
+                from.aor,
+                from.tag,
+                to.aor,
+                to.tag,
+                t.call_id
+            );
+            let reliable = to.transport.is_reliable();
+            self.txl.start_client(
+                bytes::Bytes::from(bye),
+                Method::Bye,
+                &branch,
+                dest,
+                reliable,
+                now,
+            );
+        }
+        self.tunnels.remove(&t.call_id, &t.caller_tag);
+        let _ = self.store.delete_tunnel(&t.call_id, &t.caller_tag);
+        tracing::info!(identity = %t.identity, to = %t.to, "tunnel torn down by the admin API");
+        Ok(())
     }
 }

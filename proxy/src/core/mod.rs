@@ -608,7 +608,7 @@ impl Proxy {
                 AdmissionBasis::TrustedSource => "trusted".to_owned(),
                 AdmissionBasis::Sasl(a) => a.identity().to_owned(),
             };
-            self.rewrite_offer(id, &mut msg, plan, &targets, &identity)?;
+            self.rewrite_offer(id, &mut msg, plan, &targets, &identity, &flow)?;
         }
 
         // Stage 8: relay.
@@ -1056,7 +1056,7 @@ impl Proxy {
         if status == 100 {
             return;
         }
-        self.tunnel_response(server, status, &mut msg, now);
+        self.tunnel_response(server, client, status, &mut msg, now);
         self.on_branch_response(server, client, status, msg, now);
     }
 

@@ -80,6 +80,21 @@ impl Bindings {
         }
     }
 
+    /// Every live binding with its AOR.
+    pub fn all(&self, now: Instant) -> Vec<(String, Binding)> {
+        let mut v: Vec<(String, Binding)> = self
+            .by_aor
+            .iter()
+            .flat_map(|(a, list)| {
+                list.iter()
+                    .filter(|b| b.expires > now)
+                    .map(move |b| (a.clone(), b.clone()))
+            })
+            .collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    }
+
     fn clear(&mut self, aor: &str) -> Vec<Binding> {
         self.by_aor.remove(aor).unwrap_or_default()
     }
@@ -263,6 +278,20 @@ impl Proxy {
         self.finish(id, 200, resp, now);
         tracing::info!(%aor, identity = auth.identity(), bindings = self.bindings.count(), "registered");
         Ok(())
+    }
+
+    /// Every live registration (admin API).
+    pub fn registration_list(&self, now: Instant) -> Vec<(String, Binding)> {
+        self.bindings.all(now)
+    }
+
+    /// Removes every binding of an AOR (admin API); returns how many went.
+    pub fn remove_registration(&mut self, aor: &str) -> usize {
+        let gone = self.bindings.clear(aor);
+        for b in &gone {
+            let _ = self.store.remove_binding(aor, &b.contact);
+        }
+        gone.len()
     }
 
     /// Live bindings for a Request-URI's AOR.

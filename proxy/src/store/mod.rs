@@ -70,6 +70,18 @@ const MIGRATIONS: &[&str] = &[
         state        TEXT NOT NULL,
         PRIMARY KEY (call_id, caller_tag)
     );",
+    // 3: admin identities (their own realm and role), separate from SIP users.
+    "CREATE TABLE admins (
+        username    TEXT PRIMARY KEY NOT NULL,
+        salt        BLOB NOT NULL,
+        iterations  INTEGER NOT NULL CHECK (iterations >= 4096),
+        stored_key  BLOB NOT NULL CHECK (length(stored_key) = 32),
+        server_key  BLOB NOT NULL CHECK (length(server_key) = 32),
+        role        TEXT NOT NULL CHECK (role IN ('admin', 'read-only')),
+        enabled     INTEGER NOT NULL DEFAULT 1
+    );",
+    // 4: how to reach both parties of a tunnel (admin teardown).
+    "ALTER TABLE tunnels ADD COLUMN caller TEXT; ALTER TABLE tunnels ADD COLUMN callee TEXT;",
 ];
 
 /// A registrar binding (AOR -> Contact through a flow), persisted across restarts.
@@ -413,8 +425,8 @@ impl Store {
 impl Store {
     pub fn save_tunnel(&mut self, t: &crate::tunnel::Tunnel) -> Result<(), StoreError> {
         self.conn.execute(
-            "INSERT OR REPLACE INTO tunnels (call_id, caller_tag, callee_tag, identity, from_aor, to_aor, prefixes, pskmth, created_at, state)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+            "INSERT OR REPLACE INTO tunnels (call_id, caller_tag, callee_tag, identity, from_aor, to_aor, prefixes, pskmth, created_at, state, caller, callee)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
             params![
                 t.call_id,
                 t.caller_tag,
@@ -425,7 +437,9 @@ impl Store {
                 t.prefixes,
                 t.pskmth,
                 t.created_unix as i64,
-                t.state.as_str()
+                t.state.as_str(),
+                t.caller.as_ref().map(|p| p.encode()),
+                t.callee.as_ref().map(|p| p.encode())
             ],
         )?;
         Ok(())
@@ -441,7 +455,7 @@ impl Store {
 
     pub fn tunnels(&self) -> Result<Vec<crate::tunnel::Tunnel>, StoreError> {
         let mut stmt = self.conn.prepare(
-            "SELECT call_id, caller_tag, callee_tag, identity, from_aor, to_aor, prefixes, pskmth, created_at, state FROM tunnels",
+            "SELECT call_id, caller_tag, callee_tag, identity, from_aor, to_aor, prefixes, pskmth, created_at, state, caller, callee FROM tunnels",
         )?;
         let rows = stmt
             .query_map([], |r| {
@@ -456,10 +470,155 @@ impl Store {
                     pskmth: r.get(7)?,
                     created_unix: r.get::<_, i64>(8)? as u64,
                     state: crate::tunnel::TunnelState::parse(&r.get::<_, String>(9)?),
+                    caller: r
+                        .get::<_, Option<String>>(10)?
+                        .as_deref()
+                        .and_then(crate::tunnel::Party::decode),
+                    callee: r
+                        .get::<_, Option<String>>(11)?
+                        .as_deref()
+                        .and_then(crate::tunnel::Party::decode),
                 })
             })?
             .collect::<Result<_, _>>()?;
         Ok(rows)
+    }
+}
+
+/// An admin identity's role.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Admin,
+    ReadOnly,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Admin => "admin",
+            Role::ReadOnly => "read-only",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Role> {
+        match s {
+            "admin" => Some(Role::Admin),
+            "read-only" => Some(Role::ReadOnly),
+            _ => None,
+        }
+    }
+}
+
+impl Store {
+    pub fn add_admin(
+        &mut self,
+        username: &str,
+        password: &[u8],
+        role: Role,
+    ) -> Result<(), StoreError> {
+        Self::validate_user(username, &[])?;
+        let salt: [u8; 16] = rand::random();
+        let v = Verifier::derive(password, salt.to_vec(), MIN_ITERATIONS);
+        let n = self.conn.execute(
+            "INSERT OR IGNORE INTO admins (username, salt, iterations, stored_key, server_key, role) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![username, v.salt, v.iterations, v.stored_key.as_slice(), v.server_key.as_slice(), role.as_str()],
+        )?;
+        if n == 0 {
+            return Err(StoreError::Exists(username.into()));
+        }
+        Ok(())
+    }
+
+    pub fn delete_admin(&mut self, username: &str) -> Result<(), StoreError> {
+        if self
+            .conn
+            .execute("DELETE FROM admins WHERE username = ?1", [username])?
+            == 0
+        {
+            return Err(StoreError::NoUser(username.into()));
+        }
+        Ok(())
+    }
+
+    pub fn admins(&self) -> Result<Vec<(String, Role, bool)>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT username, role, enabled FROM admins ORDER BY username")?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, bool>(2)?,
+                ))
+            })?
+            .filter_map(|r| r.ok())
+            .filter_map(|(u, role, e)| Role::parse(&role).map(|r| (u, r, e)))
+            .collect();
+        Ok(rows)
+    }
+
+    /// An admin's credential and role.
+    pub fn admin_credential(
+        &self,
+        username: &str,
+    ) -> Result<Option<(Credential, Role)>, StoreError> {
+        let row = self
+            .conn
+            .query_row(
+                "SELECT salt, iterations, stored_key, server_key, role, enabled FROM admins WHERE username = ?1",
+                [username],
+                |r| {
+                    Ok((
+                        r.get::<_, Vec<u8>>(0)?,
+                        r.get::<_, u32>(1)?,
+                        r.get::<_, Vec<u8>>(2)?,
+                        r.get::<_, Vec<u8>>(3)?,
+                        r.get::<_, String>(4)?,
+                        r.get::<_, bool>(5)?,
+                    ))
+                },
+            )
+            .optional()?;
+        let Some((salt, iterations, stored, server, role, enabled)) = row else {
+            return Ok(None);
+        };
+        let (Ok(stored_key), Ok(server_key), Some(role)) = (
+            <[u8; 32]>::try_from(stored),
+            <[u8; 32]>::try_from(server),
+            Role::parse(&role),
+        ) else {
+            return Ok(None);
+        };
+        Ok(Some((
+            Credential {
+                username: username.into(),
+                verifier: Verifier {
+                    salt,
+                    iterations,
+                    stored_key,
+                    server_key,
+                },
+                aors: vec![],
+                mechanisms: None,
+                enabled,
+            },
+            role,
+        )))
+    }
+}
+
+/// The admins table as a credential source (for the admin API's SASL server).
+#[derive(Debug)]
+pub struct Admins<'a>(pub &'a Store);
+
+impl CredentialSource for Admins<'_> {
+    fn lookup(&self, username: &str) -> Option<Credential> {
+        self.0
+            .admin_credential(username)
+            .ok()
+            .flatten()
+            .map(|(c, _)| c)
     }
 }
 

@@ -39,6 +39,8 @@ pub struct Bound {
     pub addrs: Vec<(Transport, SocketAddr)>,
     /// The metrics HTTP listener, when configured.
     pub metrics: Option<TcpListener>,
+    /// The admin API listener, when configured.
+    pub admin: Option<TcpListener>,
 }
 
 impl Bound {
@@ -67,11 +69,20 @@ impl Bound {
             Some(a) => Some(TcpListener::bind(a).await.map_err(|e| with_addr(e, a))?),
             None => None,
         };
+        let admin = match &cfg.admin {
+            Some(a) => Some(
+                TcpListener::bind(a.listen)
+                    .await
+                    .map_err(|e| with_addr(e, a.listen))?,
+            ),
+            None => None,
+        };
         Ok(Bound {
             udp,
             streams,
             addrs,
             metrics,
+            admin,
         })
     }
 
@@ -82,6 +93,11 @@ impl Bound {
             .find(|(t, a)| *t == transport && a.is_ipv4() == v4)
             .map(|(_, a)| *a)
     }
+}
+
+/// The log-level control installed by `main`, if any.
+fn log_control() -> Option<crate::admin::LogControl> {
+    crate::LOG_CONTROL.get().cloned()
 }
 
 /// UDP socket with large kernel buffers: a burst of datagrams must wait in the socket, not
@@ -158,6 +174,7 @@ pub struct Driver {
     rotate: usize,
     policy_file: Option<std::path::PathBuf>,
     metrics: Arc<crate::metrics::Metrics>,
+    admin: Option<mpsc::Receiver<crate::admin::Command>>,
 }
 
 impl std::fmt::Debug for Driver {
@@ -181,6 +198,24 @@ impl Driver {
         let tls = tls::TlsContext::from_config(cfg)?;
         let mut accept_tasks = Vec::new();
         let metrics = proxy.metrics();
+        let admin = match (bound.admin, &cfg.admin, &cfg.auth.store) {
+            (Some(listener), Some(settings), Some(store_path)) => {
+                let store = crate::store::Store::open(store_path)
+                    .map_err(|e| io::Error::other(e.to_string()))?;
+                let (tx, rx) = mpsc::channel(64);
+                let state = Arc::new(crate::admin::AdminState::new(
+                    &settings.realm,
+                    store,
+                    settings.session_idle,
+                    tx,
+                    log_control(),
+                ));
+                let acceptor = if settings.tls { tls.acceptor() } else { None };
+                tokio::spawn(crate::admin::serve(listener, state, acceptor));
+                Some(rx)
+            }
+            _ => None,
+        };
         if let Some(listener) = bound.metrics {
             // Not an accept task: it keeps answering (/readyz = 503) while the gateway drains.
             tokio::spawn(crate::metrics::serve(listener, Arc::clone(&metrics)));
@@ -218,6 +253,7 @@ impl Driver {
             rotate: 0,
             policy_file: cfg.tunnels.policy_file.clone(),
             metrics,
+            admin,
         })
     }
 
@@ -275,6 +311,10 @@ impl Driver {
                 _ = tokio::time::sleep_until(drain_at.into()), if draining_until.is_some() => {}
                 Some(()) = async { match hangup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => {
                     self.reload_policy();
+                }
+                Some(cmd) = async { match self.admin.as_mut() { Some(rx) => rx.recv().await, None => std::future::pending().await } } => {
+                    let connections = self.conns.len();
+                    crate::admin::execute(&mut self.proxy, cmd, self.policy_file.as_deref(), connections);
                 }
                 _ = sync.tick() => {
                     self.proxy.sync_metrics();

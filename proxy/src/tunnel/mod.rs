@@ -3,4 +3,4 @@
 pub mod sdp;
 pub mod table;
 
-pub use table::{Tunnel, TunnelState, TunnelTable};
+pub use table::{Party, Tunnel, TunnelState, TunnelTable};

@@ -47,6 +47,41 @@ pub struct Tunnel {
     pub pskmth: String,
     pub created_unix: u64,
     pub state: TunnelState,
+    /// Where to reach each party to end the dialog: `(contact URI, transport, address)`.
+    pub caller: Option<Party>,
+    pub callee: Option<Party>,
+}
+
+/// A dialog party as the gateway reaches it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Party {
+    pub contact: String,
+    pub transport: crate::flow::Transport,
+    pub addr: std::net::SocketAddr,
+    /// AOR and tag of this party.
+    pub aor: String,
+    pub tag: String,
+}
+
+impl Party {
+    /// `transport|addr|contact|aor|tag` for the store.
+    pub fn encode(&self) -> String {
+        format!(
+            "{}|{}|{}|{}|{}",
+            self.transport, self.addr, self.contact, self.aor, self.tag
+        )
+    }
+
+    pub fn decode(s: &str) -> Option<Party> {
+        let mut it = s.splitn(5, '|');
+        Some(Party {
+            transport: crate::flow::Transport::from_token(it.next()?)?,
+            addr: it.next()?.parse().ok()?,
+            contact: it.next()?.to_owned(),
+            aor: it.next()?.to_owned(),
+            tag: it.next()?.to_owned(),
+        })
+    }
 }
 
 /// Tunnels by (Call-ID, caller tag).
@@ -104,5 +139,15 @@ impl TunnelTable {
 
     pub fn iter(&self) -> impl Iterator<Item = &Tunnel> {
         self.map.values()
+    }
+
+    pub fn get_mut(&mut self, call_id: &str, caller_tag: &str) -> Option<&mut Tunnel> {
+        self.map
+            .get_mut(&(call_id.to_owned(), caller_tag.to_owned()))
+    }
+
+    /// The tunnel of a Call-ID (the admin API names tunnels by Call-ID).
+    pub fn by_call_id(&self, call_id: &str) -> Option<&Tunnel> {
+        self.map.values().find(|t| t.call_id == call_id)
     }
 }

@@ -1,0 +1,614 @@
+//! The HTTP admin API, authenticated with HTTP-SASL (http-sasl.md), JSON in and out.
+//!
+//! | method and path | role | what |
+//! |---|---|---|
+//! | `GET /api/v1/status` | read-only | counts: transactions, tunnels, registrations, pending SASL, connections |
+//! | `GET /api/v1/tunnels` | read-only | the tunnel table |
+//! | `DELETE /api/v1/tunnels/{call-id}` | admin | BYE both ways (the endpoint removes its peer), entry removed |
+//! | `GET /api/v1/registrations` | read-only | live bindings |
+//! | `DELETE /api/v1/registrations/{aor}` | admin | remove an AOR's bindings |
+//! | `GET /api/v1/users` | admin | SIP users (no key material) |
+//! | `POST /api/v1/users` `{"username","password","aors":[...]}` | admin | add a user |
+//! | `PUT /api/v1/users/{name}/password` `{"password"}` | admin | set a password |
+//! | `POST /api/v1/users/{name}/disable`, `/enable` | admin | disable, enable |
+//! | `DELETE /api/v1/users/{name}` | admin | remove |
+//! | `POST /api/v1/reload` | admin | re-read the policy file; a bad file is refused, the old policy stays |
+//! | `PUT /api/v1/log-level` `{"level"}` | admin | change the log level |
+//!
+//! Authentication: `WWW-Authenticate: SASL realm=..., mech=...` (401); two SCRAM rounds with
+//! `Authorization: SASL ...`; the success carries `Authentication-Info: SASL s2c=<server-final>,
+//! s2s=<session>`; later requests send `Authorization: SASL s2s="<session>"` until the session
+//! has been idle for `admin.session_idle_s`. A failed exchange is 403, a malformed header 400,
+//! an unknown or expired handle a fresh 401. Over TLS, SCRAM-SHA-256-PLUS with `tls-exporter`.
+
+pub mod client;
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use gatehouse_auth::{
+    AuthError, Exchange, Mechanism, Outcome, SaslParams, SaslServer, Secret, ServerSettings,
+    TlsInfo,
+};
+use http_body_util::{BodyExt, Full};
+use hyper::{Method, Request, Response, StatusCode};
+use serde_json::{json, Value};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::store::{Admins, Role, Store};
+
+/// What the admin API asks of the I/O loop that owns the proxy.
+#[derive(Debug)]
+pub enum Command {
+    Status(oneshot::Sender<Value>),
+    Tunnels(oneshot::Sender<Value>),
+    Teardown(String, oneshot::Sender<Result<(), String>>),
+    Registrations(oneshot::Sender<Value>),
+    RemoveRegistration(String, oneshot::Sender<usize>),
+    ReloadPolicy(oneshot::Sender<Result<(), String>>),
+}
+
+/// Changes the log filter (installed by `main`; absent in embedded use).
+pub type LogControl = Arc<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
+
+struct Session {
+    username: String,
+    role: Role,
+    last_used: Instant,
+}
+
+/// Shared state of the admin listener.
+pub struct AdminState {
+    sasl: Mutex<SaslServer>,
+    store: Mutex<Store>,
+    sessions: Mutex<HashMap<String, Session>>,
+    idle: Duration,
+    commands: mpsc::Sender<Command>,
+    log: Option<LogControl>,
+}
+
+impl std::fmt::Debug for AdminState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AdminState")
+    }
+}
+
+/// Bound on admin sessions.
+const MAX_SESSIONS: usize = 1024;
+
+impl AdminState {
+    pub fn new(
+        realm: &str,
+        store: Store,
+        idle: Duration,
+        commands: mpsc::Sender<Command>,
+        log: Option<LogControl>,
+    ) -> Self {
+        let secret = store.key("admin-fake-verifier").unwrap_or([7; 32]);
+        AdminState {
+            sasl: Mutex::new(SaslServer::new(ServerSettings {
+                realm: realm.to_owned(),
+                mechanisms: vec![Mechanism::ScramSha256Plus, Mechanism::ScramSha256],
+                ttl: Duration::from_secs(30),
+                max_pending: 256,
+                max_pending_per_source: 16,
+                iterations: 4096,
+                secret: Secret::new(secret),
+            })),
+            store: Mutex::new(store),
+            sessions: Mutex::new(HashMap::new()),
+            idle,
+            commands,
+            log,
+        }
+    }
+}
+
+type Resp = Response<Full<Bytes>>;
+
+fn reply(status: StatusCode, body: Value, headers: &[(&str, String)]) -> Resp {
+    let mut b = Response::builder()
+        .status(status)
+        .header("content-type", "application/json");
+    for (n, v) in headers {
+        b = b.header(*n, v.as_str());
+    }
+    b.body(Full::new(Bytes::from(body.to_string())))
+        .unwrap_or_else(|_| Response::new(Full::new(Bytes::new())))
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+enum Auth {
+    Ok {
+        username: String,
+        role: Role,
+        info: Option<String>,
+    },
+    Respond(Resp),
+}
+
+fn authenticate(
+    state: &AdminState,
+    req: &Request<hyper::body::Incoming>,
+    source: IpAddr,
+    tls: Option<&TlsInfo>,
+) -> Auth {
+    let now = Instant::now();
+    let challenge = |state: &AdminState| {
+        let value = lock(&state.sasl).challenge(tls).emit();
+        Auth::Respond(reply(
+            StatusCode::UNAUTHORIZED,
+            json!({"error": "authentication required"}),
+            &[("www-authenticate", value)],
+        ))
+    };
+    let Some(header) = req
+        .headers()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+    else {
+        return challenge(state);
+    };
+    let params = match SaslParams::parse(header) {
+        Ok(p) => p,
+        Err(e) => {
+            return Auth::Respond(reply(
+                StatusCode::BAD_REQUEST,
+                json!({"error": e.reason_phrase()}),
+                &[],
+            ))
+        }
+    };
+    // Session reuse: only s2s, no token.
+    if let (Some(s2s), None, None) = (&params.s2s, &params.c2s, &params.mech) {
+        let mut sessions = lock(&state.sessions);
+        sessions.retain(|_, s| now.duration_since(s.last_used) < state.idle);
+        return match sessions.get_mut(s2s) {
+            Some(s) => {
+                s.last_used = now;
+                Auth::Ok {
+                    username: s.username.clone(),
+                    role: s.role,
+                    info: None,
+                }
+            }
+            None => {
+                drop(sessions);
+                challenge(state)
+            }
+        };
+    }
+    let call_id = source.to_string();
+    let ex = Exchange {
+        call_id: &call_id,
+        from_tag: "",
+        source,
+        tls,
+    };
+    let store = lock(&state.store);
+    let step = lock(&state.sasl).step(&params, &ex, &Admins(&store), now);
+    match step {
+        Ok(Outcome::Challenge(p)) => Auth::Respond(reply(
+            StatusCode::UNAUTHORIZED,
+            json!({"error": "authentication continues"}),
+            &[("www-authenticate", p.emit())],
+        )),
+        Ok(Outcome::Success { auth, info }) => {
+            let role = store
+                .admin_credential(auth.identity())
+                .ok()
+                .flatten()
+                .map_or(Role::ReadOnly, |(_, r)| r);
+            let token = {
+                use base64::Engine;
+                base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(rand::random::<[u8; 24]>())
+            };
+            let mut sessions = lock(&state.sessions);
+            if sessions.len() >= MAX_SESSIONS {
+                sessions.retain(|_, s| now.duration_since(s.last_used) < state.idle);
+            }
+            if sessions.len() < MAX_SESSIONS {
+                sessions.insert(
+                    token.clone(),
+                    Session {
+                        username: auth.identity().to_owned(),
+                        role,
+                        last_used: now,
+                    },
+                );
+            }
+            let info = SaslParams {
+                s2s: Some(token),
+                ..info
+            };
+            tracing::info!(
+                admin = auth.identity(),
+                role = role.as_str(),
+                "admin authenticated"
+            );
+            Auth::Ok {
+                username: auth.identity().to_owned(),
+                role,
+                info: Some(info.emit()),
+            }
+        }
+        Err(AuthError::Malformed(e)) => Auth::Respond(reply(
+            StatusCode::BAD_REQUEST,
+            json!({"error": e.reason_phrase()}),
+            &[],
+        )),
+        Err(AuthError::Failed(
+            gatehouse_auth::Failure::UnknownHandle | gatehouse_auth::Failure::Expired,
+        )) => {
+            drop(store);
+            challenge(state)
+        }
+        Err(AuthError::Overloaded) => Auth::Respond(reply(
+            StatusCode::SERVICE_UNAVAILABLE,
+            json!({"error": "busy"}),
+            &[("retry-after", "5".into())],
+        )),
+        Err(AuthError::Failed(_)) => Auth::Respond(reply(
+            StatusCode::FORBIDDEN,
+            json!({"error": "forbidden"}),
+            &[],
+        )),
+    }
+}
+
+async fn ask<T>(state: &AdminState, make: impl FnOnce(oneshot::Sender<T>) -> Command) -> Option<T> {
+    let (tx, rx) = oneshot::channel();
+    state.commands.send(make(tx)).await.ok()?;
+    rx.await.ok()
+}
+
+async fn body_json(req: Request<hyper::body::Incoming>) -> Option<Value> {
+    let bytes = req.into_body().collect().await.ok()?.to_bytes();
+    if bytes.len() > 64 * 1024 {
+        return None;
+    }
+    serde_json::from_slice(&bytes).ok()
+}
+
+fn forbidden() -> Resp {
+    reply(
+        StatusCode::FORBIDDEN,
+        json!({"error": "this needs the admin role"}),
+        &[],
+    )
+}
+
+async fn handle(
+    state: Arc<AdminState>,
+    req: Request<hyper::body::Incoming>,
+    source: IpAddr,
+    tls: Option<TlsInfo>,
+) -> Result<Resp, Infallible> {
+    let (username, role, info) = match authenticate(&state, &req, source, tls.as_ref()) {
+        Auth::Ok {
+            username,
+            role,
+            info,
+        } => (username, role, info),
+        Auth::Respond(r) => return Ok(r),
+    };
+    let method = req.method().clone();
+    let path = req.uri().path().trim_end_matches('/').to_owned();
+    let parts: Vec<String> = path
+        .trim_start_matches("/api/v1/")
+        .split('/')
+        .map(|p| percent_decode(p))
+        .collect();
+    let write = !matches!(method, Method::GET);
+    if write && role != Role::Admin {
+        return Ok(with_info(forbidden(), info));
+    }
+    if write {
+        tracing::info!(admin = %username, %method, %path, "admin action");
+    }
+    let p: Vec<&str> = parts.iter().map(String::as_str).collect();
+    let resp = match (&method, p.as_slice()) {
+        (&Method::GET, ["status"]) => match ask(&state, Command::Status).await {
+            Some(v) => reply(StatusCode::OK, v, &[]),
+            None => unavailable(),
+        },
+        (&Method::GET, ["tunnels"]) => match ask(&state, Command::Tunnels).await {
+            Some(v) => reply(StatusCode::OK, v, &[]),
+            None => unavailable(),
+        },
+        (&Method::DELETE, ["tunnels", id]) => {
+            match ask(&state, |tx| Command::Teardown((*id).to_owned(), tx)).await {
+                Some(Ok(())) => reply(StatusCode::OK, json!({"torn_down": id}), &[]),
+                Some(Err(e)) => reply(StatusCode::NOT_FOUND, json!({"error": e}), &[]),
+                None => unavailable(),
+            }
+        }
+        (&Method::GET, ["registrations"]) => match ask(&state, Command::Registrations).await {
+            Some(v) => reply(StatusCode::OK, v, &[]),
+            None => unavailable(),
+        },
+        (&Method::DELETE, ["registrations", aor]) => match ask(&state, |tx| {
+            Command::RemoveRegistration((*aor).to_owned(), tx)
+        })
+        .await
+        {
+            Some(0) => reply(StatusCode::NOT_FOUND, json!({"error": "no binding"}), &[]),
+            Some(n) => reply(StatusCode::OK, json!({"removed": n}), &[]),
+            None => unavailable(),
+        },
+        (_, ["users", ..]) if role != Role::Admin => forbidden(),
+        (&Method::GET, ["users"]) => {
+            let users = lock(&state.store).list_users();
+            match users {
+                Ok(list) => reply(
+                    StatusCode::OK,
+                    Value::Array(
+                        list.into_iter()
+                            .map(|u| json!({"username": u.username, "aors": u.aors, "enabled": u.enabled, "mechanisms": u.mechanisms}))
+                            .collect(),
+                    ),
+                    &[],
+                ),
+                Err(e) => reply(StatusCode::INTERNAL_SERVER_ERROR, json!({"error": e.to_string()}), &[]),
+            }
+        }
+        (&Method::POST, ["users"]) => {
+            let body = body_json(req).await.unwrap_or(Value::Null);
+            let username = body["username"].as_str().unwrap_or("");
+            let password =
+                zeroize::Zeroizing::new(body["password"].as_str().unwrap_or("").to_owned());
+            let aors: Vec<String> = body["aors"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|x| x.as_str().map(str::to_owned))
+                        .collect()
+                })
+                .unwrap_or_default();
+            if username.is_empty() || password.is_empty() || aors.is_empty() {
+                reply(
+                    StatusCode::BAD_REQUEST,
+                    json!({"error": "username, password and aors are required"}),
+                    &[],
+                )
+            } else {
+                store_result(
+                    lock(&state.store).add_user(username, password.as_bytes(), &aors, None, 4096),
+                    StatusCode::CREATED,
+                )
+            }
+        }
+        (&Method::PUT, ["users", name, "password"]) => {
+            let name = (*name).to_owned();
+            let body = body_json(req).await.unwrap_or(Value::Null);
+            let password =
+                zeroize::Zeroizing::new(body["password"].as_str().unwrap_or("").to_owned());
+            if password.is_empty() {
+                reply(
+                    StatusCode::BAD_REQUEST,
+                    json!({"error": "password is required"}),
+                    &[],
+                )
+            } else {
+                store_result(
+                    lock(&state.store).set_password(&name, password.as_bytes(), 4096),
+                    StatusCode::OK,
+                )
+            }
+        }
+        (&Method::POST, ["users", name, action @ ("disable" | "enable")]) => store_result(
+            lock(&state.store).set_enabled(name, *action == "enable"),
+            StatusCode::OK,
+        ),
+        (&Method::DELETE, ["users", name]) => {
+            store_result(lock(&state.store).delete_user(name), StatusCode::OK)
+        }
+        (&Method::POST, ["reload"]) => match ask(&state, Command::ReloadPolicy).await {
+            Some(Ok(())) => reply(StatusCode::OK, json!({"reloaded": "policy"}), &[]),
+            Some(Err(e)) => reply(StatusCode::UNPROCESSABLE_ENTITY, json!({"error": e}), &[]),
+            None => unavailable(),
+        },
+        (&Method::PUT, ["log-level"]) => {
+            let body = body_json(req).await.unwrap_or(Value::Null);
+            let level = body["level"].as_str().unwrap_or("").to_owned();
+            if !["error", "warn", "info", "debug", "trace"].contains(&level.as_str()) {
+                reply(
+                    StatusCode::BAD_REQUEST,
+                    json!({"error": "level is one of error, warn, info, debug, trace"}),
+                    &[],
+                )
+            } else {
+                match &state.log {
+                    Some(set) => match set(&level) {
+                        Ok(()) => reply(StatusCode::OK, json!({"level": level}), &[]),
+                        Err(e) => {
+                            reply(StatusCode::INTERNAL_SERVER_ERROR, json!({"error": e}), &[])
+                        }
+                    },
+                    None => reply(
+                        StatusCode::NOT_IMPLEMENTED,
+                        json!({"error": "no log control in this process"}),
+                        &[],
+                    ),
+                }
+            }
+        }
+        _ => reply(
+            StatusCode::NOT_FOUND,
+            json!({"error": "no such endpoint"}),
+            &[],
+        ),
+    };
+    Ok(with_info(resp, info))
+}
+
+fn with_info(mut r: Resp, info: Option<String>) -> Resp {
+    if let Some(i) = info.and_then(|i| hyper::header::HeaderValue::from_str(&i).ok()) {
+        r.headers_mut().insert("authentication-info", i);
+    }
+    r
+}
+
+fn unavailable() -> Resp {
+    reply(
+        StatusCode::SERVICE_UNAVAILABLE,
+        json!({"error": "the gateway is stopping"}),
+        &[],
+    )
+}
+
+fn store_result(r: Result<(), crate::store::StoreError>, ok: StatusCode) -> Resp {
+    match r {
+        Ok(()) => reply(ok, json!({"ok": true}), &[]),
+        Err(crate::store::StoreError::NoUser(u)) => reply(
+            StatusCode::NOT_FOUND,
+            json!({"error": format!("no user {u}")}),
+            &[],
+        ),
+        Err(e @ (crate::store::StoreError::Exists(_) | crate::store::StoreError::Invalid(_))) => {
+            reply(
+                StatusCode::BAD_REQUEST,
+                json!({"error": e.to_string()}),
+                &[],
+            )
+        }
+        Err(e) => reply(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            json!({"error": e.to_string()}),
+            &[],
+        ),
+    }
+}
+
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' && i + 2 < b.len() {
+            if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 3], 16) {
+                out.push(v);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Serves the admin API (plain HTTP, or TLS with `acceptor`) until the task is dropped.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: Arc<AdminState>,
+    acceptor: Option<tokio_rustls::TlsAcceptor>,
+) {
+    loop {
+        let Ok((stream, remote)) = listener.accept().await else {
+            continue;
+        };
+        let state = Arc::clone(&state);
+        let acceptor = acceptor.clone();
+        tokio::spawn(async move {
+            let source = remote.ip();
+            match acceptor {
+                Some(acc) => {
+                    let Ok(Ok(tls)) =
+                        tokio::time::timeout(Duration::from_secs(10), acc.accept(stream)).await
+                    else {
+                        return;
+                    };
+                    // Channel binding of this connection, computed once after the handshake.
+                    let info = crate::transport::tls::channel_binding(tls.get_ref().1);
+                    let io = hyper_util::rt::TokioIo::new(tls);
+                    let service = hyper::service::service_fn(move |req| {
+                        handle(Arc::clone(&state), req, source, Some(info.clone()))
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(io, service)
+                        .await;
+                }
+                None => {
+                    let io = hyper_util::rt::TokioIo::new(stream);
+                    let service = hyper::service::service_fn(move |req| {
+                        handle(Arc::clone(&state), req, source, None)
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(io, service)
+                        .await;
+                }
+            }
+        });
+    }
+}
+
+/// Answers admin commands against the proxy (called by the I/O loop).
+pub fn execute(
+    proxy: &mut crate::core::Proxy,
+    cmd: Command,
+    policy_file: Option<&std::path::Path>,
+    connections: usize,
+) {
+    let now = Instant::now();
+    match cmd {
+        Command::Status(tx) => {
+            let _ = tx.send(json!({
+                "version": env!("CARGO_PKG_VERSION"),
+                "transactions": proxy.transactions(),
+                "tunnels": proxy.tunnel_count(),
+                "registrations": proxy.registrations(),
+                "pending_sasl": proxy.pending_sasl(),
+                "connections": connections,
+            }));
+        }
+        Command::Tunnels(tx) => {
+            let list: Vec<Value> = proxy
+                .tunnels()
+                .map(|t| {
+                    json!({"call_id": t.call_id, "identity": t.identity, "from": t.from, "to": t.to, "prefixes": t.prefixes,
+                           "pskmth": t.pskmth, "state": t.state.as_str(), "created": t.created_unix})
+                })
+                .collect();
+            let _ = tx.send(Value::Array(list));
+        }
+        Command::Teardown(id, tx) => {
+            let _ = tx.send(proxy.teardown(&id, now));
+        }
+        Command::Registrations(tx) => {
+            let list: Vec<Value> = proxy
+                .registration_list(now)
+                .into_iter()
+                .map(|(aor, b)| {
+                    json!({"aor": aor, "contact": b.contact, "transport": b.transport.to_string(), "source": b.remote.to_string(),
+                           "expires_in": b.expires.saturating_duration_since(now).as_secs()})
+                })
+                .collect();
+            let _ = tx.send(Value::Array(list));
+        }
+        Command::RemoveRegistration(aor, tx) => {
+            let _ = tx.send(proxy.remove_registration(&aor));
+        }
+        Command::ReloadPolicy(tx) => {
+            let result = match policy_file {
+                None => Err("no policy file configured".to_owned()),
+                Some(path) => crate::config::load_policy(path)
+                    .map(|p| proxy.set_policy(Arc::new(p)))
+                    .map_err(|e| e.to_string()),
+            };
+            let _ = tx.send(result);
+        }
+    }
+}
+
+/// Whether a plain-HTTP admin listener may bind `addr`.
+pub fn plain_http_allowed(addr: SocketAddr, allow_remote: bool) -> bool {
+    addr.ip().is_loopback() || allow_remote
+}
