@@ -304,7 +304,7 @@ async fn handle(
     let parts: Vec<String> = path
         .trim_start_matches("/api/v1/")
         .split('/')
-        .map(|p| percent_decode(p))
+        .map(percent_decode)
         .collect();
     let write = !matches!(method, Method::GET);
     if write && role != Role::Admin {

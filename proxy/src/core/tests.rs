@@ -1481,4 +1481,106 @@ CSeq: 5 BYE\r\nContent-Length: 0\r\n\r\n",
         );
         assert_eq!(h.proxy.tunnel_count(), 0);
     }
+
+    #[test]
+    fn admin_teardown_sends_bye_both_ways() {
+        let mut h = tunnel_harness(store(), "198.51.100.0/24");
+        let mut client = ScramClient::new("alice", b"alice-secret", None);
+        let out = authenticate_with(&mut h, &mut client, &tunnel_invite(OFFER));
+        let fwd = out
+            .iter()
+            .find(|s| s.first_line().starts_with("INVITE"))
+            .unwrap();
+        h.send(&answer_with_sdp(fwd, &answer_sdp()), uas_flow());
+        assert!(h.proxy.teardown("nope", h.now).is_err());
+        h.proxy.teardown("call-1@partner.example", h.now).unwrap();
+        let out = h.drain();
+        let to_endpoint = out
+            .iter()
+            .find(|s| s.first_line().starts_with("BYE sip:vpn@198.51.100.20:5060"))
+            .expect("BYE inward");
+        assert!(
+            to_endpoint
+                .text
+                .contains("To: <sip:vpn@org.example>;tag=uas1"),
+            "{}",
+            to_endpoint.text
+        );
+        let to_caller = out
+            .iter()
+            .find(|s| s.first_line().starts_with("BYE sip:alice@203.0.113.5:5062"))
+            .expect("BYE outward");
+        assert_eq!(
+            to_caller.dest,
+            Destination::Addr {
+                transport: Transport::Udp,
+                addr: "192.0.2.200:5062".parse().unwrap(),
+                server_name: None
+            }
+        );
+        assert_eq!(h.proxy.tunnel_count(), 0);
+    }
+
+    /// Everything the gateway logs at trace level during a full tunnel flow, with no secret in it.
+    #[test]
+    fn no_secret_in_logs_at_trace_level() {
+        use std::io::Write as _;
+        #[derive(Clone, Default)]
+        struct Buf(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+        impl std::io::Write for Buf {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().write(b)
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let buf = Buf::default();
+        let writer = buf.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::TRACE)
+            .with_writer(move || writer.clone())
+            .finish();
+        let (psk, inward) = tracing::subscriber::with_default(subscriber, || {
+            tracing::trace!("trace logging is on");
+            let mut h = tunnel_harness(store(), "198.51.100.0/24");
+            let mut client = ScramClient::new("alice", b"alice-secret", None);
+            let out = authenticate_with(&mut h, &mut client, &tunnel_invite(OFFER));
+            let fwd = out
+                .iter()
+                .find(|s| s.first_line().starts_with("INVITE"))
+                .unwrap();
+            let inward = fmtp(&fwd.text);
+            let relayed = h.send(&answer_with_sdp(fwd, &answer_sdp()), uas_flow());
+            let ok = relayed
+                .iter()
+                .find(|s| s.status() == Some(200))
+                .unwrap()
+                .msg();
+            let info = ok
+                .headers()
+                .find(|(i, _)| ok.name_text(*i) == "Proxy-Authentication-Info")
+                .map(|(i, _)| ok.value(i).into_owned())
+                .unwrap();
+            let t = client
+                .verify_server_final(
+                    &gatehouse_auth::SaslParams::parse(&info)
+                        .unwrap()
+                        .s2c
+                        .unwrap(),
+                )
+                .unwrap();
+            (caller_psk(&t), inward)
+        });
+        let logs = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
+        assert!(
+            logs.contains("trace logging is on") && logs.contains("authenticated"),
+            "the capture works: {logs}"
+        );
+        assert!(inward.contains(&psk), "the PSK is real");
+        for secret in [psk.as_str(), "alice-secret", "psk="] {
+            assert!(!logs.contains(secret), "`{secret}` in the logs:\n{logs}");
+        }
+        let _ = std::io::sink().flush();
+    }
 }
