@@ -424,10 +424,11 @@ impl Store {
 
 impl Store {
     pub fn save_tunnel(&mut self, t: &crate::tunnel::Tunnel) -> Result<(), StoreError> {
-        self.conn.execute(
+        self.conn.prepare_cached(
             "INSERT OR REPLACE INTO tunnels (call_id, caller_tag, callee_tag, identity, from_aor, to_aor, prefixes, pskmth, created_at, state, caller, callee)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
-            params![
+        )?
+        .execute(params![
                 t.call_id,
                 t.caller_tag,
                 t.callee_tag,
@@ -440,16 +441,14 @@ impl Store {
                 t.state.as_str(),
                 t.caller.as_ref().map(|p| p.encode()),
                 t.callee.as_ref().map(|p| p.encode())
-            ],
-        )?;
+            ])?;
         Ok(())
     }
 
     pub fn delete_tunnel(&mut self, call_id: &str, caller_tag: &str) -> Result<(), StoreError> {
-        self.conn.execute(
-            "DELETE FROM tunnels WHERE call_id = ?1 AND caller_tag = ?2",
-            params![call_id, caller_tag],
-        )?;
+        self.conn
+            .prepare_cached("DELETE FROM tunnels WHERE call_id = ?1 AND caller_tag = ?2")?
+            .execute(params![call_id, caller_tag])?;
         Ok(())
     }
 
