@@ -207,9 +207,6 @@ impl Proxy {
                 }),
             callee: None,
         };
-        if let Err(e) = self.store.save_tunnel(&tunnel) {
-            tracing::warn!(error = %e, "cannot persist a tunnel");
-        }
         let to_aor = tunnel.to.clone();
         self.tunnels.insert(tunnel);
         if let Some(ctx) = self.contexts.get_mut(&id) {
@@ -304,12 +301,9 @@ impl Proxy {
                     .cloned()
                 {
                     tracing::info!(identity = %tunnel.identity, to = %tunnel.to, pskmth = %tunnel.pskmth, "tunnel up");
-                    if let Err(e) = self.store.save_tunnel(&tunnel) {
-                        tracing::warn!(error = %e, "cannot persist a tunnel");
-                    }
                 }
-            } else if status >= 300 && self.tunnels.remove(&t.call_id, &t.caller_tag).is_some() {
-                let _ = self.store.delete_tunnel(&t.call_id, &t.caller_tag);
+            } else if status >= 300 {
+                self.tunnels.remove(&t.call_id, &t.caller_tag);
             }
         }
         sanitize(resp);
@@ -323,9 +317,20 @@ impl Proxy {
             let from_tag = msg.tag(HeaderName::From).unwrap_or_default();
             let to_tag = msg.tag(HeaderName::To).unwrap_or_default();
             if let Some(t) = self.tunnels.remove_dialog(&call_id, &from_tag, &to_tag) {
-                let _ = self.store.delete_tunnel(&t.call_id, &t.caller_tag);
                 tracing::info!(identity = %t.identity, to = %t.to, "tunnel down (BYE)");
             }
+        }
+    }
+
+    /// Persists the tunnel table's changes in one store transaction (the driver calls it a few
+    /// times a second and at exit; a crash loses at most that interval of table changes).
+    pub fn flush_tunnels(&mut self) {
+        let changes = self.tunnels.take_dirty();
+        if changes.is_empty() {
+            return;
+        }
+        if let Err(e) = self.store.apply_tunnels(&changes) {
+            tracing::warn!(error = %e, "cannot persist the tunnel table");
         }
     }
 
@@ -334,7 +339,7 @@ impl Proxy {
         match self.store.tunnels() {
             Ok(list) => {
                 for t in list {
-                    self.tunnels.insert(t);
+                    self.tunnels.load(t);
                 }
             }
             Err(e) => tracing::warn!(error = %e, "cannot load the tunnel table"),
@@ -399,7 +404,6 @@ Content-Length: 0\r\n\r\n",
             );
         }
         self.tunnels.remove(&t.call_id, &t.caller_tag);
-        let _ = self.store.delete_tunnel(&t.call_id, &t.caller_tag);
         tracing::info!(identity = %t.identity, to = %t.to, "tunnel torn down by the admin API");
         Ok(())
     }

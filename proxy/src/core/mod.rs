@@ -1130,9 +1130,7 @@ impl Proxy {
         if let Some((status, mut resp)) = ctx.best.take() {
             ctx.final_sent = true;
             if let Some(t) = &ctx.tunnel {
-                if self.tunnels.remove(&t.call_id, &t.caller_tag).is_some() {
-                    let _ = self.store.delete_tunnel(&t.call_id, &t.caller_tag);
-                }
+                self.tunnels.remove(&t.call_id, &t.caller_tag);
             }
             if let Some((name, value)) = &ctx.auth_info {
                 resp.insert_named(usize::MAX, HeaderName::Other, name, value.clone());
@@ -1450,3 +1448,10 @@ fn raw_response(b: &[u8], code: u16, reason: &str) -> Option<Bytes> {
 
 #[cfg(test)]
 mod tests;
+
+impl Drop for Proxy {
+    /// A proxy that goes away (shutdown, tests) leaves a complete tunnel table behind.
+    fn drop(&mut self) {
+        self.flush_tunnels();
+    }
+}

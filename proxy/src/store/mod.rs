@@ -445,6 +445,35 @@ impl Store {
         Ok(())
     }
 
+    /// Saves and deletes tunnel entries in one transaction.
+    pub fn apply_tunnels(
+        &mut self,
+        changes: &[Result<crate::tunnel::Tunnel, (String, String)>],
+    ) -> Result<(), StoreError> {
+        self.conn.execute_batch("BEGIN")?;
+        let mut result = Ok(());
+        for c in changes {
+            let r = match c {
+                Ok(t) => self.save_tunnel(t),
+                Err((call_id, tag)) => self.delete_tunnel(call_id, tag),
+            };
+            if r.is_err() {
+                result = r;
+                break;
+            }
+        }
+        match result {
+            Ok(()) => {
+                self.conn.execute_batch("COMMIT")?;
+                Ok(())
+            }
+            Err(e) => {
+                let _ = self.conn.execute_batch("ROLLBACK");
+                Err(e)
+            }
+        }
+    }
+
     pub fn delete_tunnel(&mut self, call_id: &str, caller_tag: &str) -> Result<(), StoreError> {
         self.conn
             .prepare_cached("DELETE FROM tunnels WHERE call_id = ?1 AND caller_tag = ?2")?

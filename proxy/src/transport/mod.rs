@@ -317,6 +317,7 @@ impl Driver {
                     crate::admin::execute(&mut self.proxy, cmd, self.policy_file.as_deref(), connections);
                 }
                 _ = sync.tick() => {
+                    self.proxy.flush_tunnels();
                     self.proxy.sync_metrics();
                     self.metrics.connections.set(self.conns.len() as i64);
                 }

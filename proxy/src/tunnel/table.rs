@@ -84,16 +84,36 @@ impl Party {
     }
 }
 
-/// Tunnels by (Call-ID, caller tag).
+/// Tunnels by (Call-ID, caller tag). Changes are remembered until the owner persists them
+/// (write-behind: one store transaction per flush instead of a write per message).
 #[derive(Debug, Default)]
 pub struct TunnelTable {
     map: HashMap<(String, String), Tunnel>,
+    dirty: std::collections::HashSet<(String, String)>,
 }
 
 impl TunnelTable {
     pub fn insert(&mut self, t: Tunnel) {
+        let key = (t.call_id.clone(), t.caller_tag.clone());
+        self.dirty.insert(key.clone());
+        self.map.insert(key, t);
+    }
+
+    /// Loads a persisted entry (not dirty).
+    pub fn load(&mut self, t: Tunnel) {
         self.map
             .insert((t.call_id.clone(), t.caller_tag.clone()), t);
+    }
+
+    /// The entries changed since the last call: `Ok(tunnel)` to save, `Err(key)` to delete.
+    pub fn take_dirty(&mut self) -> Vec<Result<Tunnel, (String, String)>> {
+        let keys: Vec<(String, String)> = self.dirty.drain().collect();
+        keys.into_iter()
+            .map(|k| match self.map.get(&k) {
+                Some(t) => Ok(t.clone()),
+                None => Err(k),
+            })
+            .collect()
     }
 
     /// Marks a tunnel established; returns it.
@@ -103,17 +123,19 @@ impl TunnelTable {
         caller_tag: &str,
         callee_tag: Option<String>,
     ) -> Option<&Tunnel> {
-        let t = self
-            .map
-            .get_mut(&(call_id.to_owned(), caller_tag.to_owned()))?;
+        let key = (call_id.to_owned(), caller_tag.to_owned());
+        let t = self.map.get_mut(&key)?;
+        self.dirty.insert(key);
         t.state = TunnelState::Established;
         t.callee_tag = callee_tag;
         Some(t)
     }
 
     pub fn remove(&mut self, call_id: &str, caller_tag: &str) -> Option<Tunnel> {
-        self.map
-            .remove(&(call_id.to_owned(), caller_tag.to_owned()))
+        let key = (call_id.to_owned(), caller_tag.to_owned());
+        let t = self.map.remove(&key)?;
+        self.dirty.insert(key);
+        Some(t)
     }
 
     /// The tunnel of an in-dialog request, whichever side sent it (either tag may be the caller's).
@@ -142,8 +164,10 @@ impl TunnelTable {
     }
 
     pub fn get_mut(&mut self, call_id: &str, caller_tag: &str) -> Option<&mut Tunnel> {
-        self.map
-            .get_mut(&(call_id.to_owned(), caller_tag.to_owned()))
+        let key = (call_id.to_owned(), caller_tag.to_owned());
+        let t = self.map.get_mut(&key)?;
+        self.dirty.insert(key);
+        Some(t)
     }
 
     /// The tunnel of a Call-ID (the admin API names tunnels by Call-ID).
