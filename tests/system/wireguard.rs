@@ -253,12 +253,24 @@ fn wait_for_line(p: &Proc, needle: &str, limit: Duration) -> bool {
     }
 }
 
-fn caller_config(dir: &Path, name: &str, id: &str, password_file: &str, prefix: &str) -> PathBuf {
+fn caller_config(
+    dir: &Path,
+    name: &str,
+    id: &str,
+    password_file: &str,
+    prefix: &str,
+    tls: bool,
+) -> PathBuf {
     let path = dir.join(format!("{name}.toml"));
+    let transport = if tls {
+        "gateway = \"[2001:db8:1::1]:5061\"\ntransport = \"tls\"\ntls_ca = \"ca.pem\"\ntls_server_name = \"localhost\"\n"
+    } else {
+        "gateway = \"[2001:db8:1::1]:5060\"\n"
+    };
     std::fs::write(
         &path,
         format!(
-            "[sip]\ngateway = \"[2001:db8:1::1]:5060\"\nbind = \"[2001:db8:1::2]:0\"\naor = \"sip:alice@partner.example\"\n\
+            "[sip]\n{transport}bind = \"[2001:db8:1::2]:0\"\naor = \"sip:alice@partner.example\"\n\
 username = \"alice\"\npassword_file = \"{password_file}\"\n\
 [wireguard]\ninterface = \"wgp{id}\"\nprivate_key_file = \"partner.key\"\nlisten_port = 51820\naddress = \"2001:db8:1::2\"\n\
 prefix = \"{prefix}\"\ninterface_address = \"2001:db8:456:1::1/64\"\n[call]\npskmth = [\"scram\"]\n"
@@ -278,7 +290,11 @@ fn sip_negotiated_wireguard_tunnel_with_sasl_psk() {
     let topo = Topology::build(d);
     let id = topo.id.clone();
 
-    // The gateway: store, policy, configuration.
+    // The gateway: certificate, store, policy, configuration.
+    let key = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+    std::fs::write(d.join("cert.pem"), key.cert.pem()).unwrap();
+    std::fs::write(d.join("ca.pem"), key.cert.pem()).unwrap();
+    std::fs::write(d.join("key.pem"), key.signing_key.serialize_pem()).unwrap();
     let store = d.join("store.sqlite");
     {
         let mut s = gatehouse::store::Store::open(&store).unwrap();
@@ -310,7 +326,9 @@ targets = [\"sip:vpn@org.example\"]\npskmth = [\"scram\"]\nrequire_psk = true\np
         format!(
             "[sip]\ndomains = [\"org.example\"]\nshutdown_grace_ms = 500\n\
 [[listen]]\ntransport = \"udp\"\naddress = \"[2001:db8:1::1]:5060\"\n[[listen]]\ntransport = \"udp\"\naddress = \"[2001:db8:2::1]:5060\"\n\
-[auth]\nstore = \"{}\"\nmechanisms = [\"SCRAM-SHA-256\"]\n[tunnels]\npolicy = \"policy.toml\"\ninternal_networks = [\"2001:db8:2::/64\"]\n[log]\nlevel = \"info\"\n",
+[[listen]]\ntransport = \"tls\"\naddress = \"[2001:db8:1::1]:5061\"\n[[listen]]\ntransport = \"tls\"\naddress = \"[2001:db8:2::1]:5061\"\n\
+[tls]\ncertificate = \"cert.pem\"\nprivate_key = \"key.pem\"\n\
+[auth]\nstore = \"{}\"\nmechanisms = [\"SCRAM-SHA-256-PLUS\", \"SCRAM-SHA-256\"]\n[tunnels]\npolicy = \"policy.toml\"\ninternal_networks = [\"2001:db8:2::/64\"]\n[log]\nlevel = \"info\"\n",
             store.display()
         ),
     )
@@ -333,7 +351,8 @@ targets = [\"sip:vpn@org.example\"]\npskmth = [\"scram\"]\nrequire_psk = true\np
     std::fs::write(
         d.join("endpoint.toml"),
         format!(
-            "[sip]\ngateway = \"[2001:db8:2::1]:5060\"\nbind = \"[2001:db8:2::2]:5062\"\naor = \"sip:vpn@org.example\"\nusername = \"vpn\"\n\
+            "[sip]\ngateway = \"[2001:db8:2::1]:5061\"\ntransport = \"tls\"\ntls_ca = \"ca.pem\"\ntls_server_name = \"localhost\"\n\
+bind = \"[2001:db8:2::2]:5062\"\naor = \"sip:vpn@org.example\"\nusername = \"vpn\"\n\
 password_file = \"vpn.password\"\n[wireguard]\ninterface = \"wgo{id}\"\nprivate_key_file = \"org.key\"\nlisten_port = 51821\n\
 address = \"2001:db8:2::2\"\nprefix = \"2001:db8:789:1::/64\"\ninterface_address = \"2001:db8:789:1::1/64\"\n\
 [accept]\npskmth = [\"gateway\"]\nprefixes = [\"2001:db8:456::/48\"]\n"
@@ -376,7 +395,14 @@ address = \"2001:db8:2::2\"\nprefix = \"2001:db8:789:1::/64\"\ninterface_address
     // Wrong password: refused, no tunnel.
     let mut wrong = call(
         "call-wrong",
-        &caller_config(d, "wrong", &id, "wrong.password", "2001:db8:456:1::/64"),
+        &caller_config(
+            d,
+            "wrong",
+            &id,
+            "wrong.password",
+            "2001:db8:456:1::/64",
+            false,
+        ),
         &[],
     );
     let st = wrong.wait(Duration::from_secs(40));
@@ -387,7 +413,14 @@ address = \"2001:db8:2::2\"\nprefix = \"2001:db8:789:1::/64\"\ninterface_address
     // Denied by policy (a prefix the rule does not allow): refused, no tunnel.
     let mut denied = call(
         "call-denied",
-        &caller_config(d, "denied", &id, "alice.password", "2001:db8:999:1::/64"),
+        &caller_config(
+            d,
+            "denied",
+            &id,
+            "alice.password",
+            "2001:db8:999:1::/64",
+            false,
+        ),
         &[],
     );
     let st = denied.wait(Duration::from_secs(40));
@@ -395,10 +428,18 @@ address = \"2001:db8:2::2\"\nprefix = \"2001:db8:789:1::/64\"\ninterface_address
     assert!(denied.log_text().contains("403"), "{}", denied.log_text());
     assert_eq!(topo.peers("o"), 0);
 
-    // The tunnel.
-    let good = caller_config(d, "good", &id, "alice.password", "2001:db8:456:1::/64");
+    // The tunnel: SIP over TLS, SCRAM-SHA-256-PLUS bound to the connection.
+    let good = caller_config(
+        d,
+        "good",
+        &id,
+        "alice.password",
+        "2001:db8:456:1::/64",
+        true,
+    );
     let started = Instant::now();
-    let mut caller = call("call", &good, &[]);
+    let pid_file = d.join("call.pid");
+    let mut caller = call("call", &good, &["--pid-file", pid_file.to_str().unwrap()]);
     assert!(
         wait_for_line(&caller, "tunnel up", Duration::from_secs(40)),
         "caller:\n{}\nendpoint:\n{}",
@@ -419,6 +460,11 @@ address = \"2001:db8:2::2\"\nprefix = \"2001:db8:789:1::/64\"\ninterface_address
     );
     assert!(psk_p == psk_o, "both sides use the same PSK (not printed)");
     assert!(caller.log_text().contains("psk yes (scram)"));
+    assert!(
+        caller.log_text().contains("SCRAM-SHA-256-PLUS"),
+        "{}",
+        caller.log_text()
+    );
 
     // Hang up: BYE through the gateway, the endpoint removes the peer, the ping fails.
     let _ = Command::new("kill")
@@ -434,7 +480,15 @@ address = \"2001:db8:2::2\"\nprefix = \"2001:db8:789:1::/64\"\ninterface_address
     assert!(!topo.ping("2", "1"), "no ping after BYE");
 
     // Deliberately mismatched PSK (test hook): the SIP side succeeds, WireGuard stays dark.
-    let mut bad = call("call-badpsk", &good, &["--corrupt-psk"]);
+    let udp = caller_config(
+        d,
+        "udp",
+        &id,
+        "alice.password",
+        "2001:db8:456:1::/64",
+        false,
+    );
+    let mut bad = call("call-badpsk", &udp, &["--corrupt-psk"]);
     assert!(
         wait_for_line(&bad, "tunnel up", Duration::from_secs(40)),
         "{}",

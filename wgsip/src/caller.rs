@@ -39,7 +39,7 @@ pub fn run(cfg: Config, target: &str, opts: &CallOptions) -> anyhow::Result<()> 
     };
     iface.set(Some(&private), Some(cfg.wireguard.listen_port), None)?;
     net::interface_up(&iface.name, cfg.wireguard.interface_address)?;
-    let ua = Ua::bind(cfg.sip.bind, cfg.sip.gateway)?;
+    let ua = Ua::open(&cfg.sip)?;
     let stop = Arc::new(AtomicBool::new(false));
     signal_hook::flag::register(signal_hook::consts::SIGTERM, Arc::clone(&stop))?;
     signal_hook::flag::register(signal_hook::consts::SIGINT, Arc::clone(&stop))?;
@@ -61,16 +61,19 @@ pub fn run(cfg: Config, target: &str, opts: &CallOptions) -> anyhow::Result<()> 
             .map(|p| format!("Proxy-Authorization: {}\r\n", p.emit()))
             .unwrap_or_default();
         format!(
-            "INVITE {target} SIP/2.0\r\nVia: SIP/2.0/UDP {l};branch=z9hG4bK{b};rport\r\nMax-Forwards: 70\r\n\
+            "INVITE {target} SIP/2.0\r\nVia: SIP/2.0/{t} {l};branch=z9hG4bK{b};rport\r\nMax-Forwards: 70\r\n\
 From: <{from}>;tag={from_tag}\r\nTo: <{target}>\r\nCall-ID: {call_id}\r\nCSeq: {cseq} INVITE\r\n\
-Contact: <sip:{user}@{l}>\r\n{auth}Content-Type: application/sdp\r\nContent-Length: {len}\r\n\r\n{offer}",
+Contact: <sip:{user}@{l}{cp}>\r\n{auth}Content-Type: application/sdp\r\nContent-Length: {len}\r\n\r\n{offer}",
             l = hostport(ua.local),
+            t = ua.transport(),
+            cp = ua.contact_params(),
             b = token(),
             user = cfg.sip.username,
             len = offer.len(),
         )
     };
-    let client = ScramClient::new(&cfg.sip.username, password.as_bytes(), None);
+    // Over TLS this is SCRAM-SHA-256-PLUS, bound to this connection (tls-exporter).
+    let client = ScramClient::new(&cfg.sip.username, password.as_bytes(), ua.channel_binding());
     let mechanism = client.mechanism().to_owned();
     let (ok, transcript) = ua.authenticate(&build, client, true, &mut |_, _| {})?;
     let status = ok.status().unwrap_or(0);
@@ -87,9 +90,10 @@ Contact: <sip:{user}@{l}>\r\n{auth}Content-Type: application/sdp\r\nContent-Leng
     let to = ok.value_of(HeaderName::To).unwrap_or_default().into_owned();
     let in_dialog = |method: &str, cseq: u32| {
         format!(
-            "{method} {contact} SIP/2.0\r\nVia: SIP/2.0/UDP {l};branch=z9hG4bK{b};rport\r\nMax-Forwards: 70\r\n{route}\
+            "{method} {contact} SIP/2.0\r\nVia: SIP/2.0/{t} {l};branch=z9hG4bK{b};rport\r\nMax-Forwards: 70\r\n{route}\
 From: <{from}>;tag={from_tag}\r\nTo: {to}\r\nCall-ID: {call_id}\r\nCSeq: {cseq} {method}\r\nContent-Length: 0\r\n\r\n",
             l = hostport(ua.local),
+            t = ua.transport(),
             b = token(),
         )
     };
@@ -140,6 +144,7 @@ From: <{from}>;tag={from_tag}\r\nTo: {to}\r\nCall-ID: {call_id}\r\nCSeq: {cseq} 
         answer.prefix_text,
         if psk.is_some() { "yes (scram)" } else { "no" }
     );
+    println!("authenticated with {mechanism}, server-final verified");
 
     // Keep the dialog until asked to hang up; answer a BYE from the other side.
     let mut hung_up_by_peer = false;

@@ -24,6 +24,17 @@ pub struct Sip {
     pub password_file: PathBuf,
     #[serde(default = "default_expires")]
     pub expires: u32,
+    /// `udp` or `tls` (then SCRAM-SHA-256-PLUS with tls-exporter channel binding).
+    #[serde(default = "default_transport")]
+    pub transport: String,
+    /// Trust anchor (PEM) for the gateway's certificate (TLS).
+    pub tls_ca: Option<PathBuf>,
+    /// Name to verify in the gateway's certificate (default: its address).
+    pub tls_server_name: Option<String>,
+}
+
+fn default_transport() -> String {
+    "udp".into()
 }
 
 fn default_expires() -> u32 {
@@ -109,6 +120,20 @@ impl Config {
             if p.is_relative() {
                 *p = base.join(&*p);
             }
+        }
+        if let Some(p) = c.sip.tls_ca.as_mut() {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        }
+        match c.sip.transport.as_str() {
+            "udp" => {}
+            "tls" if c.sip.tls_ca.is_some() => {}
+            "tls" => bail!(
+                "{}: sip.transport = \"tls\" needs sip.tls_ca",
+                path.display()
+            ),
+            other => bail!("{}: sip.transport `{other}` (udp or tls)", path.display()),
         }
         Ok(c)
     }

@@ -45,7 +45,7 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
     };
     iface.set(Some(&private), Some(cfg.wireguard.listen_port), None)?;
     net::interface_up(&iface.name, cfg.wireguard.interface_address)?;
-    let ua = Ua::bind(cfg.sip.bind, cfg.sip.gateway)?;
+    let ua = Ua::open(&cfg.sip)?;
     let stop = Arc::new(AtomicBool::new(false));
     signal_hook::flag::register(signal_hook::consts::SIGTERM, Arc::clone(&stop))?;
     signal_hook::flag::register(signal_hook::consts::SIGINT, Arc::clone(&stop))?;
@@ -56,6 +56,13 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
     let mut reg_cseq_base = 0u32;
     let mut next_register = Instant::now();
     let tag = token();
+    // Requests for the dialog come back over the same flow (the TLS connection, or UDP).
+    let contact = format!(
+        "Contact: <sip:{}@{}{}>\r\n",
+        cfg.sip.username,
+        hostport(ua.local),
+        ua.contact_params()
+    );
     while !stop.load(Ordering::Relaxed) {
         if Instant::now() >= next_register {
             let expires = register(
@@ -80,9 +87,16 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
             continue;
         }
         let reply = match msg.method() {
-            Some(Method::Invite) => {
-                answer_invite(&msg, &cfg, &accept, &iface, &public, &tag, &mut active)
-            }
+            Some(Method::Invite) => answer_invite(
+                &msg,
+                &cfg,
+                &accept,
+                &iface,
+                &public,
+                &tag,
+                &mut active,
+                &contact,
+            ),
             Some(Method::Bye) => {
                 if let Some(a) = active.remove(&msg.call_id().into_owned()) {
                     iface.remove_peer(&a.public_key)?;
@@ -129,10 +143,12 @@ fn register(
             .map(|p| format!("Authorization: {}\r\n", p.emit()))
             .unwrap_or_default();
         format!(
-            "REGISTER sip:{domain} SIP/2.0\r\nVia: SIP/2.0/UDP {l};branch=z9hG4bK{b};rport\r\nMax-Forwards: 70\r\n\
+            "REGISTER sip:{domain} SIP/2.0\r\nVia: SIP/2.0/{t} {l};branch=z9hG4bK{b};rport\r\nMax-Forwards: 70\r\n\
 From: <{aor}>;tag={from_tag}\r\nTo: <{aor}>\r\nCall-ID: {call_id}\r\nCSeq: {c} REGISTER\r\n\
-Contact: <sip:{user}@{l}>\r\nExpires: {e}\r\n{auth}Content-Length: 0\r\n\r\n",
+Contact: <sip:{user}@{l}{cp}>\r\nExpires: {e}\r\n{auth}Content-Length: 0\r\n\r\n",
             l = hostport(ua.local),
+            t = ua.transport(),
+            cp = ua.contact_params(),
             b = token(),
             aor = cfg.sip.aor,
             c = base + cseq,
@@ -140,7 +156,8 @@ Contact: <sip:{user}@{l}>\r\nExpires: {e}\r\n{auth}Content-Length: 0\r\n\r\n",
             e = cfg.sip.expires,
         )
     };
-    let client = ScramClient::new(&cfg.sip.username, password.as_bytes(), None);
+    // Over TLS this is SCRAM-SHA-256-PLUS, bound to this connection (tls-exporter).
+    let client = ScramClient::new(&cfg.sip.username, password.as_bytes(), ua.channel_binding());
     let (r, transcript) = ua.authenticate(&build, client, false, &mut |_, _| {})?;
     *cseq_base += 3;
     if r.status() != Some(200) || transcript.is_none() {
@@ -162,6 +179,7 @@ Contact: <sip:{user}@{l}>\r\nExpires: {e}\r\n{auth}Content-Length: 0\r\n\r\n",
     Ok(granted)
 }
 
+#[allow(clippy::too_many_arguments)]
 fn answer_invite(
     msg: &Message,
     cfg: &Config,
@@ -170,6 +188,7 @@ fn answer_invite(
     public: &[u8; 32],
     tag: &str,
     active: &mut HashMap<String, Active>,
+    contact: &str,
 ) -> String {
     let offer = match WgSdp::parse(msg.body()) {
         Ok(Some(o)) => o,
@@ -275,10 +294,5 @@ fn answer_invite(
         &pskmth,
         None,
     );
-    let contact = format!(
-        "Contact: <sip:{}@{}>\r\n",
-        cfg.sip.username,
-        hostport(cfg.sip.bind)
-    );
-    respond(msg, 200, "OK", tag, &contact, &body)
+    respond(msg, 200, "OK", tag, contact, &body)
 }

@@ -1,7 +1,9 @@
 //! A small SIP user agent over UDP: requests, responses, and the SIP-SASL rounds with the
 //! gateway (the caller's 407 flow, the endpoint's 401 flow), verifying the server-final.
 
-use std::net::{SocketAddr, UdpSocket};
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream, UdpSocket};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
@@ -10,12 +12,30 @@ use gatehouse::sip::{HeaderName, Limits, Message};
 use gatehouse_auth::scram::{ScramClient, Transcript};
 use gatehouse_auth::SaslParams;
 
-/// The UA's socket and addresses.
-#[derive(Debug)]
+enum Conn {
+    Udp(UdpSocket),
+    Tls(
+        Box<rustls::StreamOwned<rustls::ClientConnection, TcpStream>>,
+        gatehouse::sip::framer::StreamFramer,
+    ),
+}
+
+/// The UA's connection to the gateway (UDP, or one TLS connection that also carries the
+/// requests the gateway sends back) and its addresses.
 pub struct Ua {
-    pub sock: UdpSocket,
+    conn: std::cell::RefCell<Conn>,
     pub gateway: SocketAddr,
     pub local: SocketAddr,
+    exporter: Option<Vec<u8>>,
+}
+
+impl std::fmt::Debug for Ua {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ua")
+            .field("gateway", &self.gateway)
+            .field("local", &self.local)
+            .finish()
+    }
 }
 
 /// Random token for tags, branches and Call-IDs.
@@ -40,14 +60,100 @@ impl Ua {
         let sock = UdpSocket::bind(local).with_context(|| format!("cannot bind {local}"))?;
         let local = sock.local_addr()?;
         Ok(Ua {
-            sock,
+            conn: std::cell::RefCell::new(Conn::Udp(sock)),
             gateway,
             local,
+            exporter: None,
         })
     }
 
+    /// A TLS connection to the gateway, verified against `ca` (PEM) for `server_name`.
+    pub fn connect_tls(
+        gateway: SocketAddr,
+        ca: &std::path::Path,
+        server_name: Option<&str>,
+    ) -> anyhow::Result<Ua> {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, ServerName};
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in CertificateDer::pem_file_iter(ca)
+            .with_context(|| format!("cannot read {}", ca.display()))?
+        {
+            roots.add(cert?)?;
+        }
+        let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        let name = match server_name {
+            Some(n) => ServerName::try_from(n.to_owned())?,
+            None => ServerName::IpAddress(gateway.ip().into()),
+        };
+        let conn = rustls::ClientConnection::new(Arc::new(config), name)?;
+        let tcp = TcpStream::connect_timeout(&gateway, Duration::from_secs(10))
+            .with_context(|| format!("cannot reach {gateway}"))?;
+        let local = tcp.local_addr()?;
+        let mut stream = rustls::StreamOwned::new(conn, tcp);
+        while stream.conn.is_handshaking() {
+            stream.conn.complete_io(&mut stream.sock)?;
+        }
+        let mut exporter = vec![0u8; 32];
+        stream
+            .conn
+            .export_keying_material(&mut exporter[..], b"EXPORTER-Channel-Binding", None)?;
+        Ok(Ua {
+            conn: std::cell::RefCell::new(Conn::Tls(
+                Box::new(stream),
+                gatehouse::sip::framer::StreamFramer::new(65535),
+            )),
+            gateway,
+            local,
+            exporter: Some(exporter),
+        })
+    }
+
+    /// Connects as the configuration says.
+    pub fn open(cfg: &crate::config::Sip) -> anyhow::Result<Ua> {
+        match (cfg.transport.as_str(), &cfg.tls_ca) {
+            ("tls", Some(ca)) => Ua::connect_tls(cfg.gateway, ca, cfg.tls_server_name.as_deref()),
+            _ => Ua::bind(cfg.bind, cfg.gateway),
+        }
+    }
+
+    /// Via transport token.
+    pub fn transport(&self) -> &'static str {
+        match &*self.conn.borrow() {
+            Conn::Udp(_) => "UDP",
+            Conn::Tls(..) => "TLS",
+        }
+    }
+
+    /// tls-exporter channel binding (TLS only): the UA then runs SCRAM-SHA-256-PLUS.
+    pub fn channel_binding(&self) -> Option<Vec<u8>> {
+        self.exporter.clone()
+    }
+
+    /// `;transport=tls` for Contact URIs over TLS.
+    pub fn contact_params(&self) -> &'static str {
+        match &*self.conn.borrow() {
+            Conn::Udp(_) => "",
+            Conn::Tls(..) => ";transport=tls",
+        }
+    }
+
     pub fn send(&self, msg: &str, to: SocketAddr) -> anyhow::Result<()> {
-        self.sock.send_to(msg.as_bytes(), to)?;
+        match &mut *self.conn.borrow_mut() {
+            Conn::Udp(sock) => {
+                sock.send_to(msg.as_bytes(), to)?;
+            }
+            // Everything goes over the one connection (the gateway sends requests back on it).
+            Conn::Tls(stream, _) => {
+                stream.write_all(msg.as_bytes())?;
+                stream.flush()?;
+            }
+        }
         Ok(())
     }
 
@@ -55,13 +161,47 @@ impl Ua {
     pub fn recv(&self, limit: Duration) -> anyhow::Result<Option<(Message, SocketAddr)>> {
         let deadline = Instant::now() + limit;
         let mut buf = vec![0u8; 65535];
+        if let Conn::Tls(stream, framer) = &mut *self.conn.borrow_mut() {
+            loop {
+                if let Some(gatehouse::sip::framer::Frame::Message(b)) = framer.next_frame()? {
+                    if let Ok(m) = Message::parse(b, &Limits::default()) {
+                        return Ok(Some((m, self.gateway)));
+                    }
+                    continue;
+                }
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Ok(None);
+                }
+                stream.sock.set_read_timeout(Some(left))?;
+                match stream.read(&mut buf) {
+                    Ok(0) => anyhow::bail!("the gateway closed the TLS connection"),
+                    Ok(n) => framer.buffer().extend_from_slice(&buf[..n]),
+                    Err(e)
+                        if matches!(
+                            e.kind(),
+                            std::io::ErrorKind::WouldBlock
+                                | std::io::ErrorKind::TimedOut
+                                | std::io::ErrorKind::Interrupted
+                        ) =>
+                    {
+                        return Ok(None)
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        }
+        let conn = self.conn.borrow();
+        let Conn::Udp(sock) = &*conn else {
+            return Ok(None);
+        };
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 return Ok(None);
             }
-            self.sock.set_read_timeout(Some(left))?;
-            match self.sock.recv_from(&mut buf) {
+            sock.set_read_timeout(Some(left))?;
+            match sock.recv_from(&mut buf) {
                 Ok((n, from)) => {
                     if let Ok(m) =
                         Message::parse(Bytes::copy_from_slice(&buf[..n]), &Limits::default())
@@ -102,7 +242,7 @@ impl Ua {
             if now >= deadline {
                 bail!("no final response from the gateway");
             }
-            if now >= next {
+            if now >= next && self.transport() == "UDP" {
                 self.send(request, self.gateway)?;
                 interval = (interval * 2).min(Duration::from_secs(4));
                 next = now + interval;
