@@ -5,8 +5,6 @@
 // Status lines on standard output are this command's interface.
 #![allow(clippy::print_stdout)]
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
@@ -15,9 +13,10 @@ use gatehouse::tunnel::sdp::WgSdp;
 use gatehouse_auth::scram::{derive_psk, PskBinding, ScramClient};
 use gatehouse_auth::SaslParams;
 
-use crate::config::{load_or_create_key, public_key, read_secret, Config};
-use crate::sipua::{hostport, respond, token, Ua};
-use crate::uapi::{Interface, PeerConfig};
+use crate::config::Config;
+use crate::sipua::{hostport, respond, token};
+use crate::site::Site;
+use crate::uapi::PeerConfig;
 use crate::{net, wgsdp};
 
 /// Options of one call.
@@ -28,21 +27,8 @@ pub struct CallOptions {
 }
 
 pub fn run(cfg: Config, target: &str, opts: &CallOptions) -> anyhow::Result<()> {
-    let password = read_secret(&cfg.sip.password_file)?;
-    let private = load_or_create_key(&cfg.wireguard.private_key_file)?;
-    let public = public_key(&private);
-    let iface = Interface::new(&cfg.wireguard.interface);
-    let mut daemon = if cfg.wireguard.start_daemon {
-        net::ensure_daemon(&iface)?
-    } else {
-        None
-    };
-    iface.set(Some(&private), Some(cfg.wireguard.listen_port), None)?;
-    net::interface_up(&iface.name, cfg.wireguard.interface_address)?;
-    let ua = Ua::open(&cfg.sip)?;
-    let stop = Arc::new(AtomicBool::new(false));
-    signal_hook::flag::register(signal_hook::consts::SIGTERM, Arc::clone(&stop))?;
-    signal_hook::flag::register(signal_hook::consts::SIGINT, Arc::clone(&stop))?;
+    let site = Site::open(&cfg)?;
+    let (password, public, iface, ua) = (&site.password, &site.public, &site.iface, &site.ua);
 
     let call_id = format!("{}@wgsip", token());
     let from_tag = token();
@@ -50,7 +36,7 @@ pub fn run(cfg: Config, target: &str, opts: &CallOptions) -> anyhow::Result<()> 
     let offer = wgsdp::body(
         cfg.wireguard.address,
         cfg.wireguard.listen_port,
-        &public,
+        public,
         &cfg.wireguard.prefix,
         &pskmth,
         None,
@@ -115,7 +101,7 @@ From: <{from}>;tag={from_tag}\r\nTo: {to}\r\nCall-ID: {call_id}\r\nCSeq: {cseq} 
                 from: &from,
                 to: target,
                 call_id: &call_id,
-                pubkey: &public,
+                pubkey: public,
                 prefix: &cfg.wireguard.prefix.to_string(),
             };
             let mut k = *derive_psk(&transcript, &binding).expose();
@@ -148,7 +134,7 @@ From: <{from}>;tag={from_tag}\r\nTo: {to}\r\nCall-ID: {call_id}\r\nCSeq: {cseq} 
 
     // Keep the dialog until asked to hang up; answer a BYE from the other side.
     let mut hung_up_by_peer = false;
-    while !stop.load(Ordering::Relaxed) {
+    while !site.stopping() {
         if let Some((m, from_addr)) = ua.recv(Duration::from_millis(250))? {
             if m.is_request() && m.method_text() == "BYE" {
                 ua.send(&respond(&m, 200, "OK", &from_tag, "", ""), from_addr)?;
@@ -166,10 +152,6 @@ From: <{from}>;tag={from_tag}\r\nTo: {to}\r\nCall-ID: {call_id}\r\nCSeq: {cseq} 
         net::route_del(&iface.name, p);
     }
     println!("tunnel down");
-    if let Some(d) = daemon.as_mut() {
-        let _ = d.kill();
-        let _ = d.wait();
-    }
     Ok(())
 }
 

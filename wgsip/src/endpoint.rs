@@ -7,8 +7,6 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -18,8 +16,9 @@ use gatehouse_auth::scram::ScramClient;
 use gatehouse_auth::SaslParams;
 use ipnet::IpNet;
 
-use crate::config::{load_or_create_key, public_key, read_secret, Config};
+use crate::config::Config;
 use crate::sipua::{hostport, respond, token, Ua};
+use crate::site::Site;
 use crate::uapi::{Interface, PeerConfig};
 use crate::{net, wgsdp};
 
@@ -34,21 +33,8 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         .accept
         .clone()
         .context("an endpoint configuration needs an [accept] table")?;
-    let password = read_secret(&cfg.sip.password_file)?;
-    let private = load_or_create_key(&cfg.wireguard.private_key_file)?;
-    let public = public_key(&private);
-    let iface = Interface::new(&cfg.wireguard.interface);
-    let mut daemon = if cfg.wireguard.start_daemon {
-        net::ensure_daemon(&iface)?
-    } else {
-        None
-    };
-    iface.set(Some(&private), Some(cfg.wireguard.listen_port), None)?;
-    net::interface_up(&iface.name, cfg.wireguard.interface_address)?;
-    let ua = Ua::open(&cfg.sip)?;
-    let stop = Arc::new(AtomicBool::new(false));
-    signal_hook::flag::register(signal_hook::consts::SIGTERM, Arc::clone(&stop))?;
-    signal_hook::flag::register(signal_hook::consts::SIGINT, Arc::clone(&stop))?;
+    let site = Site::open(&cfg)?;
+    let (password, public, iface, ua) = (&site.password, &site.public, &site.iface, &site.ua);
 
     let call_id = format!("{}@wgsip", token());
     let from_tag = token();
@@ -63,16 +49,9 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         hostport(ua.local),
         ua.contact_params()
     );
-    while !stop.load(Ordering::Relaxed) {
+    while !site.stopping() {
         if Instant::now() >= next_register {
-            let expires = register(
-                &ua,
-                &cfg,
-                &password,
-                &call_id,
-                &from_tag,
-                &mut reg_cseq_base,
-            )?;
+            let expires = register(ua, &cfg, password, &call_id, &from_tag, &mut reg_cseq_base)?;
             println!("registered {} for {expires} s", cfg.sip.aor);
             // Refresh at half the granted time.
             next_register = Instant::now() + Duration::from_secs(u64::from(expires.max(2)) / 2);
@@ -91,8 +70,8 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
                 &msg,
                 &cfg,
                 &accept,
-                &iface,
-                &public,
+                iface,
+                public,
                 &tag,
                 &mut active,
                 &contact,
@@ -115,10 +94,6 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
     }
     for a in active.values() {
         let _ = iface.remove_peer(&a.public_key);
-    }
-    if let Some(d) = daemon.as_mut() {
-        let _ = d.kill();
-        let _ = d.wait();
     }
     Ok(())
 }

@@ -6,5 +6,6 @@ pub mod config;
 pub mod endpoint;
 pub mod net;
 pub mod sipua;
+pub mod site;
 pub mod uapi;
 pub mod wgsdp;
