@@ -396,7 +396,7 @@ fn sighup_reloads_a_valid_policy_and_keeps_the_old_one_on_errors() {
     let deadline = Instant::now() + Duration::from_secs(20);
     while !std::fs::read_to_string(&log)
         .unwrap_or_default()
-        .contains("policy reload refused")
+        .contains("reload refused")
     {
         assert!(Instant::now() < deadline, "no refusal logged");
         std::thread::yield_now();
@@ -410,6 +410,79 @@ fn sighup_reloads_a_valid_policy_and_keeps_the_old_one_on_errors() {
     assert!(
         text.contains("policy.toml:2"),
         "the error names the line: {text}"
+    );
+
+    // The configuration itself: a new domain and route take effect on SIGHUP ...
+    std::fs::write(
+        &policy,
+        "[[rule]]\nname = \"infra\"\nkind = \"any\"\ncallers = [\"trusted\"]\n",
+    )
+    .expect("write");
+    let good = std::fs::read_to_string(&config).expect("read");
+    let other = |n: u32| {
+        let sock = UdpSocket::bind("127.0.0.1:0").expect("bind");
+        sock.set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        let msg = format!(
+            "OPTIONS sip:someone@other.example SIP/2.0\r\nVia: SIP/2.0/UDP {l};branch=z9hG4bKother{n}\r\nMax-Forwards: 70\r\n\
+From: <sip:probe@org.example>;tag=p\r\nTo: <sip:someone@other.example>\r\nCall-ID: other-{n}@probe\r\nCSeq: 1 OPTIONS\r\nContent-Length: 0\r\n\r\n",
+            l = sock.local_addr().expect("addr")
+        );
+        sock.send_to(msg.as_bytes(), gw.as_str()).expect("send");
+        let mut buf = [0u8; 4096];
+        let n = sock.recv(&mut buf).expect("answer");
+        String::from_utf8_lossy(&buf[..n])
+            .lines()
+            .next()
+            .unwrap_or("")
+            .to_owned()
+    };
+    assert_eq!(other(1), "SIP/2.0 403 Forbidden (relaying denied)");
+    let extended =
+        good.replace(
+            "domains = [\"org.example\"]",
+            "domains = [\"org.example\", \"other.example\"]",
+        ) + &format!("[[route]]\ndomain = \"other.example\"\ntarget = \"sip:{target}\"\n");
+    std::fs::write(&config, &extended).expect("write");
+    hup(&child);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut n = 1;
+    while {
+        n += 1;
+        other(n) != "SIP/2.0 200 OK"
+    } {
+        assert!(Instant::now() < deadline, "the new route never took effect");
+    }
+    // ... and a broken one is refused with its line while the running one stays.
+    std::fs::write(
+        &config,
+        extended.replacen("[trust]", "[trust]\nbogus_key = 1", 1),
+    )
+    .expect("write");
+    let before = std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .matches("reload refused")
+        .count();
+    hup(&child);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .matches("reload refused")
+        .count()
+        == before
+    {
+        assert!(Instant::now() < deadline, "no refusal logged");
+        std::thread::yield_now();
+    }
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        text.contains("gatehouse.toml:") && text.contains("bogus_key"),
+        "{text}"
+    );
+    assert_eq!(
+        other(99),
+        "SIP/2.0 200 OK",
+        "the configuration in force stays"
     );
     terminate(child);
     let _ = std::fs::remove_dir_all(&dir);

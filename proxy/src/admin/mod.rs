@@ -49,7 +49,8 @@ pub enum Command {
     Teardown(String, oneshot::Sender<Result<(), String>>),
     Registrations(oneshot::Sender<Value>),
     RemoveRegistration(String, oneshot::Sender<usize>),
-    ReloadPolicy(oneshot::Sender<Result<(), String>>),
+    /// Reload the configuration (or the policy alone for the embedded default).
+    ReloadPolicy(oneshot::Sender<Result<String, String>>),
 }
 
 /// Changes the log filter (installed by `main`; absent in embedded use).
@@ -411,7 +412,7 @@ async fn handle(
             store_result(lock(&state.store).delete_user(name), StatusCode::OK)
         }
         (&Method::POST, ["reload"]) => match ask(&state, Command::ReloadPolicy).await {
-            Some(Ok(())) => reply(StatusCode::OK, json!({"reloaded": "policy"}), &[]),
+            Some(Ok(what)) => reply(StatusCode::OK, json!({"reloaded": what}), &[]),
             Some(Err(e)) => reply(StatusCode::UNPROCESSABLE_ENTITY, json!({"error": e}), &[]),
             None => unavailable(),
         },
@@ -597,10 +598,14 @@ pub fn execute(
             let _ = tx.send(proxy.remove_registration(&aor));
         }
         Command::ReloadPolicy(tx) => {
+            // Normally answered by the driver (which knows the configuration file).
             let result = match policy_file {
                 None => Err("no policy file configured".to_owned()),
                 Some(path) => crate::config::load_policy(path)
-                    .map(|p| proxy.set_policy(Arc::new(p)))
+                    .map(|p| {
+                        proxy.set_policy(Arc::new(p));
+                        "policy".to_owned()
+                    })
                     .map_err(|e| e.to_string()),
             };
             let _ = tx.send(result);

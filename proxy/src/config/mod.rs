@@ -391,6 +391,8 @@ pub struct Config {
     pub metrics_listen: Option<SocketAddr>,
     /// The admin API, when configured.
     pub admin: Option<AdminSettings>,
+    /// The file this configuration came from (for reloads); `None` for the embedded default.
+    pub source: Option<PathBuf>,
     /// The policy in force at load time.
     pub policy: std::sync::Arc<gatehouse_policy::Policy>,
 }
@@ -439,7 +441,9 @@ impl Config {
             key: String::new(),
             message: format!("cannot read: {e}"),
         })?;
-        Config::parse_in(&text, &origin, path.parent())
+        let mut cfg = Config::parse_in(&text, &origin, path.parent())?;
+        cfg.source = Some(path.to_path_buf());
+        Ok(cfg)
     }
 
     /// Parses and validates configuration text; `origin` names it in errors.
@@ -835,6 +839,7 @@ impl Config {
             }
         };
         Ok(Config {
+            source: None,
             admin,
             metrics_listen,
             tunnels: TunnelSettings {

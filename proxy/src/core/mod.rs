@@ -251,6 +251,19 @@ impl Proxy {
         proxy
     }
 
+    /// Applies a reloaded configuration's domains, routes, trusted sources, tunnel settings,
+    /// message limits and policy (listeners, timers and auth settings need a restart).
+    /// Running transactions and tunnels keep what they had.
+    pub fn apply_config(&mut self, cfg: &crate::config::Config) {
+        self.cfg.domains = cfg.domains.clone();
+        self.cfg.routes = cfg.routes.clone();
+        self.cfg.trusted = cfg.trusted.clone();
+        self.cfg.tunnels = cfg.tunnels.clone();
+        self.cfg.limits = cfg.limits;
+        self.cfg.max_transactions = cfg.max_transactions;
+        self.policy = Arc::clone(&cfg.policy);
+    }
+
     /// Replaces the policy (hot reload). Running calls keep the decision they had.
     pub fn set_policy(&mut self, policy: Arc<gatehouse_policy::Policy>) {
         self.policy = policy;

@@ -173,6 +173,9 @@ pub struct Driver {
     shutdown_grace: Duration,
     rotate: usize,
     policy_file: Option<std::path::PathBuf>,
+    /// The configuration file and its listeners, for reloads.
+    config_source: Option<std::path::PathBuf>,
+    listen: Vec<crate::config::Listen>,
     metrics: Arc<crate::metrics::Metrics>,
     admin: Option<mpsc::Receiver<crate::admin::Command>>,
 }
@@ -252,6 +255,8 @@ impl Driver {
             shutdown_grace: cfg.shutdown_grace,
             rotate: 0,
             policy_file: cfg.tunnels.policy_file.clone(),
+            config_source: cfg.source.clone(),
+            listen: cfg.listen.clone(),
             metrics,
             admin,
         })
@@ -310,11 +315,18 @@ impl Driver {
                 }
                 _ = tokio::time::sleep_until(drain_at.into()), if draining_until.is_some() => {}
                 Some(()) = async { match hangup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => {
-                    self.reload_policy();
+                    match self.reload() {
+                        Ok(what) => tracing::info!(%what, "reloaded"),
+                        Err(e) => tracing::error!(error = %e, "reload refused; the configuration in force stays"),
+                    }
                 }
                 Some(cmd) = async { match self.admin.as_mut() { Some(rx) => rx.recv().await, None => std::future::pending().await } } => {
                     let connections = self.conns.len();
-                    crate::admin::execute(&mut self.proxy, cmd, self.policy_file.as_deref(), connections);
+                    if let crate::admin::Command::ReloadPolicy(reply) = cmd {
+                        let _ = reply.send(self.reload());
+                    } else {
+                        crate::admin::execute(&mut self.proxy, cmd, self.policy_file.as_deref(), connections);
+                    }
                 }
                 _ = sync.tick() => {
                     self.proxy.flush_tunnels();
@@ -326,19 +338,29 @@ impl Driver {
         tracing::info!(transactions = self.proxy.transactions(), "gateway stopped");
     }
 
-    /// SIGHUP: read and validate the policy file; only a valid file replaces the policy in force.
-    fn reload_policy(&mut self) {
-        let Some(path) = &self.policy_file else {
-            tracing::info!("SIGHUP: no policy file configured");
-            return;
-        };
-        match crate::config::load_policy(path) {
-            Ok(p) => {
-                self.proxy.set_policy(Arc::new(p));
-                tracing::info!(file = %path.display(), "policy reloaded");
+    /// SIGHUP and the admin API: read and validate the configuration file (with its policy),
+    /// or only the policy file for the embedded default. Nothing changes unless everything is
+    /// valid; listener changes need a restart and are reported, not applied.
+    fn reload(&mut self) -> Result<String, String> {
+        match &self.config_source {
+            Some(path) => {
+                let cfg = crate::config::Config::load(path).map_err(|e| e.to_string())?;
+                self.proxy.apply_config(&cfg);
+                self.policy_file = cfg.tunnels.policy_file.clone();
+                if cfg.listen != self.listen {
+                    tracing::warn!("listener changes take effect after a restart");
+                    return Ok("configuration and policy (listener changes need a restart)".into());
+                }
+                Ok("configuration and policy".into())
             }
-            Err(e) => {
-                tracing::error!(error = %e, "policy reload refused; the previous policy stays in force")
+            None => {
+                let path = self
+                    .policy_file
+                    .as_ref()
+                    .ok_or("no configuration or policy file to reload")?;
+                let policy = crate::config::load_policy(path).map_err(|e| e.to_string())?;
+                self.proxy.set_policy(Arc::new(policy));
+                Ok("policy".into())
             }
         }
     }
