@@ -381,3 +381,124 @@ fn svcrack_finds_no_password() {
         "svcrack found the password:\n{log}"
     );
 }
+
+#[test]
+fn external_with_a_verified_client_certificate() {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+    use std::io::{Read, Write};
+    use std::sync::Arc;
+    // A client CA and a certificate for the partner's gateway (CN = the store username).
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "Partner CA");
+    let ca_key = KeyPair::generate().unwrap();
+    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca_params, ca_key);
+    let mut client_params = CertificateParams::new(vec!["partner-gw.example".to_owned()]).unwrap();
+    client_params
+        .distinguished_name
+        .push(DnType::CommonName, "partner-gw");
+    let client_key = KeyPair::generate().unwrap();
+    let client_cert = client_params.signed_by(&client_key, &issuer).unwrap();
+
+    let dir = TempDir::new("external");
+    let d = dir.path();
+    let server = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+    std::fs::write(d.join("cert.pem"), server.cert.pem()).unwrap();
+    std::fs::write(d.join("key.pem"), server.signing_key.serialize_pem()).unwrap();
+    std::fs::write(d.join("client-ca.pem"), ca_cert.pem()).unwrap();
+    let store = d.join("store.sqlite");
+    {
+        let mut st = Store::open(&store).unwrap();
+        st.add_user(
+            "partner-gw",
+            b"unused-for-external",
+            &["sip:gw@partner.example".into()],
+            None,
+            4096,
+        )
+        .unwrap();
+    }
+    std::fs::write(
+        d.join("policy.toml"),
+        "[[rule]]\nname = \"p\"\nkind = \"any\"\ncallers = [\"*@partner.example\"]\n",
+    )
+    .unwrap();
+    let uas = Uas::start();
+    let gw = Gateway::start(&format!(
+        "[sip]\ndomains = [\"org.example\"]\nshutdown_grace_ms = 200\n[[listen]]\ntransport = \"tls\"\naddress = \"127.0.0.1:0\"\n[[listen]]\ntransport = \"udp\"\naddress = \"127.0.0.1:0\"\n\
+[tls]\ncertificate = \"{c}\"\nprivate_key = \"{k}\"\nclient_ca = \"{ca}\"\n\
+[auth]\nstore = \"{st}\"\nmechanisms = [\"SCRAM-SHA-256-PLUS\", \"EXTERNAL\"]\n[tunnels]\npolicy = \"{p}\"\n\
+[[route]]\naor = \"sip:vpn@org.example\"\ntarget = \"sip:vpn@{uas}\"\n",
+        c = d.join("cert.pem").display(),
+        k = d.join("key.pem").display(),
+        ca = d.join("client-ca.pem").display(),
+        st = store.display(),
+        p = d.join("policy.toml").display(),
+        uas = uas.addr
+    ));
+    // A TLS client presenting the certificate.
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(server.cert.der().clone()).unwrap();
+    let key_der = rustls::pki_types::PrivateKeyDer::try_from(client_key.serialize_der()).unwrap();
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_client_auth_cert(vec![client_cert.der().clone()], key_der)
+    .unwrap();
+    let conn = rustls::ClientConnection::new(
+        Arc::new(config),
+        rustls::pki_types::ServerName::try_from("localhost").unwrap(),
+    )
+    .unwrap();
+    let tcp = std::net::TcpStream::connect(gw.addr(Transport::Tls)).unwrap();
+    tcp.set_read_timeout(Some(WAIT)).unwrap();
+    let local = tcp.local_addr().unwrap();
+    let mut tls = rustls::StreamOwned::new(conn, tcp);
+    let invite = |cseq: u32, auth: &str| {
+        format!(
+            "INVITE sip:vpn@org.example SIP/2.0\r\nVia: SIP/2.0/TLS {local};branch=z9hG4bKext{cseq}\r\nMax-Forwards: 70\r\n\
+From: <sip:gw@partner.example>;tag=e1\r\nTo: <sip:vpn@org.example>\r\nCall-ID: external@test\r\nCSeq: {cseq} INVITE\r\n\
+Contact: <sip:gw@{local};transport=tls>\r\n{auth}Content-Length: 0\r\n\r\n"
+        )
+    };
+    let mut framer = gatehouse::sip::framer::StreamFramer::new(65535);
+    let mut next_final =
+        |tls: &mut rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream>| loop {
+            if let Some(gatehouse::sip::framer::Frame::Message(b)) = framer.next_frame().unwrap() {
+                let m = Message::parse(b, &Limits::default()).unwrap();
+                if m.status() != Some(100) {
+                    return m;
+                }
+                continue;
+            }
+            let mut buf = [0u8; 8192];
+            let n = tls.read(&mut buf).unwrap();
+            assert!(n > 0);
+            framer.buffer().extend_from_slice(&buf[..n]);
+        };
+    tls.write_all(invite(1, "").as_bytes()).unwrap();
+    let r = next_final(&mut tls);
+    assert_eq!(r.status(), Some(407));
+    let offered = challenge(&r).mech.unwrap();
+    assert!(
+        offered.split(' ').any(|m| m == "EXTERNAL"),
+        "EXTERNAL offered to a certificate holder: {offered}"
+    );
+    let p = SaslParams {
+        mech: Some("EXTERNAL".into()),
+        c2s: Some(Vec::new()),
+        ..SaslParams::default()
+    };
+    tls.write_all(invite(2, &format!("Proxy-Authorization: {}\r\n", p.emit())).as_bytes())
+        .unwrap();
+    let r = next_final(&mut tls);
+    assert_eq!(r.status(), Some(200), "{r:?}");
+    let inside = uas.requests.recv_timeout(WAIT).unwrap();
+    assert!(inside.starts_with("INVITE ") && !inside.contains("Proxy-Authorization"));
+}

@@ -244,6 +244,8 @@ struct RawTls {
     private_key: Spanned<PathBuf>,
     /// Trust anchors for outbound TLS (`sips:` next hops).
     ca: Option<Spanned<PathBuf>>,
+    /// Trust anchors for client certificates (enables SASL EXTERNAL).
+    client_ca: Option<Spanned<PathBuf>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -366,6 +368,8 @@ pub struct TlsFiles {
     pub certificate: PathBuf,
     pub private_key: PathBuf,
     pub ca: Option<PathBuf>,
+    /// Client certificates verified against these anchors identify the peer for EXTERNAL.
+    pub client_ca: Option<PathBuf>,
 }
 
 /// The validated configuration.
@@ -560,6 +564,7 @@ impl Config {
                     certificate: resolve(t.certificate.get_ref()),
                     private_key: resolve(t.private_key.get_ref()),
                     ca: t.ca.as_ref().map(|c| resolve(c.get_ref())),
+                    client_ca: t.client_ca.as_ref().map(|c| resolve(c.get_ref())),
                 })
             }
         };

@@ -46,10 +46,33 @@ impl TlsContext {
             .map_err(|e| invalid(format!("{}: {e}", files.certificate.display())))?;
         let key = PrivateKeyDer::from_pem_file(&files.private_key)
             .map_err(|e| invalid(format!("{}: {e}", files.private_key.display())))?;
-        let server = rustls::ServerConfig::builder_with_provider(provider())
+        let builder = rustls::ServerConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()
-            .map_err(|e| invalid(e.to_string()))?
-            .with_no_client_auth()
+            .map_err(|e| invalid(e.to_string()))?;
+        let builder = match &files.client_ca {
+            None => builder.with_no_client_auth(),
+            Some(ca) => {
+                // Client certificates are optional (SCRAM callers have none) but, when
+                // presented, verified: their identity is what EXTERNAL authenticates.
+                let mut roots = rustls::RootCertStore::empty();
+                for c in CertificateDer::pem_file_iter(ca)
+                    .map_err(|e| invalid(format!("{}: {e}", ca.display())))?
+                {
+                    roots
+                        .add(c.map_err(|e| invalid(format!("{}: {e}", ca.display())))?)
+                        .map_err(|e| invalid(format!("{}: {e}", ca.display())))?;
+                }
+                let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                    Arc::new(roots),
+                    provider(),
+                )
+                .allow_unauthenticated()
+                .build()
+                .map_err(|e| invalid(format!("client_ca: {e}")))?;
+                builder.with_client_cert_verifier(verifier)
+            }
+        };
+        let server = builder
             .with_single_cert(certs, key)
             .map_err(|e| invalid(format!("TLS certificate/key: {e}")))?;
         let connector = match &files.ca {
@@ -105,6 +128,30 @@ pub fn channel_binding(conn: &rustls::ServerConnection) -> gatehouse_auth::TlsIn
     }
     gatehouse_auth::TlsInfo {
         exporter,
-        peer_identity: None,
+        peer_identity: conn
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .and_then(|c| certificate_identity(c)),
     }
+}
+
+/// The identity of a verified client certificate: its subject common name, else its first
+/// DNS name. This is the SASL EXTERNAL identity, looked up as a username in the store.
+pub fn certificate_identity(cert: &CertificateDer<'_>) -> Option<String> {
+    use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
+    let (_, x) = X509Certificate::from_der(cert.as_ref()).ok()?;
+    if let Some(cn) = x
+        .subject()
+        .iter_common_name()
+        .next()
+        .and_then(|a| a.as_str().ok())
+    {
+        return Some(cn.to_owned());
+    }
+    x.subject_alternative_name().ok().flatten().and_then(|san| {
+        san.value.general_names.iter().find_map(|n| match n {
+            GeneralName::DNSName(d) => Some((*d).to_owned()),
+            _ => None,
+        })
+    })
 }
