@@ -11,7 +11,14 @@ gh="$repo/target/release/gatehouse"
 tck=$(getconf CLK_TCK)
 calls=$((rate * secs))
 
-cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+# CPU ticks of a process and its children (Kamailio forks its workers).
+cpu_ticks() {
+    local total=0 p
+    for p in "$1" $(pgrep -P "$1"); do
+        total=$((total + $(awk '{print $14 + $15}' "/proc/$p/stat" 2>/dev/null || echo 0)))
+    done
+    echo "$total"
+}
 
 # run NAME PROXY_PORT START_COMMAND...
 run() {
