@@ -296,25 +296,8 @@ fn sip_negotiated_wireguard_tunnel_with_sasl_psk() {
     std::fs::write(d.join("ca.pem"), key.cert.pem()).unwrap();
     std::fs::write(d.join("key.pem"), key.signing_key.serialize_pem()).unwrap();
     let store = d.join("store.sqlite");
-    {
-        let mut s = gatehouse::store::Store::open(&store).unwrap();
-        s.add_user(
-            "alice",
-            b"alice-secret",
-            &["sip:alice@partner.example".into()],
-            None,
-            4096,
-        )
-        .unwrap();
-        s.add_user(
-            "vpn",
-            b"vpn-secret",
-            &["sip:vpn@org.example".into()],
-            None,
-            4096,
-        )
-        .unwrap();
-    }
+    // The same users as the other system tests: alice (sip:alice@partner.example) and vpn.
+    crate::sasl::seed(&store);
     std::fs::write(
         d.join("policy.toml"),
         "org_prefixes = [\"2001:db8:789::/48\"]\n[[rule]]\nname = \"partners\"\nkind = \"tunnel\"\ncallers = [\"*@partner.example\"]\n\
