@@ -265,7 +265,7 @@ fn caller_config(
     let transport = if tls {
         "gateway = \"[2001:db8:1::1]:5061\"\ntransport = \"tls\"\ntls_ca = \"ca.pem\"\ntls_server_name = \"localhost\"\n"
     } else {
-        "gateway = \"[2001:db8:1::1]:5060\"\n"
+        "gateway = \"[2001:db8:1::1]:5060\"\ntransport = \"udp\"\n"
     };
     std::fs::write(
         &path,

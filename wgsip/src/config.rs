@@ -24,7 +24,8 @@ pub struct Sip {
     pub password_file: PathBuf,
     #[serde(default = "default_expires")]
     pub expires: u32,
-    /// `udp` or `tls` (then SCRAM-SHA-256-PLUS with tls-exporter channel binding).
+    /// `tls` (default; SCRAM-SHA-256-PLUS with tls-exporter channel binding) or `udp`
+    /// (SCRAM-SHA-256).
     #[serde(default = "default_transport")]
     pub transport: String,
     /// Trust anchor (PEM) for the gateway's certificate (TLS).
@@ -33,8 +34,9 @@ pub struct Sip {
     pub tls_server_name: Option<String>,
 }
 
+/// TLS by default (SCRAM-SHA-256-PLUS); UDP only when the configuration says so.
 fn default_transport() -> String {
-    "udp".into()
+    "tls".into()
 }
 
 fn default_expires() -> u32 {

@@ -72,8 +72,8 @@ fn secrets_readable_by_others_are_refused() {
 fn config_errors_name_the_line() {
     let d = temp("cfg");
     let cfg = d.join("c.toml");
-    std::fs::write(&cfg, "[sip]\ngateway = \"[2001:db8::1]:5060\"\nbind = \"[2001:db8::2]:0\"\naor = \"sip:a@b\"\nusername = \"a\"\npassword_file = \"pw\"\nsurprise = 1\n").unwrap();
+    std::fs::write(&cfg, "[sip]\ntransport = \"udp\"\ngateway = \"[2001:db8::1]:5060\"\nbind = \"[2001:db8::2]:0\"\naor = \"sip:a@b\"\nusername = \"a\"\npassword_file = \"pw\"\nsurprise = 1\n").unwrap();
     let err = wgsip::config::Config::load(&cfg).unwrap_err().to_string();
-    assert!(err.contains("c.toml:7"), "{err}");
+    assert!(err.contains("c.toml:8"), "{err}");
     let _ = std::fs::remove_dir_all(&d);
 }
