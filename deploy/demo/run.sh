@@ -7,8 +7,11 @@ here=$(cd "$(dirname "$0")" && pwd); bin=$(cd "$here/../.." && pwd)/target/relea
 work=$(mktemp -d); cp "$here"/*.toml "$work"; cd "$work"
 pids=()
 cleanup() {
-    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-    wait 2>/dev/null || true
+    # Newest first: the caller hangs up (BYE) while the endpoint and the gateway still run.
+    for ((i = ${#pids[@]} - 1; i >= 0; i--)); do
+        kill "${pids[i]}" 2>/dev/null || true
+        wait "${pids[i]}" 2>/dev/null || true
+    done
     for ns in gh-partner gh-gw gh-org; do ip netns del "$ns" 2>/dev/null || true; done
     rm -rf "$work"
 }

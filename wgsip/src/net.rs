@@ -27,9 +27,11 @@ fn ip(args: &[&str]) -> anyhow::Result<()> {
 /// Starts `wireguard-go -f IFNAME` when the interface's UAPI socket is missing, and waits for
 /// the socket. Returns the daemon (the caller ends it).
 pub fn ensure_daemon(iface: &Interface) -> anyhow::Result<Option<Child>> {
-    if iface.socket.exists() {
-        return Ok(None);
+    if std::os::unix::net::UnixStream::connect(&iface.socket).is_ok() {
+        return Ok(None); // a daemon already serves the interface
     }
+    // A socket file nobody answers on is left over from a daemon that died: remove it.
+    let _ = std::fs::remove_file(&iface.socket);
     let child = Command::new("wireguard-go")
         .args(["-f", &iface.name])
         .env("WG_PROCESS_FOREGROUND", "1")
@@ -72,4 +74,20 @@ pub fn route_add(name: &str, prefix: &IpNet) -> anyhow::Result<()> {
 /// Removes the route of a prefix (best effort).
 pub fn route_del(name: &str, prefix: &IpNet) {
     let _ = ip(&["route", "del", &prefix.to_string(), "dev", name]);
+}
+
+/// Ends a daemon this program started: SIGTERM first (it removes its socket), then waits.
+pub fn stop_daemon(child: &mut Child) {
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::park_timeout(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
 }

@@ -66,8 +66,7 @@ impl Drop for Site {
     /// A daemon this site started ends with it.
     fn drop(&mut self) {
         if let Some(d) = self.daemon.as_mut() {
-            let _ = d.kill();
-            let _ = d.wait();
+            net::stop_daemon(d);
         }
     }
 }
