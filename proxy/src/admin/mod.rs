@@ -50,7 +50,7 @@ pub enum Command {
     Registrations(oneshot::Sender<Value>),
     RemoveRegistration(String, oneshot::Sender<usize>),
     /// Reload the configuration (or the policy alone for the embedded default).
-    ReloadPolicy(oneshot::Sender<Result<String, String>>),
+    Reload(oneshot::Sender<Result<String, String>>),
 }
 
 /// Changes the log filter (installed by `main`; absent in embedded use).
@@ -411,7 +411,7 @@ async fn handle(
         (&Method::DELETE, ["users", name]) => {
             store_result(lock(&state.store).delete_user(name), StatusCode::OK)
         }
-        (&Method::POST, ["reload"]) => match ask(&state, Command::ReloadPolicy).await {
+        (&Method::POST, ["reload"]) => match ask(&state, Command::Reload).await {
             Some(Ok(what)) => reply(StatusCode::OK, json!({"reloaded": what}), &[]),
             Some(Err(e)) => reply(StatusCode::UNPROCESSABLE_ENTITY, json!({"error": e}), &[]),
             None => unavailable(),
@@ -554,8 +554,8 @@ pub async fn serve(
 /// Answers admin commands against the proxy (called by the I/O loop).
 pub fn execute(
     proxy: &mut crate::core::Proxy,
+    reloader: &mut crate::transport::Reloader,
     cmd: Command,
-    policy_file: Option<&std::path::Path>,
     connections: usize,
 ) {
     let now = Instant::now();
@@ -597,18 +597,8 @@ pub fn execute(
         Command::RemoveRegistration(aor, tx) => {
             let _ = tx.send(proxy.remove_registration(&aor));
         }
-        Command::ReloadPolicy(tx) => {
-            // Normally answered by the driver (which knows the configuration file).
-            let result = match policy_file {
-                None => Err("no policy file configured".to_owned()),
-                Some(path) => crate::config::load_policy(path)
-                    .map(|p| {
-                        proxy.set_policy(Arc::new(p));
-                        "policy".to_owned()
-                    })
-                    .map_err(|e| e.to_string()),
-            };
-            let _ = tx.send(result);
+        Command::Reload(tx) => {
+            let _ = tx.send(reloader.reload(proxy));
         }
     }
 }

@@ -580,21 +580,27 @@ impl Config {
             t4: ms(&raw.timers.t4_ms, "timers.t4_ms", 10)?,
             timer_c: ms(&raw.timers.timer_c_ms, "timers.timer_c_ms", 100)?,
         };
-        let mut trusted = Vec::new();
-        for (i, s) in raw.trust.sources.iter().enumerate() {
-            let text = s.get_ref();
-            let net = text
-                .parse::<ipnet::IpNet>()
-                .or_else(|_| text.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
-                .map_err(|_| {
-                    cx.err(
-                        s.span(),
-                        &format!("trust.sources[{i}]"),
-                        format!("`{text}` is not an address or prefix"),
-                    )
-                })?;
-            trusted.push(net.trunc());
-        }
+        // Addresses or prefixes (a bare address is a host prefix), host bits cleared.
+        let nets =
+            |list: &[Spanned<String>], key: &str| -> Result<Vec<ipnet::IpNet>, ConfigError> {
+                list.iter()
+                    .enumerate()
+                    .map(|(i, n)| {
+                        let text = n.get_ref();
+                        text.parse::<ipnet::IpNet>()
+                            .or_else(|_| text.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                            .map(|net| net.trunc())
+                            .map_err(|_| {
+                                cx.err(
+                                    n.span(),
+                                    &format!("{key}[{i}]"),
+                                    format!("`{text}` is not an address or prefix"),
+                                )
+                            })
+                    })
+                    .collect()
+            };
+        let trusted = nets(&raw.trust.sources, "trust.sources")?;
         let mut routes = RouteTable::default();
         for (i, r) in raw.route.iter().enumerate() {
             let target_text = r.target.get_ref();
@@ -756,25 +762,7 @@ impl Config {
             max_bindings_per_aor: r.max_bindings_per_aor,
         };
         let t = &raw.tunnels;
-        let mut internal_networks = Vec::new();
-        for (i, n) in t.internal_networks.iter().enumerate() {
-            let net = n
-                .get_ref()
-                .parse::<ipnet::IpNet>()
-                .or_else(|_| {
-                    n.get_ref()
-                        .parse::<std::net::IpAddr>()
-                        .map(ipnet::IpNet::from)
-                })
-                .map_err(|_| {
-                    cx.err(
-                        n.span(),
-                        &format!("tunnels.internal_networks[{i}]"),
-                        "not an address or prefix",
-                    )
-                })?;
-            internal_networks.push(net.trunc());
-        }
+        let internal_networks = nets(&t.internal_networks, "tunnels.internal_networks")?;
         let mut public_endpoints = std::collections::HashMap::new();
         for (aor, ep) in &t.public_endpoints {
             let key = crate::core::auth::aor_key(aor).ok_or_else(|| {

@@ -36,6 +36,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Instant;
 
 use bytes::Bytes;
+use gatehouse_auth::scram::constant_time_eq;
 use gatehouse_auth::{Authenticated, SaslServer, Secret, ServerSettings, TlsInfo};
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
@@ -771,10 +772,12 @@ impl Proxy {
             self.send_cancel(tx, now);
         }
         if no_branch && self.txl.server_awaits_final(invite_id) {
-            let req = ctx_request(&self.contexts, invite_id);
-            if let Some(req) = req {
-                let tag = self.new_tag();
-                let resp = build_response(&req, 487, "Request Terminated", Some(&tag), &[]);
+            let tag = self.new_tag();
+            let resp = self
+                .contexts
+                .get(&invite_id)
+                .map(|c| build_response(&c.request, 487, "Request Terminated", Some(&tag), &[]));
+            if let Some(resp) = resp {
                 self.finish(invite_id, 487, resp, now);
             }
         }
@@ -932,14 +935,14 @@ impl Proxy {
     ) -> Result<(), Reject> {
         let method = msg.method().unwrap_or(Method::Other);
         if method == Method::Invite {
-            let trying = build_response(
-                &msg_for_response(&self.contexts, id),
-                100,
-                "Trying",
-                None,
-                &[],
-            );
-            self.respond(id, 100, trying, now);
+            // Built from the stored request by reference: no copy of the message per INVITE.
+            let trying = self
+                .contexts
+                .get(&id)
+                .map(|c| build_response(&c.request, 100, "Trying", None, &[]));
+            if let Some(trying) = trying {
+                self.respond(id, 100, trying, now);
+            }
         }
         let last = targets.len().saturating_sub(1);
         let mut msg = Some(msg);
@@ -1256,14 +1259,6 @@ impl Proxy {
     }
 }
 
-fn ctx_request(contexts: &HashMap<TxId, Context>, id: TxId) -> Option<Message> {
-    contexts.get(&id).map(|c| c.request.clone())
-}
-
-fn msg_for_response(contexts: &HashMap<TxId, Context>, id: TxId) -> Message {
-    ctx_request(contexts, id).expect("context exists for a relayed request")
-}
-
 fn rr_value(local: &LocalAddr, mac: &str) -> String {
     let transport = match local.transport.uri_param() {
         Some(t) => format!(";transport={t}"),
@@ -1412,10 +1407,6 @@ fn canonical_ip(ip: IpAddr) -> IpAddr {
         IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
         v4 => v4,
     }
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 fn looks_like_response(b: &[u8]) -> bool {

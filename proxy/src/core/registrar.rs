@@ -10,7 +10,6 @@ use std::time::{Duration, Instant, SystemTime};
 use super::auth::{aor_key, header_aor, may_present, Challenger};
 use super::{Proxy, Reject};
 use crate::flow::{Destination, Flow, Transport};
-use crate::sip::values::split_list;
 use crate::sip::{build_response, HeaderName, Message, NameAddr};
 use crate::store::BindingRecord;
 use crate::transaction::TxId;
@@ -301,9 +300,4 @@ impl Proxy {
             None => Vec::new(),
         }
     }
-}
-
-/// Splits a `Contact: a, b` list (exposed for tests).
-pub fn contacts(value: &str) -> Vec<&str> {
-    split_list(value).collect()
 }

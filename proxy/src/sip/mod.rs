@@ -34,11 +34,17 @@ pub fn build_response(
     out.put_slice(reason.as_bytes());
     out.put_slice(b"\r\n");
     for (idx, h) in req.headers() {
-        let name = match h.name {
-            HeaderName::Via | HeaderName::From | HeaderName::CallId | HeaderName::CSeq => h.name,
-            HeaderName::To => HeaderName::To,
-            _ => continue,
-        };
+        let name = h.name;
+        if !matches!(
+            name,
+            HeaderName::Via
+                | HeaderName::From
+                | HeaderName::To
+                | HeaderName::CallId
+                | HeaderName::CSeq
+        ) {
+            continue;
+        }
         out.put_slice(name.canonical().as_bytes());
         out.put_slice(b": ");
         let value = req.value(idx);

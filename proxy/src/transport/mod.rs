@@ -159,6 +159,44 @@ struct StreamSettings {
     events: mpsc::Sender<Event>,
 }
 
+/// What a reload needs to know: the configuration file (and its listeners, which a reload
+/// cannot change) or, for the embedded default, the policy file.
+#[derive(Debug)]
+pub struct Reloader {
+    policy_file: Option<std::path::PathBuf>,
+    config_source: Option<std::path::PathBuf>,
+    listen: Vec<crate::config::Listen>,
+}
+
+impl Reloader {
+    /// SIGHUP and the admin API: read and validate the configuration file (with its policy),
+    /// or only the policy file for the embedded default. Nothing changes unless everything is
+    /// valid; listener changes need a restart and are reported, not applied.
+    pub fn reload(&mut self, proxy: &mut Proxy) -> Result<String, String> {
+        match &self.config_source {
+            Some(path) => {
+                let cfg = crate::config::Config::load(path).map_err(|e| e.to_string())?;
+                proxy.apply_config(&cfg);
+                self.policy_file = cfg.tunnels.policy_file.clone();
+                if cfg.listen != self.listen {
+                    tracing::warn!("listener changes take effect after a restart");
+                    return Ok("configuration and policy (listener changes need a restart)".into());
+                }
+                Ok("configuration and policy".into())
+            }
+            None => {
+                let path = self
+                    .policy_file
+                    .as_ref()
+                    .ok_or("no configuration or policy file to reload")?;
+                let policy = crate::config::load_policy(path).map_err(|e| e.to_string())?;
+                proxy.set_policy(Arc::new(policy));
+                Ok("policy".into())
+            }
+        }
+    }
+}
+
 /// The I/O loop: owns the proxy core, the UDP sockets and the connection table.
 pub struct Driver {
     proxy: Proxy,
@@ -172,10 +210,7 @@ pub struct Driver {
     accept_tasks: Vec<JoinHandle<()>>,
     shutdown_grace: Duration,
     rotate: usize,
-    policy_file: Option<std::path::PathBuf>,
-    /// The configuration file and its listeners, for reloads.
-    config_source: Option<std::path::PathBuf>,
-    listen: Vec<crate::config::Listen>,
+    reloader: Reloader,
     metrics: Arc<crate::metrics::Metrics>,
     admin: Option<mpsc::Receiver<crate::admin::Command>>,
 }
@@ -254,9 +289,11 @@ impl Driver {
             accept_tasks,
             shutdown_grace: cfg.shutdown_grace,
             rotate: 0,
-            policy_file: cfg.tunnels.policy_file.clone(),
-            config_source: cfg.source.clone(),
-            listen: cfg.listen.clone(),
+            reloader: Reloader {
+                policy_file: cfg.tunnels.policy_file.clone(),
+                config_source: cfg.source.clone(),
+                listen: cfg.listen.clone(),
+            },
             metrics,
             admin,
         })
@@ -315,18 +352,14 @@ impl Driver {
                 }
                 _ = tokio::time::sleep_until(drain_at.into()), if draining_until.is_some() => {}
                 Some(()) = async { match hangup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => {
-                    match self.reload() {
+                    match self.reloader.reload(&mut self.proxy) {
                         Ok(what) => tracing::info!(%what, "reloaded"),
                         Err(e) => tracing::error!(error = %e, "reload refused; the configuration in force stays"),
                     }
                 }
                 Some(cmd) = async { match self.admin.as_mut() { Some(rx) => rx.recv().await, None => std::future::pending().await } } => {
                     let connections = self.conns.len();
-                    if let crate::admin::Command::ReloadPolicy(reply) = cmd {
-                        let _ = reply.send(self.reload());
-                    } else {
-                        crate::admin::execute(&mut self.proxy, cmd, self.policy_file.as_deref(), connections);
-                    }
+                    crate::admin::execute(&mut self.proxy, &mut self.reloader, cmd, connections);
                 }
                 _ = sync.tick() => {
                     self.proxy.flush_tunnels();
@@ -336,33 +369,6 @@ impl Driver {
             }
         }
         tracing::info!(transactions = self.proxy.transactions(), "gateway stopped");
-    }
-
-    /// SIGHUP and the admin API: read and validate the configuration file (with its policy),
-    /// or only the policy file for the embedded default. Nothing changes unless everything is
-    /// valid; listener changes need a restart and are reported, not applied.
-    fn reload(&mut self) -> Result<String, String> {
-        match &self.config_source {
-            Some(path) => {
-                let cfg = crate::config::Config::load(path).map_err(|e| e.to_string())?;
-                self.proxy.apply_config(&cfg);
-                self.policy_file = cfg.tunnels.policy_file.clone();
-                if cfg.listen != self.listen {
-                    tracing::warn!("listener changes take effect after a restart");
-                    return Ok("configuration and policy (listener changes need a restart)".into());
-                }
-                Ok("configuration and policy".into())
-            }
-            None => {
-                let path = self
-                    .policy_file
-                    .as_ref()
-                    .ok_or("no configuration or policy file to reload")?;
-                let policy = crate::config::load_policy(path).map_err(|e| e.to_string())?;
-                self.proxy.set_policy(Arc::new(policy));
-                Ok("policy".into())
-            }
-        }
     }
 
     /// After one readable event, read what else is queued on that socket (bounded).
