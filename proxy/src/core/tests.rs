@@ -1543,6 +1543,9 @@ CSeq: 5 BYE\r\nContent-Length: 0\r\n\r\n",
             .finish();
         let (psk, inward) = tracing::subscriber::with_default(subscriber, || {
             tracing::trace!("trace logging is on");
+            // Callsites first hit by other test threads (no subscriber then) cached "never":
+            // recompute their interest now that this subscriber exists.
+            tracing::callsite::rebuild_interest_cache();
             let mut h = tunnel_harness(store(), "198.51.100.0/24");
             let mut client = ScramClient::new("alice", b"alice-secret", None);
             let out = authenticate_with(&mut h, &mut client, &tunnel_invite(OFFER));
