@@ -1541,11 +1541,13 @@ CSeq: 5 BYE\r\nContent-Length: 0\r\n\r\n",
             .with_max_level(tracing::Level::TRACE)
             .with_writer(move || writer.clone())
             .finish();
-        let (psk, inward) = tracing::subscriber::with_default(subscriber, || {
+        // The process-wide subscriber (this is the only test that installs one): a scoped one
+        // races with callsites other test threads register, and the capture then misses lines.
+        // Capturing every thread also makes the secret check cover the other tests' flows.
+        tracing::subscriber::set_global_default(subscriber)
+            .expect("only this test installs a subscriber");
+        let (psk, inward) = {
             tracing::trace!("trace logging is on");
-            // Callsites first hit by other test threads (no subscriber then) cached "never":
-            // recompute their interest now that this subscriber exists.
-            tracing::callsite::rebuild_interest_cache();
             let mut h = tunnel_harness(store(), "198.51.100.0/24");
             let mut client = ScramClient::new("alice", b"alice-secret", None);
             let out = authenticate_with(&mut h, &mut client, &tunnel_invite(OFFER));
@@ -1574,7 +1576,7 @@ CSeq: 5 BYE\r\nContent-Length: 0\r\n\r\n",
                 )
                 .unwrap();
             (caller_psk(&t), inward)
-        });
+        };
         let logs = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
         assert!(
             logs.contains("trace logging is on") && logs.contains("authenticated"),
