@@ -83,6 +83,8 @@ fn config() -> CoreConfig {
         auth_secret: [3; 32],
         tunnels: gatehouse::config::TunnelSettings::default(),
         policy: std::sync::Arc::new(gatehouse_policy::Policy::trusted_only()),
+        rate_limit: Default::default(),
+        hide_topology: false,
     }
 }
 

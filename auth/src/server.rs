@@ -6,6 +6,15 @@
 //! Call-ID (or HTTP connection), From tag, realm and mechanism, with a TTL, a global cap and
 //! a per-source cap, and is taken out again (single use) by the next round.
 //!
+//! The table of parked exchanges cannot be starved: expired exchanges leave before any cap
+//! is checked (in O(expired), from a queue in expiry order); a source (an IPv4 address or an
+//! IPv6 /64) at its cap loses its own oldest exchange, never another source's; a full table
+//! loses its oldest exchange. No new exchange is ever refused for lack of room.
+//!
+//! Every client message is checked against the RFC 5802 grammar ([`crate::scram_msg`])
+//! before rsasl sees it, and every rsasl step runs under `catch_unwind`: a library panic
+//! becomes [`AuthError::Internal`] (a 500 and a counted internal error), never a dead process.
+//!
 //! SCRAM runs in rsasl. Around it, the gateway itself:
 //! - checks the GS2 header: a `-PLUS` mechanism requires `p=tls-exporter` (rsasl 2.3.1 would
 //!   accept `n`), and `y` on a connection where `-PLUS` was offered is a downgrade;
@@ -17,8 +26,9 @@
 //!
 //! The only way to get an [`Authenticated`] is [`SaslServer::step`] returning success.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -32,7 +42,8 @@ use rsasl::property::AuthId;
 use rsasl::validate::{Validate, Validation, ValidationError};
 
 use crate::header::{HeaderError, SaslParams};
-use crate::scram::{self, ClientFirst, Gs2Binding, Transcript, Verifier};
+use crate::scram::{self, Transcript, Verifier};
+use crate::scram_msg::{ClientFinal, ClientFirst, Gs2Binding};
 use crate::secret::Secret;
 
 /// Mechanisms of the profile.
@@ -181,8 +192,10 @@ impl Failure {
 pub enum AuthError {
     #[error("malformed SASL header: {0}")]
     Malformed(#[from] HeaderError),
-    #[error("too many pending SASL exchanges")]
-    Overloaded,
+    /// A step failed inside the SASL library (a panic caught at the boundary): a bug, answered
+    /// 500 and counted, never a dead gateway.
+    #[error("internal error in the SASL library")]
+    Internal,
     #[error("authentication failed ({})", .0.label())]
     Failed(Failure),
 }
@@ -231,6 +244,10 @@ pub enum Outcome {
 pub struct ServerStats {
     /// (mechanism, outcome label) -> count. Outcomes: `success`, failure labels.
     pub outcomes: HashMap<(&'static str, &'static str), u64>,
+    /// Parked exchanges dropped to make room (source at its cap, or table full).
+    pub evicted: u64,
+    /// Panics caught around rsasl.
+    pub internal_errors: u64,
 }
 
 struct GatehouseValidation;
@@ -290,11 +307,14 @@ static SCRAM_MECHANISMS: &[rsasl::prelude::Mechanism] = &[
 ];
 
 struct Pending {
+    /// Insertion number: ties queue entries to this exchange (handles are never reused, but
+    /// a queue entry may outlive its exchange).
+    seq: u64,
     session: Session<GatehouseValidation, Binding>,
     mechanism: Mechanism,
     call_id: String,
     from_tag: String,
-    source: IpAddr,
+    source: Subscriber,
     expires: Instant,
     client_first_bare: String,
     server_first: String,
@@ -302,11 +322,37 @@ struct Pending {
     credential: Option<Credential>,
 }
 
+/// What the per-source cap counts: an IPv4 address, or an IPv6 /64 (one subscriber's
+/// allocation; rotating addresses inside it does not buy more room).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Subscriber {
+    V4(u32),
+    V6(u64),
+}
+
+impl Subscriber {
+    pub fn of(ip: IpAddr) -> Subscriber {
+        match ip {
+            IpAddr::V4(v4) => Subscriber::V4(v4.into()),
+            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+                Some(v4) => Subscriber::V4(v4.into()),
+                None => Subscriber::V6((u128::from(v6) >> 64) as u64),
+            },
+        }
+    }
+}
+
 /// The SASL server of one realm.
 pub struct SaslServer {
     settings: ServerSettings,
     pending: HashMap<String, Pending>,
-    per_source: HashMap<IpAddr, usize>,
+    /// (seq, handle, expiry) in insertion order = expiry order (one TTL for all).
+    order: VecDeque<(u64, String, Instant)>,
+    /// Each source's parked exchanges, oldest first (at most `max_pending_per_source`).
+    per_source: HashMap<Subscriber, VecDeque<u64>>,
+    /// seq -> handle, for per-source eviction.
+    handles: HashMap<u64, String>,
+    next_seq: u64,
     pub stats: ServerStats,
 }
 
@@ -328,7 +374,10 @@ impl SaslServer {
         SaslServer {
             settings,
             pending: HashMap::new(),
+            order: VecDeque::new(),
             per_source: HashMap::new(),
+            handles: HashMap::new(),
+            next_seq: 0,
             stats: ServerStats::default(),
         }
     }
@@ -346,7 +395,7 @@ impl SaslServer {
         let c2s = params.c2s.as_deref()?;
         match params.mech.as_deref().and_then(Mechanism::from_name)? {
             Mechanism::ScramSha256 | Mechanism::ScramSha256Plus => {
-                ClientFirst::parse(c2s).map(|c| c.username)
+                ClientFirst::parse(c2s).ok().map(|c| c.username)
             }
             Mechanism::Plain => c2s
                 .split(|&b| b == 0)
@@ -393,28 +442,104 @@ impl SaslServer {
         }
     }
 
-    /// Drops exchanges whose TTL passed.
+    /// Drops exchanges whose TTL passed: O(number expired), oldest first.
     pub fn expire(&mut self, now: Instant) {
-        let expired: Vec<String> = self
-            .pending
-            .iter()
-            .filter(|(_, p)| p.expires <= now)
-            .map(|(h, _)| h.clone())
-            .collect();
-        for h in expired {
-            self.take(&h);
+        while let Some((seq, _, expires)) = self.order.front() {
+            if *expires > now {
+                break;
+            }
+            let seq = *seq;
+            if let Some((_, handle, _)) = self.order.pop_front() {
+                self.take_if(&handle, seq);
+            }
+        }
+        self.compact();
+    }
+
+    /// Drops the oldest live exchange (the table is full).
+    fn evict_oldest(&mut self) {
+        while let Some((seq, handle, _)) = self.order.pop_front() {
+            if self.take_if(&handle, seq).is_some() {
+                self.stats.evicted += 1;
+                return;
+            }
+        }
+    }
+
+    /// Takes the exchange under `handle` if it is still the one numbered `seq`.
+    fn take_if(&mut self, handle: &str, seq: u64) -> Option<Pending> {
+        if self.pending.get(handle).is_some_and(|p| p.seq == seq) {
+            self.take(handle)
+        } else {
+            None
         }
     }
 
     fn take(&mut self, handle: &str) -> Option<Pending> {
         let p = self.pending.remove(handle)?;
-        if let Some(n) = self.per_source.get_mut(&p.source) {
-            *n -= 1;
-            if *n == 0 {
+        self.handles.remove(&p.seq);
+        if let Some(q) = self.per_source.get_mut(&p.source) {
+            q.retain(|&s| s != p.seq);
+            if q.is_empty() {
                 self.per_source.remove(&p.source);
             }
         }
         Some(p)
+    }
+
+    /// Keeps the expiry queue within a constant factor of the live exchanges (entries of
+    /// exchanges finished early stay queued until their expiry time otherwise), and gives
+    /// memory back after a flood.
+    fn compact(&mut self) {
+        if self.order.len() > 2 * self.pending.len() + 64 {
+            let pending = &self.pending;
+            self.order
+                .retain(|(seq, h, _)| pending.get(h).is_some_and(|p| p.seq == *seq));
+        }
+        if self.pending.is_empty() && self.pending.capacity() > 1024 {
+            self.pending.shrink_to_fit();
+            self.handles.shrink_to_fit();
+            self.per_source.shrink_to_fit();
+            self.order.shrink_to_fit();
+        }
+    }
+
+    /// Makes room for one more exchange from `source`: its own oldest goes when it is at its
+    /// cap, the table's oldest when the table is full.
+    fn make_room(&mut self, source: Subscriber) {
+        let at_cap = self
+            .per_source
+            .get(&source)
+            .is_some_and(|q| q.len() >= self.settings.max_pending_per_source.max(1));
+        if at_cap {
+            let oldest = self
+                .per_source
+                .get(&source)
+                .and_then(|q| q.front().copied());
+            if let Some(handle) = oldest.and_then(|seq| self.handles.get(&seq).cloned()) {
+                self.take(&handle);
+                self.stats.evicted += 1;
+            }
+        }
+        while self.pending.len() >= self.settings.max_pending.max(1) {
+            self.evict_oldest();
+        }
+    }
+
+    /// One rsasl step, with a library panic contained.
+    fn guarded_step(
+        &mut self,
+        session: &mut Session<GatehouseValidation, Binding>,
+        input: &[u8],
+        out: &mut Vec<u8>,
+    ) -> Result<Result<State, SessionError>, AuthError> {
+        match catch_unwind(AssertUnwindSafe(|| session.step(Some(input), out))) {
+            Ok(r) => Ok(r),
+            Err(_) => {
+                self.stats.internal_errors += 1;
+                Err(AuthError::Internal)
+            }
+        }
     }
 
     fn count(&mut self, mech: Mechanism, outcome: &'static str) {
@@ -508,7 +633,7 @@ impl SaslServer {
         creds: &dyn CredentialSource,
         now: Instant,
     ) -> Result<Outcome, AuthError> {
-        let first = ClientFirst::parse(c2s).ok_or(AuthError::Failed(Failure::Protocol))?;
+        let first = ClientFirst::parse(c2s).map_err(|_| AuthError::Failed(Failure::Protocol))?;
         let plus_offered = self.offered(ex.tls).contains(&Mechanism::ScramSha256Plus);
         match (&first.binding, mechanism) {
             (Gs2Binding::Used(name), Mechanism::ScramSha256Plus)
@@ -523,13 +648,11 @@ impl SaslServer {
         if first.authzid.as_ref().is_some_and(|a| a != &first.username) {
             return fail(Failure::IdentityNotAllowed);
         }
-        if self.pending.len() >= self.settings.max_pending
-            || self.per_source.get(&ex.source).copied().unwrap_or(0)
-                >= self.settings.max_pending_per_source
-        {
-            return Err(AuthError::Overloaded);
-        }
+        // Expired exchanges leave first; then room is made, at the cost of this source's
+        // own oldest exchange or of the table's oldest, never by refusing this one.
         self.expire(now);
+        let source = Subscriber::of(ex.source);
+        self.make_room(source);
         let (verifier, credential) = self.verifier_for(&first.username, mechanism, creds);
         let config = SASLConfig::builder()
             .with_registry(Registry::with_mechanisms(SCRAM_MECHANISMS))
@@ -543,7 +666,7 @@ impl SaslServer {
                 .start_suggested(mechname)
                 .map_err(|_| AuthError::Failed(Failure::Protocol))?;
         let mut out = Vec::new();
-        match session.step(Some(c2s), &mut out) {
+        match self.guarded_step(&mut session, c2s, &mut out)? {
             Ok(State::Running) => {}
             _ => return fail(Failure::Protocol),
         }
@@ -554,16 +677,22 @@ impl SaslServer {
             return fail(Failure::Protocol);
         }
         let handle = new_handle();
-        *self.per_source.entry(ex.source).or_default() += 1;
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        let expires = now + self.settings.ttl;
+        self.per_source.entry(source).or_default().push_back(seq);
+        self.handles.insert(seq, handle.clone());
+        self.order.push_back((seq, handle.clone(), expires));
         self.pending.insert(
             handle.clone(),
             Pending {
+                seq,
                 session,
                 mechanism,
                 call_id: ex.call_id.to_owned(),
                 from_tag: ex.from_tag.to_owned(),
-                source: ex.source,
-                expires: now + self.settings.ttl,
+                source,
+                expires,
                 client_first_bare: first.bare,
                 server_first: server_first.clone(),
                 username: first.username,
@@ -607,8 +736,13 @@ impl SaslServer {
         let Some(c2s) = params.c2s.as_deref() else {
             return Err(AuthError::Malformed(HeaderError::Value("c2s")));
         };
+        // Our grammar first: rsasl panics on some malformed client-finals (docs/SECURITY.md).
+        let Ok(client_final) = ClientFinal::parse(c2s) else {
+            self.count(mech, Failure::Protocol.label());
+            return fail(Failure::Protocol);
+        };
         let mut out = Vec::new();
-        let state = p.session.step(Some(c2s), &mut out);
+        let state = self.guarded_step(&mut p.session, c2s, &mut out)?;
         let validated = p.session.validation();
         let (Ok(State::Finished(_)), Some(authcid), Some(credential)) =
             (state, validated, p.credential.take())
@@ -620,15 +754,16 @@ impl SaslServer {
             self.count(mech, Failure::BadCredentials.label());
             return fail(Failure::BadCredentials);
         }
-        let (without_proof, proof) =
-            scram::split_client_final(c2s).ok_or(AuthError::Failed(Failure::Protocol))?;
         let auth_message = format!(
             "{},{},{}",
-            p.client_first_bare, p.server_first, without_proof
+            p.client_first_bare, p.server_first, client_final.without_proof
         );
-        let client_key =
-            scram::recover_client_key(&credential.verifier.stored_key, &auth_message, &proof)
-                .ok_or(AuthError::Failed(Failure::BadCredentials))?;
+        let client_key = scram::recover_client_key(
+            &credential.verifier.stored_key,
+            &auth_message,
+            &client_final.proof,
+        )
+        .ok_or(AuthError::Failed(Failure::BadCredentials))?;
         self.count(mech, "success");
         Ok(Outcome::Success {
             auth: Authenticated {

@@ -19,6 +19,11 @@
 //! prefixes = ["2001:db8:456::/48"]             # what callers of this rule may claim
 //! max_tunnels_per_identity = 2
 //! max_tunnels_per_target = 50
+//! [[rule]]
+//! name = "partner-calls"
+//! kind = "call"
+//! callers = ["*@partner.example"]
+//! multipart = true                             # multipart bodies (never with WireGuard); default false
 //! ```
 //! A `Permit` is only made by [`Policy::decide`]; a `Denied` carries a bounded reason that
 //! becomes a Warning header and a metric label.
@@ -83,6 +88,7 @@ pub struct Query<'a> {
 pub struct Permit {
     rule: String,
     pskmth: Option<String>,
+    multipart: bool,
 }
 
 impl Permit {
@@ -93,6 +99,10 @@ impl Permit {
     /// The pskmth chosen for a tunnel (`none`, `scram`).
     pub fn pskmth(&self) -> Option<&str> {
         self.pskmth.as_deref()
+    }
+    /// The rule lets multipart bodies through (`multipart = true`; never a tunnel offer).
+    pub fn allows_multipart(&self) -> bool {
+        self.multipart
     }
 }
 
@@ -199,6 +209,8 @@ struct RawRule {
     prefixes: Option<Vec<toml::Spanned<String>>>,
     max_tunnels_per_identity: Option<u32>,
     max_tunnels_per_target: Option<u32>,
+    #[serde(default)]
+    multipart: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -275,6 +287,7 @@ struct Rule {
     prefixes: Option<Vec<IpNet>>,
     max_per_identity: Option<u32>,
     max_per_target: Option<u32>,
+    multipart: bool,
 }
 
 /// A validated policy.
@@ -315,6 +328,7 @@ impl Policy {
                 prefixes: None,
                 max_per_identity: None,
                 max_per_target: None,
+                multipart: false,
             }],
             org_prefixes: Vec::new(),
             max_tunnels: None,
@@ -408,6 +422,7 @@ impl Policy {
                 prefixes,
                 max_per_identity: r.max_tunnels_per_identity,
                 max_per_target: r.max_tunnels_per_target,
+                multipart: r.multipart,
             });
         }
         Ok(Policy {
@@ -464,6 +479,7 @@ impl Policy {
             return Ok(Permit {
                 rule: rule.name.clone(),
                 pskmth: None,
+                multipart: rule.multipart,
             });
         };
         for p in prefixes.iter() {
@@ -501,6 +517,7 @@ impl Policy {
             Some(m) => Ok(Permit {
                 rule: rule.name.clone(),
                 pskmth: Some(m.clone()),
+                multipart: false,
             }),
             None if rule.require_psk && pskmth.iter().any(|m| m == "none") && pskmth.len() == 1 => {
                 Err(Denied::PskRequired)

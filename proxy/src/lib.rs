@@ -64,6 +64,8 @@ pub fn core_config(cfg: &Config, bound: &Bound, store: &Store) -> Result<CoreCon
         limits: cfg.limits,
         max_transactions: cfg.max_transactions,
         timers: cfg.timers,
+        rate_limit: cfg.rate_limit,
+        hide_topology: cfg.hide_topology,
     })
 }
 

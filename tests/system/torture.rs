@@ -156,6 +156,8 @@ fn proxy() -> Proxy {
         auth_secret: [1; 32],
         tunnels: gatehouse::config::TunnelSettings::default(),
         policy: std::sync::Arc::new(gatehouse_policy::Policy::trusted_only()),
+        rate_limit: Default::default(),
+        hide_topology: false,
     })
 }
 

@@ -154,6 +154,44 @@ Contact: <sip:{user}@{l}{cp}>\r\nExpires: {e}\r\n{auth}Content-Length: 0\r\n\r\n
     Ok(granted)
 }
 
+/// The WireGuard offer of an INVITE, or the refusal (status, reason, extra headers).
+///
+/// Only an `application/sdp` body without a Content-Encoding is an offer: anything else is
+/// refused with 415 before its bytes are read (a label must not decide how a body is read,
+/// and no other label is valid for an offer).
+fn read_offer(msg: &Message) -> Result<WgSdp, (u16, &'static str, String)> {
+    let sdp_labelled = msg.value_of(HeaderName::ContentType).is_some_and(|c| {
+        c.split(';')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .eq_ignore_ascii_case("application/sdp")
+    });
+    let encoded = msg
+        .value_of(HeaderName::ContentEncoding)
+        .is_some_and(|e| !e.trim().eq_ignore_ascii_case("identity"));
+    if !sdp_labelled || encoded {
+        return Err((
+            415,
+            "Unsupported Media Type",
+            "Accept: application/sdp\r\nAccept-Encoding: identity\r\n".into(),
+        ));
+    }
+    match WgSdp::parse(msg.body()) {
+        Ok(Some(o)) => Ok(o),
+        Ok(None) => Err((
+            488,
+            "Not Acceptable Here",
+            "Warning: 399 wgsip \"not a WireGuard offer\"\r\n".into(),
+        )),
+        Err(e) => Err((
+            488,
+            "Not Acceptable Here",
+            format!("Warning: 399 wgsip \"{e}\"\r\n"),
+        )),
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 fn answer_invite(
     msg: &Message,
@@ -165,28 +203,9 @@ fn answer_invite(
     active: &mut HashMap<String, Active>,
     contact: &str,
 ) -> String {
-    let offer = match WgSdp::parse(msg.body()) {
-        Ok(Some(o)) => o,
-        Ok(None) => {
-            return respond(
-                msg,
-                488,
-                "Not Acceptable Here",
-                tag,
-                "Warning: 399 wgsip \"not a WireGuard offer\"\r\n",
-                "",
-            )
-        }
-        Err(e) => {
-            return respond(
-                msg,
-                488,
-                "Not Acceptable Here",
-                tag,
-                &format!("Warning: 399 wgsip \"{e}\"\r\n"),
-                "",
-            )
-        }
+    let offer = match read_offer(msg) {
+        Ok(o) => o,
+        Err((status, reason, extra)) => return respond(msg, status, reason, tag, &extra, ""),
     };
     let Some(pskmth) = offer
         .pskmth
@@ -270,4 +289,41 @@ fn answer_invite(
         None,
     );
     respond(msg, 200, "OK", tag, contact, &body)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const OFFER: &str = "v=0\r\no=- 1 1 IN IP6 2001:db8:1::2\r\ns=-\r\nc=IN IP6 2001:db8:1::2\r\nt=0 0\r\n\
+m=application 51820 udp vnd.wireguard\r\n\
+a=fmtp:vnd.wireguard pubkey=YWl42m1t56sMAYKwGZUQZNuYG+AbdW9eE7KLj3KBT1M=;prefix=2001:db8:456:1::/64;pskmth=gateway;psk=YWl42m1t56sMAYKwGZUQZNuYG+AbdW9eE7KLj3KBT1M=\r\n";
+
+    fn invite(content_type: Option<&str>, extra: &str) -> Message {
+        let ct = content_type
+            .map(|c| format!("Content-Type: {c}\r\n"))
+            .unwrap_or_default();
+        let text = format!(
+            "INVITE sip:vpn@org.example SIP/2.0\r\nVia: SIP/2.0/UDP 192.0.2.1;branch=z9hG4bK1\r\n\
+From: <sip:alice@partner.example>;tag=1\r\nTo: <sip:vpn@org.example>\r\nCall-ID: c1\r\n\
+CSeq: 1 INVITE\r\nMax-Forwards: 70\r\n{ct}{extra}Content-Length: {}\r\n\r\n{OFFER}",
+            OFFER.len()
+        );
+        Message::parse(text.into(), &gatehouse::sip::Limits::default()).unwrap()
+    }
+
+    #[test]
+    fn only_application_sdp_is_an_offer() {
+        assert!(read_offer(&invite(Some("application/sdp"), "")).is_ok());
+        assert!(read_offer(&invite(Some("Application/SDP; charset=utf-8"), "")).is_ok());
+        for (ct, extra) in [
+            (Some("text/plain"), ""),
+            (Some("multipart/mixed;boundary=b"), ""),
+            (None, ""),
+            (Some("application/sdp"), "Content-Encoding: gzip\r\n"),
+        ] {
+            let refused = read_offer(&invite(ct, extra)).unwrap_err();
+            assert_eq!(refused.0, 415, "{ct:?} {extra:?}");
+        }
+    }
 }

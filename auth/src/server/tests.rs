@@ -302,35 +302,153 @@ fn unknown_users_look_like_known_users() {
     );
 }
 
+/// Round 2 of a parked exchange: succeeds when the exchange is still parked.
+fn completes(
+    server: &mut SaslServer,
+    client: &mut ScramClient,
+    handle: &str,
+    sf: &[u8],
+    e: &Exchange<'_>,
+    now: Instant,
+) -> bool {
+    let cf = client.client_final(sf).unwrap();
+    matches!(
+        server.step(&round2(handle, cf), e, &creds(), now),
+        Ok(Outcome::Success { .. })
+    )
+}
+
 #[test]
-fn pending_exchanges_are_capped_per_source_and_globally() {
+fn a_source_at_its_cap_loses_its_own_oldest_exchange() {
     let now = Instant::now();
     let mut server = SaslServer::new(settings());
-    let client = ScramClient::new("alice", b"correct horse", None);
-    round1(&mut server, &client, &ex("p1", None), now);
-    round1(&mut server, &client, &ex("p2", None), now);
+    let mut legit = ScramClient::new("alice", b"correct horse", None);
+    let mut l = ex("legit", None);
+    l.source = "192.0.2.10".parse().unwrap();
+    let (lh, lsf) = round1(&mut server, &legit, &l, now);
+    // The attacker's source fills its own quota (2) many times over.
+    let attacker = ScramClient::new("alice", b"x", None);
+    for n in 0..50 {
+        let id = format!("a{n}");
+        round1(&mut server, &attacker, &ex(&id, None), now);
+    }
     assert_eq!(
-        server
-            .step(&first(&client), &ex("p3", None), &creds(), now)
-            .unwrap_err(),
-        AuthError::Overloaded
+        server.pending(),
+        3,
+        "2 for the attacker's source, 1 for the other"
     );
-    let mut other = ex("p4", None);
-    other.source = "192.0.2.10".parse().unwrap();
-    round1(&mut server, &client, &other, now);
-    other.call_id = "p5";
-    round1(&mut server, &client, &other, now);
-    let mut third = ex("p6", None);
-    third.source = "192.0.2.11".parse().unwrap();
+    assert!(server.stats.evicted >= 48);
+    assert!(completes(&mut server, &mut legit, &lh, &lsf, &l, now));
+}
+
+#[test]
+fn an_ipv6_source_is_counted_per_64() {
+    let now = Instant::now();
+    let mut server = SaslServer::new(settings());
+    let attacker = ScramClient::new("alice", b"x", None);
+    for n in 0..20u16 {
+        let mut e = ex("v6", None);
+        e.source = IpAddr::V6(std::net::Ipv6Addr::new(0x2001, 0xdb8, 0, 1, 0, 0, 0, n + 1));
+        round1(&mut server, &attacker, &e, now);
+    }
     assert_eq!(
-        server
-            .step(&first(&client), &third, &creds(), now)
-            .unwrap_err(),
-        AuthError::Overloaded
+        server.pending(),
+        2,
+        "one /64 holds at most the per-source cap"
     );
-    // Expired exchanges free their places.
-    server.expire(now + Duration::from_secs(31));
+}
+
+#[test]
+fn a_full_table_drops_its_oldest_and_never_refuses() {
+    let now = Instant::now();
+    let mut server = SaslServer::new(settings());
+    let attacker = ScramClient::new("alice", b"x", None);
+    for n in 0..40u8 {
+        let mut e = ex("flood", None);
+        e.source = IpAddr::V4(std::net::Ipv4Addr::new(198, 51, 100, n));
+        round1(&mut server, &attacker, &e, now);
+    }
+    assert_eq!(server.pending(), 4, "bounded by max_pending");
+    // A legitimate exchange started now still completes.
+    let mut legit = ScramClient::new("alice", b"correct horse", None);
+    let (h, sf) = round1(&mut server, &legit, &ex("legit", None), now);
+    assert!(completes(
+        &mut server,
+        &mut legit,
+        &h,
+        &sf,
+        &ex("legit", None),
+        now
+    ));
+}
+
+#[test]
+fn expired_exchanges_leave_before_any_cap_is_checked() {
+    let now = Instant::now();
+    let mut server = SaslServer::new(settings());
+    let attacker = ScramClient::new("alice", b"x", None);
+    for n in 0..4u8 {
+        let mut e = ex("old", None);
+        e.source = IpAddr::V4(std::net::Ipv4Addr::new(198, 51, 100, n));
+        round1(&mut server, &attacker, &e, now);
+    }
+    let later = now + Duration::from_secs(31);
+    let mut legit = ScramClient::new("alice", b"correct horse", None);
+    let (h, sf) = round1(&mut server, &legit, &ex("new", None), later);
+    assert_eq!(
+        server.pending(),
+        1,
+        "the expired ones are gone, not evicted"
+    );
+    assert_eq!(server.stats.evicted, 0);
+    assert!(completes(
+        &mut server,
+        &mut legit,
+        &h,
+        &sf,
+        &ex("new", None),
+        later
+    ));
+    server.expire(later + Duration::from_secs(31));
     assert_eq!(server.pending(), 0);
+}
+
+/// The client-finals that panic inside rsasl 2.3.1 never reach it: each is a protocol
+/// failure, the server keeps working, no panic was even caught.
+#[test]
+fn malformed_client_finals_fail_cleanly() {
+    let now = Instant::now();
+    let mut server = SaslServer::new(settings());
+    for (n, bad) in ["", "c", "c=biws,", "c=biws,r=..,,p=..", "c=biws,r=..,p"]
+        .iter()
+        .enumerate()
+    {
+        for user in ["alice", "nobody"] {
+            let client = ScramClient::new(user, b"x", None);
+            let id = format!("m{n}{user}");
+            let (h, _) = round1(&mut server, &client, &ex(&id, None), now);
+            let err = server
+                .step(
+                    &round2(&h, bad.as_bytes().to_vec()),
+                    &ex(&id, None),
+                    &creds(),
+                    now,
+                )
+                .unwrap_err();
+            assert_eq!(err, AuthError::Failed(Failure::Protocol), "{bad:?}");
+        }
+    }
+    assert_eq!(server.stats.internal_errors, 0);
+    let mut client = ScramClient::new("alice", b"correct horse", None);
+    let (h, sf) = round1(&mut server, &client, &ex("after", None), now);
+    assert!(completes(
+        &mut server,
+        &mut client,
+        &h,
+        &sf,
+        &ex("after", None),
+        now
+    ));
 }
 
 #[test]

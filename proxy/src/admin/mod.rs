@@ -70,6 +70,7 @@ pub struct AdminState {
     idle: Duration,
     commands: mpsc::Sender<Command>,
     log: Option<LogControl>,
+    metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl std::fmt::Debug for AdminState {
@@ -88,6 +89,7 @@ impl AdminState {
         idle: Duration,
         commands: mpsc::Sender<Command>,
         log: Option<LogControl>,
+        metrics: Arc<crate::metrics::Metrics>,
     ) -> Self {
         let secret = store.key("admin-fake-verifier").unwrap_or([7; 32]);
         AdminState {
@@ -105,6 +107,7 @@ impl AdminState {
             idle,
             commands,
             log,
+            metrics,
         }
     }
 }
@@ -251,11 +254,19 @@ fn authenticate(
             drop(store);
             challenge(state)
         }
-        Err(AuthError::Overloaded) => Auth::Respond(reply(
-            StatusCode::SERVICE_UNAVAILABLE,
-            json!({"error": "busy"}),
-            &[("retry-after", "5".into())],
-        )),
+        Err(AuthError::Internal) => {
+            tracing::error!("panic inside the SASL library contained (admin); answered 500");
+            state
+                .metrics
+                .internal_errors
+                .with_label_values(&["admin"])
+                .inc();
+            Auth::Respond(reply(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                json!({"error": "internal error"}),
+                &[],
+            ))
+        }
         Err(AuthError::Failed(_)) => Auth::Respond(reply(
             StatusCode::FORBIDDEN,
             json!({"error": "forbidden"}),

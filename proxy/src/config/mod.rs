@@ -54,6 +54,40 @@ struct RawConfig {
     metrics: RawMetrics,
     #[serde(default)]
     admin: RawAdmin,
+    #[serde(default)]
+    rate_limit: RawRateLimit,
+    #[serde(default)]
+    topology: RawTopology,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawRateLimit {
+    enabled: bool,
+    requests: Spanned<u32>,
+    window_ms: Spanned<u64>,
+    ban_ms: u64,
+    max_sources: Spanned<usize>,
+}
+
+impl Default for RawRateLimit {
+    fn default() -> Self {
+        let d = crate::core::ratelimit::RateLimitSettings::default();
+        RawRateLimit {
+            enabled: d.enabled,
+            requests: Spanned::new(0..0, d.requests),
+            window_ms: Spanned::new(0..0, d.window.as_millis() as u64),
+            ban_ms: d.ban.as_millis() as u64,
+            max_sources: Spanned::new(0..0, d.max_sources),
+        }
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTopology {
+    #[serde(default)]
+    hide: bool,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -291,7 +325,12 @@ struct RawLimits {
     max_message_bytes: usize,
     max_headers: usize,
     max_connections: usize,
+    max_tcp_connections: usize,
+    max_tls_connections: usize,
+    max_connections_per_source: usize,
     connection_idle_ms: u64,
+    header_timeout_ms: u64,
+    handshake_timeout_ms: u64,
     max_transactions: usize,
 }
 
@@ -301,7 +340,12 @@ impl Default for RawLimits {
             max_message_bytes: 65_535,
             max_headers: 128,
             max_connections: 4096,
+            max_tcp_connections: 2048,
+            max_tls_connections: 2048,
+            max_connections_per_source: 64,
             connection_idle_ms: 300_000,
+            header_timeout_ms: 10_000,
+            handshake_timeout_ms: 5_000,
             max_transactions: 200_000,
         }
     }
@@ -381,8 +425,21 @@ pub struct Config {
     pub timers: TimerConfig,
     pub limits: Limits,
     pub max_connections: usize,
+    /// Budgets per transport: TLS handshakes cannot starve plain TCP, nor the reverse.
+    pub max_tcp_connections: usize,
+    pub max_tls_connections: usize,
+    /// Open connections one subscriber (IPv4 address, IPv6 /64) may hold.
+    pub max_connections_per_source: usize,
     pub connection_idle: Duration,
+    /// A message that has started must be complete within this time (slowloris).
+    pub header_timeout: Duration,
+    /// A TLS handshake must be complete within this time.
+    pub handshake_timeout: Duration,
     pub max_transactions: usize,
+    /// The per-source request rate limit (`[rate_limit]`).
+    pub rate_limit: crate::core::ratelimit::RateLimitSettings,
+    /// Topology hiding (`[topology] hide`).
+    pub hide_topology: bool,
     pub trusted: Vec<ipnet::IpNet>,
     pub routes: RouteTable,
     pub log_level: String,
@@ -692,14 +749,44 @@ impl Config {
         if l.max_message_bytes < 1024
             || l.max_headers < 8
             || l.max_connections == 0
-            || l.max_transactions == 0
+            || l.max_tcp_connections == 0
+            || l.max_tls_connections == 0
+            || l.max_connections_per_source == 0
+            || l.max_transactions < 4
+            || l.header_timeout_ms < 100
+            || l.handshake_timeout_ms < 100
         {
             return Err(cx.err(
                 0..0,
                 "limits",
-                "limits too small (max_message_bytes >= 1024, max_headers >= 8, others > 0)",
+                "limits too small (max_message_bytes >= 1024, max_headers >= 8, max_transactions >= 4, timeouts >= 100 ms, others > 0)",
             ));
         }
+        let rl = &raw.rate_limit;
+        if *rl.requests.get_ref() == 0 {
+            return Err(cx.err(rl.requests.span(), "rate_limit.requests", "must be > 0"));
+        }
+        if *rl.window_ms.get_ref() < 100 {
+            return Err(cx.err(
+                rl.window_ms.span(),
+                "rate_limit.window_ms",
+                "must be >= 100",
+            ));
+        }
+        if *rl.max_sources.get_ref() < 64 {
+            return Err(cx.err(
+                rl.max_sources.span(),
+                "rate_limit.max_sources",
+                "must be >= 64",
+            ));
+        }
+        let rate_limit = crate::core::ratelimit::RateLimitSettings {
+            enabled: rl.enabled,
+            requests: *rl.requests.get_ref(),
+            window: Duration::from_millis(*rl.window_ms.get_ref()),
+            ban: Duration::from_millis(rl.ban_ms),
+            max_sources: *rl.max_sources.get_ref(),
+        };
         let a = &raw.auth;
         let realm = match &a.realm {
             Some(r) if r.get_ref().trim().is_empty() => {
@@ -852,8 +939,15 @@ impl Config {
                 max_headers: l.max_headers,
             },
             max_connections: l.max_connections,
+            max_tcp_connections: l.max_tcp_connections,
+            max_tls_connections: l.max_tls_connections,
+            max_connections_per_source: l.max_connections_per_source,
             connection_idle: Duration::from_millis(l.connection_idle_ms.max(1000)),
+            header_timeout: Duration::from_millis(l.header_timeout_ms),
+            handshake_timeout: Duration::from_millis(l.handshake_timeout_ms),
             max_transactions: l.max_transactions,
+            rate_limit,
+            hide_topology: raw.topology.hide,
             trusted,
             routes,
             log_level: level,

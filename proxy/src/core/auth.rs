@@ -1,10 +1,8 @@
 //! The authenticate stage: SASL in SIP (sip-sasl.md). Runs the exchange for the
 //! credentials header of the gateway's realm, answers challenges (407 or 401), and
-//! locks out sources and users that keep failing.
+//! locks out guessers ([`super::lockout`]: per user and source, never a user everywhere).
 
-use std::collections::HashMap;
-use std::net::IpAddr;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use gatehouse_auth::{AuthError, Authenticated, Exchange, Failure, Outcome, SaslParams};
 
@@ -48,85 +46,6 @@ impl Challenger {
             Challenger::Proxy => 407,
             Challenger::Registrar => 401,
         }
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-enum LockKey {
-    Source(IpAddr),
-    User(String),
-}
-
-#[derive(Debug, Clone, Copy)]
-struct Entry {
-    failures: u32,
-    window_start: Instant,
-    locked_until: Option<Instant>,
-}
-
-/// Failure counters per source address and per username; a key that fails
-/// `threshold` times within `window` is refused for `duration`, even with good credentials.
-#[derive(Debug)]
-pub struct Lockout {
-    threshold: u32,
-    window: Duration,
-    duration: Duration,
-    entries: HashMap<LockKey, Entry>,
-    /// Number of lockouts started (metrics).
-    pub lockouts: u64,
-}
-
-/// Bound on the table; expired entries are purged when it is reached.
-const LOCKOUT_CAPACITY: usize = 100_000;
-
-impl Lockout {
-    pub fn new(threshold: u32, window: Duration, duration: Duration) -> Self {
-        Lockout {
-            threshold,
-            window,
-            duration,
-            entries: HashMap::new(),
-            lockouts: 0,
-        }
-    }
-
-    fn locked(&self, key: &LockKey, now: Instant) -> bool {
-        self.entries
-            .get(key)
-            .and_then(|e| e.locked_until)
-            .is_some_and(|until| now < until)
-    }
-
-    fn failure(&mut self, key: LockKey, now: Instant) {
-        if self.entries.len() >= LOCKOUT_CAPACITY {
-            let (window, duration) = (self.window, self.duration);
-            self.entries.retain(|_, e| {
-                now < e.window_start + window || e.locked_until.is_some_and(|u| now < u + duration)
-            });
-            if self.entries.len() >= LOCKOUT_CAPACITY {
-                return;
-            }
-        }
-        let e = self.entries.entry(key).or_insert(Entry {
-            failures: 0,
-            window_start: now,
-            locked_until: None,
-        });
-        if now >= e.window_start + self.window {
-            e.failures = 0;
-            e.window_start = now;
-        }
-        e.failures += 1;
-        if e.failures >= self.threshold && e.locked_until.is_none_or(|u| now >= u) {
-            e.locked_until = Some(now + self.duration);
-            e.failures = 0;
-            e.window_start = now;
-            self.lockouts += 1;
-        }
-    }
-
-    fn success(&mut self, key: &LockKey) {
-        self.entries.remove(key);
     }
 }
 
@@ -192,7 +111,7 @@ impl Proxy {
         }
         let source = flow.remote.ip();
         let tls = flow.conn.and_then(|c| self.tls.get(&c)).cloned();
-        if self.lockout.locked(&LockKey::Source(source), now) {
+        if self.lockout.source_locked(source, now).is_some() {
             self.auth_stats.locked_out += 1;
             return Err(Reject::AuthFailed);
         }
@@ -204,7 +123,7 @@ impl Proxy {
         };
         let username = self.sasl.claimed_username(&params);
         if let Some(u) = &username {
-            if self.lockout.locked(&LockKey::User(u.clone()), now) {
+            if self.lockout.user_locked(u, source, now).is_some() {
                 self.auth_stats.locked_out += 1;
                 return Err(Reject::AuthFailed);
             }
@@ -223,22 +142,20 @@ impl Proxy {
                 value: p.emit(),
             }),
             Ok(Outcome::Success { auth, info }) => {
-                self.lockout.success(&LockKey::Source(source));
-                self.lockout
-                    .success(&LockKey::User(auth.identity().to_owned()));
+                self.lockout.success(auth.identity(), source, now);
                 msg.remove(idx);
                 tracing::info!(identity = auth.identity(), mechanism = auth.mechanism().name(), %source, "authenticated");
                 Ok((auth, info.emit()))
             }
             Err(AuthError::Malformed(e)) => Err(Reject::AuthMalformed(e)),
-            Err(AuthError::Overloaded) => Err(Reject::AuthBusy),
+            Err(AuthError::Internal) => {
+                tracing::error!(%source, "panic inside the SASL library contained; answered 500");
+                Err(Reject::Internal)
+            }
             Err(AuthError::Failed(f)) => {
                 tracing::info!(reason = f.label(), %source, "authentication failed");
                 if !matches!(f, Failure::Expired | Failure::UnknownHandle) {
-                    self.lockout.failure(LockKey::Source(source), now);
-                    if let Some(u) = username {
-                        self.lockout.failure(LockKey::User(u), now);
-                    }
+                    self.lockout.failure(username.as_deref(), source, now);
                 }
                 self.auth_stats.lockouts = self.lockout.lockouts;
                 Err(Reject::AuthFailed)
@@ -250,25 +167,6 @@ impl Proxy {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn lockout_after_threshold_within_window() {
-        let t0 = Instant::now();
-        let mut l = Lockout::new(3, Duration::from_secs(60), Duration::from_secs(300));
-        let k = LockKey::Source("192.0.2.1".parse().unwrap());
-        l.failure(k.clone(), t0);
-        l.failure(k.clone(), t0);
-        assert!(!l.locked(&k, t0));
-        l.failure(k.clone(), t0);
-        assert!(l.locked(&k, t0 + Duration::from_secs(299)));
-        assert!(!l.locked(&k, t0 + Duration::from_secs(300)));
-        // Failures spread beyond the window do not add up.
-        let k2 = LockKey::User("bob".into());
-        l.failure(k2.clone(), t0);
-        l.failure(k2.clone(), t0 + Duration::from_secs(61));
-        l.failure(k2.clone(), t0 + Duration::from_secs(62));
-        assert!(!l.locked(&k2, t0 + Duration::from_secs(62)));
-    }
 
     #[test]
     fn aor_comparison() {

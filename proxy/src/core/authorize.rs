@@ -22,7 +22,10 @@ use super::{Admission, AdmissionBasis, Proxy, Reject};
 use crate::flow::{Destination, Flow, Transport};
 use crate::sip::{HeaderName, Message, Method, NameAddr};
 use crate::transaction::TxId;
-use crate::tunnel::sdp::{strip_psk, WgSdp};
+use crate::tunnel;
+use crate::tunnel::sdp::{strip_psk, SdpError, WgSdp};
+
+use super::error::MediaFault;
 use crate::tunnel::{Party, Tunnel, TunnelState};
 
 /// What the policy allowed, and for a tunnel what to do with the offer.
@@ -57,27 +60,84 @@ fn addr_spec(msg: &Message, name: HeaderName) -> String {
         .unwrap_or_default()
 }
 
-fn is_sdp(msg: &Message) -> bool {
-    !msg.body().is_empty()
-        && msg
-            .value_of(HeaderName::ContentType)
-            .is_none_or(|c| c.trim().to_ascii_lowercase().starts_with("application/sdp"))
+/// What a request's body is, judged by its bytes, not by its labels: any body that mentions
+/// `vnd.wireguard` is a WireGuard offer, whatever its Content-Type, and must be a valid one.
+#[derive(Debug)]
+enum Body {
+    /// No body, or a body without WireGuard (an ordinary call's SDP, text, ...).
+    Plain { multipart: bool },
+    /// A valid WireGuard offer in an INVITE.
+    Offer(Box<WgSdp>),
+}
+
+/// The media type of a Content-Type value, lower-cased, without parameters.
+fn media_type(value: &str) -> String {
+    value
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase()
+}
+
+fn classify_body(msg: &Message, method: Method) -> Result<Body, Reject> {
+    let body = msg.body();
+    if body.is_empty() {
+        return Ok(Body::Plain { multipart: false });
+    }
+    // An encoded body cannot be inspected, so it is not relayed (RFC 3261 21.4.16: 415 with
+    // Accept-Encoding).
+    if let Some(enc) = msg.value_of(HeaderName::ContentEncoding) {
+        if !enc.trim().eq_ignore_ascii_case("identity") {
+            return Err(Reject::UnsupportedMedia(MediaFault::Encoding));
+        }
+    }
+    let ctype = msg
+        .value_of(HeaderName::ContentType)
+        .map(|c| media_type(&c))
+        .unwrap_or_else(|| "application/sdp".to_owned());
+    let multipart = ctype.starts_with("multipart/");
+    if multipart && contains_ignore_case(body, b"content-transfer-encoding") {
+        // A part could hide anything behind base64 or quoted-printable.
+        return Err(Reject::UnsupportedMedia(MediaFault::Encoding));
+    }
+    if !tunnel::sdp::mentions_wireguard(body) {
+        return Ok(Body::Plain { multipart });
+    }
+    if ctype != "application/sdp" {
+        return Err(Reject::UnsupportedMedia(MediaFault::WireGuardNotSdp));
+    }
+    if method != Method::Invite {
+        return Err(Reject::BadOffer(SdpError::NotInInvite));
+    }
+    match WgSdp::parse(body).map_err(Reject::BadOffer)? {
+        Some(sdp) => Ok(Body::Offer(Box::new(sdp))),
+        None => Err(Reject::BadOffer(SdpError::Stray)),
+    }
+}
+
+fn contains_ignore_case(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len())
+        .any(|w| w.eq_ignore_ascii_case(needle))
 }
 
 impl Proxy {
     /// Stage 6: the policy decision (and the PSK derivation for a `scram` tunnel).
     pub(super) fn authorize(
         &mut self,
-        msg: &Message,
+        msg: &mut Message,
         admission: &Admission,
         flow: &Flow,
     ) -> Result<Authorization, Reject> {
         let method = msg.method().unwrap_or(Method::Other);
-        let offer = if method == Method::Invite && is_sdp(msg) {
-            WgSdp::parse(msg.body()).map_err(Reject::BadOffer)?
-        } else {
-            None
+        let (offer, multipart) = match classify_body(msg, method)? {
+            Body::Offer(sdp) => (Some(*sdp), false),
+            Body::Plain { multipart } => (None, multipart),
         };
+        if offer.is_none() {
+            // Not an offer: relayed as it is, but never with a `psk` in any part.
+            sanitize(msg);
+        }
         let from = aor_key(&addr_spec(msg, HeaderName::From)).unwrap_or_default();
         let to = aor_key(&addr_spec(msg, HeaderName::To)).unwrap_or_default();
         let (caller, identity, transcript) = match admission.basis() {
@@ -120,6 +180,9 @@ impl Proxy {
             Reject::PolicyDenied(d)
         })?;
         let Some(sdp) = offer else {
+            if multipart && !permit.allows_multipart() {
+                return Err(Reject::UnsupportedMedia(MediaFault::Multipart));
+            }
             return Ok(Authorization {
                 permit,
                 tunnel: None,
@@ -302,6 +365,9 @@ impl Proxy {
                 {
                     tracing::info!(identity = %tunnel.identity, to = %tunnel.to, pskmth = %tunnel.pskmth, "tunnel up");
                 }
+                // Durable before the 200 leaves: the caller is told "up" only about a tunnel
+                // a restarted gateway still knows (and can tear down). One small WAL commit.
+                self.flush_tunnels();
             } else if status >= 300 {
                 self.tunnels.remove(&t.call_id, &t.caller_tag);
             }
@@ -322,8 +388,10 @@ impl Proxy {
         }
     }
 
-    /// Persists the tunnel table's changes in one store transaction (the driver calls it a few
-    /// times a second and at exit; a crash loses at most that interval of table changes).
+    /// Persists the tunnel table's changes in one store transaction. Called before a tunnel's
+    /// 200 is relayed (so an established tunnel is never lost to a crash), and by the driver's
+    /// tick and at exit for the rest (proposals and removals, which a crash may lose: a lost
+    /// removal leaves an entry that BYE or the admin API can still end).
     pub fn flush_tunnels(&mut self) {
         let changes = self.tunnels.take_dirty();
         if changes.is_empty() {

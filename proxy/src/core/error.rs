@@ -17,6 +17,20 @@ pub enum Fault {
     Gateway,
 }
 
+/// Why a body is refused with 415.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum MediaFault {
+    /// Content-Encoding other than identity, or a multipart part with a transfer encoding.
+    #[error("encoded body")]
+    Encoding,
+    /// A body that mentions vnd.wireguard under another Content-Type.
+    #[error("WireGuard offer not labelled application/sdp")]
+    WireGuardNotSdp,
+    /// multipart/* without a policy rule that allows it.
+    #[error("multipart body")]
+    Multipart,
+}
+
 /// A refusal of a request, mapped to exactly one response.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum Reject {
@@ -55,8 +69,6 @@ pub enum Reject {
     AuthMalformed(HeaderError),
     #[error("authentication failed")]
     AuthFailed,
-    #[error("too many pending authentications")]
-    AuthBusy,
     #[error("the authenticated identity may not use this address")]
     IdentityNotAllowed,
     #[error("no binding for the AOR")]
@@ -69,6 +81,11 @@ pub enum Reject {
     PolicyDenied(gatehouse_policy::Denied),
     #[error("the inward hop is neither TLS nor an internal network")]
     InsecureInternalHop,
+    #[error("unsupported body: {0}")]
+    UnsupportedMedia(MediaFault),
+    /// A bug caught at a boundary (a panic while handling the request): 500, counted.
+    #[error("internal error")]
+    Internal,
 }
 
 impl Reject {
@@ -112,11 +129,6 @@ impl Reject {
             }
             Reject::AuthMalformed(e) => (400, e.reason_phrase(), vec![]),
             Reject::AuthFailed => (403, "Forbidden", vec![]),
-            Reject::AuthBusy => (
-                503,
-                "Service Unavailable (too many pending authentications)",
-                vec![("Retry-After", "5".into())],
-            ),
             Reject::IdentityNotAllowed => {
                 (403, "Forbidden (identity may not use this address)", vec![])
             }
@@ -136,7 +148,24 @@ impl Reject {
                 "Forbidden",
                 vec![("Warning", format!("399 gatehouse \"policy: {d}\""))],
             ),
-            Reject::InsecureInternalHop => (500, "Server Internal Error", vec![]),
+            Reject::UnsupportedMedia(MediaFault::Encoding) => (
+                415,
+                "Unsupported Media Type (encoded body)",
+                vec![("Accept-Encoding", "identity".into())],
+            ),
+            Reject::UnsupportedMedia(MediaFault::WireGuardNotSdp) => (
+                415,
+                "Unsupported Media Type (WireGuard offer must be application/sdp)",
+                vec![("Accept", "application/sdp".into())],
+            ),
+            Reject::UnsupportedMedia(MediaFault::Multipart) => (
+                415,
+                "Unsupported Media Type (multipart body not allowed)",
+                vec![("Accept", "application/sdp".into())],
+            ),
+            Reject::InsecureInternalHop | Reject::Internal => {
+                (500, "Server Internal Error", vec![])
+            }
         }
     }
 
@@ -145,8 +174,8 @@ impl Reject {
             Reject::Timeout | Reject::Unreachable => Fault::NextHop,
             Reject::Overloaded
             | Reject::ShuttingDown
-            | Reject::AuthBusy
-            | Reject::InsecureInternalHop => Fault::Gateway,
+            | Reject::InsecureInternalHop
+            | Reject::Internal => Fault::Gateway,
             _ => Fault::Caller,
         }
     }

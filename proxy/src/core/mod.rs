@@ -27,8 +27,11 @@
 pub mod auth;
 pub mod authorize;
 pub mod error;
+pub mod lockout;
+pub mod ratelimit;
 pub mod registrar;
 pub mod route;
+pub mod stateless;
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, Hasher};
@@ -42,7 +45,7 @@ use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
 pub use auth::Challenger;
-pub use error::{Fault, Reject};
+pub use error::{Fault, MediaFault, Reject};
 pub use registrar::{Binding, WallClock};
 pub use route::{RouteTable, Target};
 
@@ -52,7 +55,7 @@ use crate::sip::values::split_list;
 use crate::sip::{build_response, HeaderName, Limits, Message, Method, NameAddr, Scheme, Uri, Via};
 use crate::store::Store;
 use crate::transaction::{
-    build_cancel, ServerOutcome, TimerConfig, TransactionLayer, Transmit, TxEvent, TxId,
+    build_cancel, ServerKey, ServerOutcome, TimerConfig, TransactionLayer, Transmit, TxEvent, TxId,
 };
 use crate::tunnel::TunnelTable;
 use std::sync::Arc;
@@ -108,6 +111,9 @@ pub struct CoreConfig {
     pub auth_secret: [u8; 32],
     pub tunnels: TunnelSettings,
     pub policy: Arc<gatehouse_policy::Policy>,
+    pub rate_limit: ratelimit::RateLimitSettings,
+    /// Topology hiding (`[topology] hide`).
+    pub hide_topology: bool,
 }
 
 /// Proof that a request passed the authenticate stage. Only [`Proxy::authenticate`]
@@ -150,6 +156,12 @@ pub struct CoreStats {
     pub stray_responses: u64,
     pub rejected: u64,
     pub forwarded: u64,
+    /// 407/401 challenges sent without a server transaction.
+    pub stateless_challenges: u64,
+    /// Retransmitted requests answered from the stateless-response cache.
+    pub stateless_resent: u64,
+    /// Panics caught around the handling of one message or timer (bugs; the loop went on).
+    pub internal_errors: u64,
 }
 
 #[derive(Debug)]
@@ -178,6 +190,27 @@ struct Context {
     latency_recorded: bool,
 }
 
+/// What stages 3 to 5 decided, before any server transaction exists.
+#[derive(Debug)]
+enum Admitted {
+    /// OPTIONS to the gateway itself: answered 200, statelessly.
+    Options,
+    /// A CANCEL for this server INVITE transaction.
+    Cancel(TxId),
+    /// In a dialog this gateway signed: relayed along the route set.
+    InDialog { loop_hash: u32 },
+    /// A REGISTER to the registrar, authenticated.
+    Register(Box<Authenticated>),
+    /// Out of dialog and admitted (trusted source, or authenticated).
+    OutOfDialog {
+        admission: Admission,
+        loop_hash: u32,
+    },
+}
+
+/// What the gateway allows (OPTIONS answers).
+const ALLOW: &str = "INVITE, ACK, CANCEL, BYE, OPTIONS, UPDATE, INFO, PRACK, NOTIFY, REFER";
+
 /// The sans-IO stateful proxy.
 #[derive(Debug)]
 pub struct Proxy {
@@ -193,7 +226,9 @@ pub struct Proxy {
     store: Store,
     bindings: registrar::Bindings,
     tls: HashMap<ConnId, TlsInfo>,
-    lockout: auth::Lockout,
+    lockout: lockout::Lockout,
+    ratelimit: ratelimit::RateLimit,
+    stateless: stateless::StatelessCache,
     clock: WallClock,
     policy: Arc<gatehouse_policy::Policy>,
     tunnels: TunnelTable,
@@ -207,6 +242,11 @@ pub struct Proxy {
 }
 
 type HmacSha256 = Hmac<Sha256>;
+
+/// Entries of the lockout table (each about 100 bytes).
+const LOCKOUT_CAPACITY: usize = 100_000;
+/// Stateless responses kept for retransmissions (each about 600 bytes).
+const STATELESS_CAPACITY: usize = 16_384;
 
 impl Proxy {
     /// A proxy on `store` (credentials, bindings); `clock` maps its time to wall-clock time
@@ -223,7 +263,12 @@ impl Proxy {
             iterations: a.iterations,
             secret: Secret::new(cfg.auth_secret),
         });
-        let lockout = auth::Lockout::new(a.failures_before_lockout, a.failure_window, a.lockout);
+        let lockout = lockout::Lockout::new(
+            a.failures_before_lockout,
+            a.failure_window,
+            a.lockout,
+            LOCKOUT_CAPACITY,
+        );
         let mut proxy = Proxy {
             policy: Arc::clone(&cfg.policy),
             tunnels: TunnelTable::default(),
@@ -235,6 +280,8 @@ impl Proxy {
             bindings: registrar::Bindings::default(),
             tls: HashMap::new(),
             lockout,
+            ratelimit: ratelimit::RateLimit::new(cfg.rate_limit),
+            stateless: stateless::StatelessCache::new(STATELESS_CAPACITY),
             clock,
             auth_stats: AuthStats::default(),
             cfg,
@@ -262,6 +309,9 @@ impl Proxy {
         self.cfg.tunnels = cfg.tunnels.clone();
         self.cfg.limits = cfg.limits;
         self.cfg.max_transactions = cfg.max_transactions;
+        self.cfg.rate_limit = cfg.rate_limit;
+        self.ratelimit.set_settings(cfg.rate_limit);
+        self.cfg.hide_topology = cfg.hide_topology;
         self.policy = Arc::clone(&cfg.policy);
     }
 
@@ -394,6 +444,29 @@ impl Proxy {
         bump("sip/parse".into(), self.stats.parse_errors, &|d| {
             m.sip_parse_errors.inc_by(d)
         });
+        bump("internal/sip".into(), self.stats.internal_errors, &|d| {
+            m.internal_errors.with_label_values(&["sip"]).inc_by(d)
+        });
+        bump(
+            "internal/sasl".into(),
+            self.sasl.stats.internal_errors,
+            &|d| m.internal_errors.with_label_values(&["sasl"]).inc_by(d),
+        );
+        bump("sasl/evicted".into(), self.sasl.stats.evicted, &|d| {
+            m.sasl_evicted.inc_by(d)
+        });
+    }
+
+    /// Housekeeping the driver runs from its tick: expired SASL exchanges, idle lockout
+    /// entries (bounded work per call), and memory given back after a flood.
+    pub fn maintain(&mut self, now: Instant) {
+        self.sasl.expire(now);
+        self.lockout.sweep(now, 4096);
+        self.ratelimit.sweep(now, 4096);
+        self.stateless.expire(now);
+        shrink_idle(&mut self.contexts);
+        shrink_idle(&mut self.branch_of);
+        self.txl.shrink();
     }
 
     /// Stop admitting new out-of-dialog requests; in-dialog requests and running
@@ -416,7 +489,35 @@ impl Proxy {
     }
 
     /// Entry point for every message the transports receive.
+    ///
+    /// A panic while handling one message is a bug, and it stays one message's problem: it is
+    /// caught here, counted (`gatehouse_internal_errors_total{area="sip"}`), logged, and a
+    /// request gets a stateless 500; the I/O loop and every other transaction go on.
     pub fn handle_message(&mut self, bytes: Bytes, flow: Flow, now: Instant) {
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.handle_message_inner(bytes.clone(), flow, now)
+        }));
+        if outcome.is_err() {
+            self.stats.internal_errors += 1;
+            tracing::error!(remote = %flow.remote, "panic while handling a message contained; answered 500");
+            if !looks_like_response(&bytes) && !starts_with_ack(&bytes) {
+                let (code, reason, _) = Reject::Internal.response();
+                if let Some(resp) = raw_response(&bytes, code, reason) {
+                    self.txl.send_stateless(Destination::Flow(flow), resp);
+                }
+            }
+        }
+    }
+
+    fn handle_message_inner(&mut self, bytes: Bytes, flow: Flow, now: Instant) {
+        // Per-source rate limit before any parsing (trusted sources are never limited).
+        if !self.is_trusted(flow.remote.ip()) && !self.ratelimit.admit(flow.remote.ip(), now) {
+            return;
+        }
+        #[cfg(test)]
+        if bytes.windows(19).any(|w| w == b"X-Test-Panic: now\r\n") {
+            panic!("injected by a test");
+        }
         match Message::parse(bytes.clone(), &self.cfg.limits) {
             Ok(msg) if msg.is_request() => {
                 self.stats.requests += 1;
@@ -459,8 +560,18 @@ impl Proxy {
         }
     }
 
-    /// Runs due timers.
+    /// Runs due timers (a panic is contained and counted as in [`Proxy::handle_message`]).
     pub fn handle_timeout(&mut self, now: Instant) {
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.handle_timeout_inner(now)
+        }));
+        if outcome.is_err() {
+            self.stats.internal_errors += 1;
+            tracing::error!("panic while running timers contained");
+        }
+    }
+
+    fn handle_timeout_inner(&mut self, now: Instant) {
         for ev in self.txl.handle_timeout(now) {
             match ev {
                 TxEvent::Timeout(tx) => {
@@ -498,26 +609,90 @@ impl Proxy {
         let response_flow = response_flow(&msg, flow);
         let method = msg.method().unwrap_or(Method::Other);
 
-        // Stage 2: retransmissions, ACK, CANCEL.
-        if method == Method::Ack {
-            if self.txl.on_request(&msg, response_flow, now) == ServerOutcome::AckToCore {
+        // Stage 2: retransmissions and ACK. A retransmission of a request answered
+        // statelessly is answered from the cache.
+        match self.txl.absorb(&msg, now) {
+            Some(ServerOutcome::AckToCore) => {
+                if let Some(key) = ServerKey::of_request(&msg) {
+                    self.stateless.remove(&key);
+                }
                 self.forward_ack(msg, flow);
+                return;
             }
+            Some(_) => return,
+            None => {}
+        }
+        let key = ServerKey::of_request(&msg);
+        if let Some((bytes, to)) = key.as_ref().and_then(|k| self.stateless.lookup(k)) {
+            self.stats.stateless_resent += 1;
+            self.txl.send_stateless(Destination::Flow(to), bytes);
             return;
         }
-        if self.txl.len() >= self.cfg.max_transactions {
-            self.reject_stateless(&msg, response_flow, Reject::Overloaded);
-            return;
-        }
-        let id = match self.txl.on_request(&msg, response_flow, now) {
-            ServerOutcome::New(id) => id,
-            ServerOutcome::Absorbed | ServerOutcome::AckToCore => return,
+
+        // Stages 3 to 5 keep no state: what they refuse or challenge is answered statelessly.
+        let mut auth_info = None;
+        let admitted = match self.admit(&mut msg, &flow, &mut auth_info, now) {
+            Ok(Admitted::Options) => {
+                let tag = self.new_tag();
+                let resp = build_response(
+                    &msg,
+                    200,
+                    "OK",
+                    Some(&tag),
+                    &[("Allow", ALLOW), ("Accept", "application/sdp")],
+                );
+                self.send_stateless_response(&msg, response_flow, key, 200, resp, now);
+                return;
+            }
+            Ok(a) => a,
+            Err(reject) => {
+                self.reply_stateless(&msg, response_flow, key, reject, auth_info, now);
+                return;
+            }
         };
-        if method == Method::Cancel {
-            self.handle_cancel(id, &msg, now);
+
+        // The transaction budget: the last quarter is kept for trusted sources (the inside).
+        let budget = if self.is_trusted(flow.remote.ip()) {
+            self.cfg.max_transactions
+        } else {
+            self.cfg.max_transactions - self.cfg.max_transactions / 4
+        };
+        if self.txl.len() >= budget {
+            self.reply_stateless(&msg, response_flow, key, Reject::Overloaded, auth_info, now);
             return;
         }
-        if let Err(reject) = self.route_request(id, msg, flow, now) {
+        let Some(id) = self.txl.create_server(&msg, response_flow) else {
+            return;
+        };
+        self.contexts.insert(
+            id,
+            Context {
+                request: msg.clone(),
+                invite: method == Method::Invite,
+                branches: Vec::new(),
+                best: None,
+                final_sent: false,
+                cancelled: false,
+                auth_info,
+                tunnel: None,
+                started: now,
+                latency_recorded: false,
+            },
+        );
+        let result = match admitted {
+            Admitted::Cancel(invite) => {
+                self.handle_cancel(id, invite, &msg, now);
+                Ok(())
+            }
+            Admitted::InDialog { loop_hash } => self.relay_in_dialog(id, msg, flow, loop_hash, now),
+            Admitted::Register(auth) => self.register(id, msg, flow, *auth, now),
+            Admitted::OutOfDialog {
+                admission,
+                loop_hash,
+            } => self.route_admitted(id, msg, flow, admission, loop_hash, now),
+            Admitted::Options => Ok(()),
+        };
+        if let Err(reject) = result {
             self.stats.rejected += 1;
             tracing::debug!(%reject, "request rejected");
             if let Some(req) = self.contexts.get(&id).map(|c| c.request.clone()) {
@@ -526,31 +701,23 @@ impl Proxy {
         }
     }
 
-    /// Stages 3 to 8 for a request that has its server transaction.
-    fn route_request(
+    /// Stages 3 to 5, before any state is kept: checks, in-dialog classification, the
+    /// gateway's own requests, authentication. `auth_info` receives the server-final as soon
+    /// as an exchange succeeded, so that every later refusal carries it too.
+    fn admit(
         &mut self,
-        id: TxId,
-        msg: Message,
-        flow: Flow,
+        msg: &mut Message,
+        flow: &Flow,
+        auth_info: &mut Option<(&'static str, String)>,
         now: Instant,
-    ) -> Result<(), Reject> {
-        let invite = msg.method() == Some(Method::Invite);
-        self.contexts.insert(
-            id,
-            Context {
-                request: msg.clone(),
-                invite,
-                branches: Vec::new(),
-                best: None,
-                final_sent: false,
-                cancelled: false,
-                auth_info: None,
-                tunnel: None,
-                started: now,
-                latency_recorded: false,
-            },
-        );
-        let mut msg = msg;
+    ) -> Result<Admitted, Reject> {
+        if msg.method() == Some(Method::Cancel) {
+            return self
+                .txl
+                .invite_for_cancel(msg)
+                .map(Admitted::Cancel)
+                .ok_or(Reject::NoDialog);
+        }
         // Stage 3: checks.
         let ruri = msg
             .request_uri()
@@ -562,56 +729,85 @@ impl Proxy {
             return Err(Reject::UnsupportedScheme);
         }
         let to_self = self.is_self_uri(&uri) && msg.position_of(HeaderName::Route).is_none();
-        let max_forwards = msg.max_forwards();
-        if max_forwards == Some(0) {
+        if msg.max_forwards() == Some(0) {
             if to_self && msg.method() == Some(Method::Options) {
-                return self.answer_options(id, &msg, now);
+                return Ok(Admitted::Options);
             }
             return Err(Reject::TooManyHops);
         }
-        let loop_hash = self.loop_hash(&msg);
-        if self.is_loop(&msg, loop_hash) {
+        let loop_hash = self.loop_hash(msg);
+        if self.is_loop(msg, loop_hash) {
             return Err(Reject::Loop);
         }
-        if let Some(tags) = unsupported_requirements(&msg) {
+        if let Some(tags) = unsupported_requirements(msg) {
             return Err(Reject::BadExtension(tags));
         }
 
         // Stage 4: Route pre-processing and in-dialog requests.
-        let signed_route = self.preprocess_routes(&mut msg)?;
-        let in_dialog = msg.tag(HeaderName::To).is_some();
-        if in_dialog {
+        let signed_route = self.preprocess_routes(msg)?;
+        if msg.tag(HeaderName::To).is_some() {
             if !signed_route {
                 return Err(Reject::NoDialog);
             }
-            self.tunnel_in_dialog(&mut msg);
-            let dest = self.next_hop(&mut msg)?;
-            return self.relay(
-                id,
-                msg,
-                flow,
-                vec![(String::new(), dest)],
-                loop_hash,
-                false,
-                now,
-            );
+            return Ok(Admitted::InDialog { loop_hash });
         }
         if self.draining {
             return Err(Reject::ShuttingDown);
         }
         if to_self {
             return match msg.method() {
-                Some(Method::Options) => self.answer_options(id, &msg, now),
-                Some(Method::Register) => self.register(id, msg, flow, now),
+                Some(Method::Options) => Ok(Admitted::Options),
+                Some(Method::Register) => {
+                    let (auth, info) = self.sasl_round(msg, flow, Challenger::Registrar, now)?;
+                    *auth_info = Some((Challenger::Registrar.info_header(), info));
+                    Ok(Admitted::Register(Box::new(auth)))
+                }
                 _ => Err(Reject::NotImplemented),
             };
         }
 
         // Stage 5: authenticate.
-        let admission = self.authenticate(id, &mut msg, &flow, now)?;
+        let admission = self.authenticate(msg, flow, auth_info, now)?;
+        Ok(Admitted::OutOfDialog {
+            admission,
+            loop_hash,
+        })
+    }
 
+    /// An in-dialog request of a dialog this gateway signed: along the route set.
+    fn relay_in_dialog(
+        &mut self,
+        id: TxId,
+        mut msg: Message,
+        flow: Flow,
+        loop_hash: u32,
+        now: Instant,
+    ) -> Result<(), Reject> {
+        self.tunnel_in_dialog(&mut msg);
+        let dest = self.next_hop(&mut msg)?;
+        self.relay(
+            id,
+            msg,
+            flow,
+            vec![(String::new(), dest)],
+            loop_hash,
+            false,
+            now,
+        )
+    }
+
+    /// Stages 6 to 8 for an admitted out-of-dialog request that has its server transaction.
+    fn route_admitted(
+        &mut self,
+        id: TxId,
+        mut msg: Message,
+        flow: Flow,
+        admission: Admission,
+        loop_hash: u32,
+        now: Instant,
+    ) -> Result<(), Reject> {
         // Stage 6: authorize (policy; a tunnel offer is validated and its PSK derived).
-        let authorization = self.authorize(&msg, &admission, &flow)?;
+        let authorization = self.authorize(&mut msg, &admission, &flow)?;
 
         // Stage 7: target.
         let targets = self.targets(&msg, &admission, now)?;
@@ -633,17 +829,22 @@ impl Proxy {
         self.relay(id, msg, flow, targets, loop_hash, record_route, now)
     }
 
+    /// A source in `[trust] sources`.
+    fn is_trusted(&self, ip: IpAddr) -> bool {
+        let ip = canonical_ip(ip);
+        self.cfg.trusted.iter().any(|net| net.contains(&ip))
+    }
+
     /// The authenticate stage. Trusted sources are admitted as such; every other request runs
     /// the SASL exchange (407 flow), and its identity must be allowed to use the From address.
     fn authenticate(
         &mut self,
-        id: TxId,
         msg: &mut Message,
         flow: &Flow,
+        auth_info: &mut Option<(&'static str, String)>,
         now: Instant,
     ) -> Result<Admission, Reject> {
-        let ip = canonical_ip(flow.remote.ip());
-        if self.cfg.trusted.iter().any(|net| net.contains(&ip)) {
+        if self.is_trusted(flow.remote.ip()) {
             return Ok(Admission {
                 basis: AdmissionBasis::TrustedSource,
             });
@@ -654,7 +855,7 @@ impl Proxy {
         }
         let (authenticated, info) = round?;
         // Every final response of this request now carries the server-final (mutual authentication).
-        self.set_auth_info(id, Challenger::Proxy, info);
+        *auth_info = Some((Challenger::Proxy.info_header(), info));
         let from = auth::header_aor(msg, HeaderName::From).ok_or(Reject::IdentityNotAllowed)?;
         if !auth::may_present(&authenticated, &from) {
             return Err(Reject::IdentityNotAllowed);
@@ -662,12 +863,6 @@ impl Proxy {
         Ok(Admission {
             basis: AdmissionBasis::Sasl(Box::new(authenticated)),
         })
-    }
-
-    fn set_auth_info(&mut self, id: TxId, challenger: Challenger, value: String) {
-        if let Some(ctx) = self.contexts.get_mut(&id) {
-            ctx.auth_info = Some((challenger.info_header(), value));
-        }
     }
 
     fn auth_info(&self, id: TxId) -> Option<(&'static str, String)> {
@@ -701,25 +896,6 @@ impl Proxy {
         }
     }
 
-    fn answer_options(&mut self, id: TxId, msg: &Message, now: Instant) -> Result<(), Reject> {
-        let tag = self.new_tag();
-        let resp = build_response(
-            msg,
-            200,
-            "OK",
-            Some(&tag),
-            &[
-                (
-                    "Allow",
-                    "INVITE, ACK, CANCEL, BYE, OPTIONS, UPDATE, INFO, PRACK, NOTIFY, REFER",
-                ),
-                ("Accept", "application/sdp"),
-            ],
-        );
-        self.finish(id, 200, resp, now);
-        Ok(())
-    }
-
     fn reply(&mut self, id: TxId, req: &Message, reject: Reject, now: Instant) {
         let (code, reason, mut extra) = reject.response();
         if let Some(info) = self.auth_info(id) {
@@ -738,20 +914,53 @@ impl Proxy {
         }
     }
 
-    fn reject_stateless(&mut self, msg: &Message, flow: Flow, reject: Reject) {
+    /// A refusal or challenge answered without a server transaction (see [`stateless`]).
+    fn reply_stateless(
+        &mut self,
+        msg: &Message,
+        flow: Flow,
+        key: Option<ServerKey>,
+        reject: Reject,
+        auth_info: Option<(&'static str, String)>,
+        now: Instant,
+    ) {
         self.stats.rejected += 1;
-        let (code, reason, extra) = reject.response();
+        tracing::debug!(%reject, "request rejected");
+        let (code, reason, mut extra) = reject.response();
+        extra.extend(auth_info);
         let extra: Vec<(&str, &str)> = extra.iter().map(|(n, v)| (*n, v.as_str())).collect();
         let tag = self.new_tag();
         let resp = build_response(msg, code, reason, Some(&tag), &extra);
+        if matches!(reject, Reject::Challenge { .. }) {
+            self.stats.stateless_challenges += 1;
+        }
+        self.send_stateless_response(msg, flow, key, code, resp, now);
+    }
+
+    /// Sends a final response of the gateway's own without a transaction, remembering it
+    /// for retransmissions over UDP.
+    fn send_stateless_response(
+        &mut self,
+        msg: &Message,
+        flow: Flow,
+        key: Option<ServerKey>,
+        code: u16,
+        resp: Bytes,
+        now: Instant,
+    ) {
+        self.metrics
+            .sip_responses
+            .with_label_values(&[crate::metrics::class(code), flow.transport.via_token()])
+            .inc();
+        if let Some(key) =
+            key.filter(|_| !flow.transport.is_reliable() && msg.method() != Some(Method::Ack))
+        {
+            self.stateless.insert(key, resp.clone(), flow, now);
+        }
         self.txl.send_stateless(Destination::Flow(flow), resp);
     }
 
-    fn handle_cancel(&mut self, cancel_id: TxId, cancel: &Message, now: Instant) {
-        let Some(invite_id) = self.txl.invite_for_cancel(cancel) else {
-            self.reply(cancel_id, cancel, Reject::NoDialog, now);
-            return;
-        };
+    fn handle_cancel(&mut self, cancel_id: TxId, invite_id: TxId, cancel: &Message, now: Instant) {
         let tag = self.new_tag();
         let ok = build_response(cancel, 200, "OK", Some(&tag), &[]);
         self.respond(cancel_id, 200, ok, now);
@@ -1259,6 +1468,13 @@ impl Proxy {
     }
 }
 
+/// Gives a map's memory back once a flood has drained (a quarter full or less).
+fn shrink_idle<K: std::hash::Hash + Eq, V>(map: &mut HashMap<K, V>) {
+    if map.capacity() > 4096 && map.len() * 4 < map.capacity() {
+        map.shrink_to_fit();
+    }
+}
+
 fn rr_value(local: &LocalAddr, mac: &str) -> String {
     let transport = match local.transport.uri_param() {
         Some(t) => format!(";transport={t}"),
@@ -1407,6 +1623,10 @@ fn canonical_ip(ip: IpAddr) -> IpAddr {
         IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
         v4 => v4,
     }
+}
+
+fn starts_with_ack(b: &[u8]) -> bool {
+    b.trim_ascii_start().starts_with(b"ACK ")
 }
 
 fn looks_like_response(b: &[u8]) -> bool {

@@ -7,12 +7,13 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant, SystemTime};
 
-use super::auth::{aor_key, header_aor, may_present, Challenger};
+use super::auth::{aor_key, header_aor, may_present};
 use super::{Proxy, Reject};
 use crate::flow::{Destination, Flow, Transport};
 use crate::sip::{build_response, HeaderName, Message, NameAddr};
 use crate::store::BindingRecord;
 use crate::transaction::TxId;
+use gatehouse_auth::Authenticated;
 
 /// One live binding.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -173,15 +174,15 @@ impl Proxy {
     }
 
     /// REGISTER addressed to the gateway's domain.
+    /// REGISTER after its SASL exchange (run statelessly by the admit stage).
     pub(super) fn register(
         &mut self,
         id: TxId,
-        mut msg: Message,
+        msg: Message,
         flow: Flow,
+        auth: Authenticated,
         now: Instant,
     ) -> Result<(), Reject> {
-        let (auth, info) = self.sasl_round(&mut msg, &flow, Challenger::Registrar, now)?;
-        self.set_auth_info(id, Challenger::Registrar, info);
         let aor = header_aor(&msg, HeaderName::To).ok_or(Reject::Malformed(
             crate::sip::ParseError::Malformed(HeaderName::To),
         ))?;

@@ -64,6 +64,8 @@ fn config() -> CoreConfig {
         auth_secret: [7; 32],
         tunnels: crate::config::TunnelSettings::default(),
         policy: std::sync::Arc::new(gatehouse_policy::Policy::trusted_only()),
+        rate_limit: Default::default(),
+        hide_topology: false,
     }
 }
 
@@ -745,6 +747,36 @@ fn unknown_methods_are_forwarded() {
     let _ = SocketAddr::from(([0, 0, 0, 0], 0));
 }
 
+#[test]
+fn a_panic_while_handling_one_message_is_contained() {
+    let mut h = Harness::new();
+    let (_, first) = h.forward_invite("vpn");
+    let poisoned = invite("vpn")
+        .replace("caller1", "caller2")
+        .replace("call-1", "call-2")
+        .replace(
+            "Max-Forwards: 70\r\n",
+            "Max-Forwards: 70\r\nX-Test-Panic: now\r\n",
+        );
+    let out = h.send(&poisoned, caller_flow());
+    assert_eq!(out.len(), 1, "{out:?}");
+    assert_eq!(out[0].first_line(), "SIP/2.0 500 Server Internal Error");
+    assert_eq!(h.proxy.stats.internal_errors, 1);
+    // The loop and the transaction already running go on: its answer is relayed.
+    let out = h.send(&answer(&first, 200, "OK", ""), uas_flow());
+    assert!(
+        out.iter().any(|s| s.first_line() == "SIP/2.0 200 OK"),
+        "{out:?}"
+    );
+    let out = h.send(
+        &invite("vpn")
+            .replace("caller1", "caller3")
+            .replace("call-1", "call-3"),
+        caller_flow(),
+    );
+    assert!(out.iter().any(|s| s.first_line().starts_with("INVITE ")));
+}
+
 fn new_proxy(cfg: crate::core::CoreConfig) -> crate::core::Proxy {
     crate::core::Proxy::new(
         cfg,
@@ -1386,6 +1418,86 @@ pskmth = [\"scram\", \"none\"]\nprefixes = [\"2001:db8:456::/48\"]\n";
             .contains("Warning: 399 gatehouse \"pubkey is not 32 bytes of base64\""));
     }
 
+    /// A caller allowed only plain calls cannot smuggle a WireGuard offer (with its own
+    /// `pskmth=gateway;psk=` and an organisation prefix) past the tunnel checks by
+    /// relabelling or wrapping it (issue 9, item 5).
+    #[test]
+    fn a_wireguard_offer_is_one_whatever_its_label() {
+        const CALLS_ONLY: &str =
+            "[[rule]]\nname = \"calls\"\nkind = \"call\"\ncallers = [\"*@partner.example\"]\n";
+        let smuggled = OFFER
+            .replace("prefix=2001:db8:456:1::/64", "prefix=2001:db8:789:5::/64")
+            .replace(
+                "pskmth=scram,none",
+                "pskmth=gateway;psk=YWl42m1t56sMAYKwGZUQZNuYG+AbdW9eE7KLj3KBT1M=",
+            );
+        let multipart = format!(
+            "--b\r\nContent-Type: text/plain\r\n\r\nhello\r\n--b\r\nContent-Type: application/sdp\r\n\r\n{smuggled}\r\n--b--\r\n"
+        );
+        let shouting = smuggled.replace("vnd.wireguard", "VND.WireGuard");
+        let cases: [(&str, &str, &str); 5] = [
+            ("text/plain", &smuggled, "415"),
+            ("multipart/mixed;boundary=b", &multipart, "415"),
+            ("application/sdp", &shouting, "488"),
+            (
+                "application/sdp\r\nContent-Encoding: gzip",
+                &smuggled,
+                "415",
+            ),
+            ("application/octet-stream", &shouting, "415"),
+        ];
+        for (ctype, body, status) in cases {
+            let mut h = tunnel_harness(store(), "198.51.100.0/24");
+            h.proxy.set_policy(std::sync::Arc::new(
+                gatehouse_policy::Policy::parse(CALLS_ONLY, "t").unwrap(),
+            ));
+            let mut client = ScramClient::new("alice", b"alice-secret", None);
+            let build = |cseq, auth: Option<&str>| {
+                tunnel_invite(body)(cseq, auth).replace(
+                    "Content-Type: application/sdp",
+                    &format!("Content-Type: {ctype}"),
+                )
+            };
+            let out = authenticate_with(&mut h, &mut client, &build);
+            assert_eq!(out.len(), 1, "{ctype}: {out:?}");
+            assert!(
+                out[0]
+                    .first_line()
+                    .starts_with(&format!("SIP/2.0 {status} ")),
+                "{ctype}: {}",
+                out[0].text
+            );
+            assert_eq!(h.proxy.tunnel_count(), 0);
+        }
+    }
+
+    #[test]
+    fn multipart_needs_a_rule_and_loses_every_psk() {
+        let audio = "v=0\r\no=- 1 1 IN IP4 192.0.2.200\r\ns=-\r\nc=IN IP4 192.0.2.200\r\nt=0 0\r\nm=audio 4000 RTP/AVP 0\r\n";
+        let body = format!("--b\r\nContent-Type: application/sdp\r\n\r\n{audio}\r\n--b--\r\n");
+        for (allowed, expect) in [(false, "415"), (true, "INVITE")] {
+            let mut h = tunnel_harness(store(), "198.51.100.0/24");
+            let rule = format!(
+                "[[rule]]\nname = \"calls\"\nkind = \"call\"\ncallers = [\"*@partner.example\"]\nmultipart = {allowed}\n"
+            );
+            h.proxy.set_policy(std::sync::Arc::new(
+                gatehouse_policy::Policy::parse(&rule, "t").unwrap(),
+            ));
+            let mut client = ScramClient::new("alice", b"alice-secret", None);
+            let build = |cseq, auth: Option<&str>| {
+                tunnel_invite(&body)(cseq, auth).replace(
+                    "Content-Type: application/sdp",
+                    "Content-Type: multipart/mixed;boundary=b",
+                )
+            };
+            let out = authenticate_with(&mut h, &mut client, &build);
+            assert!(
+                out.iter().any(|s| s.first_line().contains(expect)),
+                "multipart = {allowed}: {out:?}"
+            );
+        }
+    }
+
     #[test]
     fn a_psk_is_never_handed_to_an_unprotected_hop() {
         let mut h = tunnel_harness(store(), "10.0.0.0/8");
@@ -1450,6 +1562,57 @@ CSeq: 5 BYE\r\nContent-Length: 0\r\n\r\n",
         drop(h);
         let h = tunnel_harness(Store::open(&path).unwrap(), "198.51.100.0/24");
         assert_eq!(h.proxy.tunnel_count(), 0, "and the store agrees");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// `kill -9` right after the 200 left: no Drop, no tick flush. The tunnel is in the store
+    /// because it was written before the 200 was handed to the transport (issue 9, item 7).
+    #[test]
+    fn a_tunnel_is_durable_before_its_200_leaves() {
+        let dir = std::env::temp_dir().join(format!(
+            "gh-dur-{}-{}",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("store.sqlite");
+        {
+            let mut s = Store::open(&path).unwrap();
+            s.add_user(
+                "alice",
+                b"alice-secret",
+                &["sip:alice@partner.example".into()],
+                None,
+                4096,
+            )
+            .unwrap();
+        }
+        let mut h = tunnel_harness(Store::open(&path).unwrap(), "198.51.100.0/24");
+        let mut client = ScramClient::new("alice", b"alice-secret", None);
+        let out = authenticate_with(&mut h, &mut client, &tunnel_invite(OFFER));
+        let fwd = out
+            .iter()
+            .find(|s| s.first_line().starts_with("INVITE"))
+            .unwrap();
+        let relayed = h.send(&answer_with_sdp(fwd, &answer_sdp()), uas_flow());
+        assert!(relayed.iter().any(|s| s.status() == Some(200)));
+        // Crash: the proxy vanishes without running any of its code again.
+        std::mem::forget(h);
+        let mut h = tunnel_harness(Store::open(&path).unwrap(), "198.51.100.0/24");
+        assert_eq!(h.proxy.tunnel_count(), 1);
+        let now = h.now;
+        h.proxy
+            .teardown("call-1@partner.example", now)
+            .expect("the restarted gateway can tear the tunnel down");
+        let byes = h.drain();
+        assert_eq!(
+            byes.iter()
+                .filter(|s| s.first_line().starts_with("BYE "))
+                .count(),
+            2,
+            "{byes:?}"
+        );
+        drop(h);
         let _ = std::fs::remove_dir_all(&dir);
     }
 

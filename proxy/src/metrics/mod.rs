@@ -18,6 +18,13 @@
 //! | `gatehouse_tunnels_active` | gauge | |
 //! | `gatehouse_tunnel_setup_duration_seconds` | histogram | |
 //! | `gatehouse_registrar_bindings` | gauge | |
+//! | `gatehouse_internal_errors_total` | counter | `area` (`sip`, `sasl`, `admin`): panics caught |
+//! | `gatehouse_sasl_evicted_total` | counter | | parked exchanges dropped to make room |
+//! | `gatehouse_sip_rate_limited_total` | counter | | requests dropped by the per-source limit |
+//! | `gatehouse_sip_banned_sources` | gauge | | sources currently banned by the rate limit |
+//! | `gatehouse_sip_stateless_challenges_total` | counter | `kind` (`sent`, `retransmitted`) |
+//! | `gatehouse_transport_refused_total` | counter | `reason` (`per_source`, `tcp_budget`, `tls_budget`) |
+//! | `gatehouse_transport_closed_total` | counter | `reason` (`header_deadline`, `handshake_deadline`, `idle`) |
 //! | `process_*` | (process collector) | |
 
 use std::convert::Infallible;
@@ -52,6 +59,13 @@ pub struct Metrics {
     pub tunnels_active: IntGauge,
     pub tunnel_setup: Histogram,
     pub registrar_bindings: IntGauge,
+    pub internal_errors: IntCounterVec,
+    pub sasl_evicted: IntCounter,
+    pub rate_limited: IntCounter,
+    pub banned_sources: IntGauge,
+    pub stateless_challenges: IntCounterVec,
+    pub connections_refused: IntCounterVec,
+    pub connections_closed: IntCounterVec,
     /// Set while the gateway accepts new requests.
     pub ready: Arc<AtomicBool>,
 }
@@ -171,6 +185,45 @@ impl Metrics {
                 &r,
                 "gatehouse_registrar_bindings",
                 "Live registrar bindings",
+            ),
+            internal_errors: counter_vec(
+                &r,
+                "gatehouse_internal_errors_total",
+                "Panics caught while handling one message or request (bugs; the gateway went on)",
+                &["area"],
+            ),
+            sasl_evicted: counter(
+                &r,
+                "gatehouse_sasl_evicted_total",
+                "Parked SASL exchanges dropped to make room (source at its cap, or table full)",
+            ),
+            rate_limited: counter(
+                &r,
+                "gatehouse_sip_rate_limited_total",
+                "Requests dropped by the per-source rate limit",
+            ),
+            banned_sources: gauge(
+                &r,
+                "gatehouse_sip_banned_sources",
+                "Sources banned by the per-source rate limit",
+            ),
+            stateless_challenges: counter_vec(
+                &r,
+                "gatehouse_sip_stateless_challenges_total",
+                "Challenges answered without a server transaction",
+                &["kind"],
+            ),
+            connections_refused: counter_vec(
+                &r,
+                "gatehouse_transport_refused_total",
+                "Connections refused at accept",
+                &["reason"],
+            ),
+            connections_closed: counter_vec(
+                &r,
+                "gatehouse_transport_closed_total",
+                "Connections closed by a deadline",
+                &["reason"],
             ),
             ready: Arc::new(AtomicBool::new(false)),
             registry: r,

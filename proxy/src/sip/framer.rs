@@ -30,6 +30,9 @@ pub enum FrameError {
 pub struct StreamFramer {
     buf: BytesMut,
     max_message: usize,
+    /// Bytes of `buf` already searched for the end of the header section without finding
+    /// it: a message that arrives a byte at a time is scanned once, not once per byte.
+    scanned: usize,
 }
 
 impl StreamFramer {
@@ -37,7 +40,14 @@ impl StreamFramer {
         StreamFramer {
             buf: BytesMut::with_capacity(4096),
             max_message,
+            scanned: 0,
         }
+    }
+
+    /// Bytes of a message that has begun but is not complete (0 between messages). The
+    /// connection applies its header-read deadline while this is not 0.
+    pub fn pending(&self) -> usize {
+        self.buf.len()
     }
 
     /// The buffer to read into.
@@ -63,6 +73,7 @@ impl StreamFramer {
                 return Ok(None);
             }
             self.buf.advance(skip);
+            self.scanned = 0;
             if is_ping {
                 return Ok(Some(Frame::Ping));
             }
@@ -70,10 +81,13 @@ impl StreamFramer {
         if self.buf.is_empty() {
             return Ok(None);
         }
-        let Some(header_end) = find_header_end(&self.buf) else {
+        // Resume where the last search stopped (less the 3 bytes a CRLFCRLF may straddle).
+        let from = self.scanned.saturating_sub(3);
+        let Some(header_end) = find_header_end(&self.buf[from..]).map(|e| e + from) else {
             if self.buf.len() > self.max_message {
                 return Err(FrameError::HeaderTooLong(self.max_message));
             }
+            self.scanned = self.buf.len();
             return Ok(None);
         };
         let length = content_length(&self.buf[..header_end])?;
@@ -85,6 +99,7 @@ impl StreamFramer {
             self.buf.reserve(total - self.buf.len());
             return Ok(None);
         }
+        self.scanned = 0;
         Ok(Some(Frame::Message(self.buf.split_to(total).freeze())))
     }
 }

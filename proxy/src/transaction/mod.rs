@@ -212,6 +212,20 @@ impl TransactionLayer {
     pub fn timers(&self) -> TimerConfig {
         self.timers
     }
+    /// Gives memory back once a flood has drained (tables a quarter full or less).
+    pub fn shrink(&mut self) {
+        if self.txs.capacity() > 4096 && self.txs.len() * 4 < self.txs.capacity() {
+            self.txs.shrink_to_fit();
+            self.server_index.shrink_to_fit();
+            self.client_index.shrink_to_fit();
+        }
+        if self.heap.capacity() > 4096 && self.heap.len() * 4 < self.heap.capacity() {
+            self.heap.shrink_to_fit();
+        }
+        if self.out.capacity() > 4096 && self.out.is_empty() {
+            self.out.shrink_to_fit();
+        }
+    }
 
     /// Number of live transactions.
     pub fn len(&self) -> usize {
@@ -274,17 +288,29 @@ impl TransactionLayer {
 
     /// Matches a request to a server transaction (17.2.3) or creates one.
     pub fn on_request(&mut self, msg: &Message, flow: Flow, now: Instant) -> ServerOutcome {
-        let _ = now;
+        if let Some(outcome) = self.absorb(msg, now) {
+            return outcome;
+        }
+        match self.create_server(msg, flow) {
+            Some(id) => ServerOutcome::New(id),
+            None => ServerOutcome::AckToCore,
+        }
+    }
+
+    /// Matches a request to an existing server transaction (17.2.3): a retransmission is
+    /// absorbed (the last response resent), an ACK goes to its transaction or, unmatched, to
+    /// the core. `None`: the request starts a new transaction (see [`Self::create_server`]).
+    pub fn absorb(&mut self, msg: &Message, now: Instant) -> Option<ServerOutcome> {
         let Some(key) = ServerKey::of_request(msg) else {
-            return ServerOutcome::AckToCore;
+            return Some(ServerOutcome::AckToCore);
         };
         let is_ack = msg.method() == Some(Method::Ack);
         if let Some(&id) = self.server_index.get(&key) {
             let Some(Tx::Server(tx)) = self.txs.get_mut(&id) else {
-                return ServerOutcome::Absorbed;
+                return Some(ServerOutcome::Absorbed);
             };
             if is_ack {
-                return match tx.state {
+                return Some(match tx.state {
                     ServerState::Completed { .. } => {
                         tx.state = ServerState::Confirmed;
                         let after = if tx.flow.transport.is_reliable() {
@@ -297,7 +323,7 @@ impl TransactionLayer {
                     }
                     ServerState::Accepted => ServerOutcome::AckToCore,
                     _ => ServerOutcome::Absorbed,
-                };
+                });
             }
             let resend = match &tx.state {
                 ServerState::Proceeding { last: Some(r) } => Some(r.clone()),
@@ -314,10 +340,17 @@ impl TransactionLayer {
                     tx: None,
                 });
             }
-            return ServerOutcome::Absorbed;
+            return Some(ServerOutcome::Absorbed);
         }
-        if is_ack {
-            return ServerOutcome::AckToCore;
+        is_ack.then_some(ServerOutcome::AckToCore)
+    }
+
+    /// Creates the server transaction of a new request (not an ACK; `None` for one, or for a
+    /// request without a usable Via).
+    pub fn create_server(&mut self, msg: &Message, flow: Flow) -> Option<TxId> {
+        let key = ServerKey::of_request(msg)?;
+        if msg.method() == Some(Method::Ack) {
+            return None;
         }
         let id = self.alloc_id();
         let invite = msg.method() == Some(Method::Invite);
@@ -336,7 +369,7 @@ impl TransactionLayer {
                 state,
             }),
         );
-        ServerOutcome::New(id)
+        Some(id)
     }
 
     /// The server INVITE transaction a CANCEL refers to (RFC 3261 section 9.2).

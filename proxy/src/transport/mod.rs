@@ -4,7 +4,16 @@
 //! UDP datagrams are received by the driver itself (no channel hop); each TCP/TLS connection
 //! is a task that frames the stream and hands complete messages to the driver over one
 //! bounded channel, and writes what the driver gives it. Connections are keyed by remote
-//! address for reuse, closed after an idle time, and bounded in number by a semaphore.
+//! address for reuse.
+//!
+//! Connections cannot be exhausted by one party ([`ConnLimiter`]): every accepted connection
+//! takes a place in its transport's budget (`max_tcp_connections`, `max_tls_connections`, so
+//! bare TLS connects cannot starve plain TCP), in its subscriber's share
+//! (`max_connections_per_source`; IPv4 address or IPv6 /64) and in the total
+//! (`max_connections`, which outbound connections share). A TLS handshake must finish within
+//! `handshake_timeout`, a message that has begun within `header_timeout` (slowloris), and a
+//! connection with no traffic closes after `connection_idle`. Refusals and deadline closes
+//! are counted (`gatehouse_transport_refused_total`, `gatehouse_transport_closed_total`).
 
 pub mod tls;
 
@@ -153,10 +162,131 @@ struct ConnHandle {
 #[derive(Clone)]
 struct StreamSettings {
     idle: Duration,
+    header_timeout: Duration,
+    handshake_timeout: Duration,
     max_message: usize,
-    limit: Arc<Semaphore>,
+    limit: Arc<ConnLimiter>,
     next_id: Arc<AtomicU64>,
     events: mpsc::Sender<Event>,
+    metrics: Arc<crate::metrics::Metrics>,
+}
+
+/// The places connections take: the total, a budget per inbound transport, and a share per
+/// subscriber. Touched only when a connection opens or closes, never per message.
+#[derive(Debug)]
+pub struct ConnLimiter {
+    total: Arc<Semaphore>,
+    tcp: Arc<Semaphore>,
+    tls: Arc<Semaphore>,
+    per_source: usize,
+    sources: std::sync::Mutex<HashMap<gatehouse_auth::Subscriber, usize>>,
+}
+
+/// Why an inbound connection was refused (metric label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    PerSource,
+    TcpBudget,
+    TlsBudget,
+    Total,
+}
+
+impl Refusal {
+    pub fn label(self) -> &'static str {
+        match self {
+            Refusal::PerSource => "per_source",
+            Refusal::TcpBudget => "tcp_budget",
+            Refusal::TlsBudget => "tls_budget",
+            Refusal::Total => "total",
+        }
+    }
+}
+
+/// A connection's places; given back when dropped.
+#[derive(Debug)]
+pub struct ConnPermit {
+    _total: tokio::sync::OwnedSemaphorePermit,
+    _budget: Option<tokio::sync::OwnedSemaphorePermit>,
+    source: Option<(Arc<ConnLimiter>, gatehouse_auth::Subscriber)>,
+}
+
+impl Drop for ConnPermit {
+    fn drop(&mut self) {
+        if let Some((limiter, sub)) = self.source.take() {
+            limiter.release_source(sub);
+        }
+    }
+}
+
+impl ConnLimiter {
+    pub fn new(total: usize, tcp: usize, tls: usize, per_source: usize) -> Arc<ConnLimiter> {
+        Arc::new(ConnLimiter {
+            total: Arc::new(Semaphore::new(total)),
+            tcp: Arc::new(Semaphore::new(tcp)),
+            tls: Arc::new(Semaphore::new(tls)),
+            per_source,
+            sources: std::sync::Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn release_source(&self, sub: gatehouse_auth::Subscriber) {
+        let mut sources = self.sources.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = sources.get_mut(&sub) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                sources.remove(&sub);
+            }
+        }
+    }
+
+    /// Places for an inbound connection from `remote`.
+    pub fn inbound(
+        self: &Arc<Self>,
+        transport: Transport,
+        remote: SocketAddr,
+    ) -> Result<ConnPermit, Refusal> {
+        let sub = gatehouse_auth::Subscriber::of(remote.ip());
+        {
+            let mut sources = self.sources.lock().unwrap_or_else(|p| p.into_inner());
+            let n = sources.entry(sub).or_default();
+            if *n >= self.per_source {
+                return Err(Refusal::PerSource);
+            }
+            *n += 1;
+        }
+        let total = match Arc::clone(&self.total).try_acquire_owned() {
+            Ok(p) => p,
+            Err(_) => {
+                self.release_source(sub);
+                return Err(Refusal::Total);
+            }
+        };
+        // From here on dropping the permit gives every place back.
+        let mut permit = ConnPermit {
+            _total: total,
+            _budget: None,
+            source: Some((Arc::clone(self), sub)),
+        };
+        let (budget, refusal) = match transport {
+            Transport::Tls => (&self.tls, Refusal::TlsBudget),
+            _ => (&self.tcp, Refusal::TcpBudget),
+        };
+        permit._budget = Some(
+            Arc::clone(budget)
+                .try_acquire_owned()
+                .map_err(|_| refusal)?,
+        );
+        Ok(permit)
+    }
+
+    /// A place for an outbound connection (the total only).
+    pub fn outbound(self: &Arc<Self>) -> Option<ConnPermit> {
+        Some(ConnPermit {
+            _total: Arc::clone(&self.total).try_acquire_owned().ok()?,
+            _budget: None,
+            source: None,
+        })
+    }
 }
 
 /// What a reload needs to know: the configuration file (and its listeners, which a reload
@@ -228,10 +358,18 @@ impl Driver {
         let (events_tx, events) = mpsc::channel(8192);
         let settings = StreamSettings {
             idle: cfg.connection_idle,
+            header_timeout: cfg.header_timeout,
+            handshake_timeout: cfg.handshake_timeout,
             max_message: cfg.limits.max_message_bytes,
-            limit: Arc::new(Semaphore::new(cfg.max_connections)),
+            limit: ConnLimiter::new(
+                cfg.max_connections,
+                cfg.max_tcp_connections,
+                cfg.max_tls_connections,
+                cfg.max_connections_per_source,
+            ),
             next_id: Arc::new(AtomicU64::new(1)),
             events: events_tx,
+            metrics: proxy.metrics(),
         };
         let tls = tls::TlsContext::from_config(cfg)?;
         let mut accept_tasks = Vec::new();
@@ -247,6 +385,7 @@ impl Driver {
                     settings.session_idle,
                     tx,
                     log_control(),
+                    Arc::clone(&metrics),
                 ));
                 let acceptor = if settings.tls { tls.acceptor() } else { None };
                 tokio::spawn(crate::admin::serve(listener, state, acceptor));
@@ -363,6 +502,7 @@ impl Driver {
                 }
                 _ = sync.tick() => {
                     self.proxy.flush_tunnels();
+                    self.proxy.maintain(Instant::now());
                     self.proxy.sync_metrics();
                     self.metrics.connections.set(self.conns.len() as i64);
                 }
@@ -578,7 +718,7 @@ impl Driver {
         let settings = self.settings.clone();
         let connector = self.tls.connector();
         tokio::spawn(async move {
-            let Ok(permit) = settings.limit.clone().try_acquire_owned() else {
+            let Some(permit) = settings.limit.outbound() else {
                 fail_queued(rx, &settings, id).await;
                 return;
             };
@@ -654,10 +794,18 @@ async fn accept_loop(
         let Ok((stream, remote)) = listener.accept().await else {
             continue;
         };
-        let Ok(permit) = settings.limit.clone().try_acquire_owned() else {
-            tracing::warn!(%remote, "connection limit reached: closing new connection");
-            drop(stream);
-            continue;
+        let permit = match settings.limit.inbound(transport, remote) {
+            Ok(p) => p,
+            Err(refusal) => {
+                settings
+                    .metrics
+                    .connections_refused
+                    .with_label_values(&[refusal.label()])
+                    .inc();
+                tracing::debug!(%remote, reason = refusal.label(), "connection refused");
+                drop(stream);
+                continue;
+            }
         };
         let _ = stream.set_nodelay(true);
         let settings = settings.clone();
@@ -669,10 +817,22 @@ async fn accept_loop(
             match acceptor {
                 Some(acc) => {
                     let hs =
-                        tokio::time::timeout(Duration::from_secs(10), acc.accept(stream)).await;
-                    let Ok(Ok(tls)) = hs else {
-                        tracing::debug!(%remote, "TLS handshake failed");
-                        return;
+                        tokio::time::timeout(settings.handshake_timeout, acc.accept(stream)).await;
+                    let tls = match hs {
+                        Ok(Ok(tls)) => tls,
+                        Ok(Err(_)) => {
+                            tracing::debug!(%remote, "TLS handshake failed");
+                            return;
+                        }
+                        Err(_) => {
+                            settings
+                                .metrics
+                                .connections_closed
+                                .with_label_values(&["handshake_deadline"])
+                                .inc();
+                            tracing::debug!(%remote, "TLS handshake deadline passed");
+                            return;
+                        }
                     };
                     let info = tls::channel_binding(tls.get_ref().1);
                     let opened = Event::Opened {
@@ -719,7 +879,7 @@ async fn serve_conn<S: AsyncRead + AsyncWrite + Unpin>(
     remote: SocketAddr,
     mut rx: mpsc::Receiver<Outgoing>,
     settings: StreamSettings,
-    _permit: tokio::sync::OwnedSemaphorePermit,
+    _permit: ConnPermit,
 ) {
     let flow = Flow {
         transport,
@@ -729,7 +889,17 @@ async fn serve_conn<S: AsyncRead + AsyncWrite + Unpin>(
     };
     let mut framer = StreamFramer::new(settings.max_message);
     let mut failed: Vec<TxId> = Vec::new();
+    // Deadline of the message being received (armed by its first byte).
+    let mut message_deadline: Option<tokio::time::Instant> = None;
+    let closed = |reason: &str| {
+        settings
+            .metrics
+            .connections_closed
+            .with_label_values(&[reason])
+            .inc();
+    };
     'conn: loop {
+        let idle_at = tokio::time::Instant::now() + settings.idle;
         tokio::select! {
             r = stream.read_buf(framer.buffer()) => {
                 match r {
@@ -754,6 +924,11 @@ async fn serve_conn<S: AsyncRead + AsyncWrite + Unpin>(
                         }
                     },
                 }
+                message_deadline = match (framer.pending(), message_deadline) {
+                    (0, _) => None,
+                    (_, Some(d)) => Some(d),
+                    (_, None) => Some(tokio::time::Instant::now() + settings.header_timeout),
+                };
             }
             out = rx.recv() => match out {
                 Some(m) => {
@@ -764,7 +939,15 @@ async fn serve_conn<S: AsyncRead + AsyncWrite + Unpin>(
                 }
                 None => break 'conn,
             },
-            _ = tokio::time::sleep(settings.idle) => break 'conn,
+            _ = tokio::time::sleep_until(message_deadline.map_or(idle_at, |d| d.min(idle_at))) => {
+                if message_deadline.is_some_and(|d| d <= idle_at) {
+                    tracing::debug!(%remote, "message not complete within the header deadline: closing");
+                    closed("header_deadline");
+                } else {
+                    closed("idle");
+                }
+                break 'conn;
+            }
         }
     }
     let _ = stream.shutdown().await;

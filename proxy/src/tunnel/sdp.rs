@@ -40,6 +40,21 @@ pub enum SdpError {
     AnswerPskmth,
     #[error("psk is not 32 bytes of base64")]
     Psk,
+    #[error("vnd.wireguard outside a vnd.wireguard media description")]
+    Stray,
+    #[error("WireGuard offer outside an INVITE")]
+    NotInInvite,
+}
+
+/// True when a body mentions `vnd.wireguard` anywhere, in any case: whatever its
+/// Content-Type or structure, such a body is handled as a WireGuard offer (validated or
+/// refused), never relayed as an opaque payload.
+pub fn mentions_wireguard(body: &[u8]) -> bool {
+    const NEEDLE: &[u8] = b"vnd.wireguard";
+    body.len() >= NEEDLE.len()
+        && body
+            .windows(NEEDLE.len())
+            .any(|w| w.eq_ignore_ascii_case(NEEDLE))
 }
 
 /// A parsed WireGuard SDP body (offer or answer), keeping its lines.
@@ -91,12 +106,15 @@ impl WgSdp {
         let media: Vec<usize> = (0..lines.len())
             .filter(|&i| lines[i].starts_with("m="))
             .collect();
+        // Any media line that names vnd.wireguard, in any case or position, is WireGuard
+        // media: the strict checks below accept only the one correct form.
         let wg: Vec<usize> = media
             .iter()
             .copied()
-            .filter(|&i| lines[i].ends_with(" vnd.wireguard"))
+            .filter(|&i| mentions_wireguard(lines[i].as_bytes()))
             .collect();
         match (wg.len(), media.len()) {
+            (0, _) if mentions_wireguard(body) => return Err(SdpError::Stray),
             (0, _) => return Ok(None),
             (1, 1) => {}
             (1, _) => return Err(SdpError::MixedMedia),
@@ -271,8 +289,13 @@ fn sdp_rs_accounts_for(text: &str, lines: usize) -> Result<(), SdpError> {
 /// Removes every `psk` fmtp parameter from a WireGuard SDP body; `None` when there was none.
 /// The gateway applies it to everything it relays, so that a PSK can only ever be in the
 /// inward offer the gateway itself writes.
+///
+/// Works line by line on the whole body, so it reaches every part of a multipart body too;
+/// the fmtp line is recognised whatever its case and spacing, the parameter whatever its
+/// case. A body that is not UTF-8 but mentions `psk` loses nothing here; such a body cannot
+/// be a valid offer (the authorize stage refuses it before relaying).
 pub fn strip_psk(body: &[u8]) -> Option<Vec<u8>> {
-    if !body.windows(4).any(|w| w == b"psk=") {
+    if !body.windows(3).any(|w| w.eq_ignore_ascii_case(b"psk")) {
         return None;
     }
     let text = std::str::from_utf8(body).ok()?;
@@ -280,21 +303,21 @@ pub fn strip_psk(body: &[u8]) -> Option<Vec<u8>> {
     let out: String = text
         .split_inclusive('\n')
         .map(|line| {
-            if !line.starts_with("a=fmtp:vnd.wireguard ") {
+            let Some((head, params)) = wireguard_fmtp(line) else {
                 return line.to_owned();
-            }
-            let (content, end) = match line.strip_suffix("\r\n") {
+            };
+            let (content, end) = match params.strip_suffix("\r\n") {
                 Some(c) => (c, "\r\n"),
-                None => match line.strip_suffix('\n') {
+                None => match params.strip_suffix('\n') {
                     Some(c) => (c, "\n"),
-                    None => (line, ""),
+                    None => (params, ""),
                 },
             };
-            let head = "a=fmtp:vnd.wireguard ";
-            let kept: Vec<&str> = content[head.len()..]
+            let kept: Vec<&str> = content
                 .split(';')
                 .filter(|p| {
-                    let drop = p.trim_start().starts_with("psk=");
+                    let name = p.split('=').next().unwrap_or("").trim();
+                    let drop = name.eq_ignore_ascii_case("psk");
                     changed |= drop;
                     !drop
                 })
@@ -303,6 +326,28 @@ pub fn strip_psk(body: &[u8]) -> Option<Vec<u8>> {
         })
         .collect();
     changed.then(|| out.into_bytes())
+}
+
+/// Splits an `a=fmtp:vnd.wireguard <params>` line (any case, any leading blank, any
+/// whitespace after the format) into the head up to the parameters and the parameters.
+fn wireguard_fmtp(line: &str) -> Option<(&str, &str)> {
+    let start = line.len() - line.trim_start().len();
+    let rest = &line[start..];
+    let fmt_start = start
+        + rest
+            .get(..7)?
+            .eq_ignore_ascii_case("a=fmtp:")
+            .then_some(7)?;
+    let after = &line[fmt_start..];
+    let fmt_len = after
+        .find(|c: char| c.is_ascii_whitespace())
+        .unwrap_or(after.len());
+    if !after[..fmt_len].eq_ignore_ascii_case("vnd.wireguard") {
+        return None;
+    }
+    let ws = after[fmt_len..].len() - after[fmt_len..].trim_start_matches([' ', '\t']).len();
+    let split = fmt_start + fmt_len + ws;
+    Some((&line[..split], &line[split..]))
 }
 
 #[cfg(test)]
@@ -369,6 +414,59 @@ a=sendrecv\r\n";
         assert!(
             out.contains("o=- 4124031101 285260646 IN IP6 2001:db8:666::666"),
             "origin untouched"
+        );
+    }
+
+    /// No spelling of WireGuard media passes as "not WireGuard" (issue 9, item 5).
+    #[test]
+    fn every_spelling_of_wireguard_is_wireguard() {
+        for variant in [
+            SEED.replace("udp vnd.wireguard", "udp VND.WireGuard"),
+            SEED.replace("udp vnd.wireguard", "udp vnd.wireguard "),
+            SEED.replace(
+                "m=application 57660 udp vnd.wireguard",
+                "m=audio 57660 RTP/AVP 0",
+            ),
+        ] {
+            assert!(parse(&variant).is_err(), "{variant}");
+        }
+        assert_eq!(
+            parse(&SEED.replace(
+                "m=application 57660 udp vnd.wireguard",
+                "m=audio 57660 RTP/AVP 0"
+            ))
+            .unwrap_err(),
+            SdpError::Stray
+        );
+        assert!(mentions_wireguard(
+            b"--b\r\nm=application 1 udp VND.WIREGUARD\r\n"
+        ));
+        assert!(!mentions_wireguard(b"v=0\r\nm=audio 1 RTP/AVP 0\r\n"));
+    }
+
+    #[test]
+    fn psk_is_stripped_whatever_the_spelling_and_in_every_part() {
+        let body = "--b\r\nContent-Type: application/sdp\r\n\r\nv=0\r\n\
+a=fmtp:vnd.wireguard pubkey=x;psk=AAAA;prefix=p\r\n\
+--b\r\nContent-Type: text/plain\r\n\r\n\
+ A=FMTP:VND.WireGuard\tPSK=BBBB ; prefix=q\r\n\
+a=fmtp:vnd.wireguard  pubkey=y; Psk = CCCC\n--b--\r\n";
+        let out = String::from_utf8(strip_psk(body.as_bytes()).unwrap()).unwrap();
+        for secret in ["AAAA", "BBBB", "CCCC"] {
+            assert!(!out.contains(secret), "{out}");
+        }
+        assert!(
+            out.contains("a=fmtp:vnd.wireguard pubkey=x;prefix=p\r\n"),
+            "{out}"
+        );
+        assert!(
+            out.contains("Content-Type: text/plain\r\n"),
+            "other lines untouched: {out}"
+        );
+        assert_eq!(
+            strip_psk(b"v=0\r\na=fmtp:96 psk=1\r\n"),
+            None,
+            "other formats untouched"
         );
     }
 
