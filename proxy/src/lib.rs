@@ -23,18 +23,24 @@ use std::io;
 
 use crate::config::Config;
 use crate::core::{CoreConfig, LocalAddr, Proxy, WallClock};
+use crate::flow::Transport;
 use crate::store::{Store, StoreError};
 use crate::transport::{Bound, Driver};
 
 /// Log-level control installed once by the binary (the admin API's `PUT /api/v1/log-level`).
 pub static LOG_CONTROL: std::sync::OnceLock<admin::LogControl> = std::sync::OnceLock::new();
 
-/// Builds the core's view of the configuration for the sockets actually bound.
-pub fn core_config(cfg: &Config, bound: &Bound, store: &Store) -> Result<CoreConfig, StoreError> {
+/// Builds the core's view of the configuration for the sockets actually bound (`bound`:
+/// transport and address of each `[[listen]]`, in order; `Bound::addrs`).
+pub fn core_config(
+    cfg: &Config,
+    bound: &[(Transport, std::net::SocketAddr)],
+    store: &Store,
+) -> Result<CoreConfig, StoreError> {
     let locals = cfg
         .listen
         .iter()
-        .zip(&bound.addrs)
+        .zip(bound)
         .map(|(l, &(transport, actual))| {
             // Port 0 in the configuration becomes the port actually bound.
             let advertise = l.advertise.clone().map(|(h, p)| {
@@ -81,7 +87,7 @@ pub fn open_store(cfg: &Config) -> Result<Store, StoreError> {
 pub async fn run(cfg: Config, bound: Bound, shutdown: impl Future<Output = ()>) -> io::Result<()> {
     let invalid = |e: StoreError| io::Error::other(e.to_string());
     let store = open_store(&cfg).map_err(invalid)?;
-    let core = core_config(&cfg, &bound, &store).map_err(invalid)?;
+    let core = core_config(&cfg, &bound.addrs, &store).map_err(invalid)?;
     let proxy = Proxy::new(core, store, WallClock::now());
     let driver = Driver::new(&cfg, proxy, bound)?;
     driver.run(shutdown).await;

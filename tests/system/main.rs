@@ -5,6 +5,7 @@
 
 mod admin;
 mod client;
+mod hardening;
 mod harness;
 mod interop;
 mod operations;

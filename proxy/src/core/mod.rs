@@ -228,6 +228,8 @@ pub struct Proxy {
     tls: HashMap<ConnId, TlsInfo>,
     lockout: lockout::Lockout,
     ratelimit: ratelimit::RateLimit,
+    /// Bans in force at the last [`Proxy::maintain`] (metrics).
+    banned_sources: usize,
     stateless: stateless::StatelessCache,
     clock: WallClock,
     policy: Arc<gatehouse_policy::Policy>,
@@ -281,6 +283,7 @@ impl Proxy {
             tls: HashMap::new(),
             lockout,
             ratelimit: ratelimit::RateLimit::new(cfg.rate_limit),
+            banned_sources: 0,
             stateless: stateless::StatelessCache::new(STATELESS_CAPACITY),
             clock,
             auth_stats: AuthStats::default(),
@@ -357,6 +360,11 @@ impl Proxy {
 
     pub fn config(&self) -> &CoreConfig {
         &self.cfg
+    }
+
+    /// Panics caught so far, in the core and in its SASL server (0 unless there is a bug).
+    pub fn internal_errors(&self) -> u64 {
+        self.stats.internal_errors + self.sasl.stats.internal_errors
     }
 
     /// Live transactions (server and client).
@@ -455,6 +463,28 @@ impl Proxy {
         bump("sasl/evicted".into(), self.sasl.stats.evicted, &|d| {
             m.sasl_evicted.inc_by(d)
         });
+        bump("sip/rate_limited".into(), self.ratelimit.dropped, &|d| {
+            m.rate_limited.inc_by(d)
+        });
+        bump(
+            "sip/stateless_sent".into(),
+            self.stats.stateless_challenges,
+            &|d| {
+                m.stateless_challenges
+                    .with_label_values(&["sent"])
+                    .inc_by(d)
+            },
+        );
+        bump(
+            "sip/stateless_resent".into(),
+            self.stats.stateless_resent,
+            &|d| {
+                m.stateless_challenges
+                    .with_label_values(&["retransmitted"])
+                    .inc_by(d)
+            },
+        );
+        m.banned_sources.set(self.banned_sources as i64);
     }
 
     /// Housekeeping the driver runs from its tick: expired SASL exchanges, idle lockout
@@ -463,6 +493,7 @@ impl Proxy {
         self.sasl.expire(now);
         self.lockout.sweep(now, 4096);
         self.ratelimit.sweep(now, 4096);
+        self.banned_sources = self.ratelimit.banned(now);
         self.stateless.expire(now);
         shrink_idle(&mut self.contexts);
         shrink_idle(&mut self.branch_of);
@@ -952,6 +983,10 @@ impl Proxy {
             .sip_responses
             .with_label_values(&[crate::metrics::class(code), flow.transport.via_token()])
             .inc();
+        if msg.method() == Some(Method::Invite) {
+            // Answered in the step it arrived in: no time passes on the core's clock.
+            self.metrics.invite_final_latency.observe(0.0);
+        }
         if let Some(key) =
             key.filter(|_| !flow.transport.is_reliable() && msg.method() != Some(Method::Ack))
         {
