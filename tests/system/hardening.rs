@@ -367,7 +367,7 @@ fn legitimate_setups_succeed_during_an_invite_flood() {
                     std::thread::sleep(ahead.min(Duration::from_millis(2)));
                     continue;
                 }
-                let sock = if n % 5 == 0 {
+                let sock = if n.is_multiple_of(5) {
                     &heavy[(n / 5 % 4) as usize]
                 } else {
                     &many[(n % 1000) as usize]
