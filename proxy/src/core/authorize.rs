@@ -323,8 +323,16 @@ impl Proxy {
                 if let Ok(Some(mut answer)) = WgSdp::parse(resp.body()) {
                     answer.set_param("pskmth", Some(&t.pskmth));
                     answer.set_param("psk", None);
-                    if let Some(ep) = self.cfg.tunnels.public_endpoints.get(&t.to_aor) {
-                        answer.set_endpoint(*ep);
+                    let public = self.cfg.tunnels.public_endpoints.get(&t.to_aor).copied();
+                    if let Some(ep) = public {
+                        answer.set_endpoint(ep);
+                    }
+                    if let Some(to) = self.txl.server_flow(server) {
+                        if self.hides_response_to(&to) {
+                            let ip =
+                                public.map_or(self.local_for_flow(&to).addr.ip(), |ep| ep.ip());
+                            answer.hide_addresses(ip);
+                        }
                     }
                     resp.set_body(answer.to_bytes().into());
                 }

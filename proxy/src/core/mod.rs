@@ -32,6 +32,7 @@ pub mod ratelimit;
 pub mod registrar;
 pub mod route;
 pub mod stateless;
+pub mod topology;
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, Hasher};
@@ -170,6 +171,8 @@ struct Branch {
     done: bool,
     cancel_pending: bool,
     provisional: bool,
+    /// The inside's Vias were not sent (topology hiding): restore them on responses.
+    hidden_vias: bool,
 }
 
 /// Response context of a forwarded request (RFC 3261 16.7).
@@ -231,6 +234,7 @@ pub struct Proxy {
     /// Bans in force at the last [`Proxy::maintain`] (metrics).
     banned_sources: usize,
     stateless: stateless::StatelessCache,
+    topology: topology::TopologyKey,
     clock: WallClock,
     policy: Arc<gatehouse_policy::Policy>,
     tunnels: TunnelTable,
@@ -285,6 +289,7 @@ impl Proxy {
             ratelimit: ratelimit::RateLimit::new(cfg.rate_limit),
             banned_sources: 0,
             stateless: stateless::StatelessCache::new(STATELESS_CAPACITY),
+            topology: topology::TopologyKey::derive(&cfg.dialog_key),
             clock,
             auth_stats: AuthStats::default(),
             cfg,
@@ -776,6 +781,7 @@ impl Proxy {
 
         // Stage 4: Route pre-processing and in-dialog requests.
         let signed_route = self.preprocess_routes(msg)?;
+        self.reveal_request_uri(msg)?;
         if msg.tag(HeaderName::To).is_some() {
             if !signed_route {
                 return Err(Reject::NoDialog);
@@ -1054,10 +1060,16 @@ impl Proxy {
             Ok(true) => {}
             _ => return,
         }
+        if self.reveal_request_uri(&mut msg).is_err() {
+            return;
+        }
         self.tunnel_in_dialog(&mut msg);
         let Ok(dest) = self.next_hop(&mut msg) else {
             return;
         };
+        if self.hides_towards(&flow, &dest) {
+            self.hide_request(&mut msg, &dest);
+        }
         let incoming_branch = msg
             .top_via_value()
             .and_then(|v| Via::parse(&v).and_then(|v| v.branch()).map(str::to_owned))
@@ -1065,7 +1077,6 @@ impl Proxy {
         let mut h = self.hasher.build_hasher();
         h.write(incoming_branch.as_bytes());
         let branch = format!("z9hG4bK{:x}a{:016x}", self.branch_salt, h.finish());
-        let _ = flow;
         self.add_via_and_forwarding_headers(&mut msg, &dest, &branch);
         self.stats.forwarded += 1;
         self.txl.send_stateless(dest, msg.serialize());
@@ -1200,6 +1211,10 @@ impl Proxy {
             if record_route {
                 self.add_record_route(&mut branch_msg, &flow, &dest);
             }
+            let hidden_vias = self.hides_towards(&flow, &dest);
+            if hidden_vias {
+                self.hide_request(&mut branch_msg, &dest);
+            }
             self.branch_counter += 1;
             let branch = format!(
                 "z9hG4bK{:08x}{:x}.{:08x}",
@@ -1218,6 +1233,7 @@ impl Proxy {
                     done: false,
                     cancel_pending: false,
                     provisional: false,
+                    hidden_vias,
                 });
             }
             self.stats.forwarded += 1;
@@ -1297,17 +1313,33 @@ impl Proxy {
             return;
         };
         let status = msg.status().unwrap_or(500);
-        // 16.7 item 3: remove our Via.
-        if !remove_top_via(&mut msg) {
+        let server = self.branch_of.get(&client).copied();
+        let ctx = server.and_then(|s| self.contexts.get(&s));
+        let hidden_vias = ctx.is_some_and(|c| {
+            c.branches
+                .iter()
+                .any(|b| b.client == client && b.hidden_vias)
+        });
+        // 16.7 item 3: remove our Via (and put back the inside's, when they were hidden).
+        let more = remove_top_via(&mut msg);
+        if hidden_vias {
+            if let Some(c) = ctx {
+                Self::restore_vias(&c.request, &mut msg);
+            }
+        } else if !more {
             return;
         }
-        let Some(&server) = self.branch_of.get(&client) else {
+        let Some(server) = server else {
             // Context gone (only 2xx retransmissions can get here): forward statelessly.
             if (200..300).contains(&status) {
                 if let Some(clean) = crate::tunnel::sdp::strip_psk(msg.body()) {
                     msg.set_body(clean.into());
                 }
                 if let Some(dest) = via_destination(&msg) {
+                    if self.cfg.hide_topology && !self.dest_inside(&dest) {
+                        let inbound = self.local_for(&dest).clone();
+                        self.hide_response(&inbound, &mut msg);
+                    }
                     self.txl.send_stateless(dest, msg.serialize());
                 }
             }
@@ -1317,6 +1349,12 @@ impl Proxy {
             return;
         }
         self.tunnel_response(server, client, status, &mut msg, now);
+        if let Some(to) = self.txl.server_flow(server) {
+            if self.hides_response_to(&to) {
+                let inbound = self.local_for_flow(&to).clone();
+                self.hide_response(&inbound, &mut msg);
+            }
+        }
         self.on_branch_response(server, client, status, msg, now);
     }
 

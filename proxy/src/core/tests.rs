@@ -1017,6 +1017,29 @@ mod sasl {
         assert!(h.proxy.auth_stats.lockouts >= 1);
     }
 
+    /// Issue 9, defect 6: failures for `vpn` from an outside address (no reply needed) do
+    /// not lock the internal endpoint's own REGISTER out; the guesser itself is locked.
+    #[test]
+    fn nobody_can_lock_the_endpoint_out() {
+        let mut h = harness();
+        // The harness locks after 3 failures.
+        for _ in 0..3 {
+            let mut guess = ScramClient::new("vpn", b"guess", None);
+            let out = authenticate(&mut h, &mut guess);
+            assert_eq!(out[0].first_line(), "SIP/2.0 403 Forbidden");
+        }
+        assert!(h.proxy.auth_stats.lockouts >= 1, "the guesser is locked");
+        let first = SaslParams {
+            mech: Some("SCRAM-SHA-256".into()),
+            c2s: Some(ScramClient::new("vpn", b"vpn-secret", None).client_first()),
+            ..SaslParams::default()
+        };
+        let out = h.send(&invite_round(2, Some(&first.emit())), outside());
+        assert_eq!(out[0].first_line(), "SIP/2.0 403 Forbidden", "locked there");
+        let out = do_register(&mut h, "vpn", b"vpn-secret", "<sip:vpn@198.51.100.30:5060>");
+        assert_eq!(out[0].first_line(), "SIP/2.0 200 OK", "{}", out[0].text);
+    }
+
     #[test]
     fn malformed_sasl_header_gets_400_with_reason() {
         let mut h = harness();
@@ -1614,6 +1637,131 @@ CSeq: 5 BYE\r\nContent-Length: 0\r\n\r\n",
         );
         drop(h);
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Issue 9, item 8: with `[topology] hide`, nothing that leaves towards the outside names
+    /// an internal address, and in-dialog requests still find their way both ways.
+    #[test]
+    fn topology_hiding_leaves_no_internal_address_outside() {
+        let mut h = tunnel_harness(store(), "198.51.100.0/24");
+        let mut cfg = h.proxy.config().clone();
+        cfg.hide_topology = true;
+        cfg.trusted = vec![];
+        h.proxy = Proxy::new(cfg, store(), WallClock::now());
+        let is_outside = |s: &Sent| {
+            let ip = match &s.dest {
+                Destination::Flow(f) => f.remote.ip(),
+                Destination::Addr { addr, .. } => addr.ip(),
+                Destination::Name { .. } => return true,
+            };
+            !matches!(ip, std::net::IpAddr::V4(v4) if v4.octets()[..3] == [198, 51, 100] || v4.octets()[0] == 10)
+        };
+        const INTERNAL: [&str; 3] = ["198.51.100.", "10.0.0.7", "2001:db8:789::20"];
+        let mut outward: Vec<String> = Vec::new();
+        let mut client = ScramClient::new("alice", b"alice-secret", None);
+        let out = authenticate_with(&mut h, &mut client, &tunnel_invite(OFFER));
+        outward.extend(out.iter().filter(|s| is_outside(s)).map(|s| s.text.clone()));
+        let fwd = out
+            .iter()
+            .find(|s| s.first_line().starts_with("INVITE"))
+            .unwrap();
+        // The answer carries an internal proxy's Record-Route above the gateway's own.
+        let answer = answer_with_sdp(fwd, &answer_sdp()).replacen(
+            "Record-Route: ",
+            "Record-Route: <sip:10.0.0.7;lr>\r\nRecord-Route: ",
+            1,
+        );
+        let relayed = h.send(&answer, uas_flow());
+        outward.extend(
+            relayed
+                .iter()
+                .filter(|s| is_outside(s))
+                .map(|s| s.text.clone()),
+        );
+        let ok = relayed
+            .iter()
+            .find(|s| s.status() == Some(200))
+            .unwrap()
+            .msg();
+        for text in &outward {
+            for addr in INTERNAL {
+                assert!(!text.contains(addr), "{addr} leaked in:\n{text}");
+            }
+        }
+        let contact = NameAddr::parse(&ok.value_of(HeaderName::Contact).unwrap())
+            .unwrap()
+            .uri
+            .to_owned();
+        assert!(contact.starts_with("sip:gh."), "{contact}");
+
+        // The caller's BYE along its route set reaches the endpoint through the internal proxy.
+        let route: Vec<String> = ok
+            .list_values(HeaderName::RecordRoute)
+            .into_iter()
+            .rev()
+            .collect();
+        let bye = format!(
+            "BYE {contact} SIP/2.0\r\nVia: SIP/2.0/UDP 192.0.2.200:5062;branch=z9hG4bKbyeout\r\nMax-Forwards: 70\r\n\
+Route: {}\r\nFrom: <sip:alice@partner.example>;tag=ft1\r\nTo: <sip:vpn@org.example>;tag=uas1\r\n\
+Call-ID: call-1@partner.example\r\nCSeq: 9 BYE\r\nContent-Length: 0\r\n\r\n",
+            route.join(", ")
+        );
+        let out = h.send(&bye, outside());
+        let inward = out
+            .iter()
+            .find(|s| s.first_line().starts_with("BYE "))
+            .unwrap_or_else(|| panic!("{out:?}"));
+        assert_eq!(
+            inward.first_line(),
+            "BYE sip:vpn@198.51.100.20:5060 SIP/2.0"
+        );
+        assert!(
+            matches!(inward.dest, Destination::Addr { addr, .. } if addr.to_string() == "10.0.0.7:5060")
+        );
+    }
+
+    #[test]
+    fn topology_hiding_sends_no_inside_via_and_restores_it() {
+        let mut h = tunnel_harness(store(), "198.51.100.0/24");
+        let mut cfg = h.proxy.config().clone();
+        cfg.hide_topology = true;
+        cfg.trusted = vec![];
+        h.proxy = Proxy::new(cfg, store(), WallClock::now());
+        let mut client = ScramClient::new("alice", b"alice-secret", None);
+        let out = authenticate_with(&mut h, &mut client, &tunnel_invite(OFFER));
+        let fwd = out
+            .iter()
+            .find(|s| s.first_line().starts_with("INVITE"))
+            .unwrap();
+        h.send(&answer_with_sdp(fwd, &answer_sdp()), uas_flow());
+        // The endpoint hangs up: its BYE goes out with the gateway's Via only.
+        let rr = fwd.msg().list_values(HeaderName::RecordRoute);
+        let bye = format!(
+            "BYE sip:alice@203.0.113.5:5062 SIP/2.0\r\nVia: SIP/2.0/UDP 198.51.100.20:5060;branch=z9hG4bKbyein\r\n\
+Via: SIP/2.0/UDP 10.0.0.9:5060;branch=z9hG4bKinner\r\nMax-Forwards: 70\r\nRoute: {}\r\n\
+From: <sip:vpn@org.example>;tag=uas1\r\nTo: <sip:alice@partner.example>;tag=ft1\r\n\
+Call-ID: call-1@partner.example\r\nCSeq: 5 BYE\r\nContact: <sip:vpn@198.51.100.20:5060>\r\nContent-Length: 0\r\n\r\n",
+            rr.join(", ")
+        );
+        let out = h.send(&bye, uas_flow());
+        let outward = out
+            .iter()
+            .find(|s| s.first_line().starts_with("BYE "))
+            .unwrap_or_else(|| panic!("{out:?}"));
+        let m = outward.msg();
+        assert_eq!(m.list_values(HeaderName::Via).len(), 1, "{}", outward.text);
+        assert!(!outward.text.contains("198.51.100."), "{}", outward.text);
+        assert!(!outward.text.contains("10.0.0.9"), "{}", outward.text);
+        // The caller's 200 goes back inside with the inside's Vias restored.
+        let back = h.send(&answer(outward, 200, "OK", ""), outside());
+        let ok = back
+            .iter()
+            .find(|s| s.status() == Some(200))
+            .unwrap_or_else(|| panic!("{back:?}"));
+        let vias = ok.msg().list_values(HeaderName::Via);
+        assert_eq!(vias.len(), 2, "{}", ok.text);
+        assert!(vias[0].contains("198.51.100.20:5060;branch=z9hG4bKbyein"));
+        assert!(vias[1].contains("10.0.0.9:5060;branch=z9hG4bKinner"));
     }
 
     #[test]

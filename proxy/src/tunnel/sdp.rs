@@ -246,6 +246,26 @@ impl WgSdp {
         self.port = endpoint.port();
     }
 
+    /// Topology hiding: the origin (`o=`) and every connection line other than the one in
+    /// force for the WireGuard media name `ip` instead (the WireGuard endpoint itself is set
+    /// with [`WgSdp::set_endpoint`]).
+    pub fn hide_addresses(&mut self, ip: IpAddr) {
+        let family = if ip.is_ipv4() { "IP4" } else { "IP6" };
+        for (i, line) in self.lines.iter_mut().enumerate() {
+            if line.starts_with("o=") {
+                let mut f: Vec<&str> = line[2..].split(' ').collect();
+                if f.len() == 6 {
+                    let addr = ip.to_string();
+                    f[4] = family;
+                    f[5] = &addr;
+                    *line = format!("o={}", f.join(" "));
+                }
+            } else if line.starts_with("c=") && i != self.c_line {
+                *line = format!("c=IN {family} {ip}");
+            }
+        }
+    }
+
     /// The body with the edits, line order and line ends kept.
     pub fn to_bytes(&self) -> Vec<u8> {
         let mut out = String::with_capacity(self.lines.iter().map(|l| l.len() + 2).sum());
