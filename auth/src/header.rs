@@ -151,7 +151,7 @@ impl SaslParams {
             put("c2s", &b64().encode(t));
         }
         if let Some(h) = &self.s2s {
-            put("s2s", h);
+            put("s2s", &escape(h));
         }
         if let Some(t) = &self.s2c {
             put("s2c", &b64().encode(t));
@@ -205,7 +205,13 @@ fn split_params(s: &str) -> Result<Vec<(String, String)>, HeaderError> {
                         break;
                     }
                     Some(b'\\') => {
+                        // quoted-pair (RFC 3261 25.1): a backslash and one ASCII character
+                        // other than CR and LF. Anything else is a syntax error (a UTF-8
+                        // continuation here once panicked: fuzz finding, docs/SECURITY.md).
                         let c = *b.get(i + 1).ok_or(HeaderError::Syntax)?;
+                        if !c.is_ascii() || c == b'\r' || c == b'\n' {
+                            return Err(HeaderError::Syntax);
+                        }
                         v.push(c as char);
                         i += 2;
                     }
@@ -239,6 +245,38 @@ fn split_params(s: &str) -> Result<Vec<(String, String)>, HeaderError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Fuzz finding (sasl_header, 2026-11-29): a backslash before a multi-byte UTF-8
+    /// character split the character and panicked on the next slice; an unauthenticated
+    /// remote crash before panics were contained. The input is kept in
+    /// fuzz/regressions/sasl_header/.
+    #[test]
+    fn a_quoted_pair_must_escape_one_ascii_character() {
+        let found = include_bytes!("../../fuzz/regressions/sasl_header/quoted-pair-before-utf8");
+        let text = std::str::from_utf8(found).unwrap();
+        assert_eq!(SaslParams::parse(text), Err(HeaderError::Syntax));
+        assert_eq!(
+            SaslParams::parse("SASL realm=\"a\\\u{c4}b\""),
+            Err(HeaderError::Syntax)
+        );
+        assert_eq!(
+            SaslParams::parse("SASL realm=\"a\\\"b\"")
+                .unwrap()
+                .realm
+                .as_deref(),
+            Some("a\"b")
+        );
+    }
+
+    /// Fuzz finding (sasl_header, 2026-11-29): an unquoted `s2s` holding backslashes was
+    /// emitted quoted but unescaped, so the echo parsed to another handle.
+    #[test]
+    fn an_s2s_with_backslashes_round_trips() {
+        let found =
+            include_bytes!("../../fuzz/regressions/sasl_header/unquoted-s2s-with-backslashes");
+        let p = SaslParams::parse(std::str::from_utf8(found).unwrap()).unwrap();
+        assert_eq!(SaslParams::parse(&p.emit()).unwrap(), p);
+    }
 
     #[test]
     fn round_trip_and_quoting() {

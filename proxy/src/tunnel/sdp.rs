@@ -44,6 +44,8 @@ pub enum SdpError {
     Stray,
     #[error("WireGuard offer outside an INVITE")]
     NotInInvite,
+    #[error("malformed vnd.wireguard fmtp parameter")]
+    FmtpParameter,
 }
 
 /// True when a body mentions `vnd.wireguard` anywhere, in any case: whatever its
@@ -99,7 +101,15 @@ impl WgSdp {
         };
         for (i, l) in lines.iter().enumerate() {
             let b = l.as_bytes();
-            if b.len() < 2 || b[1] != b'=' || !TYPES.contains(&b[0]) || (i == 0 && l != "v=0") {
+            // RFC 4566: no NUL, CR or LF in a line; the gateway also refuses the other
+            // control characters, which no valid offer needs.
+            let control = b.iter().any(|&c| (c < 0x20 && c != b'\t') || c == 0x7f);
+            if b.len() < 2
+                || b[1] != b'='
+                || !TYPES.contains(&b[0])
+                || (i == 0 && l != "v=0")
+                || control
+            {
                 return Err(SdpError::Line(i + 1));
             }
         }
@@ -148,6 +158,18 @@ impl WgSdp {
                 None => (p.trim().to_owned(), String::new()),
             })
             .collect();
+        // Names are tokens, values visible characters; a parameter the gateway does not know
+        // is kept (forward compatibility) but must be well formed, so that no parameter can
+        // hide inside another's value.
+        let token = |t: &str| {
+            !t.is_empty()
+                && t.bytes()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'))
+        };
+        let visible = |v: &str| v.bytes().all(|c| c.is_ascii_graphic() && c != b';');
+        if params.iter().any(|(n, v)| !token(n) || !visible(v)) {
+            return Err(SdpError::FmtpParameter);
+        }
         let get = |name: &str| {
             params
                 .iter()
@@ -435,6 +457,25 @@ a=sendrecv\r\n";
             out.contains("o=- 4124031101 285260646 IN IP6 2001:db8:666::666"),
             "origin untouched"
         );
+    }
+
+    /// Fuzz finding (wireguard_sdp, 2026-11-29): an unknown parameter whose value held NULs
+    /// and `psk=...` was accepted; such a value could read as a `psk` to a laxer parser.
+    #[test]
+    fn control_characters_and_malformed_parameters_are_refused() {
+        let found =
+            include_bytes!("../../../fuzz/regressions/wireguard_sdp/psk-inside-another-value");
+        assert!(WgSdp::parse(found).is_err());
+        assert_eq!(
+            parse(&SEED.replace("pskmth=none", "pskmth=none;x=a b")).unwrap_err(),
+            SdpError::FmtpParameter
+        );
+        assert_eq!(
+            parse(&SEED.replace("pskmth=none", "pskmth=none;bad name=1")).unwrap_err(),
+            SdpError::FmtpParameter
+        );
+        assert!(parse(&SEED.replace("pskmth=none", "pskmth=none;future-param=1")).is_ok());
+        assert!(parse(&SEED.replace("s=-", "s=\u{1}")).is_err());
     }
 
     /// No spelling of WireGuard media passes as "not WireGuard" (issue 9, item 5).
