@@ -3,26 +3,42 @@
 //! Every request goes through one fixed pipeline; each stage returns an explicit outcome
 //! and every refusal is a [`Reject`] mapped to its response in one place:
 //!
+//! 0. **rate limit**: messages from a subscriber over `[rate_limit]` are dropped unparsed
+//!    ([`ratelimit`]; trusted sources exempt);
 //! 1. **sanity**: parse and validate (400 with the fault in the reason phrase, 505),
-//!    RFC 3581 `received`/`rport` on the top Via, transaction table bound (503);
-//! 2. **retransmission / CANCEL**: server transaction matching absorbs retransmissions;
-//!    CANCEL is answered and relayed to the pending branches; ACK for 2xx goes on statelessly;
-//! 3. **checks**: Max-Forwards (483), loop detection (482), Request-URI scheme (416),
-//!    Proxy-Require (420); OPTIONS to the gateway itself is answered 200 here;
-//! 4. **in-dialog**: Route pre-processing (16.4), loose routing along the route set, only
-//!    for requests that carry a Record-Route entry this gateway signed (else 481);
+//!    RFC 3581 `received`/`rport` on the top Via;
+//! 2. **retransmission / ACK**: server transaction matching absorbs retransmissions, the
+//!    [`stateless`] cache answers retransmissions of requests answered statelessly; ACK for
+//!    2xx goes on statelessly;
+//!
+//! Stages 3 to 5 keep **no state**: what they refuse or challenge is answered statelessly, so
+//! unauthenticated traffic cannot fill the transaction table.
+//!
+//! 3. **checks**: CANCEL matched to its INVITE (481), Max-Forwards (483), loop detection
+//!    (482), Request-URI scheme (416), Proxy-Require (420); OPTIONS to the gateway is 200;
+//! 4. **in-dialog**: Route pre-processing (16.4), topology tokens opened ([`topology`]); an
+//!    in-dialog request must carry a Record-Route entry this gateway signed (else 481);
 //! 5. **authenticate**: [`Admission`] proof: a trusted source, or the SASL exchange of
 //!    sip-sasl.md (407, `Proxy-Authorization`), whose identity must own the From AOR;
-//! 6. **authorize**: the policy decides (403 + Warning); a WireGuard offer is validated
-//!    (488 + Warning) and its `scram` PSK derived;
+//!    REGISTER runs its 401 exchange here too; failures feed the [`lockout`];
+//!
+//! Then the server transaction is created (the last quarter of `max_transactions` is kept
+//! for trusted sources) and:
+//!
+//! 6. **authorize**: the body is classified by its bytes (any `vnd.wireguard` is an offer,
+//!    whatever the label: 415/488), the policy decides (403 + Warning); a WireGuard offer is
+//!    validated (488 + Warning) and its `scram` PSK derived;
 //! 7. **target**: registered bindings of the AOR, then static routes (AOR, then domain) —
 //!    480 for the gateway's domains, 403 (no relaying) for others; then **rewrite**: the
 //!    tunnel offer for the inside (PSK only over TLS or to internal networks);
 //! 8. **relay**: Via with an RFC 3261 branch carrying the loop hash, Max-Forwards,
-//!    Record-Route (doubled when transport or address family changes), client transaction,
-//!    100 Trying for INVITE, response context with best-response selection (16.7),
-//!    Timer C, CANCEL of pending branches, 408/503 synthesised for timeouts and
-//!    unreachable next hops.
+//!    Record-Route (doubled when transport or address family changes), topology hiding
+//!    towards the outside, client transaction, 100 Trying for INVITE, response context with
+//!    best-response selection (16.7), Timer C, CANCEL of pending branches, 408/503
+//!    synthesised for timeouts and unreachable next hops.
+//!
+//! A panic while handling one message or timer is caught at [`Proxy::handle_message`] /
+//! [`Proxy::handle_timeout`]: a stateless 500, a counted internal error, and the loop goes on.
 
 pub mod auth;
 pub mod authorize;
