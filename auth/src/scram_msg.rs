@@ -105,6 +105,24 @@ pub(crate) fn decode_saslname(s: &str) -> Option<String> {
     (out.len() <= MAX_NAME).then_some(out)
 }
 
+/// The rest of a message after its first attribute(s): `nonce ["," extensions]`. Returns
+/// the nonce.
+fn nonce_and_extensions<'a>(
+    mut attrs: impl Iterator<Item = &'a str>,
+) -> Result<&'a str, SyntaxError> {
+    let nonce = attrs
+        .next()
+        .and_then(|a| a.strip_prefix("r="))
+        .ok_or(SyntaxError::Missing)?;
+    if !valid_nonce(nonce) {
+        return Err(SyntaxError::Nonce);
+    }
+    if !attrs.all(valid_extension) {
+        return Err(SyntaxError::Extension);
+    }
+    Ok(nonce)
+}
+
 /// `printable = %x21-2B / %x2D-7E` (no comma), one or more, bounded.
 fn valid_nonce(n: &str) -> bool {
     !n.is_empty() && n.len() <= MAX_NONCE && n.bytes().all(|b| (0x21..=0x7e).contains(&b))
@@ -169,16 +187,7 @@ impl ClientFirst {
             .strip_prefix("n=")
             .and_then(decode_saslname)
             .ok_or(SyntaxError::Username)?;
-        let nonce = attrs
-            .next()
-            .and_then(|a| a.strip_prefix("r="))
-            .ok_or(SyntaxError::Missing)?;
-        if !valid_nonce(nonce) {
-            return Err(SyntaxError::Nonce);
-        }
-        if !attrs.all(valid_extension) {
-            return Err(SyntaxError::Extension);
-        }
+        nonce_and_extensions(attrs)?;
         Ok(ClientFirst {
             binding,
             authzid,
@@ -205,16 +214,7 @@ impl<'a> ClientFinal<'a> {
             .filter(|c| !c.is_empty())
             .and_then(strict_b64)
             .ok_or(SyntaxError::ChannelBinding)?;
-        let nonce = attrs
-            .next()
-            .and_then(|a| a.strip_prefix("r="))
-            .ok_or(SyntaxError::Missing)?;
-        if !valid_nonce(nonce) {
-            return Err(SyntaxError::Nonce);
-        }
-        if !attrs.all(valid_extension) {
-            return Err(SyntaxError::Extension);
-        }
+        let nonce = nonce_and_extensions(attrs)?;
         Ok(ClientFinal {
             channel_binding,
             nonce,

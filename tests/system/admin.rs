@@ -4,13 +4,11 @@
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::process::Command;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use gatehouse::admin::client::{http, AdminClient, HttpResponse};
 use gatehouse_auth::scram::ScramClient;
 use gatehouse_auth::SaslParams;
-use rustls::pki_types::ServerName;
 use serde_json::json;
 
 use crate::harness::repo;
@@ -266,18 +264,7 @@ fn https(
 #[test]
 fn scram_plus_over_tls() {
     let (s, addr) = admin_setup("tls = true\n");
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(s.ca.clone()).unwrap();
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    let conn =
-        rustls::ClientConnection::new(Arc::new(config), ServerName::try_from("localhost").unwrap())
-            .unwrap();
+    let conn = crate::client::tls_connection(s.ca.clone());
     let mut stream = rustls::StreamOwned::new(conn, TcpStream::connect(addr).unwrap());
     while stream.conn.is_handshaking() {
         stream.conn.complete_io(&mut stream.sock).unwrap();

@@ -48,20 +48,7 @@ impl SipClient {
     }
 
     pub fn tls(gw: SocketAddr, ca: CertificateDer<'static>) -> SipClient {
-        let mut roots = rustls::RootCertStore::empty();
-        roots.add(ca).unwrap();
-        let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-        let conn = rustls::ClientConnection::new(
-            Arc::new(config),
-            ServerName::try_from("localhost").unwrap(),
-        )
-        .unwrap();
+        let conn = tls_connection(ca);
         let tcp = TcpStream::connect(gw).unwrap();
         tcp.set_read_timeout(Some(WAIT)).unwrap();
         let local = tcp.local_addr().unwrap();
@@ -144,6 +131,21 @@ impl SipClient {
             }
         }
     }
+}
+
+/// A rustls client connection to `localhost` trusting `ca` (ring provider).
+pub fn tls_connection(ca: CertificateDer<'static>) -> rustls::ClientConnection {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ca).unwrap();
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    rustls::ClientConnection::new(Arc::new(config), ServerName::try_from("localhost").unwrap())
+        .unwrap()
 }
 
 /// Value of the first header with this name (case-insensitive), as text.

@@ -14,7 +14,7 @@ use gatehouse::sip::{Limits, Message};
 use gatehouse_auth::scram::ScramClient;
 use gatehouse_auth::SaslParams;
 
-use crate::client::{header, SipClient};
+use crate::client::{header, tls_connection, SipClient};
 use crate::harness::{wait_until, WAIT};
 use crate::operations::{http_get, sample};
 use crate::sasl::{authenticated_invite, challenge, setup, Call};
@@ -95,20 +95,7 @@ fn tls_handshake_completes(
     addr: SocketAddr,
     ca: &rustls::pki_types::CertificateDer<'static>,
 ) -> bool {
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(ca.clone()).unwrap();
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    let mut conn = rustls::ClientConnection::new(
-        Arc::new(config),
-        rustls::pki_types::ServerName::try_from("localhost").unwrap(),
-    )
-    .unwrap();
+    let mut conn = tls_connection(ca.clone());
     let Ok(mut sock) = TcpStream::connect(addr) else {
         return false;
     };

@@ -30,12 +30,12 @@ use std::time::{Duration, Instant};
 
 pub use gatehouse_auth::Subscriber;
 
+use super::sampled::SampledTable;
+
 /// Subscribers remembered per user as "authenticated here recently".
 pub const SUCCESS_MEMORY: usize = 8;
 /// How long a success exempts its subscriber from the user-wide lock.
 pub const SUCCESS_TTL: Duration = Duration::from_secs(24 * 3600);
-/// Entries sampled for eviction when the table is full.
-const SAMPLE: usize = 8;
 
 /// An IPv4 /24 or an IPv6 /48: a subscriber's neighbourhood.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -67,18 +67,26 @@ struct Entry {
     locked_until: Option<Instant>,
 }
 
+impl Entry {
+    fn locked(&self, now: Instant) -> bool {
+        self.locked_until.is_some_and(|until| now < until)
+    }
+
+    /// The score now, decayed with half-life `half_life` seconds.
+    fn decayed(&self, now: Instant, half_life: f64) -> f64 {
+        let dt = now.saturating_duration_since(self.at).as_secs_f64();
+        self.score * (-dt / half_life).exp2()
+    }
+}
+
 /// The lockout table.
 #[derive(Debug)]
 pub struct Lockout {
     threshold: f64,
     half_life: f64,
     duration: Duration,
-    capacity: usize,
-    slots: Vec<(Key, Entry)>,
-    index: HashMap<Key, usize>,
+    table: SampledTable<Key, Entry>,
     successes: HashMap<String, Vec<(Subscriber, Instant)>>,
-    /// xorshift state for eviction sampling (no global randomness in the core).
-    rng: u64,
     /// Lockouts started (metrics).
     pub lockouts: u64,
     /// Entries evicted to make room (metrics, tests).
@@ -100,11 +108,8 @@ impl Lockout {
             threshold: f64::from(threshold.max(1)),
             half_life: window.as_secs_f64().max(0.001),
             duration,
-            capacity: capacity.max(SAMPLE * 4),
-            slots: Vec::new(),
-            index: HashMap::new(),
+            table: SampledTable::new(capacity, 0x9e37_79b9_7f4a_7c15),
             successes: HashMap::new(),
-            rng: 0x9e37_79b9_7f4a_7c15,
             lockouts: 0,
             evicted: 0,
         }
@@ -112,11 +117,11 @@ impl Lockout {
 
     /// Entries in the table.
     pub fn len(&self) -> usize {
-        self.slots.len()
+        self.table.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.slots.is_empty()
+        self.table.is_empty()
     }
 
     fn limit(&self, key: &Key) -> f64 {
@@ -130,10 +135,7 @@ impl Lockout {
     }
 
     fn is_locked(&self, key: &Key, now: Instant) -> bool {
-        self.index
-            .get(key)
-            .and_then(|&i| self.slots[i].1.locked_until)
-            .is_some_and(|until| now < until)
+        self.table.get(key).is_some_and(|e| e.locked(now))
     }
 
     /// Checks made before anything else (even a challenge): the source itself.
@@ -183,7 +185,7 @@ impl Lockout {
     /// subscriber is remembered as one the user really uses.
     pub fn success(&mut self, user: &str, ip: IpAddr, now: Instant) {
         let sub = Subscriber::of(ip);
-        self.remove(&Key::Pair(user.to_owned(), sub));
+        self.table.remove(&Key::Pair(user.to_owned(), sub));
         let list = self.successes.entry(user.to_owned()).or_default();
         list.retain(|&(s, at)| s != sub && now.saturating_duration_since(at) < SUCCESS_TTL);
         if list.len() >= SUCCESS_MEMORY {
@@ -192,104 +194,35 @@ impl Lockout {
         list.push((sub, now));
     }
 
-    fn decayed(&self, e: &Entry, now: Instant) -> f64 {
-        let dt = now.saturating_duration_since(e.at).as_secs_f64();
-        e.score * (-dt / self.half_life).exp2()
-    }
-
     fn bump(&mut self, key: Key, now: Instant) {
         let limit = self.limit(&key);
-        let idx = match self.index.get(&key) {
-            Some(&i) => i,
-            None => {
-                if self.slots.len() >= self.capacity {
-                    self.evict_one(now);
-                }
-                self.slots.push((
-                    key.clone(),
-                    Entry {
-                        score: 0.0,
-                        at: now,
-                        locked_until: None,
-                    },
-                ));
-                let i = self.slots.len() - 1;
-                self.index.insert(key, i);
-                i
-            }
+        let (half_life, duration) = (self.half_life, self.duration);
+        // Eviction order: unlocked before locked, then the lowest current score.
+        let rank = move |e: &Entry| (e.locked(now), e.decayed(now, half_life));
+        let fresh = || Entry {
+            score: 0.0,
+            at: now,
+            locked_until: None,
         };
-        let score = self.decayed(&self.slots[idx].1, now) + 1.0;
-        let e = &mut self.slots[idx].1;
-        e.score = score;
+        let (e, evicted) = self.table.entry(key, fresh, rank);
+        e.score = e.decayed(now, half_life) + 1.0;
         e.at = now;
-        if score >= limit && e.locked_until.is_none_or(|u| now >= u) {
-            e.locked_until = Some(now + self.duration);
+        let locks = e.score >= limit && !e.locked(now);
+        if locks {
+            e.locked_until = Some(now + duration);
             e.score = 0.0;
-            self.lockouts += 1;
         }
-    }
-
-    fn next_random(&mut self) -> u64 {
-        let mut x = self.rng;
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        self.rng = x;
-        x
-    }
-
-    /// Evicts the weakest of a few sampled entries: lowest current score, locked last.
-    fn evict_one(&mut self, now: Instant) {
-        let mut victim: Option<(usize, bool, f64)> = None;
-        for _ in 0..SAMPLE {
-            let i = (self.next_random() % self.slots.len() as u64) as usize;
-            let e = &self.slots[i].1;
-            let locked = e.locked_until.is_some_and(|u| now < u);
-            let score = self.decayed(e, now);
-            let weaker = match victim {
-                None => true,
-                Some((_, vl, vs)) => (locked, score) < (vl, vs),
-            };
-            if weaker {
-                victim = Some((i, locked, score));
-            }
-        }
-        if let Some((i, _, _)) = victim {
-            let key = self.slots[i].0.clone();
-            self.remove(&key);
-            self.evicted += 1;
-        }
-    }
-
-    fn remove(&mut self, key: &Key) {
-        let Some(i) = self.index.remove(key) else {
-            return;
-        };
-        self.slots.swap_remove(i);
-        if let Some((moved, _)) = self.slots.get(i) {
-            self.index.insert(moved.clone(), i);
-        }
+        self.lockouts += u64::from(locks);
+        self.evicted += u64::from(evicted);
     }
 
     /// Drops entries that are neither locked nor worth keeping (score below 0.05) and gives
     /// memory back; the driver calls it from its tick. Bounded work per call.
     pub fn sweep(&mut self, now: Instant, budget: usize) {
-        for _ in 0..budget.min(self.slots.len()) {
-            let i = (self.next_random() % self.slots.len() as u64) as usize;
-            let e = self.slots[i].1;
-            let idle = e.locked_until.is_none_or(|u| now >= u) && self.decayed(&e, now) < 0.05;
-            if idle {
-                let key = self.slots[i].0.clone();
-                self.remove(&key);
-            }
-            if self.slots.is_empty() {
-                break;
-            }
-        }
-        if self.slots.len() * 4 < self.slots.capacity() && self.slots.capacity() > 4096 {
-            self.slots.shrink_to_fit();
-            self.index.shrink_to_fit();
-        }
+        let half_life = self.half_life;
+        self.table.sweep(budget, |e| {
+            !e.locked(now) && e.decayed(now, half_life) < 0.05
+        });
     }
 }
 

@@ -47,6 +47,7 @@ pub mod lockout;
 pub mod ratelimit;
 pub mod registrar;
 pub mod route;
+pub mod sampled;
 pub mod stateless;
 pub mod topology;
 

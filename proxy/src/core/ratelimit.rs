@@ -10,11 +10,13 @@
 //! the least busy of 8 sampled entries, banned entries last, so rotating addresses cannot
 //! flush a ban. A ban is logged at most once a second (with the number of bans not logged).
 
-use std::collections::HashMap;
+use std::collections::VecDeque;
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use gatehouse_auth::Subscriber;
+
+use super::sampled::SampledTable;
 
 /// Rate-limit settings (`[rate_limit]`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,19 +48,30 @@ struct Entry {
     banned_until: Option<Instant>,
 }
 
-const SAMPLE: usize = 8;
+impl Entry {
+    fn banned(&self, now: Instant) -> bool {
+        self.banned_until.is_some_and(|u| now < u)
+    }
+
+    /// Messages in the window in force at `now`.
+    fn current(&self, now: Instant, window: Duration) -> u32 {
+        if now.saturating_duration_since(self.window_start) >= window {
+            0
+        } else {
+            self.count
+        }
+    }
+}
 
 /// The rate limiter.
 #[derive(Debug)]
 pub struct RateLimit {
     settings: RateLimitSettings,
-    slots: Vec<(Subscriber, Entry)>,
-    index: HashMap<Subscriber, usize>,
-    rng: u64,
+    table: SampledTable<Subscriber, Entry>,
     last_log: Option<Instant>,
     unlogged: u64,
     /// End of every ban started, in order (one ban length at a time).
-    ban_ends: std::collections::VecDeque<Instant>,
+    ban_ends: VecDeque<Instant>,
     /// Messages dropped (metrics).
     pub dropped: u64,
     /// Bans started (metrics).
@@ -69,18 +82,17 @@ impl RateLimit {
     pub fn new(settings: RateLimitSettings) -> RateLimit {
         RateLimit {
             settings,
-            slots: Vec::new(),
-            index: HashMap::new(),
-            rng: 0x2545_f491_4f6c_dd1d,
+            table: SampledTable::new(settings.max_sources, 0x2545_f491_4f6c_dd1d),
             last_log: None,
             unlogged: 0,
-            ban_ends: std::collections::VecDeque::new(),
+            ban_ends: VecDeque::new(),
             dropped: 0,
             bans: 0,
         }
     }
 
-    /// New settings (reload); counts and bans in progress stay.
+    /// New settings (reload); counts and bans in progress stay (the table keeps the size it
+    /// was made with until a restart).
     pub fn set_settings(&mut self, settings: RateLimitSettings) {
         self.settings = settings;
     }
@@ -95,11 +107,11 @@ impl RateLimit {
 
     /// Entries in the table.
     pub fn len(&self) -> usize {
-        self.slots.len()
+        self.table.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.slots.is_empty()
+        self.table.is_empty()
     }
 
     /// Counts one message from `ip`; false when it must be dropped.
@@ -107,33 +119,21 @@ impl RateLimit {
         if !self.settings.enabled {
             return true;
         }
-        let sub = Subscriber::of(ip);
-        let idx = match self.index.get(&sub) {
-            Some(&i) => i,
-            None => {
-                if self.slots.len() >= self.settings.max_sources.max(SAMPLE) {
-                    self.evict_one(now);
-                }
-                self.slots.push((
-                    sub,
-                    Entry {
-                        window_start: now,
-                        count: 0,
-                        banned_until: None,
-                    },
-                ));
-                let i = self.slots.len() - 1;
-                self.index.insert(sub, i);
-                i
-            }
+        let RateLimitSettings {
+            requests,
+            window,
+            ban,
+            ..
+        } = self.settings;
+        // Eviction order: not banned before banned, then the least busy.
+        let rank = move |e: &Entry| (e.banned(now), e.current(now, window));
+        let fresh = || Entry {
+            window_start: now,
+            count: 0,
+            banned_until: None,
         };
-        let (window, limit, ban) = (
-            self.settings.window,
-            self.settings.requests,
-            self.settings.ban,
-        );
-        let e = &mut self.slots[idx].1;
-        if e.banned_until.is_some_and(|u| now < u) {
+        let (e, _) = self.table.entry(Subscriber::of(ip), fresh, rank);
+        if e.banned(now) {
             self.dropped += 1;
             return false;
         }
@@ -142,7 +142,7 @@ impl RateLimit {
             e.count = 0;
         }
         e.count = e.count.saturating_add(1);
-        if e.count <= limit {
+        if e.count <= requests {
             return true;
         }
         e.banned_until = Some(now + ban);
@@ -173,63 +173,12 @@ impl RateLimit {
         }
     }
 
-    fn next_random(&mut self) -> u64 {
-        let mut x = self.rng;
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        self.rng = x;
-        x
-    }
-
-    /// Evicts the least busy of a few sampled entries, banned ones last.
-    fn evict_one(&mut self, now: Instant) {
-        let mut victim: Option<(usize, bool, u32)> = None;
-        for _ in 0..SAMPLE {
-            let i = (self.next_random() % self.slots.len() as u64) as usize;
-            let e = &self.slots[i].1;
-            let banned = e.banned_until.is_some_and(|u| now < u);
-            let count = if now.saturating_duration_since(e.window_start) >= self.settings.window {
-                0
-            } else {
-                e.count
-            };
-            if victim.is_none_or(|(_, vb, vc)| (banned, count) < (vb, vc)) {
-                victim = Some((i, banned, count));
-            }
-        }
-        if let Some((i, _, _)) = victim {
-            self.remove_at(i);
-        }
-    }
-
-    fn remove_at(&mut self, i: usize) {
-        let (sub, _) = self.slots.swap_remove(i);
-        self.index.remove(&sub);
-        if let Some((moved, _)) = self.slots.get(i) {
-            self.index.insert(*moved, i);
-        }
-    }
-
     /// Drops idle entries (window over, not banned): bounded work per call, memory given
     /// back after a flood.
     pub fn sweep(&mut self, now: Instant, budget: usize) {
-        for _ in 0..budget.min(self.slots.len()) {
-            let i = (self.next_random() % self.slots.len() as u64) as usize;
-            let e = self.slots[i].1;
-            let idle = e.banned_until.is_none_or(|u| now >= u)
-                && now.saturating_duration_since(e.window_start) >= self.settings.window;
-            if idle {
-                self.remove_at(i);
-            }
-            if self.slots.is_empty() {
-                break;
-            }
-        }
-        if self.slots.capacity() > 4096 && self.slots.len() * 4 < self.slots.capacity() {
-            self.slots.shrink_to_fit();
-            self.index.shrink_to_fit();
-        }
+        let window = self.settings.window;
+        self.table
+            .sweep(budget, |e| !e.banned(now) && e.current(now, window) == 0);
     }
 }
 

@@ -1530,8 +1530,21 @@ pskmth = [\"scram\", \"none\"]\nprefixes = [\"2001:db8:456::/48\"]\n";
         assert!(out.iter().all(|s| !s.text.contains("psk=")));
     }
 
-    #[test]
-    fn bye_from_either_side_and_a_restart_in_the_middle() {
+    /// Alice's SCRAM tunnel INVITE answered 200 by the endpoint: (the INVITE forwarded
+    /// inside, what the endpoint's answer made the gateway send).
+    fn establish_tunnel(h: &mut Harness) -> (Sent, Vec<Sent>) {
+        let mut client = ScramClient::new("alice", b"alice-secret", None);
+        let out = authenticate_with(h, &mut client, &tunnel_invite(OFFER));
+        let fwd = out
+            .into_iter()
+            .find(|s| s.first_line().starts_with("INVITE"))
+            .unwrap();
+        let relayed = h.send(&answer_with_sdp(&fwd, &answer_sdp()), uas_flow());
+        (fwd, relayed)
+    }
+
+    /// A store file in a scratch directory holding `alice`: (directory, file).
+    fn file_store_with_alice() -> (std::path::PathBuf, std::path::PathBuf) {
         let dir = std::env::temp_dir().join(format!(
             "gh-tun-{}-{}",
             std::process::id(),
@@ -1539,25 +1552,23 @@ pskmth = [\"scram\", \"none\"]\nprefixes = [\"2001:db8:456::/48\"]\n";
         ));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("store.sqlite");
-        {
-            let mut s = Store::open(&path).unwrap();
-            s.add_user(
-                "alice",
-                b"alice-secret",
-                &["sip:alice@partner.example".into()],
-                None,
-                4096,
-            )
-            .unwrap();
-        }
+        let mut s = Store::open(&path).unwrap();
+        s.add_user(
+            "alice",
+            b"alice-secret",
+            &["sip:alice@partner.example".into()],
+            None,
+            4096,
+        )
+        .unwrap();
+        (dir, path)
+    }
+
+    #[test]
+    fn bye_from_either_side_and_a_restart_in_the_middle() {
+        let (dir, path) = file_store_with_alice();
         let mut h = tunnel_harness(Store::open(&path).unwrap(), "198.51.100.0/24");
-        let mut client = ScramClient::new("alice", b"alice-secret", None);
-        let out = authenticate_with(&mut h, &mut client, &tunnel_invite(OFFER));
-        let fwd = out
-            .iter()
-            .find(|s| s.first_line().starts_with("INVITE"))
-            .unwrap();
-        let relayed = h.send(&answer_with_sdp(fwd, &answer_sdp()), uas_flow());
+        let (_, relayed) = establish_tunnel(&mut h);
         let ok = relayed
             .iter()
             .find(|s| s.status() == Some(200))
@@ -1592,32 +1603,9 @@ CSeq: 5 BYE\r\nContent-Length: 0\r\n\r\n",
     /// because it was written before the 200 was handed to the transport (issue 9, item 7).
     #[test]
     fn a_tunnel_is_durable_before_its_200_leaves() {
-        let dir = std::env::temp_dir().join(format!(
-            "gh-dur-{}-{}",
-            std::process::id(),
-            rand::random::<u32>()
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("store.sqlite");
-        {
-            let mut s = Store::open(&path).unwrap();
-            s.add_user(
-                "alice",
-                b"alice-secret",
-                &["sip:alice@partner.example".into()],
-                None,
-                4096,
-            )
-            .unwrap();
-        }
+        let (dir, path) = file_store_with_alice();
         let mut h = tunnel_harness(Store::open(&path).unwrap(), "198.51.100.0/24");
-        let mut client = ScramClient::new("alice", b"alice-secret", None);
-        let out = authenticate_with(&mut h, &mut client, &tunnel_invite(OFFER));
-        let fwd = out
-            .iter()
-            .find(|s| s.first_line().starts_with("INVITE"))
-            .unwrap();
-        let relayed = h.send(&answer_with_sdp(fwd, &answer_sdp()), uas_flow());
+        let (_, relayed) = establish_tunnel(&mut h);
         assert!(relayed.iter().any(|s| s.status() == Some(200)));
         // Crash: the proxy vanishes without running any of its code again.
         std::mem::forget(h);
@@ -1727,13 +1715,8 @@ Call-ID: call-1@partner.example\r\nCSeq: 9 BYE\r\nContent-Length: 0\r\n\r\n",
         cfg.hide_topology = true;
         cfg.trusted = vec![];
         h.proxy = Proxy::new(cfg, store(), WallClock::now());
-        let mut client = ScramClient::new("alice", b"alice-secret", None);
-        let out = authenticate_with(&mut h, &mut client, &tunnel_invite(OFFER));
-        let fwd = out
-            .iter()
-            .find(|s| s.first_line().starts_with("INVITE"))
-            .unwrap();
-        h.send(&answer_with_sdp(fwd, &answer_sdp()), uas_flow());
+        let (fwd, _) = establish_tunnel(&mut h);
+        let fwd = &fwd;
         // The endpoint hangs up: its BYE goes out with the gateway's Via only.
         let rr = fwd.msg().list_values(HeaderName::RecordRoute);
         let bye = format!(
@@ -1767,13 +1750,7 @@ Call-ID: call-1@partner.example\r\nCSeq: 5 BYE\r\nContact: <sip:vpn@198.51.100.2
     #[test]
     fn bye_from_the_caller_tears_down() {
         let mut h = tunnel_harness(store(), "198.51.100.0/24");
-        let mut client = ScramClient::new("alice", b"alice-secret", None);
-        let out = authenticate_with(&mut h, &mut client, &tunnel_invite(OFFER));
-        let fwd = out
-            .iter()
-            .find(|s| s.first_line().starts_with("INVITE"))
-            .unwrap();
-        let relayed = h.send(&answer_with_sdp(fwd, &answer_sdp()), uas_flow());
+        let (_, relayed) = establish_tunnel(&mut h);
         let ok = relayed
             .iter()
             .find(|s| s.status() == Some(200))
@@ -1796,13 +1773,7 @@ Call-ID: call-1@partner.example\r\nCSeq: 5 BYE\r\nContact: <sip:vpn@198.51.100.2
     #[test]
     fn admin_teardown_sends_bye_both_ways() {
         let mut h = tunnel_harness(store(), "198.51.100.0/24");
-        let mut client = ScramClient::new("alice", b"alice-secret", None);
-        let out = authenticate_with(&mut h, &mut client, &tunnel_invite(OFFER));
-        let fwd = out
-            .iter()
-            .find(|s| s.first_line().starts_with("INVITE"))
-            .unwrap();
-        h.send(&answer_with_sdp(fwd, &answer_sdp()), uas_flow());
+        let (_, _) = establish_tunnel(&mut h);
         assert!(h.proxy.teardown("nope", h.now).is_err());
         h.proxy.teardown("call-1@partner.example", h.now).unwrap();
         let out = h.drain();
