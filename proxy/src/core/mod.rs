@@ -213,8 +213,6 @@ struct Context {
 /// What stages 3 to 5 decided, before any server transaction exists.
 #[derive(Debug)]
 enum Admitted {
-    /// OPTIONS to the gateway itself: answered 200, statelessly.
-    Options,
     /// A CANCEL for this server INVITE transaction.
     Cancel(TxId),
     /// In a dialog this gateway signed: relayed along the route set.
@@ -685,7 +683,8 @@ impl Proxy {
         // Stages 3 to 5 keep no state: what they refuse or challenge is answered statelessly.
         let mut auth_info = None;
         let admitted = match self.admit(&mut msg, &flow, &mut auth_info, now) {
-            Ok(Admitted::Options) => {
+            Ok(Some(a)) => a,
+            Ok(None) => {
                 let tag = self.new_tag();
                 let resp = build_response(
                     &msg,
@@ -697,7 +696,6 @@ impl Proxy {
                 self.send_stateless_response(&msg, response_flow, key, 200, resp, now);
                 return;
             }
-            Ok(a) => a,
             Err(reject) => {
                 self.reply_stateless(&msg, response_flow, key, reject, auth_info, now);
                 return;
@@ -743,7 +741,6 @@ impl Proxy {
                 admission,
                 loop_hash,
             } => self.route_admitted(id, msg, flow, admission, loop_hash, now),
-            Admitted::Options => Ok(()),
         };
         if let Err(reject) = result {
             self.stats.rejected += 1;
@@ -756,19 +753,20 @@ impl Proxy {
 
     /// Stages 3 to 5, before any state is kept: checks, in-dialog classification, the
     /// gateway's own requests, authentication. `auth_info` receives the server-final as soon
-    /// as an exchange succeeded, so that every later refusal carries it too.
+    /// as an exchange succeeded, so that every later refusal carries it too. `Ok(None)`: an
+    /// OPTIONS to the gateway itself, answered 200 without state.
     fn admit(
         &mut self,
         msg: &mut Message,
         flow: &Flow,
         auth_info: &mut Option<(&'static str, String)>,
         now: Instant,
-    ) -> Result<Admitted, Reject> {
+    ) -> Result<Option<Admitted>, Reject> {
         if msg.method() == Some(Method::Cancel) {
             return self
                 .txl
                 .invite_for_cancel(msg)
-                .map(Admitted::Cancel)
+                .map(|invite| Some(Admitted::Cancel(invite)))
                 .ok_or(Reject::NoDialog);
         }
         // Stage 3: checks.
@@ -784,7 +782,7 @@ impl Proxy {
         let to_self = self.is_self_uri(&uri) && msg.position_of(HeaderName::Route).is_none();
         if msg.max_forwards() == Some(0) {
             if to_self && msg.method() == Some(Method::Options) {
-                return Ok(Admitted::Options);
+                return Ok(None);
             }
             return Err(Reject::TooManyHops);
         }
@@ -803,18 +801,18 @@ impl Proxy {
             if !signed_route {
                 return Err(Reject::NoDialog);
             }
-            return Ok(Admitted::InDialog { loop_hash });
+            return Ok(Some(Admitted::InDialog { loop_hash }));
         }
         if self.draining {
             return Err(Reject::ShuttingDown);
         }
         if to_self {
             return match msg.method() {
-                Some(Method::Options) => Ok(Admitted::Options),
+                Some(Method::Options) => Ok(None),
                 Some(Method::Register) => {
                     let (auth, info) = self.sasl_round(msg, flow, Challenger::Registrar, now)?;
                     *auth_info = Some((Challenger::Registrar.info_header(), info));
-                    Ok(Admitted::Register(Box::new(auth)))
+                    Ok(Some(Admitted::Register(Box::new(auth))))
                 }
                 _ => Err(Reject::NotImplemented),
             };
@@ -822,10 +820,10 @@ impl Proxy {
 
         // Stage 5: authenticate.
         let admission = self.authenticate(msg, flow, auth_info, now)?;
-        Ok(Admitted::OutOfDialog {
+        Ok(Some(Admitted::OutOfDialog {
             admission,
             loop_hash,
-        })
+        }))
     }
 
     /// An in-dialog request of a dialog this gateway signed: along the route set.

@@ -18,7 +18,7 @@
 //! | `gatehouse_tunnels_active` | gauge | |
 //! | `gatehouse_tunnel_setup_duration_seconds` | histogram | |
 //! | `gatehouse_registrar_bindings` | gauge | |
-//! | `gatehouse_internal_errors_total` | counter | `area` (`sip`, `sasl`, `admin`): panics caught |
+//! | `gatehouse_internal_errors_total` | counter | `area` (`sip`, `sasl`, `admin`, `reload`): panics caught |
 //! | `gatehouse_sasl_evicted_total` | counter | | parked exchanges dropped to make room |
 //! | `gatehouse_sip_rate_limited_total` | counter | | requests dropped by the per-source limit |
 //! | `gatehouse_sip_banned_sources` | gauge | | sources currently banned by the rate limit |

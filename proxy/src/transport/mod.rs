@@ -491,14 +491,19 @@ impl Driver {
                 }
                 _ = tokio::time::sleep_until(drain_at.into()), if draining_until.is_some() => {}
                 Some(()) = async { match hangup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => {
-                    match self.reloader.reload(&mut self.proxy) {
-                        Ok(what) => tracing::info!(%what, "reloaded"),
-                        Err(e) => tracing::error!(error = %e, "reload refused; the configuration in force stays"),
+                    let (proxy, reloader) = (&mut self.proxy, &mut self.reloader);
+                    match contained(&self.metrics, "reload", || reloader.reload(proxy)) {
+                        Some(Ok(what)) => tracing::info!(%what, "reloaded"),
+                        Some(Err(e)) => tracing::error!(error = %e, "reload refused; the configuration in force stays"),
+                        None => {}
                     }
                 }
                 Some(cmd) = async { match self.admin.as_mut() { Some(rx) => rx.recv().await, None => std::future::pending().await } } => {
                     let connections = self.conns.len();
-                    crate::admin::execute(&mut self.proxy, &mut self.reloader, cmd, connections);
+                    let (proxy, reloader) = (&mut self.proxy, &mut self.reloader);
+                    contained(&self.metrics, "admin", || {
+                        crate::admin::execute(proxy, reloader, cmd, connections)
+                    });
                 }
                 _ = sync.tick() => {
                     self.proxy.flush_tunnels();
@@ -752,6 +757,24 @@ impl Driver {
             }
         });
         id
+    }
+}
+
+/// Runs a step of the loop that is not one message's handling (a reload, an admin command)
+/// with a panic contained: counted in `gatehouse_internal_errors_total{area}`, logged, and the
+/// loop goes on (the proxy core contains its own per-message panics).
+fn contained<T>(
+    metrics: &crate::metrics::Metrics,
+    area: &'static str,
+    f: impl FnOnce() -> T,
+) -> Option<T> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        Ok(v) => Some(v),
+        Err(_) => {
+            metrics.internal_errors.with_label_values(&[area]).inc();
+            tracing::error!(area, "panic contained; the gateway goes on");
+            None
+        }
     }
 }
 
