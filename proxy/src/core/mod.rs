@@ -662,10 +662,11 @@ impl Proxy {
 
         // Stage 2: retransmissions and ACK. A retransmission of a request answered
         // statelessly is answered from the cache.
-        match self.txl.absorb(&msg, now) {
+        let key = ServerKey::of_request(&msg);
+        match self.txl.absorb(key.as_ref(), &msg, now) {
             Some(ServerOutcome::AckToCore) => {
-                if let Some(key) = ServerKey::of_request(&msg) {
-                    self.stateless.remove(&key);
+                if let Some(key) = &key {
+                    self.stateless.remove(key);
                 }
                 self.forward_ack(msg, flow);
                 return;
@@ -673,7 +674,6 @@ impl Proxy {
             Some(_) => return,
             None => {}
         }
-        let key = ServerKey::of_request(&msg);
         if let Some((bytes, to)) = key.as_ref().and_then(|k| self.stateless.lookup(k)) {
             self.stats.stateless_resent += 1;
             self.txl.send_stateless(Destination::Flow(to), bytes);
@@ -712,7 +712,7 @@ impl Proxy {
             self.reply_stateless(&msg, response_flow, key, Reject::Overloaded, auth_info, now);
             return;
         }
-        let Some(id) = self.txl.create_server(&msg, response_flow) else {
+        let Some(id) = key.and_then(|k| self.txl.create_server(k, &msg, response_flow)) else {
             return;
         };
         self.contexts.insert(

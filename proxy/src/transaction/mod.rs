@@ -288,10 +288,11 @@ impl TransactionLayer {
 
     /// Matches a request to a server transaction (17.2.3) or creates one.
     pub fn on_request(&mut self, msg: &Message, flow: Flow, now: Instant) -> ServerOutcome {
-        if let Some(outcome) = self.absorb(msg, now) {
+        let key = ServerKey::of_request(msg);
+        if let Some(outcome) = self.absorb(key.as_ref(), msg, now) {
             return outcome;
         }
-        match self.create_server(msg, flow) {
+        match key.and_then(|k| self.create_server(k, msg, flow)) {
             Some(id) => ServerOutcome::New(id),
             None => ServerOutcome::AckToCore,
         }
@@ -300,12 +301,18 @@ impl TransactionLayer {
     /// Matches a request to an existing server transaction (17.2.3): a retransmission is
     /// absorbed (the last response resent), an ACK goes to its transaction or, unmatched, to
     /// the core. `None`: the request starts a new transaction (see [`Self::create_server`]).
-    pub fn absorb(&mut self, msg: &Message, now: Instant) -> Option<ServerOutcome> {
-        let Some(key) = ServerKey::of_request(msg) else {
+    /// `key` is the request's [`ServerKey::of_request`] (computed once by the caller).
+    pub fn absorb(
+        &mut self,
+        key: Option<&ServerKey>,
+        msg: &Message,
+        now: Instant,
+    ) -> Option<ServerOutcome> {
+        let Some(key) = key else {
             return Some(ServerOutcome::AckToCore);
         };
         let is_ack = msg.method() == Some(Method::Ack);
-        if let Some(&id) = self.server_index.get(&key) {
+        if let Some(&id) = self.server_index.get(key) {
             let Some(Tx::Server(tx)) = self.txs.get_mut(&id) else {
                 return Some(ServerOutcome::Absorbed);
             };
@@ -347,8 +354,7 @@ impl TransactionLayer {
 
     /// Creates the server transaction of a new request (not an ACK; `None` for one, or for a
     /// request without a usable Via).
-    pub fn create_server(&mut self, msg: &Message, flow: Flow) -> Option<TxId> {
-        let key = ServerKey::of_request(msg)?;
+    pub fn create_server(&mut self, key: ServerKey, msg: &Message, flow: Flow) -> Option<TxId> {
         if msg.method() == Some(Method::Ack) {
             return None;
         }
