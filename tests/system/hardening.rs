@@ -203,6 +203,18 @@ max_tls_connections = 4\nheader_timeout_ms = 300\nhandshake_timeout_ms = 300\n",
     drop(mine);
 }
 
+/// This process's resident set (the gateway under test runs in it).
+fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
 /// An INVITE without credentials from `src`, as a flooder sends it.
 fn flood_invite(src: SocketAddr, n: u64) -> Vec<u8> {
     format!(
@@ -326,6 +338,7 @@ fn legitimate_setups_succeed_during_an_invite_flood() {
     let s = setup("[metrics]\nlisten = \"127.0.0.1:0\"\n[limits]\nmax_transactions = 2000\n");
     let gw = s.gw.addr(Transport::Udp);
     let metrics = s.gw.metrics.unwrap();
+    let rss_before = rss_kib();
     let stop = Arc::new(AtomicBool::new(false));
     let sent = Arc::new(AtomicU64::new(0));
     // 1000 flooders on 127.1.x.y at a low rate each, and 4 heavy ones on 127.2.0.x.
@@ -389,13 +402,20 @@ fn legitimate_setups_succeed_during_an_invite_flood() {
     let flooded = sent.load(Ordering::Relaxed);
     let text = http_get(metrics, "/metrics").1;
     let rate_limited = sample(&text, "gatehouse_sip_rate_limited_total").unwrap_or(0.0);
+    let transactions = sample(&text, "gatehouse_sip_transactions").unwrap_or(0.0);
+    let grown = rss_kib().saturating_sub(rss_before);
     eprintln!(
         "flood: {flooded} INVITEs in {:.1} s ({:.0}/s), {rate_limited} dropped by the rate limit; \
-legitimate set-ups: {ok}/{attempts} ({:.2} %)",
+legitimate set-ups: {ok}/{attempts} ({:.2} %); transactions at the end {transactions}; \
+process RSS grew {} MiB",
         flood_time.as_secs_f64(),
         flooded as f64 / flood_time.as_secs_f64(),
-        100.0 * ok as f64 / attempts as f64
+        100.0 * ok as f64 / attempts as f64,
+        grown / 1024
     );
+    // Bounded tables: the flood costs at most the stateless cache and the rate-limit table
+    // (tens of MiB), not memory in proportion to what was sent.
+    assert!(grown < 256 * 1024, "RSS grew {grown} KiB during the flood");
     assert!(attempts >= 10, "too few set-ups attempted: {attempts}");
     assert!(
         ok * 100 >= attempts * 99,
