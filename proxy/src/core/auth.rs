@@ -123,7 +123,12 @@ impl Proxy {
         };
         let username = self.sasl.claimed_username(&params);
         if let Some(u) = &username {
-            if self.lockout.user_locked(u, source, now).is_some() {
+            let inside_registration = challenger == Challenger::Registrar && self.is_inside(source);
+            if self
+                .lockout
+                .user_locked(u, source, inside_registration, now)
+                .is_some()
+            {
                 self.auth_stats.locked_out += 1;
                 return Err(Reject::AuthFailed);
             }

@@ -11,7 +11,7 @@
 //! | (user, subscriber) | N | that user from that subscriber |
 //! | subscriber | 4 N | everything from that subscriber |
 //! | aggregate | 16 N | everything from that aggregate |
-//! | user | 20 N | that user from every subscriber that has not authenticated as the user in the last 24 h |
+//! | user | 20 N | that user from every subscriber that has not authenticated as the user in the last 24 h, except REGISTERs from the inside |
 //!
 //! So one source cannot lock a user out anywhere but at that source; a distributed guesser
 //! is slowed for everyone except the places the user really uses (and trusted sources,
@@ -150,14 +150,21 @@ impl Lockout {
         None
     }
 
-    /// Checks for a claimed user from a source.
-    pub fn user_locked(&self, user: &str, ip: IpAddr, now: Instant) -> Option<Locked> {
+    /// Checks for a claimed user from a source. `inside_registration`: a REGISTER from the
+    /// inside (an internal endpoint keeping its binding), which the user-wide lock spares.
+    pub fn user_locked(
+        &self,
+        user: &str,
+        ip: IpAddr,
+        inside_registration: bool,
+        now: Instant,
+    ) -> Option<Locked> {
         let sub = Subscriber::of(ip);
         if self.is_locked(&Key::Pair(user.to_owned(), sub), now) {
             return Some(Locked::Pair);
         }
-        if self.is_locked(&Key::User(user.to_owned()), now) && !self.succeeded_here(user, sub, now)
-        {
+        let spared = inside_registration || self.succeeded_here(user, sub, now);
+        if self.is_locked(&Key::User(user.to_owned()), now) && !spared {
             return Some(Locked::User);
         }
         None
@@ -251,21 +258,24 @@ mod tests {
         for _ in 0..4 {
             l.failure(Some("bob"), a, t0);
         }
-        assert_eq!(l.user_locked("bob", a, t0), None);
+        assert_eq!(l.user_locked("bob", a, false, t0), None);
         l.failure(Some("bob"), a, t0);
-        assert_eq!(l.user_locked("bob", a, t0), Some(Locked::Pair));
+        assert_eq!(l.user_locked("bob", a, false, t0), Some(Locked::Pair));
         assert_eq!(
-            l.user_locked("bob", a, t0 + Duration::from_secs(299)),
+            l.user_locked("bob", a, false, t0 + Duration::from_secs(299)),
             Some(Locked::Pair)
         );
-        assert_eq!(l.user_locked("bob", a, t0 + Duration::from_secs(300)), None);
+        assert_eq!(
+            l.user_locked("bob", a, false, t0 + Duration::from_secs(300)),
+            None
+        );
         // Slow guessing decays away.
         let mut t = t0 + Duration::from_secs(400);
         for _ in 0..20 {
             l.failure(Some("carol"), a, t);
             t += Duration::from_secs(120);
         }
-        assert_eq!(l.user_locked("carol", a, t), None);
+        assert_eq!(l.user_locked("carol", a, false, t), None);
     }
 
     /// Issue 9, defect 6: five failures for `vpn` from one place do not lock `vpn` anywhere
@@ -277,8 +287,10 @@ mod tests {
         for _ in 0..50 {
             l.failure(Some("vpn"), ip("198.51.100.7"), t0);
         }
-        assert!(l.user_locked("vpn", ip("198.51.100.7"), t0).is_some());
-        assert_eq!(l.user_locked("vpn", ip("10.1.2.3"), t0), None);
+        assert!(l
+            .user_locked("vpn", ip("198.51.100.7"), false, t0)
+            .is_some());
+        assert_eq!(l.user_locked("vpn", ip("10.1.2.3"), false, t0), None);
         assert_eq!(l.source_locked(ip("10.1.2.3"), t0), None);
     }
 
@@ -292,13 +304,18 @@ mod tests {
             l.failure(Some("vpn"), src, t0);
         }
         assert_eq!(
-            l.user_locked("vpn", ip("203.0.113.50"), t0),
+            l.user_locked("vpn", ip("203.0.113.50"), false, t0),
             Some(Locked::User)
         );
         assert_eq!(
-            l.user_locked("vpn", ip("10.9.9.9"), t0),
+            l.user_locked("vpn", ip("10.9.9.9"), false, t0),
             None,
             "its own place"
+        );
+        assert_eq!(
+            l.user_locked("vpn", ip("10.7.7.7"), true, t0),
+            None,
+            "a registration from inside"
         );
     }
 
@@ -334,7 +351,7 @@ mod tests {
         let guesser = ip("203.0.113.9");
         let mut allowed = 0;
         for _ in 0..48 {
-            if l.user_locked("alice", guesser, t0).is_some()
+            if l.user_locked("alice", guesser, false, t0).is_some()
                 || l.source_locked(guesser, t0).is_some()
             {
                 break;
@@ -348,6 +365,9 @@ mod tests {
             let src = IpAddr::from(std::net::Ipv4Addr::from(0x0b00_0000 + (n % 20_000) * 7));
             l.failure(Some(&format!("v{n}")), src, t0);
         }
-        assert_eq!(l.user_locked("alice", guesser, t0), Some(Locked::Pair));
+        assert_eq!(
+            l.user_locked("alice", guesser, false, t0),
+            Some(Locked::Pair)
+        );
     }
 }
