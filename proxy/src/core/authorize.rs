@@ -363,9 +363,7 @@ impl Proxy {
                     }),
                     _ => None,
                 };
-                if let Some(entry) = self.tunnels.get_mut(&t.call_id, &t.caller_tag) {
-                    entry.callee = callee;
-                }
+                self.tunnels.set_callee(&t.call_id, &t.caller_tag, callee);
                 if let Some(tunnel) = self
                     .tunnels
                     .establish(&t.call_id, &t.caller_tag, callee_tag)

@@ -84,25 +84,76 @@ impl Party {
     }
 }
 
-/// Tunnels by (Call-ID, caller tag). Changes are remembered until the owner persists them
-/// (write-behind: one store transaction per flush instead of a write per message).
+/// Tunnels by (Call-ID, caller tag), with the indexes the per-request questions need — counts
+/// per identity and per target for the policy limits, tunnels per Call-ID for the admin API —
+/// so no request costs work in proportion to the number of tunnels held. Changes are
+/// remembered until the owner persists them (one store transaction per flush).
 #[derive(Debug, Default)]
 pub struct TunnelTable {
     map: HashMap<(String, String), Tunnel>,
     dirty: std::collections::HashSet<(String, String)>,
+    per_identity: HashMap<String, u32>,
+    per_target: HashMap<String, u32>,
+    /// Call-ID -> caller tags of its tunnels (almost always one).
+    per_call: HashMap<String, Vec<String>>,
+}
+
+fn count_up(map: &mut HashMap<String, u32>, key: &str) {
+    match map.get_mut(key) {
+        Some(n) => *n += 1,
+        None => {
+            map.insert(key.to_owned(), 1);
+        }
+    }
+}
+
+fn count_down(map: &mut HashMap<String, u32>, key: &str) {
+    if let Some(n) = map.get_mut(key) {
+        *n -= 1;
+        if *n == 0 {
+            map.remove(key);
+        }
+    }
 }
 
 impl TunnelTable {
-    pub fn insert(&mut self, t: Tunnel) {
+    fn index(&mut self, t: &Tunnel) {
+        count_up(&mut self.per_identity, &t.identity);
+        count_up(&mut self.per_target, &t.to);
+        self.per_call
+            .entry(t.call_id.clone())
+            .or_default()
+            .push(t.caller_tag.clone());
+    }
+
+    fn unindex(&mut self, t: &Tunnel) {
+        count_down(&mut self.per_identity, &t.identity);
+        count_down(&mut self.per_target, &t.to);
+        if let Some(tags) = self.per_call.get_mut(&t.call_id) {
+            tags.retain(|tag| *tag != t.caller_tag);
+            if tags.is_empty() {
+                self.per_call.remove(&t.call_id);
+            }
+        }
+    }
+
+    fn put(&mut self, t: Tunnel) {
         let key = (t.call_id.clone(), t.caller_tag.clone());
-        self.dirty.insert(key.clone());
+        if let Some(old) = self.map.remove(&key) {
+            self.unindex(&old);
+        }
+        self.index(&t);
         self.map.insert(key, t);
+    }
+
+    pub fn insert(&mut self, t: Tunnel) {
+        self.dirty.insert((t.call_id.clone(), t.caller_tag.clone()));
+        self.put(t);
     }
 
     /// Loads a persisted entry (not dirty).
     pub fn load(&mut self, t: Tunnel) {
-        self.map
-            .insert((t.call_id.clone(), t.caller_tag.clone()), t);
+        self.put(t);
     }
 
     /// The entries changed since the last call: `Ok(tunnel)` to save, `Err(key)` to delete.
@@ -131,9 +182,19 @@ impl TunnelTable {
         Some(t)
     }
 
+    /// Records how to reach the callee (from its answer).
+    pub fn set_callee(&mut self, call_id: &str, caller_tag: &str, callee: Option<Party>) {
+        let key = (call_id.to_owned(), caller_tag.to_owned());
+        if let Some(t) = self.map.get_mut(&key) {
+            t.callee = callee;
+            self.dirty.insert(key);
+        }
+    }
+
     pub fn remove(&mut self, call_id: &str, caller_tag: &str) -> Option<Tunnel> {
         let key = (call_id.to_owned(), caller_tag.to_owned());
         let t = self.map.remove(&key)?;
+        self.unindex(&t);
         self.dirty.insert(key);
         Some(t)
     }
@@ -152,26 +213,77 @@ impl TunnelTable {
         self.map.is_empty()
     }
 
-    /// (tunnels of this identity, tunnels to this AOR, all tunnels).
+    /// (tunnels of this identity, tunnels to this AOR, all tunnels), from the indexes.
     pub fn counts(&self, identity: &str, to: &str) -> (u32, u32, u32) {
-        let by_identity = self.map.values().filter(|t| t.identity == identity).count() as u32;
-        let by_target = self.map.values().filter(|t| t.to == to).count() as u32;
-        (by_identity, by_target, self.map.len() as u32)
+        (
+            self.per_identity.get(identity).copied().unwrap_or(0),
+            self.per_target.get(to).copied().unwrap_or(0),
+            self.map.len() as u32,
+        )
     }
 
     pub fn iter(&self) -> impl Iterator<Item = &Tunnel> {
         self.map.values()
     }
 
-    pub fn get_mut(&mut self, call_id: &str, caller_tag: &str) -> Option<&mut Tunnel> {
-        let key = (call_id.to_owned(), caller_tag.to_owned());
-        let t = self.map.get_mut(&key)?;
-        self.dirty.insert(key);
-        Some(t)
-    }
-
     /// The tunnel of a Call-ID (the admin API names tunnels by Call-ID).
     pub fn by_call_id(&self, call_id: &str) -> Option<&Tunnel> {
-        self.map.values().find(|t| t.call_id == call_id)
+        let tag = self.per_call.get(call_id)?.first()?;
+        self.map.get(&(call_id.to_owned(), tag.clone()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tunnel(call_id: &str, tag: &str, identity: &str, to: &str) -> Tunnel {
+        Tunnel {
+            call_id: call_id.into(),
+            caller_tag: tag.into(),
+            callee_tag: None,
+            identity: identity.into(),
+            from: "sip:a@partner.example".into(),
+            to: to.into(),
+            prefixes: "2001:db8:1::/64".into(),
+            pskmth: "scram".into(),
+            created_unix: 0,
+            state: TunnelState::Proposed,
+            caller: None,
+            callee: None,
+        }
+    }
+
+    /// The indexes agree with a scan after any sequence of inserts, replacements and removals.
+    #[test]
+    fn indexes_agree_with_the_table() {
+        let mut t = TunnelTable::default();
+        for n in 0..200u32 {
+            let who = format!("id{}", n % 7);
+            let to = format!("sip:t{}@org.example", n % 5);
+            t.insert(tunnel(&format!("c{}", n % 150), "x", &who, &to));
+            if n % 3 == 0 {
+                t.remove(&format!("c{}", n % 40), "x");
+            }
+        }
+        for n in 0..7 {
+            let who = format!("id{n}");
+            for m in 0..5 {
+                let to = format!("sip:t{m}@org.example");
+                let scan_identity = t.iter().filter(|x| x.identity == who).count() as u32;
+                let scan_target = t.iter().filter(|x| x.to == to).count() as u32;
+                assert_eq!(
+                    t.counts(&who, &to),
+                    (scan_identity, scan_target, t.len() as u32)
+                );
+            }
+        }
+        for x in t.iter() {
+            assert_eq!(
+                t.by_call_id(&x.call_id).map(|y| &y.caller_tag),
+                Some(&x.caller_tag)
+            );
+        }
+        assert!(t.by_call_id("nope").is_none());
     }
 }
