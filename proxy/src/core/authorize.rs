@@ -403,9 +403,8 @@ impl Proxy {
         if changes.is_empty() {
             return;
         }
-        if let Err(e) = self.store.apply_tunnels(&changes) {
-            tracing::warn!(error = %e, "cannot persist the tunnel table");
-        }
+        let r = self.store.apply_tunnels(&changes);
+        self.store_result(r, "persist the tunnel table");
     }
 
     /// Loads the persisted tunnel table (called once at start).

@@ -178,6 +178,8 @@ pub struct CoreStats {
     pub stateless_challenges: u64,
     /// Retransmitted requests answered from the stateless-response cache.
     pub stateless_resent: u64,
+    /// Store writes that failed (counted and logged).
+    pub store_errors: u64,
     /// Panics caught around the handling of one message or timer (bugs; the loop went on).
     pub internal_errors: u64,
 }
@@ -257,7 +259,7 @@ pub struct Proxy {
     pub policy_denials: HashMap<&'static str, u64>,
     metrics: Arc<crate::metrics::Metrics>,
     /// Values already reported into `metrics` by `sync_metrics`.
-    synced: HashMap<String, u64>,
+    synced: HashMap<(&'static str, &'static str), u64>,
     pub stats: CoreStats,
     pub auth_stats: AuthStats,
 }
@@ -430,7 +432,8 @@ impl Proxy {
         m.sasl_pending.set(self.sasl.pending() as i64);
         m.tunnels_active.set(self.tunnels.len() as i64);
         m.registrar_bindings.set(self.bindings.count() as i64);
-        let mut bump = |key: String, now: u64, inc: &dyn Fn(u64)| {
+        // Keys are static: a tick formats nothing.
+        let mut bump = |key: (&'static str, &'static str), now: u64, inc: &dyn Fn(u64)| {
             let last = self.synced.entry(key).or_default();
             if now > *last {
                 inc(now - *last);
@@ -438,25 +441,25 @@ impl Proxy {
             }
         };
         for (&(mech, outcome), &n) in &self.sasl.stats.outcomes {
-            bump(format!("sasl/{mech}/{outcome}"), n, &|d| {
+            bump((mech, outcome), n, &|d| {
                 m.sasl_attempts
                     .with_label_values(&[mech, outcome])
                     .inc_by(d)
             });
         }
         for (&reason, &n) in &self.policy_denials {
-            bump(format!("policy/{reason}"), n, &|d| {
+            bump(("policy", reason), n, &|d| {
                 m.policy_denials.with_label_values(&[reason]).inc_by(d)
             });
         }
-        bump("auth/challenges".into(), self.auth_stats.challenges, &|d| {
+        bump(("auth/challenges", ""), self.auth_stats.challenges, &|d| {
             m.auth_challenges.inc_by(d)
         });
-        bump("auth/lockouts".into(), self.lockout.lockouts, &|d| {
+        bump(("auth/lockouts", ""), self.lockout.lockouts, &|d| {
             m.auth_lockouts.inc_by(d)
         });
         bump(
-            "sip/malformed".into(),
+            ("sip/malformed", ""),
             self.stats.malformed_responses_dropped,
             &|d| {
                 m.sip_dropped
@@ -464,30 +467,30 @@ impl Proxy {
                     .inc_by(d)
             },
         );
-        bump("sip/stray".into(), self.stats.stray_responses, &|d| {
+        bump(("sip/stray", ""), self.stats.stray_responses, &|d| {
             m.sip_dropped
                 .with_label_values(&["stray_response"])
                 .inc_by(d)
         });
-        bump("sip/parse".into(), self.stats.parse_errors, &|d| {
+        bump(("sip/parse", ""), self.stats.parse_errors, &|d| {
             m.sip_parse_errors.inc_by(d)
         });
-        bump("internal/sip".into(), self.stats.internal_errors, &|d| {
+        bump(("internal/sip", ""), self.stats.internal_errors, &|d| {
             m.internal_errors.with_label_values(&["sip"]).inc_by(d)
         });
         bump(
-            "internal/sasl".into(),
+            ("internal/sasl", ""),
             self.sasl.stats.internal_errors,
             &|d| m.internal_errors.with_label_values(&["sasl"]).inc_by(d),
         );
-        bump("sasl/evicted".into(), self.sasl.stats.evicted, &|d| {
+        bump(("sasl/evicted", ""), self.sasl.stats.evicted, &|d| {
             m.sasl_evicted.inc_by(d)
         });
-        bump("sip/rate_limited".into(), self.ratelimit.dropped, &|d| {
+        bump(("sip/rate_limited", ""), self.ratelimit.dropped, &|d| {
             m.rate_limited.inc_by(d)
         });
         bump(
-            "sip/stateless_sent".into(),
+            ("sip/stateless_sent", ""),
             self.stats.stateless_challenges,
             &|d| {
                 m.stateless_challenges
@@ -496,7 +499,7 @@ impl Proxy {
             },
         );
         bump(
-            "sip/stateless_resent".into(),
+            ("sip/stateless_resent", ""),
             self.stats.stateless_resent,
             &|d| {
                 m.stateless_challenges
@@ -505,6 +508,9 @@ impl Proxy {
             },
         );
         m.banned_sources.set(self.banned_sources as i64);
+        bump(("store", "errors"), self.stats.store_errors, &|d| {
+            m.store_errors.inc_by(d)
+        });
     }
 
     /// Housekeeping the driver runs from its tick: expired SASL exchanges, idle lockout

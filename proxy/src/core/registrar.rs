@@ -207,7 +207,8 @@ impl Proxy {
                 return Err(bad_contact());
             }
             for b in self.bindings.clear(&aor) {
-                let _ = self.store.remove_binding(&aor, &b.contact);
+                let r = self.store.remove_binding(&aor, &b.contact);
+                self.store_result(r, "remove a binding");
             }
         }
         let reg = self.cfg.registrar;
@@ -222,7 +223,8 @@ impl Proxy {
             let contact = na.uri.to_owned();
             if expires == 0 {
                 self.bindings.remove(&aor, &contact);
-                let _ = self.store.remove_binding(&aor, &contact);
+                let r = self.store.remove_binding(&aor, &contact);
+                self.store_result(r, "remove a binding");
                 continue;
             }
             if expires < reg.min_expires {
@@ -255,9 +257,8 @@ impl Proxy {
                 instance: binding.instance.clone(),
                 identity: auth.identity().to_owned(),
             };
-            if let Err(e) = self.store.save_binding(&record) {
-                tracing::warn!(error = %e, "cannot persist a binding");
-            }
+            let r = self.store.save_binding(&record);
+            self.store_result(r, "persist a binding");
         }
         // 200 OK lists every current binding with its remaining time.
         let mut extra: Vec<(&str, String)> = self
@@ -280,6 +281,15 @@ impl Proxy {
         Ok(())
     }
 
+    /// A store write's outcome: an error is counted (`gatehouse_store_errors_total`) and
+    /// logged, never ignored.
+    pub(super) fn store_result(&mut self, r: Result<(), crate::store::StoreError>, what: &str) {
+        if let Err(e) = r {
+            self.stats.store_errors += 1;
+            tracing::warn!(error = %e, "cannot {what}");
+        }
+    }
+
     /// Every live registration (admin API).
     pub fn registration_list(&self, now: Instant) -> Vec<(String, Binding)> {
         self.bindings.all(now)
@@ -289,7 +299,8 @@ impl Proxy {
     pub fn remove_registration(&mut self, aor: &str) -> usize {
         let gone = self.bindings.clear(aor);
         for b in &gone {
-            let _ = self.store.remove_binding(aor, &b.contact);
+            let r = self.store.remove_binding(aor, &b.contact);
+            self.store_result(r, "remove a binding");
         }
         gone.len()
     }

@@ -25,6 +25,7 @@
 //! | `gatehouse_sip_stateless_challenges_total` | counter | `kind` (`sent`, `retransmitted`) |
 //! | `gatehouse_transport_refused_total` | counter | `reason` (`per_source`, `tcp_budget`, `tls_budget`) |
 //! | `gatehouse_transport_closed_total` | counter | `reason` (`header_deadline`, `handshake_deadline`, `idle`) |
+//! | `gatehouse_store_errors_total` | counter | | store writes that failed (logged too) |
 //! | `process_*` | (process collector) | |
 
 use std::convert::Infallible;
@@ -66,6 +67,7 @@ pub struct Metrics {
     pub stateless_challenges: IntCounterVec,
     pub connections_refused: IntCounterVec,
     pub connections_closed: IntCounterVec,
+    pub store_errors: IntCounter,
     /// Set while the gateway accepts new requests.
     pub ready: Arc<AtomicBool>,
 }
@@ -224,6 +226,11 @@ impl Metrics {
                 "gatehouse_transport_closed_total",
                 "Connections closed by a deadline",
                 &["reason"],
+            ),
+            store_errors: counter(
+                &r,
+                "gatehouse_store_errors_total",
+                "Store writes that failed (each is logged)",
             ),
             ready: Arc::new(AtomicBool::new(false)),
             registry: r,
