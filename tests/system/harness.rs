@@ -93,6 +93,13 @@ pub fn wait_until(mut cond: impl FnMut() -> bool, what: &str) {
     }
 }
 
+/// Held by the load tests (SIPp runs of 1000 calls, the INVITE flood) so that they do not
+/// run at the same time and measure each other: each is a real load on a 2-core machine.
+pub fn load_test() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// A scratch directory removed at drop.
 pub struct TempDir(pub PathBuf);
 

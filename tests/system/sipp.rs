@@ -142,6 +142,7 @@ fn successful(log: &str) -> u32 {
 
 #[test]
 fn sipp_1000_calls_over_udp() {
+    let _load = crate::harness::load_test();
     let Some((uac, _)) = run(Call {
         calls: 1000,
         rate: 500,
@@ -154,6 +155,7 @@ fn sipp_1000_calls_over_udp() {
 
 #[test]
 fn sipp_1000_calls_over_tcp() {
+    let _load = crate::harness::load_test();
     let Some((uac, _)) = run(Call {
         transport: "tcp",
         calls: 1000,
