@@ -487,3 +487,152 @@ From: <sip:probe@org.example>;tag=p\r\nTo: <sip:someone@other.example>\r\nCall-I
     terminate(child);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A UDP answerer: 200 (with a To tag and a Contact) to every INVITE.
+fn answerer() -> std::net::SocketAddr {
+    let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let addr = sock.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let mut buf = vec![0u8; 65535];
+        while let Ok((n, from)) = sock.recv_from(&mut buf) {
+            let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+            if !text.starts_with("INVITE ") {
+                continue;
+            }
+            let mut resp = String::from("SIP/2.0 200 OK\r\n");
+            for line in text.lines() {
+                let name = line.split(':').next().unwrap_or("").to_ascii_lowercase();
+                match name.as_str() {
+                    "via" | "from" | "call-id" | "cseq" | "record-route" => {
+                        resp.push_str(line);
+                        resp.push_str("\r\n");
+                    }
+                    "to" => resp.push_str(&format!("{line};tag=uas\r\n")),
+                    _ => {}
+                }
+            }
+            resp.push_str(&format!(
+                "Contact: <sip:vpn@{addr}>\r\nContent-Length: 0\r\n\r\n"
+            ));
+            let _ = sock.send_to(resp.as_bytes(), from);
+        }
+    });
+    addr
+}
+
+/// Issue 9, item 7: `kill -9` while tunnels are being set up; every tunnel whose 200 the
+/// caller received is in the store of the restarted gateway, established.
+#[test]
+fn kill_9_under_load_loses_no_tunnel_whose_200_was_relayed() {
+    let dir = std::env::temp_dir().join(format!("gatehouse-kill9-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let uas = answerer();
+    let port = UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let config = dir.join("gateway.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[sip]\ndomains = [\"org.example\"]\n[[listen]]\ntransport = \"udp\"\naddress = \"127.0.0.1:{port}\"\n\
+[trust]\nsources = [\"127.0.0.0/8\"]\n[[route]]\ndomain = \"org.example\"\ntarget = \"sip:{uas}\"\ntransport = \"udp\"\n\
+[auth]\nstore = \"store.sqlite\"\n[log]\nlevel = \"warn\"\n"
+        ),
+    )
+    .unwrap();
+    let mut gw = bin()
+        .args(["run", "--config"])
+        .arg(&config)
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let target = format!("127.0.0.1:{port}");
+    ping(&target);
+
+    // A caller sending tunnel INVITEs as fast as it can; a receiver counting the 200s.
+    let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let local = sock.local_addr().unwrap();
+    let rx = sock.try_clone().unwrap();
+    rx.set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    let (ok_tx, ok_rx) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        let mut buf = vec![0u8; 65535];
+        while let Ok(n) = rx.recv(&mut buf) {
+            let text = String::from_utf8_lossy(&buf[..n]);
+            if text.starts_with("SIP/2.0 200 ") && text.contains(" INVITE\r\n") {
+                let call_id = text
+                    .lines()
+                    .find_map(|l| l.strip_prefix("Call-ID: "))
+                    .unwrap_or("")
+                    .to_owned();
+                if ok_tx.send(call_id).is_err() {
+                    return;
+                }
+            }
+        }
+    });
+    let offer = "v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\n\
+m=application 51820 udp vnd.wireguard\r\n\
+a=fmtp:vnd.wireguard pubkey=YWl42m1t56sMAYKwGZUQZNuYG+AbdW9eE7KLj3KBT1M=;prefix=2001:db8:456:1::/64;pskmth=none\r\n";
+    let sender = std::thread::spawn(move || {
+        for n in 0..2000 {
+            let msg = format!(
+                "INVITE sip:vpn@org.example SIP/2.0\r\nVia: SIP/2.0/UDP {local};branch=z9hG4bKkill{n};rport\r\n\
+Max-Forwards: 70\r\nFrom: <sip:alice@partner.example>;tag=k{n}\r\nTo: <sip:vpn@org.example>\r\n\
+Call-ID: kill-{n}@partner.example\r\nCSeq: 1 INVITE\r\nContact: <sip:alice@{local}>\r\n\
+Content-Type: application/sdp\r\nContent-Length: {}\r\n\r\n{offer}",
+                offer.len()
+            );
+            if sock.send_to(msg.as_bytes(), port_addr(port)).is_err() {
+                return;
+            }
+            if n % 50 == 49 {
+                std::thread::yield_now();
+            }
+        }
+    });
+    // Kill the gateway once 200 tunnels are up, while the rest are still arriving.
+    let mut relayed = std::collections::HashSet::new();
+    while relayed.len() < 200 {
+        relayed.insert(
+            ok_rx
+                .recv_timeout(Duration::from_secs(20))
+                .expect("200s through the gateway"),
+        );
+    }
+    Command::new("kill")
+        .args(["-KILL", &gw.id().to_string()])
+        .status()
+        .unwrap();
+    gw.wait().unwrap();
+    // 200s already on their way are counted too (the receiver stops after 500 ms of silence).
+    while let Ok(call_id) = ok_rx.recv_timeout(Duration::from_secs(5)) {
+        relayed.insert(call_id);
+    }
+    let _ = sender.join();
+
+    let store = gatehouse::store::Store::open(&dir.join("store.sqlite")).unwrap();
+    let established: std::collections::HashSet<String> = store
+        .tunnels()
+        .unwrap()
+        .into_iter()
+        .filter(|t| t.state == gatehouse::tunnel::TunnelState::Established)
+        .map(|t| t.call_id)
+        .collect();
+    let lost: Vec<&String> = relayed.difference(&established).collect();
+    eprintln!(
+        "kill -9: {} 200s relayed, {} tunnels established in the store, {} lost",
+        relayed.len(),
+        established.len(),
+        lost.len()
+    );
+    assert!(lost.is_empty(), "tunnels lost: {lost:?}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn port_addr(port: u16) -> std::net::SocketAddr {
+    std::net::SocketAddr::from(([127, 0, 0, 1], port))
+}
