@@ -372,8 +372,10 @@ impl Proxy {
                     tracing::info!(identity = %tunnel.identity, to = %tunnel.to, pskmth = %tunnel.pskmth, "tunnel up");
                 }
                 // Durable before the 200 leaves: the caller is told "up" only about a tunnel
-                // a restarted gateway still knows (and can tear down). One small WAL commit.
-                self.flush_tunnels();
+                // a restarted gateway still knows (and can tear down). The commit runs before
+                // the next transmit is handed out (`poll_transmit`): one small WAL commit for
+                // all the tunnels a batch of messages established.
+                self.commit_before_send = true;
             } else if status >= 300 {
                 self.tunnels.remove(&t.call_id, &t.caller_tag);
             }

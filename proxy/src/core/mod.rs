@@ -250,6 +250,8 @@ pub struct Proxy {
     ratelimit: ratelimit::RateLimit,
     /// Bans in force at the last [`Proxy::maintain`] (metrics).
     banned_sources: usize,
+    /// A tunnel was established: commit the table before handing out the next transmit.
+    commit_before_send: bool,
     stateless: stateless::StatelessCache,
     topology: topology::TopologyKey,
     clock: WallClock,
@@ -305,6 +307,7 @@ impl Proxy {
             lockout,
             ratelimit: ratelimit::RateLimit::new(cfg.rate_limit),
             banned_sources: 0,
+            commit_before_send: false,
             stateless: stateless::StatelessCache::new(STATELESS_CAPACITY),
             topology: topology::TopologyKey::derive(&cfg.dialog_key),
             clock,
@@ -537,7 +540,13 @@ impl Proxy {
         self.txl.unfinished() == 0
     }
 
+    /// The next message to send. Tunnels established since the last call are committed to
+    /// the store first, so no 200 for a tunnel leaves before the tunnel is durable.
     pub fn poll_transmit(&mut self) -> Option<Transmit> {
+        if self.commit_before_send {
+            self.commit_before_send = false;
+            self.flush_tunnels();
+        }
         self.txl.poll_transmit()
     }
 

@@ -516,15 +516,14 @@ impl Driver {
         tracing::info!(transactions = self.proxy.transactions(), "gateway stopped");
     }
 
-    /// After one readable event, read what else is queued on that socket (bounded).
+    /// After one readable event, read what else is queued on that socket (bounded). What the
+    /// batch produced is sent once it is done (the loop flushes), so tunnel commits that must
+    /// precede their 200s are grouped into one store transaction per batch.
     fn drain_udp(&mut self, idx: usize, buf: &mut [u8]) {
         for _ in 0..64 {
             let sock = Arc::clone(&self.udp[idx]);
             match sock.try_recv_from(buf) {
-                Ok((n, from)) => {
-                    self.on_datagram(idx, &buf[..n], from);
-                    self.flush();
-                }
+                Ok((n, from)) => self.on_datagram(idx, &buf[..n], from),
                 Err(_) => break,
             }
         }
