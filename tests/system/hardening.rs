@@ -137,7 +137,7 @@ From: <sip:probe@partner.example>;tag=p\r\nTo: <sip:org.example>\r\nCall-ID: opt
 fn connections_cannot_be_exhausted() {
     let s = setup(
         "[metrics]\nlisten = \"127.0.0.1:0\"\n[limits]\nmax_connections_per_source = 3\n\
-max_tls_connections = 4\nheader_timeout_ms = 300\nhandshake_timeout_ms = 300\n",
+max_tls_connections = 4\nheader_timeout_ms = 300\nhandshake_timeout_ms = 2000\n",
     );
     let tcp = s.gw.addr(Transport::Tcp);
     let tls = s.gw.addr(Transport::Tls);
