@@ -33,6 +33,7 @@ fn exchange(c: &mut Criterion) {
         max_pending_per_source: 1 << 20,
         iterations: 4096,
         secret: Secret::new([1; 32]),
+        seed: Secret::new([2; 32]),
     });
     let source: IpAddr = "192.0.2.1".parse().unwrap();
     c.bench_function("gateway side of one SCRAM-SHA-256 exchange", |b| {

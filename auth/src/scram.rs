@@ -216,6 +216,9 @@ impl std::fmt::Debug for ScramClient {
 }
 
 impl ScramClient {
+    /// With a fresh random nonce. The client runs in `wgsip` and in tests, never in the
+    /// gateway's sans-IO core, so it may draw from the operating system's generator.
+    #[allow(clippy::disallowed_methods)]
     pub fn new(username: &str, password: &[u8], channel_binding: Option<Vec<u8>>) -> ScramClient {
         let nonce: [u8; 18] = rand::random();
         Self::with_nonce(username, password, channel_binding, &b64().encode(nonce))

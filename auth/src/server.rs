@@ -118,6 +118,9 @@ pub struct ServerSettings {
     pub iterations: u32,
     /// Key for the fake verifiers of unknown users (stable across restarts for the same users).
     pub secret: Secret<[u8; 32]>,
+    /// Seed of the generator of `s2s` handles: 32 bytes from the operating system in a
+    /// gateway, fixed in tests. The server reads no global randomness.
+    pub seed: Secret<[u8; 32]>,
 }
 
 impl std::fmt::Debug for ServerSettings {
@@ -353,6 +356,8 @@ pub struct SaslServer {
     /// seq -> handle, for per-source eviction.
     handles: HashMap<u64, String>,
     next_seq: u64,
+    /// Handle generator (ChaCha12, seeded from `ServerSettings::seed`).
+    rng: rand::rngs::StdRng,
     pub stats: ServerStats,
 }
 
@@ -371,7 +376,10 @@ fn fail<T>(f: Failure) -> Result<T, AuthError> {
 
 impl SaslServer {
     pub fn new(settings: ServerSettings) -> Self {
+        use rand::SeedableRng;
+        let rng = rand::rngs::StdRng::from_seed(*settings.seed.expose());
         SaslServer {
+            rng,
             settings,
             pending: HashMap::new(),
             order: VecDeque::new(),
@@ -542,6 +550,14 @@ impl SaslServer {
         }
     }
 
+    /// An unguessable handle (144 bits).
+    fn new_handle(&mut self) -> String {
+        use base64::Engine;
+        use rand::Rng;
+        let bytes: [u8; 18] = self.rng.random();
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+    }
+
     fn count(&mut self, mech: Mechanism, outcome: &'static str) {
         *self
             .stats
@@ -676,7 +692,7 @@ impl SaslServer {
             // rsasl refused (e.g. a binding it could not satisfy): never forward its error text.
             return fail(Failure::Protocol);
         }
-        let handle = new_handle();
+        let handle = self.new_handle();
         let seq = self.next_seq;
         self.next_seq += 1;
         let expires = now + self.settings.ttl;
@@ -860,12 +876,6 @@ impl SaslServer {
             }
         }
     }
-}
-
-fn new_handle() -> String {
-    use base64::Engine;
-    let bytes: [u8; 18] = rand::random();
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
 }
 
 #[cfg(test)]

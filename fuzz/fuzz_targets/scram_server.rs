@@ -33,6 +33,7 @@ fuzz_target!(|input: Input| {
         max_pending_per_source: 4,
         iterations: 4096,
         secret: Secret::new([5; 32]),
+        seed: Secret::new([6; 32]),
     });
     let mut creds = HashMap::new();
     creds.insert(

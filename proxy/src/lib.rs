@@ -72,6 +72,8 @@ pub fn core_config(
         timers: cfg.timers,
         rate_limit: cfg.rate_limit,
         hide_topology: cfg.hide_topology,
+        // The driver side draws the core's seed from the operating system.
+        seed: rand::random(),
     })
 }
 

@@ -101,6 +101,8 @@ impl AdminState {
                 max_pending_per_source: 16,
                 iterations: 4096,
                 secret: Secret::new(secret),
+                // The admin API is the I/O side: its seed comes from the operating system.
+                seed: Secret::new(rand::random()),
             })),
             store: Mutex::new(store),
             sessions: Mutex::new(HashMap::new()),

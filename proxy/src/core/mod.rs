@@ -132,6 +132,9 @@ pub struct CoreConfig {
     pub rate_limit: ratelimit::RateLimitSettings,
     /// Topology hiding (`[topology] hide`).
     pub hide_topology: bool,
+    /// Seed of every random choice the core makes (tags, branch salt, SASL handles): from
+    /// the operating system in a gateway, fixed in tests. The core reads no global randomness.
+    pub seed: [u8; 32],
 }
 
 /// Proof that a request passed the authenticate stage. Only [`Proxy::authenticate`]
@@ -241,6 +244,8 @@ pub struct Proxy {
     hasher: std::collections::hash_map::RandomState,
     branch_salt: u32,
     branch_counter: u64,
+    /// Tags and salts (seeded from `CoreConfig::seed`).
+    rng: rand::rngs::StdRng,
     draining: bool,
     sasl: SaslServer,
     store: Store,
@@ -277,6 +282,8 @@ impl Proxy {
     /// A proxy on `store` (credentials, bindings); `clock` maps its time to wall-clock time
     /// for persisted expiries.
     pub fn new(cfg: CoreConfig, store: Store, clock: WallClock) -> Self {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::from_seed(cfg.seed);
         let txl = TransactionLayer::new(cfg.timers);
         let a = &cfg.auth;
         let sasl = SaslServer::new(ServerSettings {
@@ -287,6 +294,7 @@ impl Proxy {
             max_pending_per_source: a.max_pending_per_source,
             iterations: a.iterations,
             secret: Secret::new(cfg.auth_secret),
+            seed: Secret::new(rng.random()),
         });
         let lockout = lockout::Lockout::new(
             a.failures_before_lockout,
@@ -317,7 +325,8 @@ impl Proxy {
             contexts: HashMap::new(),
             branch_of: HashMap::new(),
             hasher: Default::default(),
-            branch_salt: rand::random(),
+            branch_salt: rng.random(),
+            rng,
             branch_counter: 0,
             draining: false,
             stats: CoreStats::default(),
@@ -1567,7 +1576,8 @@ impl Proxy {
     }
 
     fn new_tag(&mut self) -> String {
-        format!("gh{:08x}", rand::random::<u32>())
+        use rand::Rng;
+        format!("gh{:08x}", self.rng.random::<u32>())
     }
 }
 

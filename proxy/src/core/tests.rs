@@ -66,6 +66,7 @@ fn config() -> CoreConfig {
         policy: std::sync::Arc::new(gatehouse_policy::Policy::trusted_only()),
         rate_limit: Default::default(),
         hide_topology: false,
+        seed: [5; 32],
     }
 }
 
