@@ -91,9 +91,17 @@ impl WgSdp {
     pub fn parse(body: &[u8]) -> Result<Option<WgSdp>, SdpError> {
         let text = std::str::from_utf8(body).map_err(|_| SdpError::Encoding)?;
         let eol = if text.contains("\r\n") { "\r\n" } else { "\n" };
-        let lines: Vec<String> = text
-            .split('\n')
-            .map(|l| l.strip_suffix('\r').unwrap_or(l).to_owned())
+        // One line end throughout: a body mixing CRLF and bare LF is read differently by
+        // different parsers (fuzz finding, docs/SECURITY.md), so it is not an offer.
+        let pieces: Vec<&str> = text.split('\n').collect();
+        for (i, piece) in pieces[..pieces.len() - 1].iter().enumerate() {
+            if piece.ends_with('\r') != (eol == "\r\n") {
+                return Err(SdpError::Line(i + 1));
+            }
+        }
+        let lines: Vec<String> = pieces
+            .iter()
+            .map(|l| l.strip_suffix('\r').unwrap_or(l).to_string())
             .collect();
         let lines: Vec<String> = match lines.last() {
             Some(l) if l.is_empty() => lines[..lines.len() - 1].to_vec(),
@@ -476,6 +484,19 @@ a=sendrecv\r\n";
         );
         assert!(parse(&SEED.replace("pskmth=none", "pskmth=none;future-param=1")).is_ok());
         assert!(parse(&SEED.replace("s=-", "s=\u{1}")).is_err());
+    }
+
+    /// Fuzz finding (wireguard_sdp, 2026-11-29): CRLF and a bare LF mixed in one body were
+    /// accepted, and read differently by sdp-rs and by our line scan.
+    #[test]
+    fn mixed_line_ends_are_refused() {
+        let found = include_bytes!("../../../fuzz/regressions/wireguard_sdp/mixed-line-ends");
+        assert!(WgSdp::parse(found).is_err());
+        assert!(parse(&SEED.replacen("s=-\r\n", "s=-\n", 1)).is_err());
+        assert!(
+            parse(&SEED.replace("\r\n", "\n")).unwrap().is_some(),
+            "LF alone is fine"
+        );
     }
 
     /// No spelling of WireGuard media passes as "not WireGuard" (issue 9, item 5).
