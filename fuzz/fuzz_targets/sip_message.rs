@@ -11,8 +11,15 @@ fuzz_target!(|data: &[u8]| {
     let Ok(mut msg) = Message::parse(Bytes::copy_from_slice(data), &limits) else {
         return;
     };
+    // Serialising writes a Content-Length if the message had none, and the proxy's edits add
+    // its Via and Record-Route: a message it sends may exceed the input limits by exactly
+    // those fields (findings 2026-11-29, fuzz/regressions/sip_message/).
+    let own_fields = Limits {
+        max_headers: limits.max_headers + 3,
+        max_message_bytes: limits.max_message_bytes + 256,
+    };
     let once = msg.serialize();
-    let again = Message::parse(once.clone(), &limits).expect("a serialised message parses");
+    let again = Message::parse(once.clone(), &own_fields).expect("a serialised message parses");
     assert_eq!(again.is_request(), msg.is_request());
     assert_eq!(again.method(), msg.method());
     assert_eq!(again.status(), msg.status());
@@ -29,12 +36,6 @@ fuzz_target!(|data: &[u8]| {
     }
     msg.set_body(Bytes::from_static(b"v=0\r\n"));
     let edited = msg.serialize();
-    // The proxy's own header fields come on top of what it accepted: a forwarded message may
-    // exceed the input limits by exactly those (finding 2026-11-29, fuzz/regressions/).
-    let after_edits = Limits {
-        max_headers: limits.max_headers + 2,
-        max_message_bytes: limits.max_message_bytes + 256,
-    };
-    let reparsed = Message::parse(edited, &after_edits).expect("an edited message parses");
+    let reparsed = Message::parse(edited, &own_fields).expect("an edited message parses");
     assert_eq!(reparsed.body(), b"v=0\r\n");
 });
