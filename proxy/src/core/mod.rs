@@ -689,10 +689,15 @@ impl Proxy {
         let key = ServerKey::of_request(&msg);
         match self.txl.absorb(key.as_ref(), &msg, now) {
             Some(ServerOutcome::AckToCore) => {
-                if let Some(key) = &key {
-                    self.stateless.remove(key);
+                // An ACK outside any transaction: for a 2xx it goes on along the route set;
+                // for a response sent statelessly it ends that response's retransmissions.
+                // (A request without a usable transaction key lands here too: dropped.)
+                if method == Method::Ack {
+                    if let Some(key) = &key {
+                        self.stateless.remove(key);
+                    }
+                    self.forward_ack(msg, flow);
                 }
-                self.forward_ack(msg, flow);
                 return;
             }
             Some(_) => return,
