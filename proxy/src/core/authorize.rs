@@ -97,7 +97,7 @@ fn classify_body(msg: &Message, method: Method) -> Result<Body, Reject> {
         .map(|c| media_type(&c))
         .unwrap_or_else(|| "application/sdp".to_owned());
     let multipart = ctype.starts_with("multipart/");
-    if multipart && contains_ignore_case(body, b"content-transfer-encoding") {
+    if multipart && tunnel::sdp::contains_ignore_case(body, b"content-transfer-encoding") {
         // A part could hide anything behind base64 or quoted-printable.
         return Err(Reject::UnsupportedMedia(MediaFault::Encoding));
     }
@@ -114,11 +114,6 @@ fn classify_body(msg: &Message, method: Method) -> Result<Body, Reject> {
         Some(sdp) => Ok(Body::Offer(Box::new(sdp))),
         None => Err(Reject::BadOffer(SdpError::Stray)),
     }
-}
-
-fn contains_ignore_case(hay: &[u8], needle: &[u8]) -> bool {
-    hay.windows(needle.len())
-        .any(|w| w.eq_ignore_ascii_case(needle))
 }
 
 impl Proxy {

@@ -52,11 +52,13 @@ pub enum SdpError {
 /// Content-Type or structure, such a body is handled as a WireGuard offer (validated or
 /// refused), never relayed as an opaque payload.
 pub fn mentions_wireguard(body: &[u8]) -> bool {
-    const NEEDLE: &[u8] = b"vnd.wireguard";
-    body.len() >= NEEDLE.len()
-        && body
-            .windows(NEEDLE.len())
-            .any(|w| w.eq_ignore_ascii_case(NEEDLE))
+    contains_ignore_case(body, b"vnd.wireguard")
+}
+
+/// True when `needle` (ASCII) occurs in `hay`, in any case.
+pub fn contains_ignore_case(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len())
+        .any(|w| w.eq_ignore_ascii_case(needle))
 }
 
 /// A parsed WireGuard SDP body (offer or answer), keeping its lines.
@@ -345,7 +347,7 @@ fn sdp_rs_accounts_for(text: &str, lines: usize) -> Result<(), SdpError> {
 /// case. A body that is not UTF-8 but mentions `psk` loses nothing here; such a body cannot
 /// be a valid offer (the authorize stage refuses it before relaying).
 pub fn strip_psk(body: &[u8]) -> Option<Vec<u8>> {
-    if !body.windows(3).any(|w| w.eq_ignore_ascii_case(b"psk")) {
+    if !contains_ignore_case(body, b"psk") {
         return None;
     }
     let text = std::str::from_utf8(body).ok()?;
