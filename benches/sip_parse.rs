@@ -10,9 +10,9 @@ use std::time::Instant;
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, Criterion};
 use gatehouse::core::{CoreConfig, LocalAddr, RouteTable, Target};
-use gatehouse::flow::{Destination, Flow, Transport};
-use gatehouse::sip::{HeaderName, Limits, Message};
-use gatehouse::transaction::TimerConfig;
+use gatehouse_sip::flow::{Destination, Flow, Transport};
+use gatehouse_sip::transaction::TimerConfig;
+use gatehouse_sip::{HeaderName, Limits, Message};
 
 const INVITE: &str = "INVITE sip:vpn@org.example SIP/2.0\r\n\
 Via: SIP/2.0/UDP 127.0.0.1:5080;branch=z9hG4bK-1-1-0\r\n\
@@ -165,9 +165,5 @@ criterion_group!(benches, parse, call);
 criterion_main!(benches);
 
 fn new_proxy(cfg: gatehouse::core::CoreConfig) -> gatehouse::core::Proxy {
-    gatehouse::core::Proxy::new(
-        cfg,
-        gatehouse::store::Store::in_memory().unwrap(),
-        gatehouse::core::WallClock::now(),
-    )
+    gatehouse::core::Proxy::new(cfg, Default::default(), gatehouse::wall_clock())
 }

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use arbitrary::Arbitrary;
 use bytes::Bytes;
 use gatehouse::core::Proxy;
-use gatehouse::flow::{Flow, Transport};
+use gatehouse_sip::flow::{Flow, Transport};
 use gatehouse_fuzz::{proxy, source, start};
 use libfuzzer_sys::fuzz_target;
 
@@ -49,6 +49,7 @@ fuzz_target!(|input: Vec<Datagram>| {
                 conn: None,
             };
             proxy.handle_message(Bytes::from(d.bytes), flow, *now);
+            let _ = proxy.take_writes();
             while proxy.poll_transmit().is_some() {}
             assert!(proxy.transactions() <= 2 * 64 + 16);
             assert!(proxy.pending_sasl() <= 16);

@@ -3,7 +3,7 @@
 #![no_main]
 
 use bytes::Bytes;
-use gatehouse::sip::{HeaderName, Limits, Message};
+use gatehouse_sip::{HeaderName, Limits, Message};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

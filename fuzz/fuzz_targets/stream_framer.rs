@@ -2,7 +2,7 @@
 //! than the limit, and never panics.
 #![no_main]
 
-use gatehouse::sip::framer::{Frame, StreamFramer};
+use gatehouse_sip::framer::{Frame, StreamFramer};
 use libfuzzer_sys::fuzz_target;
 
 const MAX: usize = 4096;

@@ -2,7 +2,7 @@
 //! edits and parses again; `strip_psk` leaves no psk and is idempotent.
 #![no_main]
 
-use gatehouse::tunnel::sdp::{strip_psk, WgSdp};
+use gatehouse_sip::wireguard::{strip_psk, WgSdp};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

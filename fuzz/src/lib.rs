@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::time::Instant;
 
 use gatehouse::config::Config;
-use gatehouse::core::{Proxy, WallClock};
+use gatehouse::core::Proxy;
 use gatehouse::store::Store;
 
 /// The configuration of the fuzzed gateway: one domain, a trusted inside network, a route,
@@ -55,7 +55,11 @@ pub fn proxy() -> Proxy {
         .expect("user added");
     let bound: Vec<_> = cfg.listen.iter().map(|l| (l.transport, l.address)).collect();
     let core = gatehouse::core_config(&cfg, &bound, &store).expect("core configuration");
-    Proxy::new(core, store, WallClock::now())
+    let clock = gatehouse::wall_clock();
+    let snapshot = store
+        .snapshot(clock.unix(clock.instant))
+        .expect("snapshot");
+    Proxy::new(core, snapshot, clock)
 }
 
 /// Sources the datagrams come from: outside, outside, inside (trusted), IPv6 outside.

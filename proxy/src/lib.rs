@@ -1,8 +1,9 @@
 //! Gatehouse, a SASL-authenticating SIP edge proxy.
 //!
 //! Layers, bottom up (see ARCHITECTURE.md):
-//! - [`sip`]: message model, lazy byte-preserving parser, stream framing (sans-IO);
-//! - [`transaction`]: RFC 3261 section 17 transaction machines and timers (sans-IO);
+//! - [`sip`] (the `gatehouse-sip` crate): message model, lazy byte-preserving parser, stream
+//!   framing, the [`transaction`] machines and timers, [`flow`]s and the WireGuard SDP codec
+//!   (all sans-IO);
 //! - [`core`]: the RFC 3261 section 16 request pipeline and response contexts (sans-IO);
 //! - [`transport`]: sockets and the one I/O loop that drives the core;
 //! - [`config`]: validated configuration.
@@ -10,13 +11,13 @@
 pub mod admin;
 pub mod config;
 pub mod core;
-pub mod flow;
 pub mod metrics;
-pub mod sip;
 pub mod store;
-pub mod transaction;
 pub mod transport;
 pub mod tunnel;
+
+pub use gatehouse_sip as sip;
+pub use gatehouse_sip::{flow, transaction};
 
 use std::future::Future;
 use std::io;
@@ -77,6 +78,15 @@ pub fn core_config(
     })
 }
 
+/// Reads both clocks once: the core's map from its monotonic time to wall-clock seconds
+/// (the core itself reads no clock).
+pub fn wall_clock() -> WallClock {
+    WallClock {
+        instant: std::time::Instant::now(),
+        system: std::time::SystemTime::now(),
+    }
+}
+
 /// Opens the configured store (a file, or memory for the embedded demo).
 pub fn open_store(cfg: &Config) -> Result<Store, StoreError> {
     match &cfg.auth.store {
@@ -88,10 +98,13 @@ pub fn open_store(cfg: &Config) -> Result<Store, StoreError> {
 /// Runs the gateway on already bound sockets until `shutdown` resolves, then drains.
 pub async fn run(cfg: Config, bound: Bound, shutdown: impl Future<Output = ()>) -> io::Result<()> {
     let invalid = |e: StoreError| io::Error::other(e.to_string());
-    let store = open_store(&cfg).map_err(invalid)?;
+    let mut store = open_store(&cfg).map_err(invalid)?;
     let core = core_config(&cfg, &bound.addrs, &store).map_err(invalid)?;
-    let proxy = Proxy::new(core, store, WallClock::now());
-    let driver = Driver::new(&cfg, proxy, bound)?;
+    let clock = wall_clock();
+    let snapshot = store.snapshot(clock.unix(clock.instant)).map_err(invalid)?;
+    let proxy = Proxy::new(core, snapshot, clock);
+    // From here on the store belongs to the storage worker (its own thread).
+    let driver = Driver::new(&cfg, proxy, bound, store)?;
     driver.run(shutdown).await;
     Ok(())
 }

@@ -7,7 +7,7 @@
 #![allow(clippy::unwrap_used)]
 
 use bytes::Bytes;
-use gatehouse::sip::{HeaderName, Limits, Message};
+use gatehouse_sip::{HeaderName, Limits, Message};
 use proptest::prelude::*;
 
 fn token() -> impl Strategy<Value = String> {

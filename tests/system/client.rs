@@ -6,8 +6,8 @@ use std::net::{SocketAddr, TcpStream, UdpSocket};
 use std::sync::Arc;
 
 use bytes::Bytes;
-use gatehouse::sip::framer::{Frame, StreamFramer};
-use gatehouse::sip::{Limits, Message};
+use gatehouse_sip::framer::{Frame, StreamFramer};
+use gatehouse_sip::{Limits, Message};
 use rustls::pki_types::{CertificateDer, ServerName};
 
 use crate::harness::WAIT;

@@ -9,10 +9,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use gatehouse::flow::Transport;
-use gatehouse::sip::{Limits, Message};
 use gatehouse_auth::scram::ScramClient;
 use gatehouse_auth::SaslParams;
+use gatehouse_sip::flow::Transport;
+use gatehouse_sip::{Limits, Message};
 
 use crate::client::{header, tls_connection, SipClient};
 use crate::harness::{wait_until, WAIT};
@@ -252,7 +252,7 @@ impl Caller {
                 };
                 // A late answer to an earlier round of the same call is not this one's.
                 let this_round = m.call_id() == header_of(msg, "Call-ID")
-                    && m.value_of(gatehouse::sip::HeaderName::CSeq).as_deref()
+                    && m.value_of(gatehouse_sip::HeaderName::CSeq).as_deref()
                         == Some(header_of(msg, "CSeq"));
                 if m.status().is_some_and(|s| s >= 200) && this_round {
                     return Some(m);

@@ -9,8 +9,8 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use gatehouse::config::Config;
-use gatehouse::flow::Transport;
 use gatehouse::transport::Bound;
+use gatehouse_sip::flow::Transport;
 
 /// Root of the repository.
 pub fn repo() -> PathBuf {

@@ -4,8 +4,8 @@ use std::io::{BufRead, BufReader, Write};
 use std::process::{Command, Stdio};
 
 use base64::Engine;
-use gatehouse::flow::Transport;
 use gatehouse_auth::scram::ScramClient;
+use gatehouse_sip::flow::Transport;
 
 use crate::harness::repo;
 use crate::sasl::setup;

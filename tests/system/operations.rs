@@ -6,8 +6,8 @@ use std::net::{SocketAddr, TcpStream};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use gatehouse::flow::Transport;
 use gatehouse_auth::scram::ScramClient;
+use gatehouse_sip::flow::Transport;
 
 use crate::client::SipClient;
 use crate::harness::{free_port, repo, tool, Proc, TempDir};

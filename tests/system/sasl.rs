@@ -7,11 +7,11 @@ use std::path::Path;
 use std::sync::mpsc;
 
 use bytes::Bytes;
-use gatehouse::flow::Transport;
-use gatehouse::sip::{HeaderName, Limits, Message};
 use gatehouse::store::Store;
 use gatehouse_auth::scram::ScramClient;
 use gatehouse_auth::SaslParams;
+use gatehouse_sip::flow::Transport;
+use gatehouse_sip::{HeaderName, Limits, Message};
 
 use crate::client::{header, SipClient};
 use crate::harness::{Gateway, TempDir, WAIT};
@@ -467,10 +467,10 @@ From: <sip:gw@partner.example>;tag=e1\r\nTo: <sip:vpn@org.example>\r\nCall-ID: e
 Contact: <sip:gw@{local};transport=tls>\r\n{auth}Content-Length: 0\r\n\r\n"
         )
     };
-    let mut framer = gatehouse::sip::framer::StreamFramer::new(65535);
+    let mut framer = gatehouse_sip::framer::StreamFramer::new(65535);
     let mut next_final =
         |tls: &mut rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream>| loop {
-            if let Some(gatehouse::sip::framer::Frame::Message(b)) = framer.next_frame().unwrap() {
+            if let Some(gatehouse_sip::framer::Frame::Message(b)) = framer.next_frame().unwrap() {
                 let m = Message::parse(b, &Limits::default()).unwrap();
                 if m.status() != Some(100) {
                     return m;

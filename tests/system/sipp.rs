@@ -3,7 +3,7 @@
 use std::process::Command;
 use std::time::Duration;
 
-use gatehouse::flow::Transport;
+use gatehouse_sip::flow::Transport;
 
 use crate::harness::{
     free_port, gateway_config, scenario, tool, wait_tcp_listening, wait_udp_bound, Gateway, Proc,

@@ -5,9 +5,9 @@ use std::net::{TcpStream, UdpSocket};
 use std::sync::Arc;
 
 use bytes::Bytes;
-use gatehouse::flow::Transport;
-use gatehouse::sip::framer::{Frame, StreamFramer};
-use gatehouse::sip::{HeaderName, Limits, Message};
+use gatehouse_sip::flow::Transport;
+use gatehouse_sip::framer::{Frame, StreamFramer};
+use gatehouse_sip::{HeaderName, Limits, Message};
 use rustls::pki_types::{CertificateDer, ServerName};
 
 use crate::harness::{gateway_config, Gateway, TempDir, WAIT};

@@ -6,9 +6,9 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use gatehouse::core::{CoreConfig, LocalAddr, Proxy, RouteTable};
-use gatehouse::flow::{Flow, Transport};
-use gatehouse::sip::{HeaderName, Limits, Message, ParseError};
-use gatehouse::transaction::TimerConfig;
+use gatehouse_sip::flow::{Flow, Transport};
+use gatehouse_sip::transaction::TimerConfig;
+use gatehouse_sip::{HeaderName, Limits, Message, ParseError};
 
 use crate::harness::fixture;
 
@@ -90,12 +90,12 @@ fn escaping_and_odd_methods() {
         "RE%47IST%45R",
         "% is not an escape in a method"
     );
-    assert_eq!(m.method(), Some(gatehouse::sip::Method::Other));
+    assert_eq!(m.method(), Some(gatehouse_sip::Method::Other));
     let contacts = m.list_values(HeaderName::Contact);
     assert_eq!(contacts.len(), 2, "C%6Fntact is not Contact: {contacts:?}");
     let m = parse("semiuri").unwrap();
     let ruri = m.request_uri().unwrap().into_owned();
-    let u = gatehouse::sip::Uri::parse(&ruri).unwrap();
+    let u = gatehouse_sip::Uri::parse(&ruri).unwrap();
     assert_eq!(u.user, Some("user;par=u%40example.net"));
     assert_eq!(u.host, "example.com");
     let m = parse("dblreq").unwrap();
@@ -294,9 +294,5 @@ Max-Forwards: 70\r\nFrom: <sip:alice@[2001:db8::9]>;tag=1\r\nTo: <sip:bob@[2001:
 }
 
 fn new_proxy(cfg: gatehouse::core::CoreConfig) -> gatehouse::core::Proxy {
-    gatehouse::core::Proxy::new(
-        cfg,
-        gatehouse::store::Store::in_memory().unwrap(),
-        gatehouse::core::WallClock::now(),
-    )
+    gatehouse::core::Proxy::new(cfg, Default::default(), gatehouse::wall_clock())
 }

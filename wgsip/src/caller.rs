@@ -8,10 +8,10 @@
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use gatehouse::sip::{HeaderName, Message, NameAddr};
-use gatehouse::tunnel::sdp::WgSdp;
 use gatehouse_auth::scram::{derive_psk, PskBinding, ScramClient};
 use gatehouse_auth::SaslParams;
+use gatehouse_sip::wireguard::WgSdp;
+use gatehouse_sip::{HeaderName, Message, NameAddr};
 
 use crate::config::Config;
 use crate::sipua::{hostport, respond, token};

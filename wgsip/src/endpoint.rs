@@ -10,10 +10,10 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use gatehouse::sip::{HeaderName, Message, Method};
-use gatehouse::tunnel::sdp::WgSdp;
 use gatehouse_auth::scram::ScramClient;
 use gatehouse_auth::SaslParams;
+use gatehouse_sip::wireguard::WgSdp;
+use gatehouse_sip::{HeaderName, Message, Method};
 use ipnet::IpNet;
 
 use crate::config::Config;
@@ -309,7 +309,7 @@ From: <sip:alice@partner.example>;tag=1\r\nTo: <sip:vpn@org.example>\r\nCall-ID:
 CSeq: 1 INVITE\r\nMax-Forwards: 70\r\n{ct}{extra}Content-Length: {}\r\n\r\n{OFFER}",
             OFFER.len()
         );
-        Message::parse(text.into(), &gatehouse::sip::Limits::default()).unwrap()
+        Message::parse(text.into(), &gatehouse_sip::Limits::default()).unwrap()
     }
 
     #[test]

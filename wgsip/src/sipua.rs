@@ -8,15 +8,15 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use bytes::Bytes;
-use gatehouse::sip::{HeaderName, Limits, Message};
 use gatehouse_auth::scram::{ScramClient, Transcript};
 use gatehouse_auth::SaslParams;
+use gatehouse_sip::{HeaderName, Limits, Message};
 
 enum Conn {
     Udp(UdpSocket),
     Tls(
         Box<rustls::StreamOwned<rustls::ClientConnection, TcpStream>>,
-        gatehouse::sip::framer::StreamFramer,
+        gatehouse_sip::framer::StreamFramer,
     ),
 }
 
@@ -106,7 +106,7 @@ impl Ua {
         Ok(Ua {
             conn: std::cell::RefCell::new(Conn::Tls(
                 Box::new(stream),
-                gatehouse::sip::framer::StreamFramer::new(65535),
+                gatehouse_sip::framer::StreamFramer::new(65535),
             )),
             gateway,
             local,
@@ -163,7 +163,7 @@ impl Ua {
         let mut buf = vec![0u8; 65535];
         if let Conn::Tls(stream, framer) = &mut *self.conn.borrow_mut() {
             loop {
-                if let Some(gatehouse::sip::framer::Frame::Message(b)) = framer.next_frame()? {
+                if let Some(gatehouse_sip::framer::Frame::Message(b)) = framer.next_frame()? {
                     if let Ok(m) = Message::parse(b, &Limits::default()) {
                         return Ok(Some((m, self.gateway)));
                     }

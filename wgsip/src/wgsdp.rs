@@ -31,7 +31,7 @@ a=fmtp:vnd.wireguard pubkey={};prefix={prefix};pskmth={pskmth}{psk}\r\na=sendrec
 #[cfg(test)]
 mod tests {
     use super::*;
-    use gatehouse::tunnel::sdp::WgSdp;
+    use gatehouse_sip::wireguard::WgSdp;
 
     #[test]
     fn offer_parses_as_the_gateway_parses_it() {

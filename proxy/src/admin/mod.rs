@@ -51,6 +51,9 @@ pub enum Command {
     RemoveRegistration(String, oneshot::Sender<usize>),
     /// Reload the configuration (or the policy alone for the embedded default).
     Reload(oneshot::Sender<Result<String, String>>),
+    /// Users changed through the admin API: refresh the core's credential snapshot now
+    /// (changes by the CLI arrive with the storage worker's next poll).
+    UsersChanged,
 }
 
 /// Changes the log filter (installed by `main`; absent in embedded use).
@@ -393,10 +396,11 @@ async fn handle(
                     &[],
                 )
             } else {
-                store_result(
-                    lock(&state.store).add_user(username, password.as_bytes(), &aors, None, 4096),
-                    StatusCode::CREATED,
-                )
+                let username = username.to_owned();
+                change_users(&state, StatusCode::CREATED, move |st| {
+                    st.add_user(&username, password.as_bytes(), &aors, None, 4096)
+                })
+                .await
             }
         }
         (&Method::PUT, ["users", name, "password"]) => {
@@ -411,18 +415,22 @@ async fn handle(
                     &[],
                 )
             } else {
-                store_result(
-                    lock(&state.store).set_password(&name, password.as_bytes(), 4096),
-                    StatusCode::OK,
-                )
+                change_users(&state, StatusCode::OK, move |st| {
+                    st.set_password(&name, password.as_bytes(), 4096)
+                })
+                .await
             }
         }
-        (&Method::POST, ["users", name, action @ ("disable" | "enable")]) => store_result(
-            lock(&state.store).set_enabled(name, *action == "enable"),
-            StatusCode::OK,
-        ),
+        (&Method::POST, ["users", name, action @ ("disable" | "enable")]) => {
+            let (name, enable) = ((*name).to_owned(), *action == "enable");
+            change_users(&state, StatusCode::OK, move |st| {
+                st.set_enabled(&name, enable)
+            })
+            .await
+        }
         (&Method::DELETE, ["users", name]) => {
-            store_result(lock(&state.store).delete_user(name), StatusCode::OK)
+            let name = (*name).to_owned();
+            change_users(&state, StatusCode::OK, move |st| st.delete_user(&name)).await
         }
         (&Method::POST, ["reload"]) => match ask(&state, Command::Reload).await {
             Some(Ok(what)) => reply(StatusCode::OK, json!({"reloaded": what}), &[]),
@@ -476,6 +484,28 @@ fn unavailable() -> Resp {
         json!({"error": "the gateway is stopping"}),
         &[],
     )
+}
+
+/// A change of the users table, run off the async workers (PBKDF2 and SQLite may take
+/// milliseconds, or seconds while another process holds the write lock); on success the SIP
+/// loop's credential snapshot is refreshed at once.
+async fn change_users(
+    state: &Arc<AdminState>,
+    ok: StatusCode,
+    change: impl FnOnce(&mut Store) -> Result<(), crate::store::StoreError> + Send + 'static,
+) -> Resp {
+    let st = Arc::clone(state);
+    let Ok(r) = tokio::task::spawn_blocking(move || change(&mut lock(&st.store))).await else {
+        return reply(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            json!({"error": "internal error"}),
+            &[],
+        );
+    };
+    if r.is_ok() {
+        let _ = state.commands.send(Command::UsersChanged).await;
+    }
+    store_result(r, ok)
 }
 
 fn store_result(r: Result<(), crate::store::StoreError>, ok: StatusCode) -> Resp {
@@ -564,13 +594,9 @@ pub async fn serve(
     }
 }
 
-/// Answers admin commands against the proxy (called by the I/O loop).
-pub fn execute(
-    proxy: &mut crate::core::Proxy,
-    reloader: &mut crate::transport::Reloader,
-    cmd: Command,
-    connections: usize,
-) {
+/// Answers admin commands against the proxy (called by the I/O loop; `Reload` and
+/// `UsersChanged` are the driver's own).
+pub fn execute(proxy: &mut crate::core::Proxy, cmd: Command, connections: usize) {
     let now = Instant::now();
     match cmd {
         Command::Status(tx) => {
@@ -610,8 +636,10 @@ pub fn execute(
         Command::RemoveRegistration(aor, tx) => {
             let _ = tx.send(proxy.remove_registration(&aor));
         }
-        Command::Reload(tx) => {
-            let _ = tx.send(reloader.reload(proxy));
+        // The driver runs these itself: a reload is read off the loop, a users change goes to
+        // the storage worker.
+        Command::Reload(_) | Command::UsersChanged => {
+            tracing::error!("admin command routed to the wrong handler");
         }
     }
 }

@@ -141,7 +141,7 @@ impl Proxy {
             source,
             tls: tls.as_ref(),
         };
-        match self.sasl.step(&params, &ex, &self.store, now) {
+        match self.sasl.step(&params, &ex, &self.credentials, now) {
             Ok(Outcome::Challenge(p)) => Err(Reject::Challenge {
                 challenger,
                 value: p.emit(),

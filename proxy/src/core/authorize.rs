@@ -367,10 +367,11 @@ impl Proxy {
                     tracing::info!(identity = %tunnel.identity, to = %tunnel.to, pskmth = %tunnel.pskmth, "tunnel up");
                 }
                 // Durable before the 200 leaves: the caller is told "up" only about a tunnel
-                // a restarted gateway still knows (and can tear down). The commit runs before
-                // the next transmit is handed out (`poll_transmit`): one small WAL commit for
-                // all the tunnels a batch of messages established.
-                self.commit_before_send = true;
+                // a restarted gateway still knows (and can tear down). The write batch is
+                // marked durable; the driver holds this batch's transmits until the storage
+                // worker has committed it (one commit for all the tunnels a batch of messages
+                // established).
+                self.durable = true;
             } else if status >= 300 {
                 self.tunnels.remove(&t.call_id, &t.caller_tag);
             }
@@ -388,31 +389,6 @@ impl Proxy {
             if let Some(t) = self.tunnels.remove_dialog(&call_id, &from_tag, &to_tag) {
                 tracing::info!(identity = %t.identity, to = %t.to, "tunnel down (BYE)");
             }
-        }
-    }
-
-    /// Persists the tunnel table's changes in one store transaction. Called before a tunnel's
-    /// 200 is relayed (so an established tunnel is never lost to a crash), and by the driver's
-    /// tick and at exit for the rest (proposals and removals, which a crash may lose: a lost
-    /// removal leaves an entry that BYE or the admin API can still end).
-    pub fn flush_tunnels(&mut self) {
-        let changes = self.tunnels.take_dirty();
-        if changes.is_empty() {
-            return;
-        }
-        let r = self.store.apply_tunnels(&changes);
-        self.store_result(r, "persist the tunnel table");
-    }
-
-    /// Loads the persisted tunnel table (called once at start).
-    pub(super) fn load_tunnels(&mut self) {
-        match self.store.tunnels() {
-            Ok(list) => {
-                for t in list {
-                    self.tunnels.load(t);
-                }
-            }
-            Err(e) => tracing::warn!(error = %e, "cannot load the tunnel table"),
         }
     }
 }

@@ -44,6 +44,7 @@ pub mod auth;
 pub mod authorize;
 pub mod error;
 pub mod lockout;
+pub mod persist;
 pub mod ratelimit;
 pub mod registrar;
 pub mod route;
@@ -71,7 +72,6 @@ use crate::config::{AuthSettings, RegistrarSettings, TunnelSettings};
 use crate::flow::{ConnId, Destination, Flow, Transport};
 use crate::sip::values::split_list;
 use crate::sip::{build_response, HeaderName, Limits, Message, Method, NameAddr, Scheme, Uri, Via};
-use crate::store::Store;
 use crate::transaction::{
     build_cancel, ServerKey, ServerOutcome, TimerConfig, TransactionLayer, Transmit, TxEvent, TxId,
 };
@@ -181,8 +181,6 @@ pub struct CoreStats {
     pub stateless_challenges: u64,
     /// Retransmitted requests answered from the stateless-response cache.
     pub stateless_resent: u64,
-    /// Store writes that failed (counted and logged).
-    pub store_errors: u64,
     /// Panics caught around the handling of one message or timer (bugs; the loop went on).
     pub internal_errors: u64,
 }
@@ -248,15 +246,18 @@ pub struct Proxy {
     rng: rand::rngs::StdRng,
     draining: bool,
     sasl: SaslServer,
-    store: Store,
+    /// Users as the SASL server sees them (a snapshot the storage worker refreshes).
+    credentials: persist::Credentials,
+    /// Changes to persistent state not yet taken by the driver (`take_writes`).
+    writes: Vec<persist::StoreWrite>,
     bindings: registrar::Bindings,
     tls: HashMap<ConnId, TlsInfo>,
     lockout: lockout::Lockout,
     ratelimit: ratelimit::RateLimit,
     /// Bans in force at the last [`Proxy::maintain`] (metrics).
     banned_sources: usize,
-    /// A tunnel was established: commit the table before handing out the next transmit.
-    commit_before_send: bool,
+    /// A tunnel was established: the next write batch is durable (its transmits wait for it).
+    durable: bool,
     stateless: stateless::StatelessCache,
     topology: topology::TopologyKey,
     clock: WallClock,
@@ -279,9 +280,9 @@ const LOCKOUT_CAPACITY: usize = 100_000;
 const STATELESS_CAPACITY: usize = 16_384;
 
 impl Proxy {
-    /// A proxy on `store` (credentials, bindings); `clock` maps its time to wall-clock time
-    /// for persisted expiries.
-    pub fn new(cfg: CoreConfig, store: Store, clock: WallClock) -> Self {
+    /// A proxy starting from `snapshot` (credentials, bindings, tunnels, as the store had
+    /// them); `clock` maps its time to wall-clock time for persisted expiries.
+    pub fn new(cfg: CoreConfig, snapshot: persist::Snapshot, clock: WallClock) -> Self {
         use rand::{Rng, SeedableRng};
         let mut rng = rand::rngs::StdRng::from_seed(cfg.seed);
         let txl = TransactionLayer::new(cfg.timers);
@@ -309,13 +310,14 @@ impl Proxy {
             metrics: Arc::new(crate::metrics::Metrics::new()),
             synced: HashMap::new(),
             sasl,
-            store,
+            credentials: snapshot.credentials,
+            writes: Vec::new(),
             bindings: registrar::Bindings::default(),
             tls: HashMap::new(),
             lockout,
             ratelimit: ratelimit::RateLimit::new(cfg.rate_limit),
             banned_sources: 0,
-            commit_before_send: false,
+            durable: false,
             stateless: stateless::StatelessCache::new(STATELESS_CAPACITY),
             topology: topology::TopologyKey::derive(&cfg.dialog_key),
             clock,
@@ -331,8 +333,10 @@ impl Proxy {
             draining: false,
             stats: CoreStats::default(),
         };
-        proxy.load_bindings();
-        proxy.load_tunnels();
+        proxy.load_bindings(snapshot.bindings);
+        for t in snapshot.tunnels {
+            proxy.tunnels.load(t);
+        }
         proxy
     }
 
@@ -520,9 +524,6 @@ impl Proxy {
             },
         );
         m.banned_sources.set(self.banned_sources as i64);
-        bump(("store", "errors"), self.stats.store_errors, &|d| {
-            m.store_errors.inc_by(d)
-        });
     }
 
     /// Housekeeping the driver runs from its tick: expired SASL exchanges, idle lockout
@@ -549,14 +550,39 @@ impl Proxy {
         self.txl.unfinished() == 0
     }
 
-    /// The next message to send. Tunnels established since the last call are committed to
-    /// the store first, so no 200 for a tunnel leaves before the tunnel is durable.
+    /// The next message to send. A driver takes the write batch first (`take_writes`): when
+    /// it is durable, what this returns must wait until the batch is committed.
     pub fn poll_transmit(&mut self) -> Option<Transmit> {
-        if self.commit_before_send {
-            self.commit_before_send = false;
-            self.flush_tunnels();
-        }
         self.txl.poll_transmit()
+    }
+
+    /// The changes to persistent state since the last call, in order (tunnel table changes
+    /// last), or `None` when there are none. `durable` is set when a tunnel was established:
+    /// the transmits produced since the last call (its 200 among them) must leave only after
+    /// the batch is committed.
+    pub fn take_writes(&mut self) -> Option<persist::WriteBatch> {
+        for change in self.tunnels.take_dirty() {
+            self.writes.push(match change {
+                Ok(t) => persist::StoreWrite::SaveTunnel(Box::new(t)),
+                Err((call_id, caller_tag)) => persist::StoreWrite::DeleteTunnel {
+                    call_id,
+                    caller_tag,
+                },
+            });
+        }
+        if self.writes.is_empty() {
+            return None;
+        }
+        Some(persist::WriteBatch {
+            writes: std::mem::take(&mut self.writes),
+            durable: std::mem::take(&mut self.durable),
+        })
+    }
+
+    /// A new credential snapshot (users changed in the store); exchanges in progress
+    /// finish with the credential they started with.
+    pub fn set_credentials(&mut self, credentials: persist::Credentials) {
+        self.credentials = credentials;
     }
 
     pub fn poll_timeout(&self) -> Option<Instant> {
@@ -1790,10 +1816,3 @@ fn raw_response(b: &[u8], code: u16, reason: &str) -> Option<Bytes> {
 
 #[cfg(test)]
 mod tests;
-
-impl Drop for Proxy {
-    /// A proxy that goes away (shutdown, tests) leaves a complete tunnel table behind.
-    fn drop(&mut self) {
-        self.flush_tunnels();
-    }
-}

@@ -8,10 +8,10 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant, SystemTime};
 
 use super::auth::{aor_key, header_aor, may_present};
+use super::persist::{BindingRecord, StoreWrite};
 use super::{Proxy, Reject};
 use crate::flow::{Destination, Flow, Transport};
 use crate::sip::{build_response, HeaderName, Message, NameAddr};
-use crate::store::BindingRecord;
 use crate::transaction::TxId;
 use gatehouse_auth::Authenticated;
 
@@ -108,14 +108,6 @@ pub struct WallClock {
 }
 
 impl WallClock {
-    /// Reads both clocks (the driver does this once, at start).
-    pub fn now() -> WallClock {
-        WallClock {
-            instant: Instant::now(),
-            system: SystemTime::now(),
-        }
-    }
-
     pub fn unix(&self, at: Instant) -> u64 {
         let base = self
             .system
@@ -143,34 +135,28 @@ impl WallClock {
 }
 
 impl Proxy {
-    /// Loads persisted bindings (called once at start).
-    pub(super) fn load_bindings(&mut self) {
-        let now_unix = self.clock.unix(self.clock.instant);
-        match self.store.live_bindings(now_unix) {
-            Ok(records) => {
-                for r in records {
-                    let (Some(transport), Ok(remote)) =
-                        (Transport::from_token(&r.transport), r.remote.parse())
-                    else {
-                        continue;
-                    };
-                    let b = Binding {
-                        contact: r.contact,
-                        transport,
-                        remote,
-                        expires: self.clock.instant(r.expires_at),
-                        instance: r.instance,
-                    };
-                    let max = self.cfg.registrar.max_bindings_per_aor;
-                    self.bindings.upsert(&r.aor, b, max);
-                }
-                tracing::info!(
-                    bindings = self.bindings.count(),
-                    "registrar bindings loaded"
-                );
-            }
-            Err(e) => tracing::warn!(error = %e, "cannot load registrar bindings"),
+    /// Takes the persisted bindings of the start snapshot.
+    pub(super) fn load_bindings(&mut self, records: Vec<BindingRecord>) {
+        for r in records {
+            let (Some(transport), Ok(remote)) =
+                (Transport::from_token(&r.transport), r.remote.parse())
+            else {
+                continue;
+            };
+            let b = Binding {
+                contact: r.contact,
+                transport,
+                remote,
+                expires: self.clock.instant(r.expires_at),
+                instance: r.instance,
+            };
+            let max = self.cfg.registrar.max_bindings_per_aor;
+            self.bindings.upsert(&r.aor, b, max);
         }
+        tracing::info!(
+            bindings = self.bindings.count(),
+            "registrar bindings loaded"
+        );
     }
 
     /// REGISTER addressed to the gateway's domain.
@@ -207,8 +193,10 @@ impl Proxy {
                 return Err(bad_contact());
             }
             for b in self.bindings.clear(&aor) {
-                let r = self.store.remove_binding(&aor, &b.contact);
-                self.store_result(r, "remove a binding");
+                self.writes.push(StoreWrite::RemoveBinding {
+                    aor: aor.clone(),
+                    contact: b.contact,
+                });
             }
         }
         let reg = self.cfg.registrar;
@@ -223,8 +211,10 @@ impl Proxy {
             let contact = na.uri.to_owned();
             if expires == 0 {
                 self.bindings.remove(&aor, &contact);
-                let r = self.store.remove_binding(&aor, &contact);
-                self.store_result(r, "remove a binding");
+                self.writes.push(StoreWrite::RemoveBinding {
+                    aor: aor.clone(),
+                    contact,
+                });
                 continue;
             }
             if expires < reg.min_expires {
@@ -257,8 +247,7 @@ impl Proxy {
                 instance: binding.instance.clone(),
                 identity: auth.identity().to_owned(),
             };
-            let r = self.store.save_binding(&record);
-            self.store_result(r, "persist a binding");
+            self.writes.push(StoreWrite::SaveBinding(record));
         }
         // 200 OK lists every current binding with its remaining time.
         let mut extra: Vec<(&str, String)> = self
@@ -281,15 +270,6 @@ impl Proxy {
         Ok(())
     }
 
-    /// A store write's outcome: an error is counted (`gatehouse_store_errors_total`) and
-    /// logged, never ignored.
-    pub(super) fn store_result(&mut self, r: Result<(), crate::store::StoreError>, what: &str) {
-        if let Err(e) = r {
-            self.stats.store_errors += 1;
-            tracing::warn!(error = %e, "cannot {what}");
-        }
-    }
-
     /// Every live registration (admin API).
     pub fn registration_list(&self, now: Instant) -> Vec<(String, Binding)> {
         self.bindings.all(now)
@@ -298,11 +278,14 @@ impl Proxy {
     /// Removes every binding of an AOR (admin API); returns how many went.
     pub fn remove_registration(&mut self, aor: &str) -> usize {
         let gone = self.bindings.clear(aor);
-        for b in &gone {
-            let r = self.store.remove_binding(aor, &b.contact);
-            self.store_result(r, "remove a binding");
+        let n = gone.len();
+        for b in gone {
+            self.writes.push(StoreWrite::RemoveBinding {
+                aor: aor.to_owned(),
+                contact: b.contact,
+            });
         }
-        gone.len()
+        n
     }
 
     /// Live bindings for a Request-URI's AOR.

@@ -106,6 +106,9 @@ Content-Length: 4\r\n\r\nv=0\n"
 struct Harness {
     proxy: Proxy,
     now: Instant,
+    /// The store the proxy started from, taking its writes as the driver's storage worker
+    /// would (before the transmits of the same batch are collected).
+    store: Option<crate::store::Store>,
 }
 
 #[derive(Debug)]
@@ -132,7 +135,23 @@ impl Harness {
         Harness {
             proxy: new_proxy(config()),
             now: Instant::now(),
+            store: None,
         }
+    }
+
+    /// A proxy started from `store`'s snapshot, its writes applied to `store`.
+    fn on(cfg: crate::core::CoreConfig, store: crate::store::Store) -> Self {
+        let mut h = Harness::new();
+        h.boot(cfg, store);
+        h
+    }
+
+    /// Replaces the proxy by one started from `store` (a restart).
+    fn boot(&mut self, cfg: crate::core::CoreConfig, mut store: crate::store::Store) {
+        let clock = crate::wall_clock();
+        let snapshot = store.snapshot(clock.unix(clock.instant)).unwrap();
+        self.proxy = Proxy::new(cfg, snapshot, clock);
+        self.store = Some(store);
     }
 
     fn send(&mut self, text: &str, flow: Flow) -> Vec<Sent> {
@@ -142,6 +161,11 @@ impl Harness {
     }
 
     fn drain(&mut self) -> Vec<Sent> {
+        if let Some(batch) = self.proxy.take_writes() {
+            if let Some(store) = &mut self.store {
+                store.apply(&batch.writes).unwrap();
+            }
+        }
         std::iter::from_fn(|| self.proxy.poll_transmit())
             .map(|t| Sent {
                 dest: t.dest,
@@ -779,11 +803,7 @@ fn a_panic_while_handling_one_message_is_contained() {
 }
 
 fn new_proxy(cfg: crate::core::CoreConfig) -> crate::core::Proxy {
-    crate::core::Proxy::new(
-        cfg,
-        crate::store::Store::in_memory().unwrap(),
-        crate::core::WallClock::now(),
-    )
+    crate::core::Proxy::new(cfg, Default::default(), crate::wall_clock())
 }
 
 // ===== SASL in SIP (sip-sasl.md) =====
@@ -847,10 +867,7 @@ mod sasl {
             )
             .unwrap(),
         );
-        Harness {
-            proxy: Proxy::new(cfg, store(), WallClock::now()),
-            now: Instant::now(),
-        }
+        Harness::on(cfg, store())
     }
 
     fn outside() -> Flow {
@@ -1194,18 +1211,12 @@ CSeq: {cseq} REGISTER\r\nContact: {contact}\r\nExpires: 600\r\nContent-Length: 0
             )
             .unwrap();
         }
-        let mut h = Harness {
-            proxy: Proxy::new(config(), Store::open(&path).unwrap(), WallClock::now()),
-            now: Instant::now(),
-        };
+        let mut h = Harness::on(config(), Store::open(&path).unwrap());
         let out = do_register(&mut h, "vpn", b"vpn-secret", "<sip:vpn@198.51.100.30:5060>");
         assert_eq!(out[0].status(), Some(200));
         drop(h);
         // A new gateway on the same store routes to the binding at once.
-        let mut h = Harness {
-            proxy: Proxy::new(config(), Store::open(&path).unwrap(), WallClock::now()),
-            now: Instant::now(),
-        };
+        let mut h = Harness::on(config(), Store::open(&path).unwrap());
         assert_eq!(h.proxy.registrations(), 1);
         let out = h.send(&invite("vpn"), caller_flow());
         assert!(out.iter().any(|s| s
@@ -1270,7 +1281,7 @@ pskmth = [\"scram\", \"none\"]\nprefixes = [\"2001:db8:456::/48\"]\n";
             "sip:vpn@org.example".into(),
             "[2001:db8::10]:51820".parse().unwrap(),
         );
-        h.proxy = Proxy::new(cfg, store, WallClock::now());
+        h.boot(cfg, store);
         h
     }
 
@@ -1636,7 +1647,7 @@ CSeq: 5 BYE\r\nContent-Length: 0\r\n\r\n",
         let mut cfg = h.proxy.config().clone();
         cfg.hide_topology = true;
         cfg.trusted = vec![];
-        h.proxy = Proxy::new(cfg, store(), WallClock::now());
+        h.boot(cfg, store());
         let is_outside = |s: &Sent| {
             let ip = match &s.dest {
                 Destination::Flow(f) => f.remote.ip(),
@@ -1715,7 +1726,7 @@ Call-ID: call-1@partner.example\r\nCSeq: 9 BYE\r\nContent-Length: 0\r\n\r\n",
         let mut cfg = h.proxy.config().clone();
         cfg.hide_topology = true;
         cfg.trusted = vec![];
-        h.proxy = Proxy::new(cfg, store(), WallClock::now());
+        h.boot(cfg, store());
         let (fwd, _) = establish_tunnel(&mut h);
         let fwd = &fwd;
         // The endpoint hangs up: its BYE goes out with the gateway's Via only.

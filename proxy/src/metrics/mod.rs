@@ -26,6 +26,12 @@
 //! | `gatehouse_transport_refused_total` | counter | `reason` (`per_source`, `tcp_budget`, `tls_budget`) |
 //! | `gatehouse_transport_closed_total` | counter | `reason` (`header_deadline`, `handshake_deadline`, `idle`) |
 //! | `gatehouse_store_errors_total` | counter | | store writes that failed (logged too) |
+//! | `gatehouse_store_commit_seconds` | histogram | | one batch of writes committed by the storage worker |
+//! | `gatehouse_store_queued_writes` | gauge | | writes handed to the storage worker, not yet committed |
+//! | `gatehouse_store_busy_retries_total` | counter | | commits retried because another connection held the write lock |
+//! | `gatehouse_store_held_transmits` | gauge | | messages waiting for a tunnel's commit before they leave |
+//! | `gatehouse_loop_message_seconds` | histogram | | the I/O loop's time on one received message |
+//! | `gatehouse_loop_tick_seconds` | histogram | | the I/O loop's time on one maintenance tick or timer batch |
 //! | `process_*` | (process collector) | |
 
 use std::convert::Infallible;
@@ -68,6 +74,12 @@ pub struct Metrics {
     pub connections_refused: IntCounterVec,
     pub connections_closed: IntCounterVec,
     pub store_errors: IntCounter,
+    pub store_commit: Histogram,
+    pub store_queued: IntGauge,
+    pub store_busy_retries: IntCounter,
+    pub store_held: IntGauge,
+    pub loop_message: Histogram,
+    pub loop_tick: Histogram,
     /// Set while the gateway accepts new requests.
     pub ready: Arc<AtomicBool>,
 }
@@ -101,6 +113,15 @@ fn histogram(r: &Registry, name: &str, help: &str, buckets: Vec<f64>) -> Histogr
         .expect("valid metric");
     r.register(Box::new(h.clone())).expect("registered once");
     h
+}
+
+/// Buckets of the loop histograms: 10 µs to 1 s (a message normally takes tens of µs; a
+/// stall of milliseconds shows in the upper buckets).
+fn loop_buckets() -> Vec<f64> {
+    vec![
+        0.000_01, 0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.0025, 0.005, 0.01,
+        0.05, 0.1, 1.0,
+    ]
 }
 
 impl Default for Metrics {
@@ -231,6 +252,39 @@ impl Metrics {
                 &r,
                 "gatehouse_store_errors_total",
                 "Store writes that failed (each is logged)",
+            ),
+            store_commit: histogram(
+                &r,
+                "gatehouse_store_commit_seconds",
+                "Time to commit one batch of writes (storage worker, off the SIP loop)",
+                vec![0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0],
+            ),
+            store_queued: gauge(
+                &r,
+                "gatehouse_store_queued_writes",
+                "Writes handed to the storage worker and not yet committed",
+            ),
+            store_busy_retries: counter(
+                &r,
+                "gatehouse_store_busy_retries_total",
+                "Commits retried because another connection held the store's write lock",
+            ),
+            store_held: gauge(
+                &r,
+                "gatehouse_store_held_transmits",
+                "Messages waiting for a tunnel's commit before they leave",
+            ),
+            loop_message: histogram(
+                &r,
+                "gatehouse_loop_message_seconds",
+                "Time the I/O loop spent on one received message",
+                loop_buckets(),
+            ),
+            loop_tick: histogram(
+                &r,
+                "gatehouse_loop_tick_seconds",
+                "Time the I/O loop spent on one maintenance tick or timer batch",
+                loop_buckets(),
             ),
             ready: Arc::new(AtomicBool::new(false)),
             registry: r,

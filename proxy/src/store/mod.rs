@@ -24,6 +24,17 @@ pub enum StoreError {
     Invalid(String),
 }
 
+impl StoreError {
+    /// Another connection holds the write lock (past the busy timeout): worth retrying.
+    pub fn is_busy(&self) -> bool {
+        matches!(
+            self,
+            StoreError::Sqlite(rusqlite::Error::SqliteFailure(e, _))
+                if matches!(e.code, rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
+        )
+    }
+}
+
 const MIGRATIONS: &[&str] = &[
     // 1: users, their AORs, registrar bindings, gateway keys.
     "CREATE TABLE users (
@@ -82,21 +93,26 @@ const MIGRATIONS: &[&str] = &[
     );",
     // 4: how to reach both parties of a tunnel (admin teardown).
     "ALTER TABLE tunnels ADD COLUMN caller TEXT; ALTER TABLE tunnels ADD COLUMN callee TEXT;",
+    // 5: a generation counter of the users and their AORs, kept by triggers whoever writes
+    // (gateway, CLI, admin API): a running gateway re-reads its credential snapshot when it
+    // moves.
+    "CREATE TABLE generations (name TEXT PRIMARY KEY NOT NULL, value INTEGER NOT NULL);
+    INSERT INTO generations (name, value) VALUES ('users', 0);
+    CREATE TRIGGER users_insert AFTER INSERT ON users
+        BEGIN UPDATE generations SET value = value + 1 WHERE name = 'users'; END;
+    CREATE TRIGGER users_update AFTER UPDATE ON users
+        BEGIN UPDATE generations SET value = value + 1 WHERE name = 'users'; END;
+    CREATE TRIGGER users_delete AFTER DELETE ON users
+        BEGIN UPDATE generations SET value = value + 1 WHERE name = 'users'; END;
+    CREATE TRIGGER user_aors_insert AFTER INSERT ON user_aors
+        BEGIN UPDATE generations SET value = value + 1 WHERE name = 'users'; END;
+    CREATE TRIGGER user_aors_delete AFTER DELETE ON user_aors
+        BEGIN UPDATE generations SET value = value + 1 WHERE name = 'users'; END;",
 ];
 
-/// A registrar binding (AOR -> Contact through a flow), persisted across restarts.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct BindingRecord {
-    pub aor: String,
-    pub contact: String,
-    pub transport: String,
-    /// Source address of the REGISTER (where requests to the contact are sent).
-    pub remote: String,
-    /// Unix seconds.
-    pub expires_at: u64,
-    pub instance: Option<String>,
-    pub identity: String,
-}
+pub mod worker;
+
+pub use crate::core::persist::{BindingRecord, Credentials, Snapshot, StoreWrite};
 
 /// A user as listed by the CLI (no key material).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -137,6 +153,13 @@ impl Store {
             let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
         }
         Ok(store)
+    }
+
+    /// How long a statement waits for another connection's write lock before it fails with
+    /// "busy" (5 s as opened; the storage worker sets a short one and retries itself).
+    pub fn set_busy_timeout(&mut self, t: Duration) -> Result<(), StoreError> {
+        self.conn.busy_timeout(t)?;
+        Ok(())
     }
 
     /// An in-memory store (tests, and the embedded demo when no file is configured).
@@ -377,23 +400,108 @@ impl Store {
         }))
     }
 
-    // ----- bindings -----
+    /// The generation of the users table (moves on every change of a user or its AORs).
+    pub fn users_generation(&self) -> Result<i64, StoreError> {
+        Ok(self.conn.query_row(
+            "SELECT value FROM generations WHERE name = 'users'",
+            [],
+            |r| r.get(0),
+        )?)
+    }
 
-    pub fn save_binding(&mut self, b: &BindingRecord) -> Result<(), StoreError> {
-        self.conn.execute(
-            "INSERT OR REPLACE INTO bindings (aor, contact, transport, remote, expires_at, instance, identity)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-            params![b.aor, b.contact, b.transport, b.remote, b.expires_at as i64, b.instance, b.identity],
+    /// Every user's credential (the core's in-memory snapshot).
+    pub fn credentials(&self) -> Result<Credentials, StoreError> {
+        let mut aors: std::collections::HashMap<String, Vec<String>> = Default::default();
+        let mut stmt = self
+            .conn
+            .prepare("SELECT username, aor FROM user_aors ORDER BY username, aor")?;
+        let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
+        for row in rows {
+            let (u, a) = row?;
+            aors.entry(u).or_default().push(a);
+        }
+        let mut stmt = self.conn.prepare(
+            "SELECT username, salt, iterations, stored_key, server_key, mechanisms, enabled FROM users",
         )?;
+        let rows = stmt.query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, Vec<u8>>(1)?,
+                r.get::<_, u32>(2)?,
+                r.get::<_, Vec<u8>>(3)?,
+                r.get::<_, Vec<u8>>(4)?,
+                r.get::<_, Option<String>>(5)?,
+                r.get::<_, bool>(6)?,
+            ))
+        })?;
+        let mut out = Credentials::new();
+        for row in rows {
+            let (username, salt, iterations, stored, server, mechs, enabled) = row?;
+            let (Ok(stored_key), Ok(server_key)) =
+                (<[u8; 32]>::try_from(stored), <[u8; 32]>::try_from(server))
+            else {
+                continue; // the schema's CHECKs make this unreachable
+            };
+            let user_aors = aors.remove(&username).unwrap_or_default();
+            out.insert(
+                username.clone(),
+                Credential {
+                    username,
+                    verifier: Verifier {
+                        salt,
+                        iterations,
+                        stored_key,
+                        server_key,
+                    },
+                    aors: user_aors,
+                    mechanisms: mechs.map(|m| {
+                        m.split_whitespace()
+                            .filter_map(Mechanism::from_name)
+                            .collect()
+                    }),
+                    enabled,
+                },
+            );
+        }
+        Ok(out)
+    }
+
+    /// What a starting core needs: credentials, bindings live at `now_unix` (expired ones are
+    /// deleted), the tunnel table.
+    pub fn snapshot(&mut self, now_unix: u64) -> Result<Snapshot, StoreError> {
+        Ok(Snapshot {
+            credentials: self.credentials()?,
+            bindings: self.live_bindings(now_unix)?,
+            tunnels: self.tunnels()?,
+        })
+    }
+
+    /// Applies a batch of the core's writes in one transaction (all or nothing).
+    pub fn apply(&mut self, writes: &[StoreWrite]) -> Result<(), StoreError> {
+        let tx = self.conn.transaction()?;
+        for w in writes {
+            match w {
+                StoreWrite::SaveBinding(b) => save_binding(&tx, b)?,
+                StoreWrite::RemoveBinding { aor, contact } => remove_binding(&tx, aor, contact)?,
+                StoreWrite::SaveTunnel(t) => save_tunnel(&tx, t)?,
+                StoreWrite::DeleteTunnel {
+                    call_id,
+                    caller_tag,
+                } => delete_tunnel(&tx, call_id, caller_tag)?,
+            }
+        }
+        tx.commit()?;
         Ok(())
     }
 
+    // ----- bindings -----
+
+    pub fn save_binding(&mut self, b: &BindingRecord) -> Result<(), StoreError> {
+        save_binding(&self.conn, b)
+    }
+
     pub fn remove_binding(&mut self, aor: &str, contact: &str) -> Result<(), StoreError> {
-        self.conn.execute(
-            "DELETE FROM bindings WHERE aor = ?1 AND contact = ?2",
-            params![aor, contact],
-        )?;
-        Ok(())
+        remove_binding(&self.conn, aor, contact)
     }
 
     /// Bindings not yet expired at `now_unix`; expired ones are deleted.
@@ -422,65 +530,58 @@ impl Store {
     }
 }
 
+fn save_binding(conn: &Connection, b: &BindingRecord) -> Result<(), StoreError> {
+    conn.prepare_cached(
+        "INSERT OR REPLACE INTO bindings (aor, contact, transport, remote, expires_at, instance, identity)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+    )?
+    .execute(params![
+        b.aor,
+        b.contact,
+        b.transport,
+        b.remote,
+        b.expires_at as i64,
+        b.instance,
+        b.identity
+    ])?;
+    Ok(())
+}
+
+fn remove_binding(conn: &Connection, aor: &str, contact: &str) -> Result<(), StoreError> {
+    conn.prepare_cached("DELETE FROM bindings WHERE aor = ?1 AND contact = ?2")?
+        .execute(params![aor, contact])?;
+    Ok(())
+}
+
+fn save_tunnel(conn: &Connection, t: &crate::tunnel::Tunnel) -> Result<(), StoreError> {
+    conn.prepare_cached(
+        "INSERT OR REPLACE INTO tunnels (call_id, caller_tag, callee_tag, identity, from_aor, to_aor, prefixes, pskmth, created_at, state, caller, callee)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+    )?
+    .execute(params![
+        t.call_id,
+        t.caller_tag,
+        t.callee_tag,
+        t.identity,
+        t.from,
+        t.to,
+        t.prefixes,
+        t.pskmth,
+        t.created_unix as i64,
+        t.state.as_str(),
+        t.caller.as_ref().map(|p| p.encode()),
+        t.callee.as_ref().map(|p| p.encode())
+    ])?;
+    Ok(())
+}
+
+fn delete_tunnel(conn: &Connection, call_id: &str, caller_tag: &str) -> Result<(), StoreError> {
+    conn.prepare_cached("DELETE FROM tunnels WHERE call_id = ?1 AND caller_tag = ?2")?
+        .execute(params![call_id, caller_tag])?;
+    Ok(())
+}
+
 impl Store {
-    pub fn save_tunnel(&mut self, t: &crate::tunnel::Tunnel) -> Result<(), StoreError> {
-        self.conn.prepare_cached(
-            "INSERT OR REPLACE INTO tunnels (call_id, caller_tag, callee_tag, identity, from_aor, to_aor, prefixes, pskmth, created_at, state, caller, callee)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
-        )?
-        .execute(params![
-                t.call_id,
-                t.caller_tag,
-                t.callee_tag,
-                t.identity,
-                t.from,
-                t.to,
-                t.prefixes,
-                t.pskmth,
-                t.created_unix as i64,
-                t.state.as_str(),
-                t.caller.as_ref().map(|p| p.encode()),
-                t.callee.as_ref().map(|p| p.encode())
-            ])?;
-        Ok(())
-    }
-
-    /// Saves and deletes tunnel entries in one transaction.
-    pub fn apply_tunnels(
-        &mut self,
-        changes: &[Result<crate::tunnel::Tunnel, (String, String)>],
-    ) -> Result<(), StoreError> {
-        self.conn.execute_batch("BEGIN")?;
-        let mut result = Ok(());
-        for c in changes {
-            let r = match c {
-                Ok(t) => self.save_tunnel(t),
-                Err((call_id, tag)) => self.delete_tunnel(call_id, tag),
-            };
-            if r.is_err() {
-                result = r;
-                break;
-            }
-        }
-        match result {
-            Ok(()) => {
-                self.conn.execute_batch("COMMIT")?;
-                Ok(())
-            }
-            Err(e) => {
-                let _ = self.conn.execute_batch("ROLLBACK");
-                Err(e)
-            }
-        }
-    }
-
-    pub fn delete_tunnel(&mut self, call_id: &str, caller_tag: &str) -> Result<(), StoreError> {
-        self.conn
-            .prepare_cached("DELETE FROM tunnels WHERE call_id = ?1 AND caller_tag = ?2")?
-            .execute(params![call_id, caller_tag])?;
-        Ok(())
-    }
-
     pub fn tunnels(&self) -> Result<Vec<crate::tunnel::Tunnel>, StoreError> {
         let mut stmt = self.conn.prepare(
             "SELECT call_id, caller_tag, callee_tag, identity, from_aor, to_aor, prefixes, pskmth, created_at, state, caller, callee FROM tunnels",
@@ -647,18 +748,6 @@ impl CredentialSource for Admins<'_> {
             .ok()
             .flatten()
             .map(|(c, _)| c)
-    }
-}
-
-impl CredentialSource for Store {
-    fn lookup(&self, username: &str) -> Option<Credential> {
-        match self.credential(username) {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::warn!(error = %e, "credential lookup failed");
-                None
-            }
-        }
     }
 }
 

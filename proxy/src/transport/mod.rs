@@ -37,6 +37,8 @@ use crate::config::Config;
 use crate::core::Proxy;
 use crate::flow::{ConnId, Destination, Flow, Transport};
 use crate::sip::framer::{Frame, StreamFramer};
+use crate::store::worker::{StorageWorker, StoreEvent};
+use crate::store::Store;
 use crate::transaction::{Transmit, TxId};
 
 /// Sockets bound before the gateway runs (tests bind port 0 and read the addresses back).
@@ -298,14 +300,37 @@ pub struct Reloader {
     listen: Vec<crate::config::Listen>,
 }
 
+/// A configuration (or policy) read and validated off the loop, waiting to be applied on it.
+#[derive(Debug)]
+pub enum Loaded {
+    Config(Box<Config>),
+    Policy(Arc<gatehouse_policy::Policy>),
+}
+
 impl Reloader {
-    /// SIGHUP and the admin API: read and validate the configuration file (with its policy),
-    /// or only the policy file for the embedded default. Nothing changes unless everything is
-    /// valid; listener changes need a restart and are reported, not applied.
-    pub fn reload(&mut self, proxy: &mut Proxy) -> Result<String, String> {
-        match &self.config_source {
-            Some(path) => {
-                let cfg = crate::config::Config::load(path).map_err(|e| e.to_string())?;
+    /// The reading half of a reload (SIGHUP and the admin API): a job that reads and
+    /// validates the configuration file with its policy (resolving route names), or only the
+    /// policy file for the embedded default. It runs off the loop (`spawn_blocking`); its
+    /// result is applied on the loop by [`Reloader::apply`].
+    pub fn prepare(&self) -> impl FnOnce() -> Result<Loaded, String> + Send + 'static {
+        let config = self.config_source.clone();
+        let policy = self.policy_file.clone();
+        move || match (config, policy) {
+            (Some(path), _) => crate::config::Config::load(&path)
+                .map(|c| Loaded::Config(Box::new(c)))
+                .map_err(|e| e.to_string()),
+            (None, Some(path)) => crate::config::load_policy(&path)
+                .map(|p| Loaded::Policy(Arc::new(p)))
+                .map_err(|e| e.to_string()),
+            (None, None) => Err("no configuration or policy file to reload".into()),
+        }
+    }
+
+    /// The applying half: nothing changes unless everything was valid; listener changes need
+    /// a restart and are reported, not applied.
+    pub fn apply(&mut self, proxy: &mut Proxy, loaded: Loaded) -> Result<String, String> {
+        match loaded {
+            Loaded::Config(cfg) => {
                 proxy.apply_config(&cfg);
                 self.policy_file = cfg.tunnels.policy_file.clone();
                 if cfg.listen != self.listen {
@@ -314,18 +339,25 @@ impl Reloader {
                 }
                 Ok("configuration and policy".into())
             }
-            None => {
-                let path = self
-                    .policy_file
-                    .as_ref()
-                    .ok_or("no configuration or policy file to reload")?;
-                let policy = crate::config::load_policy(path).map_err(|e| e.to_string())?;
-                proxy.set_policy(Arc::new(policy));
+            Loaded::Policy(policy) => {
+                proxy.set_policy(policy);
                 Ok("policy".into())
             }
         }
     }
+
+    /// Both halves at once (tests and tools without a loop to keep free).
+    pub fn reload(&mut self, proxy: &mut Proxy) -> Result<String, String> {
+        let loaded = self.prepare()()?;
+        self.apply(proxy, loaded)
+    }
 }
+
+/// A reload read off the loop, and who asked for it (the admin API waits for the outcome).
+type ReloadDone = (
+    Result<Loaded, String>,
+    Option<tokio::sync::oneshot::Sender<Result<String, String>>>,
+);
 
 /// The I/O loop: owns the proxy core, the UDP sockets and the connection table.
 pub struct Driver {
@@ -343,6 +375,19 @@ pub struct Driver {
     reloader: Reloader,
     metrics: Arc<crate::metrics::Metrics>,
     admin: Option<mpsc::Receiver<crate::admin::Command>>,
+    /// The storage worker (its own thread) and what it reports.
+    storage: Option<StorageWorker>,
+    store_events: mpsc::UnboundedReceiver<StoreEvent>,
+    /// Transmits waiting for a durable batch's commit, in order, each with the batch number
+    /// it waits for.
+    held: std::collections::VecDeque<(u64, Transmit)>,
+    /// The last durable batch submitted, and the last batch the worker acknowledged.
+    hold_until: u64,
+    committed: u64,
+    reloads: (
+        mpsc::UnboundedSender<ReloadDone>,
+        mpsc::UnboundedReceiver<ReloadDone>,
+    ),
 }
 
 impl std::fmt::Debug for Driver {
@@ -354,7 +399,8 @@ impl std::fmt::Debug for Driver {
 }
 
 impl Driver {
-    pub fn new(cfg: &Config, proxy: Proxy, bound: Bound) -> io::Result<Driver> {
+    /// The loop for `proxy` on `bound` sockets; `store` goes to the storage worker's thread.
+    pub fn new(cfg: &Config, proxy: Proxy, bound: Bound, store: Store) -> io::Result<Driver> {
         let (events_tx, events) = mpsc::channel(8192);
         let settings = StreamSettings {
             idle: cfg.connection_idle,
@@ -416,6 +462,8 @@ impl Driver {
             .iter()
             .map(|s| s.local_addr())
             .collect::<io::Result<Vec<_>>>()?;
+        let (store_tx, store_events) = mpsc::unbounded_channel();
+        let storage = StorageWorker::start(store, Arc::clone(&metrics), store_tx)?;
         Ok(Driver {
             proxy,
             udp: bound.udp,
@@ -435,6 +483,12 @@ impl Driver {
             },
             metrics,
             admin,
+            storage: Some(storage),
+            store_events,
+            held: std::collections::VecDeque::new(),
+            hold_until: 0,
+            committed: 0,
+            reloads: mpsc::unbounded_channel(),
         })
     }
 
@@ -474,6 +528,7 @@ impl Driver {
                     }
                     draining_until = Some(Instant::now() + self.shutdown_grace);
                 }
+                Some(ev) = self.store_events.recv() => self.on_store_event(ev),
                 ev = self.events.recv() => {
                     if let Some(ev) = ev {
                         self.on_event(ev);
@@ -487,33 +542,101 @@ impl Driver {
                     }
                 }
                 _ = tokio::time::sleep_until(timer_at.into()) => {
-                    self.proxy.handle_timeout(Instant::now());
+                    let t0 = Instant::now();
+                    self.proxy.handle_timeout(t0);
+                    self.metrics.loop_tick.observe(t0.elapsed().as_secs_f64());
+                }
+                Some((loaded, reply)) = self.reloads.1.recv() => {
+                    let (proxy, reloader) = (&mut self.proxy, &mut self.reloader);
+                    let outcome = match loaded {
+                        Ok(l) => contained(&self.metrics, "reload", || reloader.apply(proxy, l))
+                            .unwrap_or_else(|| Err("internal error".into())),
+                        Err(e) => Err(e),
+                    };
+                    match &outcome {
+                        Ok(what) => tracing::info!(%what, "reloaded"),
+                        Err(e) => tracing::error!(error = %e, "reload refused; the configuration in force stays"),
+                    }
+                    if let Some(tx) = reply {
+                        let _ = tx.send(outcome);
+                    }
                 }
                 _ = tokio::time::sleep_until(drain_at.into()), if draining_until.is_some() => {}
                 Some(()) = async { match hangup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => {
-                    let (proxy, reloader) = (&mut self.proxy, &mut self.reloader);
-                    match contained(&self.metrics, "reload", || reloader.reload(proxy)) {
-                        Some(Ok(what)) => tracing::info!(%what, "reloaded"),
-                        Some(Err(e)) => tracing::error!(error = %e, "reload refused; the configuration in force stays"),
-                        None => {}
-                    }
+                    self.start_reload(None);
                 }
                 Some(cmd) = async { match self.admin.as_mut() { Some(rx) => rx.recv().await, None => std::future::pending().await } } => {
-                    let connections = self.conns.len();
-                    let (proxy, reloader) = (&mut self.proxy, &mut self.reloader);
-                    contained(&self.metrics, "admin", || {
-                        crate::admin::execute(proxy, reloader, cmd, connections)
-                    });
+                    match cmd {
+                        crate::admin::Command::Reload(tx) => self.start_reload(Some(tx)),
+                        crate::admin::Command::UsersChanged => {
+                            if let Some(s) = &self.storage {
+                                s.refresh_credentials();
+                            }
+                        }
+                        cmd => {
+                            let connections = self.conns.len();
+                            let proxy = &mut self.proxy;
+                            contained(&self.metrics, "admin", || {
+                                crate::admin::execute(proxy, cmd, connections)
+                            });
+                        }
+                    }
                 }
                 _ = sync.tick() => {
-                    self.proxy.flush_tunnels();
-                    self.proxy.maintain(Instant::now());
+                    let t0 = Instant::now();
+                    self.proxy.maintain(t0);
                     self.proxy.sync_metrics();
                     self.metrics.connections.set(self.conns.len() as i64);
+                    self.metrics.loop_tick.observe(t0.elapsed().as_secs_f64());
                 }
             }
         }
+        // Whatever the last inputs changed goes to the worker; the worker commits everything
+        // queued before its thread ends; then the held transmits may leave.
+        self.flush();
+        if let Some(storage) = self.storage.take() {
+            storage.close().await;
+        }
+        while let Ok(ev) = self.store_events.try_recv() {
+            self.on_store_event(ev);
+        }
+        self.release(u64::MAX);
         tracing::info!(transactions = self.proxy.transactions(), "gateway stopped");
+    }
+
+    /// Reads the configuration off the loop; the outcome comes back through `reloads`.
+    fn start_reload(
+        &mut self,
+        reply: Option<tokio::sync::oneshot::Sender<Result<String, String>>>,
+    ) {
+        let job = self.reloader.prepare();
+        let done = self.reloads.0.clone();
+        tokio::task::spawn_blocking(move || {
+            let loaded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job))
+                .unwrap_or_else(|_| Err("internal error while reading the configuration".into()));
+            let _ = done.send((loaded, reply));
+        });
+    }
+
+    fn on_store_event(&mut self, ev: StoreEvent) {
+        match ev {
+            StoreEvent::Committed(seq) => self.release(seq),
+            StoreEvent::Credentials(c) => {
+                tracing::info!(users = c.len(), "credentials refreshed from the store");
+                self.proxy.set_credentials(c);
+            }
+        }
+    }
+
+    /// The worker committed every batch up to `seq`: what waited for them leaves, in order.
+    fn release(&mut self, seq: u64) {
+        self.committed = self.committed.max(seq);
+        while self.held.front().is_some_and(|(s, _)| *s <= self.committed) {
+            if let Some((_, t)) = self.held.pop_front() {
+                self.dispatch(t);
+            }
+        }
+        self.metrics.store_held.set(self.held.len() as i64);
     }
 
     /// After one readable event, read what else is queued on that socket (bounded). What the
@@ -540,13 +663,21 @@ impl Driver {
             remote: from,
             conn: None,
         };
-        self.proxy
-            .handle_message(Bytes::copy_from_slice(data), flow, Instant::now());
+        self.message(Bytes::copy_from_slice(data), flow);
+    }
+
+    /// One received message through the core, timed (`gatehouse_loop_message_seconds`).
+    fn message(&mut self, bytes: Bytes, flow: Flow) {
+        let t0 = Instant::now();
+        self.proxy.handle_message(bytes, flow, t0);
+        self.metrics
+            .loop_message
+            .observe(t0.elapsed().as_secs_f64());
     }
 
     fn on_event(&mut self, ev: Event) {
         match ev {
-            Event::Message(bytes, flow) => self.proxy.handle_message(bytes, flow, Instant::now()),
+            Event::Message(bytes, flow) => self.message(bytes, flow),
             Event::Opened {
                 id,
                 transport,
@@ -584,9 +715,28 @@ impl Driver {
         }
     }
 
+    /// Hands the core's writes to the storage worker, then sends what the core produced. A
+    /// durable batch (a tunnel established) holds every transmit from here on until the
+    /// worker has committed it: the tunnel's 200 never leaves before the tunnel is on disk,
+    /// and nothing overtakes it (a retransmitted 200 included). Batches without a tunnel
+    /// hold nothing: a stalled disk delays only tunnel set-ups.
     fn flush(&mut self) {
+        if let Some(batch) = self.proxy.take_writes() {
+            let seq = self.storage.as_mut().and_then(|s| s.submit(batch.writes));
+            if let (Some(seq), true) = (seq, batch.durable) {
+                self.hold_until = seq;
+            }
+        }
+        let hold = self.hold_until > self.committed;
         while let Some(t) = self.proxy.poll_transmit() {
-            self.dispatch(t);
+            if hold {
+                self.held.push_back((self.hold_until, t));
+            } else {
+                self.dispatch(t);
+            }
+        }
+        if hold {
+            self.metrics.store_held.set(self.held.len() as i64);
         }
     }
 

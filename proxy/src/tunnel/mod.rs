@@ -1,6 +1,6 @@
 //! Tunnels: WireGuard SDP handling and the table of dialogs the gateway authorised.
 
-pub mod sdp;
+pub use gatehouse_sip::wireguard as sdp;
 pub mod table;
 
 pub use table::{Party, Tunnel, TunnelState, TunnelTable};

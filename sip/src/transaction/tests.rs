@@ -1,5 +1,8 @@
 //! Transaction machines on a manual clock: time only moves when a test says so.
 
+// A test chooses where its manual clock starts.
+#![allow(clippy::disallowed_methods)]
+
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -7,7 +10,7 @@ use bytes::Bytes;
 
 use super::*;
 use crate::flow::Transport;
-use crate::sip::Limits;
+use crate::Limits;
 
 const T1: Duration = Duration::from_millis(500);
 

@@ -473,8 +473,7 @@ a=sendrecv\r\n";
     /// and `psk=...` was accepted; such a value could read as a `psk` to a laxer parser.
     #[test]
     fn control_characters_and_malformed_parameters_are_refused() {
-        let found =
-            include_bytes!("../../../fuzz/regressions/wireguard_sdp/psk-inside-another-value");
+        let found = include_bytes!("../../fuzz/regressions/wireguard_sdp/psk-inside-another-value");
         assert!(WgSdp::parse(found).is_err());
         assert_eq!(
             parse(&SEED.replace("pskmth=none", "pskmth=none;x=a b")).unwrap_err(),
@@ -492,7 +491,7 @@ a=sendrecv\r\n";
     /// accepted, and read differently by sdp-rs and by our line scan.
     #[test]
     fn mixed_line_ends_are_refused() {
-        let found = include_bytes!("../../../fuzz/regressions/wireguard_sdp/mixed-line-ends");
+        let found = include_bytes!("../../fuzz/regressions/wireguard_sdp/mixed-line-ends");
         assert!(WgSdp::parse(found).is_err());
         assert!(parse(&SEED.replacen("s=-\r\n", "s=-\n", 1)).is_err());
         assert!(

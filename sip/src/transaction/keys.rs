@@ -1,7 +1,7 @@
 //! Transaction matching keys (RFC 3261 sections 17.1.3 and 17.2.3).
 
-use crate::sip::values::MAGIC_COOKIE;
-use crate::sip::{Message, Method, Via};
+use crate::values::MAGIC_COOKIE;
+use crate::{Message, Method, Via};
 
 /// Method component of a key: ACK matches the INVITE transaction, CANCEL has its own.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -50,12 +50,12 @@ impl ServerKey {
                 let to_tag = if msg.method() == Some(Method::Ack) {
                     String::new()
                 } else {
-                    msg.tag(crate::sip::HeaderName::To).unwrap_or_default()
+                    msg.tag(crate::HeaderName::To).unwrap_or_default()
                 };
                 format!(
                     "2543|{}|{}|{}|{}|{}|{}",
                     msg.request_uri().unwrap_or_default(),
-                    msg.tag(crate::sip::HeaderName::From).unwrap_or_default(),
+                    msg.tag(crate::HeaderName::From).unwrap_or_default(),
                     to_tag,
                     msg.call_id(),
                     msg.cseq().seq,

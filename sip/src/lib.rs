@@ -1,13 +1,24 @@
-//! SIP message layer (sans-IO): lazy byte-preserving parsing, typed views of the headers a
-//! proxy interprets, edits applied at serialisation, stream framing, and building the
-//! responses the proxy generates itself.
+//! `gatehouse-sip`: the sans-IO SIP layers shared by the gateway and `wgsip`.
+//!
+//! - the message layer: lazy byte-preserving parsing ([`Message`]), typed views of the headers
+//!   a proxy interprets ([`values`], [`uri`]), edits applied at serialisation, stream framing
+//!   ([`framer`]), and building the responses a SIP element generates itself;
+//! - [`transaction`]: the RFC 3261 section 17 transaction machines and their timers;
+//! - [`flow`]: transports, flows and destinations (where a message came from, where it goes);
+//! - [`wireguard`]: the WireGuard SDP codec (`m=application ... vnd.wireguard`, its fmtp).
+//!
+//! Nothing here does I/O: no sockets, no clock reads, no global randomness (`now` and every
+//! random value are arguments). `sip/clippy.toml` enforces it.
 
 pub mod error;
+pub mod flow;
 pub mod framer;
 pub mod header;
 pub mod message;
+pub mod transaction;
 pub mod uri;
 pub mod values;
+pub mod wireguard;
 
 use bytes::{BufMut, Bytes, BytesMut};
 

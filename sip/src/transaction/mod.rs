@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 
 use crate::flow::{Destination, Flow};
-use crate::sip::{HeaderName, Message, Method};
+use crate::{HeaderName, Message, Method};
 pub use keys::{ClientKey, KeyMethod, ServerKey};
 
 /// Identifier of a transaction, unique for the life of the layer.

@@ -1,0 +1,291 @@
+//! The storage worker: the only code that touches the store while the gateway runs, on its own
+//! thread, so a slow disk or another process holding SQLite's write lock never stops the SIP
+//! loop.
+//!
+//! The loop hands it numbered batches of the core's [`StoreWrite`]s (`submit`); it commits
+//! whatever has arrived in one transaction and acknowledges the highest number committed
+//! ([`StoreEvent::Committed`]). When another connection holds the write lock, the commit is
+//! retried (`gatehouse_store_busy_retries_total`) while new batches join it; nothing is dropped.
+//! A batch that fails for another reason is replayed write by write so one bad row costs only
+//! itself; each write that still fails is counted (`gatehouse_store_errors_total`) and logged.
+//!
+//! It also keeps the core's credential snapshot fresh: every [`POLL`] it reads the users
+//! generation (moved by triggers whenever the CLI, the admin API or anyone else changes a
+//! user) and, when it moved or a refresh was asked for, sends the new snapshot
+//! ([`StoreEvent::Credentials`]).
+
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc::UnboundedSender;
+
+use super::{Credentials, Store, StoreWrite};
+use crate::metrics::Metrics;
+
+/// How often the worker looks for credential changes made elsewhere.
+pub const POLL: Duration = Duration::from_millis(250);
+/// Pause between commit attempts while another connection holds the write lock.
+const BUSY_RETRY: Duration = Duration::from_millis(50);
+/// How long the worker keeps trying at shutdown before it gives the remaining writes up
+/// (logged and counted).
+const SHUTDOWN_PATIENCE: Duration = Duration::from_secs(10);
+/// The worker connection's own busy timeout: short, so retries interleave with the
+/// credential polls.
+const BUSY_TIMEOUT: Duration = Duration::from_millis(100);
+
+/// What the worker tells the loop.
+#[derive(Debug)]
+pub enum StoreEvent {
+    /// Every batch up to this number is committed (or, after an error, given up and counted).
+    Committed(u64),
+    /// The users changed: the core's new credential snapshot.
+    Credentials(Credentials),
+}
+
+enum Job {
+    Write { seq: u64, writes: Vec<StoreWrite> },
+    Refresh,
+}
+
+/// The loop's handle on the worker thread.
+#[derive(Debug)]
+pub struct StorageWorker {
+    jobs: Option<mpsc::Sender<Job>>,
+    thread: Option<JoinHandle<()>>,
+    next_seq: u64,
+    metrics: Arc<Metrics>,
+}
+
+impl StorageWorker {
+    /// Starts the worker on `store` (the store moves to the worker's thread).
+    pub fn start(
+        mut store: Store,
+        metrics: Arc<Metrics>,
+        events: UnboundedSender<StoreEvent>,
+    ) -> std::io::Result<StorageWorker> {
+        if let Err(e) = store.set_busy_timeout(BUSY_TIMEOUT) {
+            tracing::warn!(error = %e, "cannot set the storage worker's busy timeout");
+        }
+        let (tx, rx) = mpsc::channel();
+        let m = Arc::clone(&metrics);
+        let thread = std::thread::Builder::new()
+            .name("gatehouse-store".into())
+            .spawn(move || Worker::new(store, m, events).run(rx))?;
+        Ok(StorageWorker {
+            jobs: Some(tx),
+            thread: Some(thread),
+            next_seq: 0,
+            metrics,
+        })
+    }
+
+    /// Queues a batch; returns its number (acknowledged by [`StoreEvent::Committed`]).
+    /// Returns `None` when the worker is gone (its thread ended): the writes are counted as
+    /// failed and the caller must not wait for an acknowledgement.
+    pub fn submit(&mut self, writes: Vec<StoreWrite>) -> Option<u64> {
+        self.next_seq += 1;
+        let seq = self.next_seq;
+        let n = writes.len();
+        self.metrics.store_queued.add(n as i64);
+        let sent = self
+            .jobs
+            .as_ref()
+            .is_some_and(|j| j.send(Job::Write { seq, writes }).is_ok());
+        if !sent {
+            self.metrics.store_queued.sub(n as i64);
+            self.metrics.store_errors.inc_by(n as u64);
+            tracing::error!(writes = n, "the storage worker is gone; writes lost");
+            return None;
+        }
+        Some(seq)
+    }
+
+    /// Asks for a fresh credential snapshot now (after a change through the admin API).
+    pub fn refresh_credentials(&self) {
+        if let Some(j) = &self.jobs {
+            let _ = j.send(Job::Refresh);
+        }
+    }
+
+    /// Stops taking writes and waits (off the async runtime's workers) until everything
+    /// queued is committed or given up.
+    pub async fn close(mut self) {
+        self.jobs = None;
+        if let Some(t) = self.thread.take() {
+            let joined = tokio::task::spawn_blocking(move || t.join()).await;
+            if !matches!(joined, Ok(Ok(()))) {
+                tracing::error!("the storage worker ended abnormally");
+            }
+        }
+    }
+}
+
+struct Worker {
+    store: Store,
+    metrics: Arc<Metrics>,
+    events: UnboundedSender<StoreEvent>,
+    /// Writes received and not yet committed, in order, and the highest batch number among them.
+    pending: Vec<StoreWrite>,
+    pending_seq: u64,
+    busy_since: Option<Instant>,
+    retry_at: Option<Instant>,
+    generation: Option<i64>,
+    next_poll: Instant,
+    refresh: bool,
+}
+
+impl Worker {
+    fn new(store: Store, metrics: Arc<Metrics>, events: UnboundedSender<StoreEvent>) -> Worker {
+        let generation = store.users_generation().ok();
+        Worker {
+            store,
+            metrics,
+            events,
+            pending: Vec::new(),
+            pending_seq: 0,
+            busy_since: None,
+            retry_at: None,
+            generation,
+            next_poll: Instant::now() + POLL,
+            refresh: false,
+        }
+    }
+
+    fn take(&mut self, job: Job) {
+        match job {
+            Job::Write { seq, writes } => {
+                self.pending.extend(writes);
+                self.pending_seq = seq;
+            }
+            Job::Refresh => self.refresh = true,
+        }
+    }
+
+    fn run(mut self, jobs: mpsc::Receiver<Job>) {
+        let mut open = true;
+        loop {
+            let now = Instant::now();
+            if open {
+                let until = match self.retry_at {
+                    Some(at) if !self.pending.is_empty() => at.min(self.next_poll),
+                    _ if !self.pending.is_empty() => now,
+                    _ => self.next_poll,
+                };
+                match jobs.recv_timeout(until.saturating_duration_since(now)) {
+                    Ok(job) => self.take(job),
+                    Err(mpsc::RecvTimeoutError::Timeout) => {}
+                    Err(mpsc::RecvTimeoutError::Disconnected) => open = false,
+                }
+                // Group everything already waiting into the same commit.
+                while let Ok(job) = jobs.try_recv() {
+                    self.take(job);
+                }
+            } else if let Some(at) = self.retry_at {
+                std::thread::sleep(at.saturating_duration_since(now));
+            }
+            let now = Instant::now();
+            if !self.pending.is_empty() && self.retry_at.is_none_or(|at| now >= at) {
+                self.commit(open);
+            }
+            if !open && self.pending.is_empty() {
+                return;
+            }
+            if self.refresh || now >= self.next_poll {
+                self.next_poll = now + POLL;
+                self.poll_credentials();
+            }
+        }
+    }
+
+    fn commit(&mut self, open: bool) {
+        let t0 = Instant::now();
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.store.apply(&self.pending)
+        }));
+        match result {
+            Ok(Ok(())) => {
+                self.metrics
+                    .store_commit
+                    .observe(t0.elapsed().as_secs_f64());
+                if let Some(since) = self.busy_since.take() {
+                    tracing::info!(
+                        waited_ms = since.elapsed().as_millis() as u64,
+                        writes = self.pending.len(),
+                        "store write lock released; queued writes committed"
+                    );
+                }
+            }
+            Ok(Err(e)) if e.is_busy() => {
+                let since = *self.busy_since.get_or_insert_with(|| {
+                    tracing::warn!(
+                        writes = self.pending.len(),
+                        "store write lock held by another connection; writes queued, retrying"
+                    );
+                    t0
+                });
+                if open || since.elapsed() < SHUTDOWN_PATIENCE {
+                    self.metrics.store_busy_retries.inc();
+                    self.retry_at = Some(Instant::now() + BUSY_RETRY);
+                    return;
+                }
+                self.one_by_one();
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, writes = self.pending.len(), "store batch failed; retrying write by write");
+                self.one_by_one();
+            }
+            Err(_) => {
+                tracing::error!(
+                    writes = self.pending.len(),
+                    "panic in the store while committing; retrying write by write"
+                );
+                self.one_by_one();
+            }
+        }
+        self.busy_since = None;
+        self.retry_at = None;
+        self.metrics.store_queued.sub(self.pending.len() as i64);
+        self.pending.clear();
+        let _ = self.events.send(StoreEvent::Committed(self.pending_seq));
+    }
+
+    /// After a failed batch: each write on its own; failures counted and logged.
+    fn one_by_one(&mut self) {
+        for w in &self.pending {
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                self.store.apply(std::slice::from_ref(w))
+            }));
+            let error = match r {
+                Ok(Ok(())) => continue,
+                Ok(Err(e)) => e.to_string(),
+                Err(_) => "panic".to_owned(),
+            };
+            self.metrics.store_errors.inc();
+            tracing::error!(write = w.label(), %error, "store write failed; not persisted");
+        }
+    }
+
+    fn poll_credentials(&mut self) {
+        let generation = match self.store.users_generation() {
+            Ok(g) => Some(g),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the users generation");
+                return;
+            }
+        };
+        if generation == self.generation && !self.refresh {
+            return;
+        }
+        match self.store.credentials() {
+            Ok(c) => {
+                self.generation = generation;
+                self.refresh = false;
+                tracing::debug!(users = c.len(), "credential snapshot refreshed");
+                let _ = self.events.send(StoreEvent::Credentials(c));
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot load the credential snapshot"),
+        }
+    }
+}
