@@ -11,6 +11,7 @@ mod interop;
 mod operations;
 mod sasl;
 mod sipp;
+mod storage;
 mod tls;
 mod torture;
 mod wireguard;

@@ -10,14 +10,14 @@ use crate::harness::{
     TempDir,
 };
 
-struct Call<'a> {
-    transport: &'a str,
-    uac: &'a str,
-    uas: &'a str,
-    calls: u32,
-    rate: u32,
-    extra_config: &'a str,
-    uac_args: &'a [&'a str],
+pub struct Call<'a> {
+    pub transport: &'a str,
+    pub uac: &'a str,
+    pub uas: &'a str,
+    pub calls: u32,
+    pub rate: u32,
+    pub extra_config: &'a str,
+    pub uac_args: &'a [&'a str],
 }
 
 impl Default for Call<'_> {
@@ -39,16 +39,28 @@ fn run(call: Call<'_>) -> Option<(String, String)> {
     if !tool("sipp") {
         return None;
     }
-    let dir = TempDir::new("sipp");
     let uas_port = free_port();
-    let config = gateway_config(
+    let gw = Gateway::start(&config_for(&call, uas_port));
+    let logs = run_through(&gw, uas_port, &call);
+    gw.stop();
+    Some(logs)
+}
+
+/// A gateway configuration routing `org.example` to a SIPp answerer on `uas_port`.
+pub fn config_for(call: &Call<'_>, uas_port: u16) -> String {
+    gateway_config(
         &[call.transport],
         &format!(
             "{}[[route]]\ndomain = \"org.example\"\ntarget = \"sip:127.0.0.1:{uas_port}\"\ntransport = \"{}\"\n",
             call.extra_config, call.transport
         ),
-    );
-    let gw = Gateway::start(&config);
+    )
+}
+
+/// Runs SIPp answerer (on `uas_port`) and caller through a running gateway; asserts both
+/// succeed; returns (caller log, answerer log).
+pub fn run_through(gw: &Gateway, uas_port: u16, call: &Call<'_>) -> (String, String) {
+    let dir = TempDir::new("sipp");
     let gw_addr = gw.addr(Transport::from_token(call.transport).expect("transport"));
     let sipp_transport = if call.transport == "tcp" { "t1" } else { "u1" };
     let calls = call.calls.to_string();
@@ -122,17 +134,16 @@ fn run(call: Call<'_>) -> Option<(String, String)> {
         "answerer failed ({uas_status}):\n{}",
         tail(&uas_log)
     );
-    gw.stop();
-    Some((uac_log, uas_log))
+    (uac_log, uas_log)
 }
 
-fn tail(log: &str) -> String {
+pub fn tail(log: &str) -> String {
     let lines: Vec<&str> = log.lines().collect();
     lines[lines.len().saturating_sub(60)..].join("\n")
 }
 
 /// "Successful call" cumulative count from SIPp's final screen.
-fn successful(log: &str) -> u32 {
+pub fn successful(log: &str) -> u32 {
     log.lines()
         .filter(|l| l.trim_start().starts_with("Successful call"))
         .filter_map(|l| l.rsplit('|').next().and_then(|v| v.trim().parse().ok()))

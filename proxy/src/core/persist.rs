@@ -14,7 +14,7 @@ use gatehouse_auth::Credential;
 use crate::tunnel::Tunnel;
 
 /// A registrar binding (AOR -> Contact through a flow), persisted across restarts.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct BindingRecord {
     pub aor: String,
     pub contact: String,
@@ -40,7 +40,7 @@ pub struct Snapshot {
 }
 
 /// One change to persistent state.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum StoreWrite {
     SaveBinding(BindingRecord),
     RemoveBinding { aor: String, contact: String },

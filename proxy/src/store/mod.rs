@@ -110,6 +110,7 @@ const MIGRATIONS: &[&str] = &[
         BEGIN UPDATE generations SET value = value + 1 WHERE name = 'users'; END;",
 ];
 
+pub mod journal;
 pub mod worker;
 
 pub use crate::core::persist::{BindingRecord, Credentials, Snapshot, StoreWrite};
@@ -128,6 +129,8 @@ pub struct UserSummary {
 #[derive(Debug)]
 pub struct Store {
     conn: Connection,
+    /// The file (None in memory).
+    path: Option<std::path::PathBuf>,
 }
 
 fn unix_now() -> i64 {
@@ -144,7 +147,10 @@ impl Store {
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
-        let mut store = Store { conn };
+        let mut store = Store {
+            conn,
+            path: Some(path.to_owned()),
+        };
         store.migrate()?;
         #[cfg(unix)]
         {
@@ -166,7 +172,7 @@ impl Store {
     pub fn in_memory() -> Result<Store, StoreError> {
         let conn = Connection::open_in_memory()?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
-        let mut store = Store { conn };
+        let mut store = Store { conn, path: None };
         store.migrate()?;
         Ok(store)
     }
@@ -466,9 +472,21 @@ impl Store {
         Ok(out)
     }
 
+    /// The file of the store (None in memory).
+    pub fn path(&self) -> Option<&Path> {
+        self.path.as_deref()
+    }
+
     /// What a starting core needs: credentials, bindings live at `now_unix` (expired ones are
-    /// deleted), the tunnel table.
+    /// deleted), the tunnel table. Writes a previous run left in the journal (the write lock
+    /// was held elsewhere when it stopped) are applied first.
     pub fn snapshot(&mut self, now_unix: u64) -> Result<Snapshot, StoreError> {
+        if let Some(path) = self.path.clone() {
+            let replayed = journal::replay(self, &journal::path_for(&path))?;
+            if replayed > 0 {
+                tracing::info!(writes = replayed, "journal of a previous run applied");
+            }
+        }
         Ok(Snapshot {
             credentials: self.credentials()?,
             bindings: self.live_bindings(now_unix)?,

@@ -6,6 +6,8 @@
 //! whatever has arrived in one transaction and acknowledges the highest number committed
 //! ([`StoreEvent::Committed`]). When another connection holds the write lock, the commit is
 //! retried (`gatehouse_store_busy_retries_total`) while new batches join it; nothing is dropped.
+//! Meanwhile the writes go to the [`journal`](super::journal) and are acknowledged from there,
+//! so a held lock delays no SIP message, not even a tunnel's 200.
 //! A batch that fails for another reason is replayed write by write so one bad row costs only
 //! itself; each write that still fails is counted (`gatehouse_store_errors_total`) and logged.
 //!
@@ -21,6 +23,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc::UnboundedSender;
 
+use super::journal::{self, Journal};
 use super::{Credentials, Store, StoreWrite};
 use crate::metrics::Metrics;
 
@@ -131,6 +134,10 @@ struct Worker {
     pending_seq: u64,
     busy_since: Option<Instant>,
     retry_at: Option<Instant>,
+    /// Where writes go while the store is locked (file stores only), and how many of the
+    /// pending writes are in it.
+    journal: Option<Journal>,
+    journaled: usize,
     generation: Option<i64>,
     next_poll: Instant,
     refresh: bool,
@@ -139,7 +146,10 @@ struct Worker {
 impl Worker {
     fn new(store: Store, metrics: Arc<Metrics>, events: UnboundedSender<StoreEvent>) -> Worker {
         let generation = store.users_generation().ok();
+        let journal = store.path().map(|p| Journal::new(journal::path_for(p)));
         Worker {
+            journal,
+            journaled: 0,
             store,
             metrics,
             events,
@@ -200,6 +210,11 @@ impl Worker {
     }
 
     fn commit(&mut self, open: bool) {
+        // While the journal holds writes, every write goes there before its commit is tried:
+        // the journal stays a complete log since it began (see `journal`).
+        if self.journal.as_ref().is_some_and(|j| j.entries() > 0) {
+            self.journal_pending();
+        }
         let t0 = Instant::now();
         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             self.store.apply(&self.pending)
@@ -221,13 +236,23 @@ impl Worker {
                 let since = *self.busy_since.get_or_insert_with(|| {
                     tracing::warn!(
                         writes = self.pending.len(),
-                        "store write lock held by another connection; writes queued, retrying"
+                        "store write lock held by another connection; writes journaled, retrying"
                     );
                     t0
                 });
+                // Journaled writes are acknowledged: what waited for them may leave.
+                self.journal_pending();
                 if open || since.elapsed() < SHUTDOWN_PATIENCE {
                     self.metrics.store_busy_retries.inc();
                     self.retry_at = Some(Instant::now() + BUSY_RETRY);
+                    return;
+                }
+                if self.journal.is_some() && self.journaled == self.pending.len() {
+                    tracing::warn!(
+                        writes = self.pending.len(),
+                        "store still locked at shutdown; the writes stay in the journal and are applied at the next start"
+                    );
+                    self.finish(false);
                     return;
                 }
                 self.one_by_one();
@@ -244,11 +269,46 @@ impl Worker {
                 self.one_by_one();
             }
         }
+        self.finish(true);
+    }
+
+    /// The pending writes are dealt with: committed (or given up, counted), or left in the
+    /// journal at shutdown (`clear_journal` false).
+    fn finish(&mut self, clear_journal: bool) {
+        if clear_journal {
+            if let Some(j) = self.journal.as_mut().filter(|j| j.entries() > 0) {
+                if let Err(e) = j.clear() {
+                    tracing::error!(error = %e, "cannot empty the store journal");
+                }
+            }
+        }
         self.busy_since = None;
         self.retry_at = None;
+        self.journaled = 0;
         self.metrics.store_queued.sub(self.pending.len() as i64);
         self.pending.clear();
         let _ = self.events.send(StoreEvent::Committed(self.pending_seq));
+    }
+
+    /// Appends the pending writes not yet journaled and acknowledges them (they survive a
+    /// crash from here on). Without a journal (in-memory store) or when the append fails, the
+    /// batch waits for the store.
+    fn journal_pending(&mut self) {
+        let Some(j) = self.journal.as_mut() else {
+            return;
+        };
+        if self.journaled == self.pending.len() {
+            return;
+        }
+        match j.append(&self.pending[self.journaled..]) {
+            Ok(()) => {
+                self.journaled = self.pending.len();
+                let _ = self.events.send(StoreEvent::Committed(self.pending_seq));
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot append to the store journal; writes wait for the store")
+            }
+        }
     }
 
     /// After a failed batch: each write on its own; failures counted and logged.

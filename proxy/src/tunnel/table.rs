@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 
 /// Where a tunnel is in its life.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum TunnelState {
     /// INVITE forwarded, no 2xx yet.
     Proposed,
@@ -31,7 +31,7 @@ impl TunnelState {
 }
 
 /// One authorised tunnel dialog.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Tunnel {
     pub call_id: String,
     /// From tag of the INVITE (the caller's dialog tag).
@@ -53,7 +53,7 @@ pub struct Tunnel {
 }
 
 /// A dialog party as the gateway reaches it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Party {
     pub contact: String,
     pub transport: crate::flow::Transport,
