@@ -74,12 +74,19 @@ pub fn core_config(
         rate_limit: cfg.rate_limit,
         hide_topology: cfg.hide_topology,
         // The driver side draws the core's seed from the operating system.
-        seed: rand::random(),
+        seed: os_seed(),
     })
+}
+
+/// 32 bytes from the operating system's generator (the core's seed).
+#[allow(clippy::disallowed_methods)] // the driver side: the one place the core's seed is drawn
+fn os_seed() -> [u8; 32] {
+    rand::random()
 }
 
 /// Reads both clocks once: the core's map from its monotonic time to wall-clock seconds
 /// (the core itself reads no clock).
+#[allow(clippy::disallowed_methods)] // the driver side: this is where the clocks are read
 pub fn wall_clock() -> WallClock {
     WallClock {
         instant: std::time::Instant::now(),

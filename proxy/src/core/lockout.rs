@@ -234,6 +234,8 @@ impl Lockout {
 }
 
 #[cfg(test)]
+// A test chooses where its manual clock starts.
+#[allow(clippy::disallowed_methods)]
 mod tests {
     use super::*;
 

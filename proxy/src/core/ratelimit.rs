@@ -183,6 +183,8 @@ impl RateLimit {
 }
 
 #[cfg(test)]
+// A test chooses where its manual clock starts.
+#[allow(clippy::disallowed_methods)]
 mod tests {
     use super::*;
 

@@ -112,6 +112,8 @@ impl StatelessCache {
 }
 
 #[cfg(test)]
+// A test chooses where its manual clock starts.
+#[allow(clippy::disallowed_methods)]
 mod tests {
     use super::*;
     use crate::flow::Transport;

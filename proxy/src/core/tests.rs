@@ -1,5 +1,8 @@
 //! The proxy pipeline driven without sockets or real time.
 
+// A test chooses where its manual clock starts and draws scratch-file names.
+#![allow(clippy::disallowed_methods)]
+
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 

@@ -4,6 +4,10 @@
 //! Both the running gateway and `gatehouse user ...` open the same file; WAL mode and a busy
 //! timeout make that safe. Schema changes are numbered migrations (`PRAGMA user_version`).
 
+// The I/O side: the store is SQLite, read and written here (off the SIP loop, by the
+// storage worker), with wall-clock timestamps.
+#![allow(clippy::disallowed_methods, clippy::disallowed_types)]
+
 use std::path::Path;
 use std::time::Duration;
 

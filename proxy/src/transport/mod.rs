@@ -15,6 +15,9 @@
 //! connection with no traffic closes after `connection_idle`. Refusals and deadline closes
 //! are counted (`gatehouse_transport_refused_total`, `gatehouse_transport_closed_total`).
 
+// The I/O side: sockets, the clock that feeds the core, the storage worker's channel.
+#![allow(clippy::disallowed_methods, clippy::disallowed_types)]
+
 pub mod tls;
 
 use std::collections::HashMap;
