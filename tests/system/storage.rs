@@ -154,3 +154,41 @@ fn a_journal_left_behind_is_applied_at_start() {
     );
     assert_eq!(store.snapshot(0).expect("snapshot").bindings.len(), 1);
 }
+
+/// A user added by another process (as `gatehouse user add` does) reaches the running
+/// gateway's credential snapshot without a restart, and authenticates.
+#[test]
+fn a_user_added_elsewhere_authenticates_without_a_restart() {
+    use crate::client::SipClient;
+    use crate::operations::http_get;
+    use crate::sasl::{authenticated_invite, setup, Call};
+    use gatehouse_auth::scram::ScramClient;
+
+    let s = setup("[metrics]\nlisten = \"127.0.0.1:0\"\n");
+    let metrics = s.gw.metrics.expect("metrics listener");
+    let users = || {
+        http_get(metrics, "/metrics")
+            .1
+            .lines()
+            .find_map(|l| l.strip_prefix("gatehouse_auth_users "))
+            .and_then(|v| v.trim().parse::<u32>().ok())
+    };
+    wait_until(|| users() == Some(2), "the start snapshot (alice, vpn)");
+    let added = std::time::Instant::now();
+    Store::open(&s.dir.path().join("store.sqlite"))
+        .expect("a second connection")
+        .add_user(
+            "carol",
+            b"carol-secret",
+            &["sip:alice@partner.example".into()],
+            None,
+            4096,
+        )
+        .expect("add carol");
+    wait_until(|| users() == Some(3), "carol in the gateway's snapshot");
+    eprintln!("credential change seen after {:?}", added.elapsed());
+    let mut client = SipClient::udp(s.gw.addr(Transport::Udp));
+    let mut scram = ScramClient::new("carol", b"carol-secret", None);
+    let ok = authenticated_invite(&mut client, &mut scram, &mut Call::new("carol"));
+    assert_eq!(ok.status(), Some(200), "{ok:?}");
+}

@@ -524,6 +524,7 @@ impl Proxy {
             },
         );
         m.banned_sources.set(self.banned_sources as i64);
+        m.auth_users.set(self.credentials.len() as i64);
     }
 
     /// Housekeeping the driver runs from its tick: expired SASL exchanges, idle lockout

@@ -30,6 +30,7 @@
 //! | `gatehouse_store_queued_writes` | gauge | | writes handed to the storage worker, not yet committed |
 //! | `gatehouse_store_busy_retries_total` | counter | | commits retried because another connection held the write lock |
 //! | `gatehouse_store_held_transmits` | gauge | | messages waiting for a tunnel's commit before they leave |
+//! | `gatehouse_auth_users` | gauge | | users in the credential snapshot the SASL server uses |
 //! | `gatehouse_loop_message_seconds` | histogram | | the I/O loop's time on one received message |
 //! | `gatehouse_loop_tick_seconds` | histogram | | the I/O loop's time on one maintenance tick or timer batch |
 //! | `process_*` | (process collector) | |
@@ -78,6 +79,7 @@ pub struct Metrics {
     pub store_queued: IntGauge,
     pub store_busy_retries: IntCounter,
     pub store_held: IntGauge,
+    pub auth_users: IntGauge,
     pub loop_message: Histogram,
     pub loop_tick: Histogram,
     /// Set while the gateway accepts new requests.
@@ -273,6 +275,11 @@ impl Metrics {
                 &r,
                 "gatehouse_store_held_transmits",
                 "Messages waiting for a tunnel's commit before they leave",
+            ),
+            auth_users: gauge(
+                &r,
+                "gatehouse_auth_users",
+                "Users in the credential snapshot the SASL server uses",
             ),
             loop_message: histogram(
                 &r,
