@@ -3,7 +3,6 @@
 
 // Runs the binary for real: real clocks, real files.
 #![allow(clippy::disallowed_methods, clippy::disallowed_types)]
-
 #![allow(clippy::unwrap_used)]
 
 use std::net::UdpSocket;

@@ -182,6 +182,18 @@ pub fn param_lookup<'a>(params: &'a str, name: &str) -> Option<&'a str> {
     })
 }
 
+/// The AOR key of a URI: `sip:user@host` (or `sips:`), host lower-cased, user parameters and
+/// URI parameters dropped; `None` without a user part.
+pub fn aor_key(uri: &str) -> Option<String> {
+    let u = Uri::parse(uri).ok()?;
+    let user = u.user?.split(';').next()?;
+    let scheme = match u.scheme {
+        Scheme::Sips => "sips",
+        _ => "sip",
+    };
+    Some(format!("{scheme}:{user}@{}", u.host.to_ascii_lowercase()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

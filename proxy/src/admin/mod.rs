@@ -28,7 +28,7 @@ pub mod client;
 
 use std::collections::HashMap;
 use std::convert::Infallible;
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -647,7 +647,4 @@ pub fn execute(proxy: &mut crate::core::Proxy, cmd: Command, connections: usize)
     }
 }
 
-/// Whether a plain-HTTP admin listener may bind `addr`.
-pub fn plain_http_allowed(addr: SocketAddr, allow_remote: bool) -> bool {
-    addr.ip().is_loopback() || allow_remote
-}
+pub use crate::config::plain_http_allowed;

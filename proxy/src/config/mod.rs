@@ -1,6 +1,10 @@
 //! Configuration: TOML with unknown keys refused, validated into the types the gateway
 //! runs on. Every error names the line and the key at fault.
 
+pub mod route;
+
+use route::{destination_of, RouteTable, Target};
+
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -8,8 +12,6 @@ use std::time::Duration;
 use serde::Deserialize;
 use toml::Spanned;
 
-use crate::core::route::destination_of;
-use crate::core::{RouteTable, Target};
 use crate::flow::Transport;
 use crate::sip::{Limits, Scheme, Uri};
 use crate::transaction::TimerConfig;
@@ -72,7 +74,7 @@ struct RawRateLimit {
 
 impl Default for RawRateLimit {
     fn default() -> Self {
-        let d = crate::core::ratelimit::RateLimitSettings::default();
+        let d = RateLimitSettings::default();
         RawRateLimit {
             enabled: d.enabled,
             requests: Spanned::new(0..0, d.requests),
@@ -437,7 +439,7 @@ pub struct Config {
     pub handshake_timeout: Duration,
     pub max_transactions: usize,
     /// The per-source request rate limit (`[rate_limit]`).
-    pub rate_limit: crate::core::ratelimit::RateLimitSettings,
+    pub rate_limit: RateLimitSettings,
     /// Topology hiding (`[topology] hide`).
     pub hide_topology: bool,
     pub trusted: Vec<ipnet::IpNet>,
@@ -780,7 +782,7 @@ impl Config {
                 "must be >= 64",
             ));
         }
-        let rate_limit = crate::core::ratelimit::RateLimitSettings {
+        let rate_limit = RateLimitSettings {
             enabled: rl.enabled,
             requests: *rl.requests.get_ref(),
             window: Duration::from_millis(*rl.window_ms.get_ref()),
@@ -852,7 +854,7 @@ impl Config {
         let internal_networks = nets(&t.internal_networks, "tunnels.internal_networks")?;
         let mut public_endpoints = std::collections::HashMap::new();
         for (aor, ep) in &t.public_endpoints {
-            let key = crate::core::auth::aor_key(aor).ok_or_else(|| {
+            let key = crate::sip::uri::aor_key(aor).ok_or_else(|| {
                 cx.err(
                     ep.span(),
                     &format!("tunnels.public_endpoints.\"{aor}\""),
@@ -889,8 +891,7 @@ impl Config {
                     .get_ref()
                     .parse()
                     .map_err(|_| cx.err(l.span(), "admin.listen", "expected IP:port"))?;
-                if !raw.admin.tls
-                    && !crate::admin::plain_http_allowed(listen, raw.admin.allow_remote_plain_http)
+                if !raw.admin.tls && !plain_http_allowed(listen, raw.admin.allow_remote_plain_http)
                 {
                     return Err(cx.err(l.span(), "admin.listen", "plain HTTP only on loopback: set admin.tls = true (or allow_remote_plain_http)"));
                 }
@@ -1017,4 +1018,33 @@ mod tests {
         let e = Config::parse(&base.replace("\"udp\"", "\"sctp\""), "t").unwrap_err();
         assert_eq!(e.line, 4, "{e}");
     }
+}
+
+/// Rate-limit settings (`[rate_limit]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateLimitSettings {
+    pub enabled: bool,
+    /// Messages a subscriber may send per window.
+    pub requests: u32,
+    pub window: Duration,
+    pub ban: Duration,
+    pub max_sources: usize,
+}
+
+impl Default for RateLimitSettings {
+    fn default() -> Self {
+        RateLimitSettings {
+            enabled: true,
+            requests: 200,
+            window: Duration::from_secs(2),
+            ban: Duration::from_secs(60),
+            max_sources: 65_536,
+        }
+    }
+}
+
+/// Whether a plain-HTTP admin listener may bind `addr`: loopback only, unless the operator
+/// says otherwise (`admin.allow_remote_plain_http`).
+pub fn plain_http_allowed(addr: std::net::SocketAddr, allow_remote: bool) -> bool {
+    addr.ip().is_loopback() || allow_remote
 }

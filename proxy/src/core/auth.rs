@@ -8,7 +8,7 @@ use gatehouse_auth::{AuthError, Authenticated, Exchange, Failure, Outcome, SaslP
 
 use super::{Proxy, Reject};
 use crate::flow::Flow;
-use crate::sip::{HeaderName, Message, NameAddr, Uri};
+use crate::sip::{HeaderName, Message, NameAddr};
 
 /// Which flow of the profile: proxy challenge (INVITE etc.) or registrar challenge.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -49,16 +49,7 @@ impl Challenger {
     }
 }
 
-/// The AOR form used to compare identities: `sip:user@host`, host lower-cased.
-pub fn aor_key(uri: &str) -> Option<String> {
-    let u = Uri::parse(uri).ok()?;
-    let user = u.user?.split(';').next()?;
-    let scheme = match u.scheme {
-        crate::sip::Scheme::Sips => "sips",
-        _ => "sip",
-    };
-    Some(format!("{scheme}:{user}@{}", u.host.to_ascii_lowercase()))
-}
+pub use crate::sip::uri::aor_key;
 
 /// The addr-spec of the From or To header.
 pub fn header_aor(msg: &Message, name: HeaderName) -> Option<String> {

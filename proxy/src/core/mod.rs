@@ -47,7 +47,6 @@ pub mod lockout;
 pub mod persist;
 pub mod ratelimit;
 pub mod registrar;
-pub mod route;
 pub mod sampled;
 pub mod stateless;
 pub mod topology;
@@ -63,10 +62,11 @@ use gatehouse_auth::{Authenticated, SaslServer, Secret, ServerSettings, TlsInfo}
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
+use crate::config::route;
+pub use crate::config::route::{RouteTable, Target};
 pub use auth::Challenger;
 pub use error::{Fault, MediaFault, Reject};
 pub use registrar::{Binding, WallClock};
-pub use route::{RouteTable, Target};
 
 use crate::config::{AuthSettings, RegistrarSettings, TunnelSettings};
 use crate::flow::{ConnId, Destination, Flow, Transport};
@@ -408,10 +408,6 @@ impl Proxy {
     /// Live transactions (server and client).
     pub fn transactions(&self) -> usize {
         self.txl.len()
-    }
-
-    pub fn tx_stats(&self) -> crate::transaction::TxStats {
-        self.txl.stats
     }
 
     /// Sends a response through a server transaction, counting it.
@@ -1005,6 +1001,7 @@ impl Proxy {
     }
 
     fn reply(&mut self, id: TxId, req: &Message, reject: Reject, now: Instant) {
+        log_reject(&reject);
         let (code, reason, mut extra) = reject.response();
         if let Some(info) = self.auth_info(id) {
             extra.push(info);
@@ -1033,7 +1030,7 @@ impl Proxy {
         now: Instant,
     ) {
         self.stats.rejected += 1;
-        tracing::debug!(%reject, "request rejected");
+        log_reject(&reject);
         let (code, reason, mut extra) = reject.response();
         extra.extend(auth_info);
         let extra: Vec<(&str, &str)> = extra.iter().map(|(n, v)| (*n, v.as_str())).collect();
@@ -1813,6 +1810,16 @@ fn raw_response(b: &[u8], code: u16, reason: &str) -> Option<Bytes> {
     }
     out.extend_from_slice(b"Server: Gatehouse\r\nContent-Length: 0\r\n\r\n");
     has_via.then(|| Bytes::from(out))
+}
+
+/// Logs a refusal at the level its fault deserves: the caller's mistakes are routine
+/// (debug), the next hop's are worth noticing (info), the gateway's own are a warning.
+fn log_reject(reject: &Reject) {
+    match reject.fault() {
+        Fault::Caller => tracing::debug!(%reject, "request refused"),
+        Fault::NextHop => tracing::info!(%reject, "request failed at the next hop"),
+        Fault::Gateway => tracing::warn!(%reject, "request refused by the gateway itself"),
+    }
 }
 
 #[cfg(test)]

@@ -18,28 +18,7 @@ use gatehouse_auth::Subscriber;
 
 use super::sampled::SampledTable;
 
-/// Rate-limit settings (`[rate_limit]`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct RateLimitSettings {
-    pub enabled: bool,
-    /// Messages a subscriber may send per window.
-    pub requests: u32,
-    pub window: Duration,
-    pub ban: Duration,
-    pub max_sources: usize,
-}
-
-impl Default for RateLimitSettings {
-    fn default() -> Self {
-        RateLimitSettings {
-            enabled: true,
-            requests: 200,
-            window: Duration::from_secs(2),
-            ban: Duration::from_secs(60),
-            max_sources: 65_536,
-        }
-    }
-}
+pub use crate::config::RateLimitSettings;
 
 #[derive(Debug, Clone, Copy)]
 struct Entry {

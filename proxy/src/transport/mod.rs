@@ -99,14 +99,6 @@ impl Bound {
             admin,
         })
     }
-
-    /// The bound address of the listener of the given transport and family.
-    pub fn addr_of(&self, transport: Transport, v4: bool) -> Option<SocketAddr> {
-        self.addrs
-            .iter()
-            .find(|(t, a)| *t == transport && a.is_ipv4() == v4)
-            .map(|(_, a)| *a)
-    }
 }
 
 /// The log-level control installed by `main`, if any.
