@@ -188,6 +188,31 @@ pub enum ClientError {
     ServerSignature,
 }
 
+/// The SaltedPassword of one password for the salt and iteration count last seen.
+#[derive(Default)]
+pub struct SaltedCache {
+    entry: Option<(Vec<u8>, u32, Secret<[u8; 32]>)>,
+}
+
+impl std::fmt::Debug for SaltedCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SaltedCache(..)")
+    }
+}
+
+impl SaltedCache {
+    fn get(&mut self, password: &[u8], salt: &[u8], iterations: u32) -> Secret<[u8; 32]> {
+        match &self.entry {
+            Some((s, i, k)) if s == salt && *i == iterations => Secret::new(*k.expose()),
+            _ => {
+                let k = salted_password(password, salt, iterations);
+                self.entry = Some((salt.to_vec(), iterations, Secret::new(*k.expose())));
+                k
+            }
+        }
+    }
+}
+
 /// A SCRAM-SHA-256(-PLUS) client. `channel_binding` is the tls-exporter data for -PLUS.
 pub struct ScramClient {
     username: String,
@@ -264,6 +289,17 @@ impl ScramClient {
 
     /// Consumes server-first, returns client-final.
     pub fn client_final(&mut self, server_first: &[u8]) -> Result<Vec<u8>, ClientError> {
+        self.client_final_cached(server_first, &mut SaltedCache::default())
+    }
+
+    /// As [`client_final`](Self::client_final), reusing the SaltedPassword computed for the
+    /// same salt and iteration count in an earlier exchange (RFC 5802 section 5.1 allows a
+    /// client to cache it): a client that authenticates often runs PBKDF2 once.
+    pub fn client_final_cached(
+        &mut self,
+        server_first: &[u8],
+        cache: &mut SaltedCache,
+    ) -> Result<Vec<u8>, ClientError> {
         let sf = std::str::from_utf8(server_first).map_err(|_| ClientError::ServerFirst)?;
         let mut nonce = None;
         let mut salt = None;
@@ -293,7 +329,7 @@ impl ScramClient {
         }
         let without_proof = format!("c={},r={nonce}", b64().encode(&cbind));
         let auth_message = format!("{},{sf},{without_proof}", self.client_first_bare);
-        let salted = salted_password(self.password.expose(), &salt, iterations);
+        let salted = cache.get(self.password.expose(), &salt, iterations);
         let client_key = Secret::new(hmac(salted.expose(), &[b"Client Key"]));
         let stored_key: [u8; 32] = Sha256::digest(client_key.expose()).into();
         let signature = hmac(&stored_key, &[auth_message.as_bytes()]);

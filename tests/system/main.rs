@@ -8,6 +8,7 @@ mod client;
 mod hardening;
 mod harness;
 mod interop;
+mod load;
 mod operations;
 mod sasl;
 mod sipp;

@@ -4,6 +4,7 @@
 pub mod caller;
 pub mod config;
 pub mod endpoint;
+pub mod load;
 pub mod net;
 pub mod sipua;
 pub mod site;
