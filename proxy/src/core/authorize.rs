@@ -41,6 +41,8 @@ pub struct TunnelPlan {
     pub sdp: WgSdp,
     /// The pskmth chosen for the caller (`scram` or `none`).
     pub pskmth: String,
+    /// Who opens the tunnel: the authenticated identity, or `trusted`.
+    pub identity: String,
     pub psk: Option<Secret<[u8; 32]>>,
 }
 
@@ -201,7 +203,12 @@ impl Proxy {
         };
         Ok(Authorization {
             permit,
-            tunnel: Some(TunnelPlan { sdp, pskmth, psk }),
+            tunnel: Some(TunnelPlan {
+                sdp,
+                pskmth,
+                psk,
+                identity,
+            }),
         })
     }
 
@@ -212,13 +219,14 @@ impl Proxy {
         msg: &mut Message,
         plan: TunnelPlan,
         targets: &[(String, Destination)],
-        identity: &str,
         flow: &Flow,
+        now: Instant,
     ) -> Result<(), Reject> {
         let TunnelPlan {
             mut sdp,
             pskmth,
             psk,
+            identity,
         } = plan;
         match &psk {
             Some(psk) => {
@@ -246,12 +254,12 @@ impl Proxy {
             call_id: call_id.clone(),
             caller_tag: caller_tag.clone(),
             callee_tag: None,
-            identity: identity.to_owned(),
+            identity,
             from: aor_key(&addr_spec(msg, HeaderName::From)).unwrap_or_default(),
             to: aor_key(&addr_spec(msg, HeaderName::To)).unwrap_or_default(),
             prefixes: sdp.prefix_text.clone(),
             pskmth: pskmth.clone(),
-            created_unix: self.clock.unix(self.clock.instant),
+            created_unix: self.clock.unix(now),
             state: TunnelState::Proposed,
             caller: msg
                 .value_of(HeaderName::Contact)
@@ -362,9 +370,8 @@ impl Proxy {
                 if let Some(tunnel) = self
                     .tunnels
                     .establish(&t.call_id, &t.caller_tag, callee_tag)
-                    .cloned()
                 {
-                    tracing::info!(identity = %tunnel.identity, to = %tunnel.to, pskmth = %tunnel.pskmth, "tunnel up");
+                    tracing::info!(identity = %tunnel.identity(), to = %tunnel.to(), pskmth = %tunnel.pskmth(), "tunnel up");
                 }
                 // Durable before the 200 leaves: the caller is told "up" only about a tunnel
                 // a restarted gateway still knows (and can tear down). The write batch is
@@ -405,11 +412,7 @@ impl Proxy {
     /// received it from the other, then the table entry goes. The endpoint removes its
     /// WireGuard peer on that BYE.
     pub fn teardown(&mut self, call_id: &str, now: Instant) -> Result<(), String> {
-        let t = self
-            .tunnels
-            .by_call_id(call_id)
-            .cloned()
-            .ok_or("no such tunnel")?;
+        let t = self.tunnels.by_call_id(call_id).ok_or("no such tunnel")?;
         let (Some(caller), Some(callee)) = (&t.caller, &t.callee) else {
             return Err("the tunnel is not established".into());
         };

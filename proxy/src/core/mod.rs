@@ -367,7 +367,7 @@ impl Proxy {
     }
 
     /// The tunnel table.
-    pub fn tunnels(&self) -> impl Iterator<Item = &crate::tunnel::Tunnel> {
+    pub fn tunnels(&self) -> impl Iterator<Item = crate::tunnel::Tunnel> + '_ {
         self.tunnels.iter()
     }
 
@@ -918,11 +918,7 @@ impl Proxy {
 
         // Stage 7b: rewrite the tunnel offer for the inside (checked against the targets).
         if let Some(plan) = authorization.tunnel {
-            let identity = match admission.basis() {
-                AdmissionBasis::TrustedSource => "trusted".to_owned(),
-                AdmissionBasis::Sasl(a) => a.identity().to_owned(),
-            };
-            self.rewrite_offer(id, &mut msg, plan, &targets, &identity, &flow)?;
+            self.rewrite_offer(id, &mut msg, plan, &targets, &flow, now)?;
         }
 
         // Stage 8: relay.

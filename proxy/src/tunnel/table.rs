@@ -2,7 +2,8 @@
 //! and pskmth, since when, in which state. Limits are counted here; the store keeps a copy
 //! so that the table is complete after a restart.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 
 /// Where a tunnel is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -84,30 +85,131 @@ impl Party {
     }
 }
 
-/// Tunnels by (Call-ID, caller tag), with the indexes the per-request questions need — counts
-/// per identity and per target for the policy limits, tunnels per Call-ID for the admin API —
-/// so no request costs work in proportion to the number of tunnels held. Changes are
-/// remembered until the owner persists them (one store transaction per flush).
-#[derive(Debug, Default)]
-pub struct TunnelTable {
-    map: HashMap<(String, String), Tunnel>,
-    dirty: std::collections::HashSet<(String, String)>,
-    per_identity: HashMap<String, u32>,
-    per_target: HashMap<String, u32>,
-    /// Call-ID -> caller tags of its tunnels (almost always one).
-    per_call: HashMap<String, Vec<String>>,
+/// How the gateway reaches one party of a tunnel (the compact form of [`Party`]; the tag is
+/// the record's).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Hop {
+    contact: Box<str>,
+    transport: crate::flow::Transport,
+    addr: std::net::SocketAddr,
+    aor: Arc<str>,
 }
 
-fn count_up(map: &mut HashMap<String, u32>, key: &str) {
-    match map.get_mut(key) {
-        Some(n) => *n += 1,
-        None => {
-            map.insert(key.to_owned(), 1);
+/// One tunnel as the table holds it: identities, AORs, prefixes and pskmth interned (shared by
+/// every tunnel that names them), tags and contacts in boxes of their exact size, the Call-ID
+/// only as the table's key. [`Tunnel`] is the owned, self-contained form (store, admin API).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record {
+    caller_tag: Box<str>,
+    callee_tag: Option<Box<str>>,
+    identity: Arc<str>,
+    from: Arc<str>,
+    to: Arc<str>,
+    prefixes: Arc<str>,
+    pskmth: Arc<str>,
+    created_unix: u64,
+    state: TunnelState,
+    caller: Option<Hop>,
+    callee: Option<Hop>,
+}
+
+impl Record {
+    pub fn identity(&self) -> &str {
+        &self.identity
+    }
+
+    pub fn to(&self) -> &str {
+        &self.to
+    }
+
+    pub fn pskmth(&self) -> &str {
+        &self.pskmth
+    }
+
+    pub fn state(&self) -> TunnelState {
+        self.state
+    }
+
+    /// The self-contained form.
+    pub fn to_tunnel(&self, call_id: &str) -> Tunnel {
+        let party = |h: &Option<Hop>, tag: Option<&str>| {
+            h.as_ref().map(|h| Party {
+                contact: h.contact.to_string(),
+                transport: h.transport,
+                addr: h.addr,
+                aor: h.aor.to_string(),
+                tag: tag.unwrap_or_default().to_owned(),
+            })
+        };
+        Tunnel {
+            call_id: call_id.to_owned(),
+            caller_tag: self.caller_tag.to_string(),
+            callee_tag: self.callee_tag.as_deref().map(str::to_owned),
+            identity: self.identity.to_string(),
+            from: self.from.to_string(),
+            to: self.to.to_string(),
+            prefixes: self.prefixes.to_string(),
+            pskmth: self.pskmth.to_string(),
+            created_unix: self.created_unix,
+            state: self.state,
+            caller: party(&self.caller, Some(&self.caller_tag)),
+            callee: party(&self.callee, self.callee_tag.as_deref()),
         }
     }
 }
 
-fn count_down(map: &mut HashMap<String, u32>, key: &str) {
+/// What a removed tunnel was (for the log line).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Gone {
+    pub identity: String,
+    pub to: String,
+}
+
+/// Shared strings: one allocation per distinct identity, AOR, prefix list or pskmth, however
+/// many tunnels name it; a string goes when its last tunnel goes.
+#[derive(Debug, Default)]
+struct Interner {
+    set: HashSet<Arc<str>>,
+}
+
+impl Interner {
+    fn get(&mut self, s: &str) -> Arc<str> {
+        if let Some(a) = self.set.get(s) {
+            return Arc::clone(a);
+        }
+        let a: Arc<str> = Arc::from(s);
+        self.set.insert(Arc::clone(&a));
+        a
+    }
+
+    /// A string a record gives up (by value, so the count is exact): the interner's copy goes
+    /// when this was the last other one.
+    fn release(&mut self, a: Arc<str>) {
+        if Arc::strong_count(&a) <= 2 {
+            self.set.remove(&*a);
+        }
+    }
+}
+
+/// Tunnels by Call-ID (then caller tag: almost always one per Call-ID), with the counters the
+/// per-request questions need — per identity and per target for the policy limits — kept
+/// incrementally, so no request costs work in proportion to the number of tunnels held.
+/// Changes are remembered until the owner takes them (`take_dirty`: one store batch).
+#[derive(Debug, Default)]
+pub struct TunnelTable {
+    map: HashMap<Box<str>, Vec<Record>>,
+    len: usize,
+    dirty: HashSet<(Box<str>, Box<str>)>,
+    per_identity: HashMap<Arc<str>, u32>,
+    per_target: HashMap<Arc<str>, u32>,
+    strings: Interner,
+}
+
+fn count_up(map: &mut HashMap<Arc<str>, u32>, key: &Arc<str>) {
+    *map.entry(Arc::clone(key)).or_default() += 1;
+}
+
+fn count_down(map: &mut HashMap<Arc<str>, u32>, key: &Arc<str>) {
     if let Some(n) = map.get_mut(key) {
         *n -= 1;
         if *n == 0 {
@@ -117,37 +219,99 @@ fn count_down(map: &mut HashMap<String, u32>, key: &str) {
 }
 
 impl TunnelTable {
-    fn index(&mut self, t: &Tunnel) {
-        count_up(&mut self.per_identity, &t.identity);
-        count_up(&mut self.per_target, &t.to);
-        self.per_call
-            .entry(t.call_id.clone())
-            .or_default()
-            .push(t.caller_tag.clone());
+    fn hop(&mut self, p: Option<Party>) -> Option<Hop> {
+        p.map(|p| Hop {
+            contact: p.contact.into_boxed_str(),
+            transport: p.transport,
+            addr: p.addr,
+            aor: self.strings.get(&p.aor),
+        })
     }
 
-    fn unindex(&mut self, t: &Tunnel) {
-        count_down(&mut self.per_identity, &t.identity);
-        count_down(&mut self.per_target, &t.to);
-        if let Some(tags) = self.per_call.get_mut(&t.call_id) {
-            tags.retain(|tag| *tag != t.caller_tag);
-            if tags.is_empty() {
-                self.per_call.remove(&t.call_id);
-            }
+    fn record(&mut self, t: Tunnel) -> (Box<str>, Record) {
+        let r = Record {
+            caller_tag: t.caller_tag.into_boxed_str(),
+            callee_tag: t.callee_tag.map(String::into_boxed_str),
+            identity: self.strings.get(&t.identity),
+            from: self.strings.get(&t.from),
+            to: self.strings.get(&t.to),
+            prefixes: self.strings.get(&t.prefixes),
+            pskmth: self.strings.get(&t.pskmth),
+            created_unix: t.created_unix,
+            state: t.state,
+            caller: None,
+            callee: None,
+        };
+        let r = Record {
+            caller: self.hop(t.caller),
+            callee: self.hop(t.callee),
+            ..r
+        };
+        (t.call_id.into_boxed_str(), r)
+    }
+
+    /// Counters and interned strings of a record that leaves the table.
+    fn forget(&mut self, r: Record) -> Gone {
+        count_down(&mut self.per_identity, &r.identity);
+        count_down(&mut self.per_target, &r.to);
+        self.len -= 1;
+        let gone = Gone {
+            identity: r.identity.to_string(),
+            to: r.to.to_string(),
+        };
+        let Record {
+            identity,
+            from,
+            to,
+            prefixes,
+            pskmth,
+            caller,
+            callee,
+            ..
+        } = r;
+        let hops = [caller, callee].into_iter().flatten().map(|h| h.aor);
+        for a in [identity, from, to, prefixes, pskmth]
+            .into_iter()
+            .chain(hops)
+        {
+            self.strings.release(a);
         }
+        gone
     }
 
     fn put(&mut self, t: Tunnel) {
-        let key = (t.call_id.clone(), t.caller_tag.clone());
-        if let Some(old) = self.map.remove(&key) {
-            self.unindex(&old);
+        let (call_id, r) = self.record(t);
+        self.take(&call_id, &r.caller_tag);
+        count_up(&mut self.per_identity, &r.identity);
+        count_up(&mut self.per_target, &r.to);
+        self.len += 1;
+        self.map.entry(call_id).or_default().push(r);
+    }
+
+    /// Removes a record (counters and strings released).
+    fn take(&mut self, call_id: &str, caller_tag: &str) -> Option<Gone> {
+        let list = self.map.get_mut(call_id)?;
+        let i = list.iter().position(|r| &*r.caller_tag == caller_tag)?;
+        let r = list.swap_remove(i);
+        if list.is_empty() {
+            self.map.remove(call_id);
         }
-        self.index(&t);
-        self.map.insert(key, t);
+        Some(self.forget(r))
+    }
+
+    fn get_mut(&mut self, call_id: &str, caller_tag: &str) -> Option<&mut Record> {
+        self.map
+            .get_mut(call_id)?
+            .iter_mut()
+            .find(|r| &*r.caller_tag == caller_tag)
+    }
+
+    fn mark(&mut self, call_id: &str, caller_tag: &str) {
+        self.dirty.insert((call_id.into(), caller_tag.into()));
     }
 
     pub fn insert(&mut self, t: Tunnel) {
-        self.dirty.insert((t.call_id.clone(), t.caller_tag.clone()));
+        self.mark(&t.call_id, &t.caller_tag);
         self.put(t);
     }
 
@@ -158,11 +322,17 @@ impl TunnelTable {
 
     /// The entries changed since the last call: `Ok(tunnel)` to save, `Err(key)` to delete.
     pub fn take_dirty(&mut self) -> Vec<Result<Tunnel, (String, String)>> {
-        let keys: Vec<(String, String)> = self.dirty.drain().collect();
+        let keys: Vec<(Box<str>, Box<str>)> = self.dirty.drain().collect();
         keys.into_iter()
-            .map(|k| match self.map.get(&k) {
-                Some(t) => Ok(t.clone()),
-                None => Err(k),
+            .map(|(call_id, tag)| {
+                let found = self
+                    .map
+                    .get(&call_id)
+                    .and_then(|l| l.iter().find(|r| r.caller_tag == tag));
+                match found {
+                    Some(r) => Ok(r.to_tunnel(&call_id)),
+                    None => Err((call_id.into(), tag.into())),
+                }
             })
             .collect()
     }
@@ -173,63 +343,76 @@ impl TunnelTable {
         call_id: &str,
         caller_tag: &str,
         callee_tag: Option<String>,
-    ) -> Option<&Tunnel> {
-        let key = (call_id.to_owned(), caller_tag.to_owned());
-        let t = self.map.get_mut(&key)?;
-        self.dirty.insert(key);
-        t.state = TunnelState::Established;
-        t.callee_tag = callee_tag;
-        Some(t)
+    ) -> Option<&Record> {
+        self.get_mut(call_id, caller_tag)?;
+        self.mark(call_id, caller_tag);
+        let r = self.get_mut(call_id, caller_tag)?;
+        r.state = TunnelState::Established;
+        r.callee_tag = callee_tag.map(String::into_boxed_str);
+        Some(r)
     }
 
     /// Records how to reach the callee (from its answer).
     pub fn set_callee(&mut self, call_id: &str, caller_tag: &str, callee: Option<Party>) {
-        let key = (call_id.to_owned(), caller_tag.to_owned());
-        if let Some(t) = self.map.get_mut(&key) {
-            t.callee = callee;
-            self.dirty.insert(key);
+        let hop = self.hop(callee);
+        let Some(r) = self.get_mut(call_id, caller_tag) else {
+            if let Some(h) = hop {
+                self.strings.release(h.aor);
+            }
+            return;
+        };
+        let old = std::mem::replace(&mut r.callee, hop);
+        self.mark(call_id, caller_tag);
+        if let Some(h) = old {
+            self.strings.release(h.aor);
         }
     }
 
-    pub fn remove(&mut self, call_id: &str, caller_tag: &str) -> Option<Tunnel> {
-        let key = (call_id.to_owned(), caller_tag.to_owned());
-        let t = self.map.remove(&key)?;
-        self.unindex(&t);
-        self.dirty.insert(key);
-        Some(t)
+    pub fn remove(&mut self, call_id: &str, caller_tag: &str) -> Option<Gone> {
+        let r = self.take(call_id, caller_tag)?;
+        self.mark(call_id, caller_tag);
+        Some(r)
     }
 
     /// The tunnel of an in-dialog request, whichever side sent it (either tag may be the caller's).
-    pub fn remove_dialog(&mut self, call_id: &str, tag_a: &str, tag_b: &str) -> Option<Tunnel> {
+    pub fn remove_dialog(&mut self, call_id: &str, tag_a: &str, tag_b: &str) -> Option<Gone> {
         self.remove(call_id, tag_a)
             .or_else(|| self.remove(call_id, tag_b))
     }
 
     pub fn len(&self) -> usize {
-        self.map.len()
+        self.len
     }
 
     pub fn is_empty(&self) -> bool {
-        self.map.is_empty()
+        self.len == 0
     }
 
-    /// (tunnels of this identity, tunnels to this AOR, all tunnels), from the indexes.
+    /// (tunnels of this identity, tunnels to this AOR, all tunnels), from the counters.
     pub fn counts(&self, identity: &str, to: &str) -> (u32, u32, u32) {
         (
             self.per_identity.get(identity).copied().unwrap_or(0),
             self.per_target.get(to).copied().unwrap_or(0),
-            self.map.len() as u32,
+            self.len as u32,
         )
     }
 
-    pub fn iter(&self) -> impl Iterator<Item = &Tunnel> {
-        self.map.values()
+    /// Every tunnel, in the self-contained form (admin listing; O(n) by nature).
+    pub fn iter(&self) -> impl Iterator<Item = Tunnel> + '_ {
+        self.map
+            .iter()
+            .flat_map(|(call_id, l)| l.iter().map(move |r| r.to_tunnel(call_id)))
     }
 
     /// The tunnel of a Call-ID (the admin API names tunnels by Call-ID).
-    pub fn by_call_id(&self, call_id: &str) -> Option<&Tunnel> {
-        let tag = self.per_call.get(call_id)?.first()?;
-        self.map.get(&(call_id.to_owned(), tag.clone()))
+    pub fn by_call_id(&self, call_id: &str) -> Option<Tunnel> {
+        let r = self.map.get(call_id)?.first()?;
+        Some(r.to_tunnel(call_id))
+    }
+
+    /// Distinct strings held by the interner (tests: it shrinks with the table).
+    pub fn interned(&self) -> usize {
+        self.strings.set.len()
     }
 }
 
@@ -280,10 +463,43 @@ mod tests {
         }
         for x in t.iter() {
             assert_eq!(
-                t.by_call_id(&x.call_id).map(|y| &y.caller_tag),
-                Some(&x.caller_tag)
+                t.by_call_id(&x.call_id).map(|y| y.caller_tag),
+                Some(x.caller_tag)
             );
         }
         assert!(t.by_call_id("nope").is_none());
+    }
+
+    /// The compact record gives back exactly the tunnel that went in; interned strings go with
+    /// the last tunnel that names them.
+    #[test]
+    fn records_round_trip_and_strings_are_released() {
+        let mut t = TunnelTable::default();
+        let mut full = tunnel("c1", "a", "alice", "sip:vpn@org.example");
+        full.callee_tag = Some("b".into());
+        full.state = TunnelState::Established;
+        full.caller = Some(Party {
+            contact: "sip:alice@192.0.2.1".into(),
+            transport: crate::flow::Transport::Udp,
+            addr: "192.0.2.1:5060".parse().unwrap(),
+            aor: "sip:alice@partner.example".into(),
+            tag: "a".into(),
+        });
+        full.callee = Some(Party {
+            contact: "sip:vpn@198.51.100.2".into(),
+            transport: crate::flow::Transport::Tls,
+            addr: "[2001:db8::2]:5061".parse().unwrap(),
+            aor: "sip:vpn@org.example".into(),
+            tag: "b".into(),
+        });
+        t.insert(full.clone());
+        t.insert(tunnel("c2", "x", "alice", "sip:vpn@org.example"));
+        assert_eq!(t.by_call_id("c1"), Some(full));
+        let shared = t.interned();
+        t.remove("c2", "x");
+        assert_eq!(t.interned(), shared, "c1 still names every string c2 did");
+        t.remove("c1", "a");
+        assert_eq!((t.len(), t.interned()), (0, 0));
+        assert_eq!(t.take_dirty().len(), 2, "both removals are writes");
     }
 }
