@@ -1,15 +1,29 @@
 #!/usr/bin/env bash
-# Load comparison: SIPp caller -> proxy -> SIPp answerer on loopback, Gatehouse and Kamailio in
-# alternating runs, CPU per call read from /proc/PID/stat. Usage: kamailio-compare.sh RATE SECONDS [ROUNDS]
-# Needs: sipp (sip-tester), kamailio (with -x tlsf), a release build of gatehouse.
+# Load comparison with Kamailio (issue 10, measure a): SIPp caller -> proxy -> SIPp answerer on
+# loopback, Gatehouse and Kamailio in alternating runs of the same calls. For each: calls
+# completed and failed, CPU per call (/proc/PID/stat, Kamailio's forked workers included) and,
+# with tcpdump, the proxy-added INVITE->200 latency from packet timestamps
+# (benches/sip-latency.py: p50/p99/p99.9).
+#
+# Usage: kamailio-compare.sh [RATE=2000] [SECONDS=10] [ROUNDS=1] [KIND=tunnel]
+#   KIND tunnel: every INVITE offers a WireGuard tunnel (tests/sipp/uac.xml, uas.xml)
+#   KIND plain:  ordinary audio calls (uac_plain.xml, uas_plain.xml)
+# Max clean rate: run at rising RATEs; the highest with failed=0 is it.
+# Needs: sipp (sip-tester), kamailio, tcpdump (optional: no latency without it), python3, a
+# release build of gatehouse (built when missing).
 set -euo pipefail
-rate=${1:-2000}; secs=${2:-10}; rounds=${3:-1}
+rate=${1:-2000}; secs=${2:-10}; rounds=${3:-1}; kind=${4:-tunnel}
 here=$(cd "$(dirname "$0")" && pwd); repo=$(dirname "$here")
-work=$(mktemp -d); trap 'rm -rf "$work"' EXIT
+work=$(mktemp -d); trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$work"' EXIT
 gh="$repo/target/release/gatehouse"
 [ -x "$gh" ] || (cd "$repo" && cargo build --release -p gatehouse-proxy --bin gatehouse)
 tck=$(getconf CLK_TCK)
 calls=$((rate * secs))
+case "$kind" in
+    tunnel) uac=uac.xml; uas=uas.xml ;;
+    plain) uac=uac_plain.xml; uas=uas_plain.xml ;;
+    *) echo "KIND is tunnel or plain" >&2; exit 64 ;;
+esac
 
 # CPU ticks of a process and its children (Kamailio forks its workers).
 cpu_ticks() {
@@ -25,24 +39,33 @@ run() {
     local name=$1 port=$2; shift 2
     "$@" >"$work/$name.log" 2>&1 &
     local pid=$!
-    sipp -sf "$repo/tests/sipp/uas.xml" -i 127.0.0.1 -p 5070 -nostdin -timeout $((secs + 30)) \
+    sipp -sf "$repo/tests/sipp/$uas" -i 127.0.0.1 -p 5070 -nostdin -timeout $((secs + 30)) \
         -default_behaviors all,-abortunexp >"$work/uas.log" 2>&1 &
-    local uas=$!
+    local sipp_uas=$!
     # Wait until the proxy answers OPTIONS (it is up), at most 10 s.
     for _ in $(seq 100); do
         sipsak -s "sip:127.0.0.1" -r "$port" >/dev/null 2>&1 && break
-        [ "$name" = kamailio ] && break
+        sleep 0.1
     done
+    local dump=""
+    if command -v tcpdump >/dev/null 2>&1; then
+        tcpdump -i lo -n -s 2048 -B 65536 -w "$work/$name.pcap" "udp and port $port" >"$work/tcpdump.log" 2>&1 &
+        dump=$!
+        for _ in $(seq 50); do grep -q listening "$work/tcpdump.log" && break; sleep 0.1; done
+    fi
     local t0; t0=$(cpu_ticks "$pid")
-    sipp "127.0.0.1:$port" -sf "$repo/tests/sipp/uac.xml" -s vpn -i 127.0.0.1 -p 5080 -m "$calls" -r "$rate" \
+    sipp "127.0.0.1:$port" -sf "$repo/tests/sipp/$uac" -s vpn -i 127.0.0.1 -p 5080 -m "$calls" -r "$rate" \
         -l 100000 -nostdin -timeout $((secs + 30)) -default_behaviors all,-abortunexp >"$work/uac.log" 2>&1 || true
     local t1; t1=$(cpu_ticks "$pid")
-    local ok fail
+    [ -n "$dump" ] && { kill -INT "$dump"; wait "$dump" 2>/dev/null || true; }
+    local ok fail latency=""
     ok=$(grep 'Successful call' "$work/uac.log" | tail -1 | awk -F'|' '{print $3}' | tr -d ' ')
     fail=$(grep 'Failed call' "$work/uac.log" | tail -1 | awk -F'|' '{print $3}' | tr -d ' ')
-    kill "$uas" 2>/dev/null || true
+    [ -n "$dump" ] && latency=$(python3 "$here/sip-latency.py" "$work/$name.pcap" "$port" 5070 || true)
+    kill "$sipp_uas" 2>/dev/null || true
     kill "$pid"; wait "$pid" 2>/dev/null || true
-    python3 -c "print(f'$name: rate=$rate calls=$calls ok=${ok:-0} failed=${fail:-?} cpu_ms_per_call={($t1-$t0)*1000/$tck/$calls:.4f}')"
+    wait "$sipp_uas" 2>/dev/null || true
+    python3 -c "print(f'$name: kind=$kind rate=$rate calls=$calls ok=${ok:-0} failed=${fail:-?} cpu_ms_per_call={($t1-$t0)*1000/$tck/$calls:.4f} $latency')"
 }
 
 for _ in $(seq "$rounds"); do

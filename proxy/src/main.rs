@@ -158,6 +158,12 @@ enum UserAction {
     Show { username: String },
 }
 
+/// mimalloc: size-segregated pages that are given back when empty, so a table of long-lived
+/// tunnel records does not pin the memory of the short-lived transactions around it (glibc's
+/// allocator kept the peak of a load burst resident; docs/PERFORMANCE.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {

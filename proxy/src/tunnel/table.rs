@@ -285,7 +285,15 @@ impl TunnelTable {
         count_up(&mut self.per_identity, &r.identity);
         count_up(&mut self.per_target, &r.to);
         self.len += 1;
-        self.map.entry(call_id).or_default().push(r);
+        match self.map.entry(call_id) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut().push(r),
+            // Exactly one record's room: a Vec would otherwise start with four (about 1 KiB).
+            std::collections::hash_map::Entry::Vacant(e) => {
+                let mut one = Vec::with_capacity(1);
+                one.push(r);
+                e.insert(one);
+            }
+        }
     }
 
     /// Removes a record (counters and strings released).

@@ -1,0 +1,88 @@
+#!/usr/bin/env bash
+# Authenticated set-ups (issue 10, measure c): CPU per SASL tunnel set-up through Gatehouse
+# (gatehouse-load: three SCRAM-SHA-256 rounds, server-final verified, scram PSK derived, ACK,
+# BYE) against Kamailio's CPU per Digest-authenticated call (auth + auth_db on db_text; SIPp
+# [authentication]: INVITE, 407, INVITE with credentials, ACK, BYE), the same answerer behind
+# both, in the same run.
+#
+# Usage: sasl-compare.sh [RATE=500] [COUNT=10000]
+# Needs: sipp, kamailio, python3, release builds of gatehouse and gatehouse-load (built when
+# missing).
+set -euo pipefail
+rate=${1:-500}; count=${2:-10000}
+here=$(cd "$(dirname "$0")" && pwd); repo=$(dirname "$here")
+work=$(mktemp -d); trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$work"' EXIT
+gh="$repo/target/release/gatehouse"; load="$repo/target/release/gatehouse-load"
+[ -x "$gh" ] && [ -x "$load" ] || (cd "$repo" && cargo build --release -p gatehouse-proxy -p wgsip --bins)
+tck=$(getconf CLK_TCK)
+cpu_ticks() {
+    local total=0 p
+    for p in "$1" $(pgrep -P "$1"); do
+        total=$((total + $(awk '{print $14 + $15}' "/proc/$p/stat" 2>/dev/null || echo 0)))
+    done
+    echo "$total"
+}
+answerer() {
+    sipp -sf "$repo/tests/sipp/uas_plain.xml" -i 127.0.0.1 -p 5070 -nostdin -timeout 600 \
+        -default_behaviors all,-abortunexp >"$work/uas.log" 2>&1 &
+    echo $!
+}
+
+# --- Gatehouse: SASL, nobody trusted, the answerer inside (the scram PSK may go to it).
+echo alice-secret | "$gh" user add alice --aor sip:alice@partner.example --store "$work/store.sqlite" >/dev/null
+cat >"$work/gw.toml" <<TOML
+[sip]
+domains = ["org.example"]
+[[listen]]
+transport = "udp"
+address = "127.0.0.1:5066"
+[auth]
+store = "$work/store.sqlite"
+mechanisms = ["SCRAM-SHA-256"]
+[tunnels]
+internal_networks = ["127.0.0.0/8"]
+[rate_limit]
+# One load client on one address sends every set-up.
+enabled = false
+[limits]
+max_transactions = 500000
+[[route]]
+aor = "sip:vpn@org.example"
+target = "sip:vpn@127.0.0.1:5070"
+[log]
+level = "warn"
+TOML
+"$gh" run --config "$work/gw.toml" >"$work/gw.log" 2>&1 &
+gw=$!
+uas=$(answerer)
+for _ in $(seq 100); do sipsak -s sip:org.example -r 5066 >/dev/null 2>&1 && break; sleep 0.1; done
+echo alice-secret >"$work/password"
+t0=$(cpu_ticks "$gw")
+"$load" --gateway 127.0.0.1:5066 --password-file "$work/password" --rate "$rate" --count "$count" --quiet >"$work/load.log" 2>&1 || true
+t1=$(cpu_ticks "$gw")
+ok=$(awk '/^set-ups:/ {print $4}' "$work/load.log")
+python3 -c "print(f'gatehouse SASL (3 rounds): rate=$rate set-ups=$count ok=$ok cpu_ms_per_setup={($t1-$t0)*1000/$tck/max(int('${ok:-0}' or 0),1):.4f}')"
+sed 's/^/  /' "$work/load.log"
+kill "$gw" "$uas" 2>/dev/null || true; wait "$gw" "$uas" 2>/dev/null || true
+
+# --- Kamailio: Digest (auth_db on db_text).
+if ! command -v kamailio >/dev/null 2>&1; then
+    echo "kamailio not installed: apt-get install kamailio" >&2; exit 0
+fi
+mkdir -p "$work/db"
+printf 'table_name(string) table_version(int)\nsubscriber:7\nversion:1\n' >"$work/db/version"
+ha1=$(printf 'alice:org.example:alice-secret' | md5sum | cut -d' ' -f1)
+printf 'id(int,auto) username(string) domain(string) password(string) ha1(string) ha1b(string)\n1:alice:org.example:alice-secret:%s:%s\n' "$ha1" "$ha1" >"$work/db/subscriber"
+sed "s|@DBURL@|text://$work/db|" "$here/kamailio-auth.cfg" >"$work/kamailio.cfg"
+kamailio -f "$work/kamailio.cfg" -DD -E -n 1 -x tlsf -X tlsf -m 2048 -M 32 -P "$work/kamailio.pid" >"$work/kamailio.log" 2>&1 &
+kam=$!
+uas=$(answerer)
+for _ in $(seq 100); do sipsak -s sip:127.0.0.1 -r 5064 >/dev/null 2>&1 && break; sleep 0.1; done
+t0=$(cpu_ticks "$kam")
+sipp 127.0.0.1:5064 -sf "$repo/tests/sipp/uac_digest.xml" -s vpn -i 127.0.0.1 -p 5080 -m "$count" -r "$rate" \
+    -l 100000 -nostdin -timeout 600 -default_behaviors all,-abortunexp >"$work/uac.log" 2>&1 || true
+t1=$(cpu_ticks "$kam")
+ok=$(grep 'Successful call' "$work/uac.log" | tail -1 | awk -F'|' '{print $3}' | tr -d ' ')
+fail=$(grep 'Failed call' "$work/uac.log" | tail -1 | awk -F'|' '{print $3}' | tr -d ' ')
+python3 -c "print(f'kamailio Digest (2 rounds): rate=$rate calls=$count ok=${ok:-0} failed=${fail:-?} cpu_ms_per_call={($t1-$t0)*1000/$tck/max(int('${ok:-0}' or 0),1):.4f}')"
+kill "$kam" "$uas" 2>/dev/null || true; wait "$kam" "$uas" 2>/dev/null || true
