@@ -287,11 +287,10 @@ impl TunnelTable {
         self.len += 1;
         match self.map.entry(call_id) {
             std::collections::hash_map::Entry::Occupied(e) => e.into_mut().push(r),
-            // Exactly one record's room: a Vec would otherwise start with four (about 1 KiB).
+            // Exactly one record's room (`vec![r]`): `push` on an empty Vec would allocate
+            // room for four (about 1 KiB).
             std::collections::hash_map::Entry::Vacant(e) => {
-                let mut one = Vec::with_capacity(1);
-                one.push(r);
-                e.insert(one);
+                e.insert(vec![r]);
             }
         }
     }
