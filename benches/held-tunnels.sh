@@ -14,6 +14,15 @@ work=$(mktemp -d); trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$work"' EX
 gh="$repo/target/release/gatehouse"
 [ -x "$gh" ] || (cd "$repo" && cargo build --release -p gatehouse-proxy --bin gatehouse)
 tck=$(getconf CLK_TCK)
+# Waits (at most 10 s) until something is bound to UDP 127.0.0.1:PORT.
+wait_udp() {
+    for _ in $(seq 100); do
+        ss -lun 2>/dev/null | grep -q "127.0.0.1:$1 " && return 0
+        sleep 0.1
+    done
+    echo "nothing bound to UDP port $1" >&2
+    return 1
+}
 total=$((2 * step + probe))
 
 cp "$repo/deploy/examples/bench.toml" "$work/gw.toml"
@@ -22,7 +31,7 @@ printf '\n[auth]\nstore = "%s"\n[metrics]\nlisten = "127.0.0.1:9091"\n' "$work/s
 gw=$!
 sipp -sf "$repo/tests/sipp/uas_hold.xml" -i 127.0.0.1 -p 5070 -m "$total" -nostdin \
     -timeout 3600 -default_behaviors all,-abortunexp >"$work/uas.log" 2>&1 &
-for _ in $(seq 100); do sipsak -s sip:127.0.0.1 -r 5060 >/dev/null 2>&1 && break; sleep 0.1; done
+wait_udp 5060; wait_udp 5070
 
 ticks() { awk '{print $14 + $15}' "/proc/$gw/stat"; }
 rss_kib() { awk '/^VmRSS/ {print $2}' "/proc/$gw/status"; }

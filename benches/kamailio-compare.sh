@@ -18,6 +18,15 @@ work=$(mktemp -d); trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$work"' EX
 gh="$repo/target/release/gatehouse"
 [ -x "$gh" ] || (cd "$repo" && cargo build --release -p gatehouse-proxy --bin gatehouse)
 tck=$(getconf CLK_TCK)
+# Waits (at most 10 s) until something is bound to UDP 127.0.0.1:PORT.
+wait_udp() {
+    for _ in $(seq 100); do
+        ss -lun 2>/dev/null | grep -q "127.0.0.1:$1 " && return 0
+        sleep 0.1
+    done
+    echo "nothing bound to UDP port $1" >&2
+    return 1
+}
 calls=$((rate * secs))
 case "$kind" in
     tunnel) uac=uac.xml; uas=uas.xml ;;
@@ -34,38 +43,44 @@ cpu_ticks() {
     echo "$total"
 }
 
-# run NAME PROXY_PORT START_COMMAND...
+# calls PORT: one SIPp caller run against the proxy on PORT; sets ok and fail.
+calls() {
+    sipp "127.0.0.1:$1" -sf "$repo/tests/sipp/$uac" -s vpn -i 127.0.0.1 -p 5080 -m "$calls" -r "$rate" \
+        -l 100000 -nostdin -timeout $((secs * 3 + 30)) -default_behaviors all,-abortunexp >"$work/uac.log" 2>&1 || true
+    ok=$(grep 'Successful call' "$work/uac.log" | tail -1 | awk -F'|' '{print $3}' | tr -d ' ')
+    fail=$(grep 'Failed call' "$work/uac.log" | tail -1 | awk -F'|' '{print $3}' | tr -d ' ')
+}
+
+# run NAME PROXY_PORT START_COMMAND...: two passes of the same calls through one proxy
+# process: the first measures CPU (nothing else running), the second captures packets for the
+# latency (tcpdump costs CPU on this 2-core machine, so it never runs during the first).
 run() {
     local name=$1 port=$2; shift 2
     "$@" >"$work/$name.log" 2>&1 &
     local pid=$!
-    sipp -sf "$repo/tests/sipp/$uas" -i 127.0.0.1 -p 5070 -nostdin -timeout $((secs + 30)) \
+    sipp -sf "$repo/tests/sipp/$uas" -i 127.0.0.1 -p 5070 -nostdin -timeout $((secs * 6 + 60)) \
         -default_behaviors all,-abortunexp >"$work/uas.log" 2>&1 &
     local sipp_uas=$!
-    # Wait until the proxy answers OPTIONS (it is up), at most 10 s.
-    for _ in $(seq 100); do
-        sipsak -s "sip:127.0.0.1" -r "$port" >/dev/null 2>&1 && break
-        sleep 0.1
-    done
-    local dump=""
+    wait_udp "$port"; wait_udp 5070
+    local t0 t1 latency="latency=not-measured(no tcpdump)"
+    t0=$(cpu_ticks "$pid")
+    calls "$port"
+    t1=$(cpu_ticks "$pid")
+    local ok1=${ok:-0} fail1=${fail:-?}
     if command -v tcpdump >/dev/null 2>&1; then
         tcpdump -i lo -n -s 2048 -B 65536 -w "$work/$name.pcap" "udp and port $port" >"$work/tcpdump.log" 2>&1 &
-        dump=$!
+        local dump=$!
         for _ in $(seq 50); do grep -q listening "$work/tcpdump.log" && break; sleep 0.1; done
+        calls "$port"
+        kill -INT "$dump"; wait "$dump" 2>/dev/null || true
+        latency=$(python3 "$here/sip-latency.py" "$work/$name.pcap" "$port" 5070 || echo "latency=none")
+        [ "${fail:-?}" = 0 ] || latency="$latency (capture pass: ok=${ok:-0} failed=${fail:-?})"
     fi
-    local t0; t0=$(cpu_ticks "$pid")
-    sipp "127.0.0.1:$port" -sf "$repo/tests/sipp/$uac" -s vpn -i 127.0.0.1 -p 5080 -m "$calls" -r "$rate" \
-        -l 100000 -nostdin -timeout $((secs + 30)) -default_behaviors all,-abortunexp >"$work/uac.log" 2>&1 || true
-    local t1; t1=$(cpu_ticks "$pid")
-    [ -n "$dump" ] && { kill -INT "$dump"; wait "$dump" 2>/dev/null || true; }
-    local ok fail latency=""
-    ok=$(grep 'Successful call' "$work/uac.log" | tail -1 | awk -F'|' '{print $3}' | tr -d ' ')
-    fail=$(grep 'Failed call' "$work/uac.log" | tail -1 | awk -F'|' '{print $3}' | tr -d ' ')
-    [ -n "$dump" ] && latency=$(python3 "$here/sip-latency.py" "$work/$name.pcap" "$port" 5070 || true)
     kill "$sipp_uas" 2>/dev/null || true
     kill "$pid"; wait "$pid" 2>/dev/null || true
     wait "$sipp_uas" 2>/dev/null || true
-    python3 -c "print(f'$name: kind=$kind rate=$rate calls=$calls ok=${ok:-0} failed=${fail:-?} cpu_ms_per_call={($t1-$t0)*1000/$tck/$calls:.4f} $latency')"
+    python3 -c 'import sys; a = sys.argv; t0, t1, tck, calls = map(int, a[1:5]); print(f"{a[5]}: kind={a[6]} rate={a[7]} calls={calls} ok={a[8]} failed={a[9]} cpu_ms_per_call={(t1 - t0) * 1000 / tck / calls:.4f} {a[10]}")' \
+        "$t0" "$t1" "$tck" "$calls" "$name" "$kind" "$rate" "$ok1" "$fail1" "$latency"
 }
 
 for _ in $(seq "$rounds"); do

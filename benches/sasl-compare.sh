@@ -15,6 +15,15 @@ work=$(mktemp -d); trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$work"' EX
 gh="$repo/target/release/gatehouse"; load="$repo/target/release/gatehouse-load"
 [ -x "$gh" ] && [ -x "$load" ] || (cd "$repo" && cargo build --release -p gatehouse-proxy -p wgsip --bins)
 tck=$(getconf CLK_TCK)
+# Waits (at most 10 s) until something is bound to UDP 127.0.0.1:PORT.
+wait_udp() {
+    for _ in $(seq 100); do
+        ss -lun 2>/dev/null | grep -q "127.0.0.1:$1 " && return 0
+        sleep 0.1
+    done
+    echo "nothing bound to UDP port $1" >&2
+    return 1
+}
 cpu_ticks() {
     local total=0 p
     for p in "$1" $(pgrep -P "$1"); do
@@ -22,14 +31,25 @@ cpu_ticks() {
     done
     echo "$total"
 }
+# answerer SCENARIO: the same SIPp answerer behind both (WireGuard answers for tunnels);
+# its PID in $uas.
 answerer() {
-    sipp -sf "$repo/tests/sipp/uas_plain.xml" -i 127.0.0.1 -p 5070 -nostdin -timeout 600 \
+    sipp -sf "$repo/tests/sipp/$1" -i 127.0.0.1 -p 5070 -nostdin -timeout 600 \
         -default_behaviors all,-abortunexp >"$work/uas.log" 2>&1 &
-    echo $!
+    uas=$!
 }
 
 # --- Gatehouse: SASL, nobody trusted, the answerer inside (the scram PSK may go to it).
 echo alice-secret | "$gh" user add alice --aor sip:alice@partner.example --store "$work/store.sqlite" >/dev/null
+cat >"$work/policy.toml" <<'TOML'
+[[rule]]
+name = "partners"
+kind = "tunnel"
+callers = ["*@partner.example"]
+targets = ["sip:vpn@org.example"]
+pskmth = ["scram", "none"]
+prefixes = ["2001:db8:456::/48"]
+TOML
 cat >"$work/gw.toml" <<TOML
 [sip]
 domains = ["org.example"]
@@ -40,6 +60,7 @@ address = "127.0.0.1:5066"
 store = "$work/store.sqlite"
 mechanisms = ["SCRAM-SHA-256"]
 [tunnels]
+policy = "$work/policy.toml"
 internal_networks = ["127.0.0.0/8"]
 [rate_limit]
 # One load client on one address sends every set-up.
@@ -54,14 +75,14 @@ level = "warn"
 TOML
 "$gh" run --config "$work/gw.toml" >"$work/gw.log" 2>&1 &
 gw=$!
-uas=$(answerer)
-for _ in $(seq 100); do sipsak -s sip:org.example -r 5066 >/dev/null 2>&1 && break; sleep 0.1; done
+answerer uas.xml
+wait_udp 5066; wait_udp 5070
 echo alice-secret >"$work/password"
 t0=$(cpu_ticks "$gw")
 "$load" --gateway 127.0.0.1:5066 --password-file "$work/password" --rate "$rate" --count "$count" --quiet >"$work/load.log" 2>&1 || true
 t1=$(cpu_ticks "$gw")
 ok=$(awk '/^set-ups:/ {print $4}' "$work/load.log")
-python3 -c "print(f'gatehouse SASL (3 rounds): rate=$rate set-ups=$count ok=$ok cpu_ms_per_setup={($t1-$t0)*1000/$tck/max(int('${ok:-0}' or 0),1):.4f}')"
+python3 -c 'import sys; t0, t1, tck, ok = map(int, sys.argv[1:5]); print(f"gatehouse SASL (3 rounds): rate={sys.argv[5]} set-ups={sys.argv[6]} ok={ok} cpu_ms_per_setup={(t1 - t0) * 1000 / tck / max(ok, 1):.4f}")' "$t0" "$t1" "$tck" "${ok:-0}" "$rate" "$count"
 sed 's/^/  /' "$work/load.log"
 kill "$gw" "$uas" 2>/dev/null || true; wait "$gw" "$uas" 2>/dev/null || true
 
@@ -76,13 +97,13 @@ printf 'id(int,auto) username(string) domain(string) password(string) ha1(string
 sed "s|@DBURL@|text://$work/db|" "$here/kamailio-auth.cfg" >"$work/kamailio.cfg"
 kamailio -f "$work/kamailio.cfg" -DD -E -n 1 -x tlsf -X tlsf -m 2048 -M 32 -P "$work/kamailio.pid" >"$work/kamailio.log" 2>&1 &
 kam=$!
-uas=$(answerer)
-for _ in $(seq 100); do sipsak -s sip:127.0.0.1 -r 5064 >/dev/null 2>&1 && break; sleep 0.1; done
+answerer uas_plain.xml
+wait_udp 5064; wait_udp 5070
 t0=$(cpu_ticks "$kam")
 sipp 127.0.0.1:5064 -sf "$repo/tests/sipp/uac_digest.xml" -s vpn -i 127.0.0.1 -p 5080 -m "$count" -r "$rate" \
     -l 100000 -nostdin -timeout 600 -default_behaviors all,-abortunexp >"$work/uac.log" 2>&1 || true
 t1=$(cpu_ticks "$kam")
 ok=$(grep 'Successful call' "$work/uac.log" | tail -1 | awk -F'|' '{print $3}' | tr -d ' ')
 fail=$(grep 'Failed call' "$work/uac.log" | tail -1 | awk -F'|' '{print $3}' | tr -d ' ')
-python3 -c "print(f'kamailio Digest (2 rounds): rate=$rate calls=$count ok=${ok:-0} failed=${fail:-?} cpu_ms_per_call={($t1-$t0)*1000/$tck/max(int('${ok:-0}' or 0),1):.4f}')"
+python3 -c 'import sys; t0, t1, tck, ok = map(int, sys.argv[1:5]); print(f"kamailio Digest (2 rounds): rate={sys.argv[5]} calls={sys.argv[6]} ok={ok} failed={sys.argv[7]} cpu_ms_per_call={(t1 - t0) * 1000 / tck / max(ok, 1):.4f}")' "$t0" "$t1" "$tck" "${ok:-0}" "$rate" "$count" "${fail:-?}"
 kill "$kam" "$uas" 2>/dev/null || true; wait "$kam" "$uas" 2>/dev/null || true

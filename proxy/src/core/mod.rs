@@ -237,7 +237,8 @@ const ALLOW: &str = "INVITE, ACK, CANCEL, BYE, OPTIONS, UPDATE, INFO, PRACK, NOT
 pub struct Proxy {
     cfg: CoreConfig,
     txl: TransactionLayer,
-    contexts: HashMap<TxId, Context>,
+    /// Boxed: growing the map moves small slots, not whole contexts (see `TransactionLayer`).
+    contexts: HashMap<TxId, Box<Context>>,
     branch_of: HashMap<TxId, TxId>,
     hasher: std::collections::hash_map::RandomState,
     branch_salt: u32,
@@ -769,7 +770,7 @@ impl Proxy {
         };
         self.contexts.insert(
             id,
-            Context {
+            Box::new(Context {
                 request: msg.clone(),
                 invite: method == Method::Invite,
                 branches: Vec::new(),
@@ -780,7 +781,7 @@ impl Proxy {
                 tunnel: None,
                 started: now,
                 latency_recorded: false,
-            },
+            }),
         );
         let result = match admitted {
             Admitted::Cancel(invite) => {

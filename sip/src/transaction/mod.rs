@@ -171,7 +171,9 @@ pub struct TxStats {
 #[derive(Debug)]
 pub struct TransactionLayer {
     timers: TimerConfig,
-    txs: HashMap<TxId, Tx>,
+    /// Boxed: growing the map moves 16-byte slots, not whole transactions (a rehash of
+    /// 200 000 transactions stalled the loop for tens of milliseconds).
+    txs: HashMap<TxId, Box<Tx>>,
     server_index: HashMap<ServerKey, TxId>,
     client_index: HashMap<ClientKey, TxId>,
     heap: BinaryHeap<Reverse<(Instant, u64, TxId, TimerSlot)>>,
@@ -241,7 +243,7 @@ impl TransactionLayer {
     pub fn unfinished(&self) -> usize {
         self.txs
             .values()
-            .filter(|t| match t {
+            .filter(|t| match &***t {
                 Tx::Server(s) => matches!(
                     s.state,
                     ServerState::Trying | ServerState::Proceeding { .. }
@@ -313,7 +315,7 @@ impl TransactionLayer {
         };
         let is_ack = msg.method() == Some(Method::Ack);
         if let Some(&id) = self.server_index.get(key) {
-            let Some(Tx::Server(tx)) = self.txs.get_mut(&id) else {
+            let Some(Tx::Server(tx)) = self.txs.get_mut(&id).map(|b| &mut **b) else {
                 return Some(ServerOutcome::Absorbed);
             };
             if is_ack {
@@ -368,12 +370,12 @@ impl TransactionLayer {
         self.server_index.insert(key.clone(), id);
         self.txs.insert(
             id,
-            Tx::Server(ServerTx {
+            Box::new(Tx::Server(ServerTx {
                 key,
                 invite,
                 flow,
                 state,
-            }),
+            })),
         );
         Some(id)
     }
@@ -387,7 +389,7 @@ impl TransactionLayer {
 
     /// The flow a server transaction answers on.
     pub fn server_flow(&self, id: TxId) -> Option<Flow> {
-        match self.txs.get(&id) {
+        match self.txs.get(&id).map(|b| &**b) {
             Some(Tx::Server(s)) => Some(s.flow),
             _ => None,
         }
@@ -396,7 +398,7 @@ impl TransactionLayer {
     /// True while the server transaction can still send a final response.
     pub fn server_awaits_final(&self, id: TxId) -> bool {
         matches!(
-            self.txs.get(&id),
+            self.txs.get(&id).map(|b| &**b),
             Some(Tx::Server(ServerTx {
                 state: ServerState::Trying | ServerState::Proceeding { .. },
                 ..
@@ -407,7 +409,7 @@ impl TransactionLayer {
     /// Sends a response through a server transaction.
     pub fn respond(&mut self, id: TxId, status: u16, bytes: Bytes, now: Instant) {
         let t1 = self.timers.t1;
-        let Some(Tx::Server(tx)) = self.txs.get_mut(&id) else {
+        let Some(Tx::Server(tx)) = self.txs.get_mut(&id).map(|b| &mut **b) else {
             return;
         };
         let reliable = tx.flow.transport.is_reliable();
@@ -482,7 +484,7 @@ impl TransactionLayer {
         });
         self.txs.insert(
             id,
-            Tx::Client(ClientTx {
+            Box::new(Tx::Client(ClientTx {
                 key,
                 invite,
                 dest,
@@ -491,7 +493,7 @@ impl TransactionLayer {
                 state: ClientState::Calling { interval: t1 },
                 provisional: false,
                 timer_c_deadline: invite.then(|| now + self.timers.timer_c),
-            }),
+            })),
         );
         if !reliable {
             self.arm(id, if invite { Timer::A } else { Timer::E }, t1, now);
@@ -505,7 +507,7 @@ impl TransactionLayer {
 
     /// The request a client transaction sent.
     pub fn client_request(&self, id: TxId) -> Option<&Bytes> {
-        match self.txs.get(&id) {
+        match self.txs.get(&id).map(|b| &**b) {
             Some(Tx::Client(c)) => Some(&c.request),
             _ => None,
         }
@@ -513,7 +515,7 @@ impl TransactionLayer {
 
     /// Destination and reliability of a client transaction.
     pub fn client_dest(&self, id: TxId) -> Option<(Destination, bool)> {
-        match self.txs.get(&id) {
+        match self.txs.get(&id).map(|b| &**b) {
             Some(Tx::Client(c)) => Some((c.dest.clone(), c.reliable)),
             _ => None,
         }
@@ -521,7 +523,7 @@ impl TransactionLayer {
 
     /// True once a client INVITE transaction has seen a provisional response.
     pub fn client_has_provisional(&self, id: TxId) -> bool {
-        matches!(self.txs.get(&id), Some(Tx::Client(c)) if c.provisional)
+        matches!(self.txs.get(&id).map(|b| &**b), Some(Tx::Client(c)) if c.provisional)
     }
 
     /// Matches a response to its client transaction (17.1.3). Returns the transaction when
@@ -531,7 +533,7 @@ impl TransactionLayer {
         let id = *self.client_index.get(&key)?;
         let status = msg.status()?;
         let (t1, t4, timer_c) = (self.timers.t1, self.timers.t4, self.timers.timer_c);
-        let Some(Tx::Client(tx)) = self.txs.get_mut(&id) else {
+        let Some(Tx::Client(tx)) = self.txs.get_mut(&id).map(|b| &mut **b) else {
             return None;
         };
         let mut arm: Vec<(Timer, Duration)> = Vec::new();
@@ -614,7 +616,7 @@ impl TransactionLayer {
     /// transaction ends, and the core answers as if a 503 had arrived.
     pub fn transport_error(&mut self, id: TxId) -> bool {
         let awaiting = matches!(
-            self.txs.get(&id),
+            self.txs.get(&id).map(|b| &**b),
             Some(Tx::Client(ClientTx {
                 state: ClientState::Calling { .. } | ClientState::Proceeding,
                 ..
@@ -627,7 +629,7 @@ impl TransactionLayer {
     }
 
     fn remove(&mut self, id: TxId) -> Option<TxEvent> {
-        match self.txs.remove(&id)? {
+        match *self.txs.remove(&id)? {
             Tx::Server(s) => {
                 self.server_index.remove(&s.key);
                 Some(TxEvent::ServerGone(id))
@@ -654,7 +656,7 @@ impl TransactionLayer {
 
     fn fire(&mut self, id: TxId, timer: Timer, now: Instant, events: &mut Vec<TxEvent>) {
         let t2 = self.timers.t2;
-        let Some(tx) = self.txs.get_mut(&id) else {
+        let Some(tx) = self.txs.get_mut(&id).map(|b| &mut **b) else {
             return;
         };
         let mut resend: Option<(Destination, Bytes)> = None;
@@ -751,7 +753,7 @@ impl TransactionLayer {
     /// Ends a client transaction whose outcome the core has already decided (Timer C
     /// expired without provisional response, or shutdown).
     pub fn abandon_client(&mut self, id: TxId) -> Option<TxEvent> {
-        if matches!(self.txs.get(&id), Some(Tx::Client(_))) {
+        if matches!(self.txs.get(&id).map(|b| &**b), Some(Tx::Client(_))) {
             self.remove(id)
         } else {
             None
