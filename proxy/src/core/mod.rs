@@ -40,6 +40,7 @@
 //! A panic while handling one message or timer is caught at [`Proxy::handle_message`] /
 //! [`Proxy::handle_timeout`]: a stateless 500, a counted internal error, and the loop goes on.
 
+pub mod admission;
 pub mod auth;
 pub mod authorize;
 pub mod error;
@@ -57,13 +58,11 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Instant;
 
 use bytes::Bytes;
-use gatehouse_auth::scram::constant_time_eq;
 use gatehouse_auth::{Authenticated, SaslServer, Secret, ServerSettings, TlsInfo};
-use hmac::{Hmac, Mac};
-use sha2::Sha256;
 
 use crate::config::route;
 pub use crate::config::route::{RouteTable, Target};
+pub use admission::{Admission, AdmissionBasis, Clearance, SignedDialog};
 pub use auth::Challenger;
 pub use error::{Fault, MediaFault, Reject};
 pub use registrar::{Binding, WallClock};
@@ -137,28 +136,6 @@ pub struct CoreConfig {
     pub seed: [u8; 32],
 }
 
-/// Proof that a request passed the authenticate stage. Only [`Proxy::authenticate`]
-/// makes one; relaying an out-of-dialog request requires it.
-#[derive(Debug)]
-pub struct Admission {
-    basis: AdmissionBasis,
-}
-
-impl Admission {
-    pub fn basis(&self) -> &AdmissionBasis {
-        &self.basis
-    }
-}
-
-/// Why a request was admitted.
-#[derive(Debug)]
-pub enum AdmissionBasis {
-    /// From a configured trusted source; no identity.
-    TrustedSource,
-    /// A finished, validated SASL exchange whose identity may use the From address.
-    Sasl(Box<Authenticated>),
-}
-
 /// Authentication counters for the metrics layer.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct AuthStats {
@@ -219,7 +196,10 @@ enum Admitted {
     /// A CANCEL for this server INVITE transaction.
     Cancel(TxId),
     /// In a dialog this gateway signed: relayed along the route set.
-    InDialog { loop_hash: u32 },
+    InDialog {
+        loop_hash: u32,
+        dialog: SignedDialog,
+    },
     /// A REGISTER to the registrar, authenticated.
     Register(Box<Authenticated>),
     /// Out of dialog and admitted (trusted source, or authenticated).
@@ -272,8 +252,6 @@ pub struct Proxy {
     pub stats: CoreStats,
     pub auth_stats: AuthStats,
 }
-
-type HmacSha256 = Hmac<Sha256>;
 
 /// Entries of the lockout table (each about 100 bytes).
 const LOCKOUT_CAPACITY: usize = 100_000;
@@ -788,7 +766,9 @@ impl Proxy {
                 self.handle_cancel(id, invite, &msg, now);
                 Ok(())
             }
-            Admitted::InDialog { loop_hash } => self.relay_in_dialog(id, msg, flow, loop_hash, now),
+            Admitted::InDialog { loop_hash, dialog } => {
+                self.relay_in_dialog(id, msg, flow, loop_hash, dialog, now)
+            }
             Admitted::Register(auth) => self.register(id, msg, flow, *auth, now),
             Admitted::OutOfDialog {
                 admission,
@@ -851,10 +831,10 @@ impl Proxy {
         let signed_route = self.preprocess_routes(msg)?;
         self.reveal_request_uri(msg)?;
         if msg.tag(HeaderName::To).is_some() {
-            if !signed_route {
+            let Some(dialog) = signed_route else {
                 return Err(Reject::NoDialog);
-            }
-            return Ok(Some(Admitted::InDialog { loop_hash }));
+            };
+            return Ok(Some(Admitted::InDialog { loop_hash, dialog }));
         }
         if self.draining {
             return Err(Reject::ShuttingDown);
@@ -886,6 +866,7 @@ impl Proxy {
         mut msg: Message,
         flow: Flow,
         loop_hash: u32,
+        dialog: SignedDialog,
         now: Instant,
     ) -> Result<(), Reject> {
         self.tunnel_in_dialog(&mut msg);
@@ -896,7 +877,7 @@ impl Proxy {
             flow,
             vec![(String::new(), dest)],
             loop_hash,
-            false,
+            Clearance::InDialog(dialog),
             now,
         )
     }
@@ -922,12 +903,12 @@ impl Proxy {
             self.rewrite_offer(id, &mut msg, plan, &targets, &flow, now)?;
         }
 
-        // Stage 8: relay.
-        let record_route = matches!(
-            msg.method(),
-            Some(Method::Invite | Method::Subscribe | Method::Refer | Method::Notify)
-        );
-        self.relay(id, msg, flow, targets, loop_hash, record_route, now)
+        // Stage 8: relay, on the strength of the admission and the policy's permit.
+        let clearance = Clearance::OutOfDialog {
+            admission,
+            permit: authorization.permit,
+        };
+        self.relay(id, msg, flow, targets, loop_hash, clearance, now)
     }
 
     /// A source in `[trust] sources`.
@@ -945,10 +926,8 @@ impl Proxy {
         auth_info: &mut Option<(&'static str, String)>,
         now: Instant,
     ) -> Result<Admission, Reject> {
-        if self.is_trusted(flow.remote.ip()) {
-            return Ok(Admission {
-                basis: AdmissionBasis::TrustedSource,
-            });
+        if let Some(admission) = Admission::trusted(flow.remote.ip(), &self.cfg.trusted) {
+            return Ok(admission);
         }
         let round = self.sasl_round(msg, flow, Challenger::Proxy, now);
         if matches!(round, Err(Reject::Challenge { .. })) {
@@ -957,13 +936,8 @@ impl Proxy {
         let (authenticated, info) = round?;
         // Every final response of this request now carries the server-final (mutual authentication).
         *auth_info = Some((Challenger::Proxy.info_header(), info));
-        let from = auth::header_aor(msg, HeaderName::From).ok_or(Reject::IdentityNotAllowed)?;
-        if !auth::may_present(&authenticated, &from) {
-            return Err(Reject::IdentityNotAllowed);
-        }
-        Ok(Admission {
-            basis: AdmissionBasis::Sasl(Box::new(authenticated)),
-        })
+        let from = auth::header_aor(msg, HeaderName::From);
+        Admission::authenticated(authenticated, from.as_deref())
     }
 
     fn auth_info(&self, id: TxId) -> Option<(&'static str, String)> {
@@ -1121,10 +1095,11 @@ impl Proxy {
 
     /// Stateless forwarding of an ACK for a 2xx along the route set (16.11).
     fn forward_ack(&mut self, mut msg: Message, flow: Flow) {
-        match self.preprocess_routes(&mut msg) {
-            Ok(true) => {}
-            _ => return,
-        }
+        // Only in a dialog this gateway signed (the proof is what matters here; an ACK has no
+        // transaction to relay through).
+        let Ok(Some(_signed)) = self.preprocess_routes(&mut msg) else {
+            return;
+        };
         if self.reveal_request_uri(&mut msg).is_err() {
             return;
         }
@@ -1147,16 +1122,17 @@ impl Proxy {
         self.txl.send_stateless(dest, msg.serialize());
     }
 
-    /// Removes the Route entries that name this gateway (16.4); returns whether one of them
-    /// carried a valid dialog MAC. A strict router's Request-URI pointing at us is replaced
+    /// Removes the Route entries that name this gateway (16.4); returns the proof when one of
+    /// them carried a valid dialog MAC. A strict router's Request-URI pointing at us is replaced
     /// by the last Route entry.
-    fn preprocess_routes(&mut self, msg: &mut Message) -> Result<bool, Reject> {
-        let mut signed = false;
+    fn preprocess_routes(&mut self, msg: &mut Message) -> Result<Option<SignedDialog>, Reject> {
+        let mut signed = None;
         // Strict-router case: the Request-URI is one of our Record-Route URIs.
         if let Some(ruri) = msg.request_uri().map(|u| u.into_owned()) {
             if let Ok(u) = Uri::parse(&ruri) {
                 if u.user.is_none() && self.is_local_hostport(&u) && u.param("gh").is_some() {
-                    signed |= self.verify_dialog_mac(msg, u.param("gh").unwrap_or_default());
+                    let mac = u.param("gh").unwrap_or_default();
+                    signed = signed.or(SignedDialog::verify(&self.cfg.dialog_key, msg, mac));
                     let routes = msg.list_values(HeaderName::Route);
                     if let Some(last) = routes.last() {
                         let na = NameAddr::parse(last).ok_or(Reject::Malformed(
@@ -1184,7 +1160,7 @@ impl Proxy {
                 break;
             }
             if let Some(mac) = u.param("gh") {
-                signed |= self.verify_dialog_mac(msg, mac);
+                signed = signed.or(SignedDialog::verify(&self.cfg.dialog_key, msg, mac));
             }
             self.remove_route_element(msg, 0);
         }
@@ -1250,9 +1226,11 @@ impl Proxy {
         flow: Flow,
         targets: Vec<(String, Destination)>,
         loop_hash: u32,
-        record_route: bool,
+        clearance: Clearance,
         now: Instant,
     ) -> Result<(), Reject> {
+        let record_route = clearance.record_route(msg.method());
+        tracing::trace!(on_behalf_of = clearance.identity(), "relay");
         let method = msg.method().unwrap_or(Method::Other);
         if method == Method::Invite {
             // Built from the stored request by reference: no copy of the message per INVITE.
@@ -1329,7 +1307,8 @@ impl Proxy {
     fn add_record_route(&self, msg: &mut Message, flow: &Flow, dest: &Destination) {
         let inbound = self.local_for_flow(flow);
         let outbound = self.local_for(dest);
-        let mac = self.dialog_mac(
+        let mac = admission::dialog_mac(
+            &self.cfg.dialog_key,
             &msg.call_id(),
             msg.tag(HeaderName::From).as_deref().unwrap_or(""),
         );
@@ -1551,27 +1530,6 @@ impl Proxy {
         })
     }
 
-    fn dialog_mac(&self, call_id: &str, caller_tag: &str) -> String {
-        let mut mac =
-            HmacSha256::new_from_slice(&self.cfg.dialog_key).expect("HMAC takes any key length");
-        mac.update(call_id.as_bytes());
-        mac.update(b"\0");
-        mac.update(caller_tag.as_bytes());
-        let out = mac.finalize().into_bytes();
-        out[..12].iter().map(|b| format!("{b:02x}")).collect()
-    }
-
-    fn verify_dialog_mac(&self, msg: &Message, presented: &str) -> bool {
-        let call_id = msg.call_id();
-        [HeaderName::From, HeaderName::To].iter().any(|h| {
-            let tag = msg.tag(*h).unwrap_or_default();
-            constant_time_eq(
-                self.dialog_mac(&call_id, &tag).as_bytes(),
-                presented.as_bytes(),
-            )
-        })
-    }
-
     /// The loop-detection hash of 16.6 item 8 over the fields that change on a spiral.
     fn loop_hash(&self, msg: &Message) -> u32 {
         let mut h = self.hasher.build_hasher();
@@ -1757,7 +1715,7 @@ fn via_destination(msg: &Message) -> Option<Destination> {
     })
 }
 
-fn canonical_ip(ip: IpAddr) -> IpAddr {
+pub(super) fn canonical_ip(ip: IpAddr) -> IpAddr {
     match ip {
         IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
         v4 => v4,

@@ -1,0 +1,151 @@
+//! Proofs that a request may be relayed — the `Authenticated` idea carried through the
+//! pipeline.
+//!
+//! `Proxy::relay` takes a [`Clearance`] by value, and a clearance exists only as
+//! - the [`Admission`] of an out-of-dialog request (a trusted source, or a finished SASL
+//!   exchange whose identity may present the From AOR) together with the policy's `Permit`
+//!   (which only `Policy::decide` makes), or
+//! - a [`SignedDialog`]: an in-dialog request whose Route names this gateway with a valid
+//!   dialog MAC (which only this gateway's key makes).
+//!
+//! Nothing outside this module can build an `Admission` or a `SignedDialog` except through the
+//! checks here, so "relay without authentication, policy or a signed dialog" does not compile.
+
+use std::net::IpAddr;
+
+use gatehouse_auth::Authenticated;
+use gatehouse_policy::Permit;
+use hmac::{Hmac, Mac};
+use ipnet::IpNet;
+use sha2::Sha256;
+
+use super::auth;
+use super::error::Reject;
+use crate::sip::{HeaderName, Message, Method};
+
+/// Proof that an out-of-dialog request passed the authenticate stage.
+#[derive(Debug)]
+pub struct Admission {
+    basis: AdmissionBasis,
+}
+
+/// Why a request was admitted.
+#[derive(Debug)]
+pub enum AdmissionBasis {
+    /// From a configured trusted source; no identity.
+    TrustedSource,
+    /// A finished, validated SASL exchange whose identity may use the From address.
+    Sasl(Box<Authenticated>),
+}
+
+impl Admission {
+    /// Admits a request from `source` when it is inside one of the `trusted` networks.
+    pub(super) fn trusted(source: IpAddr, trusted: &[IpNet]) -> Option<Admission> {
+        let source = super::canonical_ip(source);
+        trusted
+            .iter()
+            .any(|net| net.contains(&source))
+            .then_some(Admission {
+                basis: AdmissionBasis::TrustedSource,
+            })
+    }
+
+    /// Admits an authenticated request when its identity may present the From AOR (`from`,
+    /// `None` when the From header has none): 403 otherwise.
+    pub(super) fn authenticated(
+        authenticated: Authenticated,
+        from: Option<&str>,
+    ) -> Result<Admission, Reject> {
+        let from = from.ok_or(Reject::IdentityNotAllowed)?;
+        if !auth::may_present(&authenticated, from) {
+            return Err(Reject::IdentityNotAllowed);
+        }
+        Ok(Admission {
+            basis: AdmissionBasis::Sasl(Box::new(authenticated)),
+        })
+    }
+
+    pub fn basis(&self) -> &AdmissionBasis {
+        &self.basis
+    }
+
+    /// Who is admitted: the authenticated identity, or `trusted`.
+    pub fn identity(&self) -> &str {
+        match &self.basis {
+            AdmissionBasis::TrustedSource => "trusted",
+            AdmissionBasis::Sasl(a) => a.identity(),
+        }
+    }
+}
+
+/// Proof that an in-dialog request belongs to a dialog this gateway record-routed.
+#[derive(Debug)]
+pub struct SignedDialog {
+    _proof: (),
+}
+
+type HmacSha256 = Hmac<Sha256>;
+
+/// The `gh=` MAC of a dialog: HMAC-SHA-256 over Call-ID and the caller's tag, 96 bits in hex.
+pub(super) fn dialog_mac(key: &[u8; 32], call_id: &str, caller_tag: &str) -> String {
+    let Ok(mut mac) = HmacSha256::new_from_slice(key) else {
+        unreachable!("HMAC takes keys of any length")
+    };
+    mac.update(call_id.as_bytes());
+    mac.update(b"\0");
+    mac.update(caller_tag.as_bytes());
+    let out = mac.finalize().into_bytes();
+    out[..12].iter().map(|b| format!("{b:02x}")).collect()
+}
+
+impl SignedDialog {
+    /// Checks the MAC a Route entry of ours presented against the request's Call-ID and either
+    /// tag (the request may come from either party).
+    pub(super) fn verify(key: &[u8; 32], msg: &Message, presented: &str) -> Option<SignedDialog> {
+        let call_id = msg.call_id();
+        [HeaderName::From, HeaderName::To]
+            .iter()
+            .any(|h| {
+                let tag = msg.tag(*h).unwrap_or_default();
+                gatehouse_auth::scram::constant_time_eq(
+                    dialog_mac(key, &call_id, &tag).as_bytes(),
+                    presented.as_bytes(),
+                )
+            })
+            .then_some(SignedDialog { _proof: () })
+    }
+}
+
+/// What entitles a request to be relayed; `Proxy::relay` consumes one.
+#[derive(Debug)]
+pub enum Clearance {
+    /// Out of dialog: admitted, and what the policy permitted.
+    OutOfDialog {
+        admission: Admission,
+        permit: Permit,
+    },
+    /// In a dialog this gateway signed.
+    InDialog(SignedDialog),
+}
+
+impl Clearance {
+    /// Whether the relayed request gets this gateway's Record-Route: dialog-creating requests
+    /// out of dialog; never in a dialog (its route set is fixed).
+    pub(super) fn record_route(&self, method: Option<Method>) -> bool {
+        match self {
+            Clearance::OutOfDialog { .. } => matches!(
+                method,
+                Some(Method::Invite | Method::Subscribe | Method::Refer | Method::Notify)
+            ),
+            Clearance::InDialog(_) => false,
+        }
+    }
+
+    /// Who the request is relayed for (logs).
+    pub(super) fn identity(&self) -> &str {
+        match self {
+            Clearance::OutOfDialog { admission, .. } => admission.identity(),
+            Clearance::InDialog(_) => "dialog",
+        }
+    }
+}
