@@ -59,6 +59,8 @@ address = "127.0.0.1:5066"
 [auth]
 store = "$work/store.sqlite"
 mechanisms = ["SCRAM-SHA-256"]
+# One load client on one address runs every exchange (the default cap is 32 per source).
+max_pending_per_source = 10000
 [tunnels]
 policy = "$work/policy.toml"
 internal_networks = ["127.0.0.0/8"]

@@ -348,6 +348,9 @@ impl Reloader {
     }
 }
 
+/// Deferred writes handed to the storage worker at once past this many.
+const DEFER_MAX: usize = 1024;
+
 /// A reload read off the loop, and who asked for it (the admin API waits for the outcome).
 type ReloadDone = (
     Result<Loaded, String>,
@@ -379,6 +382,8 @@ pub struct Driver {
     /// The last durable batch submitted, and the last batch the worker acknowledged.
     hold_until: u64,
     committed: u64,
+    /// Writes not yet handed to the worker (see `flush`).
+    deferred: Vec<crate::core::persist::StoreWrite>,
     reloads: (
         mpsc::UnboundedSender<ReloadDone>,
         mpsc::UnboundedReceiver<ReloadDone>,
@@ -483,6 +488,7 @@ impl Driver {
             held: std::collections::VecDeque::new(),
             hold_until: 0,
             committed: 0,
+            deferred: Vec::new(),
             reloads: mpsc::unbounded_channel(),
         })
     }
@@ -579,6 +585,7 @@ impl Driver {
                 }
                 _ = sync.tick() => {
                     let t0 = Instant::now();
+                    self.submit_deferred();
                     self.proxy.maintain(t0);
                     self.proxy.sync_metrics();
                     self.metrics.connections.set(self.conns.len() as i64);
@@ -589,6 +596,7 @@ impl Driver {
         // Whatever the last inputs changed goes to the worker; the worker commits everything
         // queued before its thread ends; then the held transmits may leave.
         self.flush();
+        self.submit_deferred();
         if let Some(storage) = self.storage.take() {
             storage.close().await;
         }
@@ -597,6 +605,15 @@ impl Driver {
         }
         self.release(u64::MAX);
         tracing::info!(transactions = self.proxy.transactions(), "gateway stopped");
+    }
+
+    /// Hands the deferred writes to the storage worker; returns their batch number.
+    fn submit_deferred(&mut self) -> Option<u64> {
+        if self.deferred.is_empty() {
+            return None;
+        }
+        let writes = std::mem::take(&mut self.deferred);
+        self.storage.as_mut().and_then(|s| s.submit(writes))
     }
 
     /// Reads the configuration off the loop; the outcome comes back through `reloads`.
@@ -712,14 +729,21 @@ impl Driver {
 
     /// Hands the core's writes to the storage worker, then sends what the core produced. A
     /// durable batch (a tunnel established) holds every transmit from here on until the
-    /// worker has committed it: the tunnel's 200 never leaves before the tunnel is on disk,
-    /// and nothing overtakes it (a retransmitted 200 included). Batches without a tunnel
-    /// hold nothing: a stalled disk delays only tunnel set-ups.
+    /// worker has committed (or journaled) it: the tunnel's 200 never leaves before the
+    /// tunnel is on disk, and nothing overtakes it (a retransmitted 200 included). Other
+    /// writes are deferred to the next durable batch or the 250 ms tick (a crash may lose
+    /// them: a proposal, a removal the admin API can redo, a binding the endpoint renews).
     fn flush(&mut self) {
         if let Some(batch) = self.proxy.take_writes() {
-            let seq = self.storage.as_mut().and_then(|s| s.submit(batch.writes));
-            if let (Some(seq), true) = (seq, batch.durable) {
-                self.hold_until = seq;
+            // Writes that hold nothing back (proposals, removals, bindings) wait for the next
+            // durable batch or tick, so the worker wakes and commits once for many of them;
+            // order is kept, since everything goes through the one queue in sequence.
+            self.deferred.extend(batch.writes);
+            if batch.durable || self.deferred.len() >= DEFER_MAX {
+                let seq = self.submit_deferred();
+                if let (Some(seq), true) = (seq, batch.durable) {
+                    self.hold_until = seq;
+                }
             }
         }
         let hold = self.hold_until > self.committed;
