@@ -8,21 +8,9 @@
 # Prints one line per probe: held, set-ups, failed, CPU ms per set-up, RSS MiB; then the RSS
 # per held tunnel. Needs: sipp (sip-tester), a release build (built when missing).
 set -euo pipefail
+# shellcheck source=benches/lib.sh
+source "$(dirname "$0")/lib.sh"
 step=${1:-50000}; probe=${2:-5000}; rate=${3:-2000}
-here=$(cd "$(dirname "$0")" && pwd); repo=$(dirname "$here")
-work=$(mktemp -d); trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$work"' EXIT
-gh="$repo/target/release/gatehouse"
-[ -x "$gh" ] || (cd "$repo" && cargo build --release -p gatehouse-proxy --bin gatehouse)
-tck=$(getconf CLK_TCK)
-# Waits (at most 10 s) until something is bound to UDP 127.0.0.1:PORT.
-wait_udp() {
-    for _ in $(seq 100); do
-        ss -lun 2>/dev/null | grep -q "127.0.0.1:$1 " && return 0
-        sleep 0.1
-    done
-    echo "nothing bound to UDP port $1" >&2
-    return 1
-}
 total=$((2 * step + probe))
 
 cp "$repo/deploy/examples/bench.toml" "$work/gw.toml"
@@ -47,9 +35,7 @@ held=0
 calls() {
     sipp 127.0.0.1:5060 -sf "$repo/tests/sipp/uac_hold.xml" -s vpn -i 127.0.0.1 -p 5080 -m "$1" -r "$rate" \
         -l 100000 -nostdin -timeout 3600 -default_behaviors all,-abortunexp >"$work/uac.log" 2>&1 || true
-    local ok fail
-    ok=$(grep 'Successful call' "$work/uac.log" | tail -1 | awk -F'|' '{print $3}' | tr -d ' ')
-    fail=$(grep 'Failed call' "$work/uac.log" | tail -1 | awk -F'|' '{print $3}' | tr -d ' ')
+    sipp_counts "$work/uac.log"
     echo "${ok:-0} ${fail:-?}"
 }
 measure() {

@@ -12,21 +12,9 @@
 # Needs: sipp (sip-tester), kamailio, tcpdump (optional: no latency without it), python3, a
 # release build of gatehouse (built when missing).
 set -euo pipefail
+# shellcheck source=benches/lib.sh
+source "$(dirname "$0")/lib.sh"
 rate=${1:-2000}; secs=${2:-10}; rounds=${3:-1}; kind=${4:-tunnel}
-here=$(cd "$(dirname "$0")" && pwd); repo=$(dirname "$here")
-work=$(mktemp -d); trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$work"' EXIT
-gh="$repo/target/release/gatehouse"
-[ -x "$gh" ] || (cd "$repo" && cargo build --release -p gatehouse-proxy --bin gatehouse)
-tck=$(getconf CLK_TCK)
-# Waits (at most 10 s) until something is bound to UDP 127.0.0.1:PORT.
-wait_udp() {
-    for _ in $(seq 100); do
-        ss -lun 2>/dev/null | grep -q "127.0.0.1:$1 " && return 0
-        sleep 0.1
-    done
-    echo "nothing bound to UDP port $1" >&2
-    return 1
-}
 calls=$((rate * secs))
 case "$kind" in
     tunnel) uac=uac.xml; uas=uas.xml ;;
@@ -34,21 +22,12 @@ case "$kind" in
     *) echo "KIND is tunnel or plain" >&2; exit 64 ;;
 esac
 
-# CPU ticks of a process and its children (Kamailio forks its workers).
-cpu_ticks() {
-    local total=0 p
-    for p in "$1" $(pgrep -P "$1"); do
-        total=$((total + $(awk '{print $14 + $15}' "/proc/$p/stat" 2>/dev/null || echo 0)))
-    done
-    echo "$total"
-}
 
 # calls PORT: one SIPp caller run against the proxy on PORT; sets ok and fail.
 calls() {
     sipp "127.0.0.1:$1" -sf "$repo/tests/sipp/$uac" -s vpn -i 127.0.0.1 -p 5080 -m "$calls" -r "$rate" \
         -l 100000 -nostdin -timeout $((secs * 3 + 30)) -default_behaviors all,-abortunexp >"$work/uac.log" 2>&1 || true
-    ok=$(grep 'Successful call' "$work/uac.log" | tail -1 | awk -F'|' '{print $3}' | tr -d ' ')
-    fail=$(grep 'Failed call' "$work/uac.log" | tail -1 | awk -F'|' '{print $3}' | tr -d ' ')
+    sipp_counts "$work/uac.log"
 }
 
 # run NAME PROXY_PORT START_COMMAND...: two passes of the same calls through one proxy

@@ -9,28 +9,9 @@
 # Needs: sipp, kamailio, python3, release builds of gatehouse and gatehouse-load (built when
 # missing).
 set -euo pipefail
+# shellcheck source=benches/lib.sh
+source "$(dirname "$0")/lib.sh"
 rate=${1:-500}; count=${2:-10000}
-here=$(cd "$(dirname "$0")" && pwd); repo=$(dirname "$here")
-work=$(mktemp -d); trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$work"' EXIT
-gh="$repo/target/release/gatehouse"; load="$repo/target/release/gatehouse-load"
-[ -x "$gh" ] && [ -x "$load" ] || (cd "$repo" && cargo build --release -p gatehouse-proxy -p wgsip --bins)
-tck=$(getconf CLK_TCK)
-# Waits (at most 10 s) until something is bound to UDP 127.0.0.1:PORT.
-wait_udp() {
-    for _ in $(seq 100); do
-        ss -lun 2>/dev/null | grep -q "127.0.0.1:$1 " && return 0
-        sleep 0.1
-    done
-    echo "nothing bound to UDP port $1" >&2
-    return 1
-}
-cpu_ticks() {
-    local total=0 p
-    for p in "$1" $(pgrep -P "$1"); do
-        total=$((total + $(awk '{print $14 + $15}' "/proc/$p/stat" 2>/dev/null || echo 0)))
-    done
-    echo "$total"
-}
 # answerer SCENARIO: the same SIPp answerer behind both (WireGuard answers for tunnels);
 # its PID in $uas.
 answerer() {
@@ -105,7 +86,6 @@ t0=$(cpu_ticks "$kam")
 sipp 127.0.0.1:5064 -sf "$repo/tests/sipp/uac_digest.xml" -s vpn -i 127.0.0.1 -p 5080 -m "$count" -r "$rate" \
     -l 100000 -nostdin -timeout 600 -default_behaviors all,-abortunexp >"$work/uac.log" 2>&1 || true
 t1=$(cpu_ticks "$kam")
-ok=$(grep 'Successful call' "$work/uac.log" | tail -1 | awk -F'|' '{print $3}' | tr -d ' ')
-fail=$(grep 'Failed call' "$work/uac.log" | tail -1 | awk -F'|' '{print $3}' | tr -d ' ')
+sipp_counts "$work/uac.log"
 python3 -c 'import sys; t0, t1, tck, ok = map(int, sys.argv[1:5]); print(f"kamailio Digest (2 rounds): rate={sys.argv[5]} calls={sys.argv[6]} ok={ok} failed={sys.argv[7]} cpu_ms_per_call={(t1 - t0) * 1000 / tck / max(ok, 1):.4f}")' "$t0" "$t1" "$tck" "${ok:-0}" "$rate" "$count" "${fail:-?}"
 kill "$kam" "$uas" 2>/dev/null || true; wait "$kam" "$uas" 2>/dev/null || true

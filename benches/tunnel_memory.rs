@@ -11,32 +11,19 @@
 mod common;
 
 use std::alloc::System;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use common::{config, drain, new_proxy, set_up};
+use common::{config, new_proxy, set_up, settle, step_and_probe};
 use stats_alloc::{Region, StatsAlloc, INSTRUMENTED_SYSTEM};
 
 #[global_allocator]
 static GLOBAL: &StatsAlloc<System> = &INSTRUMENTED_SYSTEM;
 
 fn main() {
-    let args: Vec<u64> = std::env::args()
-        .skip(1)
-        .filter_map(|a| a.parse().ok())
-        .collect();
-    let step = args.first().copied().unwrap_or(50_000);
-    let probe = args.get(1).copied().unwrap_or(5_000);
+    let (step, probe) = step_and_probe();
     let mut proxy = new_proxy(config());
     let mut now = Instant::now();
     let mut n = 0u64;
-    // Ends every transaction (Timer L/M/K/J: 32 s; Timer C: 180 s).
-    let settle = |proxy: &mut gatehouse::core::Proxy, now: &mut Instant| {
-        *now += Duration::from_secs(200);
-        proxy.handle_timeout(*now);
-        drain(proxy);
-        proxy.maintain(*now);
-        assert_eq!(proxy.transactions(), 0, "every transaction ended");
-    };
     table_alone(step);
     let region = Region::new(GLOBAL);
     let mut base: Option<(u64, isize)> = None;

@@ -142,3 +142,25 @@ CSeq: 1 ACK\r\nRoute: {rr}\r\nMax-Forwards: 70\r\nContent-Length: 0\r\n\r\n"
     drain(proxy);
     rr
 }
+
+/// Runs every transaction to its end (Timer L/M/K/J: 32 s; Timer C: 180 s) and gives the
+/// tables' memory back, so what stays is what held tunnels cost.
+pub fn settle(proxy: &mut gatehouse::core::Proxy, now: &mut std::time::Instant) {
+    *now += std::time::Duration::from_secs(200);
+    proxy.handle_timeout(*now);
+    drain(proxy);
+    proxy.maintain(*now);
+    assert_eq!(proxy.transactions(), 0, "every transaction ended");
+}
+
+/// `STEP PROBE` from the bench's arguments (defaults 50 000 and 5 000).
+pub fn step_and_probe() -> (u64, u64) {
+    let args: Vec<u64> = std::env::args()
+        .skip(1)
+        .filter_map(|a| a.parse().ok())
+        .collect();
+    (
+        args.first().copied().unwrap_or(50_000),
+        args.get(1).copied().unwrap_or(5_000),
+    )
+}
