@@ -13,6 +13,7 @@ pub mod config;
 pub mod core;
 pub mod metrics;
 pub mod store;
+pub mod tls;
 pub mod transport;
 pub mod tunnel;
 

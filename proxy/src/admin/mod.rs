@@ -574,7 +574,7 @@ pub async fn serve(
                         return;
                     };
                     // Channel binding of this connection, computed once after the handshake.
-                    let info = crate::transport::tls::channel_binding(tls.get_ref().1);
+                    let info = crate::tls::channel_binding(tls.get_ref().1);
                     let io = hyper_util::rt::TokioIo::new(tls);
                     let service = hyper::service::service_fn(move |req| {
                         handle(Arc::clone(&state), req, source, Some(info.clone()))

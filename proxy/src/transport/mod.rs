@@ -18,8 +18,6 @@
 // The I/O side: sockets, the clock that feeds the core, the storage worker's channel.
 #![allow(clippy::disallowed_methods, clippy::disallowed_types)]
 
-pub mod tls;
-
 use std::collections::HashMap;
 use std::future::Future;
 use std::io;
@@ -42,6 +40,7 @@ use crate::flow::{ConnId, Destination, Flow, Transport};
 use crate::sip::framer::{Frame, StreamFramer};
 use crate::store::worker::{StorageWorker, StoreEvent};
 use crate::store::Store;
+use crate::tls;
 use crate::transaction::{Transmit, TxId};
 
 /// Sockets bound before the gateway runs (tests bind port 0 and read the addresses back).
