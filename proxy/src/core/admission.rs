@@ -41,13 +41,9 @@ pub enum AdmissionBasis {
 impl Admission {
     /// Admits a request from `source` when it is inside one of the `trusted` networks.
     pub(super) fn trusted(source: IpAddr, trusted: &[IpNet]) -> Option<Admission> {
-        let source = super::canonical_ip(source);
-        trusted
-            .iter()
-            .any(|net| net.contains(&source))
-            .then_some(Admission {
-                basis: AdmissionBasis::TrustedSource,
-            })
+        is_trusted(source, trusted).then_some(Admission {
+            basis: AdmissionBasis::TrustedSource,
+        })
     }
 
     /// Admits an authenticated request when its identity may present the From AOR (`from`,
@@ -76,6 +72,13 @@ impl Admission {
             AdmissionBasis::Sasl(a) => a.identity(),
         }
     }
+}
+
+/// Whether `source` (an IPv4-mapped IPv6 address counts as IPv4) is in one of the `trusted`
+/// networks.
+pub(super) fn is_trusted(source: IpAddr, trusted: &[IpNet]) -> bool {
+    let source = super::canonical_ip(source);
+    trusted.iter().any(|net| net.contains(&source))
 }
 
 /// Proof that an in-dialog request belongs to a dialog this gateway record-routed.

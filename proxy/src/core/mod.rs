@@ -913,8 +913,7 @@ impl Proxy {
 
     /// A source in `[trust] sources`.
     fn is_trusted(&self, ip: IpAddr) -> bool {
-        let ip = canonical_ip(ip);
-        self.cfg.trusted.iter().any(|net| net.contains(&ip))
+        admission::is_trusted(ip, &self.cfg.trusted)
     }
 
     /// The authenticate stage. Trusted sources are admitted as such; every other request runs

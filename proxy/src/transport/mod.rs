@@ -339,12 +339,6 @@ impl Reloader {
             }
         }
     }
-
-    /// Both halves at once (tests and tools without a loop to keep free).
-    pub fn reload(&mut self, proxy: &mut Proxy) -> Result<String, String> {
-        let loaded = self.prepare()()?;
-        self.apply(proxy, loaded)
-    }
 }
 
 /// Deferred writes handed to the storage worker at once past this many.

@@ -351,11 +351,14 @@ impl TunnelTable {
         caller_tag: &str,
         callee_tag: Option<String>,
     ) -> Option<&Record> {
-        self.get_mut(call_id, caller_tag)?;
-        self.mark(call_id, caller_tag);
-        let r = self.get_mut(call_id, caller_tag)?;
+        let r = self
+            .map
+            .get_mut(call_id)?
+            .iter_mut()
+            .find(|r| &*r.caller_tag == caller_tag)?;
         r.state = TunnelState::Established;
         r.callee_tag = callee_tag.map(String::into_boxed_str);
+        self.dirty.insert((call_id.into(), caller_tag.into()));
         Some(r)
     }
 
