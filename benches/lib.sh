@@ -3,7 +3,8 @@
 # shellcheck shell=bash
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd); repo=$(dirname "$here")
 work=$(mktemp -d); trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$work"' EXIT
-gh="$repo/target/release/gatehouse"; load="$repo/target/release/gatehouse-load"
+release="${CARGO_TARGET_DIR:-$repo/target}/release"
+gh="$release/gatehouse"; load="$release/gatehouse-load"
 [ -x "$gh" ] && [ -x "$load" ] || (cd "$repo" && cargo build --release -p gatehouse-proxy -p wgsip --bins)
 tck=$(getconf CLK_TCK)
 
