@@ -127,6 +127,7 @@ fn a_journal_left_behind_is_applied_at_start() {
         expires_at: u64::MAX / 4,
         instance: None,
         identity: "vpn".into(),
+        reg_id: None,
     };
     let mut j = journal::Journal::new(journal::path_for(&path));
     j.append(&[

@@ -241,9 +241,14 @@ fn write_secret(path: &Path, text: &str) {
 }
 
 fn wait_for_line(p: &Proc, needle: &str, limit: Duration) -> bool {
+    wait_for_lines(p, needle, 1, limit)
+}
+
+/// Waits until `needle` appears at least `count` times in the process's log.
+fn wait_for_lines(p: &Proc, needle: &str, count: usize, limit: Duration) -> bool {
     let deadline = Instant::now() + limit;
     loop {
-        if p.log_text().contains(needle) {
+        if p.log_text().matches(needle).count() >= count {
             return true;
         }
         if Instant::now() > deadline {
@@ -311,21 +316,23 @@ targets = [\"sip:vpn@org.example\"]\npskmth = [\"scram\"]\nrequire_psk = true\np
 [[listen]]\ntransport = \"udp\"\naddress = \"[2001:db8:1::1]:5060\"\n[[listen]]\ntransport = \"udp\"\naddress = \"[2001:db8:2::1]:5060\"\n\
 [[listen]]\ntransport = \"tls\"\naddress = \"[2001:db8:1::1]:5061\"\n[[listen]]\ntransport = \"tls\"\naddress = \"[2001:db8:2::1]:5061\"\n\
 [tls]\ncertificate = \"cert.pem\"\nprivate_key = \"key.pem\"\n\
-[auth]\nstore = \"{}\"\nmechanisms = [\"SCRAM-SHA-256-PLUS\", \"SCRAM-SHA-256\"]\n[tunnels]\npolicy = \"policy.toml\"\ninternal_networks = [\"2001:db8:2::/64\"]\n[log]\nlevel = \"info\"\n",
+[auth]\nstore = \"{}\"\nmechanisms = [\"SCRAM-SHA-256-PLUS\", \"SCRAM-SHA-256\"]\n[tunnels]\npolicy = \"policy.toml\"\ninternal_networks = [\"2001:db8:2::/64\"]\n[registrar]\nmin_expires_s = 2\n[log]\nlevel = \"info\"\n",
             store.display()
         ),
     )
     .unwrap();
     let gw_ns = topo.ns("g");
-    let _gateway = Proc::spawn(
-        "gatehouse",
-        Command::new("ip")
-            .args(["netns", "exec", &gw_ns])
-            .arg(bin("gatehouse"))
-            .args(["run", "--config"])
-            .arg(d.join("gatehouse.toml")),
-        d,
-    );
+    let gateway = |name: &str| {
+        Proc::spawn(
+            name,
+            Command::new("ip")
+                .args(["netns", "exec", &gw_ns])
+                .arg(bin("gatehouse"))
+                .args(["run", "--config"])
+                .arg(d.join("gatehouse.toml")),
+            d,
+        )
+    };
 
     // The organisation's endpoint.
     write_secret(&d.join("vpn.password"), "vpn-secret\n");
@@ -335,7 +342,7 @@ targets = [\"sip:vpn@org.example\"]\npskmth = [\"scram\"]\nrequire_psk = true\np
         d.join("endpoint.toml"),
         format!(
             "[sip]\ngateway = \"[2001:db8:2::1]:5061\"\ntransport = \"tls\"\ntls_ca = \"ca.pem\"\ntls_server_name = \"localhost\"\n\
-bind = \"[2001:db8:2::2]:5062\"\naor = \"sip:vpn@org.example\"\nusername = \"vpn\"\n\
+bind = \"[2001:db8:2::2]:5062\"\naor = \"sip:vpn@org.example\"\nusername = \"vpn\"\nexpires = 4\n\
 password_file = \"vpn.password\"\n[wireguard]\ninterface = \"wgo{id}\"\nprivate_key_file = \"org.key\"\nlisten_port = 51821\n\
 address = \"2001:db8:2::2\"\nprefix = \"2001:db8:789:1::/64\"\ninterface_address = \"2001:db8:789:1::1/64\"\n\
 [accept]\npskmth = [\"gateway\"]\nprefixes = [\"2001:db8:456::/48\"]\n"
@@ -352,15 +359,57 @@ address = \"2001:db8:2::2\"\nprefix = \"2001:db8:789:1::/64\"\ninterface_address
             .arg(d.join("endpoint.toml")),
         d,
     );
+    // Started before the gateway, the endpoint keeps trying, and registers once it is up.
     assert!(
-        wait_for_line(
-            &endpoint,
-            "registered sip:vpn@org.example",
-            Duration::from_secs(40)
-        ),
+        wait_for_line(&endpoint, "retrying in", Duration::from_secs(20)),
         "endpoint:\n{}",
         endpoint.log_text()
     );
+    let mut first = gateway("gatehouse-first");
+    assert!(
+        wait_for_lines(
+            &endpoint,
+            "registered sip:vpn@org.example",
+            1,
+            Duration::from_secs(40)
+        ),
+        "endpoint:\n{}\ngateway:\n{}",
+        endpoint.log_text(),
+        first.log_text()
+    );
+    // It refreshes the registration before it expires (at half the granted 4 s), on the same
+    // connection.
+    assert!(
+        wait_for_lines(
+            &endpoint,
+            "registered sip:vpn@org.example",
+            3,
+            Duration::from_secs(20)
+        ),
+        "endpoint:\n{}\ngateway:\n{}",
+        endpoint.log_text(),
+        first.log_text()
+    );
+    assert!(!endpoint.log_text().contains("lost the gateway"));
+    // The gateway dies (kill -9) and comes back: the endpoint connects again and re-registers
+    // (the new gateway's registrar learns the new flow from the store and the REGISTER).
+    let _ = Command::new("kill")
+        .args(["-9", &first.pid().to_string()])
+        .status();
+    let _ = first.wait(Duration::from_secs(10));
+    let gw = gateway("gatehouse");
+    assert!(
+        wait_for_lines(
+            &endpoint,
+            "registered sip:vpn@org.example",
+            4,
+            Duration::from_secs(60)
+        ),
+        "endpoint:\n{}\ngateway:\n{}",
+        endpoint.log_text(),
+        gw.log_text()
+    );
+    assert!(endpoint.log_text().contains("lost the gateway"));
 
     let partner_ns = topo.ns("p");
     let call = |name: &str, config: &Path, extra: &[&str]| {

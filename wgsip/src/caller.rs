@@ -27,7 +27,7 @@ pub struct CallOptions {
 }
 
 pub fn run(cfg: Config, target: &str, opts: &CallOptions) -> anyhow::Result<()> {
-    let site = Site::open(&cfg)?;
+    let site = Site::open(&cfg, crate::site::Connect::Once)?;
     let (password, public, iface, ua) = (&site.password, &site.public, &site.iface, &site.ua);
 
     let call_id = format!("{}@wgsip", token());
@@ -61,7 +61,7 @@ Contact: <sip:{user}@{l}{cp}>\r\n{auth}Content-Type: application/sdp\r\nContent-
     // Over TLS this is SCRAM-SHA-256-PLUS, bound to this connection (tls-exporter).
     let client = ScramClient::new(&cfg.sip.username, password.as_bytes(), ua.channel_binding());
     let mechanism = client.mechanism().to_owned();
-    let (ok, transcript) = ua.authenticate(&build, client, true, &mut |_, _| {})?;
+    let (ok, transcript) = ua.authenticate(&build, 1, client, true, &mut |_, _| {})?;
     let status = ok.status().unwrap_or(0);
     if status != 200 {
         bail!("call refused: {status} {}", ok.reason().unwrap_or_default());

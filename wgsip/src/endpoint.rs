@@ -18,7 +18,7 @@ use ipnet::IpNet;
 
 use crate::config::Config;
 use crate::sipua::{hostport, respond, token, Ua};
-use crate::site::Site;
+use crate::site::{is_connection_error, lost, Connect, Site};
 use crate::uapi::{Interface, PeerConfig};
 use crate::{net, wgsdp};
 
@@ -33,15 +33,74 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         .accept
         .clone()
         .context("an endpoint configuration needs an [accept] table")?;
-    let site = Site::open(&cfg)?;
-    let (password, public, iface, ua) = (&site.password, &site.public, &site.iface, &site.ua);
-
+    let mut site = Site::open(&cfg, Connect::Retry)?;
     let call_id = format!("{}@wgsip", token());
+    let instance = instance_id(&site.public);
     let from_tag = token();
     let mut active: HashMap<String, Active> = HashMap::new();
     let mut reg_cseq_base = 0u32;
     let mut next_register = Instant::now();
     let tag = token();
+    while !site.stopping() {
+        match serve(
+            &site,
+            &cfg,
+            &accept,
+            &mut active,
+            &mut next_register,
+            (&call_id, &from_tag, &tag, &instance),
+            &mut reg_cseq_base,
+        ) {
+            Ok(()) => {}
+            // The gateway went away (restart, network): connect again and register at once.
+            // Peers already configured stay; their BYE arrives over the new flow.
+            Err(e) if is_connection_error(&e) && !site.stopping() => {
+                eprintln!("wgsip: lost the gateway: {e:#}");
+                site.reconnect(&cfg.sip)?;
+                next_register = Instant::now();
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    for a in active.values() {
+        let _ = site.iface.remove_peer(&a.public_key);
+    }
+    Ok(())
+}
+
+/// Registers when due and handles one request from the gateway (or waits up to 250 ms).
+fn serve(
+    site: &Site,
+    cfg: &Config,
+    accept: &crate::config::Accept,
+    active: &mut HashMap<String, Active>,
+    next_register: &mut Instant,
+    (call_id, from_tag, tag, instance): (&str, &str, &str, &str),
+    reg_cseq_base: &mut u32,
+) -> anyhow::Result<()> {
+    let (password, public, iface, ua) = (&site.password, &site.public, &site.iface, &site.ua);
+    if Instant::now() >= *next_register {
+        let expires = register(
+            ua,
+            cfg,
+            password,
+            (call_id, from_tag, instance),
+            reg_cseq_base,
+        )
+        .map_err(lost)?;
+        println!("registered {} for {expires} s", cfg.sip.aor);
+        // Refresh at half the granted time.
+        *next_register = Instant::now() + Duration::from_secs(u64::from(expires.max(2)) / 2);
+    }
+    let wait = next_register
+        .saturating_duration_since(Instant::now())
+        .min(Duration::from_millis(250));
+    let Some((msg, from)) = ua.recv(wait).map_err(lost)? else {
+        return Ok(());
+    };
+    if !msg.is_request() {
+        return Ok(());
+    }
     // Requests for the dialog come back over the same flow (the TLS connection, or UDP).
     let contact = format!(
         "Contact: <sip:{}@{}{}>\r\n",
@@ -49,53 +108,25 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         hostport(ua.local),
         ua.contact_params()
     );
-    while !site.stopping() {
-        if Instant::now() >= next_register {
-            let expires = register(ua, &cfg, password, &call_id, &from_tag, &mut reg_cseq_base)?;
-            println!("registered {} for {expires} s", cfg.sip.aor);
-            // Refresh at half the granted time.
-            next_register = Instant::now() + Duration::from_secs(u64::from(expires.max(2)) / 2);
+    let reply = match msg.method() {
+        Some(Method::Invite) => {
+            answer_invite(&msg, cfg, accept, iface, public, tag, active, &contact)
         }
-        let wait = next_register
-            .saturating_duration_since(Instant::now())
-            .min(Duration::from_millis(250));
-        let Some((msg, from)) = ua.recv(wait)? else {
-            continue;
-        };
-        if !msg.is_request() {
-            continue;
-        }
-        let reply = match msg.method() {
-            Some(Method::Invite) => answer_invite(
-                &msg,
-                &cfg,
-                &accept,
-                iface,
-                public,
-                &tag,
-                &mut active,
-                &contact,
-            ),
-            Some(Method::Bye) => {
-                if let Some(a) = active.remove(&msg.call_id().into_owned()) {
-                    iface.remove_peer(&a.public_key)?;
-                    for p in &a.prefixes {
-                        net::route_del(&iface.name, p);
-                    }
-                    println!("tunnel down: peer removed");
+        Some(Method::Bye) => {
+            if let Some(a) = active.remove(&msg.call_id().into_owned()) {
+                iface.remove_peer(&a.public_key)?;
+                for p in &a.prefixes {
+                    net::route_del(&iface.name, p);
                 }
-                respond(&msg, 200, "OK", &tag, "", "")
+                println!("tunnel down: peer removed");
             }
-            Some(Method::Ack) => continue,
-            Some(Method::Options) => respond(&msg, 200, "OK", &tag, "", ""),
-            _ => respond(&msg, 501, "Not Implemented", &tag, "", ""),
-        };
-        ua.send(&reply, reply_target(&msg, from))?;
-    }
-    for a in active.values() {
-        let _ = iface.remove_peer(&a.public_key);
-    }
-    Ok(())
+            respond(&msg, 200, "OK", tag, "", "")
+        }
+        Some(Method::Ack) => return Ok(()),
+        Some(Method::Options) => respond(&msg, 200, "OK", tag, "", ""),
+        _ => respond(&msg, 501, "Not Implemented", tag, "", ""),
+    };
+    ua.send(&reply, reply_target(&msg, from)).map_err(lost)
 }
 
 /// Responses go to the source of the request (the gateway).
@@ -103,16 +134,35 @@ fn reply_target(_msg: &Message, from: SocketAddr) -> SocketAddr {
     from
 }
 
+/// The endpoint's RFC 5627 instance ID, derived from its WireGuard public key: the same
+/// device across reconnections and restarts, so that the registrar replaces the binding of
+/// a dead flow instead of keeping it beside the new one (RFC 5626 section 6).
+fn instance_id(public: &[u8; 32]) -> String {
+    use sha2::{Digest, Sha256};
+    let h = Sha256::digest(public);
+    let hex: String = h[..16].iter().map(|b| format!("{b:02x}")).collect();
+    format!(
+        "<urn:uuid:{}-{}-{}-{}-{}>",
+        &hex[..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..]
+    )
+}
+
 fn register(
     ua: &Ua,
     cfg: &Config,
     password: &str,
-    call_id: &str,
-    from_tag: &str,
+    (call_id, from_tag, instance): (&str, &str, &str),
     cseq_base: &mut u32,
 ) -> anyhow::Result<u32> {
     let domain = cfg.sip.aor.rsplit('@').next().unwrap_or("").to_owned();
+    // Each attempt takes three CSeq numbers, used or not: a retried registration must not
+    // repeat a number the registrar may have seen.
     let base = *cseq_base;
+    *cseq_base += 3;
     let build = |cseq: u32, auth: Option<&SaslParams>| {
         let auth = auth
             .map(|p| format!("Authorization: {}\r\n", p.emit()))
@@ -120,21 +170,20 @@ fn register(
         format!(
             "REGISTER sip:{domain} SIP/2.0\r\nVia: SIP/2.0/{t} {l};branch=z9hG4bK{b};rport\r\nMax-Forwards: 70\r\n\
 From: <{aor}>;tag={from_tag}\r\nTo: <{aor}>\r\nCall-ID: {call_id}\r\nCSeq: {c} REGISTER\r\n\
-Contact: <sip:{user}@{l}{cp}>\r\nExpires: {e}\r\n{auth}Content-Length: 0\r\n\r\n",
+Contact: <sip:{user}@{l}{cp}>;+sip.instance=\"{instance}\";reg-id=1\r\nExpires: {e}\r\n{auth}Content-Length: 0\r\n\r\n",
             l = hostport(ua.local),
             t = ua.transport(),
             cp = ua.contact_params(),
             b = token(),
             aor = cfg.sip.aor,
-            c = base + cseq,
+            c = cseq,
             user = cfg.sip.username,
             e = cfg.sip.expires,
         )
     };
     // Over TLS this is SCRAM-SHA-256-PLUS, bound to this connection (tls-exporter).
     let client = ScramClient::new(&cfg.sip.username, password.as_bytes(), ua.channel_binding());
-    let (r, transcript) = ua.authenticate(&build, client, false, &mut |_, _| {})?;
-    *cseq_base += 3;
+    let (r, transcript) = ua.authenticate(&build, base + 1, client, false, &mut |_, _| {})?;
     if r.status() != Some(200) || transcript.is_none() {
         anyhow::bail!(
             "registration refused: {} {}",

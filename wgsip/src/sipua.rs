@@ -175,7 +175,13 @@ impl Ua {
                 }
                 stream.sock.set_read_timeout(Some(left))?;
                 match stream.read(&mut buf) {
-                    Ok(0) => anyhow::bail!("the gateway closed the TLS connection"),
+                    Ok(0) => {
+                        return Err(std::io::Error::new(
+                            std::io::ErrorKind::UnexpectedEof,
+                            "the gateway closed the TLS connection",
+                        )
+                        .into())
+                    }
                     Ok(n) => framer.buffer().extend_from_slice(&buf[..n]),
                     Err(e)
                         if matches!(
@@ -240,16 +246,27 @@ impl Ua {
         loop {
             let now = Instant::now();
             if now >= deadline {
-                bail!("no final response from the gateway");
+                // An I/O error: the gateway is gone, and connecting again is the cure.
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "no final response from the gateway",
+                )
+                .into());
             }
-            if now >= next && self.transport() == "UDP" {
-                self.send(request, self.gateway)?;
-                interval = (interval * 2).min(Duration::from_secs(4));
-                next = now + interval;
+            if now >= next {
+                if self.transport() == "UDP" {
+                    self.send(request, self.gateway)?;
+                    interval = (interval * 2).min(Duration::from_secs(4));
+                    next = now + interval;
+                } else {
+                    // A reliable transport retransmits for us: just wait (Timer B/F).
+                    next = deadline;
+                }
             }
             let Some((m, from)) = self.recv(next.saturating_duration_since(now))? else {
                 continue;
             };
+
             match m.status() {
                 Some(s) if m.cseq().seq == cseq && s >= 200 => return Ok(m),
                 Some(_) if m.cseq().seq == cseq => next = deadline, // provisional: stop retransmitting
@@ -258,11 +275,14 @@ impl Ua {
         }
     }
 
-    /// Runs the SASL rounds: `build(cseq, credentials)` makes each request. Returns the final
-    /// response and, after a success, the transcript of the verified exchange.
+    /// Runs the SASL rounds: `build(cseq, credentials)` makes each request, numbered from
+    /// `first_cseq` (each round is a new request of the same dialog or registration, so the
+    /// CSeq grows by one per round). Returns the final response and, after a success, the
+    /// transcript of the verified exchange.
     pub fn authenticate(
         &self,
         build: &dyn Fn(u32, Option<&SaslParams>) -> String,
+        first_cseq: u32,
         mut client: ScramClient,
         proxy: bool,
         on_other: &mut dyn FnMut(&Message, SocketAddr),
@@ -273,7 +293,7 @@ impl Ua {
             ("WWW-Authenticate", "Authentication-Info")
         };
         let challenge_status = if proxy { 407 } else { 401 };
-        let mut cseq = 1;
+        let mut cseq = first_cseq;
         let mut r = self.transact(&build(cseq, None), cseq, on_other)?;
         if r.status() != Some(challenge_status) {
             return Ok((r, None));

@@ -4,10 +4,11 @@
 use std::process::Child;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use zeroize::Zeroizing;
 
-use crate::config::{load_or_create_key, public_key, read_secret, Config};
+use crate::config::{self, load_or_create_key, public_key, read_secret, Config};
 use crate::net;
 use crate::sipua::Ua;
 use crate::uapi::Interface;
@@ -30,8 +31,24 @@ impl std::fmt::Debug for Site {
     }
 }
 
+/// What to do when the gateway cannot be reached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Connect {
+    /// Fail at once (`wgsip call`: the operator is waiting for an answer).
+    Once,
+    /// Try again with a growing pause (0.5 s doubling to 10 s) until connected or stopped
+    /// (`wgsip endpoint`: a service that may start before the gateway, or outlive its restart).
+    Retry,
+}
+
+/// Longest pause between two connection attempts.
+const RETRY_MAX: Duration = Duration::from_secs(10);
+
 impl Site {
-    pub fn open(cfg: &Config) -> anyhow::Result<Site> {
+    pub fn open(cfg: &Config, connect: Connect) -> anyhow::Result<Site> {
+        let stop = Arc::new(AtomicBool::new(false));
+        signal_hook::flag::register(signal_hook::consts::SIGTERM, Arc::clone(&stop))?;
+        signal_hook::flag::register(signal_hook::consts::SIGINT, Arc::clone(&stop))?;
         let password = read_secret(&cfg.sip.password_file)?;
         let private = load_or_create_key(&cfg.wireguard.private_key_file)?;
         let iface = Interface::new(&cfg.wireguard.interface);
@@ -42,10 +59,10 @@ impl Site {
         };
         iface.set(Some(&private), Some(cfg.wireguard.listen_port), None)?;
         net::interface_up(&iface.name, cfg.wireguard.interface_address)?;
-        let ua = Ua::open(&cfg.sip)?;
-        let stop = Arc::new(AtomicBool::new(false));
-        signal_hook::flag::register(signal_hook::consts::SIGTERM, Arc::clone(&stop))?;
-        signal_hook::flag::register(signal_hook::consts::SIGINT, Arc::clone(&stop))?;
+        let ua = match connect {
+            Connect::Once => Ua::open(&cfg.sip)?,
+            Connect::Retry => connect_retrying(&cfg.sip, &stop)?,
+        };
         Ok(Site {
             password,
             public: public_key(&private),
@@ -56,10 +73,60 @@ impl Site {
         })
     }
 
+    /// Replaces a broken connection to the gateway, retrying as [`Connect::Retry`] does.
+    pub fn reconnect(&mut self, sip: &config::Sip) -> anyhow::Result<()> {
+        self.ua = connect_retrying(sip, &self.stop)?;
+        Ok(())
+    }
+
     /// True once SIGINT or SIGTERM arrived.
     pub fn stopping(&self) -> bool {
         self.stop.load(Ordering::Relaxed)
     }
+}
+
+/// Connects to the gateway, pausing 0.5 s, 1 s, 2 s ... (at most [`RETRY_MAX`]) between
+/// attempts; each failure is reported on standard error. Ends with an error when stopped.
+fn connect_retrying(sip: &config::Sip, stop: &AtomicBool) -> anyhow::Result<Ua> {
+    let mut pause = Duration::from_millis(500);
+    loop {
+        match Ua::open(sip) {
+            Ok(ua) => return Ok(ua),
+            Err(e) => eprintln!("wgsip: {e:#}; retrying in {:.1} s", pause.as_secs_f64()),
+        }
+        // Wake every 100 ms so SIGTERM is honoured during a long pause.
+        let until = Instant::now() + pause;
+        while Instant::now() < until {
+            if stop.load(Ordering::Relaxed) {
+                anyhow::bail!("stopped before the gateway could be reached");
+            }
+            std::thread::sleep(Duration::from_millis(100).min(until - Instant::now()));
+        }
+        pause = (pause * 2).min(RETRY_MAX);
+    }
+}
+
+/// Marks an error of the SIP connection to the gateway (see [`lost`]).
+#[derive(Debug, thiserror::Error)]
+#[error("the connection to the gateway failed")]
+pub struct GatewayLost;
+
+/// Marks `e`, an error of a SIP exchange with the gateway, as a lost connection when it came
+/// from the socket or TLS (refused, reset, closed, silent), so connecting again may cure it;
+/// anything else (a refusal by the gateway) stays final.
+pub fn lost(e: anyhow::Error) -> anyhow::Error {
+    if e.chain()
+        .any(|c| c.is::<std::io::Error>() || c.is::<rustls::Error>())
+    {
+        e.context(GatewayLost)
+    } else {
+        e
+    }
+}
+
+/// True for an error marked by [`lost`].
+pub fn is_connection_error(e: &anyhow::Error) -> bool {
+    e.is::<GatewayLost>()
 }
 
 impl Drop for Site {

@@ -506,6 +506,7 @@ impl Proxy {
     /// entries (bounded work per call), and memory given back after a flood.
     pub fn maintain(&mut self, now: Instant) {
         self.sasl.expire(now);
+        self.expire_bindings(now, 4096);
         self.lockout.sweep(now, 4096);
         self.ratelimit.sweep(now, 4096);
         self.banned_sources = self.ratelimit.banned(now);

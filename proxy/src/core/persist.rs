@@ -25,6 +25,9 @@ pub struct BindingRecord {
     pub expires_at: u64,
     pub instance: Option<String>,
     pub identity: String,
+    /// RFC 5626 reg-id (absent in journals written before it existed).
+    #[serde(default)]
+    pub reg_id: Option<u32>,
 }
 
 /// Users by name, as the SASL server looks them up (`CredentialSource`).

@@ -3,7 +3,7 @@
 //! the flow the REGISTER came on, with expiry, persisted in the store so that they survive a
 //! restart (RFC 3261 section 10.3, with the flow kept as RFC 5626 would).
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -23,7 +23,10 @@ pub struct Binding {
     /// Where the REGISTER came from: requests for the AOR go there (NAT-safe).
     pub remote: SocketAddr,
     pub expires: Instant,
+    /// RFC 5627 `+sip.instance` of the Contact: the same device across reconnections.
     pub instance: Option<String>,
+    /// RFC 5626 `reg-id`: which of the instance's flows this is.
+    pub reg_id: Option<u32>,
 }
 
 impl Binding {
@@ -36,51 +39,100 @@ impl Binding {
     }
 }
 
-/// Live bindings by AOR key (`sip:user@host`).
+/// Live bindings by AOR key (`sip:user@host`), with an expiry index so that expired bindings
+/// leave in order (bounded work per tick) and a running count: no operation scans the table.
 #[derive(Debug, Default)]
 pub struct Bindings {
     by_aor: HashMap<String, Vec<Binding>>,
+    /// (expiry, AOR, contact) of every binding, earliest first.
+    expiry: BTreeSet<(Instant, String, String)>,
+    total: usize,
+}
+
+/// What [`Bindings::upsert`] did.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Upsert {
+    /// Stored; these older contacts of the same instance (RFC 5627 `+sip.instance`, with the
+    /// same RFC 5626 `reg-id`) were replaced by it and must be removed from the store too.
+    Stored { replaced: Vec<String> },
+    /// The AOR already has `max` bindings: nothing changed.
+    Full,
 }
 
 impl Bindings {
     /// Live bindings of an AOR, most recently refreshed first.
-    pub fn live(&mut self, aor: &str, now: Instant) -> Vec<Binding> {
-        let Some(list) = self.by_aor.get_mut(aor) else {
-            return Vec::new();
-        };
-        list.retain(|b| b.expires > now);
-        let out = list.clone();
-        if list.is_empty() {
-            self.by_aor.remove(aor);
-        }
-        out
+    pub fn live(&self, aor: &str, now: Instant) -> Vec<Binding> {
+        self.by_aor.get(aor).map_or_else(Vec::new, |list| {
+            list.iter().filter(|b| b.expires > now).cloned().collect()
+        })
     }
 
+    /// Bindings held (live, or expired and not yet swept).
     pub fn count(&self) -> usize {
-        self.by_aor.values().map(Vec::len).sum()
+        self.total
     }
 
-    fn upsert(&mut self, aor: &str, b: Binding, max: usize) -> bool {
+    /// Adds or refreshes a binding. A binding with the contact of an existing one refreshes
+    /// it; one that names an instance (and reg-id) already bound from another contact replaces
+    /// that binding — the endpoint reconnected, its old flow is dead (RFC 5626 section 6).
+    pub fn upsert(&mut self, aor: &str, b: Binding, max: usize) -> Upsert {
         let list = self.by_aor.entry(aor.to_owned()).or_default();
+        let same_instance =
+            |x: &Binding| b.instance.is_some() && x.instance == b.instance && x.reg_id == b.reg_id;
+        let replaced: Vec<Binding> = if b.instance.is_some() {
+            let (gone, kept) = std::mem::take(list)
+                .into_iter()
+                .partition(|x| x.contact != b.contact && same_instance(x));
+            *list = kept;
+            gone
+        } else {
+            Vec::new()
+        };
+        for g in &replaced {
+            self.expiry
+                .remove(&(g.expires, aor.to_owned(), g.contact.clone()));
+        }
+        self.total -= replaced.len();
         if let Some(existing) = list.iter_mut().find(|x| x.contact == b.contact) {
+            self.expiry
+                .remove(&(existing.expires, aor.to_owned(), existing.contact.clone()));
+            self.expiry
+                .insert((b.expires, aor.to_owned(), b.contact.clone()));
             *existing = b;
         } else {
             if list.len() >= max {
-                return false;
+                // Nothing replaced can be lost here: a replaced binding freed its place.
+                return Upsert::Full;
             }
+            self.expiry
+                .insert((b.expires, aor.to_owned(), b.contact.clone()));
             list.push(b);
+            self.total += 1;
         }
         list.sort_by_key(|b| std::cmp::Reverse(b.expires));
+        Upsert::Stored {
+            replaced: replaced.into_iter().map(|g| g.contact).collect(),
+        }
+    }
+
+    /// Removes one binding; true when it existed.
+    pub fn remove(&mut self, aor: &str, contact: &str) -> bool {
+        let Some(list) = self.by_aor.get_mut(aor) else {
+            return false;
+        };
+        let Some(i) = list.iter().position(|b| b.contact == contact) else {
+            return false;
+        };
+        let b = list.remove(i);
+        if list.is_empty() {
+            self.by_aor.remove(aor);
+        }
+        self.expiry.remove(&(b.expires, aor.to_owned(), b.contact));
+        self.total -= 1;
         true
     }
 
-    fn remove(&mut self, aor: &str, contact: &str) {
-        if let Some(list) = self.by_aor.get_mut(aor) {
-            list.retain(|b| b.contact != contact);
-        }
-    }
-
-    /// Every live binding with its AOR.
+    /// Every live binding with its AOR (admin listing).
     pub fn all(&self, now: Instant) -> Vec<(String, Binding)> {
         let mut v: Vec<(String, Binding)> = self
             .by_aor
@@ -95,8 +147,32 @@ impl Bindings {
         v
     }
 
-    fn clear(&mut self, aor: &str) -> Vec<Binding> {
-        self.by_aor.remove(aor).unwrap_or_default()
+    /// Removes every binding of an AOR, returning them.
+    pub fn clear(&mut self, aor: &str) -> Vec<Binding> {
+        let gone = self.by_aor.remove(aor).unwrap_or_default();
+        for b in &gone {
+            self.expiry
+                .remove(&(b.expires, aor.to_owned(), b.contact.clone()));
+        }
+        self.total -= gone.len();
+        gone
+    }
+
+    /// Removes at most `limit` bindings expired at `now`, earliest first; returns their
+    /// (AOR, contact) so that the store forgets them too.
+    pub fn sweep(&mut self, now: Instant, limit: usize) -> Vec<(String, String)> {
+        let mut gone = Vec::new();
+        while gone.len() < limit {
+            let Some((at, aor, contact)) = self.expiry.first().cloned() else {
+                break;
+            };
+            if at > now {
+                break;
+            }
+            self.remove(&aor, &contact);
+            gone.push((aor, contact));
+        }
+        gone
     }
 }
 
@@ -149,9 +225,12 @@ impl Proxy {
                 remote,
                 expires: self.clock.instant(r.expires_at),
                 instance: r.instance,
+                reg_id: r.reg_id,
             };
             let max = self.cfg.registrar.max_bindings_per_aor;
-            self.bindings.upsert(&r.aor, b, max);
+            // The store holds what this registrar accepted: over the limit only when the
+            // limit was lowered since, and then the surplus is simply not loaded.
+            let _ = self.bindings.upsert(&r.aor, b, max);
         }
         tracing::info!(
             bindings = self.bindings.count(),
@@ -229,14 +308,28 @@ impl Proxy {
                 instance: na
                     .param("+sip.instance")
                     .map(|s| s.trim_matches('"').to_owned()),
+                reg_id: na
+                    .param("reg-id")
+                    .map(|r| r.parse::<u32>().map_err(|_| bad_contact()))
+                    .transpose()?,
             };
-            if !self
+            match self
                 .bindings
                 .upsert(&aor, binding.clone(), reg.max_bindings_per_aor)
             {
-                return Err(Reject::Forbidden(
-                    "Forbidden (too many bindings for this AOR)",
-                ));
+                Upsert::Full => {
+                    return Err(Reject::Forbidden(
+                        "Forbidden (too many bindings for this AOR)",
+                    ))
+                }
+                Upsert::Stored { replaced } => {
+                    for contact in replaced {
+                        self.writes.push(StoreWrite::RemoveBinding {
+                            aor: aor.clone(),
+                            contact,
+                        });
+                    }
+                }
             }
             let record = BindingRecord {
                 aor: aor.clone(),
@@ -246,6 +339,7 @@ impl Proxy {
                 expires_at: self.clock.unix(binding.expires),
                 instance: binding.instance.clone(),
                 identity: auth.identity().to_owned(),
+                reg_id: binding.reg_id,
             };
             self.writes.push(StoreWrite::SaveBinding(record));
         }
@@ -288,11 +382,109 @@ impl Proxy {
         n
     }
 
+    /// Forgets bindings that expired (at most `limit` per call), in the store too.
+    pub(super) fn expire_bindings(&mut self, now: Instant, limit: usize) {
+        for (aor, contact) in self.bindings.sweep(now, limit) {
+            self.writes.push(StoreWrite::RemoveBinding { aor, contact });
+        }
+    }
+
     /// Live bindings for a Request-URI's AOR.
-    pub(super) fn bindings_for(&mut self, ruri: &str, now: Instant) -> Vec<Binding> {
+    pub(super) fn bindings_for(&self, ruri: &str, now: Instant) -> Vec<Binding> {
         match aor_key(ruri) {
             Some(aor) => self.bindings.live(&aor, now),
             None => Vec::new(),
         }
+    }
+}
+
+// Tests start their clock somewhere real; the code under test only takes `now` as input.
+#[allow(clippy::disallowed_methods)]
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn binding(contact: &str, at: Instant, instance: Option<&str>, reg_id: Option<u32>) -> Binding {
+        Binding {
+            contact: contact.into(),
+            transport: Transport::Udp,
+            remote: "192.0.2.1:5060".parse().unwrap(),
+            expires: at,
+            instance: instance.map(str::to_owned),
+            reg_id,
+        }
+    }
+
+    #[test]
+    fn count_limit_refresh_and_sweep_order() {
+        let t0 = Instant::now();
+        let s = Duration::from_secs;
+        let mut b = Bindings::default();
+        assert_eq!(
+            b.upsert("sip:a@x", binding("sip:1", t0 + s(30), None, None), 2),
+            Upsert::Stored { replaced: vec![] }
+        );
+        b.upsert("sip:a@x", binding("sip:2", t0 + s(10), None, None), 2);
+        assert_eq!(
+            b.upsert("sip:a@x", binding("sip:3", t0 + s(10), None, None), 2),
+            Upsert::Full
+        );
+        b.upsert("sip:b@x", binding("sip:4", t0 + s(20), None, None), 2);
+        assert_eq!(b.count(), 3);
+        // A refresh moves the binding in the expiry order; no duplicate is counted.
+        b.upsert("sip:a@x", binding("sip:2", t0 + s(40), None, None), 2);
+        assert_eq!(b.count(), 3);
+        assert_eq!(
+            b.live("sip:a@x", t0)[0].contact,
+            "sip:2",
+            "most recent first"
+        );
+        // Sweeping is bounded and goes earliest first.
+        assert_eq!(
+            b.sweep(t0 + s(35), 1),
+            vec![("sip:b@x".into(), "sip:4".into())]
+        );
+        assert_eq!(
+            b.sweep(t0 + s(35), 10),
+            vec![("sip:a@x".into(), "sip:1".into())]
+        );
+        assert_eq!(b.count(), 1);
+        assert!(b.sweep(t0 + s(35), 10).is_empty());
+        assert!(b.remove("sip:a@x", "sip:2"));
+        assert!(!b.remove("sip:a@x", "sip:2"));
+        assert_eq!((b.count(), b.expiry.len(), b.by_aor.len()), (0, 0, 0));
+    }
+
+    #[test]
+    fn an_instance_replaces_its_old_flow_but_not_another_reg_id() {
+        let t0 = Instant::now() + Duration::from_secs(60);
+        let mut b = Bindings::default();
+        let i = Some("<urn:uuid:1>");
+        b.upsert("sip:a@x", binding("sip:old", t0, i, Some(1)), 5);
+        b.upsert("sip:a@x", binding("sip:other", t0, i, Some(2)), 5);
+        b.upsert("sip:a@x", binding("sip:plain", t0, None, None), 5);
+        assert_eq!(
+            b.upsert("sip:a@x", binding("sip:new", t0, i, Some(1)), 5),
+            Upsert::Stored {
+                replaced: vec!["sip:old".into()]
+            }
+        );
+        let mut left: Vec<String> = b
+            .live("sip:a@x", Instant::now())
+            .into_iter()
+            .map(|x| x.contact)
+            .collect();
+        left.sort();
+        assert_eq!(left, ["sip:new", "sip:other", "sip:plain"]);
+        assert_eq!((b.count(), b.expiry.len()), (3, 3));
+        // A full AOR still takes the replacement of one of its own instances.
+        assert_eq!(
+            b.upsert("sip:a@x", binding("sip:newer", t0, i, Some(1)), 3),
+            Upsert::Stored {
+                replaced: vec!["sip:new".into()]
+            }
+        );
+        assert_eq!(b.clear("sip:a@x").len(), 3);
+        assert_eq!((b.count(), b.expiry.len()), (0, 0));
     }
 }

@@ -1264,6 +1264,51 @@ CSeq: {cseq} REGISTER\r\nContact: {contact}\r\nExpires: 600\r\nContent-Length: 0
         assert_eq!(h.proxy.registrations(), 0);
     }
 
+    #[test]
+    fn a_reconnected_instance_replaces_its_binding() {
+        let mut h = harness();
+        let stored = |h: &mut Harness| -> Vec<String> {
+            let store = h.store.as_mut().unwrap();
+            let mut v: Vec<String> = store
+                .live_bindings(0)
+                .unwrap()
+                .into_iter()
+                .map(|b| b.contact)
+                .collect();
+            v.sort();
+            v
+        };
+        let instance = "+sip.instance=\"<urn:uuid:00000000-0000-0000-0000-0000000000a1>\";reg-id=1";
+        let contact = |port: u16, instance: &str| {
+            format!("<sip:vpn@198.51.100.30:{port};transport=tls>;{instance}")
+        };
+        let out = do_register(&mut h, "vpn", b"vpn-secret", &contact(40001, instance));
+        assert_eq!(out[0].status(), Some(200));
+        // The endpoint lost its connection and registers from a new flow (new port).
+        let out = do_register(&mut h, "vpn", b"vpn-secret", &contact(40002, instance));
+        assert_eq!(out[0].status(), Some(200));
+        assert_eq!(
+            h.proxy.registrations(),
+            1,
+            "the dead flow's binding is gone"
+        );
+        assert!(!out[0].text.contains(":40001"), "{}", out[0].text);
+        assert_eq!(
+            stored(&mut h),
+            ["sip:vpn@198.51.100.30:40002;transport=tls"]
+        );
+        // Another reg-id of the same instance is another flow: both stay.
+        let other = instance.replace("reg-id=1", "reg-id=2");
+        do_register(&mut h, "vpn", b"vpn-secret", &contact(40003, &other));
+        assert_eq!(h.proxy.registrations(), 2);
+        // Expired bindings are swept (and leave the store) without anyone looking them up.
+        h.now += Duration::from_secs(601);
+        h.proxy.maintain(h.now);
+        h.drain();
+        assert_eq!(h.proxy.registrations(), 0);
+        assert!(stored(&mut h).is_empty());
+    }
+
     // ===== tunnels (wireguard-sdp.md) =====
 
     const OFFER: &str = "v=0\r\no=- 4124031101 285260646 IN IP6 2001:db8:666::666\r\ns=-\r\nc=IN IP6 2001:db8:666::666\r\nt=0 0\r\n\

@@ -112,6 +112,8 @@ const MIGRATIONS: &[&str] = &[
         BEGIN UPDATE generations SET value = value + 1 WHERE name = 'users'; END;
     CREATE TRIGGER user_aors_delete AFTER DELETE ON user_aors
         BEGIN UPDATE generations SET value = value + 1 WHERE name = 'users'; END;",
+    // 6: RFC 5626 reg-id of a binding: with the instance, which flow of a device it is.
+    "ALTER TABLE bindings ADD COLUMN reg_id INTEGER;",
 ];
 
 pub mod journal;
@@ -534,7 +536,7 @@ impl Store {
         )?;
         let mut stmt = self
             .conn
-            .prepare("SELECT aor, contact, transport, remote, expires_at, instance, identity FROM bindings ORDER BY aor")?;
+            .prepare("SELECT aor, contact, transport, remote, expires_at, instance, identity, reg_id FROM bindings ORDER BY aor")?;
         let rows = stmt
             .query_map([], |r| {
                 Ok(BindingRecord {
@@ -545,6 +547,7 @@ impl Store {
                     expires_at: r.get::<_, i64>(4)? as u64,
                     instance: r.get(5)?,
                     identity: r.get(6)?,
+                    reg_id: r.get(7)?,
                 })
             })?
             .collect::<Result<_, _>>()?;
@@ -554,8 +557,8 @@ impl Store {
 
 fn save_binding(conn: &Connection, b: &BindingRecord) -> Result<(), StoreError> {
     conn.prepare_cached(
-        "INSERT OR REPLACE INTO bindings (aor, contact, transport, remote, expires_at, instance, identity)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        "INSERT OR REPLACE INTO bindings (aor, contact, transport, remote, expires_at, instance, identity, reg_id)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
     )?
     .execute(params![
         b.aor,
@@ -564,7 +567,8 @@ fn save_binding(conn: &Connection, b: &BindingRecord) -> Result<(), StoreError> 
         b.remote,
         b.expires_at as i64,
         b.instance,
-        b.identity
+        b.identity,
+        b.reg_id
     ])?;
     Ok(())
 }
@@ -832,6 +836,7 @@ mod tests {
             expires_at: 1000,
             instance: None,
             identity: "vpn".into(),
+            reg_id: None,
         };
         s.save_binding(&b).unwrap();
         assert_eq!(s.live_bindings(999).unwrap(), vec![b]);
