@@ -17,5 +17,5 @@ pub use header::{HeaderError, SaslParams};
 pub use secret::Secret;
 pub use server::{
     AuthError, Authenticated, Credential, CredentialSource, Exchange, Failure, Mechanism, Outcome,
-    SaslServer, ServerSettings, Subscriber, TlsInfo,
+    SaslServer, ServerSettings, ServerStats, Subscriber, TlsInfo,
 };

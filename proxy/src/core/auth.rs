@@ -1,13 +1,20 @@
-//! The authenticate stage: SASL in SIP (sip-sasl.md). Runs the exchange for the
-//! credentials header of the gateway's realm, answers challenges (407 or 401), and
-//! locks out guessers ([`super::lockout`]: per user and source, never a user everywhere).
+//! The authenticate stage: SASL in SIP (sip-sasl.md). [`SaslGate`] owns everything it
+//! needs — the SASL server (exchanges parked between rounds), the credential snapshot, the
+//! TLS facts of each connection (channel binding) and the [`super::lockout`] table — runs the
+//! exchange for the credentials header of the gateway's realm, answers challenges (407 or
+//! 401), and locks out guessers (per user and source, never a user everywhere).
 
+use std::collections::HashMap;
 use std::time::Instant;
 
-use gatehouse_auth::{AuthError, Authenticated, Exchange, Failure, Outcome, SaslParams};
+use gatehouse_auth::{
+    AuthError, Authenticated, Exchange, Failure, Outcome, SaslParams, SaslServer, TlsInfo,
+};
 
-use super::{Proxy, Reject};
-use crate::flow::Flow;
+use super::lockout::Lockout;
+use super::persist::Credentials;
+use super::{AuthStats, Reject};
+use crate::flow::{ConnId, Flow};
 use crate::sip::{HeaderName, Message, NameAddr};
 
 /// Which flow of the profile: proxy challenge (INVITE etc.) or registrar challenge.
@@ -67,18 +74,94 @@ pub fn may_present(auth: &Authenticated, aor: &str) -> bool {
         .any(|a| a.replacen("sips:", "sip:", 1) == plain)
 }
 
-impl Proxy {
+/// The authentication owner of the core (see the module documentation).
+#[derive(Debug)]
+pub struct SaslGate {
+    server: SaslServer,
+    credentials: Credentials,
+    lockout: Lockout,
+    tls: HashMap<ConnId, TlsInfo>,
+    stats: AuthStats,
+}
+
+impl SaslGate {
+    pub fn new(server: SaslServer, credentials: Credentials, lockout: Lockout) -> Self {
+        SaslGate {
+            server,
+            credentials,
+            lockout,
+            tls: HashMap::new(),
+            stats: AuthStats::default(),
+        }
+    }
+
+    /// The realm this gateway authenticates in.
+    pub fn realm(&self) -> &str {
+        self.server.realm()
+    }
+
+    /// Replaces the credential snapshot (users changed in the store).
+    pub fn set_credentials(&mut self, credentials: Credentials) {
+        self.credentials = credentials;
+    }
+
+    /// Users in the credential snapshot.
+    pub fn users(&self) -> usize {
+        self.credentials.len()
+    }
+
+    /// The TLS facts of a new connection (channel binding, client identity).
+    pub fn connection_tls(&mut self, conn: ConnId, info: TlsInfo) {
+        self.tls.insert(conn, info);
+    }
+
+    /// A connection closed: its channel binding is gone.
+    pub fn connection_closed(&mut self, conn: ConnId) {
+        self.tls.remove(&conn);
+    }
+
+    /// Exchanges parked between rounds.
+    pub fn pending(&self) -> usize {
+        self.server.pending()
+    }
+
+    /// The SASL server's own counters (outcomes, evictions, contained panics).
+    pub fn server_stats(&self) -> &gatehouse_auth::ServerStats {
+        &self.server.stats
+    }
+
+    /// Challenges, refusals of locked requests, locks set.
+    pub fn stats(&self) -> AuthStats {
+        AuthStats {
+            lockouts: self.lockout.lockouts,
+            ..self.stats
+        }
+    }
+
+    /// Counts a challenge sent by the proxy flow.
+    pub fn count_challenge(&mut self) {
+        self.stats.challenges += 1;
+    }
+
+    /// Expires parked exchanges and sweeps at most `limit` lockout entries.
+    pub fn maintain(&mut self, now: Instant, limit: usize) {
+        self.server.expire(now);
+        self.lockout.sweep(now, limit);
+    }
+
     /// Runs one round of the SASL exchange carried by `msg`. On success the own-realm
     /// credentials header is removed from `msg` and the `*-Authentication-Info` value
-    /// is returned with the proof.
-    pub(super) fn sasl_round(
+    /// is returned with the proof. `inside` says the request is a REGISTER from an internal
+    /// address (a user-wide lock spares it).
+    pub fn round(
         &mut self,
         msg: &mut Message,
         flow: &Flow,
         challenger: Challenger,
+        inside: bool,
         now: Instant,
     ) -> Result<(Authenticated, String), Reject> {
-        let realm = self.sasl.realm().to_owned();
+        let realm = self.server.realm().to_owned();
         let mut found: Option<(usize, SaslParams)> = None;
         let fields: Vec<usize> = msg
             .fields(challenger.credentials_header())
@@ -103,24 +186,24 @@ impl Proxy {
         let source = flow.remote.ip();
         let tls = flow.conn.and_then(|c| self.tls.get(&c)).cloned();
         if self.lockout.source_locked(source, now).is_some() {
-            self.auth_stats.locked_out += 1;
+            self.stats.locked_out += 1;
             return Err(Reject::AuthFailed);
         }
         let Some((idx, params)) = found else {
             return Err(Reject::Challenge {
                 challenger,
-                value: self.sasl.challenge(tls.as_ref()).emit(),
+                value: self.server.challenge(tls.as_ref()).emit(),
             });
         };
-        let username = self.sasl.claimed_username(&params);
+        let username = self.server.claimed_username(&params);
         if let Some(u) = &username {
-            let inside_registration = challenger == Challenger::Registrar && self.is_inside(source);
+            let inside_registration = challenger == Challenger::Registrar && inside;
             if self
                 .lockout
                 .user_locked(u, source, inside_registration, now)
                 .is_some()
             {
-                self.auth_stats.locked_out += 1;
+                self.stats.locked_out += 1;
                 return Err(Reject::AuthFailed);
             }
         }
@@ -132,7 +215,7 @@ impl Proxy {
             source,
             tls: tls.as_ref(),
         };
-        match self.sasl.step(&params, &ex, &self.credentials, now) {
+        match self.server.step(&params, &ex, &self.credentials, now) {
             Ok(Outcome::Challenge(p)) => Err(Reject::Challenge {
                 challenger,
                 value: p.emit(),
@@ -153,7 +236,6 @@ impl Proxy {
                 if !matches!(f, Failure::Expired | Failure::UnknownHandle) {
                     self.lockout.failure(username.as_deref(), source, now);
                 }
-                self.auth_stats.lockouts = self.lockout.lockouts;
                 Err(Reject::AuthFailed)
             }
         }

@@ -142,7 +142,7 @@ impl Proxy {
             AdmissionBasis::Sasl(auth) => (
                 Caller::Authenticated {
                     aor: &from,
-                    realm: self.sasl.realm(),
+                    realm: self.gate.realm(),
                     mechanism: auth.mechanism().name(),
                 },
                 auth.identity().to_owned(),

@@ -226,14 +226,12 @@ pub struct Proxy {
     /// Tags and salts (seeded from `CoreConfig::seed`).
     rng: rand::rngs::StdRng,
     draining: bool,
-    sasl: SaslServer,
-    /// Users as the SASL server sees them (a snapshot the storage worker refreshes).
-    credentials: persist::Credentials,
+    /// The authenticate stage's owner: SASL server, credential snapshot, TLS facts, lockout.
+    gate: auth::SaslGate,
     /// Changes to persistent state not yet taken by the driver (`take_writes`).
     writes: Vec<persist::StoreWrite>,
-    bindings: registrar::Bindings,
-    tls: HashMap<ConnId, TlsInfo>,
-    lockout: lockout::Lockout,
+    /// The registrar owner: bindings and the rules that change them.
+    registrar: registrar::Registrar,
     ratelimit: ratelimit::RateLimit,
     /// Bans in force at the last [`Proxy::maintain`] (metrics).
     banned_sources: usize,
@@ -250,7 +248,6 @@ pub struct Proxy {
     /// Values already reported into `metrics` by `sync_metrics`.
     synced: HashMap<(&'static str, &'static str), u64>,
     pub stats: CoreStats,
-    pub auth_stats: AuthStats,
 }
 
 /// Entries of the lockout table (each about 100 bytes).
@@ -288,19 +285,15 @@ impl Proxy {
             policy_denials: HashMap::new(),
             metrics: Arc::new(crate::metrics::Metrics::new()),
             synced: HashMap::new(),
-            sasl,
-            credentials: snapshot.credentials,
+            gate: auth::SaslGate::new(sasl, snapshot.credentials, lockout),
             writes: Vec::new(),
-            bindings: registrar::Bindings::default(),
-            tls: HashMap::new(),
-            lockout,
+            registrar: registrar::Registrar::new(cfg.registrar, clock, snapshot.bindings),
             ratelimit: ratelimit::RateLimit::new(cfg.rate_limit),
             banned_sources: 0,
             durable: false,
             stateless: stateless::StatelessCache::new(STATELESS_CAPACITY),
             topology: topology::TopologyKey::derive(&cfg.dialog_key),
             clock,
-            auth_stats: AuthStats::default(),
             cfg,
             txl,
             contexts: HashMap::new(),
@@ -312,7 +305,6 @@ impl Proxy {
             draining: false,
             stats: CoreStats::default(),
         };
-        proxy.load_bindings(snapshot.bindings);
         for t in snapshot.tunnels {
             proxy.tunnels.load(t);
         }
@@ -320,7 +312,8 @@ impl Proxy {
     }
 
     /// Applies a reloaded configuration's domains, routes, trusted sources, tunnel settings,
-    /// message limits and policy (listeners, timers and auth settings need a restart).
+    /// message limits, registrar limits and policy (listeners, timers and auth settings need a
+    /// restart).
     /// Running transactions and tunnels keep what they had.
     pub fn apply_config(&mut self, cfg: &crate::config::Config) {
         self.cfg.domains = cfg.domains.clone();
@@ -332,6 +325,8 @@ impl Proxy {
         self.cfg.rate_limit = cfg.rate_limit;
         self.ratelimit.set_settings(cfg.rate_limit);
         self.cfg.hide_topology = cfg.hide_topology;
+        self.cfg.registrar = cfg.registrar;
+        self.registrar.set_settings(cfg.registrar);
         self.policy = Arc::clone(&cfg.policy);
     }
 
@@ -352,27 +347,32 @@ impl Proxy {
 
     /// The driver reports the TLS facts of a new connection (channel binding, client identity).
     pub fn set_connection_tls(&mut self, conn: ConnId, info: TlsInfo) {
-        self.tls.insert(conn, info);
+        self.gate.connection_tls(conn, info);
     }
 
     /// The driver reports a closed connection.
     pub fn connection_closed(&mut self, conn: ConnId) {
-        self.tls.remove(&conn);
+        self.gate.connection_closed(conn);
     }
 
     /// SASL exchanges parked between rounds.
     pub fn pending_sasl(&self) -> usize {
-        self.sasl.pending()
+        self.gate.pending()
+    }
+
+    /// Authentication counters (challenges, refusals while locked, locks set).
+    pub fn auth_stats(&self) -> AuthStats {
+        self.gate.stats()
     }
 
     /// Live registrar bindings.
     pub fn registrations(&self) -> usize {
-        self.bindings.count()
+        self.registrar.count()
     }
 
     /// SASL outcome counters by (mechanism, outcome).
     pub fn sasl_outcomes(&self) -> &HashMap<(&'static str, &'static str), u64> {
-        &self.sasl.stats.outcomes
+        &self.gate.server_stats().outcomes
     }
 
     pub fn config(&self) -> &CoreConfig {
@@ -381,7 +381,7 @@ impl Proxy {
 
     /// Panics caught so far, in the core and in its SASL server (0 unless there is a bug).
     pub fn internal_errors(&self) -> u64 {
-        self.stats.internal_errors + self.sasl.stats.internal_errors
+        self.stats.internal_errors + self.gate.server_stats().internal_errors
     }
 
     /// Live transactions (server and client).
@@ -420,9 +420,9 @@ impl Proxy {
     pub fn sync_metrics(&mut self) {
         let m = Arc::clone(&self.metrics);
         m.sip_transactions.set(self.txl.len() as i64);
-        m.sasl_pending.set(self.sasl.pending() as i64);
+        m.sasl_pending.set(self.gate.pending() as i64);
         m.tunnels_active.set(self.tunnels.len() as i64);
-        m.registrar_bindings.set(self.bindings.count() as i64);
+        m.registrar_bindings.set(self.registrar.count() as i64);
         // Keys are static: a tick formats nothing.
         let mut bump = |key: (&'static str, &'static str), now: u64, inc: &dyn Fn(u64)| {
             let last = self.synced.entry(key).or_default();
@@ -431,7 +431,9 @@ impl Proxy {
                 *last = now;
             }
         };
-        for (&(mech, outcome), &n) in &self.sasl.stats.outcomes {
+        let auth_stats = self.gate.stats();
+        let sasl_stats = self.gate.server_stats();
+        for (&(mech, outcome), &n) in &sasl_stats.outcomes {
             bump((mech, outcome), n, &|d| {
                 m.sasl_attempts
                     .with_label_values(&[mech, outcome])
@@ -443,10 +445,10 @@ impl Proxy {
                 m.policy_denials.with_label_values(&[reason]).inc_by(d)
             });
         }
-        bump(("auth/challenges", ""), self.auth_stats.challenges, &|d| {
+        bump(("auth/challenges", ""), auth_stats.challenges, &|d| {
             m.auth_challenges.inc_by(d)
         });
-        bump(("auth/lockouts", ""), self.lockout.lockouts, &|d| {
+        bump(("auth/lockouts", ""), auth_stats.lockouts, &|d| {
             m.auth_lockouts.inc_by(d)
         });
         bump(
@@ -469,12 +471,10 @@ impl Proxy {
         bump(("internal/sip", ""), self.stats.internal_errors, &|d| {
             m.internal_errors.with_label_values(&["sip"]).inc_by(d)
         });
-        bump(
-            ("internal/sasl", ""),
-            self.sasl.stats.internal_errors,
-            &|d| m.internal_errors.with_label_values(&["sasl"]).inc_by(d),
-        );
-        bump(("sasl/evicted", ""), self.sasl.stats.evicted, &|d| {
+        bump(("internal/sasl", ""), sasl_stats.internal_errors, &|d| {
+            m.internal_errors.with_label_values(&["sasl"]).inc_by(d)
+        });
+        bump(("sasl/evicted", ""), sasl_stats.evicted, &|d| {
             m.sasl_evicted.inc_by(d)
         });
         bump(("sip/rate_limited", ""), self.ratelimit.dropped, &|d| {
@@ -499,15 +499,14 @@ impl Proxy {
             },
         );
         m.banned_sources.set(self.banned_sources as i64);
-        m.auth_users.set(self.credentials.len() as i64);
+        m.auth_users.set(self.gate.users() as i64);
     }
 
     /// Housekeeping the driver runs from its tick: expired SASL exchanges, idle lockout
     /// entries (bounded work per call), and memory given back after a flood.
     pub fn maintain(&mut self, now: Instant) {
-        self.sasl.expire(now);
-        self.expire_bindings(now, 4096);
-        self.lockout.sweep(now, 4096);
+        self.gate.maintain(now, 4096);
+        self.registrar.expire(now, 4096, &mut self.writes);
         self.ratelimit.sweep(now, 4096);
         self.banned_sources = self.ratelimit.banned(now);
         self.stateless.expire(now);
@@ -559,7 +558,7 @@ impl Proxy {
     /// A new credential snapshot (users changed in the store); exchanges in progress
     /// finish with the credential they started with.
     pub fn set_credentials(&mut self, credentials: persist::Credentials) {
-        self.credentials = credentials;
+        self.gate.set_credentials(credentials);
     }
 
     pub fn poll_timeout(&self) -> Option<Instant> {
@@ -844,7 +843,10 @@ impl Proxy {
             return match msg.method() {
                 Some(Method::Options) => Ok(None),
                 Some(Method::Register) => {
-                    let (auth, info) = self.sasl_round(msg, flow, Challenger::Registrar, now)?;
+                    let inside = self.is_inside(flow.remote.ip());
+                    let (auth, info) =
+                        self.gate
+                            .round(msg, flow, Challenger::Registrar, inside, now)?;
                     *auth_info = Some((Challenger::Registrar.info_header(), info));
                     Ok(Some(Admitted::Register(Box::new(auth))))
                 }
@@ -929,9 +931,9 @@ impl Proxy {
         if let Some(admission) = Admission::trusted(flow.remote.ip(), &self.cfg.trusted) {
             return Ok(admission);
         }
-        let round = self.sasl_round(msg, flow, Challenger::Proxy, now);
+        let round = self.gate.round(msg, flow, Challenger::Proxy, false, now);
         if matches!(round, Err(Reject::Challenge { .. })) {
-            self.auth_stats.challenges += 1;
+            self.gate.count_challenge();
         }
         let (authenticated, info) = round?;
         // Every final response of this request now carries the server-final (mutual authentication).

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant, SystemTime};
 use super::auth::{aor_key, header_aor, may_present};
 use super::persist::{BindingRecord, StoreWrite};
 use super::{Proxy, Reject};
+use crate::config::RegistrarSettings;
 use crate::flow::{Destination, Flow, Transport};
 use crate::sip::{build_response, HeaderName, Message, NameAddr};
 use crate::transaction::TxId;
@@ -210,36 +211,232 @@ impl WallClock {
     }
 }
 
-impl Proxy {
-    /// Takes the persisted bindings of the start snapshot.
-    pub(super) fn load_bindings(&mut self, records: Vec<BindingRecord>) {
-        for r in records {
+/// One Contact of a REGISTER, validated.
+#[derive(Debug)]
+struct ContactChange {
+    contact: String,
+    /// 0 removes the binding.
+    expires: u32,
+    instance: Option<String>,
+    reg_id: Option<u32>,
+}
+
+/// The registrar owner: the bindings and the rules of RFC 3261 section 10.3 that change them.
+/// Every change to persistent state is appended to the `writes` the caller passes.
+#[derive(Debug)]
+pub struct Registrar {
+    bindings: Bindings,
+    settings: RegistrarSettings,
+    clock: WallClock,
+}
+
+impl Registrar {
+    /// A registrar holding the persisted bindings of the start snapshot.
+    pub fn new(settings: RegistrarSettings, clock: WallClock, records: Vec<BindingRecord>) -> Self {
+        let mut r = Registrar {
+            bindings: Bindings::default(),
+            settings,
+            clock,
+        };
+        for rec in records {
             let (Some(transport), Ok(remote)) =
-                (Transport::from_token(&r.transport), r.remote.parse())
+                (Transport::from_token(&rec.transport), rec.remote.parse())
             else {
                 continue;
             };
             let b = Binding {
-                contact: r.contact,
+                contact: rec.contact,
                 transport,
                 remote,
-                expires: self.clock.instant(r.expires_at),
-                instance: r.instance,
-                reg_id: r.reg_id,
+                expires: clock.instant(rec.expires_at),
+                instance: rec.instance,
+                reg_id: rec.reg_id,
             };
-            let max = self.cfg.registrar.max_bindings_per_aor;
             // The store holds what this registrar accepted: over the limit only when the
             // limit was lowered since, and then the surplus is simply not loaded.
-            let _ = self.bindings.upsert(&r.aor, b, max);
+            let _ = r
+                .bindings
+                .upsert(&rec.aor, b, settings.max_bindings_per_aor);
         }
-        tracing::info!(
-            bindings = self.bindings.count(),
-            "registrar bindings loaded"
-        );
+        tracing::info!(bindings = r.bindings.count(), "registrar bindings loaded");
+        r
     }
 
-    /// REGISTER addressed to the gateway's domain.
-    /// REGISTER after its SASL exchange (run statelessly by the admit stage).
+    /// New limits (reload): bindings already held keep their expiry.
+    pub fn set_settings(&mut self, settings: RegistrarSettings) {
+        self.settings = settings;
+    }
+
+    /// Bindings held.
+    pub fn count(&self) -> usize {
+        self.bindings.count()
+    }
+
+    /// Live bindings of an AOR key, most recently refreshed first.
+    pub fn live(&self, aor: &str, now: Instant) -> Vec<Binding> {
+        self.bindings.live(aor, now)
+    }
+
+    /// Every live binding with its AOR (admin listing).
+    pub fn all(&self, now: Instant) -> Vec<(String, Binding)> {
+        self.bindings.all(now)
+    }
+
+    /// Removes every binding of an AOR; returns how many went.
+    pub fn clear(&mut self, aor: &str, writes: &mut Vec<StoreWrite>) -> usize {
+        let gone = self.bindings.clear(aor);
+        let n = gone.len();
+        for b in gone {
+            writes.push(StoreWrite::RemoveBinding {
+                aor: aor.to_owned(),
+                contact: b.contact,
+            });
+        }
+        n
+    }
+
+    /// Forgets bindings that expired (at most `limit` per call), in the store too.
+    pub fn expire(&mut self, now: Instant, limit: usize, writes: &mut Vec<StoreWrite>) {
+        for (aor, contact) in self.bindings.sweep(now, limit) {
+            writes.push(StoreWrite::RemoveBinding { aor, contact });
+        }
+    }
+
+    /// Applies the Contact list of an authenticated REGISTER for `aor` (RFC 3261 10.3 steps
+    /// 6-8): `*` with expiry 0 removes all, `expires=0` removes one, others are added or
+    /// refreshed through `flow`. Every Contact is validated before anything changes, so a
+    /// refused REGISTER changes nothing. Returns the live bindings with their remaining
+    /// seconds for the 200.
+    pub fn register(
+        &mut self,
+        aor: &str,
+        msg: &Message,
+        flow: &Flow,
+        identity: &str,
+        now: Instant,
+        writes: &mut Vec<StoreWrite>,
+    ) -> Result<Vec<(String, u64)>, Reject> {
+        let set = self.settings;
+        let default_expires = msg
+            .value_of(HeaderName::Expires)
+            .and_then(|v| v.trim().parse::<u32>().ok())
+            .unwrap_or(set.default_expires);
+        let contacts: Vec<String> = msg.list_values(HeaderName::Contact);
+        let bad_contact =
+            || Reject::Malformed(crate::sip::ParseError::Malformed(HeaderName::Contact));
+        let wildcard = contacts.iter().any(|c| c == "*");
+        if wildcard && (contacts.len() != 1 || default_expires != 0) {
+            return Err(bad_contact());
+        }
+        let mut changes = Vec::with_capacity(contacts.len());
+        for c in contacts.iter().filter(|c| *c != "*") {
+            let na = NameAddr::parse(c).ok_or_else(bad_contact)?;
+            crate::sip::Uri::parse(na.uri).map_err(|_| bad_contact())?;
+            let expires = na
+                .param("expires")
+                .map(|e| e.parse::<u32>().map_err(|_| bad_contact()))
+                .transpose()?
+                .unwrap_or(default_expires);
+            if expires != 0 && expires < set.min_expires {
+                return Err(Reject::IntervalTooBrief(set.min_expires));
+            }
+            changes.push(ContactChange {
+                contact: na.uri.to_owned(),
+                expires: expires.min(set.max_expires),
+                instance: na
+                    .param("+sip.instance")
+                    .map(|s| s.trim_matches('"').to_owned()),
+                reg_id: na
+                    .param("reg-id")
+                    .map(|r| r.parse::<u32>().map_err(|_| bad_contact()))
+                    .transpose()?,
+            });
+        }
+        if !self.fits(aor, &changes) {
+            return Err(Reject::Forbidden(
+                "Forbidden (too many bindings for this AOR)",
+            ));
+        }
+        if wildcard {
+            self.clear(aor, writes);
+        }
+        for ch in changes {
+            if ch.expires == 0 {
+                self.bindings.remove(aor, &ch.contact);
+                writes.push(StoreWrite::RemoveBinding {
+                    aor: aor.to_owned(),
+                    contact: ch.contact,
+                });
+                continue;
+            }
+            let binding = Binding {
+                contact: ch.contact,
+                transport: flow.transport,
+                remote: flow.remote,
+                expires: now + Duration::from_secs(ch.expires.into()),
+                instance: ch.instance,
+                reg_id: ch.reg_id,
+            };
+            let record = BindingRecord {
+                aor: aor.to_owned(),
+                contact: binding.contact.clone(),
+                transport: flow.transport.to_string().to_ascii_lowercase(),
+                remote: flow.remote.to_string(),
+                expires_at: self.clock.unix(binding.expires),
+                instance: binding.instance.clone(),
+                identity: identity.to_owned(),
+                reg_id: binding.reg_id,
+            };
+            // `fits` said there is room: `Full` cannot happen here.
+            if let Upsert::Stored { replaced } =
+                self.bindings.upsert(aor, binding, set.max_bindings_per_aor)
+            {
+                for contact in replaced {
+                    writes.push(StoreWrite::RemoveBinding {
+                        aor: aor.to_owned(),
+                        contact,
+                    });
+                }
+            }
+            writes.push(StoreWrite::SaveBinding(record));
+        }
+        Ok(self
+            .bindings
+            .live(aor, now)
+            .into_iter()
+            .map(|b| {
+                let left = b.expires.saturating_duration_since(now).as_secs();
+                (b.contact, left)
+            })
+            .collect())
+    }
+
+    /// True when the AOR has room for every new binding of `changes` (a contact already
+    /// bound, or an instance flow already bound, takes no new place; removals free one).
+    fn fits(&self, aor: &str, changes: &[ContactChange]) -> bool {
+        let held = self.bindings.by_aor.get(aor).map_or(&[][..], Vec::as_slice);
+        let mut places: Vec<(&str, Option<&str>, Option<u32>)> = held
+            .iter()
+            .map(|b| (b.contact.as_str(), b.instance.as_deref(), b.reg_id))
+            .collect();
+        for ch in changes {
+            places.retain(|p| {
+                let same_contact = p.0 == ch.contact;
+                let same_flow =
+                    ch.instance.is_some() && p.1 == ch.instance.as_deref() && p.2 == ch.reg_id;
+                !(same_contact || same_flow)
+            });
+            if ch.expires != 0 {
+                places.push((&ch.contact, ch.instance.as_deref(), ch.reg_id));
+            }
+        }
+        places.len() <= self.settings.max_bindings_per_aor
+    }
+}
+
+impl Proxy {
+    /// REGISTER after its SASL exchange (run statelessly by the admit stage): the To AOR must
+    /// be of our domains and owned by the identity; the [`Registrar`] applies the Contacts.
     pub(super) fn register(
         &mut self,
         id: TxId,
@@ -260,98 +457,13 @@ impl Proxy {
         if !may_present(&auth, &aor) {
             return Err(Reject::IdentityNotAllowed);
         }
-        let default_expires = msg
-            .value_of(HeaderName::Expires)
-            .and_then(|v| v.trim().parse::<u32>().ok())
-            .unwrap_or(self.cfg.registrar.default_expires);
-        let contacts: Vec<String> = msg.list_values(HeaderName::Contact);
-        let bad_contact =
-            || Reject::Malformed(crate::sip::ParseError::Malformed(HeaderName::Contact));
-        if contacts.iter().any(|c| c == "*") {
-            if contacts.len() != 1 || default_expires != 0 {
-                return Err(bad_contact());
-            }
-            for b in self.bindings.clear(&aor) {
-                self.writes.push(StoreWrite::RemoveBinding {
-                    aor: aor.clone(),
-                    contact: b.contact,
-                });
-            }
-        }
-        let reg = self.cfg.registrar;
-        for c in contacts.iter().filter(|c| *c != "*") {
-            let na = NameAddr::parse(c).ok_or_else(bad_contact)?;
-            crate::sip::Uri::parse(na.uri).map_err(|_| bad_contact())?;
-            let expires = na
-                .param("expires")
-                .map(|e| e.parse::<u32>().map_err(|_| bad_contact()))
-                .transpose()?
-                .unwrap_or(default_expires);
-            let contact = na.uri.to_owned();
-            if expires == 0 {
-                self.bindings.remove(&aor, &contact);
-                self.writes.push(StoreWrite::RemoveBinding {
-                    aor: aor.clone(),
-                    contact,
-                });
-                continue;
-            }
-            if expires < reg.min_expires {
-                return Err(Reject::IntervalTooBrief(reg.min_expires));
-            }
-            let expires = expires.min(reg.max_expires);
-            let binding = Binding {
-                contact: contact.clone(),
-                transport: flow.transport,
-                remote: flow.remote,
-                expires: now + Duration::from_secs(expires.into()),
-                instance: na
-                    .param("+sip.instance")
-                    .map(|s| s.trim_matches('"').to_owned()),
-                reg_id: na
-                    .param("reg-id")
-                    .map(|r| r.parse::<u32>().map_err(|_| bad_contact()))
-                    .transpose()?,
-            };
-            match self
-                .bindings
-                .upsert(&aor, binding.clone(), reg.max_bindings_per_aor)
-            {
-                Upsert::Full => {
-                    return Err(Reject::Forbidden(
-                        "Forbidden (too many bindings for this AOR)",
-                    ))
-                }
-                Upsert::Stored { replaced } => {
-                    for contact in replaced {
-                        self.writes.push(StoreWrite::RemoveBinding {
-                            aor: aor.clone(),
-                            contact,
-                        });
-                    }
-                }
-            }
-            let record = BindingRecord {
-                aor: aor.clone(),
-                contact,
-                transport: flow.transport.to_string().to_ascii_lowercase(),
-                remote: flow.remote.to_string(),
-                expires_at: self.clock.unix(binding.expires),
-                instance: binding.instance.clone(),
-                identity: auth.identity().to_owned(),
-                reg_id: binding.reg_id,
-            };
-            self.writes.push(StoreWrite::SaveBinding(record));
-        }
+        let live =
+            self.registrar
+                .register(&aor, &msg, &flow, auth.identity(), now, &mut self.writes)?;
         // 200 OK lists every current binding with its remaining time.
-        let mut extra: Vec<(&str, String)> = self
-            .bindings
-            .live(&aor, now)
-            .iter()
-            .map(|b| {
-                let left = b.expires.saturating_duration_since(now).as_secs();
-                ("Contact", format!("<{}>;expires={left}", b.contact))
-            })
+        let mut extra: Vec<(&str, String)> = live
+            .into_iter()
+            .map(|(contact, left)| ("Contact", format!("<{contact}>;expires={left}")))
             .collect();
         if let Some(info) = self.auth_info(id) {
             extra.push(info);
@@ -360,39 +472,24 @@ impl Proxy {
         let tag = self.new_tag();
         let resp = build_response(&msg, 200, "OK", Some(&tag), &extra);
         self.finish(id, 200, resp, now);
-        tracing::info!(%aor, identity = auth.identity(), bindings = self.bindings.count(), "registered");
+        tracing::info!(%aor, identity = auth.identity(), bindings = self.registrar.count(), "registered");
         Ok(())
     }
 
     /// Every live registration (admin API).
     pub fn registration_list(&self, now: Instant) -> Vec<(String, Binding)> {
-        self.bindings.all(now)
+        self.registrar.all(now)
     }
 
     /// Removes every binding of an AOR (admin API); returns how many went.
     pub fn remove_registration(&mut self, aor: &str) -> usize {
-        let gone = self.bindings.clear(aor);
-        let n = gone.len();
-        for b in gone {
-            self.writes.push(StoreWrite::RemoveBinding {
-                aor: aor.to_owned(),
-                contact: b.contact,
-            });
-        }
-        n
-    }
-
-    /// Forgets bindings that expired (at most `limit` per call), in the store too.
-    pub(super) fn expire_bindings(&mut self, now: Instant, limit: usize) {
-        for (aor, contact) in self.bindings.sweep(now, limit) {
-            self.writes.push(StoreWrite::RemoveBinding { aor, contact });
-        }
+        self.registrar.clear(aor, &mut self.writes)
     }
 
     /// Live bindings for a Request-URI's AOR.
     pub(super) fn bindings_for(&self, ruri: &str, now: Instant) -> Vec<Binding> {
         match aor_key(ruri) {
-            Some(aor) => self.bindings.live(&aor, now),
+            Some(aor) => self.registrar.live(&aor, now),
             None => Vec::new(),
         }
     }
@@ -486,5 +583,88 @@ mod tests {
         );
         assert_eq!(b.clear("sip:a@x").len(), 3);
         assert_eq!((b.count(), b.expiry.len()), (0, 0));
+    }
+
+    fn settings(max: usize) -> RegistrarSettings {
+        RegistrarSettings {
+            min_expires: 60,
+            max_expires: 3600,
+            default_expires: 600,
+            max_bindings_per_aor: max,
+        }
+    }
+
+    fn register_msg(contacts: &str) -> Message {
+        let text = format!(
+            "REGISTER sip:x SIP/2.0\r\nVia: SIP/2.0/UDP 192.0.2.1;branch=z9hG4bK1\r\n\
+From: <sip:a@x>;tag=1\r\nTo: <sip:a@x>\r\nCall-ID: c\r\nCSeq: 1 REGISTER\r\n\
+Contact: {contacts}\r\nContent-Length: 0\r\n\r\n"
+        );
+        Message::parse(bytes::Bytes::from(text), &crate::sip::Limits::default()).unwrap()
+    }
+
+    #[test]
+    fn a_refused_register_changes_nothing() {
+        let clock = WallClock {
+            instant: Instant::now(),
+            system: SystemTime::now(),
+        };
+        let now = clock.instant;
+        let flow = Flow {
+            transport: Transport::Udp,
+            remote: "192.0.2.1:5060".parse().unwrap(),
+            local: "192.0.2.2:5060".parse().unwrap(),
+            conn: None,
+        };
+        let mut r = Registrar::new(settings(2), clock, Vec::new());
+        let mut writes = Vec::new();
+        let ok = r
+            .register(
+                "sip:a@x",
+                &register_msg("<sip:1@h>"),
+                &flow,
+                "a",
+                now,
+                &mut writes,
+            )
+            .unwrap();
+        assert_eq!(ok, vec![("sip:1@h".to_owned(), 600)]);
+        // The second Contact is too brief: the first is not applied either (RFC 3261 10.3).
+        let e = r.register(
+            "sip:a@x",
+            &register_msg("<sip:2@h>, <sip:3@h>;expires=5"),
+            &flow,
+            "a",
+            now,
+            &mut writes,
+        );
+        assert!(matches!(e, Err(Reject::IntervalTooBrief(60))));
+        // Two new Contacts where one place is left: refused whole.
+        let e = r.register(
+            "sip:a@x",
+            &register_msg("<sip:2@h>, <sip:3@h>"),
+            &flow,
+            "a",
+            now,
+            &mut writes,
+        );
+        assert!(matches!(e, Err(Reject::Forbidden(_))));
+        assert_eq!(r.count(), 1);
+        assert_eq!(writes.len(), 1, "only the first REGISTER wrote");
+        // Removing one and adding another in the same request fits.
+        r.register(
+            "sip:a@x",
+            &register_msg("<sip:1@h>;expires=0, <sip:2@h>, <sip:3@h>"),
+            &flow,
+            "a",
+            now,
+            &mut writes,
+        )
+        .unwrap();
+        assert_eq!(r.count(), 2);
+        // `*` needs Expires: 0 and to be alone.
+        let e = r.register("sip:a@x", &register_msg("*"), &flow, "a", now, &mut writes);
+        assert!(matches!(e, Err(Reject::Malformed(_))));
+        assert_eq!(r.count(), 2);
     }
 }

@@ -1035,7 +1035,7 @@ mod sasl {
         );
         assert_eq!(out[0].first_line(), "SIP/2.0 403 Forbidden");
         let _ = client.client_final(b"");
-        assert!(h.proxy.auth_stats.lockouts >= 1);
+        assert!(h.proxy.auth_stats().lockouts >= 1);
     }
 
     /// Issue 9, defect 6: failures for `vpn` from an outside address (no reply needed) do
@@ -1049,7 +1049,7 @@ mod sasl {
             let out = authenticate(&mut h, &mut guess);
             assert_eq!(out[0].first_line(), "SIP/2.0 403 Forbidden");
         }
-        assert!(h.proxy.auth_stats.lockouts >= 1, "the guesser is locked");
+        assert!(h.proxy.auth_stats().lockouts >= 1, "the guesser is locked");
         let first = SaslParams {
             mech: Some("SCRAM-SHA-256".into()),
             c2s: Some(ScramClient::new("vpn", b"vpn-secret", None).client_first()),
