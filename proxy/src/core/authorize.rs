@@ -332,8 +332,8 @@ impl Proxy {
                     }
                     if let Some(to) = self.txl.server_flow(server) {
                         if self.hides_response_to(&to) {
-                            let ip =
-                                public.map_or(self.local_for_flow(&to).addr.ip(), |ep| ep.ip());
+                            let ip = public
+                                .map_or(self.router.local_for_flow(&to).addr.ip(), |ep| ep.ip());
                             answer.hide_addresses(ip);
                         }
                     }
@@ -427,7 +427,7 @@ impl Proxy {
                 addr: to.addr,
                 server_name: None,
             };
-            let local = self.local_for(&dest).clone();
+            let local = self.router.local_for(&dest).clone();
             let bye = format!(
                 "BYE {} SIP/2.0\r\nVia: SIP/2.0/{} {}:{};branch={branch}\r\nMax-Forwards: 70\r\n\
 From: <{}>;tag={}\r\nTo: <{}>;tag={}\r\nCall-ID: {}\r\nCSeq: 999999 BYE\r\nReason: SIP;cause=200;text=\"ended by the gateway\"\r\n\

@@ -48,6 +48,7 @@ pub mod lockout;
 pub mod persist;
 pub mod ratelimit;
 pub mod registrar;
+pub mod router;
 pub mod sampled;
 pub mod stateless;
 pub mod topology;
@@ -232,6 +233,8 @@ pub struct Proxy {
     writes: Vec<persist::StoreWrite>,
     /// The registrar owner: bindings and the rules that change them.
     registrar: registrar::Registrar,
+    /// Where requests go and which addresses are the gateway's own.
+    router: router::Router,
     ratelimit: ratelimit::RateLimit,
     /// Bans in force at the last [`Proxy::maintain`] (metrics).
     banned_sources: usize,
@@ -287,6 +290,11 @@ impl Proxy {
             synced: HashMap::new(),
             gate: auth::SaslGate::new(sasl, snapshot.credentials, lockout),
             writes: Vec::new(),
+            router: router::Router::new(
+                cfg.domains.clone(),
+                cfg.locals.clone(),
+                cfg.routes.clone(),
+            ),
             registrar: registrar::Registrar::new(cfg.registrar, clock, snapshot.bindings),
             ratelimit: ratelimit::RateLimit::new(cfg.rate_limit),
             banned_sources: 0,
@@ -318,6 +326,8 @@ impl Proxy {
     pub fn apply_config(&mut self, cfg: &crate::config::Config) {
         self.cfg.domains = cfg.domains.clone();
         self.cfg.routes = cfg.routes.clone();
+        self.router
+            .set_routes(cfg.domains.clone(), cfg.routes.clone());
         self.cfg.trusted = cfg.trusted.clone();
         self.cfg.tunnels = cfg.tunnels.clone();
         self.cfg.limits = cfg.limits;
@@ -812,7 +822,7 @@ impl Proxy {
         if !matches!(uri.scheme, Scheme::Sip | Scheme::Sips) {
             return Err(Reject::UnsupportedScheme);
         }
-        let to_self = self.is_self_uri(&uri) && msg.position_of(HeaderName::Route).is_none();
+        let to_self = self.router.is_self_uri(&uri) && msg.position_of(HeaderName::Route).is_none();
         if msg.max_forwards() == Some(0) {
             if to_self && msg.method() == Some(Method::Options) {
                 return Ok(None);
@@ -899,7 +909,9 @@ impl Proxy {
         let authorization = self.authorize(&mut msg, &admission, &flow)?;
 
         // Stage 7: target.
-        let targets = self.targets(&msg, &admission, now)?;
+        // The target stage: the AOR's registered bindings, else a static route.
+        let ruri = msg.request_uri().unwrap_or_default().into_owned();
+        let targets = self.router.targets(&ruri, self.bindings_for(&ruri, now))?;
 
         // Stage 7b: rewrite the tunnel offer for the inside (checked against the targets).
         if let Some(plan) = authorization.tunnel {
@@ -944,33 +956,6 @@ impl Proxy {
 
     fn auth_info(&self, id: TxId) -> Option<(&'static str, String)> {
         self.contexts.get(&id).and_then(|c| c.auth_info.clone())
-    }
-
-    /// The target stage: the AOR's registered bindings, else a static route; an AOR of our
-    /// domain with neither is temporarily unavailable; other domains are not relayed.
-    fn targets(
-        &mut self,
-        msg: &Message,
-        _admission: &Admission,
-        now: Instant,
-    ) -> Result<Vec<(String, Destination)>, Reject> {
-        let ruri = msg.request_uri().unwrap_or_default().into_owned();
-        let uri = Uri::parse(&ruri).map_err(|_| Reject::NotFound)?;
-        let bindings = self.bindings_for(&ruri, now);
-        if !bindings.is_empty() {
-            return Ok(bindings
-                .iter()
-                .map(|b| (b.contact.clone(), b.destination()))
-                .collect());
-        }
-        if let Some(t) = self.cfg.routes.lookup(&uri) {
-            return Ok(vec![(t.uri.clone(), t.dest.clone())]);
-        }
-        if self.is_our_domain(uri.host) {
-            Err(Reject::TemporarilyUnavailable)
-        } else {
-            Err(Reject::Forbidden("Forbidden (relaying denied)"))
-        }
     }
 
     fn reply(&mut self, id: TxId, req: &Message, reject: Reject, now: Instant) {
@@ -1132,7 +1117,8 @@ impl Proxy {
         // Strict-router case: the Request-URI is one of our Record-Route URIs.
         if let Some(ruri) = msg.request_uri().map(|u| u.into_owned()) {
             if let Ok(u) = Uri::parse(&ruri) {
-                if u.user.is_none() && self.is_local_hostport(&u) && u.param("gh").is_some() {
+                if u.user.is_none() && self.router.is_local_hostport(&u) && u.param("gh").is_some()
+                {
                     let mac = u.param("gh").unwrap_or_default();
                     signed = signed.or(SignedDialog::verify(&self.cfg.dialog_key, msg, mac));
                     let routes = msg.list_values(HeaderName::Route);
@@ -1158,7 +1144,7 @@ impl Proxy {
                     HeaderName::Route,
                 )));
             };
-            if !self.is_local_hostport(&u) {
+            if !self.router.is_local_hostport(&u) {
                 break;
             }
             if let Some(mac) = u.param("gh") {
@@ -1287,7 +1273,7 @@ impl Proxy {
     }
 
     fn add_via_and_forwarding_headers(&self, msg: &mut Message, dest: &Destination, branch: &str) {
-        let local = self.local_for(dest);
+        let local = self.router.local_for(dest);
         let via = format!(
             "SIP/2.0/{} {}:{};branch={branch}",
             local.transport.via_token(),
@@ -1307,8 +1293,8 @@ impl Proxy {
     /// Adds our Record-Route entry, or two when the request changes transport or address
     /// family (the outbound-facing entry on top), each signed with the dialog MAC.
     fn add_record_route(&self, msg: &mut Message, flow: &Flow, dest: &Destination) {
-        let inbound = self.local_for_flow(flow);
-        let outbound = self.local_for(dest);
+        let inbound = self.router.local_for_flow(flow);
+        let outbound = self.router.local_for(dest);
         let mac = admission::dialog_mac(
             &self.cfg.dialog_key,
             &msg.call_id(),
@@ -1319,36 +1305,6 @@ impl Proxy {
         if outbound != inbound {
             msg.insert(pos, HeaderName::RecordRoute, rr_value(outbound, &mac));
         }
-    }
-
-    fn local_for_flow(&self, flow: &Flow) -> &LocalAddr {
-        self.cfg
-            .locals
-            .iter()
-            .find(|l| l.transport == flow.transport && l.addr == flow.local)
-            .or_else(|| {
-                self.cfg.locals.iter().find(|l| {
-                    l.transport == flow.transport && l.addr.is_ipv4() == flow.local.is_ipv4()
-                })
-            })
-            .unwrap_or(&self.cfg.locals[0])
-    }
-
-    /// The local address the gateway uses towards `dest`: same transport, same family.
-    fn local_for(&self, dest: &Destination) -> &LocalAddr {
-        let (transport, v4) = match dest {
-            Destination::Flow(f) => (f.transport, f.remote.is_ipv4()),
-            Destination::Addr {
-                transport, addr, ..
-            } => (*transport, addr.is_ipv4()),
-            Destination::Name { transport, .. } => (*transport, true),
-        };
-        self.cfg
-            .locals
-            .iter()
-            .find(|l| l.transport == transport && l.addr.is_ipv4() == v4)
-            .or_else(|| self.cfg.locals.iter().find(|l| l.transport == transport))
-            .unwrap_or(&self.cfg.locals[0])
     }
 
     // ===== responses =====
@@ -1383,7 +1339,7 @@ impl Proxy {
                 }
                 if let Some(dest) = via_destination(&msg) {
                     if self.cfg.hide_topology && !self.dest_inside(&dest) {
-                        let inbound = self.local_for(&dest).clone();
+                        let inbound = self.router.local_for(&dest).clone();
                         self.hide_response(&inbound, &mut msg);
                     }
                     self.txl.send_stateless(dest, msg.serialize());
@@ -1397,7 +1353,7 @@ impl Proxy {
         self.tunnel_response(server, client, status, &mut msg, now);
         if let Some(to) = self.txl.server_flow(server) {
             if self.hides_response_to(&to) {
-                let inbound = self.local_for_flow(&to).clone();
+                let inbound = self.router.local_for_flow(&to).clone();
                 self.hide_response(&inbound, &mut msg);
             }
         }
@@ -1506,32 +1462,6 @@ impl Proxy {
 
     // ===== identity helpers =====
 
-    fn is_our_domain(&self, host: &str) -> bool {
-        self.cfg
-            .domains
-            .iter()
-            .any(|d| d.eq_ignore_ascii_case(host))
-    }
-
-    /// A URI that names this gateway: one of its addresses, or a served domain without user.
-    fn is_self_uri(&self, uri: &Uri<'_>) -> bool {
-        uri.user.is_none() && (self.is_local_hostport(uri) || self.is_our_domain(uri.host))
-    }
-
-    fn is_local_hostport(&self, uri: &Uri<'_>) -> bool {
-        let ip = uri.ip();
-        self.cfg.locals.iter().any(|l| {
-            let host_match = l.host.eq_ignore_ascii_case(uri.host)
-                || ip.is_some_and(|ip| canonical_ip(ip) == canonical_ip(l.addr.ip()));
-            let port = uri.port.unwrap_or(if uri.scheme == Scheme::Sips {
-                5061
-            } else {
-                l.transport.default_port()
-            });
-            host_match && port == l.port
-        })
-    }
-
     /// The loop-detection hash of 16.6 item 8 over the fields that change on a spiral.
     fn loop_hash(&self, msg: &Message) -> u32 {
         let mut h = self.hasher.build_hasher();
@@ -1553,10 +1483,7 @@ impl Proxy {
         let suffix = format!(".{loop_hash:08x}");
         msg.list_values(HeaderName::Via).iter().any(|v| {
             Via::parse(v).is_some_and(|via| {
-                via.branch().is_some_and(|b| b.ends_with(&suffix))
-                    && self.cfg.locals.iter().any(|l| {
-                        l.host.eq_ignore_ascii_case(via.host) && via.port.unwrap_or(5060) == l.port
-                    })
+                via.branch().is_some_and(|b| b.ends_with(&suffix)) && self.router.is_our_via(&via)
             })
         })
     }

@@ -449,7 +449,7 @@ impl Proxy {
             crate::sip::ParseError::Malformed(HeaderName::To),
         ))?;
         let host = aor.rsplit('@').next().unwrap_or("");
-        if !self.is_our_domain(host) {
+        if !self.router.is_our_domain(host) {
             return Err(Reject::Forbidden(
                 "Forbidden (not a domain of this registrar)",
             ));

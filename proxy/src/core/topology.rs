@@ -148,7 +148,7 @@ impl Proxy {
         for idx in vias {
             msg.remove(idx);
         }
-        let local = self.local_for(dest).clone();
+        let local = self.router.local_for(dest).clone();
         self.hide_contacts(msg, &[], &local);
     }
 
@@ -193,7 +193,7 @@ impl Proxy {
     fn own_rr_faces(&self, value: &str, inbound: &LocalAddr) -> Option<bool> {
         let na = NameAddr::parse(value)?;
         let uri = Uri::parse(na.uri).ok()?;
-        if uri.param("gh").is_none() || !self.is_local_hostport(&uri) {
+        if uri.param("gh").is_none() || !self.router.is_local_hostport(&uri) {
             return None;
         }
         let port = uri.port.unwrap_or(inbound.transport.default_port());
@@ -245,7 +245,7 @@ impl Proxy {
         let Some(token) = uri.user.and_then(|u| u.strip_prefix(PREFIX)) else {
             return Ok(());
         };
-        if !self.is_local_hostport(&uri) {
+        if !self.router.is_local_hostport(&uri) {
             return Ok(());
         }
         let (internal, routes) = self.topology.open(token).ok_or(Reject::NotFound)?;

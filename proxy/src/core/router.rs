@@ -1,0 +1,213 @@
+//! The target stage and the gateway's own names: [`Router`] owns the served domains, the
+//! local addresses (as the gateway names itself in Via and Record-Route) and the static
+//! routes; it says whether a URI names the gateway, which local address faces a
+//! destination, and where a request goes (registered bindings first, then a route).
+
+use crate::config::route::RouteTable;
+use crate::flow::{Destination, Flow};
+use crate::sip::{Scheme, Uri, Via};
+
+use super::registrar::Binding;
+use super::{canonical_ip, LocalAddr, Reject};
+
+/// Routing and self-recognition (see the module documentation).
+#[derive(Debug)]
+pub struct Router {
+    /// Lower-case domains the gateway is the authority for.
+    domains: Vec<String>,
+    /// Never empty (the configuration needs a listener).
+    locals: Vec<LocalAddr>,
+    routes: RouteTable,
+}
+
+impl Router {
+    pub fn new(domains: Vec<String>, locals: Vec<LocalAddr>, routes: RouteTable) -> Self {
+        assert!(!locals.is_empty(), "a gateway listens somewhere");
+        Router {
+            domains,
+            locals,
+            routes,
+        }
+    }
+
+    /// New domains and routes (reload); listeners need a restart.
+    pub fn set_routes(&mut self, domains: Vec<String>, routes: RouteTable) {
+        self.domains = domains;
+        self.routes = routes;
+    }
+
+    /// The target stage: the AOR's registered `bindings` when there are any, else a static
+    /// route; an AOR of our domains with neither is temporarily unavailable (480), other
+    /// domains are not relayed (403).
+    pub fn targets(
+        &self,
+        ruri: &str,
+        bindings: Vec<Binding>,
+    ) -> Result<Vec<(String, Destination)>, Reject> {
+        let uri = Uri::parse(ruri).map_err(|_| Reject::NotFound)?;
+        if !bindings.is_empty() {
+            return Ok(bindings
+                .into_iter()
+                .map(|b| {
+                    let dest = b.destination();
+                    (b.contact, dest)
+                })
+                .collect());
+        }
+        if let Some(t) = self.routes.lookup(&uri) {
+            return Ok(vec![(t.uri.clone(), t.dest.clone())]);
+        }
+        if self.is_our_domain(uri.host) {
+            Err(Reject::TemporarilyUnavailable)
+        } else {
+            Err(Reject::Forbidden("Forbidden (relaying denied)"))
+        }
+    }
+
+    pub fn is_our_domain(&self, host: &str) -> bool {
+        self.domains.iter().any(|d| d.eq_ignore_ascii_case(host))
+    }
+
+    /// A URI that names this gateway: one of its addresses, or a served domain without user.
+    pub fn is_self_uri(&self, uri: &Uri<'_>) -> bool {
+        uri.user.is_none() && (self.is_local_hostport(uri) || self.is_our_domain(uri.host))
+    }
+
+    /// The URI's host and port are one of the gateway's addresses.
+    pub fn is_local_hostport(&self, uri: &Uri<'_>) -> bool {
+        let ip = uri.ip();
+        self.locals.iter().any(|l| {
+            let host_match = l.host.eq_ignore_ascii_case(uri.host)
+                || ip.is_some_and(|ip| canonical_ip(ip) == canonical_ip(l.addr.ip()));
+            let port = uri.port.unwrap_or(if uri.scheme == Scheme::Sips {
+                5061
+            } else {
+                l.transport.default_port()
+            });
+            host_match && port == l.port
+        })
+    }
+
+    /// A Via the gateway wrote (its sent-by is one of the gateway's names).
+    pub fn is_our_via(&self, via: &Via<'_>) -> bool {
+        self.locals
+            .iter()
+            .any(|l| l.host.eq_ignore_ascii_case(via.host) && via.port.unwrap_or(5060) == l.port)
+    }
+
+    /// The local address a message arrived at on `flow`.
+    pub fn local_for_flow(&self, flow: &Flow) -> &LocalAddr {
+        self.locals
+            .iter()
+            .find(|l| l.transport == flow.transport && l.addr == flow.local)
+            .or_else(|| {
+                self.locals.iter().find(|l| {
+                    l.transport == flow.transport && l.addr.is_ipv4() == flow.local.is_ipv4()
+                })
+            })
+            .unwrap_or(&self.locals[0])
+    }
+
+    /// The local address the gateway uses towards `dest`: same transport, same family.
+    pub fn local_for(&self, dest: &Destination) -> &LocalAddr {
+        let (transport, v4) = match dest {
+            Destination::Flow(f) => (f.transport, f.remote.is_ipv4()),
+            Destination::Addr {
+                transport, addr, ..
+            } => (*transport, addr.is_ipv4()),
+            Destination::Name { transport, .. } => (*transport, true),
+        };
+        self.locals
+            .iter()
+            .find(|l| l.transport == transport && l.addr.is_ipv4() == v4)
+            .or_else(|| self.locals.iter().find(|l| l.transport == transport))
+            .unwrap_or(&self.locals[0])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::route::Target;
+    use crate::flow::Transport;
+
+    fn router() -> Router {
+        let mut routes = RouteTable::default();
+        routes.add_aor(
+            "vpn",
+            "org.example",
+            Target {
+                uri: "sip:vpn@198.51.100.20:5060".into(),
+                dest: Destination::Addr {
+                    transport: Transport::Udp,
+                    addr: "198.51.100.20:5060".parse().unwrap(),
+                    server_name: None,
+                },
+                transport: Transport::Udp,
+            },
+        );
+        Router::new(
+            vec!["org.example".into()],
+            vec![
+                LocalAddr::new(Transport::Udp, "192.0.2.1:5060".parse().unwrap(), None),
+                LocalAddr::new(Transport::Udp, "[2001:db8::1]:5060".parse().unwrap(), None),
+                LocalAddr::new(
+                    Transport::Tls,
+                    "192.0.2.1:5061".parse().unwrap(),
+                    Some(("sip.org.example".into(), 5061)),
+                ),
+            ],
+            routes,
+        )
+    }
+
+    #[test]
+    fn targets_prefer_bindings_then_routes_then_refuse() {
+        let r = router();
+        let t = r.targets("sip:vpn@org.example", Vec::new()).unwrap();
+        assert_eq!(t[0].0, "sip:vpn@198.51.100.20:5060");
+        assert!(matches!(
+            r.targets("sip:nobody@org.example", Vec::new()),
+            Err(Reject::TemporarilyUnavailable)
+        ));
+        assert!(matches!(
+            r.targets("sip:x@elsewhere.example", Vec::new()),
+            Err(Reject::Forbidden(_))
+        ));
+        assert!(matches!(
+            r.targets("not a uri", Vec::new()),
+            Err(Reject::NotFound)
+        ));
+    }
+
+    #[test]
+    fn self_recognition_and_local_choice() {
+        let r = router();
+        let uri = |s: &'static str| Uri::parse(s).unwrap();
+        assert!(r.is_self_uri(&uri("sip:org.example")));
+        assert!(r.is_self_uri(&uri("sip:192.0.2.1")));
+        assert!(r.is_self_uri(&uri("sips:sip.org.example")));
+        assert!(
+            !r.is_self_uri(&uri("sip:vpn@org.example")),
+            "a user is not the gateway"
+        );
+        assert!(!r.is_local_hostport(&uri("sip:192.0.2.1:5070")));
+        assert!(r.is_local_hostport(&uri("sip:[2001:db8::1]")));
+        let v6 = Destination::Addr {
+            transport: Transport::Udp,
+            addr: "[2001:db8::9]:5060".parse().unwrap(),
+            server_name: None,
+        };
+        assert!(r.local_for(&v6).addr.is_ipv6());
+        let tls = Destination::Addr {
+            transport: Transport::Tls,
+            addr: "[2001:db8::9]:5061".parse().unwrap(),
+            server_name: None,
+        };
+        assert_eq!(
+            r.local_for(&tls).transport,
+            Transport::Tls,
+            "same transport first"
+        );
+    }
+}
