@@ -317,13 +317,19 @@ fn admin(
         AdminAction::Tunnels => ("GET", "/api/v1/tunnels".to_owned(), None),
         AdminAction::Teardown { call_id } => (
             "DELETE",
-            format!("/api/v1/tunnels/{}", encode(call_id)),
+            format!(
+                "/api/v1/tunnels/{}",
+                gatehouse::admin::percent_encode(call_id)
+            ),
             None,
         ),
         AdminAction::Registrations => ("GET", "/api/v1/registrations".to_owned(), None),
         AdminAction::Unregister { aor } => (
             "DELETE",
-            format!("/api/v1/registrations/{}", encode(aor)),
+            format!(
+                "/api/v1/registrations/{}",
+                gatehouse::admin::percent_encode(aor)
+            ),
             None,
         ),
         AdminAction::Users => ("GET", "/api/v1/users".to_owned(), None),
@@ -337,24 +343,36 @@ fn admin(
         }
         AdminAction::UserDisable { username } => (
             "POST",
-            format!("/api/v1/users/{}/disable", encode(username)),
+            format!(
+                "/api/v1/users/{}/disable",
+                gatehouse::admin::percent_encode(username)
+            ),
             None,
         ),
         AdminAction::UserEnable { username } => (
             "POST",
-            format!("/api/v1/users/{}/enable", encode(username)),
+            format!(
+                "/api/v1/users/{}/enable",
+                gatehouse::admin::percent_encode(username)
+            ),
             None,
         ),
         AdminAction::UserDel { username } => (
             "DELETE",
-            format!("/api/v1/users/{}", encode(username)),
+            format!(
+                "/api/v1/users/{}",
+                gatehouse::admin::percent_encode(username)
+            ),
             None,
         ),
         AdminAction::UserPasswd { username } => {
             let pw = read_password(true)?;
             (
                 "PUT",
-                format!("/api/v1/users/{}/password", encode(username)),
+                format!(
+                    "/api/v1/users/{}/password",
+                    gatehouse::admin::percent_encode(username)
+                ),
                 Some(json!({"password": pw.as_str()})),
             )
         }
@@ -365,26 +383,23 @@ fn admin(
             Some(json!({"level": level})),
         ),
     };
-    let r = client.request(method, &path, body.as_ref())?;
-    let value = r.json();
+    let mut r = client.request(method, &path, body.as_ref())?;
+    let mut value = r.json();
+    // A listing comes in pages: follow `Link: rel="next"` and join them.
+    while let (Some(next), serde_json::Value::Array(rows)) = (r.next_page(), &mut value) {
+        let next = next.to_owned();
+        r = client.request("GET", &next, None)?;
+        match r.json() {
+            serde_json::Value::Array(more) if (200..300).contains(&r.status) => rows.extend(more),
+            _ => break,
+        }
+    }
     if json {
         println!("{value}");
     } else {
         print_table(&value);
     }
     Ok((200..300).contains(&r.status))
-}
-
-fn encode(s: &str) -> String {
-    s.bytes()
-        .map(|b| {
-            if b.is_ascii_alphanumeric() || b"-._~@".contains(&b) {
-                (b as char).to_string()
-            } else {
-                format!("%{b:02X}")
-            }
-        })
-        .collect()
 }
 
 fn print_table(v: &serde_json::Value) {

@@ -14,6 +14,73 @@ use serde_json::json;
 use crate::harness::repo;
 use crate::sasl::setup;
 
+/// Listings page with a cursor: five tunnels (from the store) in pages of two, joined by
+/// following `Link: rel="next"`, each once and in Call-ID order; a bad `limit` is a 400.
+#[test]
+fn listings_page_with_a_link_to_the_next_page() {
+    use gatehouse::store::{Store, StoreWrite};
+    use gatehouse::tunnel::{Tunnel, TunnelState};
+    let ids = ["t-a@x", "t-b@x", "t c@x", "t-d@x", "t/e@x"];
+    let s = crate::sasl::setup_with("[admin]\nlisten = \"127.0.0.1:0\"\n", |path| {
+        let writes: Vec<StoreWrite> = ids
+            .iter()
+            .map(|id| {
+                StoreWrite::SaveTunnel(Box::new(Tunnel {
+                    call_id: (*id).into(),
+                    caller_tag: "c".into(),
+                    callee_tag: Some("e".into()),
+                    identity: "alice".into(),
+                    from: "sip:alice@partner.example".into(),
+                    to: "sip:vpn@org.example".into(),
+                    prefixes: "2001:db8:456:1::/64".into(),
+                    pskmth: "scram".into(),
+                    created_unix: 1,
+                    state: TunnelState::Established,
+                    caller: None,
+                    callee: None,
+                }))
+            })
+            .collect();
+        Store::open(path).unwrap().apply(&writes).unwrap();
+    });
+    let addr = s.gw.admin.expect("admin listener");
+    let mut c = AdminClient::new(addr, "root", "root-secret");
+    let mut path = "/api/v1/tunnels?limit=2".to_owned();
+    let mut seen = Vec::new();
+    let mut pages = 0;
+    loop {
+        let r = c.request("GET", &path, None).unwrap();
+        assert_eq!(r.status, 200, "{}", r.body);
+        let rows = r.json();
+        let rows = rows.as_array().unwrap();
+        assert!(rows.len() <= 2);
+        seen.extend(
+            rows.iter()
+                .map(|t| t["call_id"].as_str().unwrap().to_owned()),
+        );
+        pages += 1;
+        match r.next_page() {
+            Some(next) => path = next.to_owned(),
+            None => break,
+        }
+    }
+    let mut expected: Vec<String> = ids.iter().map(|s| (*s).to_owned()).collect();
+    expected.sort();
+    assert_eq!(seen, expected);
+    assert_eq!(pages, 3);
+    for bad in ["limit=0", "limit=10001", "limit=x", "colour=red"] {
+        let r = c
+            .request("GET", &format!("/api/v1/tunnels?{bad}"), None)
+            .unwrap();
+        assert_eq!(r.status, 400, "{bad}");
+        assert!(r.json()["error"].is_string());
+    }
+    let r = c
+        .request("GET", "/api/v1/registrations?limit=1", None)
+        .unwrap();
+    assert_eq!((r.status, r.next_page()), (200, None));
+}
+
 fn admin_setup(extra: &str) -> (crate::sasl::Setup, SocketAddr) {
     let s = setup(&format!("[admin]\nlisten = \"127.0.0.1:0\"\n{extra}"));
     let a = s.gw.admin.expect("admin listener");

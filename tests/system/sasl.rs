@@ -81,9 +81,15 @@ pub struct Setup {
 
 /// A gateway that trusts nobody, with users alice (sip:alice@partner.example) and vpn.
 pub fn setup(extra: &str) -> Setup {
+    setup_with(extra, |_| {})
+}
+
+/// As [`setup`], with `prepare` run on the seeded store before the gateway starts.
+pub fn setup_with(extra: &str, prepare: impl FnOnce(&Path)) -> Setup {
     let dir = TempDir::new("sasl");
     let store_path = dir.path().join("store.sqlite");
     seed(&store_path);
+    prepare(&store_path);
     let key = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
     std::fs::write(dir.path().join("cert.pem"), key.cert.pem()).unwrap();
     std::fs::write(dir.path().join("key.pem"), key.signing_key.serialize_pem()).unwrap();

@@ -39,6 +39,18 @@ impl HttpResponse {
     pub fn json(&self) -> Value {
         serde_json::from_str(&self.body).unwrap_or(Value::Null)
     }
+
+    /// The target of a `Link: <...>; rel="next"` header (RFC 8288): the next listing page.
+    pub fn next_page(&self) -> Option<&str> {
+        let link = self.header("link")?;
+        link.split(',').find_map(|l| {
+            let (target, params) = l.trim().split_once(';')?;
+            let is_next = params
+                .split(';')
+                .any(|p| p.trim().eq_ignore_ascii_case("rel=\"next\""));
+            is_next.then(|| target.trim().trim_start_matches('<').trim_end_matches('>'))
+        })
+    }
 }
 
 /// Sends one HTTP/1.1 request and reads the whole response.

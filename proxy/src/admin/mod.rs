@@ -3,10 +3,15 @@
 //! | method and path | role | what |
 //! |---|---|---|
 //! | `GET /api/v1/status` | read-only | counts: transactions, tunnels, registrations, pending SASL, connections |
-//! | `GET /api/v1/tunnels` | read-only | the tunnel table |
+//! | `GET /api/v1/tunnels` | read-only | the tunnel table, one page (see below) |
 //! | `DELETE /api/v1/tunnels/{call-id}` | admin | BYE both ways (the endpoint removes its peer), entry removed |
-//! | `GET /api/v1/registrations` | read-only | live bindings |
+//! | `GET /api/v1/registrations` | read-only | live bindings, one page |
 //! | `DELETE /api/v1/registrations/{aor}` | admin | remove an AOR's bindings |
+//!
+//! Listings page: `?limit=N` (1 to 10 000, default 1000) and `after=KEY` (the Call-ID or AOR
+//! the previous page ended with). The body is the page's JSON array; when more follows, a
+//! `Link: </api/v1/tunnels?after=KEY&limit=N>; rel="next"` header (RFC 8288) names the next
+//! page. The gateway's loop copies one page per request, whatever the table holds.
 //! | `GET /api/v1/users` | admin | SIP users (no key material) |
 //! | `POST /api/v1/users` `{"username","password","aors":[...]}` | admin | add a user |
 //! | `PUT /api/v1/users/{name}/password` `{"password"}` | admin | set a password |
@@ -48,9 +53,9 @@ use crate::store::{Admins, Role, Store};
 #[derive(Debug)]
 pub enum Command {
     Status(oneshot::Sender<Value>),
-    Tunnels(oneshot::Sender<Value>),
+    Tunnels(Page, oneshot::Sender<Listing>),
     Teardown(String, oneshot::Sender<Result<(), String>>),
-    Registrations(oneshot::Sender<Value>),
+    Registrations(Page, oneshot::Sender<Listing>),
     RemoveRegistration(String, oneshot::Sender<usize>),
     /// Reload the configuration (or the policy alone for the embedded default).
     Reload(oneshot::Sender<Result<String, String>>),
@@ -58,6 +63,45 @@ pub enum Command {
     /// (changes by the CLI arrive with the storage worker's next poll).
     UsersChanged,
 }
+
+/// Which part of a listing a request wants (`?after=KEY&limit=N`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Page {
+    pub after: Option<String>,
+    pub limit: usize,
+}
+
+/// Rows of a listing page per request when `limit` is not given, and the most allowed.
+pub const PAGE_DEFAULT: usize = 1000;
+pub const PAGE_MAX: usize = 10_000;
+
+impl Page {
+    /// Reads `after` and `limit` from a query string; other parameters are refused.
+    pub fn from_query(query: Option<&str>) -> Result<Page, String> {
+        let mut page = Page {
+            after: None,
+            limit: PAGE_DEFAULT,
+        };
+        for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            match k {
+                "after" => page.after = Some(percent_decode(v)),
+                "limit" => {
+                    page.limit = v
+                        .parse::<usize>()
+                        .ok()
+                        .filter(|n| (1..=PAGE_MAX).contains(n))
+                        .ok_or_else(|| format!("limit: a number from 1 to {PAGE_MAX}"))?;
+                }
+                other => return Err(format!("unknown query parameter {other:?}")),
+            }
+        }
+        Ok(page)
+    }
+}
+
+/// One page of a listing: its rows and the key of the last one when more follows.
+pub type Listing = (Value, Option<String>);
 
 /// Changes the log filter (installed by `main`; absent in embedded use).
 pub type LogControl = Arc<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
@@ -339,10 +383,37 @@ async fn handle(
             Some(v) => reply(StatusCode::OK, v, &[]),
             None => unavailable(),
         },
-        (&Method::GET, ["tunnels"]) => match ask(&state, Command::Tunnels).await {
-            Some(v) => reply(StatusCode::OK, v, &[]),
-            None => unavailable(),
-        },
+        (&Method::GET, [list @ ("tunnels" | "registrations")]) => {
+            match Page::from_query(req.uri().query()) {
+                Err(e) => reply(StatusCode::BAD_REQUEST, json!({ "error": e }), &[]),
+                Ok(page) => {
+                    let limit = page.limit;
+                    let listing = if *list == "tunnels" {
+                        ask(&state, |tx| Command::Tunnels(page, tx)).await
+                    } else {
+                        ask(&state, |tx| Command::Registrations(page, tx)).await
+                    };
+                    match listing {
+                        Some((rows, next)) => {
+                            let link: Vec<(&str, String)> = next
+                                .map(|key| {
+                                    (
+                                        "link",
+                                        format!(
+                                            "</api/v1/{list}?after={}&limit={limit}>; rel=\"next\"",
+                                            percent_encode(&key)
+                                        ),
+                                    )
+                                })
+                                .into_iter()
+                                .collect();
+                            reply(StatusCode::OK, rows, &link)
+                        }
+                        None => unavailable(),
+                    }
+                }
+            }
+        }
         (&Method::DELETE, ["tunnels", id]) => {
             match ask(&state, |tx| Command::Teardown((*id).to_owned(), tx)).await {
                 Some(Ok(())) => reply(StatusCode::OK, json!({"torn_down": id}), &[]),
@@ -350,10 +421,6 @@ async fn handle(
                 None => unavailable(),
             }
         }
-        (&Method::GET, ["registrations"]) => match ask(&state, Command::Registrations).await {
-            Some(v) => reply(StatusCode::OK, v, &[]),
-            None => unavailable(),
-        },
         (&Method::DELETE, ["registrations", aor]) => match ask(&state, |tx| {
             Command::RemoveRegistration((*aor).to_owned(), tx)
         })
@@ -534,22 +601,25 @@ fn store_result(r: Result<(), crate::store::StoreError>, ok: StatusCode) -> Resp
     }
 }
 
+/// A path segment or query value, percent-decoded (invalid UTF-8 replaced, never refused:
+/// the look-up that follows simply finds nothing).
 fn percent_decode(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'%' && i + 2 < b.len() {
-            if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 3], 16) {
-                out.push(v);
-                i += 3;
-                continue;
-            }
-        }
-        out.push(b[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
+    percent_encoding::percent_decode_str(s)
+        .decode_utf8_lossy()
+        .into_owned()
+}
+
+/// What a path segment or query value may carry unescaped (RFC 3986 unreserved, and `@`).
+const SEGMENT: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~')
+    .remove(b'@');
+
+/// Escapes a Call-ID, AOR or user name for a path segment or query value.
+pub fn percent_encode(s: &str) -> String {
+    percent_encoding::utf8_percent_encode(s, SEGMENT).to_string()
 }
 
 /// Serves the admin API (plain HTTP, or TLS with `acceptor`) until the task is dropped.
@@ -612,29 +682,30 @@ pub fn execute(proxy: &mut crate::core::Proxy, cmd: Command, connections: usize)
                 "connections": connections,
             }));
         }
-        Command::Tunnels(tx) => {
-            let list: Vec<Value> = proxy
-                .tunnels()
+        Command::Tunnels(page, tx) => {
+            let (tunnels, next) = proxy.tunnel_page(page.after.as_deref(), page.limit);
+            let list: Vec<Value> = tunnels
+                .into_iter()
                 .map(|t| {
                     json!({"call_id": t.call_id, "identity": t.identity, "from": t.from, "to": t.to, "prefixes": t.prefixes,
                            "pskmth": t.pskmth, "state": t.state.as_str(), "created": t.created_unix})
                 })
                 .collect();
-            let _ = tx.send(Value::Array(list));
+            let _ = tx.send((Value::Array(list), next));
         }
         Command::Teardown(id, tx) => {
             let _ = tx.send(proxy.teardown(&id, now));
         }
-        Command::Registrations(tx) => {
-            let list: Vec<Value> = proxy
-                .registration_list(now)
+        Command::Registrations(page, tx) => {
+            let (bindings, next) = proxy.registration_page(page.after.as_deref(), page.limit, now);
+            let list: Vec<Value> = bindings
                 .into_iter()
                 .map(|(aor, b)| {
                     json!({"aor": aor, "contact": b.contact, "transport": b.transport.to_string(), "source": b.remote.to_string(),
                            "expires_in": b.expires.saturating_duration_since(now).as_secs()})
                 })
                 .collect();
-            let _ = tx.send(Value::Array(list));
+            let _ = tx.send((Value::Array(list), next));
         }
         Command::RemoveRegistration(aor, tx) => {
             let _ = tx.send(proxy.remove_registration(&aor));
@@ -648,3 +719,34 @@ pub fn execute(proxy: &mut crate::core::Proxy, cmd: Command, connections: usize)
 }
 
 pub use crate::config::plain_http_allowed;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn page_queries() {
+        assert_eq!(
+            Page::from_query(None),
+            Ok(Page {
+                after: None,
+                limit: PAGE_DEFAULT
+            })
+        );
+        assert_eq!(
+            Page::from_query(Some("limit=2&after=sip%3Avpn%40org.example")),
+            Ok(Page {
+                after: Some("sip:vpn@org.example".into()),
+                limit: 2
+            })
+        );
+        for bad in ["limit=0", "limit=10001", "limit=-1", "limit=", "x=1"] {
+            assert!(Page::from_query(Some(bad)).is_err(), "{bad}");
+        }
+        // Escaping round trip, including bytes that are not UTF-8 boundaries when split.
+        for s in ["a b/c@d", "%aé", "t/e@x", "ü%"] {
+            assert_eq!(percent_decode(&percent_encode(s)), s);
+        }
+        assert_eq!(percent_decode("%aé%zz%4"), "%aé%zz%4");
+    }
+}

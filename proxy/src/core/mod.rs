@@ -350,9 +350,18 @@ impl Proxy {
         self.tunnels.len()
     }
 
-    /// The tunnel table.
+    /// The tunnel table, in Call-ID order (O(n): tests and tools).
     pub fn tunnels(&self) -> impl Iterator<Item = crate::tunnel::Tunnel> + '_ {
         self.tunnels.iter()
+    }
+
+    /// A page of the tunnel table (admin API; see `TunnelTable::page`).
+    pub fn tunnel_page(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> (Vec<crate::tunnel::Tunnel>, Option<String>) {
+        self.tunnels.page(after, limit)
     }
 
     /// The driver reports the TLS facts of a new connection (channel binding, client identity).

@@ -3,8 +3,9 @@
 //! the flow the REGISTER came on, with expiry, persisted in the store so that they survive a
 //! restart (RFC 3261 section 10.3, with the flow kept as RFC 5626 would).
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
+use std::ops::Bound;
 use std::time::{Duration, Instant, SystemTime};
 
 use super::auth::{aor_key, header_aor, may_present};
@@ -44,7 +45,8 @@ impl Binding {
 /// leave in order (bounded work per tick) and a running count: no operation scans the table.
 #[derive(Debug, Default)]
 pub struct Bindings {
-    by_aor: HashMap<String, Vec<Binding>>,
+    /// Ordered by AOR: the admin listing pages from a cursor.
+    by_aor: BTreeMap<String, Vec<Binding>>,
     /// (expiry, AOR, contact) of every binding, earliest first.
     expiry: BTreeSet<(Instant, String, String)>,
     total: usize,
@@ -133,19 +135,35 @@ impl Bindings {
         true
     }
 
-    /// Every live binding with its AOR (admin listing).
-    pub fn all(&self, now: Instant) -> Vec<(String, Binding)> {
-        let mut v: Vec<(String, Binding)> = self
+    /// The live bindings of at most `limit` AORs after the AOR `after` (from the start when
+    /// `None`), ordered by AOR, and the cursor of the next page when there is more:
+    /// O(log n + limit).
+    pub fn page(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+        now: Instant,
+    ) -> (Vec<(String, Binding)>, Option<String>) {
+        let start = after.map_or(Bound::Unbounded, Bound::Excluded);
+        let mut it = self
             .by_aor
-            .iter()
-            .flat_map(|(a, list)| {
+            .range::<str, _>((start, Bound::Unbounded))
+            .peekable();
+        let mut out = Vec::new();
+        let mut last = None;
+        for (aor, list) in it.by_ref().take(limit) {
+            out.extend(
                 list.iter()
                     .filter(|b| b.expires > now)
-                    .map(move |b| (a.clone(), b.clone()))
-            })
-            .collect();
-        v.sort_by(|a, b| a.0.cmp(&b.0));
-        v
+                    .map(|b| (aor.clone(), b.clone())),
+            );
+            last = Some(aor);
+        }
+        let next = match (it.peek(), last) {
+            (Some(_), Some(last)) => Some(last.clone()),
+            _ => None,
+        };
+        (out, next)
     }
 
     /// Removes every binding of an AOR, returning them.
@@ -277,9 +295,14 @@ impl Registrar {
         self.bindings.live(aor, now)
     }
 
-    /// Every live binding with its AOR (admin listing).
-    pub fn all(&self, now: Instant) -> Vec<(String, Binding)> {
-        self.bindings.all(now)
+    /// A page of live bindings ([`Bindings::page`]).
+    pub fn page(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+        now: Instant,
+    ) -> (Vec<(String, Binding)>, Option<String>) {
+        self.bindings.page(after, limit, now)
     }
 
     /// Removes every binding of an AOR; returns how many went.
@@ -476,9 +499,14 @@ impl Proxy {
         Ok(())
     }
 
-    /// Every live registration (admin API).
-    pub fn registration_list(&self, now: Instant) -> Vec<(String, Binding)> {
-        self.registrar.all(now)
+    /// A page of live registrations (admin API; see [`Bindings::page`]).
+    pub fn registration_page(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+        now: Instant,
+    ) -> (Vec<(String, Binding)>, Option<String>) {
+        self.registrar.page(after, limit, now)
     }
 
     /// Removes every binding of an AOR (admin API); returns how many went.
@@ -550,6 +578,37 @@ mod tests {
         assert!(b.remove("sip:a@x", "sip:2"));
         assert!(!b.remove("sip:a@x", "sip:2"));
         assert_eq!((b.count(), b.expiry.len(), b.by_aor.len()), (0, 0, 0));
+    }
+
+    #[test]
+    fn pages_go_by_aor_and_skip_expired_bindings() {
+        let t0 = Instant::now();
+        let mut b = Bindings::default();
+        for n in 0..5 {
+            let aor = format!("sip:u{n}@x");
+            b.upsert(
+                &aor,
+                binding("sip:1", t0 + Duration::from_secs(60), None, None),
+                4,
+            );
+            b.upsert(
+                &aor,
+                binding("sip:2", t0 + Duration::from_secs(5), None, None),
+                4,
+            );
+        }
+        let later = t0 + Duration::from_secs(10);
+        let (rows, next) = b.page(None, 2, later);
+        let aors: Vec<&str> = rows.iter().map(|(a, _)| a.as_str()).collect();
+        assert_eq!(
+            aors,
+            ["sip:u0@x", "sip:u1@x"],
+            "expired bindings not listed"
+        );
+        assert_eq!(next.as_deref(), Some("sip:u1@x"));
+        let (rows, next) = b.page(next.as_deref(), 10, t0);
+        assert_eq!(rows.len(), 6, "both bindings of three AORs");
+        assert_eq!(next, None);
     }
 
     #[test]
