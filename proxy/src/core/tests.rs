@@ -1736,7 +1736,7 @@ CSeq: 5 BYE\r\nContent-Length: 0\r\n\r\n",
                 assert!(!text.contains(addr), "{addr} leaked in:\n{text}");
             }
         }
-        let contact = NameAddr::parse(&ok.value_of(HeaderName::Contact).unwrap())
+        let contact = crate::sip::NameAddr::parse(&ok.value_of(HeaderName::Contact).unwrap())
             .unwrap()
             .uri
             .to_owned();

@@ -1,0 +1,559 @@
+//! The relay stage and the response side (RFC 3261 sections 16.4 to 16.10): Route
+//! pre-processing, the next hop, Via/Record-Route/Max-Forwards, client transactions per
+//! branch, the response context that picks the best answer (16.7), CANCEL of pending branches,
+//! ACK for 2xx, and responses synthesised for branches that time out or cannot be reached.
+
+use std::hash::{BuildHasher, Hasher};
+use std::time::Instant;
+
+use std::net::SocketAddr;
+
+use super::{admission, authorize, Clearance, LocalAddr, Proxy, Reject, SignedDialog};
+use crate::config::route;
+use crate::flow::{Destination, Flow, Transport};
+use crate::sip::values::split_list;
+use crate::sip::{build_response, HeaderName, Message, Method, NameAddr, Uri, Via};
+use crate::transaction::{build_cancel, TxId};
+
+#[derive(Debug)]
+pub(super) struct Branch {
+    pub(super) client: TxId,
+    pub(super) done: bool,
+    pub(super) cancel_pending: bool,
+    pub(super) provisional: bool,
+    /// The inside's Vias were not sent (topology hiding): restore them on responses.
+    pub(super) hidden_vias: bool,
+}
+
+/// Response context of a forwarded request (RFC 3261 16.7).
+#[derive(Debug)]
+pub(super) struct Context {
+    pub(super) request: Message,
+    pub(super) invite: bool,
+    pub(super) branches: Vec<Branch>,
+    pub(super) best: Option<(u16, Message)>,
+    pub(super) final_sent: bool,
+    pub(super) cancelled: bool,
+    /// `*-Authentication-Info` added to every final response of an authenticated request.
+    pub(super) auth_info: Option<(&'static str, String)>,
+    /// Set when the request is a tunnel the gateway authorised.
+    pub(super) tunnel: Option<authorize::TunnelCtx>,
+    /// When the request arrived (latency metrics).
+    pub(super) started: Instant,
+    pub(super) latency_recorded: bool,
+}
+
+impl Proxy {
+    pub(super) fn handle_cancel(
+        &mut self,
+        cancel_id: TxId,
+        invite_id: TxId,
+        cancel: &Message,
+        now: Instant,
+    ) {
+        let tag = self.new_tag();
+        let ok = build_response(cancel, 200, "OK", Some(&tag), &[]);
+        self.respond(cancel_id, 200, ok, now);
+        let Some(ctx) = self.contexts.get_mut(&invite_id) else {
+            return;
+        };
+        ctx.cancelled = true;
+        let mut to_cancel = Vec::new();
+        for b in ctx.branches.iter_mut().filter(|b| !b.done) {
+            if b.provisional {
+                to_cancel.push(b.client);
+            } else {
+                b.cancel_pending = true;
+            }
+        }
+        let no_branch = ctx.branches.is_empty();
+        for tx in to_cancel {
+            self.send_cancel(tx, now);
+        }
+        if no_branch && self.txl.server_awaits_final(invite_id) {
+            let tag = self.new_tag();
+            let resp = self
+                .contexts
+                .get(&invite_id)
+                .map(|c| build_response(&c.request, 487, "Request Terminated", Some(&tag), &[]));
+            if let Some(resp) = resp {
+                self.finish(invite_id, 487, resp, now);
+            }
+        }
+    }
+
+    /// Sends a CANCEL for the client INVITE transaction `tx` (RFC 3261 9.1).
+    pub(super) fn send_cancel(&mut self, tx: TxId, now: Instant) {
+        let Some(request) = self.txl.client_request(tx).cloned() else {
+            return;
+        };
+        let Some((dest, reliable)) = self.txl.client_dest(tx) else {
+            return;
+        };
+        let Ok(invite) = Message::parse(request, &self.cfg.limits) else {
+            return;
+        };
+        let branch = invite
+            .top_via_value()
+            .and_then(|v| Via::parse(&v).and_then(|v| v.branch()).map(str::to_owned));
+        if let Some(branch) = branch {
+            let cancel = build_cancel(&invite);
+            self.txl
+                .start_client(cancel, Method::Cancel, &branch, dest, reliable, now);
+        }
+    }
+
+    /// Stateless forwarding of an ACK for a 2xx along the route set (16.11).
+    pub(super) fn forward_ack(&mut self, mut msg: Message, flow: Flow) {
+        // Only in a dialog this gateway signed (the proof is what matters here; an ACK has no
+        // transaction to relay through).
+        let Ok(Some(_signed)) = self.preprocess_routes(&mut msg) else {
+            return;
+        };
+        if self.reveal_request_uri(&mut msg).is_err() {
+            return;
+        }
+        self.tunnel_in_dialog(&mut msg);
+        let Ok(dest) = self.next_hop(&mut msg) else {
+            return;
+        };
+        if self.hides_towards(&flow, &dest) {
+            self.hide_request(&mut msg, &dest);
+        }
+        let incoming_branch = msg
+            .top_via_value()
+            .and_then(|v| Via::parse(&v).and_then(|v| v.branch()).map(str::to_owned))
+            .unwrap_or_default();
+        let mut h = self.hasher.build_hasher();
+        h.write(incoming_branch.as_bytes());
+        let branch = format!("z9hG4bK{:x}a{:016x}", self.branch_salt, h.finish());
+        self.add_via_and_forwarding_headers(&mut msg, &dest, &branch);
+        self.stats.forwarded += 1;
+        self.txl.send_stateless(dest, msg.serialize());
+    }
+
+    /// Removes the Route entries that name this gateway (16.4); returns the proof when one of
+    /// them carried a valid dialog MAC. A strict router's Request-URI pointing at us is replaced
+    /// by the last Route entry.
+    pub(super) fn preprocess_routes(
+        &mut self,
+        msg: &mut Message,
+    ) -> Result<Option<SignedDialog>, Reject> {
+        let mut signed = None;
+        // Strict-router case: the Request-URI is one of our Record-Route URIs.
+        if let Some(ruri) = msg.request_uri().map(|u| u.into_owned()) {
+            if let Ok(u) = Uri::parse(&ruri) {
+                if u.user.is_none() && self.router.is_local_hostport(&u) && u.param("gh").is_some()
+                {
+                    let mac = u.param("gh").unwrap_or_default();
+                    signed = signed.or(SignedDialog::verify(&self.cfg.dialog_key, msg, mac));
+                    let routes = msg.list_values(HeaderName::Route);
+                    if let Some(last) = routes.last() {
+                        let na = NameAddr::parse(last).ok_or(Reject::Malformed(
+                            crate::sip::ParseError::Malformed(HeaderName::Route),
+                        ))?;
+                        let new_uri = na.uri.to_owned();
+                        self.remove_route_element(msg, routes.len() - 1);
+                        msg.set_request_uri(&new_uri);
+                    }
+                }
+            }
+        }
+        // Loose routing: pop every leading Route entry that is ours (double Record-Route
+        // leaves two).
+        while let Some(first) = msg.list_values(HeaderName::Route).into_iter().next() {
+            let na = NameAddr::parse(&first).ok_or(Reject::Malformed(
+                crate::sip::ParseError::Malformed(HeaderName::Route),
+            ))?;
+            let Ok(u) = Uri::parse(na.uri) else {
+                return Err(Reject::Malformed(crate::sip::ParseError::Malformed(
+                    HeaderName::Route,
+                )));
+            };
+            if !self.router.is_local_hostport(&u) {
+                break;
+            }
+            if let Some(mac) = u.param("gh") {
+                signed = signed.or(SignedDialog::verify(&self.cfg.dialog_key, msg, mac));
+            }
+            self.remove_route_element(msg, 0);
+        }
+        Ok(signed)
+    }
+
+    /// Removes the `n`-th element of the Route list, editing multi-value lines.
+    pub(super) fn remove_route_element(&self, msg: &mut Message, n: usize) {
+        let mut seen = 0;
+        let fields: Vec<usize> = msg.fields(HeaderName::Route).map(|(i, _)| i).collect();
+        for idx in fields {
+            let value = msg.value(idx).into_owned();
+            let items: Vec<&str> = split_list(&value).collect();
+            if n < seen + items.len() {
+                let keep: Vec<&str> = items
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, _)| seen + i != n)
+                    .map(|(_, s)| *s)
+                    .collect();
+                if keep.is_empty() {
+                    msg.remove(idx);
+                } else {
+                    msg.replace_value(idx, keep.join(", "));
+                }
+                return;
+            }
+            seen += items.len();
+        }
+    }
+
+    /// The next hop of a request after Route pre-processing (16.6 items 6 and 7).
+    pub(super) fn next_hop(&self, msg: &mut Message) -> Result<Destination, Reject> {
+        let routes = msg.list_values(HeaderName::Route);
+        let bad_route = || Reject::Malformed(crate::sip::ParseError::Malformed(HeaderName::Route));
+        if let Some(first) = routes.first() {
+            let na = NameAddr::parse(first).ok_or_else(bad_route)?;
+            let uri = Uri::parse(na.uri).map_err(|_| bad_route())?;
+            if uri.param("lr").is_none() {
+                // Strict router next: it wants its URI as Request-URI.
+                let ruri = msg.request_uri().unwrap_or_default().into_owned();
+                let route_uri = na.uri.to_owned();
+                let dest = route::destination_of(&uri, Transport::Udp);
+                self.remove_route_element(msg, 0);
+                msg.push(HeaderName::Route, format!("<{ruri}>"));
+                msg.set_request_uri(&route_uri);
+                return Ok(dest);
+            }
+            return Ok(route::destination_of(&uri, Transport::Udp));
+        }
+        let ruri = msg.request_uri().unwrap_or_default().into_owned();
+        let uri =
+            Uri::parse(&ruri).map_err(|_| Reject::Malformed(crate::sip::ParseError::RequestUri))?;
+        Ok(route::destination_of(&uri, Transport::Udp))
+    }
+
+    /// Forwards the request to each target (parallel forking); an empty Request-URI keeps it.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn relay(
+        &mut self,
+        id: TxId,
+        msg: Message,
+        flow: Flow,
+        targets: Vec<(String, Destination)>,
+        loop_hash: u32,
+        clearance: Clearance,
+        now: Instant,
+    ) -> Result<(), Reject> {
+        let record_route = clearance.record_route(msg.method());
+        tracing::trace!(on_behalf_of = clearance.identity(), "relay");
+        let method = msg.method().unwrap_or(Method::Other);
+        if method == Method::Invite {
+            // Built from the stored request by reference: no copy of the message per INVITE.
+            let trying = self
+                .contexts
+                .get(&id)
+                .map(|c| build_response(&c.request, 100, "Trying", None, &[]));
+            if let Some(trying) = trying {
+                self.respond(id, 100, trying, now);
+            }
+        }
+        let last = targets.len().saturating_sub(1);
+        let mut msg = Some(msg);
+        for (n, (ruri, dest)) in targets.into_iter().enumerate() {
+            // The last branch takes the message itself; the others a copy.
+            let mut branch_msg =
+                if n == last { msg.take() } else { msg.clone() }.ok_or(Reject::NotFound)?;
+            if !ruri.is_empty() {
+                branch_msg.set_request_uri(&ruri);
+            }
+            if record_route {
+                self.add_record_route(&mut branch_msg, &flow, &dest);
+            }
+            let hidden_vias = self.hides_towards(&flow, &dest);
+            if hidden_vias {
+                self.hide_request(&mut branch_msg, &dest);
+            }
+            self.branch_counter += 1;
+            let branch = format!(
+                "z9hG4bK{:08x}{:x}.{:08x}",
+                self.branch_salt, self.branch_counter, loop_hash
+            );
+            self.add_via_and_forwarding_headers(&mut branch_msg, &dest, &branch);
+            let reliable = dest_transport(&dest).is_reliable();
+            let bytes = branch_msg.serialize();
+            let client = self
+                .txl
+                .start_client(bytes, method, &branch, dest, reliable, now);
+            self.branch_of.insert(client, id);
+            if let Some(ctx) = self.contexts.get_mut(&id) {
+                ctx.branches.push(Branch {
+                    client,
+                    done: false,
+                    cancel_pending: false,
+                    provisional: false,
+                    hidden_vias,
+                });
+            }
+            self.stats.forwarded += 1;
+        }
+        Ok(())
+    }
+
+    pub(super) fn add_via_and_forwarding_headers(
+        &self,
+        msg: &mut Message,
+        dest: &Destination,
+        branch: &str,
+    ) {
+        let local = self.router.local_for(dest);
+        let via = format!(
+            "SIP/2.0/{} {}:{};branch={branch}",
+            local.transport.via_token(),
+            local.host,
+            local.port
+        );
+        match msg.position_of(HeaderName::MaxForwards) {
+            Some(idx) => {
+                let mf = msg.max_forwards().unwrap_or(70).saturating_sub(1);
+                msg.replace_value(idx, mf.to_string());
+            }
+            None => msg.push(HeaderName::MaxForwards, "70".into()),
+        }
+        msg.insert(0, HeaderName::Via, via);
+    }
+
+    /// Adds our Record-Route entry, or two when the request changes transport or address
+    /// family (the outbound-facing entry on top), each signed with the dialog MAC.
+    pub(super) fn add_record_route(&self, msg: &mut Message, flow: &Flow, dest: &Destination) {
+        let inbound = self.router.local_for_flow(flow);
+        let outbound = self.router.local_for(dest);
+        let mac = admission::dialog_mac(
+            &self.cfg.dialog_key,
+            &msg.call_id(),
+            msg.tag(HeaderName::From).as_deref().unwrap_or(""),
+        );
+        let pos = msg.position_of(HeaderName::RecordRoute).unwrap_or(0);
+        msg.insert(pos, HeaderName::RecordRoute, rr_value(inbound, &mac));
+        if outbound != inbound {
+            msg.insert(pos, HeaderName::RecordRoute, rr_value(outbound, &mac));
+        }
+    }
+
+    // ===== responses =====
+
+    pub(super) fn handle_response(&mut self, mut msg: Message, now: Instant) {
+        let Some(client) = self.txl.on_response(&msg, now) else {
+            self.stats.stray_responses += 1;
+            return;
+        };
+        let status = msg.status().unwrap_or(500);
+        let server = self.branch_of.get(&client).copied();
+        let ctx = server.and_then(|s| self.contexts.get(&s));
+        let hidden_vias = ctx.is_some_and(|c| {
+            c.branches
+                .iter()
+                .any(|b| b.client == client && b.hidden_vias)
+        });
+        // 16.7 item 3: remove our Via (and put back the inside's, when they were hidden).
+        let more = remove_top_via(&mut msg);
+        if hidden_vias {
+            if let Some(c) = ctx {
+                Self::restore_vias(&c.request, &mut msg);
+            }
+        } else if !more {
+            return;
+        }
+        let Some(server) = server else {
+            // Context gone (only 2xx retransmissions can get here): forward statelessly.
+            if (200..300).contains(&status) {
+                if let Some(clean) = crate::tunnel::sdp::strip_psk(msg.body()) {
+                    msg.set_body(clean.into());
+                }
+                if let Some(dest) = via_destination(&msg) {
+                    if self.cfg.hide_topology && !self.dest_inside(&dest) {
+                        let inbound = self.router.local_for(&dest).clone();
+                        self.hide_response(&inbound, &mut msg);
+                    }
+                    self.txl.send_stateless(dest, msg.serialize());
+                }
+            }
+            return;
+        };
+        if status == 100 {
+            return;
+        }
+        self.tunnel_response(server, client, status, &mut msg, now);
+        if let Some(to) = self.txl.server_flow(server) {
+            if self.hides_response_to(&to) {
+                let inbound = self.router.local_for_flow(&to).clone();
+                self.hide_response(&inbound, &mut msg);
+            }
+        }
+        self.on_branch_response(server, client, status, msg, now);
+    }
+
+    pub(super) fn on_branch_response(
+        &mut self,
+        server: TxId,
+        client: TxId,
+        status: u16,
+        mut resp: Message,
+        now: Instant,
+    ) {
+        let mut cancel_now = Vec::new();
+        let Some(ctx) = self.contexts.get_mut(&server) else {
+            return;
+        };
+        let Some(branch) = ctx.branches.iter_mut().find(|b| b.client == client) else {
+            return;
+        };
+        if status < 200 {
+            branch.provisional = true;
+            if branch.cancel_pending {
+                branch.cancel_pending = false;
+                cancel_now.push(client);
+            }
+            if !ctx.final_sent {
+                self.respond(server, status, resp.serialize(), now);
+            }
+        } else if status < 300 {
+            branch.done = true;
+            // 2xx are forwarded at once, every one of them (16.7 item 5).
+            ctx.final_sent = true;
+            if ctx.invite {
+                cancel_now.extend(
+                    ctx.branches
+                        .iter()
+                        .filter(|b| !b.done && b.client != client)
+                        .map(|b| b.client),
+                );
+            }
+            if let Some((name, value)) = &ctx.auth_info {
+                resp.insert_named(usize::MAX, HeaderName::Other, name, value.clone());
+            }
+            self.respond(server, status, resp.serialize(), now);
+        } else {
+            branch.done = true;
+            if status >= 600 && ctx.invite {
+                cancel_now.extend(ctx.branches.iter().filter(|b| !b.done).map(|b| b.client));
+            }
+            let better = match &ctx.best {
+                None => true,
+                Some((best, _)) => response_rank(status) < response_rank(*best),
+            };
+            if better {
+                ctx.best = Some((status, resp));
+            }
+            self.maybe_send_best(server, now);
+        }
+        for tx in cancel_now {
+            self.send_cancel(tx, now);
+        }
+    }
+
+    /// Sends the best final response once every branch is done (16.7 item 6).
+    pub(super) fn maybe_send_best(&mut self, server: TxId, now: Instant) {
+        let Some(ctx) = self.contexts.get_mut(&server) else {
+            return;
+        };
+        if ctx.final_sent || ctx.branches.iter().any(|b| !b.done) {
+            return;
+        }
+        if let Some((status, mut resp)) = ctx.best.take() {
+            ctx.final_sent = true;
+            if let Some(t) = &ctx.tunnel {
+                self.tunnels.remove(&t.call_id, &t.caller_tag);
+            }
+            if let Some((name, value)) = &ctx.auth_info {
+                resp.insert_named(usize::MAX, HeaderName::Other, name, value.clone());
+            }
+            self.respond(server, status, resp.serialize(), now);
+        }
+    }
+
+    /// A branch ended without a response (timeout, unreachable): behave as if `reject`'s
+    /// response had arrived from it.
+    pub(super) fn branch_failed(&mut self, client: TxId, reject: Reject, now: Instant) {
+        let Some(&server) = self.branch_of.get(&client) else {
+            return;
+        };
+        let Some(ctx) = self.contexts.get(&server) else {
+            return;
+        };
+        if ctx.branches.iter().any(|b| b.client == client && b.done) {
+            return;
+        }
+        let (code, reason, _) = reject.response();
+        let request = ctx.request.clone();
+        let tag = self.new_tag();
+        let bytes = build_response(&request, code, reason, Some(&tag), &[]);
+        if let Ok(resp) = Message::parse(bytes, &self.cfg.limits) {
+            self.on_branch_response(server, client, code, resp, now);
+        }
+    }
+}
+
+fn rr_value(local: &LocalAddr, mac: &str) -> String {
+    let transport = match local.transport.uri_param() {
+        Some(t) => format!(";transport={t}"),
+        None => String::new(),
+    };
+    format!("<sip:{}:{}{transport};lr;gh={mac}>", local.host, local.port)
+}
+
+fn dest_transport(dest: &Destination) -> Transport {
+    match dest {
+        Destination::Flow(f) => f.transport,
+        Destination::Addr { transport, .. } | Destination::Name { transport, .. } => *transport,
+    }
+}
+
+/// Ranking for best-response selection: 6xx first, then the lowest class (16.7 item 6).
+fn response_rank(status: u16) -> u16 {
+    match status {
+        600..=699 => 0,
+        s => s,
+    }
+}
+
+/// Removes the topmost Via value; false when no Via remains (the response was for us).
+fn remove_top_via(msg: &mut Message) -> bool {
+    let Some((idx, _)) = msg.fields(HeaderName::Via).next() else {
+        return false;
+    };
+    let value = msg.value(idx).into_owned();
+    let rest: Vec<&str> = split_list(&value).skip(1).collect();
+    if rest.is_empty() {
+        msg.remove(idx);
+    } else {
+        msg.replace_value(idx, rest.join(", "));
+    }
+    msg.position_of(HeaderName::Via).is_some()
+}
+
+/// Destination of a response from its top Via (18.2.2), for stateless forwarding.
+fn via_destination(msg: &Message) -> Option<Destination> {
+    let top = msg.top_via_value()?;
+    let via = Via::parse(&top)?;
+    let transport = Transport::from_token(via.transport)?;
+    let port = via
+        .param("rport")
+        .and_then(|p| p.parse().ok())
+        .or(via.port)
+        .unwrap_or(transport.default_port());
+    let ip = via
+        .param("received")
+        .and_then(crate::sip::uri::host_ip)
+        .or_else(|| crate::sip::uri::host_ip(via.host));
+    Some(match ip {
+        Some(ip) => Destination::Addr {
+            transport,
+            addr: SocketAddr::new(ip, port),
+            server_name: None,
+        },
+        None => Destination::Name {
+            transport,
+            host: via.host.into(),
+            port,
+        },
+    })
+}
