@@ -275,7 +275,7 @@ impl Proxy {
         };
         let to_aor = tunnel.to.clone();
         self.tunnels.insert(tunnel);
-        if let Some(ctx) = self.contexts.get_mut(&id) {
+        if let Some(ctx) = self.fwd.context_mut(id) {
             ctx.tunnel = Some(TunnelCtx {
                 call_id,
                 caller_tag,
@@ -320,7 +320,7 @@ impl Proxy {
         resp: &mut Message,
         now: Instant,
     ) {
-        let ctx = self.contexts.get(&server).and_then(|c| c.tunnel.clone());
+        let ctx = self.fwd.context(server).and_then(|c| c.tunnel.clone());
         if let Some(t) = &ctx {
             if (200..300).contains(&status) {
                 if let Ok(Some(mut answer)) = WgSdp::parse(resp.body()) {
@@ -340,7 +340,7 @@ impl Proxy {
                     resp.set_body(answer.to_bytes().into());
                 }
                 let callee_tag = resp.tag(HeaderName::To);
-                if let Some(ctx) = self.contexts.get(&server) {
+                if let Some(ctx) = self.fwd.context(server) {
                     self.metrics
                         .tunnel_setup
                         .observe(now.saturating_duration_since(ctx.started).as_secs_f64());
@@ -417,11 +417,7 @@ impl Proxy {
             return Err("the tunnel is not established".into());
         };
         for (to, from) in [(callee, caller), (caller, callee)] {
-            self.branch_counter += 1;
-            let branch = format!(
-                "z9hG4bK{:08x}{:x}.td",
-                self.branch_salt, self.branch_counter
-            );
+            let branch = self.fwd.next_branch("td");
             let dest = Destination::Addr {
                 transport: to.transport,
                 addr: to.addr,

@@ -191,12 +191,8 @@ const ALLOW: &str = "INVITE, ACK, CANCEL, BYE, OPTIONS, UPDATE, INFO, PRACK, NOT
 pub struct Proxy {
     cfg: CoreConfig,
     txl: TransactionLayer,
-    /// Boxed: growing the map moves small slots, not whole contexts (see `TransactionLayer`).
-    contexts: HashMap<TxId, Box<Context>>,
-    branch_of: HashMap<TxId, TxId>,
-    hasher: std::collections::hash_map::RandomState,
-    branch_salt: u32,
-    branch_counter: u64,
+    /// The relay's state: response contexts, branches, branch IDs.
+    fwd: relay::Forwarding,
     /// Tags and salts (seeded from `CoreConfig::seed`).
     rng: rand::rngs::StdRng,
     draining: bool,
@@ -277,12 +273,8 @@ impl Proxy {
             clock,
             cfg,
             txl,
-            contexts: HashMap::new(),
-            branch_of: HashMap::new(),
-            hasher: Default::default(),
-            branch_salt: rng.random(),
+            fwd: relay::Forwarding::new(rng.random()),
             rng,
-            branch_counter: 0,
             draining: false,
             stats: CoreStats::default(),
         };
@@ -390,7 +382,7 @@ impl Proxy {
                 .inc();
         }
         if status >= 200 {
-            if let Some(ctx) = self.contexts.get_mut(&id) {
+            if let Some(ctx) = self.fwd.context_mut(id) {
                 if ctx.invite && !ctx.latency_recorded {
                     ctx.latency_recorded = true;
                     self.metrics
@@ -502,8 +494,7 @@ impl Proxy {
         self.ratelimit.sweep(now, 4096);
         self.banned_sources = self.ratelimit.banned(now);
         self.stateless.expire(now);
-        shrink_idle(&mut self.contexts);
-        shrink_idle(&mut self.branch_of);
+        self.fwd.shrink();
         self.txl.shrink();
     }
 
@@ -625,7 +616,7 @@ impl Proxy {
     pub fn handle_transport_error(&mut self, tx: TxId, now: Instant) {
         if self.txl.transport_error(tx) {
             self.branch_failed(tx, Reject::Unreachable, now);
-            self.branch_of.remove(&tx);
+            self.fwd.forget_branch(tx);
         }
     }
 
@@ -645,7 +636,7 @@ impl Proxy {
             match ev {
                 TxEvent::Timeout(tx) => {
                     self.branch_failed(tx, Reject::Timeout, now);
-                    self.branch_of.remove(&tx);
+                    self.fwd.forget_branch(tx);
                 }
                 TxEvent::TimerC { tx, provisional } => {
                     // 16.8: CANCEL a branch that answered provisionally, and in either case
@@ -657,14 +648,14 @@ impl Proxy {
                     }
                     self.branch_failed(tx, Reject::Timeout, now);
                     if !provisional {
-                        self.branch_of.remove(&tx);
+                        self.fwd.forget_branch(tx);
                     }
                 }
                 TxEvent::ServerGone(id) => {
-                    self.contexts.remove(&id);
+                    self.fwd.close(id);
                 }
                 TxEvent::ClientGone(id) => {
-                    self.branch_of.remove(&id);
+                    self.fwd.forget_branch(id);
                 }
             }
         }
@@ -738,9 +729,9 @@ impl Proxy {
         let Some(id) = key.and_then(|k| self.txl.create_server(k, &msg, response_flow)) else {
             return;
         };
-        self.contexts.insert(
+        self.fwd.open(
             id,
-            Box::new(Context {
+            Context {
                 request: msg.clone(),
                 invite: method == Method::Invite,
                 branches: Vec::new(),
@@ -751,7 +742,7 @@ impl Proxy {
                 tunnel: None,
                 started: now,
                 latency_recorded: false,
-            }),
+            },
         );
         let result = match admitted {
             Admitted::Cancel(invite) => {
@@ -770,7 +761,7 @@ impl Proxy {
         if let Err(reject) = result {
             self.stats.rejected += 1;
             tracing::debug!(%reject, "request rejected");
-            if let Some(req) = self.contexts.get(&id).map(|c| c.request.clone()) {
+            if let Some(req) = self.fwd.context(id).map(|c| c.request.clone()) {
                 self.reply(id, &req, reject, now);
             }
         }
@@ -937,7 +928,7 @@ impl Proxy {
     }
 
     fn auth_info(&self, id: TxId) -> Option<(&'static str, String)> {
-        self.contexts.get(&id).and_then(|c| c.auth_info.clone())
+        self.fwd.context(id).and_then(|c| c.auth_info.clone())
     }
 
     fn reply(&mut self, id: TxId, req: &Message, reject: Reject, now: Instant) {
@@ -954,7 +945,7 @@ impl Proxy {
 
     fn finish(&mut self, id: TxId, code: u16, resp: Bytes, now: Instant) {
         self.respond(id, code, resp, now);
-        if let Some(ctx) = self.contexts.get_mut(&id) {
+        if let Some(ctx) = self.fwd.context_mut(id) {
             ctx.final_sent = true;
         }
     }
@@ -1013,7 +1004,7 @@ impl Proxy {
 
     /// The loop-detection hash of 16.6 item 8 over the fields that change on a spiral.
     fn loop_hash(&self, msg: &Message) -> u32 {
-        let mut h = self.hasher.build_hasher();
+        let mut h = self.fwd.hasher().build_hasher();
         h.write(msg.request_uri().unwrap_or_default().as_bytes());
         h.write(msg.tag(HeaderName::From).unwrap_or_default().as_bytes());
         h.write(msg.tag(HeaderName::To).unwrap_or_default().as_bytes());

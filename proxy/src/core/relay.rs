@@ -3,6 +3,8 @@
 //! branch, the response context that picks the best answer (16.7), CANCEL of pending branches,
 //! ACK for 2xx, and responses synthesised for branches that time out or cannot be reached.
 
+use std::collections::hash_map::RandomState;
+use std::collections::HashMap;
 use std::hash::{BuildHasher, Hasher};
 use std::time::Instant;
 
@@ -43,6 +45,95 @@ pub(super) struct Context {
     pub(super) latency_recorded: bool,
 }
 
+/// The relay's state (RFC 3261 16.7): the response context of every server transaction
+/// the gateway forwards for, which server transaction each client transaction (branch)
+/// belongs to, and the branch IDs it writes. Contexts leave with their server transaction,
+/// branches with their client transaction: nothing here outlives the transaction layer.
+#[derive(Debug)]
+pub(super) struct Forwarding {
+    /// Boxed: growing the map moves small slots, not whole contexts (see `TransactionLayer`).
+    contexts: HashMap<TxId, Box<Context>>,
+    branch_of: HashMap<TxId, TxId>,
+    hasher: RandomState,
+    salt: u32,
+    counter: u64,
+}
+
+impl Forwarding {
+    /// `salt` makes this process's branch IDs its own (from the core's seeded generator).
+    pub(super) fn new(salt: u32) -> Self {
+        Forwarding {
+            contexts: HashMap::new(),
+            branch_of: HashMap::new(),
+            hasher: RandomState::new(),
+            salt,
+            counter: 0,
+        }
+    }
+
+    /// A server transaction the gateway will forward for (or answer itself).
+    pub(super) fn open(&mut self, server: TxId, ctx: Context) {
+        self.contexts.insert(server, Box::new(ctx));
+    }
+
+    pub(super) fn context(&self, server: TxId) -> Option<&Context> {
+        self.contexts.get(&server).map(|c| &**c)
+    }
+
+    pub(super) fn context_mut(&mut self, server: TxId) -> Option<&mut Context> {
+        self.contexts.get_mut(&server).map(|c| &mut **c)
+    }
+
+    /// The server transaction ended: its context goes.
+    pub(super) fn close(&mut self, server: TxId) {
+        self.contexts.remove(&server);
+    }
+
+    /// A branch forwarded for `server`.
+    pub(super) fn add_branch(&mut self, server: TxId, branch: Branch) {
+        if let Some(ctx) = self.contexts.get_mut(&server) {
+            self.branch_of.insert(branch.client, server);
+            ctx.branches.push(branch);
+        }
+    }
+
+    /// The server transaction a branch belongs to.
+    pub(super) fn server_of(&self, client: TxId) -> Option<TxId> {
+        self.branch_of.get(&client).copied()
+    }
+
+    /// The client transaction ended (or failed): responses for it no longer map anywhere.
+    pub(super) fn forget_branch(&mut self, client: TxId) {
+        self.branch_of.remove(&client);
+    }
+
+    /// A fresh RFC 3261 branch ID (magic cookie, salt, counter) ending in `.suffix` (the loop
+    /// hash of 16.6 item 8, or a tag of the sender).
+    pub(super) fn next_branch(&mut self, suffix: &str) -> String {
+        self.counter += 1;
+        format!("z9hG4bK{:08x}{:x}.{suffix}", self.salt, self.counter)
+    }
+
+    /// The branch ID for a request forwarded statelessly: a function of the incoming branch,
+    /// so that a retransmission is forwarded with the same ID (16.11).
+    pub(super) fn stateless_branch(&self, incoming: &str) -> String {
+        let mut h = self.hasher.build_hasher();
+        h.write(incoming.as_bytes());
+        format!("z9hG4bK{:x}a{:016x}", self.salt, h.finish())
+    }
+
+    /// The keyed hasher of this process (loop detection).
+    pub(super) fn hasher(&self) -> &RandomState {
+        &self.hasher
+    }
+
+    /// Gives memory back once a flood has drained.
+    pub(super) fn shrink(&mut self) {
+        super::shrink_idle(&mut self.contexts);
+        super::shrink_idle(&mut self.branch_of);
+    }
+}
+
 impl Proxy {
     pub(super) fn handle_cancel(
         &mut self,
@@ -54,7 +145,7 @@ impl Proxy {
         let tag = self.new_tag();
         let ok = build_response(cancel, 200, "OK", Some(&tag), &[]);
         self.respond(cancel_id, 200, ok, now);
-        let Some(ctx) = self.contexts.get_mut(&invite_id) else {
+        let Some(ctx) = self.fwd.context_mut(invite_id) else {
             return;
         };
         ctx.cancelled = true;
@@ -73,8 +164,8 @@ impl Proxy {
         if no_branch && self.txl.server_awaits_final(invite_id) {
             let tag = self.new_tag();
             let resp = self
-                .contexts
-                .get(&invite_id)
+                .fwd
+                .context(invite_id)
                 .map(|c| build_response(&c.request, 487, "Request Terminated", Some(&tag), &[]));
             if let Some(resp) = resp {
                 self.finish(invite_id, 487, resp, now);
@@ -124,9 +215,7 @@ impl Proxy {
             .top_via_value()
             .and_then(|v| Via::parse(&v).and_then(|v| v.branch()).map(str::to_owned))
             .unwrap_or_default();
-        let mut h = self.hasher.build_hasher();
-        h.write(incoming_branch.as_bytes());
-        let branch = format!("z9hG4bK{:x}a{:016x}", self.branch_salt, h.finish());
+        let branch = self.fwd.stateless_branch(&incoming_branch);
         self.add_via_and_forwarding_headers(&mut msg, &dest, &branch);
         self.stats.forwarded += 1;
         self.txl.send_stateless(dest, msg.serialize());
@@ -249,8 +338,8 @@ impl Proxy {
         if method == Method::Invite {
             // Built from the stored request by reference: no copy of the message per INVITE.
             let trying = self
-                .contexts
-                .get(&id)
+                .fwd
+                .context(id)
                 .map(|c| build_response(&c.request, 100, "Trying", None, &[]));
             if let Some(trying) = trying {
                 self.respond(id, 100, trying, now);
@@ -272,27 +361,23 @@ impl Proxy {
             if hidden_vias {
                 self.hide_request(&mut branch_msg, &dest);
             }
-            self.branch_counter += 1;
-            let branch = format!(
-                "z9hG4bK{:08x}{:x}.{:08x}",
-                self.branch_salt, self.branch_counter, loop_hash
-            );
+            let branch = self.fwd.next_branch(&format!("{loop_hash:08x}"));
             self.add_via_and_forwarding_headers(&mut branch_msg, &dest, &branch);
             let reliable = dest_transport(&dest).is_reliable();
             let bytes = branch_msg.serialize();
             let client = self
                 .txl
                 .start_client(bytes, method, &branch, dest, reliable, now);
-            self.branch_of.insert(client, id);
-            if let Some(ctx) = self.contexts.get_mut(&id) {
-                ctx.branches.push(Branch {
+            self.fwd.add_branch(
+                id,
+                Branch {
                     client,
                     done: false,
                     cancel_pending: false,
                     provisional: false,
                     hidden_vias,
-                });
-            }
+                },
+            );
             self.stats.forwarded += 1;
         }
         Ok(())
@@ -346,8 +431,8 @@ impl Proxy {
             return;
         };
         let status = msg.status().unwrap_or(500);
-        let server = self.branch_of.get(&client).copied();
-        let ctx = server.and_then(|s| self.contexts.get(&s));
+        let server = self.fwd.server_of(client);
+        let ctx = server.and_then(|s| self.fwd.context(s));
         let hidden_vias = ctx.is_some_and(|c| {
             c.branches
                 .iter()
@@ -400,7 +485,7 @@ impl Proxy {
         now: Instant,
     ) {
         let mut cancel_now = Vec::new();
-        let Some(ctx) = self.contexts.get_mut(&server) else {
+        let Some(ctx) = self.fwd.context_mut(server) else {
             return;
         };
         let Some(branch) = ctx.branches.iter_mut().find(|b| b.client == client) else {
@@ -452,7 +537,7 @@ impl Proxy {
 
     /// Sends the best final response once every branch is done (16.7 item 6).
     pub(super) fn maybe_send_best(&mut self, server: TxId, now: Instant) {
-        let Some(ctx) = self.contexts.get_mut(&server) else {
+        let Some(ctx) = self.fwd.context_mut(server) else {
             return;
         };
         if ctx.final_sent || ctx.branches.iter().any(|b| !b.done) {
@@ -473,10 +558,10 @@ impl Proxy {
     /// A branch ended without a response (timeout, unreachable): behave as if `reject`'s
     /// response had arrived from it.
     pub(super) fn branch_failed(&mut self, client: TxId, reject: Reject, now: Instant) {
-        let Some(&server) = self.branch_of.get(&client) else {
+        let Some(server) = self.fwd.server_of(client) else {
             return;
         };
-        let Some(ctx) = self.contexts.get(&server) else {
+        let Some(ctx) = self.fwd.context(server) else {
             return;
         };
         if ctx.branches.iter().any(|b| b.client == client && b.done) {
@@ -556,4 +641,78 @@ fn via_destination(msg: &Message) -> Option<Destination> {
             port,
         },
     })
+}
+
+// Tests start their clock somewhere real; the code under test only takes `now` as input.
+#[allow(clippy::disallowed_methods)]
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn context() -> Context {
+        let req = Message::parse(
+            bytes::Bytes::from_static(
+                b"OPTIONS sip:a@x SIP/2.0\r\nVia: SIP/2.0/UDP 192.0.2.1;branch=z9hG4bK1\r\n\
+From: <sip:b@x>;tag=1\r\nTo: <sip:a@x>\r\nCall-ID: c\r\nCSeq: 1 OPTIONS\r\nContent-Length: 0\r\n\r\n",
+            ),
+            &crate::sip::Limits::default(),
+        )
+        .unwrap();
+        Context {
+            request: req,
+            invite: false,
+            branches: Vec::new(),
+            best: None,
+            final_sent: false,
+            cancelled: false,
+            auth_info: None,
+            tunnel: None,
+            started: Instant::now(),
+            latency_recorded: false,
+        }
+    }
+
+    fn branch(client: TxId) -> Branch {
+        Branch {
+            client,
+            done: false,
+            cancel_pending: false,
+            provisional: false,
+            hidden_vias: false,
+        }
+    }
+
+    #[test]
+    fn branches_map_to_their_context_until_forgotten() {
+        let mut f = Forwarding::new(7);
+        f.add_branch(1, branch(10));
+        assert_eq!(f.server_of(10), None, "no context: no branch");
+        f.open(1, context());
+        f.add_branch(1, branch(10));
+        f.add_branch(1, branch(11));
+        assert_eq!((f.server_of(10), f.server_of(11)), (Some(1), Some(1)));
+        assert_eq!(f.context(1).map(|c| c.branches.len()), Some(2));
+        f.forget_branch(10);
+        assert_eq!(f.server_of(10), None);
+        f.close(1);
+        assert!(f.context(1).is_none());
+        f.shrink();
+    }
+
+    #[test]
+    fn branch_ids_are_rfc_3261_unique_and_stateless_ones_repeat() {
+        let mut f = Forwarding::new(0xabc);
+        let a = f.next_branch("0000002a");
+        let b = f.next_branch("0000002a");
+        assert!(a.starts_with("z9hG4bK") && a.ends_with(".0000002a"), "{a}");
+        assert_ne!(a, b);
+        let s1 = f.stateless_branch("z9hG4bKin");
+        assert_eq!(
+            s1,
+            f.stateless_branch("z9hG4bKin"),
+            "a retransmission keeps its ID"
+        );
+        assert_ne!(s1, f.stateless_branch("z9hG4bKother"));
+        assert!(s1.starts_with("z9hG4bK"));
+    }
 }
