@@ -18,6 +18,8 @@
 // The I/O side: sockets, the clock that feeds the core, the storage worker's channel.
 #![allow(clippy::disallowed_methods, clippy::disallowed_types)]
 
+pub mod batch;
+
 use std::collections::HashMap;
 use std::future::Future;
 use std::io;
@@ -355,6 +357,12 @@ pub struct Driver {
     proxy: Proxy,
     udp: Vec<Arc<UdpSocket>>,
     udp_local: Vec<SocketAddr>,
+    /// Datagrams to send per UDP socket, sent with one `sendmmsg` per socket at the end of
+    /// each loop turn ([`Driver::flush_udp`]).
+    udp_out: Vec<Vec<(SocketAddr, Bytes, Option<TxId>)>>,
+    /// Buffers of `recvmmsg` and the datagrams one read returned.
+    recv_bufs: batch::RecvBuffers,
+    received: Vec<(Bytes, SocketAddr)>,
     conns: HashMap<ConnId, ConnHandle>,
     by_remote: HashMap<(Transport, SocketAddr), ConnId>,
     settings: StreamSettings,
@@ -460,7 +468,10 @@ impl Driver {
         Ok(Driver {
             proxy,
             udp: bound.udp,
+            udp_out: vec![Vec::new(); udp_local.len()],
             udp_local,
+            recv_bufs: batch::RecvBuffers::default(),
+            received: Vec::with_capacity(batch::RECV_BATCH),
             conns: HashMap::new(),
             by_remote: HashMap::new(),
             settings,
@@ -531,8 +542,8 @@ impl Driver {
                 (idx, res) = std::future::poll_fn(|cx| poll_udp(udp, rotate, cx, &mut buf)) => {
                     self.rotate = self.rotate.wrapping_add(1);
                     if let Ok((n, from)) = res {
-                        self.on_datagram(idx, &buf[..n], from);
-                        self.drain_udp(idx, &mut buf);
+                        self.on_datagram(idx, Bytes::copy_from_slice(&buf[..n]), from);
+                        self.drain_udp(idx);
                     }
                 }
                 _ = tokio::time::sleep_until(timer_at.into()) => {
@@ -647,17 +658,32 @@ impl Driver {
     /// After one readable event, read what else is queued on that socket (bounded). What the
     /// batch produced is sent once it is done (the loop flushes), so tunnel commits that must
     /// precede their 200s are grouped into one store transaction per batch.
-    fn drain_udp(&mut self, idx: usize, buf: &mut [u8]) {
-        for _ in 0..64 {
-            let sock = Arc::clone(&self.udp[idx]);
-            match sock.try_recv_from(buf) {
-                Ok((n, from)) => self.on_datagram(idx, &buf[..n], from),
-                Err(_) => break,
+    /// Reads with `recvmmsg` ([`batch::recv_batch`]), at most 63 more datagrams per wake-up.
+    fn drain_udp(&mut self, idx: usize) {
+        let sock = Arc::clone(&self.udp[idx]);
+        let mut left = 63;
+        while left > 0 {
+            let mut got = std::mem::take(&mut self.received);
+            let asked = left.min(batch::RECV_BATCH);
+            let n = match batch::recv_batch(&sock, &mut self.recv_bufs, asked, &mut got) {
+                Ok(n) => n,
+                Err(e) => {
+                    tracing::debug!(error = %e, "udp receive failed");
+                    0
+                }
+            };
+            for (data, from) in got.drain(..) {
+                self.on_datagram(idx, data, from);
             }
+            self.received = got;
+            if n < asked {
+                break;
+            }
+            left -= n;
         }
     }
 
-    fn on_datagram(&mut self, idx: usize, data: &[u8], from: SocketAddr) {
+    fn on_datagram(&mut self, idx: usize, data: Bytes, from: SocketAddr) {
         let local = self.udp_local[idx];
         if data.iter().all(|&c| matches!(c, b'\r' | b'\n' | b' ' | 0)) {
             return; // keep-alive datagram
@@ -668,7 +694,7 @@ impl Driver {
             remote: from,
             conn: None,
         };
-        self.message(Bytes::copy_from_slice(data), flow);
+        self.message(data, flow);
     }
 
     /// One received message through the core, timed (`gatehouse_loop_message_seconds`).
@@ -750,6 +776,7 @@ impl Driver {
         if hold {
             self.metrics.store_held.set(self.held.len() as i64);
         }
+        self.flush_udp();
     }
 
     fn dispatch(&mut self, t: Transmit) {
@@ -821,23 +848,50 @@ impl Driver {
                     .iter()
                     .position(|a| a.is_ipv4() == to.is_ipv4())
             });
-        let Some(sock) = idx.map(|i| &self.udp[i]) else {
+        let Some(i) = idx else {
             self.fail(t.tx);
             return;
         };
-        match sock.try_send_to(&t.bytes, to) {
-            Ok(_) => {}
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                // Socket buffer full: hand the datagram to a task rather than block the loop.
-                let sock = Arc::clone(sock);
-                tokio::spawn(async move {
-                    let _ = sock.send_to(&t.bytes, to).await;
-                });
+        self.udp_out[i].push((to, t.bytes, t.tx));
+    }
+
+    /// Sends the datagrams queued this loop turn, one `sendmmsg` per socket and batch. A
+    /// datagram the kernel refuses fails its transaction (16.9: 503 for the branch); when the
+    /// socket buffer is full the rest go from a task that waits for room, never the loop.
+    fn flush_udp(&mut self) {
+        for i in 0..self.udp_out.len() {
+            if self.udp_out[i].is_empty() {
+                continue;
             }
-            Err(e) => {
-                tracing::debug!(error = %e, %to, "udp send failed");
-                self.fail(t.tx);
+            let mut queue = std::mem::take(&mut self.udp_out[i]);
+            let sock = Arc::clone(&self.udp[i]);
+            let mut start = 0;
+            while start < queue.len() {
+                let pending: Vec<(SocketAddr, Bytes)> = queue[start..]
+                    .iter()
+                    .map(|(a, b, _)| (*a, b.clone()))
+                    .collect();
+                let done = batch::send_batch(&sock, &pending);
+                start += done.sent;
+                if let Some(e) = done.refused {
+                    let (to, _, tx) = &queue[start];
+                    tracing::debug!(error = %e, %to, "udp send failed");
+                    self.fail(*tx);
+                    start += 1;
+                } else if done.blocked {
+                    let rest: Vec<(SocketAddr, Bytes)> = pending[done.sent..].to_vec();
+                    let sock = Arc::clone(&sock);
+                    tokio::spawn(async move {
+                        for (to, bytes) in rest {
+                            let _ = sock.send_to(&bytes, to).await;
+                        }
+                    });
+                    break;
+                }
             }
+            queue.clear();
+            // Keep the allocation for the next turn.
+            self.udp_out[i] = queue;
         }
     }
 
