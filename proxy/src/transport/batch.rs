@@ -156,3 +156,89 @@ pub fn send_batch(sock: &UdpSocket, queue: &[(SocketAddr, Bytes)]) -> Sent {
     }
     done
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn pair() -> (UdpSocket, UdpSocket) {
+        let a = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let b = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        (a, b)
+    }
+
+    /// 150 datagrams of many sizes (up to 60 000 bytes) go out in batches and come back in
+    /// batches, in order, whole, with their source (in rounds of five, so that the receiver's
+    /// socket buffer never overflows).
+    #[tokio::test]
+    async fn batches_carry_every_datagram_whole_and_in_order() {
+        let (a, b) = pair().await;
+        let to = b.local_addr().unwrap();
+        let mut bufs = RecvBuffers::default();
+        let mut got = Vec::new();
+        let mut expected = Vec::new();
+        for round in 0..30u8 {
+            let queue: Vec<(SocketAddr, Bytes)> = [1usize, 17, 1400, 9000, 60_000]
+                .iter()
+                .enumerate()
+                .map(|(k, len)| {
+                    let mut v = vec![round; *len];
+                    v[0] = k as u8;
+                    (to, Bytes::from(v))
+                })
+                .collect();
+            let mut sent = 0;
+            while sent < queue.len() {
+                // tokio knows a socket is writable once its reactor has seen it so.
+                a.writable().await.unwrap();
+                let done = send_batch(&a, &queue[sent..]);
+                assert!(done.refused.is_none());
+                sent += done.sent;
+            }
+            expected.extend(queue.into_iter().map(|(_, b)| b));
+            while got.len() < expected.len() {
+                tokio::time::timeout(std::time::Duration::from_secs(10), b.readable())
+                    .await
+                    .expect("datagrams lost")
+                    .unwrap();
+                let n = recv_batch(&b, &mut bufs, RECV_BATCH, &mut got).unwrap();
+                assert!(n <= RECV_BATCH);
+            }
+        }
+        assert_eq!(got.len(), 150);
+        for (i, (bytes, from)) in got.iter().enumerate() {
+            assert_eq!(*from, a.local_addr().unwrap());
+            assert_eq!(bytes, &expected[i], "datagram {i}");
+        }
+        // Nothing queued: 0, not an error.
+        assert_eq!(recv_batch(&b, &mut bufs, 4, &mut got).unwrap(), 0);
+    }
+
+    /// A datagram the kernel refuses (an IPv6 destination on an IPv4 socket) is reported at
+    /// its position; the ones before it went.
+    #[tokio::test]
+    async fn a_refused_datagram_is_reported_at_its_place() {
+        let (a, b) = pair().await;
+        let to = b.local_addr().unwrap();
+        let v6: SocketAddr = "[2001:db8::1]:5060".parse().unwrap();
+        let queue = vec![
+            (to, Bytes::from_static(b"one")),
+            (v6, Bytes::from_static(b"two")),
+            (to, Bytes::from_static(b"three")),
+        ];
+        a.writable().await.unwrap();
+        let done = send_batch(&a, &queue);
+        assert_eq!(done.sent, 1);
+        assert!(done.refused.is_some());
+        let rest = send_batch(&a, &queue[2..]);
+        assert_eq!(rest.sent, 1);
+        let mut bufs = RecvBuffers::default();
+        let mut got = Vec::new();
+        while got.len() < 2 {
+            b.readable().await.unwrap();
+            recv_batch(&b, &mut bufs, RECV_BATCH, &mut got).unwrap();
+        }
+        assert_eq!(got[0].0, "one");
+        assert_eq!(got[1].0, "three");
+    }
+}
