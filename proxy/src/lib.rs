@@ -107,6 +107,14 @@ pub fn open_store(cfg: &Config) -> Result<Store, StoreError> {
 pub async fn run(cfg: Config, bound: Bound, shutdown: impl Future<Output = ()>) -> io::Result<()> {
     let invalid = |e: StoreError| io::Error::other(e.to_string());
     let mut store = open_store(&cfg).map_err(invalid)?;
+    match &cfg.auth.store {
+        Some(location) => tracing::info!(
+            backend = store.backend(),
+            store = %crate::store::display_location(location),
+            "store opened"
+        ),
+        None => tracing::info!("store in memory (nothing persists)"),
+    }
     let core = core_config(&cfg, &bound.addrs, &store).map_err(invalid)?;
     let clock = wall_clock();
     let snapshot = store.snapshot(clock.unix(clock.instant)).map_err(invalid)?;

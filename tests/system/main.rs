@@ -5,11 +5,13 @@
 
 mod admin;
 mod client;
+mod cluster;
 mod hardening;
 mod harness;
 mod interop;
 mod load;
 mod operations;
+mod postgres;
 mod sasl;
 mod sipp;
 mod storage;

@@ -86,9 +86,23 @@ pub fn setup(extra: &str) -> Setup {
 
 /// As [`setup`], with `prepare` run on the seeded store before the gateway starts.
 pub fn setup_with(extra: &str, prepare: impl FnOnce(&Path)) -> Setup {
+    setup_on(None, extra, prepare)
+}
+
+/// As [`setup_with`], on the store at `store` (a file or a `postgres://` URL; a new file in
+/// the test's folder when `None`). A store already seeded (another gateway of the same test
+/// uses it) is used as it is.
+pub fn setup_on(store: Option<&Path>, extra: &str, prepare: impl FnOnce(&Path)) -> Setup {
     let dir = TempDir::new("sasl");
-    let store_path = dir.path().join("store.sqlite");
-    seed(&store_path);
+    let store_path = store.map_or_else(|| dir.path().join("store.sqlite"), Path::to_path_buf);
+    let seeded = Store::open(&store_path)
+        .unwrap()
+        .user("alice")
+        .unwrap()
+        .is_some();
+    if !seeded {
+        seed(&store_path);
+    }
     prepare(&store_path);
     let key = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
     std::fs::write(dir.path().join("cert.pem"), key.cert.pem()).unwrap();

@@ -201,7 +201,8 @@ impl Default for RawRegistrar {
 pub struct AuthSettings {
     pub realm: String,
     pub mechanisms: Vec<gatehouse_auth::Mechanism>,
-    /// SQLite store file; `None` = in memory (the embedded demo).
+    /// The store: an SQLite file, or a `postgres://` URL ([`store_url`]); `None` = in memory
+    /// (the embedded demo).
     pub store: Option<PathBuf>,
     pub exchange_ttl: Duration,
     pub max_pending: usize,
@@ -827,7 +828,11 @@ impl Config {
         let auth = AuthSettings {
             realm,
             mechanisms,
-            store: a.store.as_ref().map(|p| resolve(p.get_ref())),
+            // A PostgreSQL URL is taken as written; a file is relative to the config's folder.
+            store: a.store.as_ref().map(|p| match store_url(p.get_ref()) {
+                Some(_) => p.get_ref().clone(),
+                None => resolve(p.get_ref()),
+            }),
             exchange_ttl: Duration::from_millis(a.exchange_ttl_ms.max(1000)),
             max_pending: a.max_pending,
             max_pending_per_source: a.max_pending_per_source,
@@ -969,6 +974,14 @@ pub fn load_policy(
         message: format!("cannot read: {e}"),
     })?;
     gatehouse_policy::Policy::parse(&text, &origin)
+}
+
+/// The PostgreSQL URL of a store location (`postgres://` or `postgresql://`), if it is one;
+/// any other location is an SQLite file.
+pub fn store_url(location: &std::path::Path) -> Option<&str> {
+    location
+        .to_str()
+        .filter(|s| s.starts_with("postgres://") || s.starts_with("postgresql://"))
 }
 
 #[cfg(test)]

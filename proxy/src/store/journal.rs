@@ -14,7 +14,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 
-use super::{Store, StoreError, StoreWrite};
+use super::{SqliteStore, StoreError, StoreWrite};
 
 /// The journal file next to a store file.
 pub fn path_for(store: &Path) -> PathBuf {
@@ -85,7 +85,7 @@ impl Journal {
 /// Applies a journal left by a previous run, in order and in one transaction, then empties
 /// it. Returns the number of writes applied. A torn last line (the process died mid-append)
 /// is skipped: its batch was never acknowledged.
-pub fn replay(store: &mut Store, path: &Path) -> Result<usize, StoreError> {
+pub fn replay(store: &mut SqliteStore, path: &Path) -> Result<usize, StoreError> {
     let file = match File::open(path) {
         Ok(f) => f,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),

@@ -1,0 +1,670 @@
+//! The PostgreSQL backend: the same tables and operations as the SQLite store, for several
+//! gateways sharing one database (`[auth] store = "postgres://user:password@host:port/db"`).
+//!
+//! Every call blocks on the database: like the SQLite store, it is used only off the SIP loop
+//! (the storage worker's thread, blocking tasks of the admin API, the CLI). The client is
+//! rust-postgres's blocking `postgres::Client` (a thin wrapper over `tokio-postgres` on a
+//! runtime of its own), behind a mutex so that reads take `&self` as they do on SQLite.
+//!
+//! Migrations are numbered (`gatehouse_schema.version`) and run under a transaction-scoped
+//! advisory lock, so gateways starting together migrate once. Keys (`dialog-mac`,
+//! `fake-verifier`) are created with `ON CONFLICT DO NOTHING` and read back: every gateway of
+//! a cluster ends up with the same ones. Triggers move the users generation on every change
+//! of a user or its AORs and `NOTIFY gatehouse_users`.
+
+// The I/O side, used off the loop only.
+#![allow(clippy::disallowed_methods, clippy::disallowed_types)]
+
+use std::sync::Mutex;
+
+use gatehouse_auth::scram::{Verifier, MIN_ITERATIONS};
+use gatehouse_auth::{Credential, Mechanism};
+use postgres::{Client, NoTls, Row};
+
+use super::{
+    unix_now, validate_user, BindingRecord, Credentials, Role, Snapshot, StoreError, StoreWrite,
+    UserSummary,
+};
+
+/// The PostgreSQL schema, one entry per version. Never edit one that has shipped: add the next.
+const MIGRATIONS: &[&str] = &[
+    // 1: the schema of SQLite's migrations 1 to 6, in PostgreSQL's types, with the users
+    // generation kept (and announced) by statement triggers.
+    "CREATE TABLE users (
+        username    TEXT PRIMARY KEY,
+        salt        BYTEA NOT NULL,
+        iterations  INTEGER NOT NULL CHECK (iterations >= 4096),
+        stored_key  BYTEA NOT NULL CHECK (length(stored_key) = 32),
+        server_key  BYTEA NOT NULL CHECK (length(server_key) = 32),
+        mechanisms  TEXT,
+        enabled     BOOLEAN NOT NULL DEFAULT TRUE,
+        created_at  BIGINT NOT NULL,
+        updated_at  BIGINT NOT NULL
+    );
+    CREATE TABLE user_aors (
+        username TEXT NOT NULL REFERENCES users(username) ON DELETE CASCADE,
+        aor      TEXT NOT NULL,
+        PRIMARY KEY (username, aor)
+    );
+    CREATE TABLE bindings (
+        aor         TEXT NOT NULL,
+        contact     TEXT NOT NULL,
+        transport   TEXT NOT NULL,
+        remote      TEXT NOT NULL,
+        expires_at  BIGINT NOT NULL,
+        instance    TEXT,
+        identity    TEXT NOT NULL,
+        reg_id      BIGINT,
+        PRIMARY KEY (aor, contact)
+    );
+    CREATE TABLE keys (
+        name  TEXT PRIMARY KEY,
+        value BYTEA NOT NULL
+    );
+    CREATE TABLE tunnels (
+        call_id      TEXT NOT NULL,
+        caller_tag   TEXT NOT NULL,
+        callee_tag   TEXT,
+        identity     TEXT NOT NULL,
+        from_aor     TEXT NOT NULL,
+        to_aor       TEXT NOT NULL,
+        prefixes     TEXT NOT NULL,
+        pskmth       TEXT NOT NULL,
+        created_at   BIGINT NOT NULL,
+        state        TEXT NOT NULL,
+        caller       TEXT,
+        callee       TEXT,
+        PRIMARY KEY (call_id, caller_tag)
+    );
+    CREATE TABLE admins (
+        username    TEXT PRIMARY KEY,
+        salt        BYTEA NOT NULL,
+        iterations  INTEGER NOT NULL CHECK (iterations >= 4096),
+        stored_key  BYTEA NOT NULL CHECK (length(stored_key) = 32),
+        server_key  BYTEA NOT NULL CHECK (length(server_key) = 32),
+        role        TEXT NOT NULL CHECK (role IN ('admin', 'read-only')),
+        enabled     BOOLEAN NOT NULL DEFAULT TRUE
+    );
+    CREATE TABLE generations (name TEXT PRIMARY KEY, value BIGINT NOT NULL);
+    INSERT INTO generations (name, value) VALUES ('users', 0);
+    CREATE FUNCTION gatehouse_users_changed() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        UPDATE generations SET value = value + 1 WHERE name = 'users';
+        PERFORM pg_notify('gatehouse_users', '');
+        RETURN NULL;
+    END $$;
+    CREATE TRIGGER users_changed AFTER INSERT OR UPDATE OR DELETE ON users
+        FOR EACH STATEMENT EXECUTE FUNCTION gatehouse_users_changed();
+    CREATE TRIGGER user_aors_changed AFTER INSERT OR UPDATE OR DELETE ON user_aors
+        FOR EACH STATEMENT EXECUTE FUNCTION gatehouse_users_changed();",
+];
+
+/// Arbitrary, fixed: the advisory lock every gateway takes to migrate.
+const MIGRATION_LOCK: i64 = 0x6761_7465_686f_7573; // "gatehous"
+
+/// A connection to the shared database.
+pub struct PgStore {
+    /// `Some` until the store is dropped (see `Drop`).
+    client: Mutex<Option<Client>>,
+}
+
+/// The locked client of a [`PgStore`].
+struct Conn<'a>(std::sync::MutexGuard<'a, Option<Client>>);
+
+impl std::ops::Deref for Conn<'_> {
+    type Target = Client;
+    fn deref(&self) -> &Client {
+        self.0.as_ref().expect("present until drop")
+    }
+}
+
+impl std::ops::DerefMut for Conn<'_> {
+    fn deref_mut(&mut self) -> &mut Client {
+        self.0.as_mut().expect("present until drop")
+    }
+}
+
+impl Drop for PgStore {
+    /// Closing the connection blocks on the client's runtime: off any async runtime too.
+    fn drop(&mut self) {
+        let client = self
+            .client
+            .get_mut()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(c) = client {
+            off_runtime(move || drop(c));
+        }
+    }
+}
+
+impl std::fmt::Debug for PgStore {
+    // The URL may carry a password: never printed.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PgStore")
+    }
+}
+
+fn pg(e: postgres::Error) -> StoreError {
+    StoreError::Postgres(e.to_string())
+}
+
+fn key32(v: Vec<u8>) -> Option<[u8; 32]> {
+    <[u8; 32]>::try_from(v).ok()
+}
+
+fn mechanisms(m: Option<String>) -> Option<Vec<Mechanism>> {
+    m.map(|m| {
+        m.split_whitespace()
+            .filter_map(Mechanism::from_name)
+            .collect()
+    })
+}
+
+fn credential(username: String, r: &Row, aors: Vec<String>) -> Option<Credential> {
+    Some(Credential {
+        username,
+        verifier: Verifier {
+            salt: r.get("salt"),
+            iterations: u32::try_from(r.get::<_, i32>("iterations")).ok()?,
+            stored_key: key32(r.get("stored_key"))?,
+            server_key: key32(r.get("server_key"))?,
+        },
+        aors,
+        // The admins table has no mechanisms column: none means every offered one.
+        mechanisms: mechanisms(r.try_get("mechanisms").ok().flatten()),
+        enabled: r.get("enabled"),
+    })
+}
+
+/// Runs `f`, a call of the blocking client. Inside an async runtime (the gateway's start, the
+/// admin API) that client may not start its own runtime on the same thread: the call then
+/// runs on a scoped thread of its own (the caller waits, as it would for SQLite); elsewhere
+/// (the storage worker, the CLI) it runs here.
+fn off_runtime<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    if tokio::runtime::Handle::try_current().is_err() {
+        return f();
+    }
+    std::thread::scope(|s| s.spawn(f).join())
+        .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+}
+
+impl PgStore {
+    /// Connects to `url` (`postgres://user:password@host:port/dbname`) and migrates.
+    pub fn connect(url: &str) -> Result<PgStore, StoreError> {
+        off_runtime(|| {
+            let client = Client::connect(url, NoTls).map_err(pg)?;
+            let store = PgStore {
+                client: Mutex::new(Some(client)),
+            };
+            store.migrate()?;
+            Ok(store)
+        })
+    }
+
+    /// Runs a database call (see [`off_runtime`]).
+    fn run<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
+        off_runtime(f)
+    }
+
+    fn client(&self) -> Conn<'_> {
+        Conn(self.client.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    fn migrate(&self) -> Result<(), StoreError> {
+        let mut c = self.client();
+        let mut tx = c.transaction().map_err(pg)?;
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
+            .map_err(pg)?;
+        tx.batch_execute("CREATE TABLE IF NOT EXISTS gatehouse_schema (version INTEGER NOT NULL)")
+            .map_err(pg)?;
+        let version: i32 = match tx
+            .query_opt("SELECT version FROM gatehouse_schema", &[])
+            .map_err(pg)?
+        {
+            Some(r) => r.get(0),
+            None => {
+                tx.execute("INSERT INTO gatehouse_schema (version) VALUES (0)", &[])
+                    .map_err(pg)?;
+                0
+            }
+        };
+        for (i, m) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+            tx.batch_execute(m).map_err(pg)?;
+            tx.execute(
+                "UPDATE gatehouse_schema SET version = $1",
+                &[&((i + 1) as i32)],
+            )
+            .map_err(pg)?;
+        }
+        tx.commit().map_err(pg)
+    }
+
+    /// A named 32-byte key, created at random by the first gateway that asks.
+    pub fn key(&self, name: &str) -> Result<[u8; 32], StoreError> {
+        self.run(|| {
+            let mut c = self.client();
+            let k: [u8; 32] = rand::random();
+            c.execute(
+                "INSERT INTO keys (name, value) VALUES ($1, $2) ON CONFLICT (name) DO NOTHING",
+                &[&name, &k.as_slice()],
+            )
+            .map_err(pg)?;
+            let v: Vec<u8> = c
+                .query_one("SELECT value FROM keys WHERE name = $1", &[&name])
+                .map_err(pg)?
+                .get(0);
+            key32(v).ok_or_else(|| StoreError::Invalid(format!("key `{name}` is not 32 bytes")))
+        })
+    }
+
+    pub fn add_user(
+        &self,
+        username: &str,
+        password: &[u8],
+        aors: &[String],
+        mechanisms: Option<&[Mechanism]>,
+        iterations: u32,
+    ) -> Result<(), StoreError> {
+        self.run(|| {
+        validate_user(username, aors)?;
+        if iterations < MIN_ITERATIONS {
+            return Err(StoreError::Invalid(format!(
+                "iterations must be at least {MIN_ITERATIONS}"
+            )));
+        }
+        let salt: [u8; 16] = rand::random();
+        let v = Verifier::derive(password, salt.to_vec(), iterations);
+        let mechs = mechanisms.map(|m| m.iter().map(|m| m.name()).collect::<Vec<_>>().join(" "));
+        let mut c = self.client();
+        let mut tx = c.transaction().map_err(pg)?;
+        let now = unix_now();
+        let inserted = tx
+            .execute(
+                "INSERT INTO users (username, salt, iterations, stored_key, server_key, mechanisms, enabled, created_at, updated_at)
+                 VALUES ($1, $2, $3, $4, $5, $6, TRUE, $7, $7) ON CONFLICT (username) DO NOTHING",
+                &[&username, &v.salt, &(v.iterations as i32), &v.stored_key.as_slice(), &v.server_key.as_slice(), &mechs, &now],
+            )
+            .map_err(pg)?;
+        if inserted == 0 {
+            return Err(StoreError::Exists(username.into()));
+        }
+        for a in aors {
+            tx.execute(
+                "INSERT INTO user_aors (username, aor) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+                &[&username, a],
+            )
+            .map_err(pg)?;
+        }
+        tx.commit().map_err(pg)
+        })
+    }
+
+    pub fn set_password(
+        &self,
+        username: &str,
+        password: &[u8],
+        iterations: u32,
+    ) -> Result<(), StoreError> {
+        self.run(|| {
+        let salt: [u8; 16] = rand::random();
+        let v = Verifier::derive(password, salt.to_vec(), iterations.max(MIN_ITERATIONS));
+        let n = self
+            .client()
+            .execute(
+                "UPDATE users SET salt = $2, iterations = $3, stored_key = $4, server_key = $5, updated_at = $6 WHERE username = $1",
+                &[&username, &v.salt, &(v.iterations as i32), &v.stored_key.as_slice(), &v.server_key.as_slice(), &unix_now()],
+            )
+            .map_err(pg)?;
+        if n == 0 {
+            return Err(StoreError::NoUser(username.into()));
+        }
+        Ok(())
+        })
+    }
+
+    pub fn set_enabled(&self, username: &str, enabled: bool) -> Result<(), StoreError> {
+        self.run(|| {
+            let n = self
+                .client()
+                .execute(
+                    "UPDATE users SET enabled = $2, updated_at = $3 WHERE username = $1",
+                    &[&username, &enabled, &unix_now()],
+                )
+                .map_err(pg)?;
+            if n == 0 {
+                return Err(StoreError::NoUser(username.into()));
+            }
+            Ok(())
+        })
+    }
+
+    pub fn delete_user(&self, username: &str) -> Result<(), StoreError> {
+        self.run(|| {
+            let n = self
+                .client()
+                .execute("DELETE FROM users WHERE username = $1", &[&username])
+                .map_err(pg)?;
+            if n == 0 {
+                return Err(StoreError::NoUser(username.into()));
+            }
+            Ok(())
+        })
+    }
+
+    pub fn list_users(&self) -> Result<Vec<UserSummary>, StoreError> {
+        self.run(|| {
+            let names: Vec<String> = self
+                .client()
+                .query("SELECT username FROM users ORDER BY username", &[])
+                .map_err(pg)?
+                .iter()
+                .map(|r| r.get(0))
+                .collect();
+            names
+                .iter()
+                .map(|n| self.user(n)?.ok_or_else(|| StoreError::NoUser(n.clone())))
+                .collect()
+        })
+    }
+
+    pub fn user(&self, username: &str) -> Result<Option<UserSummary>, StoreError> {
+        self.run(|| {
+            let Some(r) = self
+                .client()
+                .query_opt(
+                    "SELECT mechanisms, enabled, iterations FROM users WHERE username = $1",
+                    &[&username],
+                )
+                .map_err(pg)?
+            else {
+                return Ok(None);
+            };
+            let mechs: Option<String> = r.get(0);
+            Ok(Some(UserSummary {
+                username: username.into(),
+                aors: self.aors(username)?,
+                mechanisms: mechs.map(|m| m.split_whitespace().map(str::to_owned).collect()),
+                enabled: r.get(1),
+                iterations: u32::try_from(r.get::<_, i32>(2)).unwrap_or(0),
+            }))
+        })
+    }
+
+    fn aors(&self, username: &str) -> Result<Vec<String>, StoreError> {
+        Ok(self
+            .client()
+            .query(
+                "SELECT aor FROM user_aors WHERE username = $1 ORDER BY aor",
+                &[&username],
+            )
+            .map_err(pg)?
+            .iter()
+            .map(|r| r.get(0))
+            .collect())
+    }
+
+    /// The full credential of a user (for the SASL server).
+    pub fn credential(&self, username: &str) -> Result<Option<Credential>, StoreError> {
+        self.run(|| {
+        let row = self
+            .client()
+            .query_opt(
+                "SELECT salt, iterations, stored_key, server_key, mechanisms, enabled FROM users WHERE username = $1",
+                &[&username],
+            )
+            .map_err(pg)?;
+        let Some(r) = row else {
+            return Ok(None);
+        };
+        let aors = self.aors(username)?;
+        Ok(credential(username.to_owned(), &r, aors))
+        })
+    }
+
+    /// The generation of the users table (moves on every change of a user or its AORs).
+    pub fn users_generation(&self) -> Result<i64, StoreError> {
+        self.run(|| {
+            Ok(self
+                .client()
+                .query_one("SELECT value FROM generations WHERE name = 'users'", &[])
+                .map_err(pg)?
+                .get(0))
+        })
+    }
+
+    /// Every user's credential (the core's in-memory snapshot).
+    pub fn credentials(&self) -> Result<Credentials, StoreError> {
+        self.run(|| {
+        let mut c = self.client();
+        let mut aors: std::collections::HashMap<String, Vec<String>> = Default::default();
+        for r in c
+            .query(
+                "SELECT username, aor FROM user_aors ORDER BY username, aor",
+                &[],
+            )
+            .map_err(pg)?
+        {
+            aors.entry(r.get(0)).or_default().push(r.get(1));
+        }
+        let mut out = Credentials::new();
+        for r in c
+            .query(
+                "SELECT username, salt, iterations, stored_key, server_key, mechanisms, enabled FROM users",
+                &[],
+            )
+            .map_err(pg)?
+        {
+            let username: String = r.get("username");
+            let user_aors = aors.remove(&username).unwrap_or_default();
+            if let Some(cred) = credential(username.clone(), &r, user_aors) {
+                out.insert(username, cred);
+            }
+        }
+        Ok(out)
+        })
+    }
+
+    /// What a starting core needs: credentials, live bindings (expired ones deleted), tunnels.
+    pub fn snapshot(&self, now_unix: u64) -> Result<Snapshot, StoreError> {
+        self.run(|| {
+            Ok(Snapshot {
+                credentials: self.credentials()?,
+                bindings: self.live_bindings(now_unix)?,
+                tunnels: self.tunnels()?,
+            })
+        })
+    }
+
+    /// Applies a batch of the core's writes in one transaction (all or nothing).
+    pub fn apply(&self, writes: &[StoreWrite]) -> Result<(), StoreError> {
+        self.run(|| {
+        let mut c = self.client();
+        let mut tx = c.transaction().map_err(pg)?;
+        for w in writes {
+            match w {
+                StoreWrite::SaveBinding(b) => {
+                    tx.execute(
+                        "INSERT INTO bindings (aor, contact, transport, remote, expires_at, instance, identity, reg_id)
+                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+                         ON CONFLICT (aor, contact) DO UPDATE SET transport = EXCLUDED.transport,
+                           remote = EXCLUDED.remote, expires_at = EXCLUDED.expires_at,
+                           instance = EXCLUDED.instance, identity = EXCLUDED.identity, reg_id = EXCLUDED.reg_id",
+                        &[&b.aor, &b.contact, &b.transport, &b.remote, &(b.expires_at as i64), &b.instance, &b.identity, &b.reg_id.map(i64::from)],
+                    )
+                    .map_err(pg)?;
+                }
+                StoreWrite::RemoveBinding { aor, contact } => {
+                    tx.execute(
+                        "DELETE FROM bindings WHERE aor = $1 AND contact = $2",
+                        &[aor, contact],
+                    )
+                    .map_err(pg)?;
+                }
+                StoreWrite::SaveTunnel(t) => {
+                    tx.execute(
+                        "INSERT INTO tunnels (call_id, caller_tag, callee_tag, identity, from_aor, to_aor, prefixes, pskmth, created_at, state, caller, callee)
+                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)
+                         ON CONFLICT (call_id, caller_tag) DO UPDATE SET callee_tag = EXCLUDED.callee_tag,
+                           identity = EXCLUDED.identity, from_aor = EXCLUDED.from_aor, to_aor = EXCLUDED.to_aor,
+                           prefixes = EXCLUDED.prefixes, pskmth = EXCLUDED.pskmth, created_at = EXCLUDED.created_at,
+                           state = EXCLUDED.state, caller = EXCLUDED.caller, callee = EXCLUDED.callee",
+                        &[
+                            &t.call_id, &t.caller_tag, &t.callee_tag, &t.identity, &t.from, &t.to,
+                            &t.prefixes, &t.pskmth, &(t.created_unix as i64), &t.state.as_str(),
+                            &t.caller.as_ref().map(|p| p.encode()), &t.callee.as_ref().map(|p| p.encode()),
+                        ],
+                    )
+                    .map_err(pg)?;
+                }
+                StoreWrite::DeleteTunnel {
+                    call_id,
+                    caller_tag,
+                } => {
+                    tx.execute(
+                        "DELETE FROM tunnels WHERE call_id = $1 AND caller_tag = $2",
+                        &[call_id, caller_tag],
+                    )
+                    .map_err(pg)?;
+                }
+            }
+        }
+        tx.commit().map_err(pg)
+        })
+    }
+
+    /// Bindings not yet expired at `now_unix`; expired ones are deleted.
+    pub fn live_bindings(&self, now_unix: u64) -> Result<Vec<BindingRecord>, StoreError> {
+        self.run(|| {
+        let mut c = self.client();
+        c.execute(
+            "DELETE FROM bindings WHERE expires_at <= $1",
+            &[&(now_unix as i64)],
+        )
+        .map_err(pg)?;
+        Ok(c
+            .query(
+                "SELECT aor, contact, transport, remote, expires_at, instance, identity, reg_id FROM bindings ORDER BY aor",
+                &[],
+            )
+            .map_err(pg)?
+            .iter()
+            .map(|r| BindingRecord {
+                aor: r.get(0),
+                contact: r.get(1),
+                transport: r.get(2),
+                remote: r.get(3),
+                expires_at: r.get::<_, i64>(4) as u64,
+                instance: r.get(5),
+                identity: r.get(6),
+                reg_id: r.get::<_, Option<i64>>(7).and_then(|v| u32::try_from(v).ok()),
+            })
+            .collect())
+        })
+    }
+
+    pub fn tunnels(&self) -> Result<Vec<crate::tunnel::Tunnel>, StoreError> {
+        self.run(|| {
+        Ok(self
+            .client()
+            .query(
+                "SELECT call_id, caller_tag, callee_tag, identity, from_aor, to_aor, prefixes, pskmth, created_at, state, caller, callee FROM tunnels",
+                &[],
+            )
+            .map_err(pg)?
+            .iter()
+            .map(|r| crate::tunnel::Tunnel {
+                call_id: r.get(0),
+                caller_tag: r.get(1),
+                callee_tag: r.get(2),
+                identity: r.get(3),
+                from: r.get(4),
+                to: r.get(5),
+                prefixes: r.get(6),
+                pskmth: r.get(7),
+                created_unix: r.get::<_, i64>(8) as u64,
+                state: crate::tunnel::TunnelState::parse(r.get(9)),
+                caller: r
+                    .get::<_, Option<String>>(10)
+                    .as_deref()
+                    .and_then(crate::tunnel::Party::decode),
+                callee: r
+                    .get::<_, Option<String>>(11)
+                    .as_deref()
+                    .and_then(crate::tunnel::Party::decode),
+            })
+            .collect())
+        })
+    }
+
+    pub fn add_admin(&self, username: &str, password: &[u8], role: Role) -> Result<(), StoreError> {
+        self.run(|| {
+        validate_user(username, &[])?;
+        let salt: [u8; 16] = rand::random();
+        let v = Verifier::derive(password, salt.to_vec(), MIN_ITERATIONS);
+        let n = self
+            .client()
+            .execute(
+                "INSERT INTO admins (username, salt, iterations, stored_key, server_key, role) VALUES ($1, $2, $3, $4, $5, $6)
+                 ON CONFLICT (username) DO NOTHING",
+                &[&username, &v.salt, &(v.iterations as i32), &v.stored_key.as_slice(), &v.server_key.as_slice(), &role.as_str()],
+            )
+            .map_err(pg)?;
+        if n == 0 {
+            return Err(StoreError::Exists(username.into()));
+        }
+        Ok(())
+        })
+    }
+
+    pub fn delete_admin(&self, username: &str) -> Result<(), StoreError> {
+        self.run(|| {
+            let n = self
+                .client()
+                .execute("DELETE FROM admins WHERE username = $1", &[&username])
+                .map_err(pg)?;
+            if n == 0 {
+                return Err(StoreError::NoUser(username.into()));
+            }
+            Ok(())
+        })
+    }
+
+    pub fn admins(&self) -> Result<Vec<(String, Role, bool)>, StoreError> {
+        self.run(|| {
+            Ok(self
+                .client()
+                .query(
+                    "SELECT username, role, enabled FROM admins ORDER BY username",
+                    &[],
+                )
+                .map_err(pg)?
+                .iter()
+                .filter_map(|r| Role::parse(r.get(1)).map(|role| (r.get(0), role, r.get(2))))
+                .collect())
+        })
+    }
+
+    /// An admin's credential and role.
+    pub fn admin_credential(
+        &self,
+        username: &str,
+    ) -> Result<Option<(Credential, Role)>, StoreError> {
+        self.run(|| {
+        let row = self
+            .client()
+            .query_opt(
+                "SELECT salt, iterations, stored_key, server_key, role, enabled FROM admins WHERE username = $1",
+                &[&username],
+            )
+            .map_err(pg)?;
+        let Some(r) = row else {
+            return Ok(None);
+        };
+        let Some(role) = Role::parse(r.get("role")) else {
+            return Ok(None);
+        };
+        Ok(credential(username.to_owned(), &r, Vec::new()).map(|c| (c, role)))
+        })
+    }
+}

@@ -1,0 +1,223 @@
+//! Several gateways sharing their state in PostgreSQL (issue 11), on a PostgreSQL server the
+//! test starts itself ([`crate::postgres`]), and the same store behaviour on both backends.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use gatehouse::store::{BindingRecord, Role, Store, StoreError, StoreWrite};
+use gatehouse::tunnel::{Tunnel, TunnelState};
+
+use crate::harness::{wait_until, TempDir};
+use crate::postgres::Postgres;
+
+fn tunnel(call_id: &str) -> Tunnel {
+    Tunnel {
+        call_id: call_id.into(),
+        caller_tag: "c".into(),
+        callee_tag: Some("e".into()),
+        identity: "alice".into(),
+        from: "sip:alice@partner.example".into(),
+        to: "sip:vpn@org.example".into(),
+        prefixes: "2001:db8:456:1::/64".into(),
+        pskmth: "scram".into(),
+        created_unix: 1_700_000_000,
+        state: TunnelState::Established,
+        caller: None,
+        callee: None,
+    }
+}
+
+/// Every operation of the store, as the gateway, the CLI and the admin API use them.
+fn store_behaviour(s: &mut Store) {
+    // Users: added once, never a password, refused twice, disabled, re-keyed, deleted.
+    s.add_user(
+        "alice",
+        b"alice-secret",
+        &["sip:alice@partner.example".into()],
+        None,
+        4096,
+    )
+    .unwrap();
+    assert!(matches!(
+        s.add_user("alice", b"x", &[], None, 4096),
+        Err(StoreError::Exists(_))
+    ));
+    assert!(matches!(
+        s.add_user("bob", b"x", &["not-an-aor".into()], None, 4096),
+        Err(StoreError::Invalid(_))
+    ));
+    let g0 = s.users_generation().unwrap();
+    s.set_enabled("alice", false).unwrap();
+    assert!(
+        s.users_generation().unwrap() > g0,
+        "a change moves the generation"
+    );
+    let c = s.credential("alice").unwrap().unwrap();
+    assert!(!c.enabled);
+    assert_eq!(c.aors, ["sip:alice@partner.example"]);
+    s.set_password("alice", b"new-secret", 4096).unwrap();
+    assert_ne!(s.credential("alice").unwrap().unwrap().verifier, c.verifier);
+    assert!(matches!(
+        s.set_enabled("nobody", true),
+        Err(StoreError::NoUser(_))
+    ));
+    assert_eq!(s.list_users().unwrap().len(), 1);
+    assert_eq!(s.credentials().unwrap().len(), 1);
+    // Keys: created once, then the same.
+    let k = s.key("dialog-mac").unwrap();
+    assert_eq!(s.key("dialog-mac").unwrap(), k);
+    assert_ne!(s.key("fake-verifier").unwrap(), k);
+    // Bindings and tunnels through the core's writes; expired bindings leave.
+    let binding = |contact: &str, expires_at: u64| BindingRecord {
+        aor: "sip:vpn@org.example".into(),
+        contact: contact.into(),
+        transport: "udp".into(),
+        remote: "192.0.2.7:5060".into(),
+        expires_at,
+        instance: Some("<urn:uuid:1>".into()),
+        identity: "vpn".into(),
+        reg_id: Some(1),
+    };
+    s.apply(&[
+        StoreWrite::SaveBinding(binding("sip:a@192.0.2.7", 2000)),
+        StoreWrite::SaveBinding(binding("sip:b@192.0.2.7", 500)),
+        StoreWrite::SaveBinding(binding("sip:a@192.0.2.7", 3000)),
+        StoreWrite::SaveTunnel(Box::new(tunnel("t1"))),
+        StoreWrite::SaveTunnel(Box::new(tunnel("t2"))),
+        StoreWrite::DeleteTunnel {
+            call_id: "t2".into(),
+            caller_tag: "c".into(),
+        },
+    ])
+    .unwrap();
+    let snap = s.snapshot(1000).unwrap();
+    assert_eq!(snap.bindings, vec![binding("sip:a@192.0.2.7", 3000)]);
+    assert_eq!(snap.tunnels, vec![tunnel("t1")]);
+    assert_eq!(snap.credentials.len(), 1);
+    s.apply(&[StoreWrite::RemoveBinding {
+        aor: "sip:vpn@org.example".into(),
+        contact: "sip:a@192.0.2.7".into(),
+    }])
+    .unwrap();
+    assert!(s.live_bindings(1000).unwrap().is_empty());
+    // Admins.
+    s.add_admin("root", b"root-secret", Role::Admin).unwrap();
+    assert_eq!(
+        s.admins().unwrap(),
+        vec![("root".into(), Role::Admin, true)]
+    );
+    assert_eq!(s.admin_credential("root").unwrap().unwrap().1, Role::Admin);
+    s.delete_admin("root").unwrap();
+    assert!(s.admin_credential("root").unwrap().is_none());
+    s.delete_user("alice").unwrap();
+    assert!(s.credential("alice").unwrap().is_none());
+}
+
+#[test]
+fn the_same_store_behaviour_on_sqlite_and_postgres() {
+    let dir = TempDir::new("both-backends");
+    let mut sqlite = Store::open(&dir.path().join("store.sqlite")).unwrap();
+    assert_eq!(sqlite.backend(), "sqlite");
+    store_behaviour(&mut sqlite);
+    let pg = Postgres::start();
+    let url = PathBuf::from(pg.url());
+    let mut postgres = Store::open(&url).unwrap();
+    assert_eq!(postgres.backend(), "postgres");
+    store_behaviour(&mut postgres);
+    // A second connection migrates nothing and sees the same keys.
+    let again = Store::open(&url).unwrap();
+    assert_eq!(
+        again.key("dialog-mac").unwrap(),
+        postgres.key("dialog-mac").unwrap()
+    );
+}
+
+fn users_at(metrics: std::net::SocketAddr) -> Option<u32> {
+    crate::operations::http_get(metrics, "/metrics")
+        .1
+        .lines()
+        .find_map(|l| l.strip_prefix("gatehouse_auth_users "))
+        .and_then(|v| v.trim().parse::<u32>().ok())
+}
+
+fn cli_user_add(store: &Path, name: &str, password: &str) {
+    use std::io::Write;
+    let bin = std::env::current_exe()
+        .unwrap()
+        .parent()
+        .and_then(Path::parent)
+        .unwrap()
+        .join("gatehouse");
+    let mut child = Command::new(bin)
+        .args([
+            "user",
+            "add",
+            name,
+            "--aor",
+            "sip:alice@partner.example",
+            "--store",
+        ])
+        .arg(store)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(format!("{password}\n").as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "gatehouse user add: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Two gateways on one PostgreSQL database: both start from the same users and keys; a user
+/// added with the CLI through the database reaches both within a second (the users
+/// generation, moved by triggers) and authenticates at either; a tunnel's row written by one
+/// is in the database for the other.
+#[test]
+fn gateways_share_users_and_keys_through_postgres() {
+    use crate::client::SipClient;
+    use crate::sasl::{authenticated_invite, setup_on, Call};
+    use gatehouse::flow::Transport;
+    use gatehouse_auth::scram::ScramClient;
+
+    let pg = Postgres::start();
+    let url = PathBuf::from(pg.url());
+    let extra = "[metrics]\nlisten = \"127.0.0.1:0\"\n";
+    let a = setup_on(Some(&url), extra, |_| {});
+    let b = setup_on(Some(&url), extra, |_| {});
+    let (ma, mb) = (a.gw.metrics.unwrap(), b.gw.metrics.unwrap());
+    wait_until(
+        || users_at(ma) == Some(2) && users_at(mb) == Some(2),
+        "both gateways' start snapshots (alice, vpn)",
+    );
+    let added = Instant::now();
+    cli_user_add(&url, "carol", "carol-secret");
+    wait_until(
+        || users_at(ma) == Some(3) && users_at(mb) == Some(3),
+        "carol in both snapshots",
+    );
+    let seen = added.elapsed();
+    eprintln!("a user added through PostgreSQL reached both gateways after {seen:?}");
+    assert!(seen < Duration::from_secs(1), "took {seen:?}");
+    for s in [&a, &b] {
+        let mut client = SipClient::udp(s.gw.addr(Transport::Udp));
+        let mut scram = ScramClient::new("carol", b"carol-secret", None);
+        let ok = authenticated_invite(&mut client, &mut scram, &mut Call::new("carol"));
+        assert_eq!(ok.status(), Some(200), "{ok:?}");
+    }
+    // One dialog key for the cluster: a Record-Route one gateway signs, another verifies.
+    let store = Store::open(&url).unwrap();
+    assert_eq!(
+        store.key("dialog-mac").unwrap(),
+        Store::open(&url).unwrap().key("dialog-mac").unwrap()
+    );
+}
