@@ -221,3 +221,75 @@ fn gateways_share_users_and_keys_through_postgres() {
         Store::open(&url).unwrap().key("dialog-mac").unwrap()
     );
 }
+
+/// Established tunnels in the database, through a connection of the test's own.
+fn established_in(url: &Path) -> usize {
+    Store::open(url)
+        .map(|s| {
+            s.tunnels()
+                .map(|t| {
+                    t.iter()
+                        .filter(|t| t.state == TunnelState::Established)
+                        .count()
+                })
+                .unwrap_or(0)
+        })
+        .unwrap_or(0)
+}
+
+/// PostgreSQL stops while calls run: 300 SIPp tunnel calls over five seconds (each leaves an
+/// established tunnel to persist) all complete with the database down — the storage worker acknowledges their
+/// writes from its in-memory queue — nothing reaches the database meanwhile, and once it is
+/// back the worker connects again and every tunnel lands.
+#[test]
+fn calls_go_on_while_postgres_is_down_and_the_writes_land_after() {
+    use crate::client::SipClient;
+    use crate::harness::{free_port, tool, Gateway};
+    use crate::sipp::{config_for, run_through, successful, tail, Call};
+    use gatehouse::flow::Transport;
+
+    if !tool("sipp") {
+        return;
+    }
+    let _load = crate::harness::load_test();
+    let pg = Postgres::start();
+    let url = PathBuf::from(pg.url());
+    drop(Store::open(&url).expect("migrate"));
+    let extra = format!("[auth]\nstore = \"{}\"\n", pg.url());
+    let call = Call {
+        uac: "uac_hold.xml",
+        uas: "uas_hold.xml",
+        calls: 300,
+        rate: 60,
+        extra_config: &extra,
+        ..Call::default()
+    };
+    let uas_port = free_port();
+    let gw = Gateway::start(&config_for(&call, uas_port));
+    let mut ping = SipClient::udp(gw.addr(Transport::Udp));
+    ping.send(&format!(
+        "OPTIONS sip:org.example SIP/2.0\r\nVia: SIP/2.0/UDP {l};branch=z9hG4bKready\r\nMax-Forwards: 70\r\n\
+From: <sip:probe@org.example>;tag=p\r\nTo: <sip:org.example>\r\nCall-ID: ready@test\r\nCSeq: 1 OPTIONS\r\nContent-Length: 0\r\n\r\n",
+        l = ping.local
+    ));
+    assert_eq!(ping.recv().status(), Some(200), "the gateway runs");
+
+    pg.stop();
+    let down = Instant::now();
+    let (uac, _) = run_through(&gw, uas_port, &call);
+    assert_eq!(successful(&uac), 300, "{}", tail(&uac));
+    assert!(
+        pg.pid().is_none(),
+        "the database stayed down during the calls"
+    );
+    eprintln!(
+        "300 tunnel calls with PostgreSQL down for {:?}",
+        down.elapsed()
+    );
+    pg.run();
+    wait_until(
+        || established_in(&url) == 300,
+        "the queued tunnels written once PostgreSQL is back",
+    );
+    gw.stop();
+}

@@ -28,8 +28,12 @@ pub use sqlite::SqliteStore;
 pub enum StoreError {
     #[error("store: {0}")]
     Sqlite(#[from] rusqlite::Error),
-    #[error("store (PostgreSQL): {0}")]
-    Postgres(String),
+    #[error("store (PostgreSQL): {message}")]
+    Postgres {
+        message: String,
+        /// The database was unreachable (refused, reset, closed): worth retrying.
+        transient: bool,
+    },
     #[error("user `{0}` already exists")]
     Exists(String),
     #[error("no user `{0}`")]
@@ -39,13 +43,17 @@ pub enum StoreError {
 }
 
 impl StoreError {
-    /// Another connection holds the write lock (past the busy timeout): worth retrying.
+    /// Worth retrying: another connection holds SQLite's write lock (past the busy timeout),
+    /// or PostgreSQL is unreachable (the next call connects again).
     pub fn is_busy(&self) -> bool {
-        matches!(
-            self,
-            StoreError::Sqlite(rusqlite::Error::SqliteFailure(e, _))
-                if matches!(e.code, rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
-        )
+        match self {
+            StoreError::Sqlite(rusqlite::Error::SqliteFailure(e, _)) => matches!(
+                e.code,
+                rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked
+            ),
+            StoreError::Postgres { transient, .. } => *transient,
+            _ => false,
+        }
     }
 }
 
@@ -116,7 +124,8 @@ pub(crate) fn validate_user(username: &str, aors: &[String]) -> Result<(), Store
 #[derive(Debug)]
 pub enum Store {
     Sqlite(SqliteStore),
-    Postgres(PgStore),
+    /// Boxed: the client and its configuration are large; a store is opened once.
+    Postgres(Box<PgStore>),
 }
 
 pub use crate::config::store_url as postgres_url;
@@ -153,7 +162,7 @@ impl Store {
     /// (created or migrated).
     pub fn open(location: &Path) -> Result<Store, StoreError> {
         match postgres_url(location) {
-            Some(url) => PgStore::connect(url).map(Store::Postgres),
+            Some(url) => PgStore::connect(url).map(|p| Store::Postgres(Box::new(p))),
             None => SqliteStore::open(location).map(Store::Sqlite),
         }
     }

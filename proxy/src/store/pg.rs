@@ -99,16 +99,21 @@ const MIGRATIONS: &[&str] = &[
         FOR EACH STATEMENT EXECUTE FUNCTION gatehouse_users_changed();",
 ];
 
+/// How long a connection attempt may take.
+const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Arbitrary, fixed: the advisory lock every gateway takes to migrate.
 const MIGRATION_LOCK: i64 = 0x6761_7465_686f_7573; // "gatehous"
 
 /// A connection to the shared database.
 pub struct PgStore {
-    /// `Some` until the store is dropped (see `Drop`).
+    /// `None` after the connection broke (the next call connects again) and at drop.
     client: Mutex<Option<Client>>,
+    /// Where to connect again (holds the password: never logged or printed).
+    config: postgres::Config,
 }
 
-/// The locked client of a [`PgStore`].
+/// The locked, connected client of a [`PgStore`].
 struct Conn<'a>(std::sync::MutexGuard<'a, Option<Client>>);
 
 impl std::ops::Deref for Conn<'_> {
@@ -146,7 +151,13 @@ impl std::fmt::Debug for PgStore {
 }
 
 fn pg(e: postgres::Error) -> StoreError {
-    StoreError::Postgres(e.to_string())
+    // An error the server reported (a constraint, a type) is final; anything else (refused,
+    // reset, closed, timed out) says the database is unreachable: worth retrying.
+    let transient = e.as_db_error().is_none() || e.is_closed();
+    StoreError::Postgres {
+        message: e.to_string(),
+        transient,
+    }
 }
 
 fn key32(v: Vec<u8>) -> Option<[u8; 32]> {
@@ -193,9 +204,13 @@ impl PgStore {
     /// Connects to `url` (`postgres://user:password@host:port/dbname`) and migrates.
     pub fn connect(url: &str) -> Result<PgStore, StoreError> {
         off_runtime(|| {
-            let client = Client::connect(url, NoTls).map_err(pg)?;
+            let mut config: postgres::Config = url.parse().map_err(pg)?;
+            // A database host that does not answer must not hold the worker for minutes.
+            config.connect_timeout(CONNECT_TIMEOUT);
+            let client = config.connect(NoTls).map_err(pg)?;
             let store = PgStore {
                 client: Mutex::new(Some(client)),
+                config,
             };
             store.migrate()?;
             Ok(store)
@@ -207,12 +222,21 @@ impl PgStore {
         off_runtime(f)
     }
 
-    fn client(&self) -> Conn<'_> {
-        Conn(self.client.lock().unwrap_or_else(|p| p.into_inner()))
+    /// The connection, connecting again first when the last one broke (the database
+    /// restarted or the network failed): the caller gets an error only while it stays down.
+    fn client(&self) -> Result<Conn<'_>, StoreError> {
+        let mut guard = self.client.lock().unwrap_or_else(|p| p.into_inner());
+        if guard.as_ref().is_none_or(Client::is_closed) {
+            *guard = None;
+            let fresh = self.config.connect(NoTls).map_err(pg)?;
+            tracing::info!("connected to PostgreSQL again");
+            *guard = Some(fresh);
+        }
+        Ok(Conn(guard))
     }
 
     fn migrate(&self) -> Result<(), StoreError> {
-        let mut c = self.client();
+        let mut c = self.client()?;
         let mut tx = c.transaction().map_err(pg)?;
         tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
             .map_err(pg)?;
@@ -243,7 +267,7 @@ impl PgStore {
     /// A named 32-byte key, created at random by the first gateway that asks.
     pub fn key(&self, name: &str) -> Result<[u8; 32], StoreError> {
         self.run(|| {
-            let mut c = self.client();
+            let mut c = self.client()?;
             let k: [u8; 32] = rand::random();
             c.execute(
                 "INSERT INTO keys (name, value) VALUES ($1, $2) ON CONFLICT (name) DO NOTHING",
@@ -276,7 +300,7 @@ impl PgStore {
         let salt: [u8; 16] = rand::random();
         let v = Verifier::derive(password, salt.to_vec(), iterations);
         let mechs = mechanisms.map(|m| m.iter().map(|m| m.name()).collect::<Vec<_>>().join(" "));
-        let mut c = self.client();
+        let mut c = self.client()?;
         let mut tx = c.transaction().map_err(pg)?;
         let now = unix_now();
         let inserted = tx
@@ -310,7 +334,7 @@ impl PgStore {
         let salt: [u8; 16] = rand::random();
         let v = Verifier::derive(password, salt.to_vec(), iterations.max(MIN_ITERATIONS));
         let n = self
-            .client()
+            .client()?
             .execute(
                 "UPDATE users SET salt = $2, iterations = $3, stored_key = $4, server_key = $5, updated_at = $6 WHERE username = $1",
                 &[&username, &v.salt, &(v.iterations as i32), &v.stored_key.as_slice(), &v.server_key.as_slice(), &unix_now()],
@@ -326,7 +350,7 @@ impl PgStore {
     pub fn set_enabled(&self, username: &str, enabled: bool) -> Result<(), StoreError> {
         self.run(|| {
             let n = self
-                .client()
+                .client()?
                 .execute(
                     "UPDATE users SET enabled = $2, updated_at = $3 WHERE username = $1",
                     &[&username, &enabled, &unix_now()],
@@ -342,7 +366,7 @@ impl PgStore {
     pub fn delete_user(&self, username: &str) -> Result<(), StoreError> {
         self.run(|| {
             let n = self
-                .client()
+                .client()?
                 .execute("DELETE FROM users WHERE username = $1", &[&username])
                 .map_err(pg)?;
             if n == 0 {
@@ -355,7 +379,7 @@ impl PgStore {
     pub fn list_users(&self) -> Result<Vec<UserSummary>, StoreError> {
         self.run(|| {
             let names: Vec<String> = self
-                .client()
+                .client()?
                 .query("SELECT username FROM users ORDER BY username", &[])
                 .map_err(pg)?
                 .iter()
@@ -371,7 +395,7 @@ impl PgStore {
     pub fn user(&self, username: &str) -> Result<Option<UserSummary>, StoreError> {
         self.run(|| {
             let Some(r) = self
-                .client()
+                .client()?
                 .query_opt(
                     "SELECT mechanisms, enabled, iterations FROM users WHERE username = $1",
                     &[&username],
@@ -393,7 +417,7 @@ impl PgStore {
 
     fn aors(&self, username: &str) -> Result<Vec<String>, StoreError> {
         Ok(self
-            .client()
+            .client()?
             .query(
                 "SELECT aor FROM user_aors WHERE username = $1 ORDER BY aor",
                 &[&username],
@@ -408,7 +432,7 @@ impl PgStore {
     pub fn credential(&self, username: &str) -> Result<Option<Credential>, StoreError> {
         self.run(|| {
         let row = self
-            .client()
+            .client()?
             .query_opt(
                 "SELECT salt, iterations, stored_key, server_key, mechanisms, enabled FROM users WHERE username = $1",
                 &[&username],
@@ -426,7 +450,7 @@ impl PgStore {
     pub fn users_generation(&self) -> Result<i64, StoreError> {
         self.run(|| {
             Ok(self
-                .client()
+                .client()?
                 .query_one("SELECT value FROM generations WHERE name = 'users'", &[])
                 .map_err(pg)?
                 .get(0))
@@ -436,7 +460,7 @@ impl PgStore {
     /// Every user's credential (the core's in-memory snapshot).
     pub fn credentials(&self) -> Result<Credentials, StoreError> {
         self.run(|| {
-        let mut c = self.client();
+        let mut c = self.client()?;
         let mut aors: std::collections::HashMap<String, Vec<String>> = Default::default();
         for r in c
             .query(
@@ -479,7 +503,7 @@ impl PgStore {
     /// Applies a batch of the core's writes in one transaction (all or nothing).
     pub fn apply(&self, writes: &[StoreWrite]) -> Result<(), StoreError> {
         self.run(|| {
-        let mut c = self.client();
+        let mut c = self.client()?;
         let mut tx = c.transaction().map_err(pg)?;
         for w in writes {
             match w {
@@ -536,7 +560,7 @@ impl PgStore {
     /// Bindings not yet expired at `now_unix`; expired ones are deleted.
     pub fn live_bindings(&self, now_unix: u64) -> Result<Vec<BindingRecord>, StoreError> {
         self.run(|| {
-        let mut c = self.client();
+        let mut c = self.client()?;
         c.execute(
             "DELETE FROM bindings WHERE expires_at <= $1",
             &[&(now_unix as i64)],
@@ -566,7 +590,7 @@ impl PgStore {
     pub fn tunnels(&self) -> Result<Vec<crate::tunnel::Tunnel>, StoreError> {
         self.run(|| {
         Ok(self
-            .client()
+            .client()?
             .query(
                 "SELECT call_id, caller_tag, callee_tag, identity, from_aor, to_aor, prefixes, pskmth, created_at, state, caller, callee FROM tunnels",
                 &[],
@@ -603,7 +627,7 @@ impl PgStore {
         let salt: [u8; 16] = rand::random();
         let v = Verifier::derive(password, salt.to_vec(), MIN_ITERATIONS);
         let n = self
-            .client()
+            .client()?
             .execute(
                 "INSERT INTO admins (username, salt, iterations, stored_key, server_key, role) VALUES ($1, $2, $3, $4, $5, $6)
                  ON CONFLICT (username) DO NOTHING",
@@ -620,7 +644,7 @@ impl PgStore {
     pub fn delete_admin(&self, username: &str) -> Result<(), StoreError> {
         self.run(|| {
             let n = self
-                .client()
+                .client()?
                 .execute("DELETE FROM admins WHERE username = $1", &[&username])
                 .map_err(pg)?;
             if n == 0 {
@@ -633,7 +657,7 @@ impl PgStore {
     pub fn admins(&self) -> Result<Vec<(String, Role, bool)>, StoreError> {
         self.run(|| {
             Ok(self
-                .client()
+                .client()?
                 .query(
                     "SELECT username, role, enabled FROM admins ORDER BY username",
                     &[],
@@ -652,7 +676,7 @@ impl PgStore {
     ) -> Result<Option<(Credential, Role)>, StoreError> {
         self.run(|| {
         let row = self
-            .client()
+            .client()?
             .query_opt(
                 "SELECT salt, iterations, stored_key, server_key, role, enabled FROM admins WHERE username = $1",
                 &[&username],

@@ -31,6 +31,8 @@ use crate::metrics::Metrics;
 pub const POLL: Duration = Duration::from_millis(250);
 /// Pause between commit attempts while another connection holds the write lock.
 const BUSY_RETRY: Duration = Duration::from_millis(50);
+/// Writes kept in memory while a store without a journal (PostgreSQL) is unreachable.
+pub const QUEUE_MAX: usize = 100_000;
 /// How long the worker keeps trying at shutdown before it gives the remaining writes up
 /// (logged and counted).
 const SHUTDOWN_PATIENCE: Duration = Duration::from_secs(10);
@@ -141,6 +143,10 @@ struct Worker {
     generation: Option<i64>,
     next_poll: Instant,
     refresh: bool,
+    /// The highest batch acknowledged from the in-memory queue (no journal).
+    acked: u64,
+    /// The last credential poll failed (logged once per outage).
+    poll_failing: bool,
 }
 
 impl Worker {
@@ -160,6 +166,8 @@ impl Worker {
             generation,
             next_poll: Instant::now() + POLL,
             refresh: false,
+            acked: 0,
+            poll_failing: false,
         }
     }
 
@@ -236,12 +244,15 @@ impl Worker {
                 let since = *self.busy_since.get_or_insert_with(|| {
                     tracing::warn!(
                         writes = self.pending.len(),
-                        "store write lock held by another connection; writes journaled, retrying"
+                        error = %e,
+                        "store locked by another connection or unreachable; writes queued, retrying"
                     );
                     t0
                 });
-                // Journaled writes are acknowledged: what waited for them may leave.
+                // Journaled (or, without a journal, queued) writes are acknowledged: what
+                // waited for them may leave.
                 self.journal_pending();
+                self.queue_in_memory();
                 if open || since.elapsed() < SHUTDOWN_PATIENCE {
                     self.metrics.store_busy_retries.inc();
                     self.retry_at = Some(Instant::now() + BUSY_RETRY);
@@ -311,6 +322,31 @@ impl Worker {
         }
     }
 
+    /// Without a journal (PostgreSQL; SQLite in memory cannot be busy) the writes wait in
+    /// memory while the store is unreachable: acknowledged, so calls go on, and retried until
+    /// they land. A crash in that window loses them (the journal is what prevents it for a
+    /// file store). At most [`QUEUE_MAX`] wait; older ones beyond it are given up, counted
+    /// and logged.
+    fn queue_in_memory(&mut self) {
+        if self.journal.is_some() {
+            return;
+        }
+        if self.pending.len() > QUEUE_MAX {
+            let excess = self.pending.len() - QUEUE_MAX;
+            self.pending.drain(..excess);
+            self.metrics.store_errors.inc_by(excess as u64);
+            self.metrics.store_queued.sub(excess as i64);
+            tracing::error!(
+                writes = excess,
+                "store unreachable and its queue full; the oldest writes are given up"
+            );
+        }
+        if self.acked < self.pending_seq {
+            self.acked = self.pending_seq;
+            let _ = self.events.send(StoreEvent::Committed(self.pending_seq));
+        }
+    }
+
     /// After a failed batch: each write on its own; failures counted and logged.
     fn one_by_one(&mut self) {
         for w in &self.pending {
@@ -329,9 +365,17 @@ impl Worker {
 
     fn poll_credentials(&mut self) {
         let generation = match self.store.users_generation() {
-            Ok(g) => Some(g),
+            Ok(g) => {
+                if std::mem::take(&mut self.poll_failing) {
+                    tracing::info!("the store answers again; credential changes are followed");
+                }
+                Some(g)
+            }
             Err(e) => {
-                tracing::warn!(error = %e, "cannot read the users generation");
+                // Once per outage: the poll runs four times a second.
+                if !std::mem::replace(&mut self.poll_failing, true) {
+                    tracing::warn!(error = %e, "cannot read the users generation; authentication goes on from the snapshot");
+                }
                 return;
             }
         };
