@@ -23,6 +23,18 @@ fn established(path: &std::path::Path) -> i64 {
     .expect("count tunnels")
 }
 
+/// Asserts that the gateway answers an OPTIONS to itself over UDP (it has started: its store
+/// is open).
+pub fn assert_answers(gw: &Gateway) {
+    let mut ping = SipClient::udp(gw.addr(Transport::Udp));
+    ping.send(&format!(
+        "OPTIONS sip:org.example SIP/2.0\r\nVia: SIP/2.0/UDP {l};branch=z9hG4bKready\r\nMax-Forwards: 70\r\n\
+From: <sip:probe@org.example>;tag=p\r\nTo: <sip:org.example>\r\nCall-ID: ready@test\r\nCSeq: 1 OPTIONS\r\nContent-Length: 0\r\n\r\n",
+        l = ping.local
+    ));
+    assert_eq!(ping.recv().status(), Some(200), "the gateway runs");
+}
+
 /// Holds the write lock of `path` (`BEGIN IMMEDIATE`) until told to let go; says when it has it.
 fn hold_write_lock(
     path: std::path::PathBuf,
@@ -76,13 +88,7 @@ fn calls_go_on_while_another_connection_holds_the_write_lock() {
     let gw = Gateway::start(&config_for(&call, uas_port));
     // The gateway has opened its store once it answers (before that the lock would stop its
     // start, not its calls).
-    let mut ping = SipClient::udp(gw.addr(Transport::Udp));
-    ping.send(&format!(
-        "OPTIONS sip:org.example SIP/2.0\r\nVia: SIP/2.0/UDP {l};branch=z9hG4bKready\r\nMax-Forwards: 70\r\n\
-From: <sip:probe@org.example>;tag=p\r\nTo: <sip:org.example>\r\nCall-ID: ready@test\r\nCSeq: 1 OPTIONS\r\nContent-Length: 0\r\n\r\n",
-        l = ping.local
-    ));
-    assert_eq!(ping.recv().status(), Some(200), "the gateway runs");
+    assert_answers(&gw);
 
     let (locked, release, holder) = hold_write_lock(path.clone());
     locked
