@@ -253,7 +253,10 @@ fn calls_go_on_while_postgres_is_down_and_the_writes_land_after() {
     let pg = Postgres::start();
     let url = PathBuf::from(pg.url());
     drop(Store::open(&url).expect("migrate"));
-    let extra = format!("[auth]\nstore = \"{}\"\n", pg.url());
+    let extra = format!(
+        "[auth]\nstore = \"{}\"\n[metrics]\nlisten = \"127.0.0.1:0\"\n",
+        pg.url()
+    );
     let call = Call {
         uac: "uac_hold.xml",
         uas: "uas_hold.xml",
@@ -274,6 +277,20 @@ fn calls_go_on_while_postgres_is_down_and_the_writes_land_after() {
         pg.pid().is_none(),
         "the database stayed down during the calls"
     );
+    // The gateway says so: still ready (it serves calls), the store unavailable.
+    let metrics = gw.metrics.expect("metrics listener");
+    let readyz = || crate::operations::http_get(metrics, "/readyz");
+    let available = || {
+        crate::operations::http_get(metrics, "/metrics")
+            .1
+            .lines()
+            .find_map(|l| l.strip_prefix("gatehouse_store_available "))
+            .map(|v| v.trim() == "1")
+    };
+    wait_until(|| available() == Some(false), "gatehouse_store_available 0");
+    let (status, body) = readyz();
+    assert_eq!(status, 200);
+    assert!(body.contains("store unavailable"), "{body}");
     eprintln!(
         "300 tunnel calls with PostgreSQL down for {:?}",
         down.elapsed()
@@ -283,5 +300,7 @@ fn calls_go_on_while_postgres_is_down_and_the_writes_land_after() {
         || established_in(&url) == 300,
         "the queued tunnels written once PostgreSQL is back",
     );
+    wait_until(|| available() == Some(true), "gatehouse_store_available 1");
+    assert_eq!(readyz().1, "ready\n");
     gw.stop();
 }

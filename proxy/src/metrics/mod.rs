@@ -30,6 +30,7 @@
 //! | `gatehouse_store_queued_writes` | gauge | | writes handed to the storage worker, not yet committed |
 //! | `gatehouse_store_busy_retries_total` | counter | | commits retried because another connection held the write lock |
 //! | `gatehouse_store_held_transmits` | gauge | | messages waiting for a tunnel's commit before they leave |
+//! | `gatehouse_store_available` | gauge | | 1 while the store answers, 0 while it is locked elsewhere or unreachable (writes queue) |
 //! | `gatehouse_auth_users` | gauge | | users in the credential snapshot the SASL server uses |
 //! | `gatehouse_loop_message_seconds` | histogram | | the I/O loop's time on one received message |
 //! | `gatehouse_loop_tick_seconds` | histogram | | the I/O loop's time on one maintenance tick or timer batch |
@@ -79,6 +80,7 @@ pub struct Metrics {
     pub store_queued: IntGauge,
     pub store_busy_retries: IntCounter,
     pub store_held: IntGauge,
+    pub store_available: IntGauge,
     pub auth_users: IntGauge,
     pub loop_message: Histogram,
     pub loop_tick: Histogram,
@@ -276,6 +278,15 @@ impl Metrics {
                 "gatehouse_store_held_transmits",
                 "Messages waiting for a tunnel's commit before they leave",
             ),
+            store_available: {
+                let g = gauge(
+                    &r,
+                    "gatehouse_store_available",
+                    "1 while the store answers; 0 while it is locked elsewhere or unreachable (writes queue)",
+                );
+                g.set(1);
+                g
+            },
             auth_users: gauge(
                 &r,
                 "gatehouse_auth_users",
@@ -357,8 +368,19 @@ async fn handle(
             metrics.render(),
         ),
         "/healthz" => (StatusCode::OK, "text/plain", "ok\n".to_owned()),
+        // Ready while the gateway serves calls, which it does with its store unreachable too
+        // (authentication from the snapshot, writes queued): the body says so, the status
+        // stays 200 so that a database outage does not take every gateway of a cluster out.
         "/readyz" if metrics.ready.load(Ordering::Relaxed) => {
-            (StatusCode::OK, "text/plain", "ready\n".to_owned())
+            let body = if metrics.store_available.get() == 1 {
+                "ready\n".to_owned()
+            } else {
+                format!(
+                    "ready; store unavailable, {} writes queued\n",
+                    metrics.store_queued.get()
+                )
+            };
+            (StatusCode::OK, "text/plain", body)
         }
         "/readyz" => (
             StatusCode::SERVICE_UNAVAILABLE,

@@ -229,6 +229,7 @@ impl Worker {
         }));
         match result {
             Ok(Ok(())) => {
+                self.metrics.store_available.set(1);
                 self.metrics
                     .store_commit
                     .observe(t0.elapsed().as_secs_f64());
@@ -241,6 +242,7 @@ impl Worker {
                 }
             }
             Ok(Err(e)) if e.is_busy() => {
+                self.metrics.store_available.set(0);
                 let since = *self.busy_since.get_or_insert_with(|| {
                     tracing::warn!(
                         writes = self.pending.len(),
@@ -366,12 +368,16 @@ impl Worker {
     fn poll_credentials(&mut self) {
         let generation = match self.store.users_generation() {
             Ok(g) => {
+                if self.pending.is_empty() {
+                    self.metrics.store_available.set(1);
+                }
                 if std::mem::take(&mut self.poll_failing) {
                     tracing::info!("the store answers again; credential changes are followed");
                 }
                 Some(g)
             }
             Err(e) => {
+                self.metrics.store_available.set(0);
                 // Once per outage: the poll runs four times a second.
                 if !std::mem::replace(&mut self.poll_failing, true) {
                     tracing::warn!(error = %e, "cannot read the users generation; authentication goes on from the snapshot");
