@@ -264,6 +264,63 @@ impl PgStore {
         tx.commit().map_err(pg)
     }
 
+    /// Starts a thread that `LISTEN`s on `gatehouse_users` over a connection of its own and
+    /// calls `changed` at each notification (a user or its AORs changed, through any gateway
+    /// or CLI of the cluster). It connects again after an outage (pausing a second between
+    /// attempts) and ends when `changed` returns false or `stop` is set (seen within a second).
+    pub fn follow_user_changes(
+        &self,
+        stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+        changed: impl Fn() -> bool + Send + 'static,
+    ) -> std::io::Result<std::thread::JoinHandle<()>> {
+        use postgres::fallible_iterator::FallibleIterator;
+        use std::sync::atomic::Ordering;
+        let config = self.config.clone();
+        let round = std::time::Duration::from_secs(1);
+        std::thread::Builder::new()
+            .name("gatehouse-pg-listen".into())
+            .spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    let mut client = match config.connect(NoTls) {
+                        Ok(c) => c,
+                        Err(_) => {
+                            // The storage worker reports the outage; this only retries.
+                            std::thread::sleep(round);
+                            continue;
+                        }
+                    };
+                    if client.batch_execute("LISTEN gatehouse_users").is_err() {
+                        std::thread::sleep(round);
+                        continue;
+                    }
+                    // After a (re)connection a change may have been missed: refresh once.
+                    if !changed() {
+                        return;
+                    }
+                    loop {
+                        if stop.load(Ordering::Relaxed) {
+                            return;
+                        }
+                        let next = {
+                            let mut notifications = client.notifications();
+                            let mut waiting = notifications.timeout_iter(round);
+                            waiting.next().map(|n| n.is_some())
+                        };
+                        match next {
+                            Ok(true) => {
+                                if !changed() {
+                                    return;
+                                }
+                            }
+                            Err(_) => break,
+                            Ok(false) if client.is_closed() => break,
+                            Ok(false) => {}
+                        }
+                    }
+                }
+            })
+    }
+
     /// A named 32-byte key, created at random by the first gateway that asks.
     pub fn key(&self, name: &str) -> Result<[u8; 32], StoreError> {
         self.run(|| {

@@ -11,11 +11,15 @@
 //! A batch that fails for another reason is replayed write by write so one bad row costs only
 //! itself; each write that still fails is counted (`gatehouse_store_errors_total`) and logged.
 //!
-//! It also keeps the core's credential snapshot fresh: every [`POLL`] it reads the users
+//! It also keeps the core's credential snapshot fresh: on PostgreSQL a listener thread
+//! (`PgStore::follow_user_changes`) turns each `NOTIFY gatehouse_users` into an immediate
+//! refresh and the poll below runs every [`POLL_NOTIFIED`] as a safety net; on SQLite, which
+//! has no notifications, every [`POLL`] it reads the users
 //! generation (moved by triggers whenever the CLI, the admin API or anyone else changes a
 //! user) and, when it moved or a refresh was asked for, sends the new snapshot
 //! ([`StoreEvent::Credentials`]).
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -29,6 +33,8 @@ use crate::metrics::Metrics;
 
 /// How often the worker looks for credential changes made elsewhere.
 pub const POLL: Duration = Duration::from_millis(250);
+/// The same where changes are notified (PostgreSQL): only what a lost notification missed.
+pub const POLL_NOTIFIED: Duration = Duration::from_secs(5);
 /// Pause between commit attempts while another connection holds the write lock.
 const BUSY_RETRY: Duration = Duration::from_millis(50);
 /// Writes kept in memory while a store without a journal (PostgreSQL) is unreachable.
@@ -50,8 +56,14 @@ pub enum StoreEvent {
 }
 
 enum Job {
-    Write { seq: u64, writes: Vec<StoreWrite> },
+    Write {
+        seq: u64,
+        writes: Vec<StoreWrite>,
+    },
     Refresh,
+    /// No more writes: commit what is queued and end (sent by `close` and at drop; the
+    /// channel may not disconnect, the PostgreSQL listener holds a sender too).
+    Close,
 }
 
 /// The loop's handle on the worker thread.
@@ -61,9 +73,26 @@ pub struct StorageWorker {
     thread: Option<JoinHandle<()>>,
     next_seq: u64,
     metrics: Arc<Metrics>,
+    /// Ends the PostgreSQL listener thread (if any).
+    stop_listener: Arc<AtomicBool>,
+}
+
+impl Drop for StorageWorker {
+    /// A worker dropped without `close` still commits what it has and ends.
+    fn drop(&mut self) {
+        self.hang_up();
+    }
 }
 
 impl StorageWorker {
+    /// Tells the worker (and the listener) to end; idempotent.
+    fn hang_up(&mut self) {
+        self.stop_listener.store(true, Ordering::Relaxed);
+        if let Some(j) = self.jobs.take() {
+            let _ = j.send(Job::Close);
+        }
+    }
+
     /// Starts the worker on `store` (the store moves to the worker's thread).
     pub fn start(
         mut store: Store,
@@ -74,6 +103,16 @@ impl StorageWorker {
             tracing::warn!(error = %e, "cannot set the storage worker's busy timeout");
         }
         let (tx, rx) = mpsc::channel();
+        let stop_listener = Arc::new(AtomicBool::new(false));
+        // On PostgreSQL a change of the users anywhere in the cluster arrives as a
+        // notification: the snapshot is refreshed at once, the generation poll stays the
+        // safety net (a notification lost during a reconnect).
+        if let Store::Postgres(pg) = &store {
+            let jobs = tx.clone();
+            pg.follow_user_changes(Arc::clone(&stop_listener), move || {
+                jobs.send(Job::Refresh).is_ok()
+            })?;
+        }
         let m = Arc::clone(&metrics);
         let thread = std::thread::Builder::new()
             .name("gatehouse-store".into())
@@ -83,6 +122,7 @@ impl StorageWorker {
             thread: Some(thread),
             next_seq: 0,
             metrics,
+            stop_listener,
         })
     }
 
@@ -117,7 +157,7 @@ impl StorageWorker {
     /// Stops taking writes and waits (off the async runtime's workers) until everything
     /// queued is committed or given up.
     pub async fn close(mut self) {
-        self.jobs = None;
+        self.hang_up();
         if let Some(t) = self.thread.take() {
             let joined = tokio::task::spawn_blocking(move || t.join()).await;
             if !matches!(joined, Ok(Ok(()))) {
@@ -147,10 +187,18 @@ struct Worker {
     acked: u64,
     /// The last credential poll failed (logged once per outage).
     poll_failing: bool,
+    /// `Job::Close` arrived.
+    closing: bool,
+    /// How often the users generation is read.
+    poll: Duration,
 }
 
 impl Worker {
     fn new(store: Store, metrics: Arc<Metrics>, events: UnboundedSender<StoreEvent>) -> Worker {
+        let poll = match store {
+            Store::Postgres(_) => POLL_NOTIFIED,
+            Store::Sqlite(_) => POLL,
+        };
         let generation = store.users_generation().ok();
         let journal = store.path().map(|p| Journal::new(journal::path_for(p)));
         Worker {
@@ -164,10 +212,12 @@ impl Worker {
             busy_since: None,
             retry_at: None,
             generation,
-            next_poll: Instant::now() + POLL,
+            next_poll: Instant::now() + poll,
+            poll,
             refresh: false,
             acked: 0,
             poll_failing: false,
+            closing: false,
         }
     }
 
@@ -178,6 +228,7 @@ impl Worker {
                 self.pending_seq = seq;
             }
             Job::Refresh => self.refresh = true,
+            Job::Close => self.closing = true,
         }
     }
 
@@ -200,6 +251,9 @@ impl Worker {
                 while let Ok(job) = jobs.try_recv() {
                     self.take(job);
                 }
+                if self.closing {
+                    open = false;
+                }
             } else if let Some(at) = self.retry_at {
                 std::thread::sleep(at.saturating_duration_since(now));
             }
@@ -211,7 +265,7 @@ impl Worker {
                 return;
             }
             if self.refresh || now >= self.next_poll {
-                self.next_poll = now + POLL;
+                self.next_poll = now + self.poll;
                 self.poll_credentials();
             }
         }
