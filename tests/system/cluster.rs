@@ -191,7 +191,7 @@ fn gateways_share_users_and_keys_through_postgres() {
 
     let pg = Postgres::start();
     let url = PathBuf::from(pg.url());
-    let extra = "[metrics]\nlisten = \"127.0.0.1:0\"\n";
+    let extra = "[metrics]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n";
     let a = setup_on(Some(&url), extra, |_| {});
     let b = setup_on(Some(&url), extra, |_| {});
     let (ma, mb) = (a.gw.metrics.unwrap(), b.gw.metrics.unwrap());
@@ -214,6 +214,16 @@ fn gateways_share_users_and_keys_through_postgres() {
         let ok = authenticated_invite(&mut client, &mut scram, &mut Call::new("carol"));
         assert_eq!(ok.status(), Some(200), "{ok:?}");
     }
+    // The other gateway's admin API authenticates its admin from the database and lists the
+    // user the CLI added (the store calls run off the gateway's loop).
+    let mut admin = gatehouse::admin::client::AdminClient::new(
+        b.gw.admin.expect("admin listener"),
+        "root",
+        "root-secret",
+    );
+    let users = admin.request("GET", "/api/v1/users", None).unwrap();
+    assert_eq!(users.status, 200, "{}", users.body);
+    assert!(users.body.contains("\"carol\""), "{}", users.body);
     // One dialog key for the cluster: a Record-Route one gateway signs, another verifies.
     let store = Store::open(&url).unwrap();
     assert_eq!(

@@ -190,9 +190,11 @@ enum Auth {
     Respond(Resp),
 }
 
+/// The HTTP-SASL exchange of one request (`header`: its Authorization value). It reads the
+/// store (admin credentials): run on a blocking thread, never on the gateway's loop.
 fn authenticate(
     state: &AdminState,
-    req: &Request<hyper::body::Incoming>,
+    header: Option<&str>,
     source: IpAddr,
     tls: Option<&TlsInfo>,
 ) -> Auth {
@@ -205,11 +207,7 @@ fn authenticate(
             &[("www-authenticate", value)],
         ))
     };
-    let Some(header) = req
-        .headers()
-        .get("authorization")
-        .and_then(|v| v.to_str().ok())
-    else {
+    let Some(header) = header else {
         return challenge(state);
     };
     let params = match SaslParams::parse(header) {
@@ -355,13 +353,31 @@ async fn handle(
     source: IpAddr,
     tls: Option<TlsInfo>,
 ) -> Result<Resp, Infallible> {
-    let (username, role, info) = match authenticate(&state, &req, source, tls.as_ref()) {
-        Auth::Ok {
+    // The exchange reads the store (a database round trip with PostgreSQL): off the loop.
+    let header = req
+        .headers()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let st = Arc::clone(&state);
+    let auth = tokio::task::spawn_blocking(move || {
+        authenticate(&st, header.as_deref(), source, tls.as_ref())
+    })
+    .await;
+    let (username, role, info) = match auth {
+        Ok(Auth::Ok {
             username,
             role,
             info,
-        } => (username, role, info),
-        Auth::Respond(r) => return Ok(r),
+        }) => (username, role, info),
+        Ok(Auth::Respond(r)) => return Ok(r),
+        Err(_) => {
+            return Ok(reply(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                json!({"error": "internal error"}),
+                &[],
+            ))
+        }
     };
     let method = req.method().clone();
     let path = req.uri().path().trim_end_matches('/').to_owned();
@@ -432,8 +448,11 @@ async fn handle(
         },
         (_, ["users", ..]) if role != Role::Admin => forbidden(),
         (&Method::GET, ["users"]) => {
-            let users = lock(&state.store).list_users();
-            match users {
+            let st = Arc::clone(&state);
+            let users = tokio::task::spawn_blocking(move || lock(&st.store).list_users()).await;
+            match users.unwrap_or_else(|_| {
+                Err(crate::store::StoreError::Invalid("internal error".into()))
+            }) {
                 Ok(list) => reply(
                     StatusCode::OK,
                     Value::Array(
