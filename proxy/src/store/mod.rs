@@ -128,11 +128,11 @@ pub enum Store {
     Postgres(Box<PgStore>),
 }
 
-pub use crate::config::store_url as postgres_url;
+pub use crate::config::store_url;
 
 /// A store location fit for a log line: the password of a URL is replaced by `***`.
 pub fn display_location(location: &Path) -> String {
-    let Some(url) = postgres_url(location) else {
+    let Some(url) = store_url(location) else {
         return location.display().to_string();
     };
     let Some((scheme, rest)) = url.split_once("://") else {
@@ -161,7 +161,7 @@ impl Store {
     /// Opens the store at `location`: a `postgres://` URL (connects and migrates) or a file
     /// (created or migrated).
     pub fn open(location: &Path) -> Result<Store, StoreError> {
-        match postgres_url(location) {
+        match store_url(location) {
             Some(url) => PgStore::connect(url).map(|p| Store::Postgres(Box::new(p))),
             None => SqliteStore::open(location).map(Store::Sqlite),
         }

@@ -352,6 +352,14 @@ type ReloadDone = (
     Option<tokio::sync::oneshot::Sender<Result<String, String>>>,
 );
 
+/// Datagrams queued for one UDP socket this loop turn, and the transaction of each (failed
+/// if the kernel refuses its datagram).
+#[derive(Debug, Default)]
+struct UdpQueue {
+    datagrams: Vec<(SocketAddr, Bytes)>,
+    txs: Vec<Option<TxId>>,
+}
+
 /// The I/O loop: owns the proxy core, the UDP sockets and the connection table.
 pub struct Driver {
     proxy: Proxy,
@@ -359,7 +367,7 @@ pub struct Driver {
     udp_local: Vec<SocketAddr>,
     /// Datagrams to send per UDP socket, sent with one `sendmmsg` per socket at the end of
     /// each loop turn ([`Driver::flush_udp`]).
-    udp_out: Vec<Vec<(SocketAddr, Bytes, Option<TxId>)>>,
+    udp_out: Vec<UdpQueue>,
     /// Buffers of `recvmmsg` and the datagrams one read returned.
     recv_bufs: batch::RecvBuffers,
     received: Vec<(Bytes, SocketAddr)>,
@@ -468,7 +476,7 @@ impl Driver {
         Ok(Driver {
             proxy,
             udp: bound.udp,
-            udp_out: vec![Vec::new(); udp_local.len()],
+            udp_out: (0..udp_local.len()).map(|_| UdpQueue::default()).collect(),
             udp_local,
             recv_bufs: batch::RecvBuffers::default(),
             received: Vec::with_capacity(batch::RECV_BATCH),
@@ -852,7 +860,9 @@ impl Driver {
             self.fail(t.tx);
             return;
         };
-        self.udp_out[i].push((to, t.bytes, t.tx));
+        let q = &mut self.udp_out[i];
+        q.datagrams.push((to, t.bytes));
+        q.txs.push(t.tx);
     }
 
     /// Sends the datagrams queued this loop turn, one `sendmmsg` per socket and batch. A
@@ -860,26 +870,21 @@ impl Driver {
     /// socket buffer is full the rest go from a task that waits for room, never the loop.
     fn flush_udp(&mut self) {
         for i in 0..self.udp_out.len() {
-            if self.udp_out[i].is_empty() {
+            if self.udp_out[i].datagrams.is_empty() {
                 continue;
             }
-            let mut queue = std::mem::take(&mut self.udp_out[i]);
+            let mut q = std::mem::take(&mut self.udp_out[i]);
             let sock = Arc::clone(&self.udp[i]);
             let mut start = 0;
-            while start < queue.len() {
-                let pending: Vec<(SocketAddr, Bytes)> = queue[start..]
-                    .iter()
-                    .map(|(a, b, _)| (*a, b.clone()))
-                    .collect();
-                let done = batch::send_batch(&sock, &pending);
+            while start < q.datagrams.len() {
+                let done = batch::send_batch(&sock, &q.datagrams[start..]);
                 start += done.sent;
                 if let Some(e) = done.refused {
-                    let (to, _, tx) = &queue[start];
-                    tracing::debug!(error = %e, %to, "udp send failed");
-                    self.fail(*tx);
+                    tracing::debug!(error = %e, to = %q.datagrams[start].0, "udp send failed");
+                    self.fail(q.txs[start]);
                     start += 1;
                 } else if done.blocked {
-                    let rest: Vec<(SocketAddr, Bytes)> = pending[done.sent..].to_vec();
+                    let rest = q.datagrams.split_off(start);
                     let sock = Arc::clone(&sock);
                     tokio::spawn(async move {
                         for (to, bytes) in rest {
@@ -889,9 +894,10 @@ impl Driver {
                     break;
                 }
             }
-            queue.clear();
-            // Keep the allocation for the next turn.
-            self.udp_out[i] = queue;
+            q.datagrams.clear();
+            q.txs.clear();
+            // Keep the allocations for the next turn.
+            self.udp_out[i] = q;
         }
     }
 
