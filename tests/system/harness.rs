@@ -61,12 +61,33 @@ pub fn free_port() -> u16 {
     }
 }
 
-/// Waits until something listens on the UDP port (our bind attempt fails).
-pub fn wait_udp_bound(port: u16) {
+/// Waits until the process binds the UDP port. The probe reads the kernel's socket table
+/// instead of trying to bind the port itself: a probe that binds, however briefly, can take
+/// the port at the instant the process binds it, and the process then exits with "address in
+/// use". A process that exits before binding fails the wait at once, with its log.
+pub fn wait_udp_bound(proc: &mut Proc, port: u16) {
+    let what = format!("udp port {port} bound by {}", proc.name);
     wait_until(
-        || UdpSocket::bind(("127.0.0.1", port)).is_err(),
-        &format!("udp port {port} bound"),
+        || {
+            proc.assert_running();
+            udp_port_bound(port)
+        },
+        &what,
     );
+}
+
+/// True when a UDP socket (IPv4 or IPv6) is bound to the local port, from /proc/net/udp*.
+fn udp_port_bound(port: u16) -> bool {
+    let wanted = format!(":{port:04X}");
+    ["/proc/net/udp", "/proc/net/udp6"].iter().any(|table| {
+        std::fs::read_to_string(table).is_ok_and(|text| {
+            text.lines().skip(1).any(|line| {
+                line.split_whitespace()
+                    .nth(1)
+                    .is_some_and(|local| local.ends_with(&wanted))
+            })
+        })
+    })
 }
 
 /// Waits until a TCP listener accepts on the port.
@@ -205,6 +226,21 @@ impl Proc {
             st
         } else {
             None
+        }
+    }
+
+    /// Panics with the log when the process has already exited.
+    pub fn assert_running(&mut self) {
+        if let Some(st) = self
+            .child
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten())
+        {
+            panic!(
+                "{} exited early ({st}); log:\n{}",
+                self.name,
+                self.log_text()
+            );
         }
     }
 

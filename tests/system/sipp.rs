@@ -89,7 +89,7 @@ pub fn run_through(gw: &Gateway, uas_port: u16, call: &Call<'_>) -> (String, Str
     if call.transport == "tcp" {
         wait_tcp_listening(uas_port);
     } else {
-        wait_udp_bound(uas_port);
+        wait_udp_bound(&mut uas, uas_port);
     }
     let uac_port = free_port().to_string();
     let mut args: Vec<String> = [
@@ -266,7 +266,7 @@ fn sipsak_ping_and_traceroute() {
         ]),
         dir.path(),
     );
-    wait_udp_bound(uas_port);
+    wait_udp_bound(&mut uas, uas_port);
     let mut trace = Proc::spawn(
         "sipsak-trace",
         Command::new("sipsak").args(["-T", "-s", "sip:vpn@127.0.0.1", "-r", &gw_port.to_string()]),
