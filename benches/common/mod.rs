@@ -74,6 +74,7 @@ pub fn config() -> CoreConfig {
         policy: std::sync::Arc::new(gatehouse_policy::Policy::trusted_only()),
         rate_limit: Default::default(),
         hide_topology: false,
+        balancers: Vec::new(),
         seed: [4; 32],
     }
 }

@@ -69,6 +69,7 @@ pub fn core_config(
         locals,
         routes: cfg.routes.clone(),
         trusted: cfg.trusted.clone(),
+        balancers: cfg.balancers.clone(),
         limits: cfg.limits,
         max_transactions: cfg.max_transactions,
         timers: cfg.timers,

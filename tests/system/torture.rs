@@ -158,6 +158,7 @@ fn proxy() -> Proxy {
         policy: std::sync::Arc::new(gatehouse_policy::Policy::trusted_only()),
         rate_limit: Default::default(),
         hide_topology: false,
+        balancers: Vec::new(),
         seed: [6; 32],
     })
 }

@@ -60,6 +60,8 @@ struct RawConfig {
     rate_limit: RawRateLimit,
     #[serde(default)]
     topology: RawTopology,
+    #[serde(default)]
+    cluster: RawCluster,
 }
 
 #[derive(Debug, Deserialize)]
@@ -83,6 +85,13 @@ impl Default for RawRateLimit {
             max_sources: Spanned::new(0..0, d.max_sources),
         }
     }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCluster {
+    #[serde(default)]
+    balancers: Vec<Spanned<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -444,6 +453,9 @@ pub struct Config {
     /// Topology hiding (`[topology] hide`).
     pub hide_topology: bool,
     pub trusted: Vec<ipnet::IpNet>,
+    /// SIP load balancers in front of this gateway (`[cluster] balancers`): requests they
+    /// relay are attributed to the client their Via names.
+    pub balancers: Vec<ipnet::IpNet>,
     pub routes: RouteTable,
     pub log_level: String,
     pub log_format: LogFormat,
@@ -661,6 +673,20 @@ impl Config {
                     .collect()
             };
         let trusted = nets(&raw.trust.sources, "trust.sources")?;
+        let balancers = nets(&raw.cluster.balancers, "cluster.balancers")?;
+        // A trusted balancer would admit everyone it relays without authentication.
+        for (i, b) in balancers.iter().enumerate() {
+            if trusted.iter().any(|t| t.contains(b) || b.contains(t)) {
+                return Err(cx.err(
+                    raw.cluster.balancers[i].span(),
+                    &format!("cluster.balancers[{i}]"),
+                    format!(
+                        "`{b}` overlaps [trust] sources: a trusted balancer would admit every \
+                         caller it relays without authentication"
+                    ),
+                ));
+            }
+        }
         let mut routes = RouteTable::default();
         for (i, r) in raw.route.iter().enumerate() {
             let target_text = r.target.get_ref();
@@ -954,6 +980,7 @@ impl Config {
             max_transactions: l.max_transactions,
             rate_limit,
             hide_topology: raw.topology.hide,
+            balancers,
             trusted,
             routes,
             log_level: level,
@@ -1020,6 +1047,29 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!((e.line, e.key.as_str()), (7, "trust.sources[0]"), "{e}");
+        // A balancer inside the trusted sources would admit its callers unauthenticated.
+        let e = Config::parse(
+            &format!(
+                "{base}[trust]\nsources = [\"10.0.0.0/8\"]\n[cluster]\nbalancers = [\"192.0.2.9\",\n  \"10.1.2.3\"]\n"
+            ),
+            "t",
+        )
+        .unwrap_err();
+        assert_eq!(
+            (e.line, e.key.as_str()),
+            (10, "cluster.balancers[1]"),
+            "{e}"
+        );
+        assert!(e.to_string().contains("overlaps [trust] sources"), "{e}");
+        let ok = Config::parse(
+            &format!("{base}[cluster]\nbalancers = [\"192.0.2.9\"]\n"),
+            "t",
+        )
+        .unwrap();
+        assert_eq!(
+            ok.balancers,
+            vec!["192.0.2.9/32".parse::<ipnet::IpNet>().unwrap()]
+        );
         let e = Config::parse(
             &format!("{base}[[route]]\naor = \"sip:a@org.example\"\ntarget = \"mailto:x\"\n"),
             "t",

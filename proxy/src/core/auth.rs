@@ -5,6 +5,7 @@
 //! 401), and locks out guessers (per user and source, never a user everywhere).
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::time::Instant;
 
 use gatehouse_auth::{
@@ -152,11 +153,13 @@ impl SaslGate {
     /// Runs one round of the SASL exchange carried by `msg`. On success the own-realm
     /// credentials header is removed from `msg` and the `*-Authentication-Info` value
     /// is returned with the proof. `inside` says the request is a REGISTER from an internal
-    /// address (a user-wide lock spares it).
+    /// address (a user-wide lock spares it). `source` is the subscriber the lockout and the
+    /// exchange are bound to: the flow's peer, or the client behind a declared balancer.
     pub fn round(
         &mut self,
         msg: &mut Message,
         flow: &Flow,
+        source: IpAddr,
         challenger: Challenger,
         inside: bool,
         now: Instant,
@@ -183,7 +186,6 @@ impl SaslGate {
                 found = Some((idx, params));
             }
         }
-        let source = flow.remote.ip();
         let tls = flow.conn.and_then(|c| self.tls.get(&c)).cloned();
         if self.lockout.source_locked(source, now).is_some() {
             self.stats.locked_out += 1;

@@ -50,6 +50,8 @@ pub enum Reject {
     NotFound,
     #[error("in-dialog request for no dialog of this gateway")]
     NoDialog,
+    #[error("request from a balancer without a Via naming its client")]
+    NoClientVia,
     #[error("method not supported by the gateway itself")]
     NotImplemented,
     #[error("transaction table full")]
@@ -103,6 +105,7 @@ impl Reject {
             Reject::Forbidden(why) => (403, why, vec![]),
             Reject::NotFound => (404, "Not Found", vec![]),
             Reject::NoDialog => (481, "Call/Transaction Does Not Exist", vec![]),
+            Reject::NoClientVia => (400, "Missing Client Via From Balancer", vec![]),
             Reject::NotImplemented => (501, "Not Implemented", vec![]),
             Reject::Overloaded => (
                 503,

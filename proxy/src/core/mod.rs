@@ -133,6 +133,9 @@ pub struct CoreConfig {
     pub rate_limit: ratelimit::RateLimitSettings,
     /// Topology hiding (`[topology] hide`).
     pub hide_topology: bool,
+    /// Load balancers in front of the gateway (`[cluster] balancers`): what they relay is
+    /// attributed to the client their Via names (rate limit, lockout, SASL exchanges).
+    pub balancers: Vec<ipnet::IpNet>,
     /// Seed of every random choice the core makes (tags, branch salt, SASL handles): from
     /// the operating system in a gateway, fixed in tests. The core reads no global randomness.
     pub seed: [u8; 32],
@@ -284,7 +287,7 @@ impl Proxy {
         proxy
     }
 
-    /// Applies a reloaded configuration's domains, routes, trusted sources, tunnel settings,
+    /// Applies a reloaded configuration's domains, routes, trusted sources, balancers, tunnel settings,
     /// message limits, registrar limits and policy (listeners, timers and auth settings need a
     /// restart).
     /// Running transactions and tunnels keep what they had.
@@ -294,6 +297,7 @@ impl Proxy {
         self.router
             .set_routes(cfg.domains.clone(), cfg.routes.clone());
         self.cfg.trusted = cfg.trusted.clone();
+        self.cfg.balancers = cfg.balancers.clone();
         self.cfg.tunnels = cfg.tunnels.clone();
         self.cfg.limits = cfg.limits;
         self.cfg.max_transactions = cfg.max_transactions;
@@ -570,8 +574,10 @@ impl Proxy {
     }
 
     fn handle_message_inner(&mut self, bytes: Bytes, flow: Flow, now: Instant) {
-        // Per-source rate limit before any parsing (trusted sources are never limited).
-        if !self.is_trusted(flow.remote.ip()) && !self.ratelimit.admit(flow.remote.ip(), now) {
+        // Per-source rate limit before any parsing (trusted sources are never limited; what a
+        // declared balancer relays is limited per client once its Via is read, stage 2).
+        let peer = flow.remote.ip();
+        if !self.is_trusted(peer) && !self.is_balancer(peer) && !self.ratelimit.admit(peer, now) {
             return;
         }
         #[cfg(test)]
@@ -694,9 +700,24 @@ impl Proxy {
             return;
         }
 
+        // The subscriber: the peer, or the client a declared balancer names in its Via
+        // (rate-limited here, as any other source is before parsing).
+        let source = if self.is_balancer(flow.remote.ip()) {
+            match balancer_client(&msg) {
+                Some(client) if self.ratelimit.admit(client, now) => client,
+                Some(_) => return,
+                None => {
+                    self.reply_stateless(&msg, response_flow, key, Reject::NoClientVia, None, now);
+                    return;
+                }
+            }
+        } else {
+            flow.remote.ip()
+        };
+
         // Stages 3 to 5 keep no state: what they refuse or challenge is answered statelessly.
         let mut auth_info = None;
-        let admitted = match self.admit(&mut msg, &flow, &mut auth_info, now) {
+        let admitted = match self.admit(&mut msg, &flow, source, &mut auth_info, now) {
             Ok(Some(a)) => a,
             Ok(None) => {
                 let tag = self.new_tag();
@@ -775,6 +796,7 @@ impl Proxy {
         &mut self,
         msg: &mut Message,
         flow: &Flow,
+        source: IpAddr,
         auth_info: &mut Option<(&'static str, String)>,
         now: Instant,
     ) -> Result<Option<Admitted>, Reject> {
@@ -829,7 +851,7 @@ impl Proxy {
                     let inside = self.is_inside(flow.remote.ip());
                     let (auth, info) =
                         self.gate
-                            .round(msg, flow, Challenger::Registrar, inside, now)?;
+                            .round(msg, flow, source, Challenger::Registrar, inside, now)?;
                     *auth_info = Some((Challenger::Registrar.info_header(), info));
                     Ok(Some(Admitted::Register(Box::new(auth))))
                 }
@@ -838,7 +860,7 @@ impl Proxy {
         }
 
         // Stage 5: authenticate.
-        let admission = self.authenticate(msg, flow, auth_info, now)?;
+        let admission = self.authenticate(msg, flow, source, auth_info, now)?;
         Ok(Some(Admitted::OutOfDialog {
             admission,
             loop_hash,
@@ -904,19 +926,28 @@ impl Proxy {
         admission::is_trusted(ip, &self.cfg.trusted)
     }
 
+    /// A load balancer in `[cluster] balancers` (never trusted: the configuration refuses it).
+    fn is_balancer(&self, ip: IpAddr) -> bool {
+        let ip = canonical_ip(ip);
+        self.cfg.balancers.iter().any(|n| n.contains(&ip))
+    }
+
     /// The authenticate stage. Trusted sources are admitted as such; every other request runs
     /// the SASL exchange (407 flow), and its identity must be allowed to use the From address.
     fn authenticate(
         &mut self,
         msg: &mut Message,
         flow: &Flow,
+        source: IpAddr,
         auth_info: &mut Option<(&'static str, String)>,
         now: Instant,
     ) -> Result<Admission, Reject> {
         if let Some(admission) = Admission::trusted(flow.remote.ip(), &self.cfg.trusted) {
             return Ok(admission);
         }
-        let round = self.gate.round(msg, flow, Challenger::Proxy, false, now);
+        let round = self
+            .gate
+            .round(msg, flow, source, Challenger::Proxy, false, now);
         if matches!(round, Err(Reject::Challenge { .. })) {
             self.gate.count_challenge();
         }
@@ -1094,6 +1125,25 @@ fn annotate_via(msg: &mut Message, flow: &Flow) {
         new_first.push_str(&rest.join(", "));
     }
     msg.replace_value(idx, new_first);
+}
+
+/// The client behind a load balancer: the second Via's `received` address (RFC 3261 18.2.1,
+/// which the balancer writes, replacing any the client sent: `force_rport()` in
+/// `deploy/cluster/kamailio.cfg` makes it write one always), else that Via's sent-by when it
+/// is an address literal. `None` when the request carries no such Via.
+fn balancer_client(msg: &Message) -> Option<IpAddr> {
+    let vias = msg.list_values(HeaderName::Via);
+    let via = Via::parse(vias.get(1)?)?;
+    let literal = |s: &str| {
+        s.trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<IpAddr>()
+            .ok()
+    };
+    via.param("received")
+        .and_then(literal)
+        .or_else(|| literal(via.host))
+        .map(canonical_ip)
 }
 
 /// Where responses to a request go (18.2.2): the flow itself for reliable transports and

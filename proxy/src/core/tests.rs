@@ -69,6 +69,7 @@ fn config() -> CoreConfig {
         policy: std::sync::Arc::new(gatehouse_policy::Policy::trusted_only()),
         rate_limit: Default::default(),
         hide_topology: false,
+        balancers: Vec::new(),
         seed: [5; 32],
     }
 }
@@ -918,8 +919,18 @@ mod sasl {
         client: &mut ScramClient,
         build: &dyn Fn(u32, Option<&str>) -> String,
     ) -> Vec<Sent> {
+        authenticate_from(h, client, build, outside())
+    }
+
+    /// The three rounds, each sent from `flow`.
+    fn authenticate_from(
+        h: &mut Harness,
+        client: &mut ScramClient,
+        build: &dyn Fn(u32, Option<&str>) -> String,
+        flow: Flow,
+    ) -> Vec<Sent> {
         let invite_round = build;
-        let out = h.send(&invite_round(1, None), outside());
+        let out = h.send(&invite_round(1, None), flow);
         assert_eq!(out[0].status(), Some(407));
         let p1 = SaslParams {
             realm: Some("org.example".into()),
@@ -927,7 +938,7 @@ mod sasl {
             c2s: Some(client.client_first()),
             ..SaslParams::default()
         };
-        let out = h.send(&invite_round(2, Some(&p1.emit())), outside());
+        let out = h.send(&invite_round(2, Some(&p1.emit())), flow);
         assert_eq!(out[0].status(), Some(407), "{out:?}");
         let c = challenge_of(&out[0]);
         let cf = client.client_final(&c.s2c.unwrap()).unwrap();
@@ -937,7 +948,7 @@ mod sasl {
             c2s: Some(cf),
             ..SaslParams::default()
         };
-        h.send(&invite_round(3, Some(&p2.emit())), outside())
+        h.send(&invite_round(3, Some(&p2.emit())), flow)
     }
 
     #[test]
@@ -1036,6 +1047,70 @@ mod sasl {
         assert_eq!(out[0].first_line(), "SIP/2.0 403 Forbidden");
         let _ = client.client_final(b"");
         assert!(h.proxy.auth_stats().lockouts >= 1);
+    }
+
+    /// Behind a declared balancer every request arrives from one address; the client its Via
+    /// names is the subscriber: one client's guesses lock that client, not everyone else
+    /// the balancer relays, and a request that names no client is refused.
+    #[test]
+    fn a_balancer_relays_each_client_as_its_own_subscriber() {
+        let mut h = harness();
+        let mut cfg = h.proxy.config().clone();
+        cfg.balancers = vec!["192.0.2.250/32".parse().unwrap()];
+        h.boot(cfg, store());
+        let balancer = Flow {
+            remote: "192.0.2.250:5060".parse().unwrap(),
+            ..caller_flow()
+        };
+        let via = |client: &'static str| {
+            move |cseq: u32, auth: Option<&str>| {
+                invite_round(cseq, auth).replacen(
+                    "Via: SIP/2.0/UDP caller.example:5060;branch=z9hG4bKround",
+                    &format!(
+                        "Via: SIP/2.0/UDP 192.0.2.250;branch=z9hG4bKlb{cseq}x{}\r\n\
+                         Via: SIP/2.0/UDP caller.example:5060;rport=5062;received={client};branch=z9hG4bKround",
+                        unique()
+                    ),
+                    1,
+                )
+            }
+        };
+        for _ in 0..3 {
+            let mut guess = ScramClient::new("alice", b"guess", None);
+            let out = authenticate_from(&mut h, &mut guess, &via("198.51.100.7"), balancer);
+            assert_eq!(out[0].first_line(), "SIP/2.0 403 Forbidden");
+            assert_eq!(
+                out[0].dest,
+                Destination::Flow(balancer),
+                "answered to the balancer"
+            );
+        }
+        assert!(h.proxy.auth_stats().lockouts >= 1, "the guesser is locked");
+        // Another client of the same balancer is not.
+        let mut client = ScramClient::new("alice", b"alice-secret", None);
+        let out = authenticate_from(&mut h, &mut client, &via("198.51.100.8"), balancer);
+        assert!(
+            out.iter().any(|s| s.first_line().starts_with("INVITE")),
+            "{out:?}"
+        );
+        // The guesser still is, through the balancer.
+        let client = ScramClient::new("alice", b"alice-secret", None);
+        let first = SaslParams {
+            mech: Some("SCRAM-SHA-256".into()),
+            c2s: Some(client.client_first()),
+            ..SaslParams::default()
+        };
+        let out = h.send(&via("198.51.100.7")(2, Some(&first.emit())), balancer);
+        assert_eq!(out[0].first_line(), "SIP/2.0 403 Forbidden");
+        // Only the balancer's own Via: no client to attribute the request to.
+        let out = h.send(
+            &invite_round(1, None).replacen("caller.example:5060", "192.0.2.250", 1),
+            balancer,
+        );
+        assert_eq!(
+            out[0].first_line(),
+            "SIP/2.0 400 Missing Client Via From Balancer"
+        );
     }
 
     /// Issue 9, defect 6: failures for `vpn` from an outside address (no reply needed) do
