@@ -143,13 +143,7 @@ fn users_at(metrics: std::net::SocketAddr) -> Option<u32> {
 
 fn cli_user_add(store: &Path, name: &str, password: &str) {
     use std::io::Write;
-    let bin = std::env::current_exe()
-        .unwrap()
-        .parent()
-        .and_then(Path::parent)
-        .unwrap()
-        .join("gatehouse");
-    let mut child = Command::new(bin)
+    let mut child = Command::new(crate::harness::bin("gatehouse"))
         .args([
             "user",
             "add",

@@ -23,6 +23,24 @@ pub fn fixture(rel: &str) -> Vec<u8> {
     std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
 }
 
+/// A binary of this workspace (`gatehouse`, `wgsip`, ...), built beside the test binary by
+/// `cargo test --workspace` (or `cargo build --bins`).
+pub fn bin(name: &str) -> PathBuf {
+    // target/debug/deps/system-HASH -> target/debug/NAME
+    let exe = std::env::current_exe().expect("test binary path");
+    let p = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target folder")
+        .join(name);
+    assert!(
+        p.exists(),
+        "{} missing: run `cargo test --workspace`",
+        p.display()
+    );
+    p
+}
+
 /// Path of a SIPp scenario under tests/sipp.
 pub fn scenario(name: &str) -> String {
     repo().join("tests/sipp").join(name).display().to_string()

@@ -6,6 +6,7 @@
 mod admin;
 mod client;
 mod cluster;
+mod dispatcher;
 mod hardening;
 mod harness;
 mod interop;

@@ -7,19 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::harness::{Proc, TempDir};
-
-fn bin(name: &str) -> PathBuf {
-    // target/debug/deps/system-HASH -> target/debug/NAME (built by `cargo test --workspace`).
-    let exe = std::env::current_exe().unwrap();
-    let p = exe.parent().and_then(Path::parent).unwrap().join(name);
-    assert!(
-        p.exists(),
-        "{} missing: run `cargo test --workspace`",
-        p.display()
-    );
-    p
-}
+use crate::harness::{bin, Proc, TempDir};
 
 fn sh(args: &[&str]) -> std::process::Output {
     Command::new(args[0])

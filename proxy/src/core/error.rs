@@ -50,7 +50,7 @@ pub enum Reject {
     NotFound,
     #[error("in-dialog request for no dialog of this gateway")]
     NoDialog,
-    #[error("request from a balancer without a Via naming its client")]
+    #[error("request from a balancer whose client Via names no address")]
     NoClientVia,
     #[error("method not supported by the gateway itself")]
     NotImplemented,

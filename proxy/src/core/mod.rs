@@ -703,7 +703,7 @@ impl Proxy {
         // The subscriber: the peer, or the client a declared balancer names in its Via
         // (rate-limited here, as any other source is before parsing).
         let source = if self.is_balancer(flow.remote.ip()) {
-            match balancer_client(&msg) {
+            match balancer_client(&msg, flow.remote.ip()) {
                 Some(client) if self.ratelimit.admit(client, now) => client,
                 Some(_) => return,
                 None => {
@@ -1130,10 +1130,14 @@ fn annotate_via(msg: &mut Message, flow: &Flow) {
 /// The client behind a load balancer: the second Via's `received` address (RFC 3261 18.2.1,
 /// which the balancer writes, replacing any the client sent: `force_rport()` in
 /// `deploy/cluster/kamailio.cfg` makes it write one always), else that Via's sent-by when it
-/// is an address literal. `None` when the request carries no such Via.
-fn balancer_client(msg: &Message) -> Option<IpAddr> {
+/// is an address literal. A request with the balancer's Via only is the balancer's own (its
+/// OPTIONS probes). `None` when the client's Via names no address.
+fn balancer_client(msg: &Message, balancer: IpAddr) -> Option<IpAddr> {
     let vias = msg.list_values(HeaderName::Via);
-    let via = Via::parse(vias.get(1)?)?;
+    let Some(client) = vias.get(1) else {
+        return Some(canonical_ip(balancer));
+    };
+    let via = Via::parse(client)?;
     let literal = |s: &str| {
         s.trim_start_matches('[')
             .trim_end_matches(']')

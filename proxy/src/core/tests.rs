@@ -1102,9 +1102,19 @@ mod sasl {
         };
         let out = h.send(&via("198.51.100.7")(2, Some(&first.emit())), balancer);
         assert_eq!(out[0].first_line(), "SIP/2.0 403 Forbidden");
-        // Only the balancer's own Via: no client to attribute the request to.
+        // The balancer's own request (its Via only, as its OPTIONS probes) is its own.
+        let probe = "OPTIONS sip:192.0.2.1:5060 SIP/2.0\r\nVia: SIP/2.0/UDP 192.0.2.250;branch=z9hG4bKprobe\r\n\
+Max-Forwards: 70\r\nFrom: <sip:balancer@org.example>;tag=p\r\nTo: <sip:192.0.2.1:5060>\r\n\
+Call-ID: probe-1\r\nCSeq: 1 OPTIONS\r\nContent-Length: 0\r\n\r\n";
+        let out = h.send(probe, balancer);
+        assert_eq!(out[0].first_line(), "SIP/2.0 200 OK");
+        // A client Via without an address (a name, no `received`): nobody to attribute it to.
         let out = h.send(
-            &invite_round(1, None).replacen("caller.example:5060", "192.0.2.250", 1),
+            &invite_round(1, None).replacen(
+                "Via: SIP/2.0/UDP caller.example",
+                "Via: SIP/2.0/UDP 192.0.2.250;branch=z9hG4bKlb\r\nVia: SIP/2.0/UDP caller.example",
+                1,
+            ),
             balancer,
         );
         assert_eq!(

@@ -1,0 +1,228 @@
+//! Three gateway processes on their own loopback addresses behind Kamailio's dispatcher
+//! (`deploy/cluster/kamailio.cfg`, unchanged), sharing a PostgreSQL database the test starts:
+//! the project's SASL load client drives complete tunnel set-ups through the balancer, one
+//! gateway dies by `kill -9` in the middle, and the survivors carry on (issue 11).
+
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use gatehouse::store::Store;
+use wgsip::load::{run, LoadOptions, LoadReport};
+
+use crate::harness::{bin, free_port, repo, tool, wait_until, Proc, TempDir};
+use crate::postgres::Postgres;
+use crate::sasl::{seed, Uas};
+
+/// The balancer's address; the gateways are .11, .12, .13 (all of 127/8 is loopback), each
+/// on the same SIP and metrics ports (free on 127.0.0.1 when the test starts).
+const BALANCER: &str = "127.0.0.10";
+
+/// A `gatehouse run` process. The load client is one caller at one address sending about
+/// 400 requests a second, so its per-source rate limit is raised: what the balancer relays is
+/// counted per client, and the default (100 a second) would ban it — the balancer itself never.
+struct Node {
+    proc: Proc,
+    sip: SocketAddr,
+    metrics: SocketAddr,
+}
+
+impl Node {
+    fn start(dir: &Path, n: u8, ports: (u16, u16), store: &str, uas: SocketAddr) -> Node {
+        let ip = format!("127.0.0.{}", 10 + n);
+        let sip: SocketAddr = format!("{ip}:{}", ports.0).parse().unwrap();
+        let metrics: SocketAddr = format!("{ip}:{}", ports.1).parse().unwrap();
+        let config = dir.join(format!("gateway{n}.toml"));
+        std::fs::write(
+            &config,
+            format!(
+                "[sip]\ndomains = [\"org.example\"]\nshutdown_grace_ms = 200\n\
+[[listen]]\ntransport = \"udp\"\naddress = \"{sip}\"\n\
+[auth]\nstore = \"{store}\"\nmechanisms = [\"SCRAM-SHA-256\"]\n\
+[tunnels]\npolicy = \"policy.toml\"\ninternal_networks = [\"127.0.0.0/8\"]\n\
+[cluster]\nbalancers = [\"{BALANCER}\"]\n\
+[metrics]\nlisten = \"{metrics}\"\n\
+[rate_limit]\nrequests = 5000\n\
+[[route]]\naor = \"sip:vpn@org.example\"\ntarget = \"sip:vpn@{uas}\"\n"
+            ),
+        )
+        .unwrap();
+        let proc = Proc::spawn(
+            &format!("gateway{n}"),
+            Command::new(bin("gatehouse"))
+                .args(["run", "--config"])
+                .arg(&config),
+            dir,
+        );
+        let mut node = Node { proc, sip, metrics };
+        wait_until(
+            || {
+                node.proc.assert_running();
+                TcpStream::connect_timeout(&node.metrics, Duration::from_millis(200)).is_ok()
+            },
+            &format!("gateway {n} serving metrics at {metrics}"),
+        );
+        node
+    }
+
+    /// Successful SASL exchanges so far (`None` when the gateway does not answer).
+    fn successes(&self) -> Option<u64> {
+        let (status, body) = crate::operations::http_get(self.metrics, "/metrics");
+        (status == 200).then(|| {
+            body.lines()
+                .filter(|l| {
+                    l.starts_with("gatehouse_sasl_attempts_total{")
+                        && l.contains("outcome=\"success\"")
+                })
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+                .sum()
+        })
+    }
+
+    fn kill9(&mut self) {
+        let status = Command::new("kill")
+            .args(["-9", &self.proc.pid().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let _ = self.proc.wait_or_end(Duration::from_secs(10));
+    }
+}
+
+/// Kamailio, ended with SIGTERM so that its main process ends its children too (SIGKILL
+/// would leave them running, probing and holding the port).
+struct Balancer(Proc);
+
+impl Drop for Balancer {
+    fn drop(&mut self) {
+        let _ = Command::new("kill").arg(self.0.pid().to_string()).status();
+        let _ = self.0.wait_or_end(Duration::from_secs(10));
+    }
+}
+
+/// Kamailio with the shipped configuration; its own runtime folder.
+fn balancer(dir: &Path, port: u16, nodes: &[&Node]) -> Balancer {
+    let list = dir.join("dispatcher.list");
+    let lines: String = nodes.iter().map(|n| format!("1 sip:{}\n", n.sip)).collect();
+    std::fs::write(&list, lines).unwrap();
+    let run_dir = dir.join("kamailio");
+    std::fs::create_dir_all(&run_dir).unwrap();
+    let cfg: PathBuf = repo().join("deploy/cluster/kamailio.cfg");
+    let mut kamailio = Proc::spawn(
+        "kamailio",
+        Command::new("kamailio")
+            .arg("-f")
+            .arg(&cfg)
+            .args(["-DD", "-E", "-n", "2", "-m", "64", "-M", "8"])
+            .args(["-l", &format!("udp:{BALANCER}:{port}")])
+            .arg("-A")
+            .arg(format!("DISPATCHER_LIST=\"{}\"", list.display()))
+            .args(["-A", "PING_INTERVAL=1", "-A", "FR_TIMER_MS=1000"])
+            .arg("-P")
+            .arg(run_dir.join("kamailio.pid"))
+            .arg("-Y")
+            .arg(&run_dir),
+        dir,
+    );
+    let local = format!("0A00007F:{port:04X}");
+    wait_until(
+        || {
+            kamailio.assert_running();
+            std::fs::read_to_string("/proc/net/udp").is_ok_and(|t| {
+                t.lines()
+                    .any(|l| l.split_whitespace().nth(1) == Some(local.as_str()))
+            })
+        },
+        "kamailio listening",
+    );
+    Balancer(kamailio)
+}
+
+fn load(port: u16, count: u32, rate: u32) -> LoadOptions {
+    LoadOptions {
+        gateway: format!("{BALANCER}:{port}").parse().unwrap(),
+        local: "127.0.0.1:0".parse().unwrap(),
+        target: "sip:vpn@org.example".into(),
+        username: "alice".into(),
+        password: "alice-secret".into(),
+        from: "sip:alice@partner.example".into(),
+        rate,
+        count,
+        concurrency: 20,
+        timeout: Duration::from_secs(10),
+        progress: false,
+    }
+}
+
+/// Set-ups through the balancer spread over all three gateways and succeed; `kill -9` of one
+/// in the middle of a run costs at most the set-ups in flight on it (the load client's
+/// concurrency bounds them), every other set-up succeeds on the survivors, and the dispatcher's
+/// probing takes the dead gateway out.
+#[test]
+fn three_gateways_behind_kamailio_dispatcher_survive_kill_9() {
+    if !tool("kamailio") {
+        return;
+    }
+    let _load = crate::harness::load_test();
+    let pg = Postgres::start();
+    let url = pg.url();
+    seed(Path::new(&url));
+    let dir = TempDir::new("dispatcher");
+    std::fs::write(
+        dir.path().join("policy.toml"),
+        "[[rule]]\nname = \"partners\"\nkind = \"any\"\ncallers = [\"*@partner.example\"]\n",
+    )
+    .unwrap();
+    let uas = Uas::start();
+    let ports = (free_port(), free_port());
+    let mut nodes: Vec<Node> = (1..=3)
+        .map(|n| Node::start(dir.path(), n, ports, &url, uas.addr))
+        .collect();
+    let port = free_port();
+    let kamailio = balancer(dir.path(), port, &nodes.iter().collect::<Vec<_>>());
+    // Spread: 90 set-ups, every one succeeds, every gateway served some.
+    let report = run(&load(port, 90, 60)).expect("load run");
+    assert_eq!(
+        report.succeeded,
+        90,
+        "{}\nkamailio:\n{}",
+        report.summary(),
+        kamailio.0.log_text()
+    );
+    let served = || -> Vec<u64> { nodes.iter().map(|n| n.successes().unwrap()).collect() };
+    // (The metrics follow the core at the gateway's next tick.)
+    wait_until(
+        || served().iter().sum::<u64>() == 90,
+        "90 successes in the gateways' metrics",
+    );
+    let served = served();
+    eprintln!("set-ups per gateway through the dispatcher: {served:?}");
+    assert!(served.iter().all(|&s| s > 0), "{served:?}");
+
+    // Failover: gateway 2 dies in the middle of a run.
+    let before = nodes[1].successes().unwrap();
+    let count = 300;
+    let runner = std::thread::spawn(move || run(&load(port, count, 60)).expect("load run"));
+    wait_until(
+        || nodes[1].successes().is_some_and(|s| s >= before + 15),
+        "gateway 2 serving the second run",
+    );
+    nodes[1].kill9();
+    let report: LoadReport = runner.join().unwrap();
+    eprintln!(
+        "kill -9 of one of three gateways mid-run: {}",
+        report.summary()
+    );
+    let in_flight = load(port, 0, 0).concurrency as u32;
+    assert!(
+        report.failed <= in_flight,
+        "at most the set-ups in flight on the dead gateway fail: {}",
+        report.summary()
+    );
+    assert_eq!(report.succeeded + report.failed, count);
+    // Afterwards the dead gateway is out of the set: everything succeeds on the survivors.
+    let report = run(&load(port, 60, 60)).expect("load run");
+    assert_eq!(report.succeeded, 60, "{}", report.summary());
+    drop(Store::open(Path::new(&url)).expect("database still there"));
+}
