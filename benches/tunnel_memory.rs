@@ -85,6 +85,7 @@ fn table_alone(n: u64) {
                 addr: "127.0.0.1:5080".parse().unwrap(),
                 aor: "sip:sipp@127.0.0.1:5080".into(),
                 tag: format!("31337SIPpTag00{i}"),
+                route: String::new(),
             }),
             callee: Some(Party {
                 contact: "sip:127.0.0.1:5070".into(),
@@ -92,6 +93,7 @@ fn table_alone(n: u64) {
                 addr: "127.0.0.1:5070".parse().unwrap(),
                 aor: "sip:vpn@org.example".into(),
                 tag: format!("31338SIPpTag01{i}"),
+                route: String::new(),
             }),
         });
     }

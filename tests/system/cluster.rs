@@ -101,6 +101,29 @@ fn store_behaviour(s: &mut Store) {
     }])
     .unwrap();
     assert!(s.live_bindings(1000).unwrap().is_empty());
+    // Tunnel pages in Call-ID order from a cursor, one tunnel by Call-ID; a route set towards
+    // a party survives the round trip.
+    let mut routed = tunnel("t0");
+    routed.caller = Some(gatehouse::tunnel::Party {
+        contact: "sip:alice@192.0.2.1:5062".into(),
+        transport: gatehouse::flow::Transport::Udp,
+        addr: "192.0.2.10:5060".parse().unwrap(),
+        aor: "sip:alice@partner.example".into(),
+        tag: "c".into(),
+        route: "<sip:192.0.2.10;lr;ftag=c>".into(),
+    });
+    s.apply(&[
+        StoreWrite::SaveTunnel(Box::new(tunnel("t3"))),
+        StoreWrite::SaveTunnel(Box::new(routed.clone())),
+    ])
+    .unwrap();
+    let (page, next) = s.tunnel_page(None, 2).unwrap();
+    let ids: Vec<&str> = page.iter().map(|t| t.call_id.as_str()).collect();
+    assert_eq!((ids, next.as_deref()), (vec!["t0", "t1"], Some("t1")));
+    let (page, next) = s.tunnel_page(Some("t1"), 2).unwrap();
+    assert_eq!((page, next), (vec![tunnel("t3")], None));
+    assert_eq!(s.tunnel("t0").unwrap(), Some(routed));
+    assert_eq!(s.tunnel("t2").unwrap(), None);
     // Admins.
     s.add_admin("root", b"root-secret", Role::Admin).unwrap();
     assert_eq!(

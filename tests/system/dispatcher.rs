@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
+use gatehouse::admin::client::AdminClient;
 use gatehouse::store::Store;
 use wgsip::load::{run, LoadOptions, LoadReport};
 
@@ -26,13 +27,15 @@ struct Node {
     proc: Proc,
     sip: SocketAddr,
     metrics: SocketAddr,
+    admin: SocketAddr,
 }
 
 impl Node {
-    fn start(dir: &Path, n: u8, ports: (u16, u16), store: &str, uas: SocketAddr) -> Node {
+    fn start(dir: &Path, n: u8, ports: (u16, u16, u16), store: &str, uas: SocketAddr) -> Node {
         let ip = format!("127.0.0.{}", 10 + n);
         let sip: SocketAddr = format!("{ip}:{}", ports.0).parse().unwrap();
         let metrics: SocketAddr = format!("{ip}:{}", ports.1).parse().unwrap();
+        let admin: SocketAddr = format!("{ip}:{}", ports.2).parse().unwrap();
         let config = dir.join(format!("gateway{n}.toml"));
         std::fs::write(
             &config,
@@ -42,7 +45,7 @@ impl Node {
 [auth]\nstore = \"{store}\"\nmechanisms = [\"SCRAM-SHA-256\"]\n\
 [tunnels]\npolicy = \"policy.toml\"\ninternal_networks = [\"127.0.0.0/8\"]\n\
 [cluster]\nbalancers = [\"{BALANCER}\"]\n\
-[metrics]\nlisten = \"{metrics}\"\n\
+[metrics]\nlisten = \"{metrics}\"\n[admin]\nlisten = \"{admin}\"\n\
 [rate_limit]\nrequests = 5000\n\
 [[route]]\naor = \"sip:vpn@org.example\"\ntarget = \"sip:vpn@{uas}\"\n"
             ),
@@ -55,7 +58,12 @@ impl Node {
                 .arg(&config),
             dir,
         );
-        let mut node = Node { proc, sip, metrics };
+        let mut node = Node {
+            proc,
+            sip,
+            metrics,
+            admin,
+        };
         wait_until(
             || {
                 node.proc.assert_running();
@@ -66,18 +74,34 @@ impl Node {
         node
     }
 
-    /// Successful SASL exchanges so far (`None` when the gateway does not answer).
-    fn successes(&self) -> Option<u64> {
+    /// The sum of a metric's series whose line contains `filter` (`None` when the gateway
+    /// does not answer).
+    fn metric(&self, name: &str, filter: &str) -> Option<u64> {
         let (status, body) = crate::operations::http_get(self.metrics, "/metrics");
         (status == 200).then(|| {
             body.lines()
                 .filter(|l| {
-                    l.starts_with("gatehouse_sasl_attempts_total{")
-                        && l.contains("outcome=\"success\"")
+                    l.strip_prefix(name)
+                        .is_some_and(|rest| rest.starts_with([' ', '{']))
+                        && l.contains(filter)
                 })
                 .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
                 .sum()
         })
+    }
+
+    /// Successful SASL exchanges so far.
+    fn successes(&self) -> Option<u64> {
+        self.metric("gatehouse_sasl_attempts_total", "outcome=\"success\"")
+    }
+
+    /// Tunnels in this gateway's own table.
+    fn tunnels(&self) -> Option<u64> {
+        self.metric("gatehouse_tunnels_active", "")
+    }
+
+    fn admin(&self) -> AdminClient {
+        AdminClient::new(self.admin, "root", "root-secret")
     }
 
     fn kill9(&mut self) {
@@ -140,9 +164,14 @@ fn balancer(dir: &Path, port: u16, nodes: &[&Node]) -> Balancer {
 }
 
 fn load(port: u16, count: u32, rate: u32) -> LoadOptions {
+    held(port, count, rate, None)
+}
+
+/// Set-ups from `local` (any port when `None`) that stay up when `local` is given.
+fn held(port: u16, count: u32, rate: u32, local: Option<u16>) -> LoadOptions {
     LoadOptions {
         gateway: format!("{BALANCER}:{port}").parse().unwrap(),
-        local: "127.0.0.1:0".parse().unwrap(),
+        local: SocketAddr::from(([127, 0, 0, 1], local.unwrap_or(0))),
         target: "sip:vpn@org.example".into(),
         username: "alice".into(),
         password: "alice-secret".into(),
@@ -152,6 +181,7 @@ fn load(port: u16, count: u32, rate: u32) -> LoadOptions {
         concurrency: 20,
         timeout: Duration::from_secs(10),
         progress: false,
+        hold: local.is_some(),
     }
 }
 
@@ -175,7 +205,7 @@ fn three_gateways_behind_kamailio_dispatcher_survive_kill_9() {
     )
     .unwrap();
     let uas = Uas::start();
-    let ports = (free_port(), free_port());
+    let ports = (free_port(), free_port(), free_port());
     let mut nodes: Vec<Node> = (1..=3)
         .map(|n| Node::start(dir.path(), n, ports, &url, uas.addr))
         .collect();
@@ -199,6 +229,29 @@ fn three_gateways_behind_kamailio_dispatcher_survive_kill_9() {
     let served = served();
     eprintln!("set-ups per gateway through the dispatcher: {served:?}");
     assert!(served.iter().all(|&s| s > 0), "{served:?}");
+
+    // Tunnels held on every gateway: the caller is at a port of the test's own choosing, which
+    // the test takes over afterwards to see the gateways' BYEs arrive through the balancer.
+    let caller_port = free_port();
+    let report = run(&held(port, 30, 30, Some(caller_port))).expect("load run");
+    assert_eq!(report.succeeded, 30, "{}", report.summary());
+    let caller = std::net::UdpSocket::bind(("127.0.0.1", caller_port)).unwrap();
+    let held = || {
+        nodes
+            .iter()
+            .map(|n| n.tunnels().unwrap_or(0))
+            .collect::<Vec<_>>()
+    };
+    wait_until(
+        || held().iter().sum::<u64>() == 30,
+        "the 30 held tunnels in the gateways' metrics",
+    );
+    assert!(
+        held().iter().all(|&t| t > 0),
+        "held on every gateway: {:?}",
+        held()
+    );
+    let on_dead = nodes[1].tunnels().unwrap();
 
     // Failover: gateway 2 dies in the middle of a run.
     let before = nodes[1].successes().unwrap();
@@ -224,5 +277,93 @@ fn three_gateways_behind_kamailio_dispatcher_survive_kill_9() {
     // Afterwards the dead gateway is out of the set: everything succeeds on the survivors.
     let report = run(&load(port, 60, 60)).expect("load run");
     assert_eq!(report.succeeded, 60, "{}", report.summary());
+
+    // Every survivor lists every held tunnel, the dead gateway's too (from the database).
+    let (first, third) = (&nodes[0], &nodes[2]);
+    let listed = |node: &Node| -> Vec<String> {
+        let r = node
+            .admin()
+            .request("GET", "/api/v1/tunnels?limit=1000", None)
+            .unwrap();
+        assert_eq!(r.status, 200, "{}", r.body);
+        let rows: serde_json::Value = serde_json::from_str(&r.body).unwrap();
+        rows.as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t["call_id"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    // The 30 held, and any set-up of the killed run whose BYE went to the dead gateway (the
+    // caller's BYE follows the dead gateway's Record-Route): its row stays until torn down.
+    // (The last run's tunnels leave the survivors' tables with their BYEs, and their rows
+    // just after, through the storage workers: wait for that to settle.)
+    wait_until(
+        || first.tunnels().unwrap_or(0) + third.tunnels().unwrap_or(0) == 30 - on_dead,
+        "only the held tunnels in the survivors' tables",
+    );
+    let mut ids = Vec::new();
+    wait_until(
+        || {
+            ids = listed(first);
+            ids.len() >= 30 && listed(third) == ids
+        },
+        "both survivors list the same tunnels, the 30 held among them",
+    );
+    eprintln!(
+        "{on_dead} of the 30 held tunnels were on the killed gateway; {} more rows left by BYEs it missed",
+        ids.len() - 30
+    );
+    // One survivor tears every one down, the dead gateway's included: BYE to the endpoint
+    // and, through the balancer's Route, to the caller.
+    let mut admin = first.admin();
+    for id in &ids {
+        let r = admin
+            .request("DELETE", &format!("/api/v1/tunnels/{id}"), None)
+            .unwrap();
+        // 404 only for a row that went meanwhile (a set-up of the last run ended by its BYE).
+        let gone = || {
+            Store::open(Path::new(&url))
+                .unwrap()
+                .tunnel(id)
+                .unwrap()
+                .is_none()
+        };
+        assert!(
+            r.status == 200 || (r.status == 404 && gone()),
+            "{id}: {} {}",
+            r.status,
+            r.body
+        );
+    }
+    // (The rows leave through the first gateway's storage worker, just after its answers.)
+    wait_until(
+        || listed(third).is_empty(),
+        "no tunnel listed at the third gateway",
+    );
+    // The third gateway held some of them: NOTIFY gatehouse_tunnels empties its table too.
+    wait_until(
+        || third.tunnels() == Some(0) && first.tunnels() == Some(0),
+        "the survivors' own tables empty",
+    );
+    caller
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut byes = std::collections::BTreeSet::new();
+    let mut buf = vec![0u8; 65_536];
+    while byes.len() < 30 {
+        let (n, _) = caller
+            .recv_from(&mut buf)
+            .expect("a BYE for every held tunnel");
+        let text = String::from_utf8_lossy(&buf[..n]);
+        if text.starts_with("BYE ") {
+            let call_id = text
+                .lines()
+                .find_map(|l| l.strip_prefix("Call-ID: "))
+                .unwrap_or("")
+                .to_owned();
+            byes.insert(call_id);
+        }
+    }
+    assert!(byes.iter().all(|id| ids.contains(id)), "{byes:?}");
     drop(Store::open(Path::new(&url)).expect("database still there"));
 }

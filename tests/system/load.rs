@@ -21,6 +21,7 @@ fn options(gateway: std::net::SocketAddr, password: &str, count: u32) -> LoadOpt
         concurrency: 100,
         timeout: Duration::from_secs(10),
         progress: false,
+        hold: false,
     }
 }
 

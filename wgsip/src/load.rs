@@ -49,6 +49,8 @@ pub struct LoadOptions {
     pub timeout: Duration,
     /// Print a progress line every second.
     pub progress: bool,
+    /// Leave each tunnel up after its ACK (no BYE).
+    pub hold: bool,
 }
 
 /// What happened.
@@ -325,15 +327,18 @@ From: <{f}>;tag={tag}\r\nTo: {to}\r\nCall-ID: {cid}\r\nCSeq: {cseq} {method}\r\n
                     .and_then(|v| SaslParams::parse(&v).ok())
                     .and_then(|p| p.s2c)
                     .is_some_and(|sf| c.scram.verify_server_final(&sf).is_ok());
-                let bye = self.in_dialog(c, resp, "BYE", c.cseq + 1);
-                self.send(&bye);
+                if !self.o.hold {
+                    let bye = self.in_dialog(c, resp, "BYE", c.cseq + 1);
+                    self.send(&bye);
+                }
                 if !verified {
                     return Err("200 without a valid server-final".into());
                 }
                 self.report.succeeded += 1;
                 self.report.latencies.push(now - c.started);
                 c.stage = Stage::Closing;
-                Ok(true)
+                // A held tunnel is done here; otherwise the BYE's 200 ends the call.
+                Ok(!self.o.hold)
             }
             (_, code) => {
                 if code >= 300 {

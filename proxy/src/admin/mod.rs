@@ -3,8 +3,8 @@
 //! | method and path | role | what |
 //! |---|---|---|
 //! | `GET /api/v1/status` | read-only | counts: transactions, tunnels, registrations, pending SASL, connections |
-//! | `GET /api/v1/tunnels` | read-only | the tunnel table, one page (see below) |
-//! | `DELETE /api/v1/tunnels/{call-id}` | admin | BYE both ways (the endpoint removes its peer), entry removed |
+//! | `GET /api/v1/tunnels` | read-only | the tunnels, one page (see below); `?scope=cluster` (the default on a PostgreSQL store) lists every gateway's from the database, `?scope=local` this gateway's table |
+//! | `DELETE /api/v1/tunnels/{call-id}` | admin | BYE both ways (the endpoint removes its peer), entry removed; a tunnel another gateway of the cluster set up (even a dead one) is read from the database and torn down from here |
 //! | `GET /api/v1/registrations` | read-only | live bindings, one page |
 //! | `DELETE /api/v1/registrations/{aor}` | admin | remove an AOR's bindings |
 //!
@@ -55,6 +55,11 @@ pub enum Command {
     Status(oneshot::Sender<Value>),
     Tunnels(Page, oneshot::Sender<Listing>),
     Teardown(String, oneshot::Sender<Result<(), String>>),
+    /// A tunnel another gateway set up, as the shared store has it.
+    TeardownStored(
+        Box<crate::tunnel::Tunnel>,
+        oneshot::Sender<Result<(), String>>,
+    ),
     Registrations(Page, oneshot::Sender<Listing>),
     RemoveRegistration(String, oneshot::Sender<usize>),
     /// Reload the configuration (or the policy alone for the embedded default).
@@ -69,6 +74,8 @@ pub enum Command {
 pub struct Page {
     pub after: Option<String>,
     pub limit: usize,
+    /// `scope=cluster` (`Some(true)`) or `scope=local` (`Some(false)`); tunnels only.
+    pub cluster: Option<bool>,
 }
 
 /// Rows of a listing page per request when `limit` is not given, and the most allowed.
@@ -81,6 +88,7 @@ impl Page {
         let mut page = Page {
             after: None,
             limit: PAGE_DEFAULT,
+            cluster: None,
         };
         for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
             let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
@@ -92,6 +100,13 @@ impl Page {
                         .ok()
                         .filter(|n| (1..=PAGE_MAX).contains(n))
                         .ok_or_else(|| format!("limit: a number from 1 to {PAGE_MAX}"))?;
+                }
+                "scope" => {
+                    page.cluster = Some(match v {
+                        "cluster" => true,
+                        "local" => false,
+                        _ => return Err("scope: cluster or local".into()),
+                    })
                 }
                 other => return Err(format!("unknown query parameter {other:?}")),
             }
@@ -404,7 +419,12 @@ async fn handle(
                 Err(e) => reply(StatusCode::BAD_REQUEST, json!({ "error": e }), &[]),
                 Ok(page) => {
                     let limit = page.limit;
-                    let listing = if *list == "tunnels" {
+                    let cluster = page
+                        .cluster
+                        .unwrap_or_else(|| lock(&state.store).is_shared());
+                    let listing = if *list == "tunnels" && cluster {
+                        stored_tunnels(&state, page).await
+                    } else if *list == "tunnels" {
                         ask(&state, |tx| Command::Tunnels(page, tx)).await
                     } else {
                         ask(&state, |tx| Command::Registrations(page, tx)).await
@@ -431,7 +451,22 @@ async fn handle(
             }
         }
         (&Method::DELETE, ["tunnels", id]) => {
-            match ask(&state, |tx| Command::Teardown((*id).to_owned(), tx)).await {
+            let mut outcome = ask(&state, |tx| Command::Teardown((*id).to_owned(), tx)).await;
+            // Not in this gateway's table: another gateway of the cluster (alive or not) set
+            // it up; its record in the shared database is enough to end it from here.
+            if matches!(outcome, Some(Err(_))) && lock(&state.store).is_shared() {
+                let st = Arc::clone(&state);
+                let call_id = (*id).to_owned();
+                let stored = tokio::task::spawn_blocking(move || lock(&st.store).tunnel(&call_id))
+                    .await
+                    .ok()
+                    .and_then(Result::ok)
+                    .flatten();
+                if let Some(t) = stored {
+                    outcome = ask(&state, |tx| Command::TeardownStored(Box::new(t), tx)).await;
+                }
+            }
+            match outcome {
                 Some(Ok(())) => reply(StatusCode::OK, json!({"torn_down": id}), &[]),
                 Some(Err(e)) => reply(StatusCode::NOT_FOUND, json!({"error": e}), &[]),
                 None => unavailable(),
@@ -703,17 +738,14 @@ pub fn execute(proxy: &mut crate::core::Proxy, cmd: Command, connections: usize)
         }
         Command::Tunnels(page, tx) => {
             let (tunnels, next) = proxy.tunnel_page(page.after.as_deref(), page.limit);
-            let list: Vec<Value> = tunnels
-                .into_iter()
-                .map(|t| {
-                    json!({"call_id": t.call_id, "identity": t.identity, "from": t.from, "to": t.to, "prefixes": t.prefixes,
-                           "pskmth": t.pskmth, "state": t.state.as_str(), "created": t.created_unix})
-                })
-                .collect();
+            let list: Vec<Value> = tunnels.iter().map(tunnel_json).collect();
             let _ = tx.send((Value::Array(list), next));
         }
         Command::Teardown(id, tx) => {
             let _ = tx.send(proxy.teardown(&id, now));
+        }
+        Command::TeardownStored(t, tx) => {
+            let _ = tx.send(proxy.teardown_stored(*t, now));
         }
         Command::Registrations(page, tx) => {
             let (bindings, next) = proxy.registration_page(page.after.as_deref(), page.limit, now);
@@ -737,6 +769,32 @@ pub fn execute(proxy: &mut crate::core::Proxy, cmd: Command, connections: usize)
     }
 }
 
+/// A tunnel as the listings show it.
+fn tunnel_json(t: &crate::tunnel::Tunnel) -> Value {
+    json!({"call_id": t.call_id, "identity": t.identity, "from": t.from, "to": t.to, "prefixes": t.prefixes,
+           "pskmth": t.pskmth, "state": t.state.as_str(), "created": t.created_unix})
+}
+
+/// A page of every gateway's tunnels, from the shared database (on a blocking thread).
+async fn stored_tunnels(state: &Arc<AdminState>, page: Page) -> Option<Listing> {
+    let st = Arc::clone(state);
+    let rows = tokio::task::spawn_blocking(move || {
+        lock(&st.store).tunnel_page(page.after.as_deref(), page.limit)
+    })
+    .await
+    .ok()?;
+    match rows {
+        Ok((tunnels, next)) => Some((
+            Value::Array(tunnels.iter().map(tunnel_json).collect()),
+            next,
+        )),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot list the cluster's tunnels");
+            None
+        }
+    }
+}
+
 pub use crate::config::plain_http_allowed;
 
 #[cfg(test)]
@@ -749,17 +807,30 @@ mod tests {
             Page::from_query(None),
             Ok(Page {
                 after: None,
-                limit: PAGE_DEFAULT
+                limit: PAGE_DEFAULT,
+                cluster: None
             })
         );
         assert_eq!(
             Page::from_query(Some("limit=2&after=sip%3Avpn%40org.example")),
             Ok(Page {
                 after: Some("sip:vpn@org.example".into()),
-                limit: 2
+                limit: 2,
+                cluster: None
             })
         );
-        for bad in ["limit=0", "limit=10001", "limit=-1", "limit=", "x=1"] {
+        assert_eq!(
+            Page::from_query(Some("scope=local")).map(|p| p.cluster),
+            Ok(Some(false))
+        );
+        for bad in [
+            "limit=0",
+            "limit=10001",
+            "limit=-1",
+            "limit=",
+            "x=1",
+            "scope=all",
+        ] {
             assert!(Page::from_query(Some(bad)).is_err(), "{bad}");
         }
         // Escaping round trip, including bytes that are not UTF-8 boundaries when split.

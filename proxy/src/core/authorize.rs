@@ -270,6 +270,9 @@ impl Proxy {
                     addr: flow.remote,
                     aor: addr_spec(msg, HeaderName::From),
                     tag: msg.tag(HeaderName::From).unwrap_or_default(),
+                    // The proxies before the gateway (a load balancer) that stay in the
+                    // dialog: a BYE of the gateway's towards the caller goes through them.
+                    route: msg.list_values(HeaderName::RecordRoute).join(", "),
                 }),
             callee: None,
         };
@@ -363,6 +366,8 @@ impl Proxy {
                         addr,
                         aor: addr_spec(resp, HeaderName::To),
                         tag: callee_tag.clone().unwrap_or_default(),
+                        // Endpoints are reached directly (their flow or registered contact).
+                        route: String::new(),
                     }),
                     _ => None,
                 };
@@ -411,6 +416,25 @@ impl Proxy {
     /// Ends a tunnel from the gateway (admin API): BYE to both parties, as each would have
     /// received it from the other, then the table entry goes. The endpoint removes its
     /// WireGuard peer on that BYE.
+    /// Another gateway of the cluster ended this tunnel (its row left the shared database):
+    /// drop it from the table, without a write of our own.
+    pub fn forget_tunnel(&mut self, call_id: &str, caller_tag: &str) {
+        if let Some(gone) = self.tunnels.remove_ended_elsewhere(call_id, caller_tag) {
+            tracing::info!(identity = %gone.identity, to = %gone.to, "tunnel ended by another gateway");
+        }
+    }
+
+    /// Tears down a tunnel another gateway of the cluster set up, from its stored record: the
+    /// record joins this table and leaves it as [`Proxy::teardown`] ends it (which deletes the
+    /// shared row).
+    pub fn teardown_stored(&mut self, t: Tunnel, now: Instant) -> Result<(), String> {
+        let call_id = t.call_id.clone();
+        if self.tunnels.by_call_id(&call_id).is_none() {
+            self.tunnels.load(t);
+        }
+        self.teardown(&call_id, now)
+    }
+
     pub fn teardown(&mut self, call_id: &str, now: Instant) -> Result<(), String> {
         let t = self.tunnels.by_call_id(call_id).ok_or("no such tunnel")?;
         let (Some(caller), Some(callee)) = (&t.caller, &t.callee) else {
@@ -424,8 +448,15 @@ impl Proxy {
                 server_name: None,
             };
             let local = self.router.local_for(&dest).clone();
+            // The route set towards the party (a balancer in between): the BYE goes to the
+            // previous hop, which the Route names, then on to the Contact.
+            let route = if to.route.is_empty() {
+                String::new()
+            } else {
+                format!("Route: {}\r\n", to.route)
+            };
             let bye = format!(
-                "BYE {} SIP/2.0\r\nVia: SIP/2.0/{} {}:{};branch={branch}\r\nMax-Forwards: 70\r\n\
+                "BYE {} SIP/2.0\r\nVia: SIP/2.0/{} {}:{};branch={branch}\r\nMax-Forwards: 70\r\n{route}\
 From: <{}>;tag={}\r\nTo: <{}>;tag={}\r\nCall-ID: {}\r\nCSeq: 999999 BYE\r\nReason: SIP;cause=200;text=\"ended by the gateway\"\r\n\
 Content-Length: 0\r\n\r\n",
                 to.contact,

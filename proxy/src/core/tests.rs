@@ -1948,6 +1948,71 @@ Call-ID: call-1@partner.example\r\nCSeq: 5 BYE\r\nContact: <sip:vpn@198.51.100.2
         assert_eq!(h.proxy.tunnel_count(), 0);
     }
 
+    /// Two gateways on one store: a tunnel set up through a balancer (its Record-Route) at
+    /// the first is torn down by the second from the stored record alone — the BYE towards
+    /// the caller follows the balancer's route — and the row leaves the store.
+    #[test]
+    fn another_gateway_tears_down_from_the_stored_record() {
+        let (dir, path) = file_store_with_alice();
+        let mut second = tunnel_harness(Store::open(&path).unwrap(), "198.51.100.0/24");
+        let mut first = tunnel_harness(Store::open(&path).unwrap(), "198.51.100.0/24");
+        let mut client = ScramClient::new("alice", b"alice-secret", None);
+        let plain = tunnel_invite(OFFER);
+        let via_balancer = |cseq: u32, auth: Option<&str>| {
+            plain(cseq, auth).replacen(
+                "Max-Forwards: 70\r\n",
+                "Max-Forwards: 70\r\nRecord-Route: <sip:192.0.2.250;lr;ftag=ft1>\r\n",
+                1,
+            )
+        };
+        let out = authenticate_with(&mut first, &mut client, &via_balancer);
+        let fwd = out
+            .into_iter()
+            .find(|s| s.first_line().starts_with("INVITE"))
+            .unwrap();
+        first.send(&answer_with_sdp(&fwd, &answer_sdp()), uas_flow());
+        let stored = Store::open(&path)
+            .unwrap()
+            .tunnel("call-1@partner.example")
+            .unwrap()
+            .expect("the tunnel's row");
+        assert_eq!(
+            stored.caller.as_ref().map(|p| p.route.as_str()),
+            Some("<sip:192.0.2.250;lr;ftag=ft1>")
+        );
+        assert!(second
+            .proxy
+            .teardown("call-1@partner.example", second.now)
+            .is_err());
+        second.proxy.teardown_stored(stored, second.now).unwrap();
+        let out = second.drain();
+        let to_caller = out
+            .iter()
+            .find(|s| s.first_line().starts_with("BYE sip:alice@203.0.113.5:5062"))
+            .expect("BYE outward");
+        assert!(
+            to_caller
+                .text
+                .contains("\r\nRoute: <sip:192.0.2.250;lr;ftag=ft1>\r\n"),
+            "{}",
+            to_caller.text
+        );
+        assert!(out
+            .iter()
+            .any(|s| s.first_line().starts_with("BYE sip:vpn@198.51.100.20:5060")));
+        assert_eq!(second.proxy.tunnel_count(), 0);
+        assert_eq!(
+            Store::open(&path)
+                .unwrap()
+                .tunnel("call-1@partner.example")
+                .unwrap(),
+            None,
+            "the row is gone"
+        );
+        drop((first, second));
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
     /// Everything the gateway logs at trace level during a full tunnel flow, with no secret in it.
     #[test]
     fn no_secret_in_logs_at_trace_level() {

@@ -120,6 +120,16 @@ pub(crate) fn validate_user(username: &str, aors: &[String]) -> Result<(), Store
     Ok(())
 }
 
+/// Which tunnel rows to read (both backends).
+#[derive(Debug, Default)]
+pub struct TunnelQuery<'a> {
+    /// Rows with a Call-ID after this one (a page's cursor).
+    pub after: Option<&'a str>,
+    /// Rows of this Call-ID only.
+    pub call_id: Option<&'a str>,
+    pub limit: Option<usize>,
+}
+
 /// An open store, on either backend.
 #[derive(Debug)]
 pub enum Store {
@@ -173,6 +183,11 @@ impl Store {
     }
 
     /// Which backend: "sqlite" or "postgres".
+    /// A store several gateways share (PostgreSQL): its tunnels are the cluster's.
+    pub fn is_shared(&self) -> bool {
+        matches!(self, Store::Postgres(_))
+    }
+
     pub fn backend(&self) -> &'static str {
         match self {
             Store::Sqlite(_) => "sqlite",
@@ -273,6 +288,35 @@ impl Store {
 
     pub fn tunnels(&self) -> Result<Vec<crate::tunnel::Tunnel>, StoreError> {
         each!(self, s => s.tunnels())
+    }
+
+    /// One page of the stored tunnels (every gateway's, on a shared database) after the
+    /// Call-ID `after`, and the cursor of the next page when there may be one.
+    pub fn tunnel_page(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<(Vec<crate::tunnel::Tunnel>, Option<String>), StoreError> {
+        let q = TunnelQuery {
+            after,
+            call_id: None,
+            limit: Some(limit),
+        };
+        let rows = each!(self, s => s.tunnel_rows(&q))?;
+        let next = (rows.len() == limit)
+            .then(|| rows.last().map(|t| t.call_id.clone()))
+            .flatten();
+        Ok((rows, next))
+    }
+
+    /// The stored tunnel of a Call-ID (whichever gateway set it up).
+    pub fn tunnel(&self, call_id: &str) -> Result<Option<crate::tunnel::Tunnel>, StoreError> {
+        let q = TunnelQuery {
+            after: None,
+            call_id: Some(call_id),
+            limit: Some(1),
+        };
+        Ok(each!(self, s => s.tunnel_rows(&q))?.into_iter().next())
     }
 
     pub fn add_admin(

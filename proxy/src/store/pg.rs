@@ -10,7 +10,8 @@
 //! advisory lock, so gateways starting together migrate once. Keys (`dialog-mac`,
 //! `fake-verifier`) are created with `ON CONFLICT DO NOTHING` and read back: every gateway of
 //! a cluster ends up with the same ones. Triggers move the users generation on every change
-//! of a user or its AORs and `NOTIFY gatehouse_users`.
+//! of a user or its AORs and `NOTIFY gatehouse_users`, and `NOTIFY gatehouse_tunnels` for every
+//! tunnel row deleted.
 
 // The I/O side, used off the loop only.
 #![allow(clippy::disallowed_methods, clippy::disallowed_types)]
@@ -23,7 +24,7 @@ use postgres::{Client, NoTls, Row};
 
 use super::{
     unix_now, validate_user, BindingRecord, Credentials, Role, Snapshot, StoreError, StoreWrite,
-    UserSummary,
+    TunnelQuery, UserSummary,
 };
 
 /// The PostgreSQL schema, one entry per version. Never edit one that has shipped: add the next.
@@ -97,7 +98,25 @@ const MIGRATIONS: &[&str] = &[
         FOR EACH STATEMENT EXECUTE FUNCTION gatehouse_users_changed();
     CREATE TRIGGER user_aors_changed AFTER INSERT OR UPDATE OR DELETE ON user_aors
         FOR EACH STATEMENT EXECUTE FUNCTION gatehouse_users_changed();",
+    // 2: a tunnel row deleted anywhere (a BYE, a teardown through any gateway's admin API)
+    // is announced, so the gateway holding it in memory forgets it too.
+    "CREATE FUNCTION gatehouse_tunnel_gone() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        PERFORM pg_notify('gatehouse_tunnels', OLD.call_id || ' ' || OLD.caller_tag);
+        RETURN NULL;
+    END $$;
+    CREATE TRIGGER tunnel_gone AFTER DELETE ON tunnels
+        FOR EACH ROW EXECUTE FUNCTION gatehouse_tunnel_gone();",
 ];
+
+/// What a notification on the shared database says (`PgStore::follow_changes`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    /// A user or its AORs changed (or a notification may have been missed: after connecting).
+    Users,
+    /// A tunnel's row left the database: `(Call-ID, caller tag)`.
+    TunnelGone(String, String),
+}
 
 /// How long a connection attempt may take.
 const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
@@ -264,14 +283,16 @@ impl PgStore {
         tx.commit().map_err(pg)
     }
 
-    /// Starts a thread that `LISTEN`s on `gatehouse_users` over a connection of its own and
-    /// calls `changed` at each notification (a user or its AORs changed, through any gateway
-    /// or CLI of the cluster). It connects again after an outage (pausing a second between
-    /// attempts) and ends when `changed` returns false or `stop` is set (seen within a second).
-    pub fn follow_user_changes(
+    /// Starts a thread that `LISTEN`s on `gatehouse_users` and `gatehouse_tunnels` over a
+    /// connection of its own and calls `changed` at each notification (a user or its AORs
+    /// changed, a tunnel row deleted, through any gateway or CLI of the cluster). It connects
+    /// again after an outage (pausing a second between attempts), reports
+    /// [`Change::Users`] after each connection (a change may have been missed), and ends when
+    /// `changed` returns false or `stop` is set (seen within a second).
+    pub fn follow_changes(
         &self,
         stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-        changed: impl Fn() -> bool + Send + 'static,
+        changed: impl Fn(Change) -> bool + Send + 'static,
     ) -> std::io::Result<std::thread::JoinHandle<()>> {
         use postgres::fallible_iterator::FallibleIterator;
         use std::sync::atomic::Ordering;
@@ -289,12 +310,15 @@ impl PgStore {
                             continue;
                         }
                     };
-                    if client.batch_execute("LISTEN gatehouse_users").is_err() {
+                    if client
+                        .batch_execute("LISTEN gatehouse_users; LISTEN gatehouse_tunnels")
+                        .is_err()
+                    {
                         std::thread::sleep(round);
                         continue;
                     }
                     // After a (re)connection a change may have been missed: refresh once.
-                    if !changed() {
+                    if !changed(Change::Users) {
                         return;
                     }
                     loop {
@@ -304,17 +328,27 @@ impl PgStore {
                         let next = {
                             let mut notifications = client.notifications();
                             let mut waiting = notifications.timeout_iter(round);
-                            waiting.next().map(|n| n.is_some())
+                            waiting.next()
                         };
                         match next {
-                            Ok(true) => {
-                                if !changed() {
+                            Ok(Some(n)) => {
+                                let change = match n.channel() {
+                                    "gatehouse_tunnels" => {
+                                        let (call_id, tag) = n
+                                            .payload()
+                                            .split_once(' ')
+                                            .unwrap_or((n.payload(), ""));
+                                        Change::TunnelGone(call_id.to_owned(), tag.to_owned())
+                                    }
+                                    _ => Change::Users,
+                                };
+                                if !changed(change) {
                                     return;
                                 }
                             }
                             Err(_) => break,
-                            Ok(false) if client.is_closed() => break,
-                            Ok(false) => {}
+                            Ok(None) if client.is_closed() => break,
+                            Ok(None) => {}
                         }
                     }
                 }
@@ -645,12 +679,22 @@ impl PgStore {
     }
 
     pub fn tunnels(&self) -> Result<Vec<crate::tunnel::Tunnel>, StoreError> {
+        self.tunnel_rows(&TunnelQuery::default())
+    }
+
+    /// Tunnel rows in Call-ID order, from a cursor or of one Call-ID, at most `limit`.
+    pub fn tunnel_rows(
+        &self,
+        q: &TunnelQuery<'_>,
+    ) -> Result<Vec<crate::tunnel::Tunnel>, StoreError> {
+        let limit = q.limit.map(|l| l as i64);
         self.run(|| {
         Ok(self
             .client()?
             .query(
-                "SELECT call_id, caller_tag, callee_tag, identity, from_aor, to_aor, prefixes, pskmth, created_at, state, caller, callee FROM tunnels",
-                &[],
+                "SELECT call_id, caller_tag, callee_tag, identity, from_aor, to_aor, prefixes, pskmth, created_at, state, caller, callee FROM tunnels \
+                 WHERE ($1::text IS NULL OR call_id > $1) AND ($2::text IS NULL OR call_id = $2) ORDER BY call_id, caller_tag LIMIT $3",
+                &[&q.after, &q.call_id, &limit],
             )
             .map_err(pg)?
             .iter()

@@ -15,7 +15,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 
 use super::{
     journal, unix_now, validate_user, BindingRecord, Credentials, Role, Snapshot, StoreError,
-    StoreWrite, UserSummary,
+    StoreWrite, TunnelQuery, UserSummary,
 };
 
 const MIGRATIONS: &[&str] = &[
@@ -544,11 +544,21 @@ fn delete_tunnel(conn: &Connection, call_id: &str, caller_tag: &str) -> Result<(
 
 impl SqliteStore {
     pub fn tunnels(&self) -> Result<Vec<crate::tunnel::Tunnel>, StoreError> {
-        let mut stmt = self.conn.prepare(
-            "SELECT call_id, caller_tag, callee_tag, identity, from_aor, to_aor, prefixes, pskmth, created_at, state, caller, callee FROM tunnels",
+        self.tunnel_rows(&TunnelQuery::default())
+    }
+
+    /// Tunnel rows in Call-ID order, from a cursor or of one Call-ID, at most `limit`.
+    pub fn tunnel_rows(
+        &self,
+        q: &TunnelQuery<'_>,
+    ) -> Result<Vec<crate::tunnel::Tunnel>, StoreError> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT call_id, caller_tag, callee_tag, identity, from_aor, to_aor, prefixes, pskmth, created_at, state, caller, callee FROM tunnels \
+             WHERE (?1 IS NULL OR call_id > ?1) AND (?2 IS NULL OR call_id = ?2) ORDER BY call_id, caller_tag LIMIT ?3",
         )?;
+        let limit = q.limit.map_or(-1, |l| l as i64);
         let rows = stmt
-            .query_map([], |r| {
+            .query_map(rusqlite::params![q.after, q.call_id, limit], |r| {
                 Ok(crate::tunnel::Tunnel {
                     call_id: r.get(0)?,
                     caller_tag: r.get(1)?,

@@ -12,7 +12,7 @@
 //! itself; each write that still fails is counted (`gatehouse_store_errors_total`) and logged.
 //!
 //! It also keeps the core's credential snapshot fresh: on PostgreSQL a listener thread
-//! (`PgStore::follow_user_changes`) turns each `NOTIFY gatehouse_users` into an immediate
+//! (`PgStore::follow_changes`) turns each `NOTIFY gatehouse_users` into an immediate
 //! refresh and the poll below runs every [`POLL_NOTIFIED`] as a safety net; on SQLite, which
 //! has no notifications, every [`POLL`] it reads the users
 //! generation (moved by triggers whenever the CLI, the admin API or anyone else changes a
@@ -53,6 +53,8 @@ pub enum StoreEvent {
     Committed(u64),
     /// The users changed: the core's new credential snapshot.
     Credentials(Credentials),
+    /// A tunnel's row left the shared database (another gateway ended it).
+    TunnelGone { call_id: String, caller_tag: String },
 }
 
 enum Job {
@@ -107,10 +109,19 @@ impl StorageWorker {
         // On PostgreSQL a change of the users anywhere in the cluster arrives as a
         // notification: the snapshot is refreshed at once, the generation poll stays the
         // safety net (a notification lost during a reconnect).
+        // A tunnel row deleted by another gateway (its BYE, a teardown through its admin API)
+        // goes straight to the loop, which forgets the tunnel if it holds it.
         if let Store::Postgres(pg) = &store {
             let jobs = tx.clone();
-            pg.follow_user_changes(Arc::clone(&stop_listener), move || {
-                jobs.send(Job::Refresh).is_ok()
+            let loop_events = events.clone();
+            pg.follow_changes(Arc::clone(&stop_listener), move |change| match change {
+                super::pg::Change::Users => jobs.send(Job::Refresh).is_ok(),
+                super::pg::Change::TunnelGone(call_id, caller_tag) => loop_events
+                    .send(StoreEvent::TunnelGone {
+                        call_id,
+                        caller_tag,
+                    })
+                    .is_ok(),
             })?;
         }
         let m = Arc::clone(&metrics);

@@ -645,6 +645,10 @@ impl Driver {
     fn on_store_event(&mut self, ev: StoreEvent) {
         match ev {
             StoreEvent::Committed(seq) => self.release(seq),
+            StoreEvent::TunnelGone {
+                call_id,
+                caller_tag,
+            } => self.proxy.forget_tunnel(&call_id, &caller_tag),
             StoreEvent::Credentials(c) => {
                 tracing::info!(users = c.len(), "credentials refreshed from the store");
                 self.proxy.set_credentials(c);

@@ -63,25 +63,35 @@ pub struct Party {
     /// AOR and tag of this party.
     pub aor: String,
     pub tag: String,
+    /// The route set towards this party (a `Route` value: the Record-Route entries of the
+    /// proxies between it and the gateway, e.g. a load balancer), empty when direct.
+    pub route: String,
 }
 
 impl Party {
-    /// `transport|addr|contact|aor|tag` for the store.
+    /// `transport|addr|contact|aor|tag[|route]` for the store (`|` is in neither a URI nor a
+    /// tag; records written before the route set have five fields).
     pub fn encode(&self) -> String {
-        format!(
+        let mut s = format!(
             "{}|{}|{}|{}|{}",
             self.transport, self.addr, self.contact, self.aor, self.tag
-        )
+        );
+        if !self.route.is_empty() {
+            s.push('|');
+            s.push_str(&self.route);
+        }
+        s
     }
 
     pub fn decode(s: &str) -> Option<Party> {
-        let mut it = s.splitn(5, '|');
+        let mut it = s.splitn(6, '|');
         Some(Party {
             transport: crate::flow::Transport::from_token(it.next()?)?,
             addr: it.next()?.parse().ok()?,
             contact: it.next()?.to_owned(),
             aor: it.next()?.to_owned(),
             tag: it.next()?.to_owned(),
+            route: it.next().unwrap_or_default().to_owned(),
         })
     }
 }
@@ -94,6 +104,8 @@ struct Hop {
     transport: crate::flow::Transport,
     addr: std::net::SocketAddr,
     aor: Arc<str>,
+    /// Route set towards the party; `None` (no allocation) when direct, as almost always.
+    route: Option<Box<str>>,
 }
 
 /// One tunnel as the table holds it: identities, AORs, prefixes and pskmth interned (shared by
@@ -140,6 +152,7 @@ impl Record {
                 addr: h.addr,
                 aor: h.aor.to_string(),
                 tag: tag.unwrap_or_default().to_owned(),
+                route: h.route.as_deref().unwrap_or_default().to_owned(),
             })
         };
         Tunnel {
@@ -228,6 +241,7 @@ impl TunnelTable {
             transport: p.transport,
             addr: p.addr,
             aor: self.strings.get(&p.aor),
+            route: (!p.route.is_empty()).then(|| p.route.into_boxed_str()),
         })
     }
 
@@ -385,6 +399,11 @@ impl TunnelTable {
         let r = self.take(call_id, caller_tag)?;
         self.mark(call_id, caller_tag);
         Some(r)
+    }
+
+    /// Removes a tunnel whose row is already gone (another gateway ended it): no write.
+    pub fn remove_ended_elsewhere(&mut self, call_id: &str, caller_tag: &str) -> Option<Gone> {
+        self.take(call_id, caller_tag)
     }
 
     /// The tunnel of an in-dialog request, whichever side sent it (either tag may be the caller's).
@@ -558,6 +577,7 @@ mod tests {
             addr: "192.0.2.1:5060".parse().unwrap(),
             aor: "sip:alice@partner.example".into(),
             tag: "a".into(),
+            route: "<sip:192.0.2.10;lr>".into(),
         });
         full.callee = Some(Party {
             contact: "sip:vpn@198.51.100.2".into(),
@@ -565,6 +585,7 @@ mod tests {
             addr: "[2001:db8::2]:5061".parse().unwrap(),
             aor: "sip:vpn@org.example".into(),
             tag: "b".into(),
+            route: String::new(),
         });
         t.insert(full.clone());
         t.insert(tunnel("c2", "x", "alice", "sip:vpn@org.example"));

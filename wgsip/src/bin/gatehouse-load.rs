@@ -52,6 +52,9 @@ struct Cli {
     /// No progress lines, only the summary.
     #[arg(long)]
     quiet: bool,
+    /// Leave the tunnels up: no BYE after the ACK (to fill a gateway's table, or a cluster's).
+    #[arg(long)]
+    hold: bool,
 }
 
 fn main() -> ExitCode {
@@ -82,6 +85,7 @@ fn main() -> ExitCode {
         concurrency: cli.concurrency,
         timeout: Duration::from_millis(cli.timeout_ms),
         progress: !cli.quiet,
+        hold: cli.hold,
     };
     match run(&opts) {
         Ok(report) => {
