@@ -33,10 +33,14 @@ fn version_and_help() {
 
 #[test]
 fn check_config_accepts_examples_and_names_line_and_key_of_errors() {
-    for f in ["bench.toml", "edge.toml"] {
+    for f in [
+        "examples/bench.toml",
+        "examples/edge.toml",
+        "cluster/gateway.toml",
+    ] {
         let out = bin()
             .arg("check-config")
-            .arg(repo().join("deploy/examples").join(f))
+            .arg(repo().join("deploy").join(f))
             .output()
             .expect("run");
         assert!(

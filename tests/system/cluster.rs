@@ -247,6 +247,43 @@ fn gateways_share_users_and_keys_through_postgres() {
         store.key("dialog-mac").unwrap(),
         Store::open(&url).unwrap().key("dialog-mac").unwrap()
     );
+
+    // A lockout earned at one gateway holds at the other: five wrong guesses for carol at A
+    // (the default `failures_before_lockout`), then carol's right password at B is refused.
+    let lockouts = |m| {
+        crate::operations::http_get(m, "/metrics")
+            .1
+            .lines()
+            .find_map(|l| l.strip_prefix("gatehouse_auth_lockouts_total "))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let mut guesser = SipClient::udp(a.gw.addr(Transport::Udp));
+    for _ in 0..5 {
+        let mut guess = ScramClient::new("carol", b"not-her-password", None);
+        let r = authenticated_invite(&mut guesser, &mut guess, &mut Call::new("carol"));
+        assert_eq!(r.status(), Some(403), "{r:?}");
+    }
+    let shared = Instant::now();
+    wait_until(|| lockouts(mb) >= 1, "the lockout at the other gateway");
+    eprintln!(
+        "five failures at one gateway locked the other after {:?}",
+        shared.elapsed()
+    );
+    let mut client = SipClient::udp(b.gw.addr(Transport::Udp));
+    let scram = ScramClient::new("carol", b"carol-secret", None);
+    let mut call = Call::new("carol");
+    client.send(&call.invite(&client, None));
+    assert_eq!(client.recv_final_or_challenge().status(), Some(407));
+    let first = gatehouse_auth::SaslParams {
+        realm: Some("org.example".into()),
+        mech: Some("SCRAM-SHA-256".into()),
+        c2s: Some(scram.client_first()),
+        ..gatehouse_auth::SaslParams::default()
+    };
+    client.send(&call.invite(&client, Some(&first)));
+    let r = client.recv_final_or_challenge();
+    assert_eq!(r.status(), Some(403), "locked at B too: {r:?}");
 }
 
 /// Established tunnels in the database, through a connection of the test's own.

@@ -1024,8 +1024,12 @@ mod tests {
 
     #[test]
     fn examples_are_valid() {
-        for f in ["bench.toml", "edge.toml"] {
-            let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/examples/").to_owned() + f;
+        for f in [
+            "examples/bench.toml",
+            "examples/edge.toml",
+            "cluster/gateway.toml",
+        ] {
+            let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/").to_owned() + f;
             Config::load(std::path::Path::new(&path)).unwrap_or_else(|e| panic!("{f}: {e}"));
         }
     }

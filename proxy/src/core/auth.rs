@@ -83,7 +83,20 @@ pub struct SaslGate {
     lockout: Lockout,
     tls: HashMap<ConnId, TlsInfo>,
     stats: AuthStats,
+    /// Outcomes for the other gateways of a cluster (`Some` when the store is shared), until
+    /// the core takes them as writes; at most [`SHARED_OUTCOMES_MAX`] between two takes.
+    shared: Option<Vec<SharedOutcome>>,
 }
+
+/// An authentication outcome the other gateways count: (user, source, success).
+pub type SharedOutcome = (Option<String>, IpAddr, bool);
+
+/// Outcomes kept between two write batches (one loop turn); more are not shared (a flood
+/// of failures locks here first anyway).
+pub const SHARED_OUTCOMES_MAX: usize = 4096;
+
+/// The longest username shared (longer ones are no user's: the store refuses them).
+const SHARED_USER_MAX: usize = 128;
 
 impl SaslGate {
     pub fn new(server: SaslServer, credentials: Credentials, lockout: Lockout) -> Self {
@@ -93,6 +106,43 @@ impl SaslGate {
             lockout,
             tls: HashMap::new(),
             stats: AuthStats::default(),
+            shared: None,
+        }
+    }
+
+    /// Share every outcome with the other gateways of a cluster (`take_shared`).
+    pub fn share_outcomes(&mut self) {
+        self.shared = Some(Vec::new());
+    }
+
+    /// The outcomes since the last call.
+    pub fn take_shared(&mut self) -> Vec<SharedOutcome> {
+        self.shared.as_mut().map(std::mem::take).unwrap_or_default()
+    }
+
+    fn record(&mut self, user: Option<&str>, source: IpAddr, success: bool) {
+        if let Some(list) = &mut self.shared {
+            if list.len() < SHARED_OUTCOMES_MAX {
+                let user = user
+                    .filter(|u| u.len() <= SHARED_USER_MAX)
+                    .map(str::to_owned);
+                list.push((user, source, success));
+            }
+        }
+    }
+
+    /// Another gateway's outcome, counted as if it were ours (not shared again).
+    pub fn remote_outcome(
+        &mut self,
+        user: Option<&str>,
+        source: IpAddr,
+        success: bool,
+        now: Instant,
+    ) {
+        match (success, user) {
+            (true, Some(u)) => self.lockout.success(u, source, now),
+            (true, None) => {}
+            (false, _) => self.lockout.failure(user, source, now),
         }
     }
 
@@ -224,6 +274,7 @@ impl SaslGate {
             }),
             Ok(Outcome::Success { auth, info }) => {
                 self.lockout.success(auth.identity(), source, now);
+                self.record(Some(auth.identity()), source, true);
                 msg.remove(idx);
                 tracing::info!(identity = auth.identity(), mechanism = auth.mechanism().name(), %source, "authenticated");
                 Ok((auth, info.emit()))
@@ -237,6 +288,7 @@ impl SaslGate {
                 tracing::info!(reason = f.label(), %source, "authentication failed");
                 if !matches!(f, Failure::Expired | Failure::UnknownHandle) {
                     self.lockout.failure(username.as_deref(), source, now);
+                    self.record(username.as_deref(), source, false);
                 }
                 Err(Reject::AuthFailed)
             }

@@ -214,7 +214,9 @@ impl Lockout {
         let (e, evicted) = self.table.entry(key, fresh, rank);
         e.score = e.decayed(now, half_life) + 1.0;
         e.at = now;
-        let locks = e.score >= limit && !e.locked(now);
+        // N failures in quick succession lock: each has decayed a little by the N-th, so
+        // the score is compared rounded (N failures spread over the window still count less).
+        let locks = e.score + 0.5 >= limit && !e.locked(now);
         if locks {
             e.locked_until = Some(now + duration);
             e.score = 0.0;
@@ -271,6 +273,14 @@ mod tests {
             l.user_locked("bob", a, false, t0 + Duration::from_secs(300)),
             None
         );
+        // N failures a second apart lock too (the decay of the first ones does not save the
+        // N-th).
+        let mut t = t0 + Duration::from_secs(1000);
+        for _ in 0..5 {
+            l.failure(Some("dave"), a, t);
+            t += Duration::from_secs(1);
+        }
+        assert_eq!(l.user_locked("dave", a, false, t), Some(Locked::Pair));
         // Slow guessing decays away.
         let mut t = t0 + Duration::from_secs(400);
         for _ in 0..20 {

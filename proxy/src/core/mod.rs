@@ -136,6 +136,9 @@ pub struct CoreConfig {
     /// Load balancers in front of the gateway (`[cluster] balancers`): what they relay is
     /// attributed to the client their Via names (rate limit, lockout, SASL exchanges).
     pub balancers: Vec<ipnet::IpNet>,
+    /// The store is shared by a cluster: authentication outcomes leave as writes so that the
+    /// other gateways' lockouts count them.
+    pub shared_store: bool,
     /// Seed of every random choice the core makes (tags, branch salt, SASL handles): from
     /// the operating system in a gateway, fixed in tests. The core reads no global randomness.
     pub seed: [u8; 32],
@@ -260,7 +263,13 @@ impl Proxy {
             policy_denials: HashMap::new(),
             metrics: Arc::new(crate::metrics::Metrics::new()),
             synced: HashMap::new(),
-            gate: auth::SaslGate::new(sasl, snapshot.credentials, lockout),
+            gate: {
+                let mut gate = auth::SaslGate::new(sasl, snapshot.credentials, lockout);
+                if cfg.shared_store {
+                    gate.share_outcomes();
+                }
+                gate
+            },
             writes: Vec::new(),
             router: router::Router::new(
                 cfg.domains.clone(),
@@ -524,6 +533,13 @@ impl Proxy {
     /// the transmits produced since the last call (its 200 among them) must leave only after
     /// the batch is committed.
     pub fn take_writes(&mut self) -> Option<persist::WriteBatch> {
+        for (user, source, success) in self.gate.take_shared() {
+            self.writes.push(persist::StoreWrite::AuthOutcome {
+                user,
+                source,
+                success,
+            });
+        }
         for change in self.tunnels.take_dirty() {
             self.writes.push(match change {
                 Ok(t) => persist::StoreWrite::SaveTunnel(Box::new(t)),
@@ -540,6 +556,18 @@ impl Proxy {
             writes: std::mem::take(&mut self.writes),
             durable: std::mem::take(&mut self.durable),
         })
+    }
+
+    /// Another gateway of the cluster authenticated `user` from `source` (or failed to): the
+    /// lockout counts it as its own, so guesses spread over gateways add up.
+    pub fn remote_auth_outcome(
+        &mut self,
+        user: Option<&str>,
+        source: IpAddr,
+        success: bool,
+        now: Instant,
+    ) {
+        self.gate.remote_outcome(user, source, success, now);
     }
 
     /// A new credential snapshot (users changed in the store); exchanges in progress

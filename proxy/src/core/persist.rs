@@ -46,9 +46,22 @@ pub struct Snapshot {
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum StoreWrite {
     SaveBinding(BindingRecord),
-    RemoveBinding { aor: String, contact: String },
+    RemoveBinding {
+        aor: String,
+        contact: String,
+    },
     SaveTunnel(Box<Tunnel>),
-    DeleteTunnel { call_id: String, caller_tag: String },
+    DeleteTunnel {
+        call_id: String,
+        caller_tag: String,
+    },
+    /// An authentication's outcome, for the other gateways of a cluster to count in their
+    /// lockout (announced on a shared store, nothing on a file of one gateway's own).
+    AuthOutcome {
+        user: Option<String>,
+        source: std::net::IpAddr,
+        success: bool,
+    },
 }
 
 impl StoreWrite {
@@ -59,6 +72,7 @@ impl StoreWrite {
             StoreWrite::RemoveBinding { .. } => "remove_binding",
             StoreWrite::SaveTunnel(_) => "save_tunnel",
             StoreWrite::DeleteTunnel { .. } => "delete_tunnel",
+            StoreWrite::AuthOutcome { .. } => "auth_outcome",
         }
     }
 }

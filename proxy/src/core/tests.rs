@@ -70,6 +70,7 @@ fn config() -> CoreConfig {
         rate_limit: Default::default(),
         hide_topology: false,
         balancers: Vec::new(),
+        shared_store: false,
         seed: [5; 32],
     }
 }
@@ -113,6 +114,8 @@ struct Harness {
     /// The store the proxy started from, taking its writes as the driver's storage worker
     /// would (before the transmits of the same batch are collected).
     store: Option<crate::store::Store>,
+    /// Every write the proxy handed out, in order.
+    written: Vec<crate::store::StoreWrite>,
 }
 
 #[derive(Debug)]
@@ -140,6 +143,7 @@ impl Harness {
             proxy: new_proxy(config()),
             now: Instant::now(),
             store: None,
+            written: Vec::new(),
         }
     }
 
@@ -169,6 +173,7 @@ impl Harness {
             if let Some(store) = &mut self.store {
                 store.apply(&batch.writes).unwrap();
             }
+            self.written.extend(batch.writes);
         }
         std::iter::from_fn(|| self.proxy.poll_transmit())
             .map(|t| Sent {
@@ -1121,6 +1126,57 @@ Call-ID: probe-1\r\nCSeq: 1 OPTIONS\r\nContent-Length: 0\r\n\r\n";
             out[0].first_line(),
             "SIP/2.0 400 Missing Client Via From Balancer"
         );
+    }
+
+    /// On a shared store every outcome leaves as a write for the other gateways, and their
+    /// outcomes count here: guesses spread over a cluster's gateways add up to one lockout.
+    #[test]
+    fn outcomes_are_shared_and_other_gateways_failures_count() {
+        use crate::store::StoreWrite;
+        let mut h = harness();
+        let mut cfg = h.proxy.config().clone();
+        cfg.shared_store = true;
+        h.boot(cfg, store());
+        let guesser: std::net::IpAddr = "192.0.2.200".parse().unwrap();
+        let mut guess = ScramClient::new("alice", b"guess", None);
+        let out = authenticate(&mut h, &mut guess);
+        assert_eq!(out[0].first_line(), "SIP/2.0 403 Forbidden");
+        let mut client = ScramClient::new("alice", b"alice-secret", None);
+        let out = authenticate(&mut h, &mut client);
+        assert!(out.iter().any(|s| s.first_line().starts_with("INVITE")));
+        let outcomes: Vec<&StoreWrite> = h
+            .written
+            .iter()
+            .filter(|w| matches!(w, StoreWrite::AuthOutcome { .. }))
+            .collect();
+        assert_eq!(
+            outcomes,
+            [
+                &StoreWrite::AuthOutcome {
+                    user: Some("alice".into()),
+                    source: guesser,
+                    success: false
+                },
+                &StoreWrite::AuthOutcome {
+                    user: Some("alice".into()),
+                    source: guesser,
+                    success: true
+                }
+            ]
+        );
+        // Three failures at other gateways (the harness locks at 3): locked here too.
+        for _ in 0..3 {
+            h.proxy
+                .remote_auth_outcome(Some("alice"), guesser, false, h.now);
+        }
+        let first = SaslParams {
+            mech: Some("SCRAM-SHA-256".into()),
+            c2s: Some(ScramClient::new("alice", b"alice-secret", None).client_first()),
+            ..SaslParams::default()
+        };
+        let out = h.send(&invite_round(2, Some(&first.emit())), outside());
+        assert_eq!(out[0].first_line(), "SIP/2.0 403 Forbidden", "{out:?}");
+        assert!(h.proxy.auth_stats().lockouts >= 1);
     }
 
     /// Issue 9, defect 6: failures for `vpn` from an outside address (no reply needed) do

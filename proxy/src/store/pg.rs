@@ -116,6 +116,30 @@ pub enum Change {
     Users,
     /// A tunnel's row left the database: `(Call-ID, caller tag)`.
     TunnelGone(String, String),
+    /// Another gateway authenticated someone, or failed to.
+    AuthOutcome {
+        user: Option<String>,
+        source: std::net::IpAddr,
+        success: bool,
+    },
+}
+
+impl Change {
+    /// A `gatehouse_auth` payload (`instance seq success source user`); `None` when
+    /// malformed or sent by `own` instance.
+    fn auth_outcome(payload: &str, own: u64) -> Option<Change> {
+        let mut it = payload.splitn(5, ' ');
+        let instance: u64 = it.next()?.parse().ok()?;
+        let _seq = it.next()?;
+        let success = it.next()? == "1";
+        let source = it.next()?.parse().ok()?;
+        let user = it.next().filter(|u| !u.is_empty()).map(str::to_owned);
+        (instance != own).then_some(Change::AuthOutcome {
+            user,
+            source,
+            success,
+        })
+    }
 }
 
 /// How long a connection attempt may take.
@@ -130,6 +154,11 @@ pub struct PgStore {
     client: Mutex<Option<Client>>,
     /// Where to connect again (holds the password: never logged or printed).
     config: postgres::Config,
+    /// This connection's number in the `gatehouse_auth` notifications it sends (so that its
+    /// own listener skips them).
+    instance: u64,
+    /// Outcomes announced so far (their sequence numbers).
+    notified: std::sync::atomic::AtomicU64,
 }
 
 /// The locked, connected client of a [`PgStore`].
@@ -230,6 +259,8 @@ impl PgStore {
             let store = PgStore {
                 client: Mutex::new(Some(client)),
                 config,
+                instance: rand::random(),
+                notified: std::sync::atomic::AtomicU64::new(0),
             };
             store.migrate()?;
             Ok(store)
@@ -297,6 +328,7 @@ impl PgStore {
         use postgres::fallible_iterator::FallibleIterator;
         use std::sync::atomic::Ordering;
         let config = self.config.clone();
+        let own = self.instance;
         let round = std::time::Duration::from_secs(1);
         std::thread::Builder::new()
             .name("gatehouse-pg-listen".into())
@@ -311,7 +343,9 @@ impl PgStore {
                         }
                     };
                     if client
-                        .batch_execute("LISTEN gatehouse_users; LISTEN gatehouse_tunnels")
+                        .batch_execute(
+                            "LISTEN gatehouse_users; LISTEN gatehouse_tunnels; LISTEN gatehouse_auth",
+                        )
                         .is_err()
                     {
                         std::thread::sleep(round);
@@ -334,15 +368,14 @@ impl PgStore {
                             Ok(Some(n)) => {
                                 let change = match n.channel() {
                                     "gatehouse_tunnels" => {
-                                        let (call_id, tag) = n
-                                            .payload()
-                                            .split_once(' ')
-                                            .unwrap_or((n.payload(), ""));
-                                        Change::TunnelGone(call_id.to_owned(), tag.to_owned())
+                                        let (call_id, tag) =
+                                            n.payload().split_once(' ').unwrap_or((n.payload(), ""));
+                                        Some(Change::TunnelGone(call_id.to_owned(), tag.to_owned()))
                                     }
-                                    _ => Change::Users,
+                                    "gatehouse_auth" => Change::auth_outcome(n.payload(), own),
+                                    _ => Some(Change::Users),
                                 };
-                                if !changed(change) {
+                                if change.is_some_and(|c| !changed(c)) {
                                     return;
                                 }
                             }
@@ -641,6 +674,24 @@ impl PgStore {
                         &[call_id, caller_tag],
                     )
                     .map_err(pg)?;
+                }
+                StoreWrite::AuthOutcome {
+                    user,
+                    source,
+                    success,
+                } => {
+                    // Delivered at commit; the sender knows itself by its instance number, and
+                    // the sequence number keeps equal outcomes of one transaction apart
+                    // (PostgreSQL delivers identical notifications of a transaction once).
+                    let seq = self.notified.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let payload = format!(
+                        "{} {seq} {} {source} {}",
+                        self.instance,
+                        u8::from(*success),
+                        user.as_deref().unwrap_or("")
+                    );
+                    tx.execute("SELECT pg_notify('gatehouse_auth', $1)", &[&payload])
+                        .map_err(pg)?;
                 }
             }
         }

@@ -447,6 +447,8 @@ impl SqliteStore {
                     call_id,
                     caller_tag,
                 } => delete_tunnel(&tx, call_id, caller_tag)?,
+                // One gateway per file: nobody to tell.
+                StoreWrite::AuthOutcome { .. } => {}
             }
         }
         tx.commit()?;

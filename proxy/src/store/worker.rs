@@ -55,6 +55,12 @@ pub enum StoreEvent {
     Credentials(Credentials),
     /// A tunnel's row left the shared database (another gateway ended it).
     TunnelGone { call_id: String, caller_tag: String },
+    /// Another gateway of the cluster authenticated `user` from `source`, or failed to.
+    AuthOutcome {
+        user: Option<String>,
+        source: std::net::IpAddr,
+        success: bool,
+    },
 }
 
 enum Job {
@@ -120,6 +126,17 @@ impl StorageWorker {
                     .send(StoreEvent::TunnelGone {
                         call_id,
                         caller_tag,
+                    })
+                    .is_ok(),
+                super::pg::Change::AuthOutcome {
+                    user,
+                    source,
+                    success,
+                } => loop_events
+                    .send(StoreEvent::AuthOutcome {
+                        user,
+                        source,
+                        success,
                     })
                     .is_ok(),
             })?;

@@ -649,6 +649,13 @@ impl Driver {
                 call_id,
                 caller_tag,
             } => self.proxy.forget_tunnel(&call_id, &caller_tag),
+            StoreEvent::AuthOutcome {
+                user,
+                source,
+                success,
+            } => self
+                .proxy
+                .remote_auth_outcome(user.as_deref(), source, success, Instant::now()),
             StoreEvent::Credentials(c) => {
                 tracing::info!(users = c.len(), "credentials refreshed from the store");
                 self.proxy.set_credentials(c);
