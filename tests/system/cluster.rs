@@ -286,6 +286,43 @@ fn gateways_share_users_and_keys_through_postgres() {
     assert_eq!(r.status(), Some(403), "locked at B too: {r:?}");
 }
 
+/// TLS to the database: with `sslmode=require&sslrootcert=CA` the store connects over TLS
+/// (PostgreSQL says so for the session) to a server that accepts nothing else; a CA that did not
+/// sign the server's certificate is refused, as are TLS without a CA to verify with and
+/// libpq's `prefer` (TLS that silently falls back).
+#[test]
+fn the_store_connects_to_postgres_over_verified_tls() {
+    let (pg, ca) = Postgres::start_tls();
+    let dir = TempDir::new("pg-tls");
+    let ca_file = dir.path().join("ca.pem");
+    std::fs::write(&ca_file, ca).unwrap();
+    let url = |q: &str| PathBuf::from(format!("{}?{q}", pg.url()));
+    // Plain TCP is refused by the server (hostssl only).
+    assert!(Store::open(&PathBuf::from(pg.url())).is_err());
+    let store = Store::open(&url(&format!(
+        "sslmode=require&sslrootcert={}",
+        ca_file.display()
+    )))
+    .expect("TLS connection");
+    assert_eq!(store.key("dialog-mac").unwrap().len(), 32);
+    // Another CA: the handshake fails.
+    let other = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned()]).unwrap();
+    let other_file = dir.path().join("other.pem");
+    std::fs::write(&other_file, other.cert.pem()).unwrap();
+    let refused = Store::open(&url(&format!(
+        "sslmode=require&sslrootcert={}",
+        other_file.display()
+    )));
+    assert!(refused.is_err(), "a certificate the CA did not sign");
+    for (q, says) in [
+        ("sslmode=require", "needs sslrootcert"),
+        ("sslmode=prefer", "sslmode=prefer"),
+    ] {
+        let e = Store::open(&url(q)).unwrap_err().to_string();
+        assert!(e.contains(says), "{q}: {e}");
+    }
+}
+
 /// Established tunnels in the database, through a connection of the test's own.
 fn established_in(url: &Path) -> usize {
     Store::open(url)

@@ -63,6 +63,58 @@ fn as_postgres(bin: &Path, program: &str, args: &[&str]) -> std::process::Output
 impl Postgres {
     /// A fresh cluster, started and ready for connections.
     pub fn start() -> Postgres {
+        Postgres::start_with(|_| {})
+    }
+
+    /// A fresh cluster that accepts TLS connections only (`hostssl` in pg_hba.conf), with a
+    /// certificate for 127.0.0.1 signed by a CA made here; returns it and the CA's PEM.
+    pub fn start_tls() -> (Postgres, String) {
+        use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca_key = KeyPair::generate().unwrap();
+        let ca_pem = ca_params.self_signed(&ca_key).unwrap().pem();
+        let issuer = Issuer::new(ca_params, ca_key);
+        let key = KeyPair::generate().unwrap();
+        let cert = CertificateParams::new(vec!["127.0.0.1".to_owned()])
+            .unwrap()
+            .signed_by(&key, &issuer)
+            .unwrap();
+        let pg = Postgres::start_with(|data| {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::write(data.join("server.crt"), cert.pem()).unwrap();
+            std::fs::write(data.join("server.key"), key.serialize_pem()).unwrap();
+            std::fs::set_permissions(
+                data.join("server.key"),
+                std::fs::Permissions::from_mode(0o600),
+            )
+            .unwrap();
+            for f in ["server.crt", "server.key"] {
+                let st = Command::new("chown")
+                    .arg("postgres:postgres")
+                    .arg(data.join(f))
+                    .status()
+                    .unwrap();
+                assert!(st.success());
+            }
+            let conf = data.join("postgresql.conf");
+            let mut text = std::fs::read_to_string(&conf).unwrap();
+            text.push_str(
+                "\nssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n",
+            );
+            std::fs::write(&conf, text).unwrap();
+            let hba = data.join("pg_hba.conf");
+            let text = std::fs::read_to_string(&hba).unwrap().replace(
+                "host    all             all             127.0.0.1/32",
+                "hostssl all             all             127.0.0.1/32",
+            );
+            std::fs::write(&hba, text).unwrap();
+        });
+        (pg, ca_pem)
+    }
+
+    /// A fresh cluster; `prepare` edits its data folder before it starts.
+    fn start_with(prepare: impl FnOnce(&Path)) -> Postgres {
         let bin = bin_dir();
         let dir = TempDir::new("pg");
         let status = Command::new("chown")
@@ -88,6 +140,7 @@ impl Postgres {
                 "--no-sync",
             ],
         );
+        prepare(&data);
         let pg = Postgres {
             dir,
             bin,

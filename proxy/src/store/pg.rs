@@ -21,6 +21,7 @@ use std::sync::Mutex;
 use gatehouse_auth::scram::{Verifier, MIN_ITERATIONS};
 use gatehouse_auth::{Credential, Mechanism};
 use postgres::{Client, NoTls, Row};
+use tokio_postgres_rustls::MakeRustlsConnect;
 
 use super::{
     unix_now, validate_user, BindingRecord, Credentials, Role, Snapshot, StoreError, StoreWrite,
@@ -154,6 +155,8 @@ pub struct PgStore {
     client: Mutex<Option<Client>>,
     /// Where to connect again (holds the password: never logged or printed).
     config: postgres::Config,
+    /// TLS to the database, when the URL asks for it.
+    tls: Tls,
     /// This connection's number in the `gatehouse_auth` notifications it sends (so that its
     /// own listener skips them).
     instance: u64,
@@ -248,17 +251,108 @@ fn off_runtime<R: Send>(f: impl FnOnce() -> R + Send) -> R {
         .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
 }
 
+/// How the connections to the database are made: plain TCP, or TLS (rustls) verified against
+/// the CA named by the URL's `sslrootcert`.
+#[derive(Clone)]
+enum Tls {
+    Plain,
+    Rustls(MakeRustlsConnect),
+}
+
+impl Tls {
+    /// Reads `sslmode` and `sslrootcert` from the URL's query (libpq's names). `sslmode=require`
+    /// (or `verify-ca`, `verify-full`) means TLS with the server's certificate verified against
+    /// `sslrootcert` and its name against the URL's host: never encryption without
+    /// authentication. `disable` or no `sslmode` is plain TCP (a private network); `prefer`
+    /// (libpq's default, TLS that silently falls back) is refused as a false promise.
+    /// Returns the URL without `sslrootcert` (rust-postgres does not know it).
+    fn from_url(url: &str) -> Result<(String, Tls), StoreError> {
+        let invalid = |m: String| StoreError::Invalid(m);
+        let Some((base, query)) = url.split_once('?') else {
+            return Ok((url.to_owned(), Tls::Plain));
+        };
+        let mut kept = Vec::new();
+        let (mut mode, mut root) = (None, None);
+        for pair in query.split('&').filter(|p| !p.is_empty()) {
+            match pair.split_once('=') {
+                Some(("sslrootcert", v)) => {
+                    root = Some(
+                        percent_encoding::percent_decode_str(v)
+                            .decode_utf8_lossy()
+                            .into_owned(),
+                    )
+                }
+                Some(("sslmode", v)) => mode = Some(v.to_owned()),
+                _ => kept.push(pair),
+            }
+        }
+        let query = kept.join("&");
+        let url = if query.is_empty() {
+            base.to_owned()
+        } else {
+            format!("{base}?{query}")
+        };
+        match (mode.as_deref(), root) {
+            (None | Some("disable"), None) => Ok((url, Tls::Plain)),
+            (Some("require" | "verify-ca" | "verify-full"), Some(root)) => {
+                let pem = std::fs::read(&root)
+                    .map_err(|e| invalid(format!("sslrootcert {root}: {e}")))?;
+                let mut roots = rustls::RootCertStore::empty();
+                use rustls_pki_types::pem::PemObject;
+                for cert in rustls_pki_types::CertificateDer::pem_slice_iter(&pem) {
+                    let cert = cert.map_err(|e| invalid(format!("sslrootcert {root}: {e}")))?;
+                    roots
+                        .add(cert)
+                        .map_err(|e| invalid(format!("sslrootcert {root}: {e}")))?;
+                }
+                if roots.is_empty() {
+                    return Err(invalid(format!("sslrootcert {root}: no certificate")));
+                }
+                let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+                    rustls::crypto::ring::default_provider(),
+                ))
+                .with_safe_default_protocol_versions()
+                .map_err(|e| invalid(format!("TLS: {e}")))?
+                .with_root_certificates(roots)
+                .with_no_client_auth();
+                // rust-postgres then insists on TLS (it knows no verify-* modes).
+                let url = format!("{url}{}sslmode=require", if url.contains('?') { "&" } else { "?" });
+                Ok((url, Tls::Rustls(MakeRustlsConnect::new(config))))
+            }
+            (Some("require" | "verify-ca" | "verify-full"), None) => Err(invalid(
+                "sslmode=require needs sslrootcert=FILE: the CA certificate (PEM) that signed the database's certificate".into(),
+            )),
+            (None | Some("disable"), Some(_)) => Err(invalid(
+                "sslrootcert without sslmode=require".into(),
+            )),
+            (Some(m), _) => Err(invalid(format!(
+                "sslmode={m}: use require (TLS, certificate verified against sslrootcert) or disable"
+            ))),
+        }
+    }
+
+    fn connect(&self, config: &postgres::Config) -> Result<Client, postgres::Error> {
+        match self {
+            Tls::Plain => config.connect(NoTls),
+            Tls::Rustls(tls) => config.connect(tls.clone()),
+        }
+    }
+}
+
 impl PgStore {
-    /// Connects to `url` (`postgres://user:password@host:port/dbname`) and migrates.
+    /// Connects to `url` (`postgres://user:password@host:port/dbname`, with
+    /// `?sslmode=require&sslrootcert=FILE` for TLS) and migrates.
     pub fn connect(url: &str) -> Result<PgStore, StoreError> {
         off_runtime(|| {
+            let (url, tls) = Tls::from_url(url)?;
             let mut config: postgres::Config = url.parse().map_err(pg)?;
             // A database host that does not answer must not hold the worker for minutes.
             config.connect_timeout(CONNECT_TIMEOUT);
-            let client = config.connect(NoTls).map_err(pg)?;
+            let client = tls.connect(&config).map_err(pg)?;
             let store = PgStore {
                 client: Mutex::new(Some(client)),
                 config,
+                tls,
                 instance: rand::random(),
                 notified: std::sync::atomic::AtomicU64::new(0),
             };
@@ -278,7 +372,7 @@ impl PgStore {
         let mut guard = self.client.lock().unwrap_or_else(|p| p.into_inner());
         if guard.as_ref().is_none_or(Client::is_closed) {
             *guard = None;
-            let fresh = self.config.connect(NoTls).map_err(pg)?;
+            let fresh = self.tls.connect(&self.config).map_err(pg)?;
             tracing::info!("connected to PostgreSQL again");
             *guard = Some(fresh);
         }
@@ -328,13 +422,14 @@ impl PgStore {
         use postgres::fallible_iterator::FallibleIterator;
         use std::sync::atomic::Ordering;
         let config = self.config.clone();
+        let tls = self.tls.clone();
         let own = self.instance;
         let round = std::time::Duration::from_secs(1);
         std::thread::Builder::new()
             .name("gatehouse-pg-listen".into())
             .spawn(move || {
                 while !stop.load(Ordering::Relaxed) {
-                    let mut client = match config.connect(NoTls) {
+                    let mut client = match tls.connect(&config) {
                         Ok(c) => c,
                         Err(_) => {
                             // The storage worker reports the outage; this only retries.
