@@ -59,6 +59,9 @@ pub struct LoadReport {
     pub started: u32,
     pub succeeded: u32,
     pub failed: u32,
+    /// Set-ups that succeeded but whose BYE was never answered (the gateway holding the
+    /// dialog gone, with nobody to take its in-dialog requests over).
+    pub byes_unanswered: u32,
     /// Failures by reason (`407 then 403`, `timeout`, `server-final`...).
     pub failures: HashMap<String, u32>,
     /// Set-up times of the successful set-ups, sorted.
@@ -99,6 +102,9 @@ impl LoadReport {
             ms(self.quantile(0.999)),
             ms(self.latencies.last().copied()),
         );
+        if self.byes_unanswered > 0 {
+            s.push_str(&format!("BYE unanswered: {}\n", self.byes_unanswered));
+        }
         let mut reasons: Vec<_> = self.failures.iter().collect();
         reasons.sort();
         for (reason, n) in reasons {
@@ -365,6 +371,7 @@ From: <{f}>;tag={tag}\r\nTo: {to}\r\nCall-ID: {cid}\r\nCSeq: {cseq} {method}\r\n
             if closing {
                 // Set up and counted; only the BYE's answer went missing.
                 self.calls.remove(&id);
+                self.report.byes_unanswered += 1;
             } else {
                 self.fail(&id, "timeout".into());
             }

@@ -90,7 +90,7 @@ pub struct SignedDialog {
 type HmacSha256 = Hmac<Sha256>;
 
 /// The `gh=` MAC of a dialog: HMAC-SHA-256 over Call-ID and the caller's tag, 96 bits in hex.
-pub(super) fn dialog_mac(key: &[u8; 32], call_id: &str, caller_tag: &str) -> String {
+pub fn dialog_mac(key: &[u8; 32], call_id: &str, caller_tag: &str) -> String {
     let Ok(mut mac) = HmacSha256::new_from_slice(key) else {
         unreachable!("HMAC takes keys of any length")
     };

@@ -400,6 +400,16 @@ impl Proxy {
             let to_tag = msg.tag(HeaderName::To).unwrap_or_default();
             if let Some(t) = self.tunnels.remove_dialog(&call_id, &from_tag, &to_tag) {
                 tracing::info!(identity = %t.identity, to = %t.to, "tunnel down (BYE)");
+            } else if self.cfg.shared_store {
+                // Not in our table: another gateway of the cluster set it up (the balancer
+                // brought its BYE here). Its row goes, and NOTIFY tells that gateway; either
+                // tag may be the caller's, one of the two deletes finds nothing.
+                for caller_tag in [from_tag, to_tag] {
+                    self.writes.push(super::persist::StoreWrite::DeleteTunnel {
+                        call_id: call_id.clone(),
+                        caller_tag,
+                    });
+                }
             }
         }
     }

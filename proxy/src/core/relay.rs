@@ -249,7 +249,9 @@ impl Proxy {
             }
         }
         // Loose routing: pop every leading Route entry that is ours (double Record-Route
-        // leaves two).
+        // leaves two) — by address, or by a `gh` MAC that verifies for this dialog: an entry
+        // another gateway of the cluster signed with the shared key, reaching us because the
+        // balancer failed the request over from that gateway (it may be dead).
         while let Some(first) = msg.list_values(HeaderName::Route).into_iter().next() {
             let na = NameAddr::parse(&first).ok_or(Reject::Malformed(
                 crate::sip::ParseError::Malformed(HeaderName::Route),
@@ -259,12 +261,15 @@ impl Proxy {
                     HeaderName::Route,
                 )));
             };
-            if !self.router.is_local_hostport(&u) {
+            let ours = self.router.is_local_hostport(&u);
+            let verified = u
+                .param("gh")
+                .filter(|_| u.user.is_none())
+                .and_then(|mac| SignedDialog::verify(&self.cfg.dialog_key, msg, mac));
+            if !ours && verified.is_none() {
                 break;
             }
-            if let Some(mac) = u.param("gh") {
-                signed = signed.or(SignedDialog::verify(&self.cfg.dialog_key, msg, mac));
-            }
+            signed = signed.or(verified);
             self.remove_route_element(msg, 0);
         }
         Ok(signed)

@@ -633,6 +633,46 @@ fn in_dialog_requests_follow_a_signed_route_only() {
     );
 }
 
+/// A Route entry another gateway of the cluster signed (its address, the shared key): the
+/// balancer brought the request here because that gateway died. It is ours to verify and pop;
+/// the BYE goes on to the endpoint and, the tunnel not being in this table, its row leaves the
+/// shared store. A peer's address with a wrong MAC is no dialog of the cluster's.
+#[test]
+fn a_cluster_peers_signed_route_is_followed() {
+    let mut cfg = config();
+    cfg.shared_store = true;
+    let mut h = Harness::new();
+    h.proxy = new_proxy(cfg);
+    let mac = super::admission::dialog_mac(&[7; 32], "call-1@partner.example", "ft1");
+    let peer = format!("Route: <sip:192.0.2.77:5060;lr;gh={mac}>\r\n");
+    let out = h.send(&in_dialog("BYE", &peer), caller_flow());
+    assert!(
+        out[0]
+            .first_line()
+            .starts_with("BYE sip:vpn@198.51.100.20:5060"),
+        "{out:?}"
+    );
+    assert!(!out[0].text.contains("Route:"), "{}", out[0].text);
+    assert!(
+        h.written
+            .iter()
+            .filter(|w| matches!(w, crate::store::StoreWrite::DeleteTunnel { .. }))
+            .count()
+            == 2,
+        "{:?}",
+        h.written
+    );
+    let forged = peer.replace("gh=", "gh=00");
+    let out = h.send(
+        &in_dialog("BYE", &forged).replace("indlgBYE", "forged"),
+        caller_flow(),
+    );
+    assert_eq!(
+        out[0].first_line(),
+        "SIP/2.0 481 Call/Transaction Does Not Exist"
+    );
+}
+
 #[test]
 fn ack_for_2xx_is_forwarded_statelessly_along_the_route() {
     let mut h = Harness::new();
