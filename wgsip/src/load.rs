@@ -283,8 +283,11 @@ From: <{f}>;tag={tag}\r\nTo: {to}\r\nCall-ID: {cid}\r\nCSeq: {cseq} {method}\r\n
             // The BYE's 200 ends the call.
             return Ok(false);
         }
-        if resp.cseq().seq != c.cseq {
-            return Ok(true); // a stale retransmission
+        if resp.cseq().seq != c.cseq || matches!(c.stage, Stage::Closing) {
+            // A stale retransmission, or a second final for an INVITE already answered 200
+            // (a balancer that failed the INVITE over to another gateway): the set-up is
+            // counted already.
+            return Ok(true);
         }
         match (&c.stage, status) {
             (Stage::Offered | Stage::First, 407) => {
