@@ -42,19 +42,6 @@ pg_ticks() {
 }
 
 echo alice-secret >"$work/password"
-for store in "$work/store.sqlite" "$pgurl"; do
-    echo alice-secret | "$gh" user add alice --aor sip:alice@partner.example --store "$store" >/dev/null
-done
-cat >"$work/policy.toml" <<'TOML'
-[[rule]]
-name = "partners"
-kind = "tunnel"
-callers = ["*@partner.example"]
-targets = ["sip:vpn@org.example"]
-pskmth = ["scram", "none"]
-prefixes = ["2001:db8:456::/48"]
-TOML
-
 # The answerer behind every gateway.
 sipp -sf "$repo/tests/sipp/uas.xml" -i 127.0.0.1 -p 5070 -nostdin -timeout 900 \
     -default_behaviors all,-abortunexp >"$work/uas.log" 2>&1 &
@@ -65,32 +52,8 @@ wait_udp 5070
 declare -A gw_pid
 gateway() {
     local n=$1 store=$2 ip="127.0.0.$((10 + $1))"
-    cat >"$work/gw$n.toml" <<TOML
-[sip]
-domains = ["org.example"]
-[[listen]]
-transport = "udp"
-address = "$ip:5066"
-[auth]
-store = "$store"
-mechanisms = ["SCRAM-SHA-256"]
-max_pending_per_source = 10000
-[cluster]
-balancers = ["127.0.0.10"]
-[tunnels]
-policy = "$work/policy.toml"
-internal_networks = ["127.0.0.0/8"]
-[rate_limit]
-# One load client on one address sends every set-up.
-enabled = false
-[limits]
-max_transactions = 500000
-[[route]]
-aor = "sip:vpn@org.example"
-target = "sip:vpn@127.0.0.1:5070"
-[log]
-level = "warn"
-TOML
+    sasl_gateway "$ip:5066" "$store" "[cluster]
+balancers = [\"127.0.0.10\"]" >"$work/gw$n.toml"
     "$gh" run --config "$work/gw$n.toml" >"$work/gw$n.log" 2>&1 &
     gw_pid[$n]=$!
     for _ in $(seq 100); do ss -lun | grep -q "$ip:5066 " && return 0; sleep 0.1; done

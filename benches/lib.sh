@@ -8,6 +8,50 @@ gh="$release/gatehouse"; load="$release/gatehouse-load"
 [ -x "$gh" ] && [ -x "$load" ] || (cd "$repo" && cargo build --release -p gatehouse-proxy -p wgsip --bins)
 tck=$(getconf CLK_TCK)
 
+# The SASL load set-up: alice in the store STORE (a file or a postgres:// URL), the tunnel
+# policy in $work/policy.toml, and on standard output a gateway configuration listening on
+# ADDRESS (UDP) with STORE, routing sip:vpn@org.example to the answerer at 127.0.0.1:5070 (inside:
+# the scram PSK may go to it), nobody trusted; EXTRA is appended.
+sasl_gateway() {
+    local address=$1 store=$2 extra=${3:-}
+    echo alice-secret | "$gh" user add alice --aor sip:alice@partner.example --store "$store" >/dev/null 2>&1 || true
+    cat >"$work/policy.toml" <<'TOML'
+[[rule]]
+name = "partners"
+kind = "tunnel"
+callers = ["*@partner.example"]
+targets = ["sip:vpn@org.example"]
+pskmth = ["scram", "none"]
+prefixes = ["2001:db8:456::/48"]
+TOML
+    cat <<TOML
+[sip]
+domains = ["org.example"]
+[[listen]]
+transport = "udp"
+address = "$address"
+[auth]
+store = "$store"
+mechanisms = ["SCRAM-SHA-256"]
+# One load client on one address runs every exchange (the default cap is 32 per source).
+max_pending_per_source = 10000
+[tunnels]
+policy = "$work/policy.toml"
+internal_networks = ["127.0.0.0/8"]
+[rate_limit]
+# One load client on one address sends every set-up.
+enabled = false
+[limits]
+max_transactions = 500000
+[[route]]
+aor = "sip:vpn@org.example"
+target = "sip:vpn@127.0.0.1:5070"
+[log]
+level = "warn"
+$extra
+TOML
+}
+
 # Waits (at most 10 s) until something is bound to UDP 127.0.0.1:PORT.
 wait_udp() {
     for _ in $(seq 100); do

@@ -21,41 +21,7 @@ answerer() {
 }
 
 # --- Gatehouse: SASL, nobody trusted, the answerer inside (the scram PSK may go to it).
-echo alice-secret | "$gh" user add alice --aor sip:alice@partner.example --store "$work/store.sqlite" >/dev/null
-cat >"$work/policy.toml" <<'TOML'
-[[rule]]
-name = "partners"
-kind = "tunnel"
-callers = ["*@partner.example"]
-targets = ["sip:vpn@org.example"]
-pskmth = ["scram", "none"]
-prefixes = ["2001:db8:456::/48"]
-TOML
-cat >"$work/gw.toml" <<TOML
-[sip]
-domains = ["org.example"]
-[[listen]]
-transport = "udp"
-address = "127.0.0.1:5066"
-[auth]
-store = "$work/store.sqlite"
-mechanisms = ["SCRAM-SHA-256"]
-# One load client on one address runs every exchange (the default cap is 32 per source).
-max_pending_per_source = 10000
-[tunnels]
-policy = "$work/policy.toml"
-internal_networks = ["127.0.0.0/8"]
-[rate_limit]
-# One load client on one address sends every set-up.
-enabled = false
-[limits]
-max_transactions = 500000
-[[route]]
-aor = "sip:vpn@org.example"
-target = "sip:vpn@127.0.0.1:5070"
-[log]
-level = "warn"
-TOML
+sasl_gateway 127.0.0.1:5066 "$work/store.sqlite" >"$work/gw.toml"
 "$gh" run --config "$work/gw.toml" >"$work/gw.log" 2>&1 &
 gw=$!
 answerer uas.xml
