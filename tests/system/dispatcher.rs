@@ -253,6 +253,40 @@ fn three_gateways_behind_kamailio_dispatcher_survive_kill_9() {
     );
     let on_dead = nodes[1].tunnels().unwrap();
 
+    // A user added through the first gateway's admin API authenticates at the third within a
+    // second (NOTIFY gatehouse_users), with set-ups sent to it directly.
+    let r = nodes[0]
+        .admin()
+        .request(
+            "POST",
+            "/api/v1/users",
+            Some(&serde_json::json!({
+                "username": "bob",
+                "password": "bob-secret",
+                "aors": ["sip:bob@partner.example"]
+            })),
+        )
+        .unwrap();
+    assert_eq!(r.status, 201, "{}", r.body);
+    let added = std::time::Instant::now();
+    let bob = LoadOptions {
+        gateway: nodes[2].sip,
+        username: "bob".into(),
+        password: "bob-secret".into(),
+        from: "sip:bob@partner.example".into(),
+        ..load(port, 1, 100)
+    };
+    while run(&bob).expect("load run").succeeded == 0 {
+        assert!(
+            added.elapsed() < Duration::from_secs(1),
+            "bob not known at the third gateway a second after"
+        );
+    }
+    eprintln!(
+        "a user added through one gateway's admin API authenticated at another after {:?}",
+        added.elapsed()
+    );
+
     // Failover: gateway 2 dies in the middle of a run.
     let before = nodes[1].successes().unwrap();
     let count = 300;
