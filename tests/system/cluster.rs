@@ -323,6 +323,75 @@ fn the_store_connects_to_postgres_over_verified_tls() {
     }
 }
 
+/// A notification lost while the gateway's listener was disconnected: a tunnel row deleted
+/// without `NOTIFY` (the trigger disabled for the statement) stays in the gateway's table until
+/// the listener connects again, which resynchronises the table with the database.
+#[test]
+fn a_reconnected_listener_resynchronises_the_tunnel_table() {
+    use crate::sasl::setup_on;
+    use gatehouse::flow::Transport;
+
+    let pg = Postgres::start();
+    let url = PathBuf::from(pg.url());
+    // The answerer on loopback is inside (the scram PSK may go to it).
+    let s = setup_on(
+        Some(&url),
+        "internal_networks = [\"127.0.0.0/8\"]\n[metrics]\nlisten = \"127.0.0.1:0\"\n",
+        |_| {},
+    );
+    let metrics = s.gw.metrics.unwrap();
+    let active = || {
+        crate::operations::http_get(metrics, "/metrics")
+            .1
+            .lines()
+            .find_map(|l| l.strip_prefix("gatehouse_tunnels_active "))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+    };
+    // One tunnel, held (no BYE), through the project's load client.
+    let report = wgsip::load::run(&wgsip::load::LoadOptions {
+        gateway: s.gw.addr(Transport::Udp),
+        local: "127.0.0.1:0".parse().unwrap(),
+        target: "sip:vpn@org.example".into(),
+        username: "alice".into(),
+        password: "alice-secret".into(),
+        from: "sip:alice@partner.example".into(),
+        rate: 10,
+        count: 1,
+        concurrency: 1,
+        timeout: Duration::from_secs(10),
+        progress: false,
+        hold: true,
+    })
+    .expect("load run");
+    assert_eq!(report.succeeded, 1, "{}", report.summary());
+    wait_until(|| established_in(&url) == 1, "the tunnel's row");
+    wait_until(|| active() == Some(1), "the tunnel in the gateway's table");
+    let created_unix = Store::open(&url).unwrap().tunnels().unwrap()[0].created_unix;
+    // Ended elsewhere, unannounced; the table keeps it (nothing told the gateway).
+    pg.sql(
+        "ALTER TABLE tunnels DISABLE TRIGGER tunnel_gone; DELETE FROM tunnels; \
+         ALTER TABLE tunnels ENABLE TRIGGER tunnel_gone;",
+    );
+    assert_eq!(active(), Some(1));
+    // A resynchronisation leaves tunnels younger than a second before its read alone (their
+    // rows may still be on the way): the condition is the tunnel's age, not a pause.
+    let unix = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs())
+    };
+    wait_until(
+        || unix() >= created_unix + 2,
+        "the tunnel older than the resynchronisation margin",
+    );
+    // The listener's connection breaks; it connects again and the gateway catches up.
+    let ended = pg.sql(
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE query LIKE 'LISTEN%'",
+    );
+    assert_eq!(ended.trim(), "1", "the gateway's listener");
+    wait_until(|| active() == Some(0), "the table resynchronised");
+}
+
 /// Established tunnels in the database, through a connection of the test's own.
 fn established_in(url: &Path) -> usize {
     Store::open(url)

@@ -202,6 +202,31 @@ impl Postgres {
         );
     }
 
+    /// Runs SQL through `psql` (as the `postgres` user); its output without headers.
+    pub fn sql(&self, statements: &str) -> String {
+        let port = self.port.to_string();
+        let out = as_postgres(
+            &self.bin,
+            "psql",
+            &[
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &port,
+                "-U",
+                "postgres",
+                "-d",
+                "postgres",
+                "-At",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-c",
+                statements,
+            ],
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
     /// `postgres://postgres@127.0.0.1:PORT/postgres`
     pub fn url(&self) -> String {
         format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)

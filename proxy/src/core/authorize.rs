@@ -434,6 +434,42 @@ impl Proxy {
         }
     }
 
+    /// Starts comparing the table with the shared store's tunnels (`keys`, read at Unix second
+    /// `read_unix`): the listener was disconnected, so some `TunnelGone` may have been missed.
+    /// The work is done in bounded steps by [`Proxy::maintain`].
+    pub fn resync_tunnels(
+        &mut self,
+        keys: std::collections::HashSet<(String, String)>,
+        read_unix: u64,
+    ) {
+        self.resync = Some(super::TunnelResync {
+            keys,
+            // A second's margin: `created_unix` is whole seconds.
+            before_unix: read_unix.saturating_sub(1),
+            cursor: None,
+        });
+    }
+
+    /// One bounded step of a resynchronisation in progress.
+    pub(super) fn resync_step(&mut self, budget: usize) {
+        let Some(r) = &mut self.resync else {
+            return;
+        };
+        let (removed, next) =
+            self.tunnels
+                .remove_absent(&r.keys, r.before_unix, r.cursor.as_deref(), budget);
+        if removed > 0 {
+            tracing::info!(
+                removed,
+                "tunnels ended by other gateways while notifications were lost"
+            );
+        }
+        match next {
+            Some(c) => r.cursor = Some(c),
+            None => self.resync = None,
+        }
+    }
+
     /// Tears down a tunnel another gateway of the cluster set up, from its stored record: the
     /// record joins this table and leaves it as [`Proxy::teardown`] ends it (which deletes the
     /// shared row).

@@ -211,6 +211,8 @@ pub struct Proxy {
     /// Where requests go and which addresses are the gateway's own.
     router: router::Router,
     ratelimit: ratelimit::RateLimit,
+    /// A comparison of the tunnel table with the shared store in progress.
+    resync: Option<TunnelResync>,
     /// Bans in force at the last [`Proxy::maintain`] (metrics).
     banned_sources: usize,
     /// A tunnel was established: the next write batch is durable (its transmits wait for it).
@@ -226,6 +228,14 @@ pub struct Proxy {
     /// Values already reported into `metrics` by `sync_metrics`.
     synced: HashMap<(&'static str, &'static str), u64>,
     pub stats: CoreStats,
+}
+
+/// The stored tunnels' keys a resynchronisation compares the table with, and how far it is.
+#[derive(Debug)]
+struct TunnelResync {
+    keys: std::collections::HashSet<(String, String)>,
+    before_unix: u64,
+    cursor: Option<String>,
 }
 
 /// Entries of the lockout table (each about 100 bytes).
@@ -278,6 +288,7 @@ impl Proxy {
             ),
             registrar: registrar::Registrar::new(cfg.registrar, clock, snapshot.bindings),
             ratelimit: ratelimit::RateLimit::new(cfg.rate_limit),
+            resync: None,
             banned_sources: 0,
             durable: false,
             stateless: stateless::StatelessCache::new(STATELESS_CAPACITY),
@@ -507,6 +518,7 @@ impl Proxy {
         self.ratelimit.sweep(now, 4096);
         self.banned_sources = self.ratelimit.banned(now);
         self.stateless.expire(now);
+        self.resync_step(4096);
         self.fwd.shrink();
         self.txl.shrink();
     }

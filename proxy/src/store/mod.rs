@@ -309,6 +309,12 @@ impl Store {
         Ok((rows, next))
     }
 
+    /// Every stored tunnel's (Call-ID, caller tag): what a gateway compares its table with
+    /// after it may have missed notifications.
+    pub fn tunnel_keys(&self) -> Result<Vec<(String, String)>, StoreError> {
+        each!(self, s => s.tunnel_keys())
+    }
+
     /// The stored tunnel of a Call-ID (whichever gateway set it up).
     pub fn tunnel(&self, call_id: &str) -> Result<Option<crate::tunnel::Tunnel>, StoreError> {
         let q = TunnelQuery {

@@ -113,8 +113,10 @@ const MIGRATIONS: &[&str] = &[
 /// What a notification on the shared database says (`PgStore::follow_changes`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Change {
-    /// A user or its AORs changed (or a notification may have been missed: after connecting).
+    /// A user or its AORs changed.
     Users,
+    /// The listener (re)connected: notifications may have been missed meanwhile.
+    Connected,
     /// A tunnel's row left the database: `(Call-ID, caller tag)`.
     TunnelGone(String, String),
     /// Another gateway authenticated someone, or failed to.
@@ -412,7 +414,7 @@ impl PgStore {
     /// connection of its own and calls `changed` at each notification (a user or its AORs
     /// changed, a tunnel row deleted, through any gateway or CLI of the cluster). It connects
     /// again after an outage (pausing a second between attempts), reports
-    /// [`Change::Users`] after each connection (a change may have been missed), and ends when
+    /// [`Change::Connected`] after each connection (a change may have been missed), and ends when
     /// `changed` returns false or `stop` is set (seen within a second).
     pub fn follow_changes(
         &self,
@@ -446,8 +448,8 @@ impl PgStore {
                         std::thread::sleep(round);
                         continue;
                     }
-                    // After a (re)connection a change may have been missed: refresh once.
-                    if !changed(Change::Users) {
+                    // After a (re)connection a change may have been missed: resynchronise.
+                    if !changed(Change::Connected) {
                         return;
                     }
                     loop {
@@ -826,6 +828,19 @@ impl PgStore {
 
     pub fn tunnels(&self) -> Result<Vec<crate::tunnel::Tunnel>, StoreError> {
         self.tunnel_rows(&TunnelQuery::default())
+    }
+
+    /// Every tunnel's (Call-ID, caller tag).
+    pub fn tunnel_keys(&self) -> Result<Vec<(String, String)>, StoreError> {
+        self.run(|| {
+            Ok(self
+                .client()?
+                .query("SELECT call_id, caller_tag FROM tunnels", &[])
+                .map_err(pg)?
+                .iter()
+                .map(|r| (r.get(0), r.get(1)))
+                .collect())
+        })
     }
 
     /// Tunnel rows in Call-ID order, from a cursor or of one Call-ID, at most `limit`.

@@ -549,6 +549,17 @@ impl SqliteStore {
         self.tunnel_rows(&TunnelQuery::default())
     }
 
+    /// Every tunnel's (Call-ID, caller tag).
+    pub fn tunnel_keys(&self) -> Result<Vec<(String, String)>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT call_id, caller_tag FROM tunnels")?;
+        let rows = stmt
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .collect::<Result<_, _>>()?;
+        Ok(rows)
+    }
+
     /// Tunnel rows in Call-ID order, from a cursor or of one Call-ID, at most `limit`.
     pub fn tunnel_rows(
         &self,

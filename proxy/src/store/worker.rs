@@ -55,6 +55,13 @@ pub enum StoreEvent {
     Credentials(Credentials),
     /// A tunnel's row left the shared database (another gateway ended it).
     TunnelGone { call_id: String, caller_tag: String },
+    /// Every stored tunnel's key, read at Unix second `read_unix` after this gateway's own
+    /// writes had landed: the loop forgets established tunnels older than that which are not
+    /// among them (ended elsewhere while notifications could not arrive).
+    TunnelKeys {
+        keys: std::collections::HashSet<(String, String)>,
+        read_unix: u64,
+    },
     /// Another gateway of the cluster authenticated `user` from `source`, or failed to.
     AuthOutcome {
         user: Option<String>,
@@ -69,6 +76,9 @@ enum Job {
         writes: Vec<StoreWrite>,
     },
     Refresh,
+    /// Tunnel rows may have left unannounced (the listener was disconnected): send the loop
+    /// the stored tunnels' keys once every queued write has landed.
+    Resync,
     /// No more writes: commit what is queued and end (sent by `close` and at drop; the
     /// channel may not disconnect, the PostgreSQL listener holds a sender too).
     Close,
@@ -122,6 +132,9 @@ impl StorageWorker {
             let loop_events = events.clone();
             pg.follow_changes(Arc::clone(&stop_listener), move |change| match change {
                 super::pg::Change::Users => jobs.send(Job::Refresh).is_ok(),
+                super::pg::Change::Connected => {
+                    jobs.send(Job::Refresh).is_ok() && jobs.send(Job::Resync).is_ok()
+                }
                 super::pg::Change::TunnelGone(call_id, caller_tag) => loop_events
                     .send(StoreEvent::TunnelGone {
                         call_id,
@@ -217,6 +230,8 @@ struct Worker {
     poll_failing: bool,
     /// `Job::Close` arrived.
     closing: bool,
+    /// A tunnel resynchronisation is due (`Job::Resync`).
+    resync: bool,
     /// How often the users generation is read.
     poll: Duration,
 }
@@ -246,6 +261,7 @@ impl Worker {
             acked: 0,
             poll_failing: false,
             closing: false,
+            resync: false,
         }
     }
 
@@ -256,6 +272,7 @@ impl Worker {
                 self.pending_seq = seq;
             }
             Job::Refresh => self.refresh = true,
+            Job::Resync => self.resync = true,
             Job::Close => self.closing = true,
         }
     }
@@ -296,6 +313,25 @@ impl Worker {
                 self.next_poll = now + self.poll;
                 self.poll_credentials();
             }
+            if self.resync && self.pending.is_empty() {
+                self.resync_tunnels();
+            }
+        }
+    }
+
+    /// Reads every stored tunnel's key for the loop (off it: the table may be large); retried
+    /// at the next turn while the store does not answer.
+    fn resync_tunnels(&mut self) {
+        let read_unix = super::unix_now().max(0) as u64;
+        match self.store.tunnel_keys() {
+            Ok(keys) => {
+                self.resync = false;
+                let _ = self.events.send(StoreEvent::TunnelKeys {
+                    keys: keys.into_iter().collect(),
+                    read_unix,
+                });
+            }
+            Err(e) => tracing::debug!(error = %e, "tunnel resynchronisation waits for the store"),
         }
     }
 

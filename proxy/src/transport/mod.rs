@@ -649,6 +649,9 @@ impl Driver {
                 call_id,
                 caller_tag,
             } => self.proxy.forget_tunnel(&call_id, &caller_tag),
+            StoreEvent::TunnelKeys { keys, read_unix } => {
+                self.proxy.resync_tunnels(keys, read_unix)
+            }
             StoreEvent::AuthOutcome {
                 user,
                 source,

@@ -459,6 +459,52 @@ impl TunnelTable {
         (out, next)
     }
 
+    /// One bounded step of a resynchronisation with the shared store: of at most `budget`
+    /// Call-IDs after `cursor`, removes (without a write) the established tunnels created
+    /// before `before_unix` whose key is not in `stored` — ended by another gateway while this
+    /// one could not hear about it. Returns how many went and where to go on (`None`: done).
+    /// Proposed tunnels, and tunnels younger than the read, are left alone: their rows may not
+    /// have been written when the keys were read.
+    pub fn remove_absent(
+        &mut self,
+        stored: &HashSet<(String, String)>,
+        before_unix: u64,
+        cursor: Option<&str>,
+        budget: usize,
+    ) -> (usize, Option<String>) {
+        let start = cursor.map_or(Bound::Unbounded, Bound::Excluded);
+        let mut visited = 0;
+        let mut last = None;
+        let mut absent: Vec<(String, String)> = Vec::new();
+        for (call_id, list) in self.map.range::<str, _>((start, Bound::Unbounded)) {
+            if visited == budget {
+                break;
+            }
+            visited += 1;
+            last = Some(call_id.to_string());
+            for r in list {
+                let key = (call_id.to_string(), r.caller_tag.to_string());
+                if r.state == TunnelState::Established
+                    && r.created_unix < before_unix
+                    && !stored.contains(&key)
+                {
+                    absent.push(key);
+                }
+            }
+        }
+        let removed = absent
+            .iter()
+            .filter(|(call_id, tag)| self.remove_ended_elsewhere(call_id, tag).is_some())
+            .count();
+        let more = last.as_deref().is_some_and(|l| {
+            self.map
+                .range::<str, _>((Bound::Excluded(l), Bound::Unbounded))
+                .next()
+                .is_some()
+        });
+        (removed, if more { last } else { None })
+    }
+
     /// The tunnel of a Call-ID (the admin API names tunnels by Call-ID).
     pub fn by_call_id(&self, call_id: &str) -> Option<Tunnel> {
         let r = self.map.get(call_id)?.first()?;
@@ -490,6 +536,49 @@ mod tests {
             caller: None,
             callee: None,
         }
+    }
+
+    /// After lost notifications: established tunnels older than the read whose rows are gone
+    /// leave, in bounded steps, without writes; proposals and younger tunnels stay.
+    #[test]
+    fn resynchronisation_removes_what_left_the_store() {
+        let mut t = TunnelTable::default();
+        for (id, state, created) in [
+            ("c1", TunnelState::Established, 100),
+            ("c2", TunnelState::Established, 100),
+            ("c3", TunnelState::Established, 100),
+            ("c4", TunnelState::Established, 100),
+            ("c5", TunnelState::Established, 100),
+            ("c6", TunnelState::Proposed, 100),
+            ("c7", TunnelState::Established, 200),
+        ] {
+            let mut x = tunnel(id, "a", "alice", "sip:vpn@org.example");
+            x.state = state;
+            x.created_unix = created;
+            t.load(x);
+        }
+        let stored: HashSet<(String, String)> = [("c1", "a"), ("c3", "a")]
+            .iter()
+            .map(|(c, g)| (c.to_string(), g.to_string()))
+            .collect();
+        let mut cursor = None;
+        let mut steps = Vec::new();
+        loop {
+            let (removed, next) = t.remove_absent(&stored, 150, cursor.as_deref(), 2);
+            steps.push(removed);
+            match next {
+                Some(c) => cursor = Some(c),
+                None => break,
+            }
+        }
+        assert_eq!(steps, [1, 1, 1, 0]);
+        let left: Vec<String> = t.iter().map(|x| x.call_id).collect();
+        assert_eq!(left, ["c1", "c3", "c6", "c7"]);
+        assert_eq!(t.counts("alice", "sip:vpn@org.example"), (4, 4, 4));
+        assert!(
+            t.take_dirty().is_empty(),
+            "nothing to write: the rows are gone"
+        );
     }
 
     /// The indexes agree with a scan after any sequence of inserts, replacements and removals.
