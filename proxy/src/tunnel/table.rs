@@ -473,14 +473,13 @@ impl TunnelTable {
         budget: usize,
     ) -> (usize, Option<String>) {
         let start = cursor.map_or(Bound::Unbounded, Bound::Excluded);
-        let mut visited = 0;
         let mut last = None;
         let mut absent: Vec<(String, String)> = Vec::new();
-        for (call_id, list) in self.map.range::<str, _>((start, Bound::Unbounded)) {
-            if visited == budget {
-                break;
-            }
-            visited += 1;
+        for (call_id, list) in self
+            .map
+            .range::<str, _>((start, Bound::Unbounded))
+            .take(budget)
+        {
             last = Some(call_id.to_string());
             for r in list {
                 let key = (call_id.to_string(), r.caller_tag.to_string());
