@@ -50,6 +50,8 @@ pub enum Reject {
     NotFound,
     #[error("in-dialog request for no dialog of this gateway")]
     NoDialog,
+    #[error("request cancelled before any branch")]
+    Terminated,
     #[error("request from a balancer whose client Via names no address")]
     NoClientVia,
     #[error("method not supported by the gateway itself")]
@@ -106,6 +108,7 @@ impl Reject {
             Reject::NotFound => (404, "Not Found", vec![]),
             Reject::NoDialog => (481, "Call/Transaction Does Not Exist", vec![]),
             Reject::NoClientVia => (400, "Missing Client Via From Balancer", vec![]),
+            Reject::Terminated => (487, "Request Terminated", vec![]),
             Reject::NotImplemented => (501, "Not Implemented", vec![]),
             Reject::Overloaded => (
                 503,

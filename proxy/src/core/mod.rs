@@ -606,7 +606,8 @@ impl Proxy {
             tracing::error!(remote = %flow.remote, "panic while handling a message contained; answered 500");
             if !looks_like_response(&bytes) && !starts_with_ack(&bytes) {
                 let (code, reason, _) = Reject::Internal.response();
-                if let Some(resp) = raw_response(&bytes, code, reason) {
+                let tag = self.new_tag();
+                if let Some(resp) = raw_response(&bytes, code, reason, &tag) {
                     self.txl.send_stateless(Destination::Flow(flow), resp);
                 }
             }
@@ -651,7 +652,8 @@ impl Proxy {
                 }
                 tracing::debug!(error = %e, remote = %flow.remote, "malformed request");
                 let (code, reason, _) = Reject::Malformed(e).response();
-                if let Some(resp) = raw_response(&bytes, code, reason) {
+                let tag = self.new_tag();
+                if let Some(resp) = raw_response(&bytes, code, reason, &tag) {
                     self.txl.send_stateless(Destination::Flow(flow), resp);
                 }
             }
@@ -1233,7 +1235,10 @@ fn looks_like_response(b: &[u8]) -> bool {
 
 /// A 400 for a request too broken to parse: copies the Via, From, To, Call-ID and CSeq
 /// lines it can find. `None` without a Via (nowhere to send it).
-fn raw_response(b: &[u8], code: u16, reason: &str) -> Option<Bytes> {
+/// A response to a request that could not be parsed, from its raw header lines: Via, From,
+/// To (given the gateway's `tag` when it has none, RFC 3261 8.2.6.2), Call-ID and CSeq as they
+/// came. `None` without a Via (nowhere to send it).
+fn raw_response(b: &[u8], code: u16, reason: &str, tag: &str) -> Option<Bytes> {
     let mut out = format!("SIP/2.0 {code} {reason}\r\n").into_bytes();
     let mut has_via = false;
     for line in b.split(|&c| c == b'\n').skip(1) {
@@ -1254,9 +1259,15 @@ fn raw_response(b: &[u8], code: u16, reason: &str) -> Option<Bytes> {
                 | HeaderName::CSeq
         ) {
             has_via |= name == HeaderName::Via;
+            let value = line[colon + 1..].trim_ascii();
             out.extend_from_slice(name.canonical().as_bytes());
             out.extend_from_slice(b": ");
-            out.extend_from_slice(line[colon + 1..].trim_ascii());
+            out.extend_from_slice(value);
+            let tagged = value.windows(5).any(|w| w.eq_ignore_ascii_case(b";tag="));
+            if name == HeaderName::To && !tagged {
+                out.extend_from_slice(b";tag=");
+                out.extend_from_slice(tag.as_bytes());
+            }
             out.extend_from_slice(b"\r\n");
         }
     }

@@ -162,13 +162,8 @@ impl Proxy {
             self.send_cancel(tx, now);
         }
         if no_branch && self.txl.server_awaits_final(invite_id) {
-            let tag = self.new_tag();
-            let resp = self
-                .fwd
-                .context(invite_id)
-                .map(|c| build_response(&c.request, 487, "Request Terminated", Some(&tag), &[]));
-            if let Some(resp) = resp {
-                self.finish(invite_id, 487, resp, now);
+            if let Some(request) = self.fwd.context(invite_id).map(|c| c.request.clone()) {
+                self.reply(invite_id, &request, Reject::Terminated, now);
             }
         }
     }

@@ -356,6 +356,12 @@ fn malformed_request_gets_400_naming_the_fault_and_malformed_response_is_dropped
         out[0].first_line(),
         "SIP/2.0 400 Bad Request (missing Call-ID)"
     );
+    // RFC 3261 8.2.6.2: the gateway's final responses carry a To tag, stateless ones too.
+    assert!(
+        out[0].text.contains("\r\nTo: <sip:vpn@org.example>;tag=gh"),
+        "{}",
+        out[0].text
+    );
     let out = h.send(
         &invite("vpn").replace("CSeq: 1 INVITE", "CSeq: x INVITE"),
         caller_flow(),
