@@ -248,8 +248,13 @@ fn init_logging(cfg: &Config) {
                     .with_writer(std::io::stderr),
             )
             .try_init(),
+        // Colour only for a person at a terminal: a journal or a file gets plain text.
         LogFormat::Human => registry
-            .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+                    .with_writer(std::io::stderr),
+            )
             .try_init(),
     };
     if result.is_ok() {
@@ -449,6 +454,15 @@ fn run(cfg: Config) -> anyhow::Result<()> {
         let bound = Bound::bind(&cfg).await?;
         for (t, a) in &bound.addrs {
             tracing::info!(transport = %t, address = %a, "listening");
+        }
+        if let Some(address) = bound.metrics.as_ref().and_then(|l| l.local_addr().ok()) {
+            tracing::info!(%address, "metrics listening (/metrics, /healthz, /readyz)");
+        }
+        if let (Some(address), Some(admin)) = (
+            bound.admin.as_ref().and_then(|l| l.local_addr().ok()),
+            cfg.admin.as_ref(),
+        ) {
+            tracing::info!(%address, tls = admin.tls, "admin API listening");
         }
         gatehouse::run(cfg, bound, shutdown_signal()).await?;
         Ok(())

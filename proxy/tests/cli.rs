@@ -362,7 +362,7 @@ fn sighup_reloads_a_valid_policy_and_keeps_the_old_one_on_errors() {
         &config,
         format!(
             "[sip]\ndomains = [\"org.example\"]\n[[listen]]\ntransport = \"udp\"\naddress = \"{gw}\"\n[trust]\nsources = [\"127.0.0.0/8\"]\n\
-[tunnels]\npolicy = \"{}\"\n[[route]]\ndomain = \"org.example\"\ntarget = \"sip:{target}\"\n",
+[tunnels]\npolicy = \"{}\"\n[metrics]\nlisten = \"127.0.0.1:0\"\n[[route]]\ndomain = \"org.example\"\ntarget = \"sip:{target}\"\n",
             policy.display()
         ),
     )
@@ -371,6 +371,7 @@ fn sighup_reloads_a_valid_policy_and_keeps_the_old_one_on_errors() {
     let child = bin()
         .args(["run", "--config"])
         .arg(&config)
+        .stdout(Stdio::null())
         .stderr(std::fs::File::create(&log).expect("log"))
         .spawn()
         .expect("start");
@@ -416,6 +417,16 @@ fn sighup_reloads_a_valid_policy_and_keeps_the_old_one_on_errors() {
     assert!(
         text.contains("policy.toml:2"),
         "the error names the line: {text}"
+    );
+    // A log file gets no colour codes, and names every listener (issue 12, item 4).
+    assert!(
+        !text.contains('\u{1b}'),
+        "no ANSI escapes in a file: {text}"
+    );
+    assert!(
+        text.contains(&format!("listening transport=UDP address={gw}"))
+            && text.contains("metrics listening (/metrics, /healthz, /readyz) address=127.0.0.1:"),
+        "{text}"
     );
 
     // The configuration itself: a new domain and route take effect on SIGHUP ...
