@@ -307,6 +307,19 @@ impl Metrics {
             ready: Arc::new(AtomicBool::new(false)),
             registry: r,
         };
+        // What runs: constant 1, the version and commit as labels (Prometheus convention).
+        let build = prometheus::IntGaugeVec::new(
+            Opts::new(
+                "gatehouse_build_info",
+                "The gateway's version and commit (always 1)",
+            ),
+            &["version", "commit"],
+        )
+        .expect("valid metric");
+        build
+            .with_label_values(&[env!("CARGO_PKG_VERSION"), env!("GATEHOUSE_COMMIT")])
+            .set(1);
+        let _ = m.registry.register(Box::new(build));
         #[cfg(target_os = "linux")]
         {
             let pc = prometheus::process_collector::ProcessCollector::for_self();
@@ -421,4 +434,27 @@ pub async fn serve(listener: tokio::net::TcpListener, metrics: Arc<Metrics>) {
 /// Binds the metrics listener.
 pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
     tokio::net::TcpListener::bind(addr).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `gatehouse_build_info` names the version and the commit built (issue 12, item 10).
+    #[test]
+    fn build_info_names_version_and_commit() {
+        let text = Metrics::new().render();
+        let commit = env!("GATEHOUSE_COMMIT");
+        assert!(
+            text.contains(&format!(
+                "gatehouse_build_info{{commit=\"{commit}\",version=\"{}\"}} 1",
+                env!("CARGO_PKG_VERSION")
+            )),
+            "{text}"
+        );
+        assert!(
+            commit == "unknown" || commit.chars().all(|c| c.is_ascii_hexdigit()),
+            "{commit}"
+        );
+    }
 }
