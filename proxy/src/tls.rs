@@ -16,6 +16,28 @@ pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
+/// The trust anchors of a PEM file (refused when it holds none).
+pub fn roots_from_pem_file(path: &std::path::Path) -> io::Result<rustls::RootCertStore> {
+    let bad = |e: &dyn std::fmt::Display| invalid(format!("{}: {e}", path.display()));
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(path).map_err(|e| bad(&e))? {
+        roots.add(c.map_err(|e| bad(&e))?).map_err(|e| bad(&e))?;
+    }
+    if roots.is_empty() {
+        return Err(bad(&"no certificate"));
+    }
+    Ok(roots)
+}
+
+/// A client configuration that verifies servers against `roots`.
+pub fn client_config(roots: rustls::RootCertStore) -> io::Result<rustls::ClientConfig> {
+    Ok(rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| invalid(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth())
+}
+
 /// TLS configuration for both directions, built once at start.
 #[derive(Clone, Default)]
 pub struct TlsContext {
@@ -54,16 +76,8 @@ impl TlsContext {
             Some(ca) => {
                 // Client certificates are optional (SCRAM callers have none) but, when
                 // presented, verified: their identity is what EXTERNAL authenticates.
-                let mut roots = rustls::RootCertStore::empty();
-                for c in CertificateDer::pem_file_iter(ca)
-                    .map_err(|e| invalid(format!("{}: {e}", ca.display())))?
-                {
-                    roots
-                        .add(c.map_err(|e| invalid(format!("{}: {e}", ca.display())))?)
-                        .map_err(|e| invalid(format!("{}: {e}", ca.display())))?;
-                }
                 let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
-                    Arc::new(roots),
+                    Arc::new(roots_from_pem_file(ca)?),
                     provider(),
                 )
                 .allow_unauthenticated()
@@ -78,20 +92,7 @@ impl TlsContext {
         let connector = match &files.ca {
             None => None,
             Some(ca) => {
-                let mut roots = rustls::RootCertStore::empty();
-                for c in CertificateDer::pem_file_iter(ca)
-                    .map_err(|e| invalid(format!("{}: {e}", ca.display())))?
-                {
-                    let c = c.map_err(|e| invalid(format!("{}: {e}", ca.display())))?;
-                    roots
-                        .add(c)
-                        .map_err(|e| invalid(format!("{}: {e}", ca.display())))?;
-                }
-                let client = rustls::ClientConfig::builder_with_provider(provider())
-                    .with_safe_default_protocol_versions()
-                    .map_err(|e| invalid(e.to_string()))?
-                    .with_root_certificates(roots)
-                    .with_no_client_auth();
+                let client = client_config(roots_from_pem_file(ca)?)?;
                 Some(TlsConnector::from(Arc::new(client)))
             }
         };

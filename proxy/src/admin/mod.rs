@@ -131,6 +131,9 @@ struct Session {
 pub struct AdminState {
     sasl: Mutex<SaslServer>,
     store: Mutex<Store>,
+    /// The store is a cluster's (PostgreSQL): known once, so no request locks the store (a
+    /// blocking task may hold it for a database round trip) just to ask.
+    shared: bool,
     sessions: Mutex<HashMap<String, Session>>,
     idle: Duration,
     commands: mpsc::Sender<Command>,
@@ -169,6 +172,7 @@ impl AdminState {
                 // The admin API is the I/O side: its seed comes from the operating system.
                 seed: Secret::new(rand::random()),
             })),
+            shared: store.is_shared(),
             store: Mutex::new(store),
             sessions: Mutex::new(HashMap::new()),
             idle,
@@ -419,9 +423,7 @@ async fn handle(
                 Err(e) => reply(StatusCode::BAD_REQUEST, json!({ "error": e }), &[]),
                 Ok(page) => {
                     let limit = page.limit;
-                    let cluster = page
-                        .cluster
-                        .unwrap_or_else(|| lock(&state.store).is_shared());
+                    let cluster = page.cluster.unwrap_or(state.shared);
                     let listing = if *list == "tunnels" && cluster {
                         stored_tunnels(&state, page).await
                     } else if *list == "tunnels" {
@@ -454,7 +456,7 @@ async fn handle(
             let mut outcome = ask(&state, |tx| Command::Teardown((*id).to_owned(), tx)).await;
             // Not in this gateway's table: another gateway of the cluster (alive or not) set
             // it up; its record in the shared database is enough to end it from here.
-            if matches!(outcome, Some(Err(_))) && lock(&state.store).is_shared() {
+            if matches!(outcome, Some(Err(_))) && state.shared {
                 let st = Arc::clone(&state);
                 let call_id = (*id).to_owned();
                 let stored = tokio::task::spawn_blocking(move || lock(&st.store).tunnel(&call_id))

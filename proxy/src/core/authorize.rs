@@ -423,9 +423,6 @@ fn sanitize(msg: &mut Message) {
 }
 
 impl Proxy {
-    /// Ends a tunnel from the gateway (admin API): BYE to both parties, as each would have
-    /// received it from the other, then the table entry goes. The endpoint removes its
-    /// WireGuard peer on that BYE.
     /// Another gateway of the cluster ended this tunnel (its row left the shared database):
     /// drop it from the table, without a write of our own.
     pub fn forget_tunnel(&mut self, call_id: &str, caller_tag: &str) {
@@ -481,6 +478,9 @@ impl Proxy {
         self.teardown(&call_id, now)
     }
 
+    /// Ends a tunnel from the gateway (admin API): BYE to both parties, as each would have
+    /// received it from the other, then the table entry goes. The endpoint removes its
+    /// WireGuard peer on that BYE.
     pub fn teardown(&mut self, call_id: &str, now: Instant) -> Result<(), String> {
         let t = self.tunnels.by_call_id(call_id).ok_or("no such tunnel")?;
         let (Some(caller), Some(callee)) = (&t.caller, &t.callee) else {

@@ -605,11 +605,7 @@ impl Proxy {
             self.stats.internal_errors += 1;
             tracing::error!(remote = %flow.remote, "panic while handling a message contained; answered 500");
             if !looks_like_response(&bytes) && !starts_with_ack(&bytes) {
-                let (code, reason, _) = Reject::Internal.response();
-                let tag = self.new_tag();
-                if let Some(resp) = raw_response(&bytes, code, reason, &tag) {
-                    self.txl.send_stateless(Destination::Flow(flow), resp);
-                }
+                self.answer_unparsed(&bytes, Reject::Internal, flow);
             }
         }
     }
@@ -651,12 +647,17 @@ impl Proxy {
                     return;
                 }
                 tracing::debug!(error = %e, remote = %flow.remote, "malformed request");
-                let (code, reason, _) = Reject::Malformed(e).response();
-                let tag = self.new_tag();
-                if let Some(resp) = raw_response(&bytes, code, reason, &tag) {
-                    self.txl.send_stateless(Destination::Flow(flow), resp);
-                }
+                self.answer_unparsed(&bytes, Reject::Malformed(e), flow);
             }
+        }
+    }
+
+    /// Answers a request that could not be handled as a message, from its raw lines.
+    fn answer_unparsed(&mut self, bytes: &[u8], reject: Reject, flow: Flow) {
+        let (code, reason, _) = reject.response();
+        let tag = self.new_tag();
+        if let Some(resp) = raw_response(bytes, code, reason, &tag) {
+            self.txl.send_stateless(Destination::Flow(flow), resp);
         }
     }
 
@@ -1175,21 +1176,31 @@ fn annotate_via(msg: &mut Message, flow: &Flow) {
 /// is an address literal. A request with the balancer's Via only is the balancer's own (its
 /// OPTIONS probes). `None` when the client's Via names no address.
 fn balancer_client(msg: &Message, balancer: IpAddr) -> Option<IpAddr> {
-    let vias = msg.list_values(HeaderName::Via);
-    let Some(client) = vias.get(1) else {
-        return Some(canonical_ip(balancer));
-    };
-    let via = Via::parse(client)?;
     let literal = |s: &str| {
         s.trim_start_matches('[')
             .trim_end_matches(']')
             .parse::<IpAddr>()
             .ok()
     };
-    via.param("received")
-        .and_then(literal)
-        .or_else(|| literal(via.host))
-        .map(canonical_ip)
+    let client = |v: &str| {
+        let via = Via::parse(v)?;
+        via.param("received")
+            .and_then(literal)
+            .or_else(|| literal(via.host))
+            .map(canonical_ip)
+    };
+    // The second element of the Via list, read where it stands (no copy of the list).
+    let mut seen = 0;
+    for (idx, _) in msg.fields(HeaderName::Via) {
+        let value = msg.value(idx);
+        for v in split_list(&value) {
+            seen += 1;
+            if seen == 2 {
+                return client(v);
+            }
+        }
+    }
+    Some(canonical_ip(balancer))
 }
 
 /// Where responses to a request go (18.2.2): the flow itself for reliable transports and
@@ -1233,8 +1244,6 @@ fn looks_like_response(b: &[u8]) -> bool {
     b[start..].len() >= 4 && b[start..start + 4].eq_ignore_ascii_case(b"SIP/")
 }
 
-/// A 400 for a request too broken to parse: copies the Via, From, To, Call-ID and CSeq
-/// lines it can find. `None` without a Via (nowhere to send it).
 /// A response to a request that could not be parsed, from its raw header lines: Via, From,
 /// To (given the gateway's `tag` when it has none, RFC 3261 8.2.6.2), Call-ID and CSeq as they
 /// came. `None` without a Via (nowhere to send it).

@@ -297,26 +297,9 @@ impl Tls {
         match (mode.as_deref(), root) {
             (None | Some("disable"), None) => Ok((url, Tls::Plain)),
             (Some("require" | "verify-ca" | "verify-full"), Some(root)) => {
-                let pem = std::fs::read(&root)
-                    .map_err(|e| invalid(format!("sslrootcert {root}: {e}")))?;
-                let mut roots = rustls::RootCertStore::empty();
-                use rustls_pki_types::pem::PemObject;
-                for cert in rustls_pki_types::CertificateDer::pem_slice_iter(&pem) {
-                    let cert = cert.map_err(|e| invalid(format!("sslrootcert {root}: {e}")))?;
-                    roots
-                        .add(cert)
-                        .map_err(|e| invalid(format!("sslrootcert {root}: {e}")))?;
-                }
-                if roots.is_empty() {
-                    return Err(invalid(format!("sslrootcert {root}: no certificate")));
-                }
-                let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
-                    rustls::crypto::ring::default_provider(),
-                ))
-                .with_safe_default_protocol_versions()
-                .map_err(|e| invalid(format!("TLS: {e}")))?
-                .with_root_certificates(roots)
-                .with_no_client_auth();
+                let config = crate::tls::roots_from_pem_file(std::path::Path::new(&root))
+                    .and_then(crate::tls::client_config)
+                    .map_err(|e| invalid(format!("sslrootcert {e}")))?;
                 // rust-postgres then insists on TLS (it knows no verify-* modes).
                 let url = format!("{url}{}sslmode=require", if url.contains('?') { "&" } else { "?" });
                 Ok((url, Tls::Rustls(MakeRustlsConnect::new(config))))
