@@ -75,6 +75,7 @@ pub fn config() -> CoreConfig {
         rate_limit: Default::default(),
         hide_topology: false,
         balancers: Vec::new(),
+        peer_uri: None,
         shared_store: false,
         seed: [4; 32],
     }

@@ -70,6 +70,7 @@ pub fn core_config(
         routes: cfg.routes.clone(),
         trusted: cfg.trusted.clone(),
         balancers: cfg.balancers.clone(),
+        peer_uri: cfg.peer_uri.clone(),
         shared_store: store.is_shared(),
         limits: cfg.limits,
         max_transactions: cfg.max_transactions,

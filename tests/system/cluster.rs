@@ -78,6 +78,7 @@ fn store_behaviour(s: &mut Store) {
         instance: Some("<urn:uuid:1>".into()),
         identity: "vpn".into(),
         reg_id: Some(1),
+        holder: Some("sip:192.0.2.11:5060".into()),
     };
     s.apply(&[
         StoreWrite::SaveBinding(binding("sip:a@192.0.2.7", 2000)),
@@ -93,6 +94,19 @@ fn store_behaviour(s: &mut Store) {
     .unwrap();
     let snap = s.snapshot(1000).unwrap();
     assert_eq!(snap.bindings, vec![binding("sip:a@192.0.2.7", 3000)]);
+    // One AOR's bindings, as a gateway reloads them when another announces a change.
+    assert_eq!(
+        s.bindings_of("sip:vpn@org.example", 1000).unwrap(),
+        vec![binding("sip:a@192.0.2.7", 3000)]
+    );
+    assert!(s
+        .bindings_of("sip:vpn@org.example", 3000)
+        .unwrap()
+        .is_empty());
+    assert!(s
+        .bindings_of("sip:other@org.example", 1000)
+        .unwrap()
+        .is_empty());
     assert_eq!(snap.tunnels, vec![tunnel("t1")]);
     assert_eq!(snap.credentials.len(), 1);
     s.apply(&[StoreWrite::RemoveBinding {

@@ -134,6 +134,7 @@ fn a_journal_left_behind_is_applied_at_start() {
         instance: None,
         identity: "vpn".into(),
         reg_id: None,
+        holder: None,
     };
     let mut j = journal::Journal::new(journal::path_for(&path));
     j.append(&[

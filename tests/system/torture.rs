@@ -159,6 +159,7 @@ fn proxy() -> Proxy {
         rate_limit: Default::default(),
         hide_topology: false,
         balancers: Vec::new(),
+        peer_uri: None,
         shared_store: false,
         seed: [6; 32],
     })

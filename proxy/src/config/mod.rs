@@ -92,6 +92,7 @@ impl Default for RawRateLimit {
 struct RawCluster {
     #[serde(default)]
     balancers: Vec<Spanned<String>>,
+    peer_uri: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -456,6 +457,9 @@ pub struct Config {
     /// SIP load balancers in front of this gateway (`[cluster] balancers`): requests they
     /// relay are attributed to the client their Via names.
     pub balancers: Vec<ipnet::IpNet>,
+    /// How the other gateways of a cluster reach this one (`[cluster] peer_uri`, a
+    /// `sip:address:port` URI): stored with the bindings whose flows this gateway holds.
+    pub peer_uri: Option<String>,
     pub routes: RouteTable,
     pub log_level: String,
     pub log_format: LogFormat,
@@ -687,6 +691,33 @@ impl Config {
                 ));
             }
         }
+        let peer_uri = match &raw.cluster.peer_uri {
+            None => None,
+            Some(p) => {
+                let text = p.get_ref();
+                let ok = Uri::parse(text).ok().filter(|u| {
+                    matches!(u.scheme, Scheme::Sip | Scheme::Sips)
+                        && u.user.is_none()
+                        && u.host
+                            .trim_start_matches('[')
+                            .trim_end_matches(']')
+                            .parse::<std::net::IpAddr>()
+                            .is_ok()
+                });
+                // Announced in the database's `application_name` (63 bytes, with a prefix).
+                if ok.is_none() || text.len() > 50 {
+                    return Err(cx.err(
+                        p.span(),
+                        "cluster.peer_uri",
+                        format!(
+                            "`{text}` is not a SIP URI of an address and port without a user \
+                             part (at most 50 characters), e.g. sip:10.0.0.11:5060"
+                        ),
+                    ));
+                }
+                Some(text.clone())
+            }
+        };
         let mut routes = RouteTable::default();
         for (i, r) in raw.route.iter().enumerate() {
             let target_text = r.target.get_ref();
@@ -981,6 +1012,7 @@ impl Config {
             rate_limit,
             hide_topology: raw.topology.hide,
             balancers,
+            peer_uri,
             trusted,
             routes,
             log_level: level,
@@ -1074,6 +1106,24 @@ mod tests {
             ok.balancers,
             vec!["192.0.2.9/32".parse::<ipnet::IpNet>().unwrap()]
         );
+        // The peer URI is an address other gateways can reach, not a name or an AOR.
+        for bad in [
+            "sip:gw1.example:5060",
+            "sip:alice@10.0.0.1",
+            "http://10.0.0.1",
+        ] {
+            let e = Config::parse(&format!("{base}[cluster]\npeer_uri = \"{bad}\"\n"), "t")
+                .unwrap_err();
+            assert_eq!((e.line, e.key.as_str()), (7, "cluster.peer_uri"), "{e}");
+        }
+        for good in [
+            "sip:10.0.0.11:5060",
+            "sip:[2001:db8::11]:5060;transport=tcp",
+        ] {
+            let ok =
+                Config::parse(&format!("{base}[cluster]\npeer_uri = \"{good}\"\n"), "t").unwrap();
+            assert_eq!(ok.peer_uri.as_deref(), Some(good));
+        }
         let e = Config::parse(
             &format!("{base}[[route]]\naor = \"sip:a@org.example\"\ntarget = \"mailto:x\"\n"),
             "t",

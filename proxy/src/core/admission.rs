@@ -6,7 +6,10 @@
 //!   exchange whose identity may present the From AOR) together with the policy's `Permit`
 //!   (which only `Policy::decide` makes), or
 //! - a [`SignedDialog`]: an in-dialog request whose Route names this gateway with a valid
-//!   dialog MAC (which only this gateway's key makes).
+//!   dialog MAC (which only this gateway's key makes), or
+//! - a [`PeerFlow`]: a request another gateway of the cluster admitted and sends through
+//!   this one because this one holds the flow of the binding it targets; its Route names the
+//!   flow with a MAC over the request's dialog identifiers that only the cluster's key makes.
 //!
 //! Nothing outside this module can build an `Admission` or a `SignedDialog` except through the
 //! checks here, so "relay without authentication, policy or a signed dialog" does not compile.
@@ -119,6 +122,82 @@ impl SignedDialog {
     }
 }
 
+/// Proof that an out-of-dialog request comes from a gateway of the cluster, for a binding
+/// whose flow this gateway holds: the flow (`gf=transport:address` in the Route entry naming
+/// this gateway) is signed (`gm=`) with the cluster's key over the request's Call-ID and From
+/// tag, so the entry cannot be forged nor moved to another request.
+#[derive(Debug)]
+pub struct PeerFlow {
+    dest: crate::flow::Destination,
+}
+
+/// The `gm=` MAC of a flow token for a request: HMAC-SHA-256 over a label, the Call-ID, the
+/// From tag and the token, 96 bits in hex.
+pub fn flow_mac(key: &[u8; 32], call_id: &str, from_tag: &str, token: &str) -> String {
+    let Ok(mut mac) = HmacSha256::new_from_slice(key) else {
+        unreachable!("HMAC takes keys of any length")
+    };
+    mac.update(b"gatehouse flow\0");
+    mac.update(call_id.as_bytes());
+    mac.update(b"\0");
+    mac.update(from_tag.as_bytes());
+    mac.update(b"\0");
+    mac.update(token.as_bytes());
+    let out = mac.finalize().into_bytes();
+    out[..12].iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The flow token of a destination: `udp:192.0.2.7:5060` (`None` for a name).
+pub fn flow_token(dest: &crate::flow::Destination) -> Option<String> {
+    match dest {
+        crate::flow::Destination::Addr {
+            transport, addr, ..
+        } => Some(format!(
+            "{}:{addr}",
+            transport.to_string().to_ascii_lowercase()
+        )),
+        crate::flow::Destination::Flow(f) => Some(format!(
+            "{}:{}",
+            f.transport.to_string().to_ascii_lowercase(),
+            f.remote
+        )),
+        crate::flow::Destination::Name { .. } => None,
+    }
+}
+
+impl PeerFlow {
+    /// Checks a Route entry's flow `token` and `presented` MAC against the request.
+    pub(super) fn verify(
+        key: &[u8; 32],
+        msg: &Message,
+        token: &str,
+        presented: &str,
+    ) -> Option<PeerFlow> {
+        let expected = flow_mac(
+            key,
+            &msg.call_id(),
+            &msg.tag(HeaderName::From).unwrap_or_default(),
+            token,
+        );
+        if !gatehouse_auth::scram::constant_time_eq(expected.as_bytes(), presented.as_bytes()) {
+            return None;
+        }
+        let (transport, addr) = token.split_once(':')?;
+        Some(PeerFlow {
+            dest: crate::flow::Destination::Addr {
+                transport: crate::flow::Transport::from_token(transport)?,
+                addr: addr.parse().ok()?,
+                server_name: None,
+            },
+        })
+    }
+
+    /// The flow to send the request on.
+    pub fn destination(&self) -> crate::flow::Destination {
+        self.dest.clone()
+    }
+}
+
 /// What entitles a request to be relayed; `Proxy::relay` consumes one.
 #[derive(Debug)]
 pub enum Clearance {
@@ -129,6 +208,8 @@ pub enum Clearance {
     },
     /// In a dialog this gateway signed.
     InDialog(SignedDialog),
+    /// Sent by another gateway of the cluster to the flow this one holds.
+    Peer(PeerFlow),
 }
 
 impl Clearance {
@@ -136,7 +217,9 @@ impl Clearance {
     /// out of dialog; never in a dialog (its route set is fixed).
     pub(super) fn record_route(&self, method: Option<Method>) -> bool {
         match self {
-            Clearance::OutOfDialog { .. } => matches!(
+            // The holder of the flow stays in the dialog too: the device's in-dialog requests
+            // arrive on that flow.
+            Clearance::OutOfDialog { .. } | Clearance::Peer(_) => matches!(
                 method,
                 Some(Method::Invite | Method::Subscribe | Method::Refer | Method::Notify)
             ),
@@ -149,6 +232,7 @@ impl Clearance {
         match self {
             Clearance::OutOfDialog { admission, .. } => admission.identity(),
             Clearance::InDialog(_) => "dialog",
+            Clearance::Peer(_) => "cluster peer",
         }
     }
 }

@@ -218,7 +218,7 @@ impl Proxy {
         id: TxId,
         msg: &mut Message,
         plan: TunnelPlan,
-        targets: &[(String, Destination)],
+        targets: &[super::router::Target],
         flow: &Flow,
         now: Instant,
     ) -> Result<(), Reject> {
@@ -230,7 +230,7 @@ impl Proxy {
         } = plan;
         match &psk {
             Some(psk) => {
-                for (_, dest) in targets {
+                for dest in targets.iter().flat_map(|t| t.hops()) {
                     if !self.is_protected_inside(dest) {
                         tracing::error!(
                             "refusing to hand a PSK over an unprotected hop: make the target TLS or list its network in tunnels.internal_networks"
@@ -313,6 +313,28 @@ impl Proxy {
         }
     }
 
+    /// The Record-Route entries of a response above this gateway's own: the proxies between
+    /// the gateway and the callee that stay in the dialog, as a Route value (empty when the
+    /// callee is reached directly).
+    fn route_after_us(&self, resp: &Message) -> String {
+        let mut after = Vec::new();
+        for entry in resp.list_values(HeaderName::RecordRoute) {
+            let ours = NameAddr::parse(&entry)
+                .and_then(|na| {
+                    crate::sip::Uri::parse(na.uri)
+                        .ok()
+                        .map(|u| self.router.is_local_hostport(&u))
+                })
+                .unwrap_or(false);
+            if ours {
+                return after.join(", ");
+            }
+            after.push(entry);
+        }
+        // None of ours: not a response to a request this gateway record-routed.
+        String::new()
+    }
+
     /// The tunnel side of a response going back to the caller: answer rewrite, table update,
     /// and in every case no `psk` leaves.
     pub(super) fn tunnel_response(
@@ -366,8 +388,9 @@ impl Proxy {
                         addr,
                         aor: addr_spec(resp, HeaderName::To),
                         tag: callee_tag.clone().unwrap_or_default(),
-                        // Endpoints are reached directly (their flow or registered contact).
-                        route: String::new(),
+                        // The proxies after the gateway that stay in the dialog (the
+                        // gateway of the cluster holding the endpoint's flow), if any.
+                        route: self.route_after_us(resp),
                     }),
                     _ => None,
                 };

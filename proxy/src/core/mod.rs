@@ -63,7 +63,7 @@ use bytes::Bytes;
 use gatehouse_auth::{Authenticated, SaslServer, Secret, ServerSettings, TlsInfo};
 
 pub use crate::config::route::{RouteTable, Target};
-pub use admission::{Admission, AdmissionBasis, Clearance, SignedDialog};
+pub use admission::{Admission, AdmissionBasis, Clearance, PeerFlow, SignedDialog};
 pub use auth::Challenger;
 pub use error::{Fault, MediaFault, Reject};
 pub use registrar::{Binding, WallClock};
@@ -136,6 +136,10 @@ pub struct CoreConfig {
     /// Load balancers in front of the gateway (`[cluster] balancers`): what they relay is
     /// attributed to the client their Via names (rate limit, lockout, SASL exchanges).
     pub balancers: Vec<ipnet::IpNet>,
+    /// How the other gateways of a cluster reach this one (`[cluster] peer_uri`): bindings
+    /// whose flow this gateway holds are stored with it, and a binding another gateway holds
+    /// is reached through that gateway's.
+    pub peer_uri: Option<String>,
     /// The store is shared by a cluster: authentication outcomes leave as writes so that the
     /// other gateways' lockouts count them.
     pub shared_store: bool,
@@ -187,6 +191,8 @@ enum Admitted {
         admission: Admission,
         loop_hash: u32,
     },
+    /// From another gateway of the cluster, for a flow this one holds.
+    Peer { peer: PeerFlow, loop_hash: u32 },
 }
 
 /// What the gateway allows (OPTIONS answers).
@@ -286,7 +292,12 @@ impl Proxy {
                 cfg.locals.clone(),
                 cfg.routes.clone(),
             ),
-            registrar: registrar::Registrar::new(cfg.registrar, clock, snapshot.bindings),
+            registrar: registrar::Registrar::new(
+                cfg.registrar,
+                clock,
+                snapshot.bindings,
+                cfg.peer_uri.clone(),
+            ),
             ratelimit: ratelimit::RateLimit::new(cfg.rate_limit),
             resync: None,
             banned_sources: 0,
@@ -821,6 +832,11 @@ impl Proxy {
                 admission,
                 loop_hash,
             } => self.route_admitted(id, msg, flow, admission, loop_hash, now),
+            Admitted::Peer { peer, loop_hash } => {
+                let target = router::Target::direct(String::new(), peer.destination());
+                let clearance = Clearance::Peer(peer);
+                self.relay(id, msg, flow, vec![target], loop_hash, clearance, now)
+            }
         };
         if let Err(reject) = result {
             self.stats.rejected += 1;
@@ -875,7 +891,14 @@ impl Proxy {
             return Err(Reject::BadExtension(tags));
         }
 
-        // Stage 4: Route pre-processing and in-dialog requests.
+        // Stage 4: Route pre-processing and in-dialog requests. A request another gateway of
+        // the cluster admitted, for a flow this one holds, names the flow in its first Route.
+        if let Some(peer) = self.peer_route(msg)? {
+            if msg.tag(HeaderName::To).is_some() {
+                return Err(Reject::NoDialog);
+            }
+            return Ok(Some(Admitted::Peer { peer, loop_hash }));
+        }
         let signed_route = self.preprocess_routes(msg)?;
         self.reveal_request_uri(msg)?;
         if msg.tag(HeaderName::To).is_some() {
@@ -926,7 +949,7 @@ impl Proxy {
             id,
             msg,
             flow,
-            vec![(String::new(), dest)],
+            vec![router::Target::direct(String::new(), dest)],
             loop_hash,
             Clearance::InDialog(dialog),
             now,

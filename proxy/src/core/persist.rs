@@ -28,6 +28,11 @@ pub struct BindingRecord {
     /// RFC 5626 reg-id (absent in journals written before it existed).
     #[serde(default)]
     pub reg_id: Option<u32>,
+    /// The gateway holding the binding's flow, as its `[cluster] peer_uri`: requests for the
+    /// binding from another gateway of the cluster go through it (RFC 5626 edge proxy).
+    /// `None` when the gateway that accepted the REGISTER has no peer URI (one gateway alone).
+    #[serde(default)]
+    pub holder: Option<String>,
 }
 
 /// Users by name, as the SASL server looks them up (`CredentialSource`).

@@ -3,7 +3,7 @@
 //! the flow the REGISTER came on, with expiry, persisted in the store so that they survive a
 //! restart (RFC 3261 section 10.3, with the flow kept as RFC 5626 would).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::net::SocketAddr;
 use std::ops::Bound;
 use std::time::{Duration, Instant, SystemTime};
@@ -29,9 +29,17 @@ pub struct Binding {
     pub instance: Option<String>,
     /// RFC 5626 `reg-id`: which of the instance's flows this is.
     pub reg_id: Option<u32>,
+    /// The `[cluster] peer_uri` of the gateway holding the flow when it is another one: requests
+    /// for the binding go through that gateway (RFC 5626 edge proxy). `None`: this gateway
+    /// holds it (or the binding is reached directly).
+    pub holder: Option<Box<str>>,
+    /// When this gateway last accepted a REGISTER for it (a reload from the shared store does
+    /// not drop a binding refreshed here moments ago: its write may not have landed yet).
+    pub refreshed: Option<Instant>,
 }
 
 impl Binding {
+    /// The flow, as the gateway holding it sends on it.
     pub fn destination(&self) -> Destination {
         Destination::Addr {
             transport: self.transport,
@@ -40,6 +48,10 @@ impl Binding {
         }
     }
 }
+
+/// How long a binding refreshed here survives a reload from the shared store that does not
+/// show it yet (its own write is under way).
+const FRESH: Duration = Duration::from_secs(5);
 
 /// Live bindings by AOR key (`sip:user@host`), with an expiry index so that expired bindings
 /// leave in order (bounded work per tick) and a running count: no operation scans the table.
@@ -118,21 +130,23 @@ impl Bindings {
         }
     }
 
-    /// Removes one binding; true when it existed.
-    pub fn remove(&mut self, aor: &str, contact: &str) -> bool {
-        let Some(list) = self.by_aor.get_mut(aor) else {
-            return false;
-        };
-        let Some(i) = list.iter().position(|b| b.contact == contact) else {
-            return false;
-        };
+    /// Removes one binding, returning it.
+    pub fn remove(&mut self, aor: &str, contact: &str) -> Option<Binding> {
+        let list = self.by_aor.get_mut(aor)?;
+        let i = list.iter().position(|b| b.contact == contact)?;
         let b = list.remove(i);
         if list.is_empty() {
             self.by_aor.remove(aor);
         }
-        self.expiry.remove(&(b.expires, aor.to_owned(), b.contact));
+        self.expiry
+            .remove(&(b.expires, aor.to_owned(), b.contact.clone()));
         self.total -= 1;
-        true
+        Some(b)
+    }
+
+    /// The AORs held, in order (a resynchronisation compares them with the store's).
+    pub fn aors(&self) -> impl Iterator<Item = &String> {
+        self.by_aor.keys()
     }
 
     /// The live bindings of at most `limit` AORs after the AOR `after` (from the start when
@@ -177,9 +191,9 @@ impl Bindings {
         gone
     }
 
-    /// Removes at most `limit` bindings expired at `now`, earliest first; returns their
-    /// (AOR, contact) so that the store forgets them too.
-    pub fn sweep(&mut self, now: Instant, limit: usize) -> Vec<(String, String)> {
+    /// Removes at most `limit` bindings expired at `now`, earliest first; returns them with
+    /// their AOR so that the store forgets them too.
+    pub fn sweep(&mut self, now: Instant, limit: usize) -> Vec<(String, Binding)> {
         let mut gone = Vec::new();
         while gone.len() < limit {
             let Some((at, aor, contact)) = self.expiry.first().cloned() else {
@@ -188,8 +202,9 @@ impl Bindings {
             if at > now {
                 break;
             }
-            self.remove(&aor, &contact);
-            gone.push((aor, contact));
+            if let Some(b) = self.remove(&aor, &contact) {
+                gone.push((aor, b));
+            }
         }
         gone
     }
@@ -246,38 +261,143 @@ pub struct Registrar {
     bindings: Bindings,
     settings: RegistrarSettings,
     clock: WallClock,
+    /// This gateway's `[cluster] peer_uri`, stored with the bindings it holds.
+    own: Option<String>,
+    /// The peer URIs of the gateways connected to the shared store; `None` when unknown
+    /// (one gateway alone): every holder counts as live.
+    peers: Option<HashSet<String>>,
 }
 
 impl Registrar {
-    /// A registrar holding the persisted bindings of the start snapshot.
-    pub fn new(settings: RegistrarSettings, clock: WallClock, records: Vec<BindingRecord>) -> Self {
+    /// A registrar holding the persisted bindings of the start snapshot; `own` is this
+    /// gateway's `[cluster] peer_uri`.
+    pub fn new(
+        settings: RegistrarSettings,
+        clock: WallClock,
+        records: Vec<BindingRecord>,
+        own: Option<String>,
+    ) -> Self {
         let mut r = Registrar {
             bindings: Bindings::default(),
             settings,
             clock,
+            own,
+            peers: None,
         };
         for rec in records {
-            let (Some(transport), Ok(remote)) =
-                (Transport::from_token(&rec.transport), rec.remote.parse())
-            else {
-                continue;
-            };
-            let b = Binding {
-                contact: rec.contact,
-                transport,
-                remote,
-                expires: clock.instant(rec.expires_at),
-                instance: rec.instance,
-                reg_id: rec.reg_id,
-            };
-            // The store holds what this registrar accepted: over the limit only when the
-            // limit was lowered since, and then the surplus is simply not loaded.
-            let _ = r
-                .bindings
-                .upsert(&rec.aor, b, settings.max_bindings_per_aor);
+            r.load(rec);
         }
         tracing::info!(bindings = r.bindings.count(), "registrar bindings loaded");
         r
+    }
+
+    /// Takes a stored binding in, without a write.
+    fn load(&mut self, rec: BindingRecord) {
+        let (Some(transport), Ok(remote)) =
+            (Transport::from_token(&rec.transport), rec.remote.parse())
+        else {
+            return;
+        };
+        let holder = rec
+            .holder
+            .filter(|h| Some(h) != self.own.as_ref())
+            .map(String::into_boxed_str);
+        let b = Binding {
+            contact: rec.contact,
+            transport,
+            remote,
+            expires: self.clock.instant(rec.expires_at),
+            instance: rec.instance,
+            reg_id: rec.reg_id,
+            holder,
+            refreshed: None,
+        };
+        // The store holds what the registrars accepted: over the limit only when the limit
+        // was lowered since, and then the surplus is simply not loaded.
+        let _ = self
+            .bindings
+            .upsert(&rec.aor, b, self.settings.max_bindings_per_aor);
+    }
+
+    /// The bindings of `aor` as the shared store holds them now (another gateway changed
+    /// them): they replace the AOR's, except a binding this gateway refreshed less than
+    /// [`FRESH`] ago (its write may not have landed when the store was read).
+    pub fn replace(&mut self, aor: &str, records: Vec<BindingRecord>, now: Instant) {
+        let kept: Vec<Binding> = self
+            .bindings
+            .clear(aor)
+            .into_iter()
+            .filter(|b| b.refreshed.is_some_and(|at| now < at + FRESH))
+            .collect();
+        for rec in records {
+            self.load(rec);
+        }
+        for b in kept {
+            let _ = self
+                .bindings
+                .upsert(aor, b, self.settings.max_bindings_per_aor);
+        }
+    }
+
+    /// Every binding the shared store holds, by AOR (after the listener reconnected): AORs
+    /// it no longer has are cleared, the others replaced ([`Registrar::replace`]). One pass
+    /// over the registrations, after a reconnection only.
+    pub fn replace_all(&mut self, mut stored: BTreeMap<String, Vec<BindingRecord>>, now: Instant) {
+        let held: Vec<String> = self.bindings.aors().cloned().collect();
+        for aor in held {
+            let records = stored.remove(&aor).unwrap_or_default();
+            self.replace(&aor, records, now);
+        }
+        for (aor, records) in stored {
+            self.replace(&aor, records, now);
+        }
+    }
+
+    /// The gateways connected to the shared store now.
+    pub fn set_peers(&mut self, peers: HashSet<String>) {
+        self.peers = Some(peers);
+    }
+
+    /// Whether the gateway holding `b` (if another) is connected to the shared store.
+    fn holder_live(&self, b: &Binding) -> bool {
+        match (&b.holder, &self.peers) {
+            (Some(h), Some(peers)) => peers.contains(&**h),
+            _ => true,
+        }
+    }
+
+    /// The bindings a request for `aor` goes to: one flow per device (RFC 5626 section
+    /// 5.2: of an instance's flows, the one through this gateway, else the most recent one
+    /// through a live gateway, else the most recent), and every binding without an instance
+    /// except those through a gateway that is gone (unless nothing else is left).
+    pub fn targets(&self, aor: &str, now: Instant) -> Vec<Binding> {
+        let live = self.bindings.live(aor, now);
+        let mut chosen: Vec<Binding> = Vec::with_capacity(live.len());
+        let mut instances: Vec<&str> = Vec::new();
+        for b in &live {
+            match b.instance.as_deref() {
+                None => {
+                    if self.holder_live(b) {
+                        chosen.push(b.clone());
+                    }
+                }
+                Some(i) if !instances.contains(&i) => {
+                    instances.push(i);
+                    let flows = || live.iter().filter(|x| x.instance.as_deref() == Some(i));
+                    let pick = flows()
+                        .find(|x| x.holder.is_none())
+                        .or_else(|| flows().find(|x| self.holder_live(x)))
+                        .unwrap_or(b);
+                    chosen.push(pick.clone());
+                }
+                Some(_) => {}
+            }
+        }
+        if chosen.is_empty() {
+            // Only bindings through gone gateways: try them rather than refuse.
+            return live;
+        }
+        chosen
     }
 
     /// New limits (reload): bindings already held keep their expiry.
@@ -318,10 +438,16 @@ impl Registrar {
         n
     }
 
-    /// Forgets bindings that expired (at most `limit` per call), in the store too.
+    /// Forgets bindings that expired (at most `limit` per call), in the store too when this
+    /// gateway holds them (another's may have been refreshed meanwhile: its holder removes it).
     pub fn expire(&mut self, now: Instant, limit: usize, writes: &mut Vec<StoreWrite>) {
-        for (aor, contact) in self.bindings.sweep(now, limit) {
-            writes.push(StoreWrite::RemoveBinding { aor, contact });
+        for (aor, b) in self.bindings.sweep(now, limit) {
+            if b.holder.is_none() {
+                writes.push(StoreWrite::RemoveBinding {
+                    aor,
+                    contact: b.contact,
+                });
+            }
         }
     }
 
@@ -399,6 +525,8 @@ impl Registrar {
                 expires: now + Duration::from_secs(ch.expires.into()),
                 instance: ch.instance,
                 reg_id: ch.reg_id,
+                holder: None,
+                refreshed: Some(now),
             };
             let record = BindingRecord {
                 aor: aor.to_owned(),
@@ -409,6 +537,7 @@ impl Registrar {
                 instance: binding.instance.clone(),
                 identity: identity.to_owned(),
                 reg_id: binding.reg_id,
+                holder: self.own.clone(),
             };
             // `fits` said there is room: `Full` cannot happen here.
             if let Upsert::Stored { replaced } =
@@ -514,12 +643,36 @@ impl Proxy {
         self.registrar.clear(aor, &mut self.writes)
     }
 
-    /// Live bindings for a Request-URI's AOR.
+    /// The bindings a request for a Request-URI's AOR goes to ([`Registrar::targets`]).
     pub(super) fn bindings_for(&self, ruri: &str, now: Instant) -> Vec<Binding> {
         match aor_key(ruri) {
-            Some(aor) => self.registrar.live(&aor, now),
+            Some(aor) => self.registrar.targets(&aor, now),
             None => Vec::new(),
         }
+    }
+
+    /// Another gateway (or a CLI) changed these bindings in the shared store.
+    pub fn stored_bindings(&mut self, aor: &str, records: Vec<BindingRecord>, now: Instant) {
+        self.registrar.replace(aor, records, now);
+    }
+
+    /// Every stored binding, after the store's listener reconnected.
+    pub fn all_stored_bindings(
+        &mut self,
+        stored: BTreeMap<String, Vec<BindingRecord>>,
+        now: Instant,
+    ) {
+        self.registrar.replace_all(stored, now);
+        tracing::info!(
+            bindings = self.registrar.count(),
+            "registrar bindings resynchronised with the store"
+        );
+    }
+
+    /// The gateways connected to the shared store now (a binding through one that is gone is
+    /// passed over while its device has another flow).
+    pub fn set_live_peers(&mut self, peers: HashSet<String>) {
+        self.registrar.set_peers(peers);
     }
 }
 
@@ -537,6 +690,8 @@ mod tests {
             expires: at,
             instance: instance.map(str::to_owned),
             reg_id,
+            holder: None,
+            refreshed: None,
         }
     }
 
@@ -565,18 +720,18 @@ mod tests {
             "most recent first"
         );
         // Sweeping is bounded and goes earliest first.
-        assert_eq!(
-            b.sweep(t0 + s(35), 1),
-            vec![("sip:b@x".into(), "sip:4".into())]
-        );
-        assert_eq!(
-            b.sweep(t0 + s(35), 10),
-            vec![("sip:a@x".into(), "sip:1".into())]
-        );
+        let swept = |b: &mut Bindings, n| -> Vec<(String, String)> {
+            b.sweep(t0 + s(35), n)
+                .into_iter()
+                .map(|(aor, x)| (aor, x.contact))
+                .collect()
+        };
+        assert_eq!(swept(&mut b, 1), vec![("sip:b@x".into(), "sip:4".into())]);
+        assert_eq!(swept(&mut b, 10), vec![("sip:a@x".into(), "sip:1".into())]);
         assert_eq!(b.count(), 1);
         assert!(b.sweep(t0 + s(35), 10).is_empty());
-        assert!(b.remove("sip:a@x", "sip:2"));
-        assert!(!b.remove("sip:a@x", "sip:2"));
+        assert!(b.remove("sip:a@x", "sip:2").is_some());
+        assert!(b.remove("sip:a@x", "sip:2").is_none());
         assert_eq!((b.count(), b.expiry.len(), b.by_aor.len()), (0, 0, 0));
     }
 
@@ -675,7 +830,7 @@ Contact: {contacts}\r\nContent-Length: 0\r\n\r\n"
             local: "192.0.2.2:5060".parse().unwrap(),
             conn: None,
         };
-        let mut r = Registrar::new(settings(2), clock, Vec::new());
+        let mut r = Registrar::new(settings(2), clock, Vec::new(), None);
         let mut writes = Vec::new();
         let ok = r
             .register(

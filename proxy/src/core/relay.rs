@@ -10,6 +10,8 @@ use std::time::Instant;
 
 use std::net::SocketAddr;
 
+use super::admission::PeerFlow;
+use super::router::{PeerHop, Target};
 use super::{admission, authorize, Clearance, LocalAddr, Proxy, Reject, SignedDialog};
 use crate::config::route;
 use crate::flow::{Destination, Flow, Transport};
@@ -327,7 +329,7 @@ impl Proxy {
         id: TxId,
         msg: Message,
         flow: Flow,
-        targets: Vec<(String, Destination)>,
+        targets: Vec<Target>,
         loop_hash: u32,
         clearance: Clearance,
         now: Instant,
@@ -347,12 +349,16 @@ impl Proxy {
         }
         let last = targets.len().saturating_sub(1);
         let mut msg = Some(msg);
-        for (n, (ruri, dest)) in targets.into_iter().enumerate() {
+        for (n, target) in targets.into_iter().enumerate() {
+            let Target { ruri, dest, peer } = target;
             // The last branch takes the message itself; the others a copy.
             let mut branch_msg =
                 if n == last { msg.take() } else { msg.clone() }.ok_or(Reject::NotFound)?;
             if !ruri.is_empty() {
                 branch_msg.set_request_uri(&ruri);
+            }
+            if let Some(peer) = peer {
+                self.add_peer_route(&mut branch_msg, &peer)?;
             }
             if record_route {
                 self.add_record_route(&mut branch_msg, &flow, &dest);
@@ -381,6 +387,49 @@ impl Proxy {
             self.stats.forwarded += 1;
         }
         Ok(())
+    }
+
+    /// Names the gateway holding a binding's flow, and the flow, in a Route entry signed for
+    /// this request ([`admission::PeerFlow`]): that gateway sends the request on the flow.
+    fn add_peer_route(&self, msg: &mut Message, peer: &PeerHop) -> Result<(), Reject> {
+        let token = admission::flow_token(&peer.flow).ok_or(Reject::NotFound)?;
+        let mac = admission::flow_mac(
+            &self.cfg.dialog_key,
+            &msg.call_id(),
+            msg.tag(HeaderName::From).as_deref().unwrap_or(""),
+            &token,
+        );
+        let pos = msg.position_of(HeaderName::Route).unwrap_or(0);
+        msg.insert(
+            pos,
+            HeaderName::Route,
+            format!("<{};lr;gf={token};gm={mac}>", peer.uri),
+        );
+        Ok(())
+    }
+
+    /// A request another gateway of the cluster sent for a flow this one holds: the first
+    /// Route entry names this gateway with a flow token (`gf`); its MAC must verify, and it
+    /// leaves the route set. `None` when the request has no such entry.
+    pub(super) fn peer_route(&mut self, msg: &mut Message) -> Result<Option<PeerFlow>, Reject> {
+        let Some(first) = msg.list_values(HeaderName::Route).into_iter().next() else {
+            return Ok(None);
+        };
+        let bad_route = || Reject::Malformed(crate::sip::ParseError::Malformed(HeaderName::Route));
+        let na = NameAddr::parse(&first).ok_or_else(bad_route)?;
+        let uri = Uri::parse(na.uri).map_err(|_| bad_route())?;
+        let Some(token) = uri.param("gf") else {
+            return Ok(None);
+        };
+        if !self.router.is_local_hostport(&uri) {
+            return Ok(None);
+        }
+        let mac = uri.param("gm").unwrap_or_default();
+        let peer = PeerFlow::verify(&self.cfg.dialog_key, msg, token, mac).ok_or(
+            Reject::Forbidden("Forbidden (peer route not signed by this cluster)"),
+        )?;
+        self.remove_route_element(msg, 0);
+        Ok(Some(peer))
     }
 
     pub(super) fn add_via_and_forwarding_headers(

@@ -3,12 +3,67 @@
 //! routes; it says whether a URI names the gateway, which local address faces a
 //! destination, and where a request goes (registered bindings first, then a route).
 
-use crate::config::route::RouteTable;
-use crate::flow::{Destination, Flow};
+use crate::config::route::{self, RouteTable};
+use crate::flow::{Destination, Flow, Transport};
 use crate::sip::{Scheme, Uri, Via};
 
 use super::registrar::Binding;
 use super::{canonical_ip, LocalAddr, Reject};
+
+/// Where one branch of a request goes.
+#[derive(Debug, Clone)]
+pub struct Target {
+    /// The branch's Request-URI; empty keeps the request's.
+    pub ruri: String,
+    /// The next hop.
+    pub dest: Destination,
+    /// Set when the binding's flow is held by another gateway of the cluster: `dest` is that
+    /// gateway, and the branch carries a Route naming it and the flow (`Proxy::relay`).
+    pub peer: Option<PeerHop>,
+}
+
+/// A binding reached through the gateway that holds its flow (RFC 5626 edge proxy).
+#[derive(Debug, Clone)]
+pub struct PeerHop {
+    /// That gateway's `[cluster] peer_uri`.
+    pub uri: String,
+    /// The flow at that gateway: where it sends the request.
+    pub flow: Destination,
+}
+
+impl Target {
+    /// A branch straight to `dest`.
+    pub fn direct(ruri: String, dest: Destination) -> Target {
+        Target {
+            ruri,
+            dest,
+            peer: None,
+        }
+    }
+
+    /// The destinations a PSK in this branch crosses: the next hop, and the flow at the peer.
+    pub fn hops(&self) -> impl Iterator<Item = &Destination> {
+        std::iter::once(&self.dest).chain(self.peer.as_ref().map(|p| &p.flow))
+    }
+
+    /// The branch for a binding: its flow, or the gateway holding it (`None` when the stored
+    /// holder is not a SIP URI: the binding is skipped).
+    fn of_binding(b: Binding) -> Option<Target> {
+        let flow = b.destination();
+        let Some(holder) = b.holder else {
+            return Some(Target::direct(b.contact, flow));
+        };
+        let uri = Uri::parse(&holder).ok()?;
+        Some(Target {
+            dest: route::destination_of(&uri, Transport::Udp),
+            ruri: b.contact,
+            peer: Some(PeerHop {
+                uri: holder.into(),
+                flow,
+            }),
+        })
+    }
+}
 
 /// Routing and self-recognition (see the module documentation).
 #[derive(Debug)]
@@ -39,23 +94,17 @@ impl Router {
     /// The target stage: the AOR's registered `bindings` when there are any, else a static
     /// route; an AOR of our domains with neither is temporarily unavailable (480), other
     /// domains are not relayed (403).
-    pub fn targets(
-        &self,
-        ruri: &str,
-        bindings: Vec<Binding>,
-    ) -> Result<Vec<(String, Destination)>, Reject> {
+    pub fn targets(&self, ruri: &str, bindings: Vec<Binding>) -> Result<Vec<Target>, Reject> {
         let uri = Uri::parse(ruri).map_err(|_| Reject::NotFound)?;
-        if !bindings.is_empty() {
-            return Ok(bindings
-                .into_iter()
-                .map(|b| {
-                    let dest = b.destination();
-                    (b.contact, dest)
-                })
-                .collect());
+        let targets: Vec<Target> = bindings
+            .into_iter()
+            .filter_map(Target::of_binding)
+            .collect();
+        if !targets.is_empty() {
+            return Ok(targets);
         }
         if let Some(t) = self.routes.lookup(&uri) {
-            return Ok(vec![(t.uri.clone(), t.dest.clone())]);
+            return Ok(vec![Target::direct(t.uri.clone(), t.dest.clone())]);
         }
         if self.is_our_domain(uri.host) {
             Err(Reject::TemporarilyUnavailable)
@@ -128,15 +177,14 @@ impl Router {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::route::Target;
-    use crate::flow::Transport;
+    use crate::config::route::Target as RouteTarget;
 
     fn router() -> Router {
         let mut routes = RouteTable::default();
         routes.add_aor(
             "vpn",
             "org.example",
-            Target {
+            RouteTarget {
                 uri: "sip:vpn@198.51.100.20:5060".into(),
                 dest: Destination::Addr {
                     transport: Transport::Udp,
@@ -165,7 +213,7 @@ mod tests {
     fn targets_prefer_bindings_then_routes_then_refuse() {
         let r = router();
         let t = r.targets("sip:vpn@org.example", Vec::new()).unwrap();
-        assert_eq!(t[0].0, "sip:vpn@198.51.100.20:5060");
+        assert_eq!(t[0].ruri, "sip:vpn@198.51.100.20:5060");
         assert!(matches!(
             r.targets("sip:nobody@org.example", Vec::new()),
             Err(Reject::TemporarilyUnavailable)

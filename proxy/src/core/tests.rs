@@ -70,6 +70,7 @@ fn config() -> CoreConfig {
         rate_limit: Default::default(),
         hide_topology: false,
         balancers: Vec::new(),
+        peer_uri: None,
         shared_store: false,
         seed: [5; 32],
     }
@@ -676,6 +677,174 @@ fn a_cluster_peers_signed_route_is_followed() {
     assert_eq!(
         out[0].first_line(),
         "SIP/2.0 481 Call/Transaction Does Not Exist"
+    );
+}
+
+/// A stored binding of `sip:ep@org.example`, flow held by the gateway `holder`.
+fn held_binding(contact_port: u16, holder: &str, reg_id: u32) -> crate::store::BindingRecord {
+    let clock = crate::wall_clock();
+    crate::store::BindingRecord {
+        aor: "sip:ep@org.example".into(),
+        contact: format!("sip:ep@198.51.100.40:{contact_port}"),
+        transport: "udp".into(),
+        remote: format!("198.51.100.40:{contact_port}"),
+        expires_at: clock.unix(clock.instant) + 600,
+        instance: Some("<urn:uuid:ep>".into()),
+        identity: "ep".into(),
+        reg_id: Some(reg_id),
+        holder: Some(holder.into()),
+    }
+}
+
+/// RFC 5626 edge proxy across the cluster: gateway B learns from the store that gateway A
+/// holds the endpoint's flow, and sends the INVITE to A with a Route naming A and the flow,
+/// signed for this request; A sends it on the flow and stays in the dialog. A Route whose MAC
+/// does not verify — forged, or lifted onto another request — is refused.
+#[test]
+fn a_binding_held_by_another_gateway_is_reached_through_it() {
+    let a_uri = "sip:192.0.2.2:5060";
+    let mut cfg = config();
+    cfg.peer_uri = Some(format!("sip:{GW}:5060"));
+    cfg.shared_store = true;
+    let mut b = Harness::new();
+    b.proxy = new_proxy(cfg.clone());
+    b.proxy.stored_bindings(
+        "sip:ep@org.example",
+        vec![held_binding(5070, a_uri, 1)],
+        b.now,
+    );
+    let (_, fwd) = b.forward_invite("ep");
+    let a_addr = Destination::Addr {
+        transport: Transport::Udp,
+        addr: "192.0.2.2:5060".parse().unwrap(),
+        server_name: None,
+    };
+    assert_eq!(fwd.dest, a_addr, "{}", fwd.text);
+    assert!(fwd
+        .first_line()
+        .starts_with("INVITE sip:ep@198.51.100.40:5070 "));
+    let route = fwd.msg().list_values(HeaderName::Route);
+    assert!(
+        route[0].starts_with("<sip:192.0.2.2:5060;lr;gf=udp:198.51.100.40:5070;gm="),
+        "{route:?}"
+    );
+
+    let mut acfg = config();
+    acfg.locals = vec![LocalAddr::new(
+        Transport::Udp,
+        "192.0.2.2:5060".parse().unwrap(),
+        None,
+    )];
+    acfg.peer_uri = Some(a_uri.into());
+    let mut a = Harness::new();
+    a.proxy = new_proxy(acfg);
+    let from_b = Flow {
+        transport: Transport::Udp,
+        local: "192.0.2.2:5060".parse().unwrap(),
+        remote: format!("{GW}:5060").parse().unwrap(),
+        conn: None,
+    };
+    let out = a.send(&fwd.text, from_b);
+    let down: Vec<&Sent> = out
+        .iter()
+        .filter(|s| s.first_line().starts_with("INVITE"))
+        .collect();
+    assert_eq!(down.len(), 1, "{out:?}");
+    assert_eq!(
+        down[0].dest,
+        Destination::Addr {
+            transport: Transport::Udp,
+            addr: "198.51.100.40:5070".parse().unwrap(),
+            server_name: None,
+        }
+    );
+    assert!(down[0]
+        .first_line()
+        .starts_with("INVITE sip:ep@198.51.100.40:5070 "));
+    assert!(!down[0].text.contains("gf="), "the flow entry is consumed");
+    let rr = down[0].msg().list_values(HeaderName::RecordRoute);
+    assert!(rr[0].starts_with("<sip:192.0.2.2:5060;lr;gh="), "{rr:?}");
+    assert!(
+        rr[1].starts_with(&format!("<sip:{GW}:5060;lr;gh=")),
+        "{rr:?}"
+    );
+
+    // Forged, or moved to another Call-ID: 403, nothing forwarded.
+    let forged = fwd
+        .text
+        .replace(";gm=", ";gm=00")
+        .replace("z9hG4bK", "z9hG4bKf");
+    let moved = fwd
+        .text
+        .replace("call-1@partner.example", "call-2@partner.example")
+        .replace("z9hG4bK", "z9hG4bKm");
+    for bad in [forged, moved] {
+        let out = a.send(&bad, from_b);
+        assert_eq!(out.len(), 1, "{out:?}");
+        assert_eq!(
+            out[0].first_line(),
+            "SIP/2.0 403 Forbidden (peer route not signed by this cluster)"
+        );
+    }
+}
+
+/// Of a device's flows (one RFC 5627 instance), a request goes to one: the flow this gateway
+/// holds, else one through a gateway still connected to the store, else the most recent.
+#[test]
+fn one_flow_per_device_preferring_ours_then_live_peers() {
+    let mut cfg = config();
+    cfg.peer_uri = Some(format!("sip:{GW}:5060"));
+    let mut b = Harness::new();
+    b.proxy = new_proxy(cfg);
+    let aor = "sip:ep@org.example";
+    // Each attempt a new transaction (its own branch and Call-ID).
+    let dest_of = |h: &mut Harness, n: &str| {
+        let text = invite("ep")
+            .replace("z9hG4bKcaller1", &format!("z9hG4bK{}", n.replace(' ', "")))
+            .replace("call-1@", &format!("call-{}@", n.replace(' ', "")));
+        let out = h.send(&text, caller_flow());
+        let fwd: Vec<Sent> = out
+            .into_iter()
+            .filter(|s| s.first_line().starts_with("INVITE"))
+            .collect();
+        assert_eq!(fwd.len(), 1, "one branch per device: {fwd:?}");
+        fwd[0].dest.clone()
+    };
+    let addr = |a: &str| Destination::Addr {
+        transport: Transport::Udp,
+        addr: a.parse().unwrap(),
+        server_name: None,
+    };
+    let ours = format!("sip:{GW}:5060");
+    b.proxy.stored_bindings(
+        aor,
+        vec![
+            held_binding(5070, "sip:192.0.2.2:5060", 1),
+            held_binding(5071, &ours, 2),
+            held_binding(5072, "sip:192.0.2.3:5060", 3),
+        ],
+        b.now,
+    );
+    assert_eq!(dest_of(&mut b, "ours"), addr("198.51.100.40:5071"));
+    b.proxy.stored_bindings(
+        aor,
+        vec![
+            held_binding(5070, "sip:192.0.2.2:5060", 1),
+            held_binding(5072, "sip:192.0.2.3:5060", 3),
+        ],
+        b.now,
+    );
+    b.proxy
+        .set_live_peers(["sip:192.0.2.3:5060".to_owned(), ours.clone()].into());
+    assert_eq!(dest_of(&mut b, "live"), addr("192.0.2.3:5060"));
+    b.proxy
+        .set_live_peers(["sip:192.0.2.2:5060".to_owned(), ours].into());
+    assert_eq!(dest_of(&mut b, "other live"), addr("192.0.2.2:5060"));
+    b.proxy.set_live_peers(Default::default());
+    let d = dest_of(&mut b, "none live");
+    assert!(
+        d == addr("192.0.2.2:5060") || d == addr("192.0.2.3:5060"),
+        "{d:?}"
     );
 }
 

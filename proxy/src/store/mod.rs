@@ -286,6 +286,24 @@ impl Store {
         each!(self, s => s.live_bindings(now_unix))
     }
 
+    /// The bindings of one AOR not yet expired at `now_unix`.
+    pub fn bindings_of(
+        &mut self,
+        aor: &str,
+        now_unix: u64,
+    ) -> Result<Vec<BindingRecord>, StoreError> {
+        each!(self, s => s.bindings_of(aor, now_unix))
+    }
+
+    /// The `[cluster] peer_uri` of every gateway connected to a shared store now; `None` on a
+    /// file store (one gateway: there are no peers to know about).
+    pub fn live_peers(&self) -> Result<Option<Vec<String>>, StoreError> {
+        match self {
+            Store::Postgres(s) => s.live_peers().map(Some),
+            Store::Sqlite(_) => Ok(None),
+        }
+    }
+
     pub fn tunnels(&self) -> Result<Vec<crate::tunnel::Tunnel>, StoreError> {
         each!(self, s => s.tunnels())
     }

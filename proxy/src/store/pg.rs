@@ -108,7 +108,27 @@ const MIGRATIONS: &[&str] = &[
     END $$;
     CREATE TRIGGER tunnel_gone AFTER DELETE ON tunnels
         FOR EACH ROW EXECUTE FUNCTION gatehouse_tunnel_gone();",
+    // 3: the gateway holding a binding's flow (`[cluster] peer_uri`), and every change of a
+    // binding announced with the AOR and the writer's instance (`gatehouse.instance`, set by
+    // each gateway's connection; empty for others), so the other gateways reload that AOR.
+    "ALTER TABLE bindings ADD COLUMN holder TEXT;
+    CREATE FUNCTION gatehouse_binding_changed() RETURNS trigger LANGUAGE plpgsql AS $$
+    DECLARE
+        changed TEXT;
+    BEGIN
+        IF TG_OP = 'DELETE' THEN changed := OLD.aor; ELSE changed := NEW.aor; END IF;
+        PERFORM pg_notify('gatehouse_bindings',
+            coalesce(current_setting('gatehouse.instance', true), '') || ' ' || changed);
+        RETURN NULL;
+    END $$;
+    CREATE TRIGGER binding_changed AFTER INSERT OR UPDATE OR DELETE ON bindings
+        FOR EACH ROW EXECUTE FUNCTION gatehouse_binding_changed();",
 ];
+
+/// The prefix of the `application_name` of a gateway's listening connection; the rest is its
+/// `[cluster] peer_uri`. The gateways whose listener is connected are the live ones
+/// ([`PgStore::live_peers`]): a gateway that dies loses its connection with it.
+const PRESENCE: &str = "gatehouse ";
 
 /// What a notification on the shared database says (`PgStore::follow_changes`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -119,6 +139,8 @@ pub enum Change {
     Connected,
     /// A tunnel's row left the database: `(Call-ID, caller tag)`.
     TunnelGone(String, String),
+    /// Another gateway (or a CLI) changed the bindings of this AOR.
+    Bindings(String),
     /// Another gateway authenticated someone, or failed to.
     AuthOutcome {
         user: Option<String>,
@@ -142,6 +164,33 @@ impl Change {
             source,
             success,
         })
+    }
+
+    /// A `gatehouse_bindings` payload (`instance aor`); `None` when sent by `own` instance.
+    fn bindings(payload: &str, own: u64) -> Option<Change> {
+        let (instance, aor) = payload.split_once(' ')?;
+        (instance.parse::<u64>().ok() != Some(own) && !aor.is_empty())
+            .then(|| Change::Bindings(aor.to_owned()))
+    }
+}
+
+/// The columns [`binding_row`] reads, in its order.
+const BINDING_COLUMNS: &str =
+    "aor, contact, transport, remote, expires_at, instance, identity, reg_id, holder";
+
+fn binding_row(r: &Row) -> BindingRecord {
+    BindingRecord {
+        aor: r.get(0),
+        contact: r.get(1),
+        transport: r.get(2),
+        remote: r.get(3),
+        expires_at: r.get::<_, i64>(4) as u64,
+        instance: r.get(5),
+        identity: r.get(6),
+        reg_id: r
+            .get::<_, Option<i64>>(7)
+            .and_then(|v| u32::try_from(v).ok()),
+        holder: r.get(8),
     }
 }
 
@@ -333,12 +382,19 @@ impl PgStore {
             let mut config: postgres::Config = url.parse().map_err(pg)?;
             // A database host that does not answer must not hold the worker for minutes.
             config.connect_timeout(CONNECT_TIMEOUT);
+            // The binding trigger names the writer, so that its own listener skips the change.
+            let instance: u64 = rand::random();
+            let options = match config.get_options() {
+                Some(o) => format!("{o} -c gatehouse.instance={instance}"),
+                None => format!("-c gatehouse.instance={instance}"),
+            };
+            config.options(&options);
             let client = tls.connect(&config).map_err(pg)?;
             let store = PgStore {
                 client: Mutex::new(Some(client)),
                 config,
                 tls,
-                instance: rand::random(),
+                instance,
                 notified: std::sync::atomic::AtomicU64::new(0),
             };
             store.migrate()?;
@@ -398,15 +454,21 @@ impl PgStore {
     /// changed, a tunnel row deleted, through any gateway or CLI of the cluster). It connects
     /// again after an outage (pausing a second between attempts), reports
     /// [`Change::Connected`] after each connection (a change may have been missed), and ends when
-    /// `changed` returns false or `stop` is set (seen within a second).
+    /// `changed` returns false or `stop` is set (seen within a second). With a `peer` URI
+    /// (`[cluster] peer_uri`) the connection announces this gateway as live to the others
+    /// ([`PgStore::live_peers`]).
     pub fn follow_changes(
         &self,
+        peer: Option<&str>,
         stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
         changed: impl Fn(Change) -> bool + Send + 'static,
     ) -> std::io::Result<std::thread::JoinHandle<()>> {
         use postgres::fallible_iterator::FallibleIterator;
         use std::sync::atomic::Ordering;
-        let config = self.config.clone();
+        let mut config = self.config.clone();
+        if let Some(peer) = peer {
+            config.application_name(&format!("{PRESENCE}{peer}"));
+        }
         let tls = self.tls.clone();
         let own = self.instance;
         let round = std::time::Duration::from_secs(1);
@@ -424,7 +486,8 @@ impl PgStore {
                     };
                     if client
                         .batch_execute(
-                            "LISTEN gatehouse_users; LISTEN gatehouse_tunnels; LISTEN gatehouse_auth",
+                            "LISTEN gatehouse_users; LISTEN gatehouse_tunnels; LISTEN gatehouse_auth; \
+                             LISTEN gatehouse_bindings",
                         )
                         .is_err()
                     {
@@ -453,6 +516,7 @@ impl PgStore {
                                         Some(Change::TunnelGone(call_id.to_owned(), tag.to_owned()))
                                     }
                                     "gatehouse_auth" => Change::auth_outcome(n.payload(), own),
+                                    "gatehouse_bindings" => Change::bindings(n.payload(), own),
                                     _ => Some(Change::Users),
                                 };
                                 if change.is_some_and(|c| !changed(c)) {
@@ -713,12 +777,13 @@ impl PgStore {
             match w {
                 StoreWrite::SaveBinding(b) => {
                     tx.execute(
-                        "INSERT INTO bindings (aor, contact, transport, remote, expires_at, instance, identity, reg_id)
-                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+                        "INSERT INTO bindings (aor, contact, transport, remote, expires_at, instance, identity, reg_id, holder)
+                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
                          ON CONFLICT (aor, contact) DO UPDATE SET transport = EXCLUDED.transport,
                            remote = EXCLUDED.remote, expires_at = EXCLUDED.expires_at,
-                           instance = EXCLUDED.instance, identity = EXCLUDED.identity, reg_id = EXCLUDED.reg_id",
-                        &[&b.aor, &b.contact, &b.transport, &b.remote, &(b.expires_at as i64), &b.instance, &b.identity, &b.reg_id.map(i64::from)],
+                           instance = EXCLUDED.instance, identity = EXCLUDED.identity, reg_id = EXCLUDED.reg_id,
+                           holder = EXCLUDED.holder",
+                        &[&b.aor, &b.contact, &b.transport, &b.remote, &(b.expires_at as i64), &b.instance, &b.identity, &b.reg_id.map(i64::from), &b.holder],
                     )
                     .map_err(pg)?;
                 }
@@ -782,29 +847,53 @@ impl PgStore {
     /// Bindings not yet expired at `now_unix`; expired ones are deleted.
     pub fn live_bindings(&self, now_unix: u64) -> Result<Vec<BindingRecord>, StoreError> {
         self.run(|| {
-        let mut c = self.client()?;
-        c.execute(
-            "DELETE FROM bindings WHERE expires_at <= $1",
-            &[&(now_unix as i64)],
-        )
-        .map_err(pg)?;
-        Ok(c
-            .query(
-                "SELECT aor, contact, transport, remote, expires_at, instance, identity, reg_id FROM bindings ORDER BY aor",
+            let mut c = self.client()?;
+            c.execute(
+                "DELETE FROM bindings WHERE expires_at <= $1",
+                &[&(now_unix as i64)],
+            )
+            .map_err(pg)?;
+            Ok(c.query(
+                &format!("SELECT {BINDING_COLUMNS} FROM bindings ORDER BY aor"),
                 &[],
             )
             .map_err(pg)?
             .iter()
-            .map(|r| BindingRecord {
-                aor: r.get(0),
-                contact: r.get(1),
-                transport: r.get(2),
-                remote: r.get(3),
-                expires_at: r.get::<_, i64>(4) as u64,
-                instance: r.get(5),
-                identity: r.get(6),
-                reg_id: r.get::<_, Option<i64>>(7).and_then(|v| u32::try_from(v).ok()),
-            })
+            .map(binding_row)
+            .collect())
+        })
+    }
+
+    /// The bindings of one AOR not yet expired at `now_unix`.
+    pub fn bindings_of(&self, aor: &str, now_unix: u64) -> Result<Vec<BindingRecord>, StoreError> {
+        self.run(|| {
+            let mut c = self.client()?;
+            Ok(c.query(
+                &format!(
+                    "SELECT {BINDING_COLUMNS} FROM bindings WHERE aor = $1 AND expires_at > $2"
+                ),
+                &[&aor, &(now_unix as i64)],
+            )
+            .map_err(pg)?
+            .iter()
+            .map(binding_row)
+            .collect())
+        })
+    }
+
+    /// The `[cluster] peer_uri` of every gateway whose listener is connected now (this one's
+    /// included): its `application_name` says so ([`PRESENCE`]).
+    pub fn live_peers(&self) -> Result<Vec<String>, StoreError> {
+        self.run(|| {
+            let mut c = self.client()?;
+            Ok(c.query(
+                "SELECT DISTINCT substr(application_name, $1) FROM pg_stat_activity
+                     WHERE starts_with(application_name, $2)",
+                &[&(PRESENCE.len() as i32 + 1), &PRESENCE],
+            )
+            .map_err(pg)?
+            .iter()
+            .map(|r| r.get(0))
             .collect())
         })
     }

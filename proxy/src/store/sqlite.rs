@@ -93,6 +93,9 @@ const MIGRATIONS: &[&str] = &[
         BEGIN UPDATE generations SET value = value + 1 WHERE name = 'users'; END;",
     // 6: RFC 5626 reg-id of a binding: with the instance, which flow of a device it is.
     "ALTER TABLE bindings ADD COLUMN reg_id INTEGER;",
+    // 7: the gateway holding a binding's flow (`[cluster] peer_uri`; the same column as
+    // PostgreSQL's migration 3, so both backends keep the same rows).
+    "ALTER TABLE bindings ADD COLUMN holder TEXT;",
 ];
 
 /// An open SQLite store.
@@ -471,31 +474,51 @@ impl SqliteStore {
             "DELETE FROM bindings WHERE expires_at <= ?1",
             [now_unix as i64],
         )?;
-        let mut stmt = self
-            .conn
-            .prepare("SELECT aor, contact, transport, remote, expires_at, instance, identity, reg_id FROM bindings ORDER BY aor")?;
+        let mut stmt = self.conn.prepare(&format!(
+            "SELECT {BINDING_COLUMNS} FROM bindings ORDER BY aor"
+        ))?;
+        let rows = stmt.query_map([], binding_row)?.collect::<Result<_, _>>()?;
+        Ok(rows)
+    }
+
+    /// The bindings of one AOR not yet expired at `now_unix`.
+    pub fn bindings_of(
+        &mut self,
+        aor: &str,
+        now_unix: u64,
+    ) -> Result<Vec<BindingRecord>, StoreError> {
+        let mut stmt = self.conn.prepare_cached(&format!(
+            "SELECT {BINDING_COLUMNS} FROM bindings WHERE aor = ?1 AND expires_at > ?2"
+        ))?;
         let rows = stmt
-            .query_map([], |r| {
-                Ok(BindingRecord {
-                    aor: r.get(0)?,
-                    contact: r.get(1)?,
-                    transport: r.get(2)?,
-                    remote: r.get(3)?,
-                    expires_at: r.get::<_, i64>(4)? as u64,
-                    instance: r.get(5)?,
-                    identity: r.get(6)?,
-                    reg_id: r.get(7)?,
-                })
-            })?
+            .query_map(params![aor, now_unix as i64], binding_row)?
             .collect::<Result<_, _>>()?;
         Ok(rows)
     }
 }
 
+/// The columns [`binding_row`] reads, in its order.
+const BINDING_COLUMNS: &str =
+    "aor, contact, transport, remote, expires_at, instance, identity, reg_id, holder";
+
+fn binding_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<BindingRecord> {
+    Ok(BindingRecord {
+        aor: r.get(0)?,
+        contact: r.get(1)?,
+        transport: r.get(2)?,
+        remote: r.get(3)?,
+        expires_at: r.get::<_, i64>(4)? as u64,
+        instance: r.get(5)?,
+        identity: r.get(6)?,
+        reg_id: r.get(7)?,
+        holder: r.get(8)?,
+    })
+}
+
 fn save_binding(conn: &Connection, b: &BindingRecord) -> Result<(), StoreError> {
     conn.prepare_cached(
-        "INSERT OR REPLACE INTO bindings (aor, contact, transport, remote, expires_at, instance, identity, reg_id)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+        "INSERT OR REPLACE INTO bindings (aor, contact, transport, remote, expires_at, instance, identity, reg_id, holder)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
     )?
     .execute(params![
         b.aor,
@@ -505,7 +528,8 @@ fn save_binding(conn: &Connection, b: &BindingRecord) -> Result<(), StoreError> 
         b.expires_at as i64,
         b.instance,
         b.identity,
-        b.reg_id
+        b.reg_id,
+        b.holder
     ])?;
     Ok(())
 }
@@ -756,6 +780,7 @@ mod tests {
             expires_at: 1000,
             instance: None,
             identity: "vpn".into(),
+            holder: Some("sip:192.0.2.11:5060".into()),
             reg_id: None,
         };
         s.save_binding(&b).unwrap();

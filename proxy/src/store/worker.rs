@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc::UnboundedSender;
 
 use super::journal::{self, Journal};
-use super::{Credentials, Store, StoreWrite};
+use super::{BindingRecord, Credentials, Store, StoreWrite};
 use crate::metrics::Metrics;
 
 /// How often the worker looks for credential changes made elsewhere.
@@ -62,6 +62,18 @@ pub enum StoreEvent {
         keys: std::collections::HashSet<(String, String)>,
         read_unix: u64,
     },
+    /// The bindings of an AOR as the shared database holds them now (another gateway or a
+    /// CLI changed them).
+    Bindings {
+        aor: String,
+        records: Vec<BindingRecord>,
+    },
+    /// Every live binding, by AOR, after the listener reconnected (changes may have been
+    /// missed).
+    AllBindings(std::collections::BTreeMap<String, Vec<BindingRecord>>),
+    /// The `[cluster] peer_uri` of every gateway connected to the shared database (sent when
+    /// the set changes).
+    Peers(std::collections::HashSet<String>),
     /// Another gateway of the cluster authenticated `user` from `source`, or failed to.
     AuthOutcome {
         user: Option<String>,
@@ -76,6 +88,8 @@ enum Job {
         writes: Vec<StoreWrite>,
     },
     Refresh,
+    /// Another gateway changed this AOR's bindings: read them for the loop.
+    Bindings(String),
     /// Tunnel rows may have left unannounced (the listener was disconnected): send the loop
     /// the stored tunnels' keys once every queued write has landed.
     Resync,
@@ -112,10 +126,12 @@ impl StorageWorker {
     }
 
     /// Starts the worker on `store` (the store moves to the worker's thread).
+    /// `peer` is this gateway's `[cluster] peer_uri`, announced to the others on a shared store.
     pub fn start(
         mut store: Store,
         metrics: Arc<Metrics>,
         events: UnboundedSender<StoreEvent>,
+        peer: Option<&str>,
     ) -> std::io::Result<StorageWorker> {
         if let Err(e) = store.set_busy_timeout(BUSY_TIMEOUT) {
             tracing::warn!(error = %e, "cannot set the storage worker's busy timeout");
@@ -130,29 +146,34 @@ impl StorageWorker {
         if let Store::Postgres(pg) = &store {
             let jobs = tx.clone();
             let loop_events = events.clone();
-            pg.follow_changes(Arc::clone(&stop_listener), move |change| match change {
-                super::pg::Change::Users => jobs.send(Job::Refresh).is_ok(),
-                super::pg::Change::Connected => {
-                    jobs.send(Job::Refresh).is_ok() && jobs.send(Job::Resync).is_ok()
-                }
-                super::pg::Change::TunnelGone(call_id, caller_tag) => loop_events
-                    .send(StoreEvent::TunnelGone {
-                        call_id,
-                        caller_tag,
-                    })
-                    .is_ok(),
-                super::pg::Change::AuthOutcome {
-                    user,
-                    source,
-                    success,
-                } => loop_events
-                    .send(StoreEvent::AuthOutcome {
+            pg.follow_changes(
+                peer,
+                Arc::clone(&stop_listener),
+                move |change| match change {
+                    super::pg::Change::Users => jobs.send(Job::Refresh).is_ok(),
+                    super::pg::Change::Bindings(aor) => jobs.send(Job::Bindings(aor)).is_ok(),
+                    super::pg::Change::Connected => {
+                        jobs.send(Job::Refresh).is_ok() && jobs.send(Job::Resync).is_ok()
+                    }
+                    super::pg::Change::TunnelGone(call_id, caller_tag) => loop_events
+                        .send(StoreEvent::TunnelGone {
+                            call_id,
+                            caller_tag,
+                        })
+                        .is_ok(),
+                    super::pg::Change::AuthOutcome {
                         user,
                         source,
                         success,
-                    })
-                    .is_ok(),
-            })?;
+                    } => loop_events
+                        .send(StoreEvent::AuthOutcome {
+                            user,
+                            source,
+                            success,
+                        })
+                        .is_ok(),
+                },
+            )?;
         }
         let m = Arc::clone(&metrics);
         let thread = std::thread::Builder::new()
@@ -234,7 +255,22 @@ struct Worker {
     resync: bool,
     /// How often the users generation is read.
     poll: Duration,
+    /// AORs whose bindings changed elsewhere, to read for the loop (at most
+    /// [`RELOAD_MAX`]; beyond, every binding is read instead).
+    reload: std::collections::BTreeSet<String>,
+    reload_all: bool,
+    /// Not before then (the store did not answer the last read).
+    reload_at: Instant,
+    /// The live peers last sent to the loop, and when to read them next (shared store only).
+    peers: Option<std::collections::HashSet<String>>,
+    next_peers: Instant,
 }
+
+/// AORs waiting to be read before the worker reads every binding instead.
+const RELOAD_MAX: usize = 4096;
+/// How often the live peers are read from a shared store: a dead gateway's bindings are
+/// passed over within this time (plus the database noticing the lost connection).
+const PEERS_POLL: Duration = Duration::from_secs(1);
 
 impl Worker {
     fn new(store: Store, metrics: Arc<Metrics>, events: UnboundedSender<StoreEvent>) -> Worker {
@@ -262,6 +298,11 @@ impl Worker {
             poll_failing: false,
             closing: false,
             resync: false,
+            reload: Default::default(),
+            reload_all: false,
+            reload_at: Instant::now(),
+            peers: None,
+            next_peers: Instant::now(),
         }
     }
 
@@ -272,7 +313,17 @@ impl Worker {
                 self.pending_seq = seq;
             }
             Job::Refresh => self.refresh = true,
-            Job::Resync => self.resync = true,
+            Job::Bindings(aor) => {
+                if self.reload.len() < RELOAD_MAX {
+                    self.reload.insert(aor);
+                } else {
+                    self.reload_all = true;
+                }
+            }
+            Job::Resync => {
+                self.resync = true;
+                self.reload_all = true;
+            }
             Job::Close => self.closing = true,
         }
     }
@@ -282,10 +333,18 @@ impl Worker {
         loop {
             let now = Instant::now();
             if open {
+                let next_poll = if self.store.is_shared() {
+                    self.next_poll.min(self.next_peers)
+                } else {
+                    self.next_poll
+                };
                 let until = match self.retry_at {
-                    Some(at) if !self.pending.is_empty() => at.min(self.next_poll),
+                    Some(at) if !self.pending.is_empty() => at.min(next_poll),
                     _ if !self.pending.is_empty() => now,
-                    _ => self.next_poll,
+                    _ if !self.reload.is_empty() || self.reload_all => {
+                        self.reload_at.min(next_poll)
+                    }
+                    _ => next_poll,
                 };
                 match jobs.recv_timeout(until.saturating_duration_since(now)) {
                     Ok(job) => self.take(job),
@@ -316,6 +375,66 @@ impl Worker {
             if self.resync && self.pending.is_empty() {
                 self.resync_tunnels();
             }
+            if self.pending.is_empty() && now >= self.reload_at {
+                self.reload_bindings();
+            }
+            if self.store.is_shared() && now >= self.next_peers {
+                self.next_peers = now + PEERS_POLL;
+                self.poll_peers();
+            }
+        }
+    }
+
+    /// Reads the bindings of the AORs changed elsewhere (or all of them after a reconnect)
+    /// for the loop; what the store cannot answer now is read at the next turn.
+    fn reload_bindings(&mut self) {
+        let now_unix = super::unix_now().max(0) as u64;
+        if self.reload_all {
+            match self.store.live_bindings(now_unix) {
+                Ok(records) => {
+                    let mut by_aor: std::collections::BTreeMap<String, Vec<BindingRecord>> =
+                        Default::default();
+                    for r in records {
+                        by_aor.entry(r.aor.clone()).or_default().push(r);
+                    }
+                    self.reload_all = false;
+                    self.reload.clear();
+                    let _ = self.events.send(StoreEvent::AllBindings(by_aor));
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "binding resynchronisation waits for the store");
+                    self.reload_at = Instant::now() + Duration::from_secs(1);
+                }
+            }
+            return;
+        }
+        while let Some(aor) = self.reload.first().cloned() {
+            match self.store.bindings_of(&aor, now_unix) {
+                Ok(records) => {
+                    self.reload.remove(&aor);
+                    let _ = self.events.send(StoreEvent::Bindings { aor, records });
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "binding reload waits for the store");
+                    self.reload_at = Instant::now() + Duration::from_secs(1);
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Reads which gateways are connected; the loop hears of a change.
+    fn poll_peers(&mut self) {
+        match self.store.live_peers() {
+            Ok(Some(peers)) => {
+                let peers: std::collections::HashSet<String> = peers.into_iter().collect();
+                if self.peers.as_ref() != Some(&peers) {
+                    self.peers = Some(peers.clone());
+                    let _ = self.events.send(StoreEvent::Peers(peers));
+                }
+            }
+            Ok(None) => {}
+            Err(e) => tracing::debug!(error = %e, "live peers wait for the store"),
         }
     }
 

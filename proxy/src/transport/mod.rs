@@ -472,7 +472,8 @@ impl Driver {
             .map(|s| s.local_addr())
             .collect::<io::Result<Vec<_>>>()?;
         let (store_tx, store_events) = mpsc::unbounded_channel();
-        let storage = StorageWorker::start(store, Arc::clone(&metrics), store_tx)?;
+        let peer = proxy.config().peer_uri.clone();
+        let storage = StorageWorker::start(store, Arc::clone(&metrics), store_tx, peer.as_deref())?;
         Ok(Driver {
             proxy,
             udp: bound.udp,
@@ -659,6 +660,19 @@ impl Driver {
             } => self
                 .proxy
                 .remote_auth_outcome(user.as_deref(), source, success, Instant::now()),
+            StoreEvent::Bindings { aor, records } => {
+                self.proxy.stored_bindings(&aor, records, Instant::now())
+            }
+            StoreEvent::AllBindings(stored) => {
+                self.proxy.all_stored_bindings(stored, Instant::now())
+            }
+            StoreEvent::Peers(peers) => {
+                tracing::info!(
+                    peers = peers.len(),
+                    "gateways connected to the store changed"
+                );
+                self.proxy.set_live_peers(peers)
+            }
             StoreEvent::Credentials(c) => {
                 tracing::info!(users = c.len(), "credentials refreshed from the store");
                 self.proxy.set_credentials(c);
