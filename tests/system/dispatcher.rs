@@ -12,7 +12,7 @@ use gatehouse::admin::client::AdminClient;
 use gatehouse::store::Store;
 use wgsip::load::{run, LoadOptions, LoadReport};
 
-use crate::harness::{bin, free_port, repo, tool, wait_until, Proc, TempDir};
+use crate::harness::{bin, free_port, repo, tool, wait_or_explain, wait_until, Proc, TempDir};
 use crate::postgres::Postgres;
 use crate::sasl::{seed, Uas};
 
@@ -33,21 +33,36 @@ struct Node {
 impl Node {
     fn start(dir: &Path, n: u8, ports: (u16, u16, u16), store: &str, uas: SocketAddr) -> Node {
         let ip = format!("127.0.0.{}", 10 + n);
+        let route =
+            format!("[[route]]\naor = \"sip:vpn@org.example\"\ntarget = \"sip:vpn@{uas}\"\n");
+        Node::start_at(dir, n, &ip, ports, store, &route)
+    }
+
+    /// Gateway `n` on address `ip`, announcing itself to the others as `sip:ip:port`
+    /// (`[cluster] peer_uri`), with `extra` configuration.
+    fn start_at(
+        dir: &Path,
+        n: u8,
+        ip: &str,
+        ports: (u16, u16, u16),
+        store: &str,
+        extra: &str,
+    ) -> Node {
         let sip: SocketAddr = format!("{ip}:{}", ports.0).parse().unwrap();
-        let metrics: SocketAddr = format!("{ip}:{}", ports.1).parse().unwrap();
-        let admin: SocketAddr = format!("{ip}:{}", ports.2).parse().unwrap();
+        // Operators' listeners on loopback (plain HTTP is refused elsewhere).
+        let metrics: SocketAddr = format!("127.0.0.{}:{}", 10 + n, ports.1).parse().unwrap();
+        let admin: SocketAddr = format!("127.0.0.{}:{}", 10 + n, ports.2).parse().unwrap();
         let config = dir.join(format!("gateway{n}.toml"));
         std::fs::write(
             &config,
             format!(
                 "[sip]\ndomains = [\"org.example\"]\nshutdown_grace_ms = 200\n\
 [[listen]]\ntransport = \"udp\"\naddress = \"{sip}\"\n\
-[auth]\nstore = \"{store}\"\nmechanisms = [\"SCRAM-SHA-256\"]\n\
-[tunnels]\npolicy = \"policy.toml\"\ninternal_networks = [\"127.0.0.0/8\"]\n\
-[cluster]\nbalancers = [\"{BALANCER}\"]\n\
+[auth]\nstore = \"{store}\"\nmechanisms = [\"SCRAM-SHA-256-PLUS\", \"SCRAM-SHA-256\"]\n\
+[tunnels]\npolicy = \"policy.toml\"\ninternal_networks = [\"127.0.0.0/8\", \"198.51.100.0/24\", \"203.0.113.0/24\"]\n\
+[cluster]\nbalancers = [\"{BALANCER}\"]\npeer_uri = \"sip:{sip}\"\n\
 [metrics]\nlisten = \"{metrics}\"\n[admin]\nlisten = \"{admin}\"\n\
-[rate_limit]\nrequests = 5000\n\
-[[route]]\naor = \"sip:vpn@org.example\"\ntarget = \"sip:vpn@{uas}\"\n"
+[rate_limit]\nrequests = 5000\n{extra}"
             ),
         )
         .unwrap();
@@ -471,4 +486,282 @@ From: <{}>;tag={}\r\nTo: <{}>;tag={}\r\nCall-ID: {}\r\nCSeq: 10 BYE\r\nContent-L
     }
     assert!(byes.iter().all(|id| ids.contains(id)), "{byes:?}");
     drop(Store::open(Path::new(&url)).expect("database still there"));
+}
+
+/// A network namespace for the organisation's endpoint, joined to this one by a veth pair:
+/// the gateways listen on documentation addresses of this side (.11 to .13 of a /24 this
+/// machine does not use: local here, so the balancer and PostgreSQL on loopback reach them
+/// too), the endpoint is .2 on the other, with its userspace WireGuard daemon. Everything goes
+/// at drop.
+struct EndpointNet {
+    ns: String,
+    iface: String,
+    /// The first three octets of the /24.
+    net: &'static str,
+    daemon: Option<Proc>,
+}
+
+impl EndpointNet {
+    fn gateway(&self, n: u8) -> String {
+        format!("{}.{}", self.net, 10 + n)
+    }
+
+    fn endpoint(&self) -> String {
+        format!("{}.2", self.net)
+    }
+
+    fn build(dir: &Path) -> EndpointNet {
+        let id = std::process::id() % 100_000;
+        let ok = |args: &[&str]| {
+            let out = Command::new(args[0]).args(&args[1..]).output().unwrap();
+            assert!(
+                out.status.success(),
+                "{args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        // A documentation /24 the machine's own interfaces do not use (some hosts number
+        // their real network in one: a second route to it would break theirs).
+        let used = String::from_utf8_lossy(
+            &Command::new("ip")
+                .args(["-4", "route"])
+                .output()
+                .unwrap()
+                .stdout,
+        )
+        .into_owned();
+        let net = ["198.51.100", "203.0.113"]
+            .into_iter()
+            .find(|n| !used.contains(&format!("{n}.")))
+            .expect("a documentation /24 free on this machine");
+        let mut net = EndpointNet {
+            ns: format!("ghd{id}"),
+            iface: format!("ghdw{id}"),
+            net,
+            daemon: None,
+        };
+        let (outer, inner) = (format!("ghdr{id}"), format!("ghde{id}"));
+        ok(&["ip", "netns", "add", &net.ns]);
+        ok(&["ip", "-n", &net.ns, "link", "set", "lo", "up"]);
+        ok(&[
+            "ip", "link", "add", &outer, "type", "veth", "peer", "name", &inner,
+        ]);
+        ok(&["ip", "link", "set", &inner, "netns", &net.ns]);
+        for n in 1..=3 {
+            let cidr = format!("{}/{}", net.gateway(n), if n == 1 { 24 } else { 32 });
+            ok(&["ip", "addr", "add", &cidr, "dev", &outer]);
+        }
+        let inner_addr = format!("{}/24", net.endpoint());
+        ok(&[
+            "ip",
+            "-n",
+            &net.ns,
+            "addr",
+            "add",
+            &inner_addr,
+            "dev",
+            &inner,
+        ]);
+        ok(&["ip", "link", "set", &outer, "up"]);
+        ok(&["ip", "-n", &net.ns, "link", "set", &inner, "up"]);
+        let up = |args: &[&str]| {
+            String::from_utf8_lossy(&Command::new("ip").args(args).output().unwrap().stdout)
+                .contains("LOWER_UP")
+        };
+        wait_until(
+            || up(&["link", "show", &outer]) && up(&["-n", &net.ns, "link", "show", &inner]),
+            "the veth pair up",
+        );
+        let daemon = Proc::spawn(
+            "wireguard-go-endpoint",
+            Command::new("ip")
+                .args(["netns", "exec", &net.ns, "wireguard-go", "-f", &net.iface])
+                .env("WG_PROCESS_FOREGROUND", "1"),
+            dir,
+        );
+        net.daemon = Some(daemon);
+        let sock = PathBuf::from(format!("/var/run/wireguard/{}.sock", net.iface));
+        wait_until(|| sock.exists(), "the endpoint's WireGuard daemon");
+        net
+    }
+}
+
+impl Drop for EndpointNet {
+    fn drop(&mut self) {
+        if let Some(mut d) = self.daemon.take() {
+            let _ = d.wait_or_end(Duration::ZERO);
+        }
+        // The veth pair (and the addresses on this side) go with the namespace.
+        let _ = Command::new("ip").args(["netns", "del", &self.ns]).status();
+    }
+}
+
+/// RFC 5626 across the cluster: `wgsip endpoint` registers through two of the three gateways
+/// (one flow each, same instance, reg-id 1 and 2). Set-ups through the balancer reach it from
+/// all three: the third, holding no flow, sends them through a gateway that does (a Route
+/// naming the flow, signed with the cluster's key), which stays in the dialog so that the BYE
+/// follows. When one of the two dies (`kill -9`), the others pass its flow over as soon as the
+/// database shows its connection gone, and every set-up reaches the endpoint through the other.
+#[test]
+fn an_endpoint_registered_through_two_gateways_is_reached_through_any() {
+    if !tool("kamailio") || !crate::wireguard::available() {
+        return;
+    }
+    let _load = crate::harness::load_test();
+    let pg = Postgres::start();
+    let url = pg.url();
+    seed(Path::new(&url));
+    let dir = TempDir::new("dispatcher-endpoint");
+    let d = dir.path();
+    let net = EndpointNet::build(d);
+    std::fs::write(
+        d.join("policy.toml"),
+        "org_prefixes = [\"2001:db8:789::/48\"]\n[[rule]]\nname = \"partners\"\nkind = \"tunnel\"\n\
+callers = [\"*@partner.example\"]\ntargets = [\"sip:vpn@org.example\"]\npskmth = [\"scram\"]\n\
+require_psk = true\nprefixes = [\"2001:db8:456::/48\"]\n",
+    )
+    .unwrap();
+    // The endpoint's flows are TLS connections it opens (wgsip's default): nothing else can
+    // reach it, so the third gateway must go through a gateway holding one.
+    let key = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+    std::fs::write(d.join("cert.pem"), key.cert.pem()).unwrap();
+    std::fs::write(d.join("ca.pem"), key.cert.pem()).unwrap();
+    std::fs::write(d.join("key.pem"), key.signing_key.serialize_pem()).unwrap();
+    let tls_port = free_port();
+    let ports = (free_port(), free_port(), free_port());
+    let mut nodes: Vec<Node> = (1..=3)
+        .map(|n| {
+            let tls = format!(
+                "[[listen]]\ntransport = \"tls\"\naddress = \"{}:{tls_port}\"\n\
+[tls]\ncertificate = \"cert.pem\"\nprivate_key = \"key.pem\"\n",
+                net.gateway(n)
+            );
+            Node::start_at(d, n, &net.gateway(n), ports, &url, &tls)
+        })
+        .collect();
+    let tls_at = |n: usize| format!("{}:{tls_port}", net.gateway(n as u8 + 1));
+    let port = free_port();
+    let _kamailio = balancer(d, port, &nodes.iter().collect::<Vec<_>>());
+
+    // The endpoint, through gateways 1 and 2.
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let secret = d.join("vpn.password");
+        std::fs::write(&secret, "vpn-secret\n").unwrap();
+        std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+    std::fs::write(
+        d.join("endpoint.toml"),
+        format!(
+            "[sip]\ngateways = [\"{}\", \"{}\"]\ntransport = \"tls\"\ntls_ca = \"ca.pem\"\n\
+tls_server_name = \"localhost\"\nbind = \"{}:0\"\n\
+aor = \"sip:vpn@org.example\"\nusername = \"vpn\"\npassword_file = \"vpn.password\"\nexpires = 600\n\
+[wireguard]\ninterface = \"{}\"\nprivate_key_file = \"org.key\"\nlisten_port = 51830\naddress = \"{}\"\n\
+prefix = \"2001:db8:789:1::/64\"\n[accept]\npskmth = [\"gateway\"]\nprefixes = [\"2001:db8:456::/48\"]\n",
+            tls_at(0),
+            tls_at(1),
+            net.endpoint(),
+            net.iface,
+            net.endpoint()
+        ),
+    )
+    .unwrap();
+    let endpoint = Proc::spawn(
+        "endpoint",
+        Command::new("ip")
+            .args(["netns", "exec", &net.ns])
+            .arg(bin("wgsip"))
+            .args(["endpoint", "--config"])
+            .arg(d.join("endpoint.toml")),
+        d,
+    );
+    for (n, node) in nodes[..2].iter().enumerate() {
+        let line = format!(
+            "registered sip:vpn@org.example for 600 s through {}",
+            tls_at(n)
+        );
+        wait_or_explain(
+            || endpoint.log_text().contains(&line),
+            &line,
+            || {
+                format!(
+                    "endpoint:\n{}\ngateway:\n{}",
+                    endpoint.log_text(),
+                    node.proc.log_text()
+                )
+            },
+        );
+    }
+    // Every gateway learns both flows, and who holds each, from the store (NOTIFY).
+    let holders = |node: &Node| -> Vec<String> {
+        let r = node
+            .admin()
+            .request("GET", "/api/v1/registrations", None)
+            .unwrap();
+        assert_eq!(r.status, 200, "{}", r.body);
+        let rows: serde_json::Value = serde_json::from_str(&r.body).unwrap();
+        let mut h: Vec<String> = rows
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| b["holder"].as_str().unwrap_or("here").to_owned())
+            .collect();
+        h.sort();
+        h
+    };
+    let (sip1, sip2) = (
+        format!("sip:{}", nodes[0].sip),
+        format!("sip:{}", nodes[1].sip),
+    );
+    wait_until(
+        || holders(&nodes[2]) == [sip1.clone(), sip2.clone()],
+        "the third gateway knows both flows and their holders",
+    );
+    assert_eq!(holders(&nodes[0]), ["here".to_owned(), sip2.clone()]);
+    let live = |node: &Node| node.metric("gatehouse_cluster_peers", "");
+    wait_until(
+        || nodes.iter().all(|n| live(n) == Some(3)),
+        "every gateway sees the three connected",
+    );
+
+    // Set-ups through the balancer: every one reaches the endpoint, from every gateway.
+    let through = |count: u32| LoadOptions {
+        local: SocketAddr::from(([127, 0, 0, 1], 0)),
+        ..load(port, count, 20)
+    };
+    let report = run(&through(60)).expect("load run");
+    assert_eq!(
+        (report.succeeded, report.byes_unanswered),
+        (60, 0),
+        "{}\nendpoint:\n{}\ngateway 3:\n{}",
+        report.summary(),
+        endpoint.log_text(),
+        nodes[2].proc.log_text()
+    );
+    let served: Vec<u64> = nodes.iter().map(|n| n.successes().unwrap()).collect();
+    eprintln!(
+        "set-ups to an endpoint registered through gateways 1 and 2, per gateway: {served:?}"
+    );
+    assert!(served[2] > 0, "the third gateway served some: {served:?}");
+
+    // Gateway 2 dies: the others see its connection gone and use the flow through gateway 1.
+    nodes[1].kill9();
+    let died = std::time::Instant::now();
+    wait_until(
+        || live(&nodes[0]) == Some(2) && live(&nodes[2]) == Some(2),
+        "the survivors see gateway 2 gone",
+    );
+    eprintln!(
+        "the flow through a killed gateway passed over after {:?}",
+        died.elapsed()
+    );
+    let report = run(&through(60)).expect("load run");
+    assert_eq!(
+        (report.succeeded, report.byes_unanswered),
+        (60, 0),
+        "{}\nendpoint:\n{}",
+        report.summary(),
+        endpoint.log_text()
+    );
+    drop(endpoint);
 }

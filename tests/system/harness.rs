@@ -123,10 +123,21 @@ pub fn wait_tcp_listening(port: u16) {
 }
 
 /// Polls a condition (each probe is a real check of the event) until it holds or WAIT passes.
-pub fn wait_until(mut cond: impl FnMut() -> bool, what: &str) {
+pub fn wait_until(cond: impl FnMut() -> bool, what: &str) {
+    wait_or_explain(cond, what, String::new);
+}
+
+/// [`wait_until`], with `explain()` (the logs of the processes involved) in the failure.
+pub fn wait_or_explain(
+    mut cond: impl FnMut() -> bool,
+    what: &str,
+    explain: impl FnOnce() -> String,
+) {
     let deadline = Instant::now() + WAIT;
     while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        if Instant::now() >= deadline {
+            panic!("timed out waiting for {what}\n{}", explain());
+        }
         std::thread::yield_now();
         std::thread::park_timeout(Duration::from_millis(10));
     }

@@ -26,7 +26,7 @@ fn ok(args: &[&str]) {
 }
 
 /// Can this machine make namespaces and run userspace WireGuard?
-fn available() -> bool {
+pub(crate) fn available() -> bool {
     let root = sh(&["id", "-u"]).stdout == b"0\n";
     let tools = ["ip", "wireguard-go", "wg", "ping"].iter().all(|t| {
         Command::new("sh")

@@ -15,7 +15,7 @@ use gatehouse_sip::{HeaderName, Message, NameAddr};
 
 use crate::config::Config;
 use crate::sipua::{hostport, respond, token};
-use crate::site::Site;
+use crate::site::{is_connection_error, lost, Site};
 use crate::uapi::PeerConfig;
 use crate::{net, wgsdp};
 
@@ -26,9 +26,27 @@ pub struct CallOptions {
     pub corrupt_psk: bool,
 }
 
+/// Calls through the gateways in order: the next one is tried when one cannot be reached or
+/// does not answer the set-up (never once the call is up).
 pub fn run(cfg: Config, target: &str, opts: &CallOptions) -> anyhow::Result<()> {
-    let site = Site::open(&cfg, crate::site::Connect::Once)?;
-    let (password, public, iface, ua) = (&site.password, &site.public, &site.iface, &site.ua);
+    let gateways = cfg.sip.gateway_list();
+    for (n, gateway) in gateways.iter().enumerate() {
+        let mut one = cfg.clone();
+        one.sip = cfg.sip.for_gateway(n);
+        match call(&one, target, opts) {
+            Err(e) if is_connection_error(&e) && n + 1 < gateways.len() => {
+                eprintln!("wgsip: gateway {gateway}: {e:#}; trying the next one");
+            }
+            r => return r,
+        }
+    }
+    bail!("no gateway configured")
+}
+
+fn call(cfg: &Config, target: &str, opts: &CallOptions) -> anyhow::Result<()> {
+    let site = Site::open(cfg, crate::site::Connect::Once)?;
+    let ua = site.ua.as_ref().context("connected above")?;
+    let (password, public, iface) = (&site.password, &site.public, &site.iface);
 
     let call_id = format!("{}@wgsip", token());
     let from_tag = token();
@@ -61,7 +79,10 @@ Contact: <sip:{user}@{l}{cp}>\r\n{auth}Content-Type: application/sdp\r\nContent-
     // Over TLS this is SCRAM-SHA-256-PLUS, bound to this connection (tls-exporter).
     let client = ScramClient::new(&cfg.sip.username, password.as_bytes(), ua.channel_binding());
     let mechanism = client.mechanism().to_owned();
-    let (ok, transcript) = ua.authenticate(&build, 1, client, true, &mut |_, _| {})?;
+    // Until the call is answered, a gateway that cannot be reached lets the next one try.
+    let (ok, transcript) = ua
+        .authenticate(&build, 1, client, true, &mut |_, _| {})
+        .map_err(lost)?;
     let status = ok.status().unwrap_or(0);
     if status != 200 {
         bail!("call refused: {status} {}", ok.reason().unwrap_or_default());

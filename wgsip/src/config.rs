@@ -14,8 +14,14 @@ use zeroize::Zeroizing;
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Sip {
-    /// The gateway's SIP address (UDP).
-    pub gateway: SocketAddr,
+    /// The gateway's SIP address (one gateway, or the load balancer in front of several).
+    #[serde(default)]
+    pub gateway: Option<SocketAddr>,
+    /// Several gateways of a cluster, instead of `gateway`: an endpoint registers through
+    /// each of them (one flow per gateway, RFC 5626 `reg-id` 1, 2, ...) and stays reachable
+    /// while any one lives; a caller tries them in order until one answers.
+    #[serde(default)]
+    pub gateways: Vec<SocketAddr>,
     /// Local SIP address to bind.
     pub bind: SocketAddr,
     /// The AOR this side presents (From for a caller, the registered AOR for an endpoint).
@@ -32,6 +38,32 @@ pub struct Sip {
     pub tls_ca: Option<PathBuf>,
     /// Name to verify in the gateway's certificate (default: its address).
     pub tls_server_name: Option<String>,
+}
+
+/// At most this many gateways in `sip.gateways`.
+pub const MAX_GATEWAYS: usize = 8;
+
+impl Sip {
+    /// The gateways, in order (`gateway`, or the `gateways` list).
+    pub fn gateway_list(&self) -> Vec<SocketAddr> {
+        self.gateway
+            .into_iter()
+            .chain(self.gateways.iter().copied())
+            .collect()
+    }
+
+    /// The settings of the flow through the `n`-th gateway: that gateway alone, and over UDP
+    /// a local port of its own (`bind`'s port + n; 0 stays 0, any free port): each flow is
+    /// its own binding at the registrar.
+    pub fn for_gateway(&self, n: usize) -> Sip {
+        let mut one = self.clone();
+        one.gateway = self.gateway_list().get(n).copied();
+        one.gateways = Vec::new();
+        if one.bind.port() != 0 {
+            one.bind.set_port(one.bind.port().saturating_add(n as u16));
+        }
+        one
+    }
 }
 
 /// TLS by default (SCRAM-SHA-256-PLUS); UDP only when the configuration says so.
@@ -127,6 +159,25 @@ impl Config {
             if p.is_relative() {
                 *p = base.join(&*p);
             }
+        }
+        match (c.sip.gateway, c.sip.gateways.len()) {
+            (Some(_), 0) | (None, 1..=MAX_GATEWAYS) => {}
+            (Some(_), _) => bail!(
+                "{}: sip.gateway and sip.gateways: name one gateway, or list several",
+                path.display()
+            ),
+            (None, 0) => bail!(
+                "{}: sip.gateway (or sip.gateways) is missing",
+                path.display()
+            ),
+            (None, n) => bail!(
+                "{}: sip.gateways lists {n} gateways (at most {MAX_GATEWAYS})",
+                path.display()
+            ),
+        }
+        let list = c.sip.gateway_list();
+        if (1..list.len()).any(|i| list[..i].contains(&list[i])) {
+            bail!("{}: sip.gateways lists a gateway twice", path.display());
         }
         match c.sip.transport.as_str() {
             "udp" => {}

@@ -1,12 +1,18 @@
 //! `wgsip endpoint`: registers its AOR with the gateway (SASL, 401 flow), re-registers before
 //! expiry, answers tunnel INVITEs by configuring the peer on its WireGuard interface, and
 //! removes the peer on BYE.
+//!
+//! With several gateways (`sip.gateways`, a cluster) it keeps one flow through each, every
+//! one registered with the same RFC 5627 instance and its own RFC 5626 `reg-id`, each served
+//! by a thread of its own: the AOR stays reachable while any gateway lives, and a tunnel
+//! offered through one flow is ended by a BYE on any.
 
 // Status lines on standard output are this command's interface.
 #![allow(clippy::print_stdout)]
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -17,6 +23,7 @@ use gatehouse_sip::{HeaderName, Message, Method};
 use ipnet::IpNet;
 
 use crate::config::Config;
+use crate::config::Sip;
 use crate::sipua::{hostport, respond, token, Ua};
 use crate::site::{is_connection_error, lost, Connect, Site};
 use crate::uapi::{Interface, PeerConfig};
@@ -33,62 +40,119 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         .accept
         .clone()
         .context("an endpoint configuration needs an [accept] table")?;
-    let mut site = Site::open(&cfg, Connect::Retry)?;
-    let call_id = format!("{}@wgsip", token());
-    let instance = instance_id(&site.public);
-    let from_tag = token();
-    let mut active: HashMap<String, Active> = HashMap::new();
-    let mut reg_cseq_base = 0u32;
-    let mut next_register = Instant::now();
-    let tag = token();
+    let site = Site::open(&cfg, Connect::Later)?;
+    let shared = Shared {
+        instance: instance_id(&site.public),
+        tag: token(),
+        active: Mutex::new(HashMap::new()),
+        site: &site,
+        cfg: &cfg,
+        accept: &accept,
+    };
+    let gateways = cfg.sip.gateway_list().len();
+    let result = std::thread::scope(|s| {
+        let flows: Vec<_> = (0..gateways)
+            .map(|n| {
+                let shared = &shared;
+                std::thread::Builder::new()
+                    .name(format!("wgsip-flow-{}", n + 1))
+                    .spawn_scoped(s, move || {
+                        let r = keep_flow(shared, n);
+                        if r.is_err() {
+                            // A refusal is final for every flow: end the others too.
+                            shared.site.stop();
+                        }
+                        r
+                    })
+            })
+            .collect();
+        flows
+            .into_iter()
+            .map(|f| {
+                f.map_err(anyhow::Error::from).and_then(|h| {
+                    h.join()
+                        .unwrap_or_else(|_| Err(anyhow::anyhow!("a flow thread panicked")))
+                })
+            })
+            .collect::<anyhow::Result<Vec<()>>>()
+    });
+    let active = shared.active.lock().unwrap_or_else(|p| p.into_inner());
+    for a in active.values() {
+        let _ = site.iface.remove_peer(&a.public_key);
+    }
+    result.map(|_| ())
+}
+
+/// What every flow's thread shares: the device (instance ID, its tag in dialogs), the
+/// tunnels it set up (a BYE may come over another flow than the INVITE), the site.
+struct Shared<'a> {
+    instance: String,
+    tag: String,
+    active: Mutex<HashMap<String, Active>>,
+    site: &'a Site,
+    cfg: &'a Config,
+    accept: &'a crate::config::Accept,
+}
+
+/// One flow: through gateway `n` (0-based), registered with `reg-id` n + 1, connected again
+/// (and registered at once) whenever it breaks, until the endpoint stops.
+fn keep_flow(shared: &Shared<'_>, n: usize) -> anyhow::Result<()> {
+    let site = shared.site;
+    let sip = shared.cfg.sip.for_gateway(n);
+    let mut ua = site.connect(&sip)?;
+    let mut flow = Flow {
+        sip,
+        reg_id: n as u32 + 1,
+        call_id: format!("{}@wgsip", token()),
+        from_tag: token(),
+        cseq_base: 0,
+        next_register: Instant::now(),
+    };
     while !site.stopping() {
-        match serve(
-            &site,
-            &cfg,
-            &accept,
-            &mut active,
-            &mut next_register,
-            (&call_id, &from_tag, &tag, &instance),
-            &mut reg_cseq_base,
-        ) {
+        match serve(shared, &ua, &mut flow) {
             Ok(()) => {}
             // The gateway went away (restart, network): connect again and register at once.
-            // Peers already configured stay; their BYE arrives over the new flow.
+            // Peers already configured stay; their BYE arrives over the new flow (or another).
             Err(e) if is_connection_error(&e) && !site.stopping() => {
-                eprintln!("wgsip: lost the gateway: {e:#}");
-                site.reconnect(&cfg.sip)?;
-                next_register = Instant::now();
+                eprintln!("wgsip: lost the gateway {}: {e:#}", ua.gateway);
+                ua = site.connect(&flow.sip)?;
+                flow.next_register = Instant::now();
             }
             Err(e) => return Err(e),
         }
     }
-    for a in active.values() {
-        let _ = site.iface.remove_peer(&a.public_key);
-    }
     Ok(())
 }
 
+/// The registration state of one flow.
+struct Flow {
+    /// The settings of this flow's gateway ([`Sip::for_gateway`]).
+    sip: Sip,
+    reg_id: u32,
+    call_id: String,
+    from_tag: String,
+    cseq_base: u32,
+    next_register: Instant,
+}
+
 /// Registers when due and handles one request from the gateway (or waits up to 250 ms).
-fn serve(
-    site: &Site,
-    cfg: &Config,
-    accept: &crate::config::Accept,
-    active: &mut HashMap<String, Active>,
-    next_register: &mut Instant,
-    (call_id, from_tag, tag, instance): (&str, &str, &str, &str),
-    reg_cseq_base: &mut u32,
-) -> anyhow::Result<()> {
-    let (password, public, iface, ua) = (&site.password, &site.public, &site.iface, &site.ua);
+fn serve(shared: &Shared<'_>, ua: &Ua, flow: &mut Flow) -> anyhow::Result<()> {
+    let (cfg, site) = (shared.cfg, shared.site);
+    let (password, public, iface) = (&site.password, &site.public, &site.iface);
+    let next_register = &mut flow.next_register;
     if Instant::now() >= *next_register {
         let expires = register(
             ua,
             cfg,
             password,
-            (call_id, from_tag, instance),
-            reg_cseq_base,
+            (&flow.call_id, &flow.from_tag, &shared.instance, flow.reg_id),
+            &mut flow.cseq_base,
         )
         .map_err(lost)?;
-        println!("registered {} for {expires} s", cfg.sip.aor);
+        println!(
+            "registered {} for {expires} s through {}",
+            cfg.sip.aor, ua.gateway
+        );
         // Refresh at half the granted time.
         *next_register = Instant::now() + Duration::from_secs(u64::from(expires.max(2)) / 2);
     }
@@ -108,12 +172,28 @@ fn serve(
         hostport(ua.local),
         ua.contact_params()
     );
+    let tag = shared.tag.as_str();
     let reply = match msg.method() {
         Some(Method::Invite) => {
-            answer_invite(&msg, cfg, accept, iface, public, tag, active, &contact)
+            let mut active = shared.active.lock().unwrap_or_else(|p| p.into_inner());
+            answer_invite(
+                &msg,
+                cfg,
+                shared.accept,
+                iface,
+                public,
+                tag,
+                &mut active,
+                &contact,
+            )
         }
         Some(Method::Bye) => {
-            if let Some(a) = active.remove(&msg.call_id().into_owned()) {
+            let gone = shared
+                .active
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&msg.call_id().into_owned());
+            if let Some(a) = gone {
                 iface.remove_peer(&a.public_key)?;
                 for p in &a.prefixes {
                     net::route_del(&iface.name, p);
@@ -155,7 +235,7 @@ fn register(
     ua: &Ua,
     cfg: &Config,
     password: &str,
-    (call_id, from_tag, instance): (&str, &str, &str),
+    (call_id, from_tag, instance, reg_id): (&str, &str, &str, u32),
     cseq_base: &mut u32,
 ) -> anyhow::Result<u32> {
     let domain = cfg.sip.aor.rsplit('@').next().unwrap_or("").to_owned();
@@ -170,7 +250,7 @@ fn register(
         format!(
             "REGISTER sip:{domain} SIP/2.0\r\nVia: SIP/2.0/{t} {l};branch=z9hG4bK{b};rport\r\nMax-Forwards: 70\r\n\
 From: <{aor}>;tag={from_tag}\r\nTo: <{aor}>\r\nCall-ID: {call_id}\r\nCSeq: {c} REGISTER\r\n\
-Contact: <sip:{user}@{l}{cp}>;+sip.instance=\"{instance}\";reg-id=1\r\nExpires: {e}\r\n{auth}Content-Length: 0\r\n\r\n",
+Contact: <sip:{user}@{l}{cp}>;+sip.instance=\"{instance}\";reg-id={reg_id}\r\nExpires: {e}\r\n{auth}Content-Length: 0\r\n\r\n",
             l = hostport(ua.local),
             t = ua.transport(),
             cp = ua.contact_params(),

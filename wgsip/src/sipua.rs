@@ -23,7 +23,7 @@ enum Conn {
 /// The UA's connection to the gateway (UDP, or one TLS connection that also carries the
 /// requests the gateway sends back) and its addresses.
 pub struct Ua {
-    conn: std::cell::RefCell<Conn>,
+    conn: std::sync::Mutex<Conn>,
     pub gateway: SocketAddr,
     pub local: SocketAddr,
     exporter: Option<Vec<u8>>,
@@ -60,7 +60,7 @@ impl Ua {
         let sock = UdpSocket::bind(local).with_context(|| format!("cannot bind {local}"))?;
         let local = sock.local_addr()?;
         Ok(Ua {
-            conn: std::cell::RefCell::new(Conn::Udp(sock)),
+            conn: std::sync::Mutex::new(Conn::Udp(sock)),
             gateway,
             local,
             exporter: None,
@@ -104,7 +104,7 @@ impl Ua {
             .conn
             .export_keying_material(&mut exporter[..], b"EXPORTER-Channel-Binding", None)?;
         Ok(Ua {
-            conn: std::cell::RefCell::new(Conn::Tls(
+            conn: std::sync::Mutex::new(Conn::Tls(
                 Box::new(stream),
                 gatehouse_sip::framer::StreamFramer::new(65535),
             )),
@@ -114,17 +114,26 @@ impl Ua {
         })
     }
 
-    /// Connects as the configuration says.
+    /// Connects to the first gateway of the configuration (see `Sip::for_gateway`).
     pub fn open(cfg: &crate::config::Sip) -> anyhow::Result<Ua> {
+        let gateway = *cfg
+            .gateway_list()
+            .first()
+            .context("no gateway configured")?;
         match (cfg.transport.as_str(), &cfg.tls_ca) {
-            ("tls", Some(ca)) => Ua::connect_tls(cfg.gateway, ca, cfg.tls_server_name.as_deref()),
-            _ => Ua::bind(cfg.bind, cfg.gateway),
+            ("tls", Some(ca)) => Ua::connect_tls(gateway, ca, cfg.tls_server_name.as_deref()),
+            _ => Ua::bind(cfg.bind, gateway),
         }
+    }
+
+    /// The connection (one user at a time: each flow is served by one thread).
+    fn conn(&self) -> std::sync::MutexGuard<'_, Conn> {
+        self.conn.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Via transport token.
     pub fn transport(&self) -> &'static str {
-        match &*self.conn.borrow() {
+        match &*self.conn() {
             Conn::Udp(_) => "UDP",
             Conn::Tls(..) => "TLS",
         }
@@ -137,14 +146,14 @@ impl Ua {
 
     /// `;transport=tls` for Contact URIs over TLS.
     pub fn contact_params(&self) -> &'static str {
-        match &*self.conn.borrow() {
+        match &*self.conn() {
             Conn::Udp(_) => "",
             Conn::Tls(..) => ";transport=tls",
         }
     }
 
     pub fn send(&self, msg: &str, to: SocketAddr) -> anyhow::Result<()> {
-        match &mut *self.conn.borrow_mut() {
+        match &mut *self.conn() {
             Conn::Udp(sock) => {
                 sock.send_to(msg.as_bytes(), to)?;
             }
@@ -161,7 +170,7 @@ impl Ua {
     pub fn recv(&self, limit: Duration) -> anyhow::Result<Option<(Message, SocketAddr)>> {
         let deadline = Instant::now() + limit;
         let mut buf = vec![0u8; 65535];
-        if let Conn::Tls(stream, framer) = &mut *self.conn.borrow_mut() {
+        if let Conn::Tls(stream, framer) = &mut *self.conn() {
             loop {
                 if let Some(gatehouse_sip::framer::Frame::Message(b)) = framer.next_frame()? {
                     if let Ok(m) = Message::parse(b, &Limits::default()) {
@@ -197,7 +206,7 @@ impl Ua {
                 }
             }
         }
-        let conn = self.conn.borrow();
+        let conn = self.conn();
         let Conn::Udp(sock) = &*conn else {
             return Ok(None);
         };

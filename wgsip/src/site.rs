@@ -18,7 +18,9 @@ pub struct Site {
     pub password: Zeroizing<String>,
     pub public: [u8; 32],
     pub iface: Interface,
-    pub ua: Ua,
+    /// The connection to the gateway ([`Connect::Once`]); the endpoint's flows connect
+    /// themselves ([`Site::connect`]).
+    pub ua: Option<Ua>,
     stop: Arc<AtomicBool>,
     daemon: Option<Child>,
 }
@@ -36,9 +38,10 @@ impl std::fmt::Debug for Site {
 pub enum Connect {
     /// Fail at once (`wgsip call`: the operator is waiting for an answer).
     Once,
-    /// Try again with a growing pause (0.5 s doubling to 10 s) until connected or stopped
-    /// (`wgsip endpoint`: a service that may start before the gateway, or outlive its restart).
-    Retry,
+    /// Not yet: each of the endpoint's flows connects with [`Site::connect`], trying again
+    /// with a growing pause (0.5 s doubling to 10 s) until connected or stopped (a service
+    /// that may start before a gateway, or outlive its restart).
+    Later,
 }
 
 /// Longest pause between two connection attempts.
@@ -60,8 +63,8 @@ impl Site {
         iface.set(Some(&private), Some(cfg.wireguard.listen_port), None)?;
         net::interface_up(&iface.name, cfg.wireguard.interface_address)?;
         let ua = match connect {
-            Connect::Once => Ua::open(&cfg.sip)?,
-            Connect::Retry => connect_retrying(&cfg.sip, &stop)?,
+            Connect::Once => Some(Ua::open(&cfg.sip).map_err(lost)?),
+            Connect::Later => None,
         };
         Ok(Site {
             password,
@@ -73,10 +76,14 @@ impl Site {
         })
     }
 
-    /// Replaces a broken connection to the gateway, retrying as [`Connect::Retry`] does.
-    pub fn reconnect(&mut self, sip: &config::Sip) -> anyhow::Result<()> {
-        self.ua = connect_retrying(sip, &self.stop)?;
-        Ok(())
+    /// A connection to the (first) gateway of `sip`, retrying as [`Connect::Later`] says.
+    pub fn connect(&self, sip: &config::Sip) -> anyhow::Result<Ua> {
+        connect_retrying(sip, &self.stop)
+    }
+
+    /// Asks every part of the process to end (as SIGTERM does).
+    pub fn stop(&self) {
+        self.stop.store(true, Ordering::Relaxed);
     }
 
     /// True once SIGINT or SIGTERM arrived.

@@ -755,7 +755,8 @@ pub fn execute(proxy: &mut crate::core::Proxy, cmd: Command, connections: usize)
                 .into_iter()
                 .map(|(aor, b)| {
                     json!({"aor": aor, "contact": b.contact, "transport": b.transport.to_string(), "source": b.remote.to_string(),
-                           "expires_in": b.expires.saturating_duration_since(now).as_secs()})
+                           "expires_in": b.expires.saturating_duration_since(now).as_secs(),
+                           "holder": b.holder.as_deref()})
                 })
                 .collect();
             let _ = tx.send((Value::Array(list), next));

@@ -32,6 +32,7 @@
 //! | `gatehouse_store_held_transmits` | gauge | | messages waiting for a tunnel's commit before they leave |
 //! | `gatehouse_store_available` | gauge | | 1 while the store answers, 0 while it is locked elsewhere or unreachable (writes queue) |
 //! | `gatehouse_auth_users` | gauge | | users in the credential snapshot the SASL server uses |
+//! | `gatehouse_cluster_peers` | gauge | | gateways (this one included) connected to the shared store, as last read; 0 on a file store |
 //! | `gatehouse_loop_message_seconds` | histogram | | the I/O loop's time on one received message |
 //! | `gatehouse_loop_tick_seconds` | histogram | | the I/O loop's time on one maintenance tick or timer batch |
 //! | `process_*` | (process collector) | |
@@ -82,6 +83,7 @@ pub struct Metrics {
     pub store_held: IntGauge,
     pub store_available: IntGauge,
     pub auth_users: IntGauge,
+    pub cluster_peers: IntGauge,
     pub loop_message: Histogram,
     pub loop_tick: Histogram,
     /// Set while the gateway accepts new requests.
@@ -291,6 +293,11 @@ impl Metrics {
                 &r,
                 "gatehouse_auth_users",
                 "Users in the credential snapshot the SASL server uses",
+            ),
+            cluster_peers: gauge(
+                &r,
+                "gatehouse_cluster_peers",
+                "Gateways (this one included) connected to the shared store, as last read",
             ),
             loop_message: histogram(
                 &r,

@@ -671,6 +671,7 @@ impl Driver {
                     peers = peers.len(),
                     "gateways connected to the store changed"
                 );
+                self.metrics.cluster_peers.set(peers.len() as i64);
                 self.proxy.set_live_peers(peers)
             }
             StoreEvent::Credentials(c) => {
