@@ -89,6 +89,36 @@ pub struct Permit {
     rule: String,
     pskmth: Option<String>,
     multipart: bool,
+    limits: Limits,
+}
+
+/// The tunnel limits a permit was checked against (all `None` for other sessions): a
+/// gateway sharing its tunnels with others checks them again against the cluster's counts.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Limits {
+    pub total: Option<u32>,
+    pub per_identity: Option<u32>,
+    pub per_target: Option<u32>,
+}
+
+impl Limits {
+    /// True when some limit applies.
+    pub fn any(&self) -> bool {
+        self.total.is_some() || self.per_identity.is_some() || self.per_target.is_some()
+    }
+
+    /// The first limit the counts reach (the same order as the decision's).
+    pub fn reached(&self, counts: &Counts) -> Option<Denied> {
+        if self.total.is_some_and(|m| counts.total >= m) {
+            Some(Denied::LimitTotal)
+        } else if self.per_identity.is_some_and(|m| counts.by_identity >= m) {
+            Some(Denied::LimitIdentity)
+        } else if self.per_target.is_some_and(|m| counts.by_target >= m) {
+            Some(Denied::LimitTarget)
+        } else {
+            None
+        }
+    }
 }
 
 impl Permit {
@@ -103,6 +133,10 @@ impl Permit {
     /// The rule lets multipart bodies through (`multipart = true`; never a tunnel offer).
     pub fn allows_multipart(&self) -> bool {
         self.multipart
+    }
+    /// The tunnel limits that applied.
+    pub fn limits(&self) -> Limits {
+        self.limits
     }
 }
 
@@ -480,6 +514,7 @@ impl Policy {
                 rule: rule.name.clone(),
                 pskmth: None,
                 multipart: rule.multipart,
+                limits: Limits::default(),
             });
         };
         for p in prefixes.iter() {
@@ -492,17 +527,13 @@ impl Policy {
                 }
             }
         }
-        if self.max_tunnels.is_some_and(|m| q.counts.total >= m) {
-            return Err(Denied::LimitTotal);
-        }
-        if rule
-            .max_per_identity
-            .is_some_and(|m| q.counts.by_identity >= m)
-        {
-            return Err(Denied::LimitIdentity);
-        }
-        if rule.max_per_target.is_some_and(|m| q.counts.by_target >= m) {
-            return Err(Denied::LimitTarget);
+        let limits = Limits {
+            total: self.max_tunnels,
+            per_identity: rule.max_per_identity,
+            per_target: rule.max_per_target,
+        };
+        if let Some(denied) = limits.reached(&q.counts) {
+            return Err(denied);
         }
         // pskmth: the caller's first choice that the rule accepts and that can be done.
         let acceptable = |m: &str| {
@@ -518,6 +549,7 @@ impl Policy {
                 rule: rule.name.clone(),
                 pskmth: Some(m.clone()),
                 multipart: false,
+                limits,
             }),
             None if rule.require_psk && pskmth.iter().any(|m| m == "none") && pskmth.len() == 1 => {
                 Err(Denied::PskRequired)

@@ -234,3 +234,54 @@ pub fn load_or_create_key(path: &Path) -> anyhow::Result<Zeroizing<[u8; 32]>> {
 pub fn public_key(private: &[u8; 32]) -> [u8; 32] {
     x25519_dalek::PublicKey::from(&x25519_dalek::StaticSecret::from(*private)).to_bytes()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(sip: &str) -> anyhow::Result<Config> {
+        let d =
+            std::env::temp_dir().join(format!("wgsip-config-{}-{}", std::process::id(), sip.len()));
+        std::fs::create_dir_all(&d).unwrap();
+        let path = d.join("endpoint.toml");
+        std::fs::write(
+            &path,
+            format!(
+                "[sip]\n{sip}transport = \"udp\"\nbind = \"192.0.2.2:5070\"\naor = \"sip:vpn@org.example\"\n\
+username = \"vpn\"\npassword_file = \"vpn.password\"\n[wireguard]\ninterface = \"wg0\"\n\
+private_key_file = \"org.key\"\nlisten_port = 51820\naddress = \"192.0.2.2\"\nprefix = \"2001:db8::/64\"\n"
+            ),
+        )
+        .unwrap();
+        Config::load(&path)
+    }
+
+    #[test]
+    fn one_gateway_or_a_list_of_distinct_ones() {
+        let one = load("gateway = \"192.0.2.11:5060\"\n").unwrap();
+        assert_eq!(one.sip.gateway_list().len(), 1);
+        let two = load("gateways = [\"192.0.2.11:5060\", \"192.0.2.12:5060\"]\n").unwrap();
+        // Each flow its own gateway and, over UDP, its own local port.
+        let second = two.sip.for_gateway(1);
+        assert_eq!(
+            second.gateway_list(),
+            ["192.0.2.12:5060".parse::<SocketAddr>().unwrap()]
+        );
+        assert_eq!(second.bind.port(), 5071);
+        assert_eq!(two.sip.for_gateway(0).bind.port(), 5070);
+        for (bad, says) in [
+            ("", "is missing"),
+            (
+                "gateway = \"192.0.2.11:5060\"\ngateways = [\"192.0.2.12:5060\"]\n",
+                "or list several",
+            ),
+            (
+                "gateways = [\"192.0.2.11:5060\", \"192.0.2.11:5060\"]\n",
+                "twice",
+            ),
+        ] {
+            let e = load(bad).unwrap_err().to_string();
+            assert!(e.contains(says), "{bad:?}: {e}");
+        }
+    }
+}

@@ -118,6 +118,15 @@ fn classify_body(msg: &Message, method: Method) -> Result<Body, Reject> {
     }
 }
 
+/// A tunnel just entered in the table as proposed: its key, and what its limits count.
+#[derive(Debug)]
+pub(super) struct Proposed {
+    pub(super) call_id: String,
+    pub(super) caller_tag: String,
+    pub(super) identity: String,
+    pub(super) to: String,
+}
+
 impl Proxy {
     /// Stage 6: the policy decision (and the PSK derivation for a `scram` tunnel).
     pub(super) fn authorize(
@@ -212,7 +221,7 @@ impl Proxy {
         })
     }
 
-    /// Stage 7b: the inward offer, and the tunnel record.
+    /// Stage 7b: the inward offer, and the tunnel record (returned: what its limits count).
     pub(super) fn rewrite_offer(
         &mut self,
         id: TxId,
@@ -221,7 +230,7 @@ impl Proxy {
         targets: &[super::router::Target],
         flow: &Flow,
         now: Instant,
-    ) -> Result<(), Reject> {
+    ) -> Result<Proposed, Reject> {
         let TunnelPlan {
             mut sdp,
             pskmth,
@@ -277,6 +286,12 @@ impl Proxy {
             callee: None,
         };
         let to_aor = tunnel.to.clone();
+        let proposed = Proposed {
+            call_id: call_id.clone(),
+            caller_tag: caller_tag.clone(),
+            identity: tunnel.identity.clone(),
+            to: to_aor.clone(),
+        };
         self.tunnels.insert(tunnel);
         if let Some(ctx) = self.fwd.context_mut(id) {
             ctx.tunnel = Some(TunnelCtx {
@@ -286,7 +301,7 @@ impl Proxy {
                 to_aor,
             });
         }
-        Ok(())
+        Ok(proposed)
     }
 
     /// A hop a PSK may travel over: TLS, or an address in the internal networks.

@@ -49,6 +49,7 @@ pub mod persist;
 pub mod ratelimit;
 pub mod registrar;
 pub mod relay;
+pub mod reserve;
 pub mod router;
 pub mod sampled;
 pub mod stateless;
@@ -219,6 +220,8 @@ pub struct Proxy {
     ratelimit: ratelimit::RateLimit,
     /// A comparison of the tunnel table with the shared store in progress.
     resync: Option<TunnelResync>,
+    /// Set-ups waiting for the shared store to count them against the cluster's limits.
+    reserving: reserve::Reservations,
     /// Bans in force at the last [`Proxy::maintain`] (metrics).
     banned_sources: usize,
     /// A tunnel was established: the next write batch is durable (its transmits wait for it).
@@ -300,6 +303,7 @@ impl Proxy {
             ),
             ratelimit: ratelimit::RateLimit::new(cfg.rate_limit),
             resync: None,
+            reserving: Default::default(),
             banned_sources: 0,
             durable: false,
             stateless: stateless::StatelessCache::new(STATELESS_CAPACITY),
@@ -464,6 +468,16 @@ impl Proxy {
                 m.policy_denials.with_label_values(&[reason]).inc_by(d)
             });
         }
+        let checks = self.reserving.checks;
+        for (label, n) in [
+            ("granted", checks.granted),
+            ("refused", checks.refused),
+            ("unverified", checks.unverified),
+        ] {
+            bump(("limits", label), n, &|d| {
+                m.tunnel_limit_checks.with_label_values(&[label]).inc_by(d)
+            });
+        }
         bump(("auth/challenges", ""), auth_stats.challenges, &|d| {
             m.auth_challenges.inc_by(d)
         });
@@ -530,6 +544,7 @@ impl Proxy {
         self.banned_sources = self.ratelimit.banned(now);
         self.stateless.expire(now);
         self.resync_step(4096);
+        self.expire_reservations(now);
         self.fwd.shrink();
         self.txl.shrink();
     }
@@ -572,6 +587,8 @@ impl Proxy {
                 },
             });
         }
+        // After the rows they count (`ReserveTunnel`).
+        self.writes.extend(self.reserving.take_writes());
         if self.writes.is_empty() {
             return None;
         }
@@ -975,16 +992,40 @@ impl Proxy {
         let targets = self.router.targets(&ruri, self.bindings_for(&ruri, now))?;
 
         // Stage 7b: rewrite the tunnel offer for the inside (checked against the targets).
-        if let Some(plan) = authorization.tunnel {
-            self.rewrite_offer(id, &mut msg, plan, &targets, &flow, now)?;
-        }
+        let proposed = match authorization.tunnel {
+            Some(plan) => Some(self.rewrite_offer(id, &mut msg, plan, &targets, &flow, now)?),
+            None => None,
+        };
 
-        // Stage 8: relay, on the strength of the admission and the policy's permit.
+        // Stage 8: relay, on the strength of the admission and the policy's permit — for a
+        // tunnel with limits on a shared store, once the cluster's counts allow it too.
+        let limits = authorization.permit.limits();
         let clearance = Clearance::OutOfDialog {
             admission,
             permit: authorization.permit,
         };
-        self.relay(id, msg, flow, targets, loop_hash, clearance, now)
+        match proposed {
+            Some(p) if self.cfg.shared_store && limits.any() => {
+                let parked = reserve::Parked {
+                    id,
+                    msg,
+                    flow,
+                    targets,
+                    loop_hash,
+                    clearance,
+                };
+                self.park_for_limits(
+                    parked,
+                    limits,
+                    (p.call_id, p.caller_tag),
+                    p.identity,
+                    p.to,
+                    now,
+                );
+                Ok(())
+            }
+            _ => self.relay(id, msg, flow, targets, loop_hash, clearance, now),
+        }
     }
 
     /// A source in `[trust] sources`.

@@ -60,6 +60,22 @@ pub enum StoreWrite {
         call_id: String,
         caller_tag: String,
     },
+    /// A tunnel just proposed (its `SaveTunnel` earlier in the same batch), counted against
+    /// the policy's limits over the whole cluster (shared store only): in the transaction that
+    /// inserted its row, the store's counters (which include it) must not exceed the limits,
+    /// else the row goes again and the set-up is refused (`Applied::reservations`).
+    ReserveTunnel {
+        call_id: String,
+        caller_tag: String,
+        identity: String,
+        to: String,
+        max_total: Option<u32>,
+        max_per_identity: Option<u32>,
+        max_per_target: Option<u32>,
+        /// Unix second after which the core no longer waits (it went ahead on its own
+        /// counts): a reservation that reaches the store later is not evaluated.
+        wait_until_unix: u64,
+    },
     /// An authentication's outcome, for the other gateways of a cluster to count in their
     /// lockout (announced on a shared store, nothing on a file of one gateway's own).
     AuthOutcome {
@@ -77,9 +93,26 @@ impl StoreWrite {
             StoreWrite::RemoveBinding { .. } => "remove_binding",
             StoreWrite::SaveTunnel(_) => "save_tunnel",
             StoreWrite::DeleteTunnel { .. } => "delete_tunnel",
+            StoreWrite::ReserveTunnel { .. } => "reserve_tunnel",
             StoreWrite::AuthOutcome { .. } => "auth_outcome",
         }
     }
+}
+
+/// What a committed batch decided.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Applied {
+    /// The outcome of each `ReserveTunnel` of the batch.
+    pub reservations: Vec<Reservation>,
+}
+
+/// A tunnel counted against the cluster's limits.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reservation {
+    pub call_id: String,
+    pub caller_tag: String,
+    /// The limit the cluster's tunnels reached (the row is gone), or `None`: within limits.
+    pub refused: Option<gatehouse_policy::Denied>,
 }
 
 /// The writes of one batch of input, in order.

@@ -338,14 +338,7 @@ impl Proxy {
         tracing::trace!(on_behalf_of = clearance.identity(), "relay");
         let method = msg.method().unwrap_or(Method::Other);
         if method == Method::Invite {
-            // Built from the stored request by reference: no copy of the message per INVITE.
-            let trying = self
-                .fwd
-                .context(id)
-                .map(|c| build_response(&c.request, 100, "Trying", None, &[]));
-            if let Some(trying) = trying {
-                self.respond(id, 100, trying, now);
-            }
+            self.send_trying(id, now);
         }
         let last = targets.len().saturating_sub(1);
         let mut msg = Some(msg);
@@ -430,6 +423,18 @@ impl Proxy {
         )?;
         self.remove_route_element(msg, 0);
         Ok(Some(peer))
+    }
+
+    /// 100 Trying for a server INVITE transaction, built from the stored request by
+    /// reference (no copy of the message per INVITE).
+    pub(super) fn send_trying(&mut self, id: TxId, now: Instant) {
+        let trying = self
+            .fwd
+            .context(id)
+            .map(|c| build_response(&c.request, 100, "Trying", None, &[]));
+        if let Some(trying) = trying {
+            self.respond(id, 100, trying, now);
+        }
     }
 
     pub(super) fn add_via_and_forwarding_headers(

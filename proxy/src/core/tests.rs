@@ -848,6 +848,95 @@ fn one_flow_per_device_preferring_ours_then_live_peers() {
     );
 }
 
+/// On a shared store, a tunnel the local policy permits waits for the store's count against
+/// the cluster's limits: nothing leaves but 100 Trying, the batch carries the tunnel's row
+/// and then its reservation; within the limits it is relayed, over them refused with the
+/// policy's 403 (and forgotten), and when the store does not answer in time this gateway's
+/// own counts decide (counted as unverified).
+#[test]
+fn tunnel_limits_are_counted_by_the_shared_store_before_relaying() {
+    const OFFER: &str = "v=0\r\no=- 1 1 IN IP6 2001:db8:666::666\r\ns=-\r\nc=IN IP6 2001:db8:666::666\r\nt=0 0\r\n\
+m=application 57660 udp vnd.wireguard\r\n\
+a=fmtp:vnd.wireguard pubkey=YWl42m1t56sMAYKwGZUQZNuYG+AbdW9eE7KLj3KBT1M=;prefix=2001:db8:456:1::/64;pskmth=none\r\n";
+    let policy = "[limits]\nmax_tunnels = 10\n[[rule]]\nname = \"t\"\nkind = \"tunnel\"\ncallers = [\"trusted\"]\n\
+targets = [\"sip:vpn@org.example\"]\npskmth = [\"none\"]\nprefixes = [\"2001:db8:456::/48\"]\n\
+max_tunnels_per_identity = 3\n";
+    let mut cfg = config();
+    cfg.shared_store = true;
+    cfg.policy = std::sync::Arc::new(gatehouse_policy::Policy::parse(policy, "t").unwrap());
+    let mut h = Harness::new();
+    h.proxy = new_proxy(cfg);
+    let tunnel = |n: u32| {
+        invite("vpn")
+            .replace("caller1", &format!("caller{n}"))
+            .replace("call-1@", &format!("call-{n}@"))
+            .replace(
+                "Content-Length: 4\r\n\r\nv=0\n",
+                &format!("Content-Length: {}\r\n\r\n{OFFER}", OFFER.len()),
+            )
+    };
+    let forwarded = |out: &[Sent]| out.iter().any(|s| s.first_line().starts_with("INVITE"));
+
+    let out = h.send(&tunnel(1), caller_flow());
+    assert_eq!(out.len(), 1, "{out:?}");
+    assert_eq!(out[0].status(), Some(100));
+    let kinds: Vec<&str> = h.written.iter().map(|w| w.label()).collect();
+    assert_eq!(
+        kinds,
+        ["save_tunnel", "reserve_tunnel"],
+        "the row, then its count"
+    );
+    assert!(matches!(
+        &h.written[1],
+        crate::store::StoreWrite::ReserveTunnel {
+            max_total: Some(10),
+            max_per_identity: Some(3),
+            max_per_target: None,
+            ..
+        }
+    ));
+    h.proxy
+        .reservation_outcome("call-1@partner.example", "ft1", None, h.now);
+    assert!(forwarded(&h.drain()), "granted: relayed");
+
+    let out = h.send(&tunnel(2), caller_flow());
+    assert!(!forwarded(&out));
+    h.proxy.reservation_outcome(
+        "call-2@partner.example",
+        "ft1",
+        Some(gatehouse_policy::Denied::LimitIdentity),
+        h.now,
+    );
+    let out = h.drain();
+    assert_eq!(out.len(), 1, "{out:?}");
+    assert!(
+        out[0].first_line().starts_with("SIP/2.0 403"),
+        "{}",
+        out[0].text
+    );
+    assert_eq!(h.proxy.tunnel_count(), 1, "the refused tunnel is forgotten");
+
+    let out = h.send(&tunnel(3), caller_flow());
+    assert!(!forwarded(&out));
+    h.now += super::reserve::WAIT;
+    h.proxy.maintain(h.now);
+    assert!(
+        forwarded(&h.drain()),
+        "the store did not answer: local counts decide"
+    );
+    // A late answer changes nothing.
+    h.proxy.reservation_outcome(
+        "call-3@partner.example",
+        "ft1",
+        Some(gatehouse_policy::Denied::LimitTotal),
+        h.now,
+    );
+    assert!(h.drain().is_empty());
+    let c = h.proxy.limit_checks();
+    assert_eq!((c.granted, c.refused, c.unverified), (1, 1, 1));
+    assert_eq!(h.proxy.parked_setups(), 0);
+}
+
 #[test]
 fn ack_for_2xx_is_forwarded_statelessly_along_the_route() {
     let mut h = Harness::new();

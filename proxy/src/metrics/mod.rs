@@ -16,6 +16,7 @@
 //! | `gatehouse_auth_challenges_total`, `gatehouse_auth_lockouts_total` | counter | |
 //! | `gatehouse_policy_denials_total` | counter | `reason` |
 //! | `gatehouse_tunnels_active` | gauge | |
+//! | `gatehouse_tunnel_limit_checks_total` | counter | `outcome` (`granted`, `refused`, `unverified`): set-ups counted against the cluster's limits by the shared store (`unverified`: it did not answer in time, the gateway's own counts decided) |
 //! | `gatehouse_tunnel_setup_duration_seconds` | histogram | |
 //! | `gatehouse_registrar_bindings` | gauge | |
 //! | `gatehouse_internal_errors_total` | counter | `area` (`sip`, `sasl`, `admin`, `reload`): panics caught |
@@ -67,6 +68,7 @@ pub struct Metrics {
     pub auth_lockouts: IntCounter,
     pub policy_denials: IntCounterVec,
     pub tunnels_active: IntGauge,
+    pub tunnel_limit_checks: IntCounterVec,
     pub tunnel_setup: Histogram,
     pub registrar_bindings: IntGauge,
     pub internal_errors: IntCounterVec,
@@ -199,6 +201,18 @@ impl Metrics {
                 "Requests denied by policy",
                 &["reason"],
             ),
+            tunnel_limit_checks: {
+                let c = counter_vec(
+                    &r,
+                    "gatehouse_tunnel_limit_checks_total",
+                    "Tunnel set-ups counted against the cluster's limits by the shared store",
+                    &["outcome"],
+                );
+                for outcome in ["granted", "refused", "unverified"] {
+                    c.with_label_values(&[outcome]);
+                }
+                c
+            },
             tunnels_active: gauge(
                 &r,
                 "gatehouse_tunnels_active",

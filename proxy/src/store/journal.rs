@@ -102,14 +102,14 @@ pub fn replay(store: &mut SqliteStore, path: &Path) -> Result<usize, StoreError>
         }
     }
     match store.apply(&writes) {
-        Ok(()) => {}
+        Ok(_) => {}
         // Locked past the busy timeout: keep the journal, refuse to start (said clearly).
         Err(e) if e.is_busy() => return Err(e),
         // One bad write must not keep the gateway from starting: the rest go one by one.
         Err(_) => {
             for w in &writes {
                 match store.apply(std::slice::from_ref(w)) {
-                    Ok(()) => {}
+                    Ok(_) => {}
                     Err(e) if e.is_busy() => return Err(e),
                     Err(e) => {
                         tracing::error!(write = w.label(), error = %e, "journal write not applied")

@@ -19,7 +19,9 @@ pub mod pg;
 pub mod sqlite;
 pub mod worker;
 
-pub use crate::core::persist::{BindingRecord, Credentials, Snapshot, StoreWrite};
+pub use crate::core::persist::{
+    Applied, BindingRecord, Credentials, Reservation, Snapshot, StoreWrite,
+};
 pub use pg::PgStore;
 pub use sqlite::SqliteStore;
 
@@ -277,7 +279,7 @@ impl Store {
     }
 
     /// Applies a batch of the core's writes in one transaction (all or nothing).
-    pub fn apply(&mut self, writes: &[StoreWrite]) -> Result<(), StoreError> {
+    pub fn apply(&mut self, writes: &[StoreWrite]) -> Result<Applied, StoreError> {
         each!(self, s => s.apply(writes))
     }
 

@@ -24,8 +24,8 @@ use postgres::{Client, NoTls, Row};
 use tokio_postgres_rustls::MakeRustlsConnect;
 
 use super::{
-    unix_now, validate_user, BindingRecord, Credentials, Role, Snapshot, StoreError, StoreWrite,
-    TunnelQuery, UserSummary,
+    unix_now, validate_user, Applied, BindingRecord, Credentials, Reservation, Role, Snapshot,
+    StoreError, StoreWrite, TunnelQuery, UserSummary,
 };
 
 /// The PostgreSQL schema, one entry per version. Never edit one that has shipped: add the next.
@@ -123,6 +123,42 @@ const MIGRATIONS: &[&str] = &[
     END $$;
     CREATE TRIGGER binding_changed AFTER INSERT OR UPDATE OR DELETE ON bindings
         FOR EACH ROW EXECUTE FUNCTION gatehouse_binding_changed();",
+    // 4: tunnels counted in total, per identity and per target by a trigger, so that a
+    // tunnel's limits are checked against the whole cluster in the transaction that inserts
+    // it (`ReserveTunnel`). The `total` row is always locked first: no deadlock.
+    "CREATE TABLE tunnel_counts (
+        kind TEXT NOT NULL,
+        key  TEXT NOT NULL,
+        n    BIGINT NOT NULL,
+        PRIMARY KEY (kind, key)
+    );
+    INSERT INTO tunnel_counts SELECT 'total', '', count(*) FROM tunnels;
+    INSERT INTO tunnel_counts SELECT 'identity', identity, count(*) FROM tunnels GROUP BY identity;
+    INSERT INTO tunnel_counts SELECT 'target', to_aor, count(*) FROM tunnels GROUP BY to_aor;
+    CREATE FUNCTION gatehouse_tunnel_counted() RETURNS trigger LANGUAGE plpgsql AS $$
+    DECLARE
+        d BIGINT;
+        ident TEXT;
+        target TEXT;
+    BEGIN
+        IF TG_OP = 'INSERT' THEN
+            d := 1; ident := NEW.identity; target := NEW.to_aor;
+        ELSE
+            d := -1; ident := OLD.identity; target := OLD.to_aor;
+        END IF;
+        INSERT INTO tunnel_counts (kind, key, n) VALUES ('total', '', d)
+            ON CONFLICT (kind, key) DO UPDATE SET n = tunnel_counts.n + EXCLUDED.n;
+        INSERT INTO tunnel_counts (kind, key, n) VALUES ('identity', ident, d)
+            ON CONFLICT (kind, key) DO UPDATE SET n = tunnel_counts.n + EXCLUDED.n;
+        INSERT INTO tunnel_counts (kind, key, n) VALUES ('target', target, d)
+            ON CONFLICT (kind, key) DO UPDATE SET n = tunnel_counts.n + EXCLUDED.n;
+        IF d < 0 THEN
+            DELETE FROM tunnel_counts WHERE kind <> 'total' AND key IN (ident, target) AND n <= 0;
+        END IF;
+        RETURN NULL;
+    END $$;
+    CREATE TRIGGER tunnel_counted AFTER INSERT OR DELETE ON tunnels
+        FOR EACH ROW EXECUTE FUNCTION gatehouse_tunnel_counted();",
 ];
 
 /// The prefix of the `application_name` of a gateway's listening connection; the rest is its
@@ -769,8 +805,9 @@ impl PgStore {
     }
 
     /// Applies a batch of the core's writes in one transaction (all or nothing).
-    pub fn apply(&self, writes: &[StoreWrite]) -> Result<(), StoreError> {
+    pub fn apply(&self, writes: &[StoreWrite]) -> Result<Applied, StoreError> {
         self.run(|| {
+        let mut applied = Applied::default();
         let mut c = self.client()?;
         let mut tx = c.transaction().map_err(pg)?;
         for w in writes {
@@ -838,9 +875,67 @@ impl PgStore {
                     tx.execute("SELECT pg_notify('gatehouse_auth', $1)", &[&payload])
                         .map_err(pg)?;
                 }
+                StoreWrite::ReserveTunnel {
+                    call_id,
+                    caller_tag,
+                    identity,
+                    to,
+                    max_total,
+                    max_per_identity,
+                    max_per_target,
+                    wait_until_unix,
+                } => {
+                    // Queued through an outage: the core went ahead without the answer.
+                    if unix_now() > *wait_until_unix as i64 {
+                        continue;
+                    }
+                    // The counters include this tunnel (its row went in above, the trigger
+                    // counted it) and every tunnel committed before: another transaction
+                    // inserting a tunnel waits on the `total` counter row until this one ends,
+                    // so two gateways cannot both take the last place.
+                    let rows = tx
+                        .query(
+                            "SELECT kind, n FROM tunnel_counts WHERE (kind = 'total' AND key = '')
+                               OR (kind = 'identity' AND key = $1) OR (kind = 'target' AND key = $2)
+                             FOR UPDATE",
+                            &[identity, to],
+                        )
+                        .map_err(pg)?;
+                    let count = |kind: &str| {
+                        rows.iter()
+                            .find(|r| r.get::<_, &str>(0) == kind)
+                            .map_or(0, |r| r.get::<_, i64>(1))
+                    };
+                    let over = |max: &Option<u32>, kind: &str| {
+                        max.is_some_and(|m| count(kind) > i64::from(m))
+                    };
+                    use gatehouse_policy::Denied;
+                    let refused = if over(max_total, "total") {
+                        Some(Denied::LimitTotal)
+                    } else if over(max_per_identity, "identity") {
+                        Some(Denied::LimitIdentity)
+                    } else if over(max_per_target, "target") {
+                        Some(Denied::LimitTarget)
+                    } else {
+                        None
+                    };
+                    if refused.is_some() {
+                        tx.execute(
+                            "DELETE FROM tunnels WHERE call_id = $1 AND caller_tag = $2",
+                            &[call_id, caller_tag],
+                        )
+                        .map_err(pg)?;
+                    }
+                    applied.reservations.push(Reservation {
+                        call_id: call_id.clone(),
+                        caller_tag: caller_tag.clone(),
+                        refused,
+                    });
+                }
             }
         }
-        tx.commit().map_err(pg)
+        tx.commit().map_err(pg)?;
+        Ok(applied)
         })
     }
 

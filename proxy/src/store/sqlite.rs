@@ -14,8 +14,8 @@ use gatehouse_auth::{Credential, Mechanism};
 use rusqlite::{params, Connection, OptionalExtension};
 
 use super::{
-    journal, unix_now, validate_user, BindingRecord, Credentials, Role, Snapshot, StoreError,
-    StoreWrite, TunnelQuery, UserSummary,
+    journal, unix_now, validate_user, Applied, BindingRecord, Credentials, Reservation, Role,
+    Snapshot, StoreError, StoreWrite, TunnelQuery, UserSummary,
 };
 
 const MIGRATIONS: &[&str] = &[
@@ -439,7 +439,8 @@ impl SqliteStore {
     }
 
     /// Applies a batch of the core's writes in one transaction (all or nothing).
-    pub fn apply(&mut self, writes: &[StoreWrite]) -> Result<(), StoreError> {
+    pub fn apply(&mut self, writes: &[StoreWrite]) -> Result<Applied, StoreError> {
+        let mut applied = Applied::default();
         let tx = self.conn.transaction()?;
         for w in writes {
             match w {
@@ -452,10 +453,21 @@ impl SqliteStore {
                 } => delete_tunnel(&tx, call_id, caller_tag)?,
                 // One gateway per file: nobody to tell.
                 StoreWrite::AuthOutcome { .. } => {}
+                // One gateway per file: its own table is the count that matters, and the
+                // core checked it (a core on a file store asks for no reservation).
+                StoreWrite::ReserveTunnel {
+                    call_id,
+                    caller_tag,
+                    ..
+                } => applied.reservations.push(Reservation {
+                    call_id: call_id.clone(),
+                    caller_tag: caller_tag.clone(),
+                    refused: None,
+                }),
             }
         }
         tx.commit()?;
-        Ok(())
+        Ok(applied)
     }
 
     // ----- bindings -----

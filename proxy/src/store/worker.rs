@@ -74,6 +74,8 @@ pub enum StoreEvent {
     /// The `[cluster] peer_uri` of every gateway connected to the shared database (sent when
     /// the set changes).
     Peers(std::collections::HashSet<String>),
+    /// Tunnels counted against the cluster's limits in a committed batch.
+    Reservations(Vec<super::Reservation>),
     /// Another gateway of the cluster authenticated `user` from `source`, or failed to.
     AuthOutcome {
         user: Option<String>,
@@ -423,6 +425,15 @@ impl Worker {
         }
     }
 
+    /// Tells the loop what a committed batch decided.
+    fn report(&self, applied: super::Applied) {
+        if !applied.reservations.is_empty() {
+            let _ = self
+                .events
+                .send(StoreEvent::Reservations(applied.reservations));
+        }
+    }
+
     /// Reads which gateways are connected; the loop hears of a change.
     fn poll_peers(&mut self) {
         match self.store.live_peers() {
@@ -465,7 +476,8 @@ impl Worker {
             self.store.apply(&self.pending)
         }));
         match result {
-            Ok(Ok(())) => {
+            Ok(Ok(applied)) => {
+                self.report(applied);
                 self.metrics.store_available.set(1);
                 self.metrics
                     .store_commit
@@ -593,7 +605,10 @@ impl Worker {
                 self.store.apply(std::slice::from_ref(w))
             }));
             let error = match r {
-                Ok(Ok(())) => continue,
+                Ok(Ok(applied)) => {
+                    self.report(applied);
+                    continue;
+                }
                 Ok(Err(e)) => e.to_string(),
                 Err(_) => "panic".to_owned(),
             };

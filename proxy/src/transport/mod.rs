@@ -666,6 +666,13 @@ impl Driver {
             StoreEvent::AllBindings(stored) => {
                 self.proxy.all_stored_bindings(stored, Instant::now())
             }
+            StoreEvent::Reservations(outcomes) => {
+                let now = Instant::now();
+                for r in outcomes {
+                    self.proxy
+                        .reservation_outcome(&r.call_id, &r.caller_tag, r.refused, now);
+                }
+            }
             StoreEvent::Peers(peers) => {
                 tracing::info!(
                     peers = peers.len(),
