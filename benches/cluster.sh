@@ -54,6 +54,8 @@ gateway() {
     local n=$1 store=$2 ip="127.0.0.$((10 + $1))"
     sasl_gateway "$ip:5066" "$store" "[cluster]
 balancers = [\"127.0.0.10\"]" >"$work/gw$n.toml"
+    # LIMITS=1: the rule (the file's last table) gets a limit, counted cluster-wide on PostgreSQL.
+    [ -n "${LIMITS:-}" ] && echo 'max_tunnels_per_identity = 1000000' >>"$work/policy.toml"
     "$gh" run --config "$work/gw$n.toml" >"$work/gw$n.log" 2>&1 &
     gw_pid[$n]=$!
     for _ in $(seq 100); do ss -lun | grep -q "$ip:5066 " && return 0; sleep 0.1; done
@@ -72,10 +74,13 @@ loadrun() {
     persec=$(sed -n 's/.* in [0-9.]* s (\([0-9.]*\)\/s).*/\1/p' "$work/load.log" | head -1)
 }
 
-# --- 1. One gateway: SQLite, then PostgreSQL.
-for kind in sqlite postgres; do
-    store="$work/store.sqlite"; [ "$kind" = postgres ] && store="$pgurl"
+# --- 1. One gateway: SQLite, then PostgreSQL, then PostgreSQL with a tunnel limit (each set-up
+# counted by the database before it is relayed).
+for kind in sqlite postgres postgres+limits; do
+    store="$work/store.sqlite"; [ "$kind" != sqlite ] && store="$pgurl"
+    LIMITS=""; [ "$kind" = postgres+limits ] && LIMITS=1
     gateway 1 "$store"
+    LIMITS=""
     g0=$(cpu_ticks "${gw_pid[1]}"); p0=$(pg_ticks)
     loadrun 127.0.0.11:5066 "$rate" "$count"
     g1=$(cpu_ticks "${gw_pid[1]}"); p1=$(pg_ticks)

@@ -588,13 +588,16 @@ impl Proxy {
             });
         }
         // After the rows they count (`ReserveTunnel`).
-        self.writes.extend(self.reserving.take_writes());
+        let reservations = self.reserving.take_writes();
+        let urgent = !reservations.is_empty();
+        self.writes.extend(reservations);
         if self.writes.is_empty() {
             return None;
         }
         Some(persist::WriteBatch {
             writes: std::mem::take(&mut self.writes),
             durable: std::mem::take(&mut self.durable),
+            urgent,
         })
     }
 

@@ -123,4 +123,7 @@ pub struct WriteBatch {
     /// them) must not leave before the batch is committed, so an established tunnel is never
     /// lost to a crash. The driver holds them until the storage worker acknowledges.
     pub durable: bool,
+    /// The core waits for what the store answers to this batch (a tunnel's reservation
+    /// against the cluster's limits): hand it to the worker now, not at the next tick.
+    pub urgent: bool,
 }

@@ -802,7 +802,7 @@ impl Driver {
             // durable batch or tick, so the worker wakes and commits once for many of them;
             // order is kept, since everything goes through the one queue in sequence.
             self.deferred.extend(batch.writes);
-            if batch.durable || self.deferred.len() >= DEFER_MAX {
+            if batch.durable || batch.urgent || self.deferred.len() >= DEFER_MAX {
                 let seq = self.submit_deferred();
                 if let (Some(seq), true) = (seq, batch.durable) {
                     self.hold_until = seq;
