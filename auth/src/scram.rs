@@ -76,9 +76,11 @@ impl Verifier {
     }
 }
 
-/// Constant-time comparison of equal-length secrets.
+/// Constant-time comparison of secrets (`subtle`; unequal lengths are unequal, and the
+/// lengths themselves are not secret).
 pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    use subtle::ConstantTimeEq;
+    a.ct_eq(b).into()
 }
 
 /// Encodes a username as a SCRAM `saslname`.

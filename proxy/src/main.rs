@@ -14,11 +14,26 @@ use gatehouse::transport::Bound;
 /// Exit code for a configuration error (EX_USAGE, sysexits.h).
 const EX_CONFIG: u8 = 64;
 
+/// Shown under `gatehouse --help`.
+const COMMON_TASKS: &str = "\
+Common tasks:
+  gatehouse run                                   try it: the embedded default on loopback
+  gatehouse check-config /etc/gatehouse/gatehouse.toml
+  gatehouse run --config /etc/gatehouse/gatehouse.toml
+  gatehouse user add alice --aor sip:alice@partner.example --config /etc/gatehouse/gatehouse.toml
+  gatehouse admin-user add root --config /etc/gatehouse/gatehouse.toml
+  gatehouse admin --user root tunnels             what is up, like `wg show`
+  kill -HUP $(pidof gatehouse)                    reload configuration and policy
+
+Exit codes: 0 success; 1 failure (the error is printed on one line); 64 invalid configuration or
+arguments.";
+
 #[derive(Parser)]
 #[command(
     name = "gatehouse",
     version,
-    about = "SASL-authenticating SIP edge proxy"
+    about = "SASL-authenticating SIP edge proxy",
+    after_help = COMMON_TASKS
 )]
 struct Cli {
     #[command(subcommand)]
@@ -33,17 +48,21 @@ enum Command {
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
-    /// Validate a configuration file; errors name the line and key (exit 64).
+    /// Validate a configuration file without touching the network; errors name the line and
+    /// key (exit 64).
     CheckConfig {
         /// Configuration file (TOML).
         file: PathBuf,
+        /// Also resolve the host names of route targets (DNS), as `run` does.
+        #[arg(long)]
+        resolve: bool,
     },
     /// Print the embedded default configuration.
     DefaultConfig,
     /// Manage admin identities (admin API) in the store.
     AdminUser {
-        #[arg(long, global = true)]
-        store: Option<PathBuf>,
+        #[command(flatten)]
+        store: StoreArgs,
         #[command(subcommand)]
         action: AdminUserAction,
     },
@@ -52,6 +71,7 @@ enum Command {
         /// Admin API address (host:port, plain HTTP on loopback).
         #[arg(long, default_value = "127.0.0.1:9465")]
         url: String,
+        /// Admin identity (`gatehouse admin-user add`).
         #[arg(long)]
         user: String,
         /// Password file (mode 0600); otherwise a prompt or stdin.
@@ -65,62 +85,124 @@ enum Command {
     },
     /// Manage SIP users in the credentials store (passwords from a prompt or stdin, never argv).
     User {
-        /// The SQLite store file (created when missing).
-        #[arg(long, global = true)]
-        store: Option<PathBuf>,
+        #[command(flatten)]
+        store: StoreArgs,
         #[command(subcommand)]
         action: UserAction,
     },
+}
+
+/// Where `gatehouse user` and `gatehouse admin-user` find the store.
+#[derive(clap::Args)]
+struct StoreArgs {
+    /// The store: an SQLite file (created when missing) or a postgres:// URL; overrides the
+    /// configuration's.
+    #[arg(long, global = true, value_name = "FILE|URL")]
+    store: Option<PathBuf>,
+    /// The gateway's configuration file: its `[auth] store`, and `auth.iterations` for new
+    /// verifiers.
+    #[arg(long, short, global = true, value_name = "FILE")]
+    config: Option<PathBuf>,
+}
+
+impl StoreArgs {
+    /// The store to open and the PBKDF2 iterations for new verifiers (the configuration's, or
+    /// 4096).
+    fn resolve(&self) -> anyhow::Result<(PathBuf, u32)> {
+        let cfg = self
+            .config
+            .as_ref()
+            .map(|p| Config::load_offline(p).map_err(|e| anyhow::anyhow!("{e}")))
+            .transpose()?;
+        let iterations = cfg.as_ref().map_or(4096, |c| c.auth.iterations);
+        let store = match (&self.store, &cfg) {
+            (Some(s), _) => s.clone(),
+            (None, Some(c)) => c.auth.store.clone().with_context(|| {
+                format!(
+                    "{} has no [auth] store (the gateway keeps users in memory)",
+                    self.config
+                        .as_ref()
+                        .map_or(String::new(), |p| p.display().to_string())
+                )
+            })?,
+            (None, None) => anyhow::bail!("--store FILE|URL or --config FILE is required"),
+        };
+        Ok((store, iterations))
+    }
 }
 
 #[derive(Subcommand)]
 enum AdminUserAction {
     /// Add an admin identity (password from a prompt or stdin).
     Add {
+        /// The identity's name.
         username: String,
+        /// `admin` (every call) or `read-only` (listings and status).
         #[arg(long, default_value = "admin")]
         role: String,
     },
+    /// Delete an admin identity.
     Del {
+        /// The identity's name.
         username: String,
     },
+    /// List admin identities and their roles.
     List,
 }
 
 #[derive(Subcommand)]
 enum AdminAction {
+    /// Counts: transactions, tunnels, registrations, pending SASL exchanges, connections.
     Status,
+    /// Tunnels (every gateway's on a shared store).
     Tunnels,
     /// Tear a tunnel down (BYE both ways).
     Teardown {
+        /// The tunnel's Call-ID (from `tunnels`).
         call_id: String,
     },
+    /// Registered internal endpoints (live bindings).
     Registrations,
     /// Remove an AOR's bindings.
     Unregister {
+        /// The AOR, e.g. sip:vpn@org.example.
         aor: String,
     },
+    /// SIP users in the store.
     Users,
+    /// Add a SIP user (password from a prompt or stdin).
     UserAdd {
+        /// The user's name.
         username: String,
+        /// A SIP AOR the user may present (repeatable).
         #[arg(long = "aor", required = true)]
         aors: Vec<String>,
     },
+    /// Disable a SIP user (authentication fails as for a wrong password).
     UserDisable {
+        /// The user's name.
         username: String,
     },
+    /// Enable a SIP user.
     UserEnable {
+        /// The user's name.
         username: String,
     },
+    /// Delete a SIP user.
     UserDel {
+        /// The user's name.
         username: String,
     },
+    /// Set a SIP user's password (from a prompt or stdin).
     UserPasswd {
+        /// The user's name.
         username: String,
     },
-    /// Reload the policy file.
+    /// Reload the configuration and the policy file (as SIGHUP does).
     Reload,
+    /// Change the log filter at run time.
     LogLevel {
+        /// A level (`error`, `warn`, `info`, `debug`, `trace`) or a tracing filter.
         level: String,
     },
 }
@@ -129,6 +211,7 @@ enum AdminAction {
 enum UserAction {
     /// Add a user; the password is read from the terminal (twice) or from stdin.
     Add {
+        /// The user's name (the SASL authentication identity).
         username: String,
         /// A SIP AOR the user may present (repeatable), e.g. sip:alice@partner.example.
         #[arg(long = "aor", required = true)]
@@ -136,26 +219,41 @@ enum UserAction {
         /// Restrict the user to these mechanisms (repeatable).
         #[arg(long = "mech")]
         mechanisms: Vec<String>,
-        /// PBKDF2 iterations of the SCRAM verifier.
-        #[arg(long, default_value_t = 4096)]
-        iterations: u32,
+        /// PBKDF2 iterations of the SCRAM verifier (default: the configuration's
+        /// auth.iterations, else 4096).
+        #[arg(long)]
+        iterations: Option<u32>,
     },
     /// Set a new password.
     Passwd {
+        /// The user's name.
         username: String,
-        #[arg(long, default_value_t = 4096)]
-        iterations: u32,
+        /// PBKDF2 iterations of the new verifier (default as for `add`).
+        #[arg(long)]
+        iterations: Option<u32>,
     },
     /// Delete a user.
-    Del { username: String },
+    Del {
+        /// The user's name.
+        username: String,
+    },
     /// Disable a user (authentication fails as for a wrong password).
-    Disable { username: String },
+    Disable {
+        /// The user's name.
+        username: String,
+    },
     /// Enable a user.
-    Enable { username: String },
+    Enable {
+        /// The user's name.
+        username: String,
+    },
     /// List users.
     List,
     /// Show one user (never key material).
-    Show { username: String },
+    Show {
+        /// The user's name.
+        username: String,
+    },
 }
 
 /// mimalloc: size-segregated pages that are given back when empty, so a table of long-lived
@@ -167,7 +265,11 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::CheckConfig { file } => match Config::load(&file) {
+        Command::CheckConfig { file, resolve } => match if resolve {
+            Config::load(&file)
+        } else {
+            Config::load_offline(&file)
+        } {
             Ok(_) => {
                 println!("{}: ok", file.display());
                 ExitCode::SUCCESS
@@ -267,9 +369,9 @@ fn init_logging(cfg: &Config) {
     }
 }
 
-fn admin_user(store: Option<PathBuf>, action: AdminUserAction) -> anyhow::Result<()> {
+fn admin_user(store: StoreArgs, action: AdminUserAction) -> anyhow::Result<()> {
     use gatehouse::store::{Role, Store};
-    let path = store.context("--store FILE is required")?;
+    let (path, _) = store.resolve()?;
     let mut store =
         Store::open(&path).with_context(|| format!("cannot open {}", path.display()))?;
     match action {
@@ -502,9 +604,9 @@ fn read_password(confirm: bool) -> anyhow::Result<zeroize::Zeroizing<String>> {
     Ok(password)
 }
 
-fn user(store: Option<PathBuf>, action: UserAction) -> anyhow::Result<()> {
+fn user(store: StoreArgs, action: UserAction) -> anyhow::Result<()> {
     use gatehouse::store::Store;
-    let path = store.context("--store FILE is required")?;
+    let (path, configured) = store.resolve()?;
     let mut store =
         Store::open(&path).with_context(|| format!("cannot open {}", path.display()))?;
     match action {
@@ -523,6 +625,7 @@ fn user(store: Option<PathBuf>, action: UserAction) -> anyhow::Result<()> {
                 .collect::<anyhow::Result<Vec<_>>>()?;
             let password = read_password(true)?;
             let mechs = (!mechs.is_empty()).then_some(mechs.as_slice());
+            let iterations = iterations.unwrap_or(configured);
             store.add_user(&username, password.as_bytes(), &aors, mechs, iterations)?;
             println!("added {username}");
         }
@@ -531,6 +634,7 @@ fn user(store: Option<PathBuf>, action: UserAction) -> anyhow::Result<()> {
             iterations,
         } => {
             let password = read_password(true)?;
+            let iterations = iterations.unwrap_or(configured);
             store.set_password(&username, password.as_bytes(), iterations)?;
             println!("password of {username} changed");
         }
@@ -573,4 +677,37 @@ fn user(store: Option<PathBuf>, action: UserAction) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    /// Every subcommand and every flag or argument says what it is for (`--help`).
+    #[test]
+    fn every_subcommand_and_argument_has_help() {
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for arg in cmd.get_arguments() {
+                let id = arg.get_id().as_str();
+                if matches!(id, "help" | "version") {
+                    continue;
+                }
+                if arg.get_help().is_none() && arg.get_long_help().is_none() {
+                    missing.push(format!("{path} {id}"));
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                let p = format!("{path} {}", sub.get_name());
+                if sub.get_about().is_none() && sub.get_name() != "help" {
+                    missing.push(p.clone());
+                }
+                walk(sub, &p, missing);
+            }
+        }
+        let mut missing = Vec::new();
+        walk(&Cli::command(), "gatehouse", &mut missing);
+        assert!(missing.is_empty(), "without help text: {missing:?}");
+        Cli::command().debug_assert();
+    }
 }

@@ -29,6 +29,10 @@ fn version_and_help() {
         text.contains("run") && text.contains("check-config"),
         "{text}"
     );
+    assert!(
+        text.contains("Common tasks:") && text.contains("Exit codes:"),
+        "{text}"
+    );
 }
 
 #[test]
@@ -294,6 +298,139 @@ fn user_commands_round_trip_and_never_store_the_password() {
     assert!(out.status.success());
     let out = user_cmd(&store, &["show", "alice"], None);
     assert!(!out.status.success());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `gatehouse user|admin-user --config FILE` take the store and the verifiers' iterations from
+/// the gateway's configuration; `--store` overrides the store; without either, one clear error.
+#[test]
+fn user_commands_take_the_store_and_iterations_from_the_configuration() {
+    let dir = std::env::temp_dir().join(format!("gatehouse-users-cfg-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("dir");
+    let config = dir.join("gatehouse.toml");
+    std::fs::write(
+        &config,
+        "[sip]\ndomains = [\"org.example\"]\n[[listen]]\ntransport = \"udp\"\naddress = \"127.0.0.1:5060\"\n\
+[auth]\nstore = \"users.sqlite\"\niterations = 8192\n",
+    )
+    .expect("write");
+    let run = |args: &[&str], stdin: &str| {
+        use std::io::Write;
+        let mut child = bin()
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start");
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(stdin.as_bytes())
+            .expect("write");
+        child.wait_with_output().expect("wait")
+    };
+    let cfg = config.to_str().unwrap();
+    let out = run(
+        &[
+            "user",
+            "add",
+            "alice",
+            "--aor",
+            "sip:alice@partner.example",
+            "--config",
+            cfg,
+        ],
+        "alice-secret\n",
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The store named by the configuration (relative to it), with its iterations.
+    let out = run(&["user", "show", "alice", "-c", cfg], "");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("iterations: 8192"), "{text}");
+    assert!(dir.join("users.sqlite").exists());
+    let out = run(
+        &["admin-user", "add", "root", "--config", cfg],
+        "root-secret\n",
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // --store wins over the configuration's.
+    let other = dir.join("other.sqlite");
+    let out = run(
+        &[
+            "user",
+            "list",
+            "--config",
+            cfg,
+            "--store",
+            other.to_str().unwrap(),
+        ],
+        "",
+    );
+    assert!(out.status.success());
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("alice"));
+    let out = run(&["user", "list"], "");
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        err.trim(),
+        "error: --store FILE|URL or --config FILE is required",
+        "one line"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `check-config` touches no network: a route to a name that does not resolve is checked for
+/// its form only; `--resolve` resolves names as `run` does (here one /etc/hosts answers).
+#[test]
+fn check_config_resolves_names_only_when_asked() {
+    let dir = std::env::temp_dir().join(format!("gatehouse-resolve-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let base = "[sip]\ndomains = [\"org.example\"]\n[[listen]]\ntransport = \"udp\"\naddress = \"127.0.0.1:5060\"\n";
+    let offline = dir.join("offline.toml");
+    std::fs::write(
+        &offline,
+        format!("{base}[[route]]\naor = \"sip:vpn@org.example\"\ntarget = \"sip:vpn@gateway.invalid:5070\"\n"),
+    )
+    .expect("write");
+    let out = bin()
+        .arg("check-config")
+        .arg(&offline)
+        .output()
+        .expect("run");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let local = dir.join("local.toml");
+    std::fs::write(
+        &local,
+        format!(
+            "{base}[[route]]\naor = \"sip:vpn@org.example\"\ntarget = \"sip:vpn@localhost:5070\"\n"
+        ),
+    )
+    .expect("write");
+    let out = bin()
+        .args(["check-config", "--resolve"])
+        .arg(&local)
+        .output()
+        .expect("run");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 

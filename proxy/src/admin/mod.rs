@@ -139,6 +139,8 @@ pub struct AdminState {
     commands: mpsc::Sender<Command>,
     log: Option<LogControl>,
     metrics: Arc<crate::metrics::Metrics>,
+    /// PBKDF2 iterations of the verifiers it writes (`auth.iterations`).
+    iterations: u32,
 }
 
 impl std::fmt::Debug for AdminState {
@@ -158,6 +160,7 @@ impl AdminState {
         commands: mpsc::Sender<Command>,
         log: Option<LogControl>,
         metrics: Arc<crate::metrics::Metrics>,
+        iterations: u32,
     ) -> Self {
         let secret = store.key("admin-fake-verifier").unwrap_or([7; 32]);
         AdminState {
@@ -167,7 +170,8 @@ impl AdminState {
                 ttl: Duration::from_secs(30),
                 max_pending: 256,
                 max_pending_per_source: 16,
-                iterations: 4096,
+                // Unknown admins get fake verifiers like the real ones.
+                iterations,
                 secret: Secret::new(secret),
                 // The admin API is the I/O side: its seed comes from the operating system.
                 seed: Secret::new(rand::random()),
@@ -179,6 +183,7 @@ impl AdminState {
             commands,
             log,
             metrics,
+            iterations,
         }
     }
 }
@@ -523,8 +528,9 @@ async fn handle(
                 )
             } else {
                 let username = username.to_owned();
+                let iterations = state.iterations;
                 change_users(&state, StatusCode::CREATED, move |st| {
-                    st.add_user(&username, password.as_bytes(), &aors, None, 4096)
+                    st.add_user(&username, password.as_bytes(), &aors, None, iterations)
                 })
                 .await
             }
@@ -541,8 +547,9 @@ async fn handle(
                     &[],
                 )
             } else {
+                let iterations = state.iterations;
                 change_users(&state, StatusCode::OK, move |st| {
-                    st.set_password(&name, password.as_bytes(), 4096)
+                    st.set_password(&name, password.as_bytes(), iterations)
                 })
                 .await
             }

@@ -506,14 +506,34 @@ impl Ctx<'_> {
     }
 }
 
+/// Whether loading a configuration resolves the host names of route targets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Resolve {
+    /// Resolve them (once, at load): what a running gateway uses.
+    Names,
+    /// Leave them as names: no network at all (`check-config` without `--resolve`).
+    Never,
+}
+
 impl Config {
     /// The embedded default configuration.
     pub fn embedded() -> Config {
         Config::parse(DEFAULT_CONFIG, "<embedded>").expect("the embedded default config is valid")
     }
 
-    /// Reads and validates a file.
+    /// Reads and validates a file; route targets named by host are resolved (what a
+    /// running gateway needs: `run`, reloads, `check-config --resolve`).
     pub fn load(path: &std::path::Path) -> Result<Config, ConfigError> {
+        Config::load_with(path, Resolve::Names)
+    }
+
+    /// Reads and validates a file without touching the network: route targets named by host
+    /// stay names (`check-config`, the user commands).
+    pub fn load_offline(path: &std::path::Path) -> Result<Config, ConfigError> {
+        Config::load_with(path, Resolve::Never)
+    }
+
+    fn load_with(path: &std::path::Path, resolve: Resolve) -> Result<Config, ConfigError> {
         let origin = path.display().to_string();
         let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
             origin: origin.clone(),
@@ -521,7 +541,7 @@ impl Config {
             key: String::new(),
             message: format!("cannot read: {e}"),
         })?;
-        let mut cfg = Config::parse_in(&text, &origin, path.parent())?;
+        let mut cfg = Config::parse_with(&text, &origin, path.parent(), resolve)?;
         cfg.source = Some(path.to_path_buf());
         Ok(cfg)
     }
@@ -537,6 +557,16 @@ impl Config {
         text: &str,
         origin: &str,
         base: Option<&std::path::Path>,
+    ) -> Result<Config, ConfigError> {
+        Config::parse_with(text, origin, base, Resolve::Names)
+    }
+
+    /// [`Config::parse_in`], resolving route targets' host names or not.
+    pub fn parse_with(
+        text: &str,
+        origin: &str,
+        base: Option<&std::path::Path>,
+        names: Resolve,
     ) -> Result<Config, ConfigError> {
         let resolve = |p: &std::path::Path| -> PathBuf {
             match base {
@@ -737,11 +767,14 @@ impl Config {
                 .as_ref()
                 .map_or(Transport::Udp, |t| *t.get_ref());
             let mut dest = destination_of(&uri, default);
-            if let crate::flow::Destination::Name {
-                transport,
-                host,
-                port,
-            } = &dest
+            if let (
+                crate::flow::Destination::Name {
+                    transport,
+                    host,
+                    port,
+                },
+                Resolve::Names,
+            ) = (&dest, names)
             {
                 // Resolve static targets once, at load time.
                 let addr = (host.as_ref(), *port)
@@ -758,8 +791,9 @@ impl Config {
                 };
             }
             let transport = match &dest {
-                crate::flow::Destination::Addr { transport, .. } => *transport,
-                _ => default,
+                crate::flow::Destination::Addr { transport, .. }
+                | crate::flow::Destination::Name { transport, .. } => *transport,
+                crate::flow::Destination::Flow(_) => default,
             };
             if !listen.iter().any(|l| l.transport == transport) {
                 return Err(cx.err(

@@ -441,6 +441,7 @@ impl Driver {
                     tx,
                     log_control(),
                     Arc::clone(&metrics),
+                    cfg.auth.iterations,
                 ));
                 let acceptor = if settings.tls { tls.acceptor() } else { None };
                 tokio::spawn(crate::admin::serve(listener, state, acceptor));
