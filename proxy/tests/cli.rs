@@ -73,7 +73,7 @@ fn check_config_accepts_examples_and_names_line_and_key_of_errors() {
     let out = bin().arg("check-config").arg(&bad).output().expect("run");
     assert_eq!(out.status.code(), Some(64));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("bad.toml:3: listen_everywhere:"), "{err}");
+    assert!(err.contains("bad.toml:3: sip.listen_everywhere:"), "{err}");
     // `run` refuses the same file with the same code, before binding anything.
     let out = bin()
         .args(["run", "--config"])

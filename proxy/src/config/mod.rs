@@ -70,7 +70,7 @@ struct RawRateLimit {
     enabled: bool,
     requests: Spanned<u32>,
     window_ms: Spanned<u64>,
-    ban_ms: u64,
+    ban_ms: Spanned<u64>,
     max_sources: Spanned<usize>,
 }
 
@@ -81,7 +81,7 @@ impl Default for RawRateLimit {
             enabled: d.enabled,
             requests: Spanned::new(0..0, d.requests),
             window_ms: Spanned::new(0..0, d.window.as_millis() as u64),
-            ban_ms: d.ban.as_millis() as u64,
+            ban_ms: unset(d.ban.as_millis() as u64),
             max_sources: Spanned::new(0..0, d.max_sources),
         }
     }
@@ -109,7 +109,7 @@ struct RawAdmin {
     realm: Option<String>,
     #[serde(default)]
     tls: bool,
-    session_idle_s: Option<u64>,
+    session_idle_s: Option<Spanned<u64>>,
     #[serde(default)]
     allow_remote_plain_http: bool,
 }
@@ -157,13 +157,13 @@ struct RawAuth {
     realm: Option<Spanned<String>>,
     mechanisms: Spanned<Vec<String>>,
     store: Option<Spanned<PathBuf>>,
-    exchange_ttl_ms: u64,
-    max_pending: usize,
-    max_pending_per_source: usize,
+    exchange_ttl_ms: Spanned<u64>,
+    max_pending: Spanned<usize>,
+    max_pending_per_source: Spanned<usize>,
     iterations: Spanned<u32>,
-    failures_before_lockout: u32,
-    failure_window_ms: u64,
-    lockout_ms: u64,
+    failures_before_lockout: Spanned<u32>,
+    failure_window_ms: Spanned<u64>,
+    lockout_ms: Spanned<u64>,
 }
 
 impl Default for RawAuth {
@@ -175,13 +175,13 @@ impl Default for RawAuth {
                 vec!["SCRAM-SHA-256-PLUS".into(), "SCRAM-SHA-256".into()],
             ),
             store: None,
-            exchange_ttl_ms: 30_000,
-            max_pending: 10_000,
-            max_pending_per_source: 32,
-            iterations: Spanned::new(0..0, 4096),
-            failures_before_lockout: 5,
-            failure_window_ms: 60_000,
-            lockout_ms: 300_000,
+            exchange_ttl_ms: unset(30_000),
+            max_pending: unset(10_000),
+            max_pending_per_source: unset(32),
+            iterations: unset(4096),
+            failures_before_lockout: unset(5),
+            failure_window_ms: unset(60_000),
+            lockout_ms: unset(300_000),
         }
     }
 }
@@ -189,21 +189,44 @@ impl Default for RawAuth {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 struct RawRegistrar {
-    min_expires_s: u32,
-    max_expires_s: u32,
-    default_expires_s: u32,
-    max_bindings_per_aor: usize,
+    min_expires_s: Spanned<u32>,
+    max_expires_s: Spanned<u32>,
+    default_expires_s: Spanned<u32>,
+    max_bindings_per_aor: Spanned<usize>,
 }
 
 impl Default for RawRegistrar {
     fn default() -> Self {
         RawRegistrar {
-            min_expires_s: 60,
-            max_expires_s: 7200,
-            default_expires_s: 3600,
-            max_bindings_per_aor: 8,
+            min_expires_s: unset(60),
+            max_expires_s: unset(7200),
+            default_expires_s: unset(3600),
+            max_bindings_per_aor: unset(8),
         }
     }
+}
+
+/// The table (`[sip]`, `[[listen]]`) the byte offset `at` of the text is in, by the last
+/// table header before it.
+fn table_at(text: &str, at: usize) -> Option<String> {
+    text.get(..at)?
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| l.starts_with('['))
+        .map(|l| {
+            l.trim_start_matches('[')
+                .split(']')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_owned()
+        })
+}
+
+/// A default value: written nowhere (its span is empty).
+fn unset<T>(v: T) -> Spanned<T> {
+    Spanned::new(0..0, v)
 }
 
 /// Authentication settings.
@@ -269,11 +292,11 @@ pub struct RegistrarSettings {
 struct RawSip {
     domains: Spanned<Vec<String>>,
     #[serde(default = "default_grace")]
-    shutdown_grace_ms: u64,
+    shutdown_grace_ms: Spanned<u64>,
 }
 
-fn default_grace() -> u64 {
-    5000
+fn default_grace() -> Spanned<u64> {
+    unset(5000)
 }
 
 #[derive(Debug, Deserialize)]
@@ -335,31 +358,31 @@ impl Default for RawTimers {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 struct RawLimits {
-    max_message_bytes: usize,
-    max_headers: usize,
-    max_connections: usize,
-    max_tcp_connections: usize,
-    max_tls_connections: usize,
-    max_connections_per_source: usize,
-    connection_idle_ms: u64,
-    header_timeout_ms: u64,
-    handshake_timeout_ms: u64,
-    max_transactions: usize,
+    max_message_bytes: Spanned<usize>,
+    max_headers: Spanned<usize>,
+    max_connections: Spanned<usize>,
+    max_tcp_connections: Spanned<usize>,
+    max_tls_connections: Spanned<usize>,
+    max_connections_per_source: Spanned<usize>,
+    connection_idle_ms: Spanned<u64>,
+    header_timeout_ms: Spanned<u64>,
+    handshake_timeout_ms: Spanned<u64>,
+    max_transactions: Spanned<usize>,
 }
 
 impl Default for RawLimits {
     fn default() -> Self {
         RawLimits {
-            max_message_bytes: 65_535,
-            max_headers: 128,
-            max_connections: 4096,
-            max_tcp_connections: 1536,
-            max_tls_connections: 1536,
-            max_connections_per_source: 64,
-            connection_idle_ms: 300_000,
-            header_timeout_ms: 10_000,
-            handshake_timeout_ms: 5_000,
-            max_transactions: 200_000,
+            max_message_bytes: unset(65_535),
+            max_headers: unset(128),
+            max_connections: unset(4096),
+            max_tcp_connections: unset(1536),
+            max_tls_connections: unset(1536),
+            max_connections_per_source: unset(64),
+            connection_idle_ms: unset(300_000),
+            header_timeout_ms: unset(10_000),
+            handshake_timeout_ms: unset(5_000),
+            max_transactions: unset(200_000),
         }
     }
 }
@@ -483,6 +506,40 @@ struct Ctx<'a> {
 }
 
 impl Ctx<'_> {
+    /// A number written at `v`'s place, within `lo..=hi` (`unit` names the unit in the error):
+    /// `FILE:LINE: table.key: allowed range LO to HI`.
+    fn range<T>(
+        &self,
+        v: &Spanned<T>,
+        key: &str,
+        lo: T,
+        hi: T,
+        unit: &str,
+    ) -> Result<T, ConfigError>
+    where
+        T: PartialOrd + Copy + std::fmt::Display,
+    {
+        let x = *v.get_ref();
+        if x < lo || x > hi {
+            return Err(self.err(
+                v.span(),
+                key,
+                format!("allowed range {lo} to {hi}{unit}, not {x}"),
+            ));
+        }
+        Ok(x)
+    }
+
+    fn ms(&self, v: &Spanned<u64>, key: &str, lo: u64, hi: u64) -> Result<Duration, ConfigError> {
+        self.range(v, key, lo, hi, " ms").map(Duration::from_millis)
+    }
+
+    /// The last line of the text (where a missing table would be added).
+    fn end(&self) -> std::ops::Range<usize> {
+        let at = self.text.trim_end().len().saturating_sub(1);
+        at..at + 1
+    }
+
     fn err(
         &self,
         span: std::ops::Range<usize>,
@@ -583,6 +640,11 @@ impl Config {
                 .nth(1)
                 .map(str::to_owned)
                 .unwrap_or_else(|| text.get(span.clone()).unwrap_or("").trim().to_owned());
+            // A key is named with its table (`sip.foo`), as every other error names it.
+            let key = match table_at(text, span.start) {
+                Some(table) if !key.is_empty() && !key.contains('.') => format!("{table}.{key}"),
+                _ => key,
+            };
             let mut err = cx.err(span, &key, msg);
             if err.line == 0 {
                 err.line = 1;
@@ -613,7 +675,11 @@ impl Config {
             }
         }
         if raw.listen.is_empty() {
-            return Err(cx.err(0..0, "listen", "at least one [[listen]] table is required"));
+            return Err(cx.err(
+                cx.end(),
+                "listen",
+                "at least one [[listen]] table is required",
+            ));
         }
         let mut listen = Vec::new();
         for (i, l) in raw.listen.iter().enumerate() {
@@ -674,17 +740,12 @@ impl Config {
                 })
             }
         };
-        let ms = |s: &Spanned<u64>, key: &str, min: u64| -> Result<Duration, ConfigError> {
-            if *s.get_ref() < min {
-                return Err(cx.err(s.span(), key, format!("must be at least {min} ms")));
-            }
-            Ok(Duration::from_millis(*s.get_ref()))
-        };
+        let t = &raw.timers;
         let timers = TimerConfig {
-            t1: ms(&raw.timers.t1_ms, "timers.t1_ms", 10)?,
-            t2: ms(&raw.timers.t2_ms, "timers.t2_ms", 10)?,
-            t4: ms(&raw.timers.t4_ms, "timers.t4_ms", 10)?,
-            timer_c: ms(&raw.timers.timer_c_ms, "timers.timer_c_ms", 100)?,
+            t1: cx.ms(&t.t1_ms, "timers.t1_ms", 10, 10_000)?,
+            t2: cx.ms(&t.t2_ms, "timers.t2_ms", *t.t1_ms.get_ref(), 60_000)?,
+            t4: cx.ms(&t.t4_ms, "timers.t4_ms", 10, 60_000)?,
+            timer_c: cx.ms(&t.timer_c_ms, "timers.timer_c_ms", 100, 3_600_000)?,
         };
         // Addresses or prefixes (a bare address is a host prefix), host bits cleared.
         let nets =
@@ -840,46 +901,60 @@ impl Config {
             ));
         }
         let l = &raw.limits;
-        if l.max_message_bytes < 1024
-            || l.max_headers < 8
-            || l.max_connections == 0
-            || l.max_tcp_connections == 0
-            || l.max_tls_connections == 0
-            || l.max_connections_per_source == 0
-            || l.max_transactions < 4
-            || l.header_timeout_ms < 100
-            || l.handshake_timeout_ms < 100
-        {
-            return Err(cx.err(
-                0..0,
-                "limits",
-                "limits too small (max_message_bytes >= 1024, max_headers >= 8, max_transactions >= 4, timeouts >= 100 ms, others > 0)",
-            ));
-        }
+        let max_message_bytes = cx.range(
+            &l.max_message_bytes,
+            "limits.max_message_bytes",
+            1024,
+            65_535,
+            " bytes",
+        )?;
+        let max_headers = cx.range(&l.max_headers, "limits.max_headers", 8, 1024, "")?;
+        let count = |v: &Spanned<usize>, key: &str| cx.range(v, key, 1, 10_000_000, "");
+        let max_connections = count(&l.max_connections, "limits.max_connections")?;
+        let max_tcp_connections = count(&l.max_tcp_connections, "limits.max_tcp_connections")?;
+        let max_tls_connections = count(&l.max_tls_connections, "limits.max_tls_connections")?;
+        let max_connections_per_source = count(
+            &l.max_connections_per_source,
+            "limits.max_connections_per_source",
+        )?;
+        let max_transactions = cx.range(
+            &l.max_transactions,
+            "limits.max_transactions",
+            4,
+            10_000_000,
+            "",
+        )?;
+        let connection_idle = cx.ms(
+            &l.connection_idle_ms,
+            "limits.connection_idle_ms",
+            1000,
+            86_400_000,
+        )?;
+        let header_timeout = cx.ms(
+            &l.header_timeout_ms,
+            "limits.header_timeout_ms",
+            100,
+            600_000,
+        )?;
+        let handshake_timeout = cx.ms(
+            &l.handshake_timeout_ms,
+            "limits.handshake_timeout_ms",
+            100,
+            600_000,
+        )?;
         let rl = &raw.rate_limit;
-        if *rl.requests.get_ref() == 0 {
-            return Err(cx.err(rl.requests.span(), "rate_limit.requests", "must be > 0"));
-        }
-        if *rl.window_ms.get_ref() < 100 {
-            return Err(cx.err(
-                rl.window_ms.span(),
-                "rate_limit.window_ms",
-                "must be >= 100",
-            ));
-        }
-        if *rl.max_sources.get_ref() < 64 {
-            return Err(cx.err(
-                rl.max_sources.span(),
-                "rate_limit.max_sources",
-                "must be >= 64",
-            ));
-        }
         let rate_limit = RateLimitSettings {
             enabled: rl.enabled,
-            requests: *rl.requests.get_ref(),
-            window: Duration::from_millis(*rl.window_ms.get_ref()),
-            ban: Duration::from_millis(rl.ban_ms),
-            max_sources: *rl.max_sources.get_ref(),
+            requests: cx.range(&rl.requests, "rate_limit.requests", 1, 10_000_000, "")?,
+            window: cx.ms(&rl.window_ms, "rate_limit.window_ms", 100, 3_600_000)?,
+            ban: cx.ms(&rl.ban_ms, "rate_limit.ban_ms", 0, 86_400_000)?,
+            max_sources: cx.range(
+                &rl.max_sources,
+                "rate_limit.max_sources",
+                64,
+                10_000_000,
+                "",
+            )?,
         };
         let a = &raw.auth;
         let realm = match &a.realm {
@@ -902,20 +977,6 @@ impl Config {
                 "at least one mechanism",
             ));
         }
-        if *a.iterations.get_ref() < gatehouse_auth::scram::MIN_ITERATIONS {
-            return Err(cx.err(
-                a.iterations.span(),
-                "auth.iterations",
-                "must be at least 4096",
-            ));
-        }
-        if a.max_pending == 0 || a.max_pending_per_source == 0 || a.failures_before_lockout == 0 {
-            return Err(cx.err(
-                0..0,
-                "auth",
-                "max_pending, max_pending_per_source and failures_before_lockout must be > 0",
-            ));
-        }
         let auth = AuthSettings {
             realm,
             mechanisms,
@@ -924,27 +985,63 @@ impl Config {
                 Some(_) => p.get_ref().clone(),
                 None => resolve(p.get_ref()),
             }),
-            exchange_ttl: Duration::from_millis(a.exchange_ttl_ms.max(1000)),
-            max_pending: a.max_pending,
-            max_pending_per_source: a.max_pending_per_source,
-            iterations: *a.iterations.get_ref(),
-            failures_before_lockout: a.failures_before_lockout,
-            failure_window: Duration::from_millis(a.failure_window_ms),
-            lockout: Duration::from_millis(a.lockout_ms),
+            exchange_ttl: cx.ms(&a.exchange_ttl_ms, "auth.exchange_ttl_ms", 1000, 300_000)?,
+            max_pending: cx.range(&a.max_pending, "auth.max_pending", 1, 10_000_000, "")?,
+            max_pending_per_source: cx.range(
+                &a.max_pending_per_source,
+                "auth.max_pending_per_source",
+                1,
+                1_000_000,
+                "",
+            )?,
+            iterations: cx.range(
+                &a.iterations,
+                "auth.iterations",
+                gatehouse_auth::scram::MIN_ITERATIONS,
+                10_000_000,
+                "",
+            )?,
+            failures_before_lockout: cx.range(
+                &a.failures_before_lockout,
+                "auth.failures_before_lockout",
+                1,
+                1000,
+                "",
+            )?,
+            failure_window: cx.ms(
+                &a.failure_window_ms,
+                "auth.failure_window_ms",
+                1000,
+                86_400_000,
+            )?,
+            lockout: cx.ms(&a.lockout_ms, "auth.lockout_ms", 1000, 86_400_000)?,
         };
         let r = &raw.registrar;
-        if r.min_expires_s > r.max_expires_s
-            || r.default_expires_s < r.min_expires_s
-            || r.default_expires_s > r.max_expires_s
-            || r.max_bindings_per_aor == 0
-        {
-            return Err(cx.err(0..0, "registrar", "need min_expires_s <= default_expires_s <= max_expires_s and max_bindings_per_aor > 0"));
-        }
+        let min_expires = cx.range(&r.min_expires_s, "registrar.min_expires_s", 1, 86_400, " s")?;
+        let max_expires = cx.range(
+            &r.max_expires_s,
+            "registrar.max_expires_s",
+            min_expires,
+            604_800,
+            " s",
+        )?;
         let registrar = RegistrarSettings {
-            min_expires: r.min_expires_s,
-            max_expires: r.max_expires_s,
-            default_expires: r.default_expires_s,
-            max_bindings_per_aor: r.max_bindings_per_aor,
+            min_expires,
+            max_expires,
+            default_expires: cx.range(
+                &r.default_expires_s,
+                "registrar.default_expires_s",
+                min_expires,
+                max_expires,
+                " s",
+            )?,
+            max_bindings_per_aor: cx.range(
+                &r.max_bindings_per_aor,
+                "registrar.max_bindings_per_aor",
+                1,
+                1000,
+                "",
+            )?,
         };
         let t = &raw.tunnels;
         let internal_networks = nets(&t.internal_networks, "tunnels.internal_networks")?;
@@ -1009,9 +1106,10 @@ impl Config {
                         .clone()
                         .unwrap_or_else(|| format!("admin.{}", domains[0])),
                     tls: raw.admin.tls,
-                    session_idle: Duration::from_secs(
-                        raw.admin.session_idle_s.unwrap_or(900).max(1),
-                    ),
+                    session_idle: Duration::from_secs(match &raw.admin.session_idle_s {
+                        Some(v) => cx.range(v, "admin.session_idle_s", 1, 86_400, " s")?,
+                        None => 900,
+                    }),
                 })
             }
         };
@@ -1032,17 +1130,17 @@ impl Config {
             tls,
             timers,
             limits: Limits {
-                max_message_bytes: l.max_message_bytes,
-                max_headers: l.max_headers,
+                max_message_bytes,
+                max_headers,
             },
-            max_connections: l.max_connections,
-            max_tcp_connections: l.max_tcp_connections,
-            max_tls_connections: l.max_tls_connections,
-            max_connections_per_source: l.max_connections_per_source,
-            connection_idle: Duration::from_millis(l.connection_idle_ms.max(1000)),
-            header_timeout: Duration::from_millis(l.header_timeout_ms),
-            handshake_timeout: Duration::from_millis(l.handshake_timeout_ms),
-            max_transactions: l.max_transactions,
+            max_connections,
+            max_tcp_connections,
+            max_tls_connections,
+            max_connections_per_source,
+            connection_idle,
+            header_timeout,
+            handshake_timeout,
+            max_transactions,
             rate_limit,
             hide_topology: raw.topology.hide,
             balancers,
@@ -1051,7 +1149,12 @@ impl Config {
             routes,
             log_level: level,
             log_format: raw.log.format,
-            shutdown_grace: Duration::from_millis(raw.sip.shutdown_grace_ms),
+            shutdown_grace: cx.ms(
+                &raw.sip.shutdown_grace_ms,
+                "sip.shutdown_grace_ms",
+                0,
+                600_000,
+            )?,
         })
     }
 }
@@ -1105,7 +1208,124 @@ mod tests {
         let text = "[sip]\ndomains = [\"org.example\"]\n\n[[listen]]\ntransport = \"udp\"\naddress = \"127.0.0.1:5060\"\nadress = \"x\"\n";
         let e = Config::parse(text, "t.toml").unwrap_err();
         assert_eq!(e.line, 7, "{e}");
-        assert_eq!(e.key, "adress", "{e}");
+        assert_eq!(e.key, "listen.adress", "{e}");
+        let e =
+            Config::parse("[sip]\ndomains = [\"org.example\"]\nfoo = 1\n", "t.toml").unwrap_err();
+        assert_eq!((e.line, e.key.as_str()), (3, "sip.foo"), "{e}");
+    }
+
+    /// Out-of-range values are refused, never raised silently: `FILE:LINE: table.key:
+    /// allowed range`; every error names a real line.
+    #[test]
+    fn out_of_range_values_are_refused_with_their_line() {
+        let base = "[sip]\ndomains = [\"org.example\"]\n[[listen]]\ntransport = \"udp\"\naddress = \"127.0.0.1:5060\"\n";
+        let cases: &[(&str, &str, &str)] = &[
+            (
+                "[auth]\nexchange_ttl_ms = 5\n",
+                "auth.exchange_ttl_ms",
+                "allowed range 1000 to 300000 ms, not 5",
+            ),
+            (
+                "[limits]\nconnection_idle_ms = 1\n",
+                "limits.connection_idle_ms",
+                "allowed range 1000 to 86400000 ms",
+            ),
+            (
+                "[limits]\nmax_headers = 2\n",
+                "limits.max_headers",
+                "allowed range 8 to 1024",
+            ),
+            (
+                "[limits]\nmax_message_bytes = 100000\n",
+                "limits.max_message_bytes",
+                "allowed range 1024 to 65535 bytes",
+            ),
+            (
+                "[limits]\nmax_transactions = 0\n",
+                "limits.max_transactions",
+                "allowed range 4 to",
+            ),
+            (
+                "[auth]\nmax_pending = 0\n",
+                "auth.max_pending",
+                "allowed range 1 to",
+            ),
+            (
+                "[auth]\nfailures_before_lockout = 0\n",
+                "auth.failures_before_lockout",
+                "allowed range 1 to 1000",
+            ),
+            (
+                "[auth]\niterations = 1000\n",
+                "auth.iterations",
+                "allowed range 4096 to",
+            ),
+            (
+                "[auth]\nlockout_ms = 10\n",
+                "auth.lockout_ms",
+                "allowed range 1000 to",
+            ),
+            (
+                "[timers]\nt1_ms = 500\nt2_ms = 100\n",
+                "timers.t2_ms",
+                "allowed range 500 to 60000 ms",
+            ),
+            (
+                "[timers]\ntimer_c_ms = 99999999\n",
+                "timers.timer_c_ms",
+                "allowed range 100 to 3600000 ms",
+            ),
+            (
+                "[registrar]\nmin_expires_s = 600\nmax_expires_s = 60\n",
+                "registrar.max_expires_s",
+                "allowed range 600 to 604800 s",
+            ),
+            (
+                "[registrar]\ndefault_expires_s = 10\n",
+                "registrar.default_expires_s",
+                "allowed range 60 to 7200 s",
+            ),
+            (
+                "[registrar]\nmax_bindings_per_aor = 0\n",
+                "registrar.max_bindings_per_aor",
+                "allowed range 1 to 1000",
+            ),
+            (
+                "[rate_limit]\nwindow_ms = 1\n",
+                "rate_limit.window_ms",
+                "allowed range 100 to",
+            ),
+            (
+                "[rate_limit]\nmax_sources = 1\n",
+                "rate_limit.max_sources",
+                "allowed range 64 to",
+            ),
+        ];
+        for (table, key, says) in cases {
+            let text = format!("{base}{table}");
+            let e = Config::parse(&text, "t.toml").unwrap_err();
+            let line = text.lines().count();
+            assert_eq!((e.line, e.key.as_str()), (line, *key), "{e}");
+            assert!(e.to_string().contains(says), "{e}");
+            assert!(
+                e.to_string()
+                    .starts_with(&format!("t.toml:{line}: {key}: ")),
+                "{e}"
+            );
+        }
+        let e = Config::parse(
+            &base.replace(
+                "[[listen]]\ntransport = \"udp\"\naddress = \"127.0.0.1:5060\"\n",
+                "",
+            ),
+            "t.toml",
+        )
+        .unwrap_err();
+        assert_eq!((e.line, e.key.as_str()), (2, "listen"), "{e}");
+        let e = Config::parse(&format!("{base}[sip]\n"), "t.toml").unwrap_err();
+        assert!(e.line > 0, "{e}");
+        let e = Config::parse(&format!("{base}[admin]\nlisten = \"127.0.0.1:1\"\nsession_idle_s = 0\n[auth]\nstore = \"x\"\n"), "t.toml").unwrap_err();
+        assert_eq!((e.line, e.key.as_str()), (8, "admin.session_idle_s"), "{e}");
     }
 
     #[test]
