@@ -434,6 +434,95 @@ fn check_config_resolves_names_only_when_asked() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// SIGHUP applies what can change at run time — here the log level, which shows at once — and
+/// names, as warnings, the changed keys that need a restart (a listener, the metrics address,
+/// the store), at every reload until the restart.
+#[test]
+fn reload_applies_the_log_level_and_names_what_needs_a_restart() {
+    let dir = std::env::temp_dir().join(format!("gatehouse-reload-keys-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let port = UdpSocket::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port();
+    let gw = format!("127.0.0.1:{port}");
+    let config = dir.join("gatehouse.toml");
+    let text = format!(
+        "[sip]\ndomains = [\"org.example\"]\n[[listen]]\ntransport = \"udp\"\naddress = \"{gw}\"\n\
+[trust]\nsources = [\"127.0.0.0/8\"]\n[metrics]\nlisten = \"127.0.0.1:0\"\n[log]\nlevel = \"info\"\n\
+[registrar]\nmin_expires_s = 60\n[auth]\nfailures_before_lockout = 5\n[timers]\ntimer_c_ms = 180000\n"
+    );
+    std::fs::write(&config, &text).expect("write");
+    let log = dir.join("gatehouse.log");
+    let child = bin()
+        .args(["run", "--config"])
+        .arg(&config)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).expect("log"))
+        .spawn()
+        .expect("start");
+    ping(&gw);
+    let log_text = || std::fs::read_to_string(&log).unwrap_or_default();
+    let wait_for = |needle: &str, count: usize| {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while log_text().matches(needle).count() < count {
+            assert!(
+                Instant::now() < deadline,
+                "never logged: {needle}\n{}",
+                log_text()
+            );
+            std::thread::park_timeout(Duration::from_millis(20));
+        }
+    };
+    assert!(!log_text().contains("DEBUG"));
+    // Run-time keys only: applied, no restart named.
+    std::fs::write(
+        &config,
+        text.replace("level = \"info\"", "level = \"debug\"")
+            .replace("min_expires_s = 60", "min_expires_s = 120")
+            .replace("failures_before_lockout = 5", "failures_before_lockout = 3")
+            .replace("timer_c_ms = 180000", "timer_c_ms = 90000"),
+    )
+    .expect("write");
+    let hup = || {
+        Command::new("kill")
+            .args(["-HUP", &child.id().to_string()])
+            .status()
+            .expect("kill");
+    };
+    hup();
+    wait_for("reloaded what=configuration and policy", 1);
+    wait_for("log level changed level=debug", 1);
+    // A refused request is logged at debug level: now it shows.
+    let sock = UdpSocket::bind("127.0.0.1:0").expect("bind");
+    let refused = format!(
+        "OPTIONS tel:+15551234 SIP/2.0\r\nVia: SIP/2.0/UDP {};branch=z9hG4bKtel1\r\nMax-Forwards: 70\r\n\
+From: <sip:probe@org.example>;tag=p\r\nTo: <tel:+15551234>\r\nCall-ID: tel-1@probe\r\nCSeq: 1 OPTIONS\r\nContent-Length: 0\r\n\r\n",
+        sock.local_addr().expect("addr")
+    );
+    sock.send_to(refused.as_bytes(), gw.as_str()).expect("send");
+    wait_for("DEBUG", 1);
+    assert!(!log_text().contains("restart"), "{}", log_text());
+    // Keys that need a restart: each named, in a warning and in the outcome.
+    let restart = text
+        .replace("level = \"info\"", "level = \"debug\"")
+        .replace("listen = \"127.0.0.1:0\"", "listen = \"127.0.0.1:1\"")
+        + "[[listen]]\ntransport = \"tcp\"\naddress = \"127.0.0.1:0\"\n";
+    std::fs::write(&config, &restart).expect("write");
+    hup();
+    wait_for("restart needed for: listen, metrics.listen", 1);
+    let t = log_text();
+    assert!(
+        t.contains("WARN") && t.contains("key=\"listen\"") && t.contains("key=\"metrics.listen\""),
+        "{t}"
+    );
+    // The running listener is unchanged: the gateway still answers where it did.
+    ping(&gw);
+    terminate(child);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// A UDP responder that answers every request 200 (copying the dialog headers).
 fn responder() -> std::net::SocketAddr {
     let sock = UdpSocket::bind("127.0.0.1:0").expect("bind");

@@ -115,7 +115,7 @@ struct RawAdmin {
 }
 
 /// Admin API settings.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AdminSettings {
     pub listen: SocketAddr,
     pub realm: String,

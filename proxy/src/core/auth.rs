@@ -110,6 +110,15 @@ impl SaslGate {
         }
     }
 
+    /// New lockout settings (a reload).
+    pub fn set_lockout(&mut self, auth: &crate::config::AuthSettings) {
+        self.lockout.set_settings(
+            auth.failures_before_lockout,
+            auth.failure_window,
+            auth.lockout,
+        );
+    }
+
     /// Share every outcome with the other gateways of a cluster (`take_shared`).
     pub fn share_outcomes(&mut self) {
         self.shared = Some(Vec::new());

@@ -115,6 +115,14 @@ impl Lockout {
         }
     }
 
+    /// New settings (a reload): the entries keep their scores, the next check uses the new
+    /// threshold, decay and lockout duration.
+    pub fn set_settings(&mut self, threshold: u32, window: Duration, duration: Duration) {
+        self.threshold = f64::from(threshold.max(1));
+        self.half_life = window.as_secs_f64().max(0.001);
+        self.duration = duration;
+    }
+
     /// Entries in the table.
     pub fn len(&self) -> usize {
         self.table.len()

@@ -323,10 +323,16 @@ impl Proxy {
     }
 
     /// Applies a reloaded configuration's domains, routes, trusted sources, balancers, tunnel settings,
-    /// message limits, registrar limits and policy (listeners, timers and auth settings need a
-    /// restart).
+    /// message limits, registrar limits, timers (for new transactions), lockout settings and
+    /// policy (what needs a restart: `transport::restart_keys`).
     /// Running transactions and tunnels keep what they had.
     pub fn apply_config(&mut self, cfg: &crate::config::Config) {
+        self.cfg.timers = cfg.timers;
+        self.txl.set_timers(cfg.timers);
+        self.cfg.auth.failures_before_lockout = cfg.auth.failures_before_lockout;
+        self.cfg.auth.failure_window = cfg.auth.failure_window;
+        self.cfg.auth.lockout = cfg.auth.lockout;
+        self.gate.set_lockout(&cfg.auth);
         self.cfg.domains = cfg.domains.clone();
         self.cfg.routes = cfg.routes.clone();
         self.router

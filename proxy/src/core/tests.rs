@@ -1358,6 +1358,53 @@ mod sasl {
         assert!(h.proxy.auth_stats().lockouts >= 1);
     }
 
+    /// A reload (`apply_config`) changes, for what comes next: the lockout threshold (three
+    /// wrong passwords no longer lock alice out), the registrar's limits (a REGISTER for 600 s
+    /// is now too brief) and the timers of new transactions (Timer C of 5 s: 408 after 5 s).
+    #[test]
+    fn a_reload_applies_lockout_registrar_and_timer_settings() {
+        let mut h = harness();
+        let dir = std::env::temp_dir().join(format!("gatehouse-core-reload-{}", unique()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(
+            dir.join("policy.toml"),
+            "[[rule]]\nname = \"partners\"\nkind = \"any\"\ncallers = [\"*@partner.example\", \"trusted\"]\n",
+        )
+        .unwrap();
+        let text = format!(
+            "[sip]\ndomains = [\"org.example\"]\n[[listen]]\ntransport = \"udp\"\naddress = \"{GW}:5060\"\n\
+[[listen]]\ntransport = \"tcp\"\naddress = \"{GW}:5060\"\n\
+[trust]\nsources = [\"203.0.113.0/24\"]\n[auth]\nfailures_before_lockout = 1000\n\
+[registrar]\nmin_expires_s = 3600\ndefault_expires_s = 3600\n[timers]\ntimer_c_ms = 5000\n\
+[tunnels]\npolicy = \"policy.toml\"\n\
+[[route]]\naor = \"sip:tcp@org.example\"\ntarget = \"sip:tcp@198.51.100.21:5060;transport=tcp\"\n"
+        );
+        let cfg = crate::config::Config::parse_in(&text, "reload.toml", Some(&dir)).unwrap();
+        h.proxy.apply_config(&cfg);
+        for _ in 0..3 {
+            let mut client = ScramClient::new("alice", b"guess", None);
+            let out = authenticate(&mut h, &mut client);
+            assert_eq!(out[0].first_line(), "SIP/2.0 403 Forbidden");
+        }
+        let mut client = ScramClient::new("alice", b"alice-secret", None);
+        let out = authenticate(&mut h, &mut client);
+        assert!(
+            out.iter().all(|s| s.status() != Some(403)),
+            "not locked out after three failures any more: {out:?}"
+        );
+        let out = do_register(&mut h, "vpn", b"vpn-secret", "<sip:vpn@198.51.100.30:5060>");
+        assert_eq!(out[0].status(), Some(423), "{}", out[0].text);
+        let (_, fwd) = h.forward_invite("tcp");
+        assert!(fwd.first_line().starts_with("INVITE sip:tcp@"));
+        let out = h.advance(Duration::from_secs(5));
+        assert!(
+            out.iter()
+                .any(|s| s.first_line() == "SIP/2.0 408 Request Timeout"),
+            "{out:?}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     /// Behind a declared balancer every request arrives from one address; the client its Via
     /// names is the subscriber: one client's guesses lock that client, not everyone else
     /// the balancer relays, and a request that names no client is refused.

@@ -293,7 +293,69 @@ impl ConnLimiter {
 pub struct Reloader {
     policy_file: Option<std::path::PathBuf>,
     config_source: Option<std::path::PathBuf>,
-    listen: Vec<crate::config::Listen>,
+    /// The configuration the process started with: what only a restart changes is compared
+    /// with it (and reported at every reload until the restart).
+    started: Box<Config>,
+    /// The log filter in force.
+    log_level: String,
+}
+
+/// The keys whose change a reload does not apply (they need a restart), as written in the
+/// configuration file.
+pub fn restart_keys(running: &Config, new: &Config) -> Vec<&'static str> {
+    let (a, b) = (&running.auth, &new.auth);
+    [
+        (running.listen != new.listen, "listen"),
+        (running.tls != new.tls, "tls"),
+        (a.store != b.store, "auth.store"),
+        (a.realm != b.realm, "auth.realm"),
+        (a.mechanisms != b.mechanisms, "auth.mechanisms"),
+        (a.exchange_ttl != b.exchange_ttl, "auth.exchange_ttl_ms"),
+        (a.max_pending != b.max_pending, "auth.max_pending"),
+        (
+            a.max_pending_per_source != b.max_pending_per_source,
+            "auth.max_pending_per_source",
+        ),
+        (a.iterations != b.iterations, "auth.iterations"),
+        (
+            running.metrics_listen != new.metrics_listen,
+            "metrics.listen",
+        ),
+        (running.admin != new.admin, "admin"),
+        (
+            running.max_connections != new.max_connections,
+            "limits.max_connections",
+        ),
+        (
+            running.max_tcp_connections != new.max_tcp_connections,
+            "limits.max_tcp_connections",
+        ),
+        (
+            running.max_tls_connections != new.max_tls_connections,
+            "limits.max_tls_connections",
+        ),
+        (
+            running.max_connections_per_source != new.max_connections_per_source,
+            "limits.max_connections_per_source",
+        ),
+        (
+            running.connection_idle != new.connection_idle,
+            "limits.connection_idle_ms",
+        ),
+        (
+            running.header_timeout != new.header_timeout,
+            "limits.header_timeout_ms",
+        ),
+        (
+            running.handshake_timeout != new.handshake_timeout,
+            "limits.handshake_timeout_ms",
+        ),
+        (running.log_format != new.log_format, "log.format"),
+        (running.peer_uri != new.peer_uri, "cluster.peer_uri"),
+    ]
+    .into_iter()
+    .filter_map(|(changed, key)| changed.then_some(key))
+    .collect()
 }
 
 /// A configuration (or policy) read and validated off the loop, waiting to be applied on it.
@@ -322,18 +384,52 @@ impl Reloader {
         }
     }
 
-    /// The applying half: nothing changes unless everything was valid; listener changes need
-    /// a restart and are reported, not applied.
-    pub fn apply(&mut self, proxy: &mut Proxy, loaded: Loaded) -> Result<String, String> {
+    /// The applying half: nothing changes unless everything was valid. Applied: domains,
+    /// routes, trust, balancers, tunnels, policy, message and rate limits, registrar limits,
+    /// timers (new transactions), lockout settings, the log level and the shutdown grace;
+    /// every other changed key is named as needing a restart, in the log and the answer.
+    pub fn apply(
+        &mut self,
+        proxy: &mut Proxy,
+        loaded: Loaded,
+        shutdown_grace: &mut Duration,
+    ) -> Result<String, String> {
         match loaded {
             Loaded::Config(cfg) => {
                 proxy.apply_config(&cfg);
+                *shutdown_grace = cfg.shutdown_grace;
                 self.policy_file = cfg.tunnels.policy_file.clone();
-                if cfg.listen != self.listen {
-                    tracing::warn!("listener changes take effect after a restart");
-                    return Ok("configuration and policy (listener changes need a restart)".into());
+                if cfg.log_level != self.log_level {
+                    // GATEHOUSE_LOG, when set, overrides the file's level (as at start).
+                    match crate::LOG_CONTROL.get() {
+                        Some(_) if std::env::var_os("GATEHOUSE_LOG").is_some() => {
+                            tracing::warn!("log.level changed, but GATEHOUSE_LOG overrides it")
+                        }
+                        Some(set) => match set(&cfg.log_level) {
+                            Ok(()) => {
+                                tracing::info!(level = %cfg.log_level, "log level changed");
+                                self.log_level = cfg.log_level.clone();
+                            }
+                            Err(e) => tracing::warn!(error = %e, "log level not changed"),
+                        },
+                        None => {}
+                    }
                 }
-                Ok("configuration and policy".into())
+                let restart = restart_keys(&self.started, &cfg);
+                for key in &restart {
+                    tracing::warn!(
+                        key,
+                        "changed in the configuration; takes effect after a restart"
+                    );
+                }
+                if restart.is_empty() {
+                    Ok("configuration and policy".into())
+                } else {
+                    Ok(format!(
+                        "configuration and policy; restart needed for: {}",
+                        restart.join(", ")
+                    ))
+                }
             }
             Loaded::Policy(policy) => {
                 proxy.set_policy(policy);
@@ -493,7 +589,8 @@ impl Driver {
             reloader: Reloader {
                 policy_file: cfg.tunnels.policy_file.clone(),
                 config_source: cfg.source.clone(),
-                listen: cfg.listen.clone(),
+                started: Box::new(cfg.clone()),
+                log_level: cfg.log_level.clone(),
             },
             metrics,
             admin,
@@ -564,7 +661,10 @@ impl Driver {
                 Some((loaded, reply)) = self.reloads.1.recv() => {
                     let (proxy, reloader) = (&mut self.proxy, &mut self.reloader);
                     let outcome = match loaded {
-                        Ok(l) => contained(&self.metrics, "reload", || reloader.apply(proxy, l))
+                        Ok(l) => {
+                            let grace = &mut self.shutdown_grace;
+                            contained(&self.metrics, "reload", || reloader.apply(proxy, l, grace))
+                        }
                             .unwrap_or_else(|| Err("internal error".into())),
                         Err(e) => Err(e),
                     };

@@ -35,7 +35,7 @@ pub use keys::{ClientKey, KeyMethod, ServerKey};
 pub type TxId = u64;
 
 /// RFC 3261 timer values (Table 4) and the proxy's Timer C.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TimerConfig {
     pub t1: Duration,
     pub t2: Duration,
@@ -213,6 +213,11 @@ impl TransactionLayer {
 
     pub fn timers(&self) -> TimerConfig {
         self.timers
+    }
+
+    /// New timer values (a reload): transactions started from now on run with them.
+    pub fn set_timers(&mut self, timers: TimerConfig) {
+        self.timers = timers;
     }
     /// Gives memory back once a flood has drained (tables a quarter full or less).
     pub fn shrink(&mut self) {
