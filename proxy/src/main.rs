@@ -25,8 +25,9 @@ Common tasks:
   gatehouse admin --user root tunnels             what is up, like `wg show`
   kill -HUP $(pidof gatehouse)                    reload configuration and policy
 
-Exit codes: 0 success; 1 failure (the error is printed on one line); 64 invalid configuration or
-arguments.";
+Exit codes: 0 success; 1 failure (one `error:` line; for `admin`: the gateway refused the request);
+2 invalid arguments; 3 `admin`: the gateway cannot be reached (connection, TLS); 4 `admin`:
+authentication failed; 64 invalid configuration.";
 
 #[derive(Parser)]
 #[command(
@@ -68,16 +69,20 @@ enum Command {
     },
     /// Talk to a running gateway's admin API (HTTP-SASL).
     Admin {
-        /// Admin API address (host:port, plain HTTP on loopback).
-        #[arg(long, default_value = "127.0.0.1:9465")]
+        /// The admin API: http://host:port, or https://host:port (the certificate verified
+        /// against --ca or the system's roots; SCRAM-SHA-256-PLUS bound to the connection).
+        #[arg(long, default_value = "http://127.0.0.1:9465")]
         url: String,
+        /// Trust anchors (PEM) for an https:// admin API (default: the system's).
+        #[arg(long, value_name = "FILE")]
+        ca: Option<PathBuf>,
         /// Admin identity (`gatehouse admin-user add`).
         #[arg(long)]
         user: String,
         /// Password file (mode 0600); otherwise a prompt or stdin.
         #[arg(long)]
         password_file: Option<PathBuf>,
-        /// Print the JSON as returned.
+        /// Print the API's JSON as returned (for scripts) instead of tables.
         #[arg(long)]
         json: bool,
         #[command(subcommand)]
@@ -288,16 +293,17 @@ fn main() -> ExitCode {
         },
         Command::Admin {
             url,
+            ca,
             user,
             password_file,
             json,
             action,
-        } => match admin(&url, &user, password_file, json, action) {
-            Ok(true) => ExitCode::SUCCESS,
-            Ok(false) => ExitCode::FAILURE,
+        } => match admin(&url, ca.as_deref(), &user, password_file, json, action) {
+            Ok(()) => ExitCode::SUCCESS,
+            // One line: what failed, and the exit code says which kind of failure.
             Err(e) => {
-                eprintln!("error: {e:#}");
-                ExitCode::FAILURE
+                eprintln!("error: {}", e.message);
+                ExitCode::from(e.code)
             }
         },
         Command::User { store, action } => match user(store, action) {
@@ -394,49 +400,73 @@ fn admin_user(store: StoreArgs, action: AdminUserAction) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// One admin API call; prints a table or the JSON. `Ok(false)` for an error status.
+/// Why `gatehouse admin` failed: one line, and its exit code (README "Operations").
+struct AdminFailure {
+    message: String,
+    code: u8,
+}
+
+impl From<gatehouse::admin::client::ClientError> for AdminFailure {
+    fn from(e: gatehouse::admin::client::ClientError) -> Self {
+        AdminFailure {
+            code: e.exit_code(),
+            message: e.to_string(),
+        }
+    }
+}
+
+impl From<anyhow::Error> for AdminFailure {
+    fn from(e: anyhow::Error) -> Self {
+        AdminFailure {
+            message: e.to_string(),
+            code: 1,
+        }
+    }
+}
+
+/// One admin API call; prints a table (or the JSON with `--json`).
 fn admin(
     url: &str,
+    ca: Option<&std::path::Path>,
     user: &str,
     password_file: Option<PathBuf>,
     json: bool,
     action: AdminAction,
-) -> anyhow::Result<bool> {
-    use gatehouse::admin::client::AdminClient;
+) -> Result<(), AdminFailure> {
+    use gatehouse::admin::client::{AdminClient, AdminUrl};
     use serde_json::json;
-    let addr: std::net::SocketAddr = url
-        .trim_start_matches("http://")
-        .trim_end_matches('/')
-        .parse()
-        .context("--url is host:port")?;
+    let url = AdminUrl::parse(url)?;
     let password = match password_file {
         Some(p) => {
             use std::os::unix::fs::PermissionsExt;
-            let mode = std::fs::metadata(&p)?.permissions().mode() & 0o777;
-            anyhow::ensure!(mode & 0o077 == 0, "{} must be mode 0600", p.display());
-            zeroize::Zeroizing::new(std::fs::read_to_string(&p)?.trim_end().to_owned())
+            let mode = std::fs::metadata(&p)
+                .with_context(|| format!("cannot read {}", p.display()))?
+                .permissions()
+                .mode()
+                & 0o777;
+            if mode & 0o077 != 0 {
+                return Err(anyhow::anyhow!("{} must be mode 0600", p.display()).into());
+            }
+            let text = zeroize::Zeroizing::new(
+                std::fs::read_to_string(&p)
+                    .with_context(|| format!("cannot read {}", p.display()))?,
+            );
+            zeroize::Zeroizing::new(text.trim_end().to_owned())
         }
         None => read_password(false)?,
     };
-    let mut client = AdminClient::new(addr, user, &password);
+    let mut client = AdminClient::connect(&url, ca, user, &password)?;
+    let enc = gatehouse::admin::percent_encode;
     let (method, path, body) = match &action {
         AdminAction::Status => ("GET", "/api/v1/status".to_owned(), None),
         AdminAction::Tunnels => ("GET", "/api/v1/tunnels".to_owned(), None),
-        AdminAction::Teardown { call_id } => (
-            "DELETE",
-            format!(
-                "/api/v1/tunnels/{}",
-                gatehouse::admin::percent_encode(call_id)
-            ),
-            None,
-        ),
+        AdminAction::Teardown { call_id } => {
+            ("DELETE", format!("/api/v1/tunnels/{}", enc(call_id)), None)
+        }
         AdminAction::Registrations => ("GET", "/api/v1/registrations".to_owned(), None),
         AdminAction::Unregister { aor } => (
             "DELETE",
-            format!(
-                "/api/v1/registrations/{}",
-                gatehouse::admin::percent_encode(aor)
-            ),
+            format!("/api/v1/registrations/{}", enc(aor)),
             None,
         ),
         AdminAction::Users => ("GET", "/api/v1/users".to_owned(), None),
@@ -450,36 +480,22 @@ fn admin(
         }
         AdminAction::UserDisable { username } => (
             "POST",
-            format!(
-                "/api/v1/users/{}/disable",
-                gatehouse::admin::percent_encode(username)
-            ),
+            format!("/api/v1/users/{}/disable", enc(username)),
             None,
         ),
         AdminAction::UserEnable { username } => (
             "POST",
-            format!(
-                "/api/v1/users/{}/enable",
-                gatehouse::admin::percent_encode(username)
-            ),
+            format!("/api/v1/users/{}/enable", enc(username)),
             None,
         ),
-        AdminAction::UserDel { username } => (
-            "DELETE",
-            format!(
-                "/api/v1/users/{}",
-                gatehouse::admin::percent_encode(username)
-            ),
-            None,
-        ),
+        AdminAction::UserDel { username } => {
+            ("DELETE", format!("/api/v1/users/{}", enc(username)), None)
+        }
         AdminAction::UserPasswd { username } => {
             let pw = read_password(true)?;
             (
                 "PUT",
-                format!(
-                    "/api/v1/users/{}/password",
-                    gatehouse::admin::percent_encode(username)
-                ),
+                format!("/api/v1/users/{}/password", enc(username)),
                 Some(json!({"password": pw.as_str()})),
             )
         }
@@ -501,47 +517,179 @@ fn admin(
             _ => break,
         }
     }
+    if !(200..300).contains(&r.status) {
+        let why = value["error"].as_str().unwrap_or("").to_owned();
+        return Err(AdminFailure {
+            message: format!("the gateway answered {}: {why}", r.status),
+            code: 1,
+        });
+    }
     if json {
         println!("{value}");
     } else {
-        print_table(&value);
+        #[allow(clippy::disallowed_methods)] // the CLI: ages of tunnels are shown against the clock
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        print!("{}", render(&action, &value, now));
     }
-    Ok((200..300).contains(&r.status))
+    Ok(())
 }
 
-fn print_table(v: &serde_json::Value) {
-    match v {
-        serde_json::Value::Array(rows) => {
-            let Some(serde_json::Value::Object(first)) = rows.first() else {
-                println!("(none)");
-                return;
-            };
-            let cols: Vec<&String> = first.keys().collect();
-            println!(
-                "{}",
-                cols.iter()
-                    .map(|c| c.to_uppercase())
-                    .collect::<Vec<_>>()
-                    .join("\t")
-            );
-            for row in rows {
-                let cells: Vec<String> = cols.iter().map(|c| cell(&row[c.as_str()])).collect();
-                println!("{}", cells.join("\t"));
-            }
-        }
-        serde_json::Value::Object(map) => {
-            for (k, val) in map {
-                println!("{k:<16} {}", cell(val));
-            }
-        }
-        other => println!("{other}"),
+/// A duration the way people read one: `45s`, `3m12s`, `2h05m`, `3d04h`.
+fn human(secs: u64) -> String {
+    match secs {
+        s if s < 60 => format!("{s}s"),
+        s if s < 3600 => format!("{}m{:02}s", s / 60, s % 60),
+        s if s < 86_400 => format!("{}h{:02}m", s / 3600, (s % 3600) / 60),
+        s => format!("{}d{:02}h", s / 86_400, (s % 86_400) / 3600),
     }
 }
 
+/// A JSON value as a table cell: text as it is, lists joined, nothing as `-`.
 fn cell(v: &serde_json::Value) -> String {
     match v {
+        serde_json::Value::Null => "-".into(),
+        serde_json::Value::String(s) if s.is_empty() => "-".into(),
         serde_json::Value::String(s) => s.clone(),
+        serde_json::Value::Array(items) if items.is_empty() => "-".into(),
+        serde_json::Value::Array(items) => items.iter().map(cell).collect::<Vec<_>>().join(","),
+        serde_json::Value::Bool(b) => if *b { "yes" } else { "no" }.into(),
         other => other.to_string(),
+    }
+}
+
+/// Rows under a header, columns aligned (two spaces apart), like `wg show` and `ss`.
+fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+    if rows.is_empty() {
+        return "(none)\n".into();
+    }
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for row in rows {
+        for (w, c) in widths.iter_mut().zip(row) {
+            *w = (*w).max(c.chars().count());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let last = cells.len().saturating_sub(1);
+        let mut out = String::new();
+        for (i, (c, w)) in cells.iter().zip(&widths).enumerate() {
+            out.push_str(c);
+            if i < last {
+                out.push_str(&" ".repeat(w - c.chars().count() + 2));
+            }
+        }
+        out.push('\n');
+        out
+    };
+    let mut out = line(header.to_vec());
+    for row in rows {
+        out.push_str(&line(row.iter().map(String::as_str).collect()));
+    }
+    out
+}
+
+/// What `gatehouse admin ACTION` prints for the API's answer `v` (`now`: Unix seconds).
+fn render(action: &AdminAction, v: &serde_json::Value, now: u64) -> String {
+    let rows = |cols: &dyn Fn(&serde_json::Value) -> Vec<String>| -> Vec<Vec<String>> {
+        v.as_array()
+            .map_or_else(Vec::new, |a| a.iter().map(cols).collect())
+    };
+    match action {
+        AdminAction::Tunnels => table(
+            &[
+                "CALL-ID", "IDENTITY", "FROM", "TO", "PREFIXES", "PSKMTH", "STATE", "UP",
+            ],
+            &rows(&|t| {
+                let up = t["created"]
+                    .as_u64()
+                    .map_or("-".into(), |c| human(now.saturating_sub(c)));
+                [
+                    "call_id", "identity", "from", "to", "prefixes", "pskmth", "state",
+                ]
+                .iter()
+                .map(|k| cell(&t[*k]))
+                .chain([up])
+                .collect()
+            }),
+        ),
+        AdminAction::Registrations => table(
+            &[
+                "AOR",
+                "CONTACT",
+                "TRANSPORT",
+                "SOURCE",
+                "EXPIRES",
+                "VIA GATEWAY",
+            ],
+            &rows(&|b| {
+                let expires = b["expires_in"]
+                    .as_u64()
+                    .map_or("-".into(), |s| format!("in {}", human(s)));
+                vec![
+                    cell(&b["aor"]),
+                    cell(&b["contact"]),
+                    cell(&b["transport"]).to_ascii_lowercase(),
+                    cell(&b["source"]),
+                    expires,
+                    cell(&b["holder"]),
+                ]
+            }),
+        ),
+        AdminAction::Users => table(
+            &["USER", "ENABLED", "AORS", "MECHANISMS"],
+            &rows(&|u| {
+                let mechs = match &u["mechanisms"] {
+                    serde_json::Value::Null => "(any offered)".into(),
+                    m => cell(m),
+                };
+                vec![
+                    cell(&u["username"]),
+                    cell(&u["enabled"]),
+                    cell(&u["aors"]),
+                    mechs,
+                ]
+            }),
+        ),
+        AdminAction::Status => {
+            let order = [
+                "version",
+                "transactions",
+                "tunnels",
+                "registrations",
+                "pending_sasl",
+                "connections",
+            ];
+            let mut out = String::new();
+            let mut keys: Vec<&String> = Vec::new();
+            if let Some(map) = v.as_object() {
+                keys.extend(
+                    order
+                        .iter()
+                        .filter_map(|k| map.get_key_value(*k).map(|(k, _)| k)),
+                );
+                keys.extend(map.keys().filter(|k| !order.contains(&k.as_str())));
+            }
+            for k in keys {
+                out.push_str(&format!(
+                    "{:<14} {}\n",
+                    format!("{k}:"),
+                    cell(&v[k.as_str()])
+                ));
+            }
+            out
+        }
+        AdminAction::Teardown { call_id } => format!("tunnel {call_id} torn down\n"),
+        AdminAction::Unregister { aor } => {
+            format!("{} binding(s) of {aor} removed\n", cell(&v["removed"]))
+        }
+        AdminAction::Reload => format!("reloaded: {}\n", cell(&v["reloaded"])),
+        AdminAction::LogLevel { .. } => format!("log level: {}\n", cell(&v["level"])),
+        AdminAction::UserAdd { username, .. } => format!("added {username}\n"),
+        AdminAction::UserDisable { username } => format!("disabled {username}\n"),
+        AdminAction::UserEnable { username } => format!("enabled {username}\n"),
+        AdminAction::UserDel { username } => format!("deleted {username}\n"),
+        AdminAction::UserPasswd { username } => format!("password of {username} changed\n"),
     }
 }
 
@@ -709,5 +857,36 @@ mod tests {
         walk(&Cli::command(), "gatehouse", &mut missing);
         assert!(missing.is_empty(), "without help text: {missing:?}");
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn tables_read_like_wg_show() {
+        assert_eq!(
+            [human(45), human(192), human(7500), human(273_600)],
+            ["45s", "3m12s", "2h05m", "3d04h"]
+        );
+        let tunnels = serde_json::json!([
+            {"call_id": "c1@p", "identity": "alice", "from": "sip:alice@partner.example",
+             "to": "sip:vpn@org.example", "prefixes": "2001:db8:456:1::/64", "pskmth": "scram",
+             "state": "established", "created": 1000},
+            {"call_id": "c22@p", "identity": "bob", "from": "sip:bob@partner.example",
+             "to": "sip:vpn@org.example", "prefixes": null, "pskmth": "none",
+             "state": "proposed", "created": 1190}
+        ]);
+        let text = render(&AdminAction::Tunnels, &tunnels, 1192);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 3, "{text}");
+        assert!(lines[0].starts_with("CALL-ID  IDENTITY  FROM"), "{text}");
+        assert!(
+            lines[1].starts_with("c1@p     alice     sip:alice@"),
+            "{text}"
+        );
+        assert!(lines[1].ends_with("established  3m12s"), "{text}");
+        assert!(lines[2].contains("  -  "), "null shows as -: {text}");
+        assert!(lines[2].ends_with("proposed     2s"), "{text}");
+        assert_eq!(
+            render(&AdminAction::Tunnels, &serde_json::json!([]), 0),
+            "(none)\n"
+        );
     }
 }

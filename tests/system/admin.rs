@@ -430,6 +430,148 @@ fn gatehouse_admin_cli() {
         .unwrap()
         .iter()
         .any(|u| u["username"] == "alice"));
+
+    // Tables, like `wg show`: a header in a meaningful order, aligned columns, no JSON.
+    let admin = |url: &str, args: &[&str]| {
+        Command::new(&bin)
+            .args(["admin", "--url", url, "--user", "root", "--password-file"])
+            .arg(&pw)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let url = format!("http://{addr}");
+    let out = admin(&url, &["users"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut lines = text.lines();
+    let header = lines.next().unwrap();
+    assert!(header.starts_with("USER  "), "{text}");
+    assert!(
+        header.find("ENABLED") < header.find("AORS")
+            && header.find("AORS") < header.find("MECHANISMS"),
+        "{text}"
+    );
+    let alice = lines.find(|l| l.starts_with("alice ")).unwrap();
+    assert!(
+        alice.contains("yes")
+            && alice.contains("sip:alice@partner.example")
+            && !alice.contains('[')
+            && !alice.contains('"'),
+        "{text}"
+    );
+    // Columns line up: the AORS column starts at the same place in every row.
+    let at = header.find("AORS").unwrap();
+    assert_eq!(alice.find("sip:alice@"), Some(at), "{text}");
+    let out = admin(&url, &["status"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.starts_with("version:"), "{text}");
+    assert!(!text.contains('{'), "{text}");
+    let out = admin(&url, &["tunnels"]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "(none)\n");
+
+    // Exit codes, one error line each: the API refused (1), bad --url (2), unreachable (3),
+    // authentication failed (4).
+    let out = admin(&url, &["teardown", "no-such-call"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.starts_with("error: the gateway answered 404"), "{err}");
+    let out = admin("ftp://127.0.0.1:1", &["status"]);
+    assert_eq!(out.status.code(), Some(2));
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let out = admin(&format!("http://{closed}"), &["status"]);
+    assert_eq!(out.status.code(), Some(3));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        err.lines().count(),
+        1,
+        "connection refused said once: {err}"
+    );
+    assert!(err.contains("cannot connect to http://127.0.0.1:"), "{err}");
+    let wrong = s.dir.path().join("wrong.password");
+    std::fs::write(&wrong, "not-it\n").unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&wrong, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+    let out = Command::new(&bin)
+        .args(["admin", "--url", &url, "--user", "root", "--password-file"])
+        .arg(&wrong)
+        .arg("status")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(4));
+    assert!(String::from_utf8_lossy(&out.stderr).starts_with("error: authentication failed"));
+}
+
+/// `gatehouse admin --url https://... --ca FILE`: the certificate verified against the CA,
+/// SCRAM-SHA-256-PLUS bound to the connection; without the right CA, exit 3 and nothing sent.
+#[test]
+fn gatehouse_admin_cli_over_https() {
+    let (s, addr) = admin_setup("tls = true\n");
+    let exe = std::env::current_exe().unwrap();
+    let bin = exe
+        .parent()
+        .and_then(std::path::Path::parent)
+        .unwrap()
+        .join("gatehouse");
+    let pw = s.dir.path().join("root.password");
+    std::fs::write(&pw, "root-secret\n").unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&pw, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+    let url = format!("https://localhost:{}", addr.port());
+    // The gateway's self-signed certificate is its own CA.
+    let ca = s.dir.path().join("cert.pem");
+    let out = Command::new(&bin)
+        .args(["admin", "--url", &url, "--ca"])
+        .arg(&ca)
+        .args(["--user", "root", "--password-file"])
+        .arg(&pw)
+        .arg("status")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("tunnels:"));
+    // The library client says how it authenticated.
+    let mut c = gatehouse::admin::client::AdminClient::connect(
+        &gatehouse::admin::client::AdminUrl::parse(&url).unwrap(),
+        Some(ca.as_path()),
+        "root",
+        "root-secret",
+    )
+    .unwrap();
+    assert_eq!(
+        c.request("GET", "/api/v1/status", None).unwrap().status,
+        200
+    );
+    assert_eq!(c.mechanism(), "SCRAM-SHA-256-PLUS");
+    // Another CA: the certificate is not trusted.
+    let other = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+    let other_ca = s.dir.path().join("other-ca.pem");
+    std::fs::write(&other_ca, other.cert.pem()).unwrap();
+    let out = Command::new(&bin)
+        .args(["admin", "--url", &url, "--ca"])
+        .arg(&other_ca)
+        .args(["--user", "root", "--password-file"])
+        .arg(&pw)
+        .arg("status")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).starts_with("error: TLS with https://localhost:"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]
