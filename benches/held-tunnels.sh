@@ -47,7 +47,7 @@ measure() {
     settle
     python3 -c "
 ok, fail = '$r'.split()
-print(f'held={$at:>7} setups={ok:>6} failed={fail:>4} cpu_ms_per_setup={($t1-$t0)*1000/$tck/max(int(ok),1):.4f} rss_mib={$(rss_kib)/1024:.1f} tunnels_active={$(metric gatehouse_tunnels_active)}')"
+print(f'held={$at:>7} setups={ok:>6} failed={fail:>4} cpu_ms_per_setup={($t1-$t0)*1000/$tck/max(int(ok),1):.4f} rss_mib={$(rss_kib)/1024:.1f} tunnels_active={$(metric gatehouse_tunnel_active)}')"
 }
 echo "# gatehouse $("$gh" --version) held tunnels: step=$step probe=$probe rate=$rate/s"
 measure

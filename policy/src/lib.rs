@@ -168,6 +168,21 @@ pub enum Denied {
 }
 
 impl Denied {
+    /// Every reason (metrics initialise a series per label).
+    pub const ALL: [Denied; 11] = [
+        Denied::NoRule,
+        Denied::RuleDenies,
+        Denied::Mechanism,
+        Denied::TlsRequired,
+        Denied::Prefix,
+        Denied::OrgPrefix,
+        Denied::Pskmth,
+        Denied::PskRequired,
+        Denied::LimitIdentity,
+        Denied::LimitTarget,
+        Denied::LimitTotal,
+    ];
+
     pub fn label(self) -> &'static str {
         match self {
             Denied::NoRule => "no_rule",

@@ -426,7 +426,7 @@ fn a_reconnected_listener_resynchronises_the_tunnel_table() {
         crate::operations::http_get(metrics, "/metrics")
             .1
             .lines()
-            .find_map(|l| l.strip_prefix("gatehouse_tunnels_active "))
+            .find_map(|l| l.strip_prefix("gatehouse_tunnel_active "))
             .and_then(|v| v.trim().parse::<u64>().ok())
     };
     // One tunnel, held (no BYE), through the project's load client.

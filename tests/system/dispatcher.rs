@@ -107,12 +107,12 @@ impl Node {
 
     /// Successful SASL exchanges so far.
     fn successes(&self) -> Option<u64> {
-        self.metric("gatehouse_sasl_attempts_total", "outcome=\"success\"")
+        self.metric("gatehouse_auth_attempts_total", "outcome=\"success\"")
     }
 
     /// Tunnels in this gateway's own table.
     fn tunnels(&self) -> Option<u64> {
-        self.metric("gatehouse_tunnels_active", "")
+        self.metric("gatehouse_tunnel_active", "")
     }
 
     fn admin(&self) -> AdminClient {

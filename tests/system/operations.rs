@@ -61,12 +61,12 @@ fn metrics_count_a_scripted_set_of_calls() {
     );
     assert_eq!(bad.status(), Some(403));
     let expect = [
-        ("gatehouse_sip_requests_total{method=\"INVITE\",transport=\"UDP\"}", 6.0),
-        ("gatehouse_sip_responses_total{class=\"4xx\",transport=\"UDP\"}", 5.0), // 4 × 407, 1 × 403
-        ("gatehouse_sip_responses_total{class=\"2xx\",transport=\"UDP\"}", 1.0),
-        ("gatehouse_sip_responses_total{class=\"1xx\",transport=\"UDP\"}", 1.0),
-        ("gatehouse_sasl_attempts_total{mechanism=\"SCRAM-SHA-256\",outcome=\"success\"}", 1.0),
-        ("gatehouse_sasl_attempts_total{mechanism=\"SCRAM-SHA-256\",outcome=\"bad_credentials\"}", 1.0),
+        ("gatehouse_sip_requests_total{method=\"invite\",transport=\"udp\"}", 6.0),
+        ("gatehouse_sip_responses_total{class=\"4xx\",transport=\"udp\"}", 5.0), // 4 × 407, 1 × 403
+        ("gatehouse_sip_responses_total{class=\"2xx\",transport=\"udp\"}", 1.0),
+        ("gatehouse_sip_responses_total{class=\"1xx\",transport=\"udp\"}", 1.0),
+        ("gatehouse_auth_attempts_total{mechanism=\"scram-sha-256\",outcome=\"success\"}", 1.0),
+        ("gatehouse_auth_attempts_total{mechanism=\"scram-sha-256\",outcome=\"bad_credentials\"}", 1.0),
         ("gatehouse_auth_challenges_total", 4.0), // every 407 round
         ("gatehouse_sip_invite_final_latency_seconds_count", 6.0), // one final per INVITE
     ];
@@ -84,6 +84,35 @@ fn metrics_count_a_scripted_set_of_calls() {
                 !text.contains("alice") && !text.contains("@test"),
                 "no user or Call-ID in labels"
             );
+            // Prometheus conventions (issue 12, item 10): known series exist at 0 before their
+            // first event, label values are lower case, transactions' retransmissions and
+            // timeouts are exported.
+            for zero in [
+                "gatehouse_sip_requests_total{method=\"bye\",transport=\"tls\"}",
+                "gatehouse_policy_denials_total{reason=\"limit_total\"}",
+                "gatehouse_auth_attempts_total{mechanism=\"scram-sha-256-plus\",outcome=\"expired\"}",
+                "gatehouse_transport_refused_total{reason=\"tls_budget\"}",
+                "gatehouse_tunnel_limit_checks_total{outcome=\"unverified\"}",
+                "gatehouse_sip_transaction_timeouts_total",
+            ] {
+                assert_eq!(sample(&text, zero), Some(0.0), "{zero}\n{text}");
+            }
+            assert!(sample(&text, "gatehouse_sip_retransmissions_total{kind=\"sent\"}").is_some());
+            for line in text
+                .lines()
+                .filter(|l| l.starts_with("gatehouse_") && l.contains('{'))
+            {
+                let labels = &line[line.find('{').unwrap()..line.rfind('}').unwrap()];
+                let values: Vec<&str> = labels.split('"').skip(1).step_by(2).collect();
+                // (The version and commit of gatehouse_build_info are not names; `+Inf` is
+                // the histogram's own bound.)
+                if !line.starts_with("gatehouse_build_info") && !line.contains("le=\"+Inf\"") {
+                    assert!(
+                        values.iter().all(|v| *v == v.to_ascii_lowercase()),
+                        "label values in lower case: {line}"
+                    );
+                }
+            }
             break;
         }
         assert!(
@@ -205,8 +234,25 @@ fn systemd_unit_verifies() {
     );
 }
 
+/// The dashboard is JSON, and every metric it or the alert rules name is one the gateway
+/// exports (a renamed metric cannot leave them behind).
 #[test]
 fn grafana_dashboard_is_json_with_gatehouse_queries() {
     let text = std::fs::read_to_string(repo().join("deploy/grafana/gatehouse.json")).unwrap();
-    assert!(text.trim_start().starts_with('{') && text.contains("gatehouse_sip_requests_total"));
+    let _: serde_json::Value = serde_json::from_str(&text).expect("the dashboard is JSON");
+    assert!(text.contains("gatehouse_sip_requests_total"));
+    let alerts = std::fs::read_to_string(repo().join("deploy/prometheus/alerts.yml")).unwrap();
+    let exported = gatehouse::metrics::Metrics::new().render();
+    let names: std::collections::BTreeSet<&str> = exported
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.split(['{', ' ']).next())
+        .collect();
+    for source in [&text, &alerts] {
+        for token in source.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+            if token.starts_with("gatehouse_") {
+                assert!(names.contains(token), "{token} is not exported");
+            }
+        }
+    }
 }

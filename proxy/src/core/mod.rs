@@ -173,6 +173,8 @@ pub struct CoreStats {
     pub stateless_resent: u64,
     /// Panics caught around the handling of one message or timer (bugs; the loop went on).
     pub internal_errors: u64,
+    /// Client transactions that timed out (Timer B/F).
+    pub transaction_timeouts: u64,
 }
 
 /// What stages 3 to 5 decided, before any server transaction exists.
@@ -423,7 +425,10 @@ impl Proxy {
         if let Some(flow) = self.txl.server_flow(id) {
             self.metrics
                 .sip_responses
-                .with_label_values(&[crate::metrics::class(status), flow.transport.via_token()])
+                .with_label_values(&[
+                    crate::metrics::class(status),
+                    crate::metrics::transport_label(flow.transport),
+                ])
                 .inc();
         }
         if status >= 200 {
@@ -465,7 +470,7 @@ impl Proxy {
         for (&(mech, outcome), &n) in &sasl_stats.outcomes {
             bump((mech, outcome), n, &|d| {
                 m.sasl_attempts
-                    .with_label_values(&[mech, outcome])
+                    .with_label_values(&[crate::metrics::mechanism_label(mech), outcome])
                     .inc_by(d)
             });
         }
@@ -484,6 +489,26 @@ impl Proxy {
                 m.tunnel_limit_checks.with_label_values(&[label]).inc_by(d)
             });
         }
+        let tx = &self.txl.stats;
+        bump(
+            ("sip/retransmitted", "sent"),
+            tx.retransmissions_sent,
+            &|d| m.sip_retransmissions.with_label_values(&["sent"]).inc_by(d),
+        );
+        bump(
+            ("sip/retransmitted", "absorbed"),
+            tx.retransmissions_absorbed,
+            &|d| {
+                m.sip_retransmissions
+                    .with_label_values(&["absorbed"])
+                    .inc_by(d)
+            },
+        );
+        bump(
+            ("sip/timeouts", ""),
+            self.stats.transaction_timeouts,
+            &|d| m.sip_timeouts.inc_by(d),
+        );
         bump(("auth/challenges", ""), auth_stats.challenges, &|d| {
             m.auth_challenges.inc_by(d)
         });
@@ -666,7 +691,7 @@ impl Proxy {
                         .sip_requests
                         .with_label_values(&[
                             crate::metrics::method_label(m),
-                            flow.transport.via_token(),
+                            crate::metrics::transport_label(flow.transport),
                         ])
                         .inc();
                 }
@@ -721,6 +746,7 @@ impl Proxy {
         for ev in self.txl.handle_timeout(now) {
             match ev {
                 TxEvent::Timeout(tx) => {
+                    self.stats.transaction_timeouts += 1;
                     self.branch_failed(tx, Reject::Timeout, now);
                     self.fwd.forget_branch(tx);
                 }
@@ -1133,7 +1159,10 @@ impl Proxy {
     ) {
         self.metrics
             .sip_responses
-            .with_label_values(&[crate::metrics::class(code), flow.transport.via_token()])
+            .with_label_values(&[
+                crate::metrics::class(code),
+                crate::metrics::transport_label(flow.transport),
+            ])
             .inc();
         if msg.method() == Some(Method::Invite) {
             // Answered in the step it arrived in: no time passes on the core's clock.

@@ -9,18 +9,20 @@
 //! | `gatehouse_sip_parse_errors_total` | counter | |
 //! | `gatehouse_sip_dropped_total` | counter | `reason` (`malformed_response`, `stray_response`) |
 //! | `gatehouse_sip_transactions` | gauge | |
+//! | `gatehouse_sip_retransmissions_total` | counter | `kind` (`sent`, `absorbed`) |
+//! | `gatehouse_sip_transaction_timeouts_total` | counter | | client transactions that timed out (Timer B/F) |
 //! | `gatehouse_sip_invite_final_latency_seconds` | histogram | |
 //! | `gatehouse_transport_connections` | gauge | |
-//! | `gatehouse_sasl_attempts_total` | counter | `mechanism`, `outcome` |
-//! | `gatehouse_sasl_pending_exchanges` | gauge | |
+//! | `gatehouse_auth_attempts_total` | counter | `mechanism`, `outcome` |
+//! | `gatehouse_auth_pending_exchanges` | gauge | |
 //! | `gatehouse_auth_challenges_total`, `gatehouse_auth_lockouts_total` | counter | |
 //! | `gatehouse_policy_denials_total` | counter | `reason` |
-//! | `gatehouse_tunnels_active` | gauge | |
+//! | `gatehouse_tunnel_active` | gauge | |
 //! | `gatehouse_tunnel_limit_checks_total` | counter | `outcome` (`granted`, `refused`, `unverified`): set-ups counted against the cluster's limits by the shared store (`unverified`: it did not answer in time, the gateway's own counts decided) |
 //! | `gatehouse_tunnel_setup_duration_seconds` | histogram | |
 //! | `gatehouse_registrar_bindings` | gauge | |
 //! | `gatehouse_internal_errors_total` | counter | `area` (`sip`, `sasl`, `admin`, `reload`): panics caught |
-//! | `gatehouse_sasl_evicted_total` | counter | | parked exchanges dropped to make room |
+//! | `gatehouse_auth_evicted_total` | counter | | parked exchanges dropped to make room |
 //! | `gatehouse_sip_rate_limited_total` | counter | | requests dropped by the per-source limit |
 //! | `gatehouse_sip_banned_sources` | gauge | | sources currently banned by the rate limit |
 //! | `gatehouse_sip_stateless_challenges_total` | counter | `kind` (`sent`, `retransmitted`) |
@@ -85,6 +87,8 @@ pub struct Metrics {
     pub store_held: IntGauge,
     pub store_available: IntGauge,
     pub auth_users: IntGauge,
+    pub sip_retransmissions: IntCounterVec,
+    pub sip_timeouts: IntCounter,
     pub cluster_peers: IntGauge,
     pub loop_message: Histogram,
     pub loop_tick: Histogram,
@@ -180,13 +184,13 @@ impl Metrics {
             ),
             sasl_attempts: counter_vec(
                 &r,
-                "gatehouse_sasl_attempts_total",
+                "gatehouse_auth_attempts_total",
                 "Finished SASL exchanges",
                 &["mechanism", "outcome"],
             ),
             sasl_pending: gauge(
                 &r,
-                "gatehouse_sasl_pending_exchanges",
+                "gatehouse_auth_pending_exchanges",
                 "SASL exchanges parked between rounds",
             ),
             auth_challenges: counter(
@@ -215,7 +219,7 @@ impl Metrics {
             },
             tunnels_active: gauge(
                 &r,
-                "gatehouse_tunnels_active",
+                "gatehouse_tunnel_active",
                 "Tunnels in the tunnel table",
             ),
             tunnel_setup: histogram(
@@ -237,7 +241,7 @@ impl Metrics {
             ),
             sasl_evicted: counter(
                 &r,
-                "gatehouse_sasl_evicted_total",
+                "gatehouse_auth_evicted_total",
                 "Parked SASL exchanges dropped to make room (source at its cap, or table full)",
             ),
             rate_limited: counter(
@@ -325,9 +329,21 @@ impl Metrics {
                 "Time the I/O loop spent on one maintenance tick or timer batch",
                 loop_buckets(),
             ),
+            sip_retransmissions: counter_vec(
+                &r,
+                "gatehouse_sip_retransmissions_total",
+                "Retransmissions by the transaction layer: sent (requests and finals on unreliable transports) and absorbed (received and answered from the transaction)",
+                &["kind"],
+            ),
+            sip_timeouts: counter(
+                &r,
+                "gatehouse_sip_transaction_timeouts_total",
+                "Client transactions that timed out (Timer B/F: the next hop never answered)",
+            ),
             ready: Arc::new(AtomicBool::new(false)),
             registry: r,
         };
+        m.initialise_series();
         // What runs: constant 1, the version and commit as labels (Prometheus convention).
         let build = prometheus::IntGaugeVec::new(
             Opts::new(
@@ -347,6 +363,47 @@ impl Metrics {
             let _ = m.registry.register(Box::new(pc));
         }
         m
+    }
+
+    /// Every known label combination starts at 0, so a series exists (and `rate()` works)
+    /// before its first event (Prometheus convention).
+    fn initialise_series(&self) {
+        for method in METHODS {
+            for t in TRANSPORTS {
+                self.sip_requests.with_label_values(&[method, t]);
+            }
+        }
+        for class in ["1xx", "2xx", "3xx", "4xx", "5xx", "6xx"] {
+            for t in TRANSPORTS {
+                self.sip_responses.with_label_values(&[class, t]);
+            }
+        }
+        for mech in MECHANISMS {
+            for outcome in ["success", "bad_credentials", "expired", "protocol"] {
+                self.sasl_attempts.with_label_values(&[mech, outcome]);
+            }
+        }
+        for d in gatehouse_policy::Denied::ALL {
+            self.policy_denials.with_label_values(&[d.label()]);
+        }
+        for area in ["sip", "sasl", "admin", "reload"] {
+            self.internal_errors.with_label_values(&[area]);
+        }
+        for reason in ["malformed_response", "stray_response"] {
+            self.sip_dropped.with_label_values(&[reason]);
+        }
+        for kind in ["sent", "retransmitted"] {
+            self.stateless_challenges.with_label_values(&[kind]);
+        }
+        for reason in ["per_source", "tcp_budget", "tls_budget"] {
+            self.connections_refused.with_label_values(&[reason]);
+        }
+        for reason in ["header_deadline", "handshake_deadline", "idle"] {
+            self.connections_closed.with_label_values(&[reason]);
+        }
+        for kind in ["sent", "absorbed"] {
+            self.sip_retransmissions.with_label_values(&[kind]);
+        }
     }
 
     /// The text exposition of every metric.
@@ -373,23 +430,66 @@ pub fn class(status: u16) -> &'static str {
 pub fn method_label(m: crate::sip::Method) -> &'static str {
     use crate::sip::Method::*;
     match m {
-        Invite => "INVITE",
-        Ack => "ACK",
-        Bye => "BYE",
-        Cancel => "CANCEL",
-        Register => "REGISTER",
-        Options => "OPTIONS",
-        Info => "INFO",
-        Update => "UPDATE",
-        Prack => "PRACK",
-        Subscribe => "SUBSCRIBE",
-        Notify => "NOTIFY",
-        Refer => "REFER",
-        Message => "MESSAGE",
-        Publish => "PUBLISH",
+        Invite => "invite",
+        Ack => "ack",
+        Bye => "bye",
+        Cancel => "cancel",
+        Register => "register",
+        Options => "options",
+        Info => "info",
+        Update => "update",
+        Prack => "prack",
+        Subscribe => "subscribe",
+        Notify => "notify",
+        Refer => "refer",
+        Message => "message",
+        Publish => "publish",
         Other => "other",
     }
 }
+
+/// The label values of every known method (series initialised at 0).
+const METHODS: [&str; 15] = [
+    "invite",
+    "ack",
+    "bye",
+    "cancel",
+    "register",
+    "options",
+    "info",
+    "update",
+    "prack",
+    "subscribe",
+    "notify",
+    "refer",
+    "message",
+    "publish",
+    "other",
+];
+
+/// Transport label, lower case.
+pub fn transport_label(t: crate::flow::Transport) -> &'static str {
+    match t {
+        crate::flow::Transport::Udp => "udp",
+        crate::flow::Transport::Tcp => "tcp",
+        crate::flow::Transport::Tls => "tls",
+    }
+}
+
+const TRANSPORTS: [&str; 3] = ["udp", "tcp", "tls"];
+
+/// SASL mechanism label, lower case (`scram-sha-256-plus`).
+pub fn mechanism_label(name: &str) -> &'static str {
+    match name {
+        "SCRAM-SHA-256-PLUS" => "scram-sha-256-plus",
+        "SCRAM-SHA-256" => "scram-sha-256",
+        "EXTERNAL" => "external",
+        "PLAIN" => "plain",
+        _ => "other",
+    }
+}
+
+const MECHANISMS: [&str; 4] = ["scram-sha-256-plus", "scram-sha-256", "external", "plain"];
 
 async fn handle(
     metrics: Arc<Metrics>,
