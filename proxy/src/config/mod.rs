@@ -399,7 +399,10 @@ struct RawTrust {
 struct RawRoute {
     aor: Option<Spanned<String>>,
     domain: Option<Spanned<String>>,
-    target: Spanned<String>,
+    /// The Request-URI to send to (its host and port only: the request's user stays).
+    target: Option<Spanned<String>>,
+    /// Where to send, the Request-URI unchanged (Kamailio's `$du`).
+    next_hop: Option<Spanned<String>>,
     transport: Option<Spanned<Transport>>,
 }
 
@@ -811,14 +814,35 @@ impl Config {
         };
         let mut routes = RouteTable::default();
         for (i, r) in raw.route.iter().enumerate() {
-            let target_text = r.target.get_ref();
-            let key = format!("route[{i}].target");
+            // `target` rewrites the Request-URI, `next_hop` only says where to send it.
+            let (spanned, key, rewrites) = match (&r.target, &r.next_hop) {
+                (Some(t), None) => (t, format!("route[{i}].target"), true),
+                (None, Some(n)) => (n, format!("route[{i}].next_hop"), false),
+                (Some(_), Some(n)) => return Err(cx.err(
+                    n.span(),
+                    &format!("route[{i}].next_hop"),
+                    "give `target` (rewrites the Request-URI) or `next_hop` (keeps it), not both",
+                )),
+                (None, None) => {
+                    let span = r
+                        .aor
+                        .as_ref()
+                        .or(r.domain.as_ref())
+                        .map_or_else(|| cx.end(), |s| s.span());
+                    return Err(cx.err(
+                        span,
+                        &format!("route[{i}]"),
+                        "needs `target` or `next_hop`",
+                    ));
+                }
+            };
+            let target_text = spanned.get_ref();
             let uri = Uri::parse(target_text)
                 .ok()
                 .filter(|u| matches!(u.scheme, Scheme::Sip | Scheme::Sips))
                 .ok_or_else(|| {
                     cx.err(
-                        r.target.span(),
+                        spanned.span(),
                         &key,
                         format!("`{target_text}` is not a sip: or sips: URI"),
                     )
@@ -843,7 +867,7 @@ impl Config {
                     .ok()
                     .and_then(|mut a| a.next())
                     .ok_or_else(|| {
-                        cx.err(r.target.span(), &key, format!("cannot resolve `{host}`"))
+                        cx.err(spanned.span(), &key, format!("cannot resolve `{host}`"))
                     })?;
                 dest = crate::flow::Destination::Addr {
                     transport: *transport,
@@ -858,13 +882,18 @@ impl Config {
             };
             if !listen.iter().any(|l| l.transport == transport) {
                 return Err(cx.err(
-                    r.target.span(),
+                    spanned.span(),
                     &key,
                     format!("no listener for transport {transport}"),
                 ));
             }
             let target = Target {
-                uri: target_text.clone(),
+                // Empty: the Request-URI stays (`next_hop`).
+                uri: if rewrites {
+                    target_text.clone()
+                } else {
+                    String::new()
+                },
                 dest,
                 transport,
             };
@@ -885,7 +914,7 @@ impl Config {
                 (None, Some(domain)) => routes.add_domain(domain.get_ref(), target),
                 _ => {
                     return Err(cx.err(
-                        r.target.span(),
+                        spanned.span(),
                         &format!("route[{i}]"),
                         "give exactly one of `aor` or `domain`",
                     ));
@@ -1360,6 +1389,21 @@ mod tests {
             ok.balancers,
             vec!["192.0.2.9/32".parse::<ipnet::IpNet>().unwrap()]
         );
+        // A route gives `target` or `next_hop`, exactly one.
+        let both = format!("{base}[[route]]\ndomain = \"org.example\"\ntarget = \"sip:127.0.0.1:5070\"\nnext_hop = \"sip:127.0.0.1:5071\"\n");
+        let e = Config::parse(&both, "t").unwrap_err();
+        assert_eq!((e.line, e.key.as_str()), (9, "route[0].next_hop"), "{e}");
+        let neither = format!("{base}[[route]]\ndomain = \"org.example\"\n");
+        let e = Config::parse(&neither, "t").unwrap_err();
+        assert_eq!((e.line, e.key.as_str()), (7, "route[0]"), "{e}");
+        let next = Config::parse(
+            &format!(
+                "{base}[[route]]\ndomain = \"org.example\"\nnext_hop = \"sip:127.0.0.1:5071\"\n"
+            ),
+            "t",
+        )
+        .unwrap();
+        assert!(!next.routes.is_empty());
         // The peer URI is an address other gateways can reach, not a name or an AOR.
         for bad in [
             "sip:gw1.example:5060",

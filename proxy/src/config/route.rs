@@ -9,11 +9,31 @@ use crate::sip::Uri;
 /// Where requests for a matched AOR or domain go.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Target {
-    /// The Request-URI the forwarded request carries.
+    /// The route's `target` (see [`Target::request_uri`]); empty for a `next_hop` route, which
+    /// keeps the Request-URI.
     pub uri: String,
     /// The next hop.
     pub dest: Destination,
     pub transport: Transport,
+}
+
+impl Target {
+    /// The Request-URI of a request for `ruri` sent along this route: the target when it names
+    /// a user; the request's user at the target's host and port when it names none (like
+    /// Kamailio's `$rd`/`$rp`: a phone behind the route still sees whom the call is for);
+    /// empty — the Request-URI unchanged — for a `next_hop` route (Kamailio's `$du`).
+    pub fn request_uri(&self, ruri: &Uri<'_>) -> String {
+        if self.uri.is_empty() {
+            return String::new();
+        }
+        match (Uri::parse(&self.uri), ruri.user) {
+            (Ok(target), Some(user)) if target.user.is_none() => {
+                let (scheme, rest) = self.uri.split_once(':').unwrap_or(("sip", &self.uri));
+                format!("{scheme}:{user}@{rest}")
+            }
+            _ => self.uri.clone(),
+        }
+    }
 }
 
 /// AOR routes win over domain routes. Keys are lower-cased hosts; users compare exactly.

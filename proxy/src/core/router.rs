@@ -104,7 +104,7 @@ impl Router {
             return Ok(targets);
         }
         if let Some(t) = self.routes.lookup(&uri) {
-            return Ok(vec![Target::direct(t.uri.clone(), t.dest.clone())]);
+            return Ok(vec![Target::direct(t.request_uri(&uri), t.dest.clone())]);
         }
         if self.is_our_domain(uri.host) {
             Err(Reject::TemporarilyUnavailable)
@@ -226,6 +226,46 @@ mod tests {
             r.targets("not a uri", Vec::new()),
             Err(Reject::NotFound)
         ));
+    }
+
+    /// A target with a user replaces the Request-URI; one with only host and port keeps the
+    /// user (real phones answer for their user); a `next_hop` route keeps the URI whole.
+    #[test]
+    fn routes_rewrite_whole_host_port_or_nothing() {
+        let dest = Destination::Addr {
+            transport: Transport::Udp,
+            addr: "127.0.0.1:5070".parse().unwrap(),
+            server_name: None,
+        };
+        let mut routes = RouteTable::default();
+        let route = |uri: &str| RouteTarget {
+            uri: uri.into(),
+            dest: dest.clone(),
+            transport: Transport::Udp,
+        };
+        routes.add_domain("org.example", route("sip:127.0.0.1:5070;transport=udp"));
+        routes.add_domain("next.example", route(""));
+        routes.add_aor("vpn", "org.example", route("sip:vpn-1@127.0.0.1:5070"));
+        let r = Router::new(
+            vec!["org.example".into(), "next.example".into()],
+            vec![LocalAddr::new(
+                Transport::Udp,
+                "192.0.2.1:5060".parse().unwrap(),
+                None,
+            )],
+            routes,
+        );
+        let ruri = |s: &str| r.targets(s, Vec::new()).unwrap()[0].ruri.clone();
+        assert_eq!(
+            ruri("sip:alice@org.example"),
+            "sip:alice@127.0.0.1:5070;transport=udp"
+        );
+        assert_eq!(ruri("sip:vpn@org.example"), "sip:vpn-1@127.0.0.1:5070");
+        assert_eq!(ruri("sip:bob@next.example"), "", "kept");
+        assert_eq!(
+            r.targets("sip:bob@next.example", Vec::new()).unwrap()[0].dest,
+            dest
+        );
     }
 
     #[test]
