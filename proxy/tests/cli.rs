@@ -84,6 +84,17 @@ fn check_config_accepts_examples_and_names_line_and_key_of_errors() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// `gatehouse run --config CONFIG` with its standard error in `log`.
+fn run_logged(config: &std::path::Path, log: &std::path::Path) -> Child {
+    bin()
+        .args(["run", "--config"])
+        .arg(config)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log).expect("log"))
+        .spawn()
+        .expect("start")
+}
+
 /// Sends OPTIONS to the gateway until it answers (it is up) or the time limit passes.
 fn ping(addr: &str) -> String {
     let sock = UdpSocket::bind("127.0.0.1:0").expect("bind");
@@ -455,13 +466,7 @@ fn reload_applies_the_log_level_and_names_what_needs_a_restart() {
     );
     std::fs::write(&config, &text).expect("write");
     let log = dir.join("gatehouse.log");
-    let child = bin()
-        .args(["run", "--config"])
-        .arg(&config)
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).expect("log"))
-        .spawn()
-        .expect("start");
+    let child = run_logged(&config, &log);
     ping(&gw);
     let log_text = || std::fs::read_to_string(&log).unwrap_or_default();
     let wait_for = |needle: &str, count: usize| {
@@ -594,13 +599,7 @@ fn sighup_reloads_a_valid_policy_and_keeps_the_old_one_on_errors() {
     )
     .expect("write");
     let log = dir.join("gatehouse.log");
-    let child = bin()
-        .args(["run", "--config"])
-        .arg(&config)
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).expect("log"))
-        .spawn()
-        .expect("start");
+    let child = run_logged(&config, &log);
     ping(&gw);
     let mut n = 0;
     let mut status = || {

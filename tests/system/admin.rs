@@ -372,9 +372,8 @@ fn scram_plus_over_tls() {
     assert!(info.s2s.is_some(), "a session handle for reuse");
 }
 
-#[test]
-fn gatehouse_admin_cli() {
-    let (s, addr) = admin_setup("");
+/// The `gatehouse` binary next to the test's, and root's password in a 0600 file.
+fn cli(s: &crate::sasl::Setup) -> (std::path::PathBuf, std::path::PathBuf) {
     let exe = std::env::current_exe().unwrap();
     let bin = exe
         .parent()
@@ -382,11 +381,20 @@ fn gatehouse_admin_cli() {
         .unwrap()
         .join("gatehouse");
     let pw = s.dir.path().join("root.password");
-    std::fs::write(&pw, "root-secret\n").unwrap();
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&pw, std::fs::Permissions::from_mode(0o600)).unwrap();
-    }
+    secret_file(&pw, "root-secret\n");
+    (bin, pw)
+}
+
+fn secret_file(path: &std::path::Path, text: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(path, text).unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
+}
+
+#[test]
+fn gatehouse_admin_cli() {
+    let (s, addr) = admin_setup("");
+    let (bin, pw) = cli(&s);
     let out = Command::new(&bin)
         .args([
             "admin",
@@ -492,11 +500,7 @@ fn gatehouse_admin_cli() {
     );
     assert!(err.contains("cannot connect to http://127.0.0.1:"), "{err}");
     let wrong = s.dir.path().join("wrong.password");
-    std::fs::write(&wrong, "not-it\n").unwrap();
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&wrong, std::fs::Permissions::from_mode(0o600)).unwrap();
-    }
+    secret_file(&wrong, "not-it\n");
     let out = Command::new(&bin)
         .args(["admin", "--url", &url, "--user", "root", "--password-file"])
         .arg(&wrong)
@@ -512,18 +516,7 @@ fn gatehouse_admin_cli() {
 #[test]
 fn gatehouse_admin_cli_over_https() {
     let (s, addr) = admin_setup("tls = true\n");
-    let exe = std::env::current_exe().unwrap();
-    let bin = exe
-        .parent()
-        .and_then(std::path::Path::parent)
-        .unwrap()
-        .join("gatehouse");
-    let pw = s.dir.path().join("root.password");
-    std::fs::write(&pw, "root-secret\n").unwrap();
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&pw, std::fs::Permissions::from_mode(0o600)).unwrap();
-    }
+    let (bin, pw) = cli(&s);
     let url = format!("https://localhost:{}", addr.port());
     // The gateway's self-signed certificate is its own CA.
     let ca = s.dir.path().join("cert.pem");

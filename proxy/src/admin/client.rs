@@ -240,6 +240,18 @@ impl Endpoint {
     }
 }
 
+/// The kept-alive connection, connected (again) first when there is none or it closed.
+async fn open<'a>(
+    conn: &'a mut Option<Conn>,
+    endpoint: &Endpoint,
+) -> Result<&'a mut Conn, ClientError> {
+    if conn.as_ref().is_none_or(|c| c.sender.is_closed()) {
+        *conn = Some(endpoint.connect().await?);
+    }
+    conn.as_mut()
+        .ok_or_else(|| ClientError::Http("no connection".into()))
+}
+
 /// Debian's bundle of the system's trust anchors (package `ca-certificates`).
 const SYSTEM_ROOTS: &str = "/etc/ssl/certs/ca-certificates.crt";
 
@@ -418,12 +430,7 @@ impl AdminClient {
         } = self;
         runtime.block_on(async {
             for attempt in 0..2 {
-                if conn.as_ref().is_none_or(|c| c.sender.is_closed()) {
-                    *conn = Some(endpoint.connect().await?);
-                }
-                let Some(c) = conn.as_mut() else {
-                    continue;
-                };
+                let c = open(conn, endpoint).await?;
                 match exchange(c, &host, method, path, auth, body).await {
                     Err(ClientError::Http(_)) if attempt == 0 => *conn = None,
                     other => return other,
@@ -441,12 +448,7 @@ impl AdminClient {
             conn,
             ..
         } = self;
-        runtime.block_on(async {
-            if conn.as_ref().is_none_or(|c| c.sender.is_closed()) {
-                *conn = Some(endpoint.connect().await?);
-            }
-            Ok(conn.as_ref().and_then(|c| c.exporter.clone()))
-        })
+        runtime.block_on(async { Ok(open(conn, endpoint).await?.exporter.clone()) })
     }
 
     /// A request; authenticates (or re-authenticates when the session expired) as needed.
