@@ -28,6 +28,16 @@ impl Transport {
         }
     }
 
+    /// The transport's name in lower case (`udp`, `tcp`, `tls`): stored records, flow tokens,
+    /// metric labels.
+    pub fn token(self) -> &'static str {
+        match self {
+            Transport::Udp => "udp",
+            Transport::Tcp => "tcp",
+            Transport::Tls => "tls",
+        }
+    }
+
     /// Value of the URI `transport` parameter, `None` for UDP (the default).
     pub fn uri_param(self) -> Option<&'static str> {
         match self {

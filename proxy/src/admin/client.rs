@@ -191,53 +191,40 @@ impl Endpoint {
                 url: self.url.text(),
                 reason,
             })?;
-        let handshake_failed = |e: hyper::Error| ClientError::Http(format!("HTTP: {e}"));
-        match &self.tls {
-            None => {
-                let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
-                    .await
-                    .map_err(handshake_failed)?;
-                tokio::spawn(conn);
-                Ok(Conn {
-                    sender,
-                    exporter: None,
-                })
-            }
-            Some(config) => {
-                let name = rustls::pki_types::ServerName::try_from(self.url.host.clone()).map_err(
-                    |e| ClientError::Tls {
-                        url: self.url.text(),
-                        reason: e.to_string(),
-                    },
-                )?;
-                let tls_error = |e: std::io::Error| ClientError::Tls {
-                    url: self.url.text(),
-                    reason: e.to_string(),
-                };
-                let stream = tokio_rustls::TlsConnector::from(Arc::clone(config))
-                    .connect(name, tcp)
-                    .await
-                    .map_err(tls_error)?;
-                // RFC 9266 tls-exporter: SCRAM-SHA-256-PLUS binds the exchange to this connection.
-                let exporter = stream
-                    .get_ref()
-                    .1
-                    .export_keying_material(vec![0u8; 32], b"EXPORTER-Channel-Binding", None)
-                    .map_err(|e| ClientError::Tls {
-                        url: self.url.text(),
-                        reason: e.to_string(),
-                    })?;
-                let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-                    .await
-                    .map_err(handshake_failed)?;
-                tokio::spawn(conn);
-                Ok(Conn {
-                    sender,
-                    exporter: Some(exporter),
-                })
-            }
-        }
+        let Some(config) = &self.tls else {
+            return http1(tcp, None).await;
+        };
+        let tls_error = |e: &dyn std::fmt::Display| ClientError::Tls {
+            url: self.url.text(),
+            reason: e.to_string(),
+        };
+        let name = rustls::pki_types::ServerName::try_from(self.url.host.clone())
+            .map_err(|e| tls_error(&e))?;
+        let stream = tokio_rustls::TlsConnector::from(Arc::clone(config))
+            .connect(name, tcp)
+            .await
+            .map_err(|e| tls_error(&e))?;
+        // RFC 9266 tls-exporter: SCRAM-SHA-256-PLUS binds the exchange to this connection.
+        let exporter = stream
+            .get_ref()
+            .1
+            .export_keying_material(vec![0u8; 32], b"EXPORTER-Channel-Binding", None)
+            .map_err(|e| tls_error(&e))?;
+        http1(stream, Some(exporter)).await
     }
+}
+
+/// An HTTP/1.1 client connection over `io`, its connection task spawned on the client's
+/// runtime.
+async fn http1<S>(io: S, exporter: Option<Vec<u8>>) -> Result<Conn, ClientError>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+{
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+        .await
+        .map_err(|e| ClientError::Http(format!("HTTP: {e}")))?;
+    tokio::spawn(conn);
+    Ok(Conn { sender, exporter })
 }
 
 /// The kept-alive connection, connected (again) first when there is none or it closed.

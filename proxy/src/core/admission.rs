@@ -149,20 +149,14 @@ pub fn flow_mac(key: &[u8; 32], call_id: &str, from_tag: &str, token: &str) -> S
 
 /// The flow token of a destination: `udp:192.0.2.7:5060` (`None` for a name).
 pub fn flow_token(dest: &crate::flow::Destination) -> Option<String> {
-    match dest {
+    let (transport, addr) = match dest {
         crate::flow::Destination::Addr {
             transport, addr, ..
-        } => Some(format!(
-            "{}:{addr}",
-            transport.to_string().to_ascii_lowercase()
-        )),
-        crate::flow::Destination::Flow(f) => Some(format!(
-            "{}:{}",
-            f.transport.to_string().to_ascii_lowercase(),
-            f.remote
-        )),
-        crate::flow::Destination::Name { .. } => None,
-    }
+        } => (*transport, *addr),
+        crate::flow::Destination::Flow(f) => (f.transport, f.remote),
+        crate::flow::Destination::Name { .. } => return None,
+    };
+    Some(format!("{}:{addr}", transport.token()))
 }
 
 impl PeerFlow {

@@ -425,10 +425,7 @@ impl Proxy {
         if let Some(flow) = self.txl.server_flow(id) {
             self.metrics
                 .sip_responses
-                .with_label_values(&[
-                    crate::metrics::class(status),
-                    crate::metrics::transport_label(flow.transport),
-                ])
+                .with_label_values(&[crate::metrics::class(status), flow.transport.token()])
                 .inc();
         }
         if status >= 200 {
@@ -691,7 +688,7 @@ impl Proxy {
                         .sip_requests
                         .with_label_values(&[
                             crate::metrics::method_label(m),
-                            crate::metrics::transport_label(flow.transport),
+                            flow.transport.token(),
                         ])
                         .inc();
                 }
@@ -1159,10 +1156,7 @@ impl Proxy {
     ) {
         self.metrics
             .sip_responses
-            .with_label_values(&[
-                crate::metrics::class(code),
-                crate::metrics::transport_label(flow.transport),
-            ])
+            .with_label_values(&[crate::metrics::class(code), flow.transport.token()])
             .inc();
         if msg.method() == Some(Method::Invite) {
             // Answered in the step it arrived in: no time passes on the core's clock.

@@ -372,23 +372,28 @@ impl Registrar {
     /// except those through a gateway that is gone (unless nothing else is left).
     pub fn targets(&self, aor: &str, now: Instant) -> Vec<Binding> {
         let live = self.bindings.live(aor, now);
-        let mut chosen: Vec<Binding> = Vec::with_capacity(live.len());
+        // Indices into `live` of the chosen bindings (nothing cloned twice).
+        let mut chosen: Vec<usize> = Vec::with_capacity(live.len());
         let mut instances: Vec<&str> = Vec::new();
-        for b in &live {
+        for (n, b) in live.iter().enumerate() {
             match b.instance.as_deref() {
                 None => {
                     if self.holder_live(b) {
-                        chosen.push(b.clone());
+                        chosen.push(n);
                     }
                 }
                 Some(i) if !instances.contains(&i) => {
                     instances.push(i);
-                    let flows = || live.iter().filter(|x| x.instance.as_deref() == Some(i));
+                    let flows = || {
+                        live.iter()
+                            .enumerate()
+                            .filter(|(_, x)| x.instance.as_deref() == Some(i))
+                    };
                     let pick = flows()
-                        .find(|x| x.holder.is_none())
-                        .or_else(|| flows().find(|x| self.holder_live(x)))
-                        .unwrap_or(b);
-                    chosen.push(pick.clone());
+                        .find(|(_, x)| x.holder.is_none())
+                        .or_else(|| flows().find(|(_, x)| self.holder_live(x)))
+                        .map_or(n, |(k, _)| k);
+                    chosen.push(pick);
                 }
                 Some(_) => {}
             }
@@ -397,7 +402,11 @@ impl Registrar {
             // Only bindings through gone gateways: try them rather than refuse.
             return live;
         }
-        chosen
+        live.into_iter()
+            .enumerate()
+            .filter(|(n, _)| chosen.contains(n))
+            .map(|(_, b)| b)
+            .collect()
     }
 
     /// New limits (reload): bindings already held keep their expiry.
@@ -531,7 +540,7 @@ impl Registrar {
             let record = BindingRecord {
                 aor: aor.to_owned(),
                 contact: binding.contact.clone(),
-                transport: flow.transport.to_string().to_ascii_lowercase(),
+                transport: flow.transport.token().to_owned(),
                 remote: flow.remote.to_string(),
                 expires_at: self.clock.unix(binding.expires),
                 instance: binding.instance.clone(),

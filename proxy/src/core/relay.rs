@@ -405,9 +405,16 @@ impl Proxy {
     /// Route entry names this gateway with a flow token (`gf`); its MAC must verify, and it
     /// leaves the route set. `None` when the request has no such entry.
     pub(super) fn peer_route(&mut self, msg: &mut Message) -> Result<Option<PeerFlow>, Reject> {
-        let Some(first) = msg.list_values(HeaderName::Route).into_iter().next() else {
+        // Runs for every request with a Route (in-dialog ones too): the first entry only, and
+        // parsed only when it names a flow; Route pre-processing reads the rest.
+        let Some(field) = msg.value_of(HeaderName::Route) else {
             return Ok(None);
         };
+        let Some(first) = split_list(&field).next().filter(|e| e.contains(";gf=")) else {
+            return Ok(None);
+        };
+        let first = first.to_owned();
+        drop(field);
         let bad_route = || Reject::Malformed(crate::sip::ParseError::Malformed(HeaderName::Route));
         let na = NameAddr::parse(&first).ok_or_else(bad_route)?;
         let uri = Uri::parse(na.uri).map_err(|_| bad_route())?;

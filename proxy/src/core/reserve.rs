@@ -103,7 +103,6 @@ impl Reservations {
 
 impl Proxy {
     /// Parks a tunnel set-up until the store has counted it against the cluster's `limits`.
-    #[allow(clippy::too_many_arguments)]
     pub(super) fn park_for_limits(
         &mut self,
         parked: Parked,

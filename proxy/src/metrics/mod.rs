@@ -205,18 +205,12 @@ impl Metrics {
                 "Requests denied by policy",
                 &["reason"],
             ),
-            tunnel_limit_checks: {
-                let c = counter_vec(
-                    &r,
-                    "gatehouse_tunnel_limit_checks_total",
-                    "Tunnel set-ups counted against the cluster's limits by the shared store",
-                    &["outcome"],
-                );
-                for outcome in ["granted", "refused", "unverified"] {
-                    c.with_label_values(&[outcome]);
-                }
-                c
-            },
+            tunnel_limit_checks: counter_vec(
+                &r,
+                "gatehouse_tunnel_limit_checks_total",
+                "Tunnel set-ups counted against the cluster's limits by the shared store",
+                &["outcome"],
+            ),
             tunnels_active: gauge(
                 &r,
                 "gatehouse_tunnel_active",
@@ -404,6 +398,9 @@ impl Metrics {
         for kind in ["sent", "absorbed"] {
             self.sip_retransmissions.with_label_values(&[kind]);
         }
+        for outcome in ["granted", "refused", "unverified"] {
+            self.tunnel_limit_checks.with_label_values(&[outcome]);
+        }
     }
 
     /// The text exposition of every metric.
@@ -466,15 +463,6 @@ const METHODS: [&str; 15] = [
     "publish",
     "other",
 ];
-
-/// Transport label, lower case.
-pub fn transport_label(t: crate::flow::Transport) -> &'static str {
-    match t {
-        crate::flow::Transport::Udp => "udp",
-        crate::flow::Transport::Tcp => "tcp",
-        crate::flow::Transport::Tls => "tls",
-    }
-}
 
 const TRANSPORTS: [&str; 3] = ["udp", "tcp", "tls"];
 
