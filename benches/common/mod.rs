@@ -51,7 +51,6 @@ pub fn config() -> CoreConfig {
                 addr: "127.0.0.1:5070".parse().expect("addr"),
                 server_name: None,
             },
-            transport: Transport::Udp,
         },
     );
     CoreConfig {

@@ -54,7 +54,9 @@ enum Command {
     CheckConfig {
         /// Configuration file (TOML).
         file: PathBuf,
-        /// Also resolve the host names of route targets (DNS), as `run` does.
+        /// Also locate route targets named by host through DNS (RFC 3263: NAPTR, SRV, A/AAAA,
+        /// with `[dns]`'s name servers) and print the addresses each would be tried at, in
+        /// order; a name without any address fails the check.
         #[arg(long)]
         resolve: bool,
     },
@@ -117,7 +119,7 @@ impl StoreArgs {
         let cfg = self
             .config
             .as_ref()
-            .map(|p| Config::load_offline(p).map_err(|e| anyhow::anyhow!("{e}")))
+            .map(|p| Config::load(p).map_err(|e| anyhow::anyhow!("{e}")))
             .transpose()?;
         let iterations = cfg.as_ref().map_or(4096, |c| c.auth.iterations);
         let store = match (&self.store, &cfg) {
@@ -270,12 +272,14 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::CheckConfig { file, resolve } => match if resolve {
-            Config::load(&file)
-        } else {
-            Config::load_offline(&file)
-        } {
-            Ok(_) => {
+        Command::CheckConfig { file, resolve } => match Config::load(&file) {
+            Ok(cfg) => {
+                if resolve {
+                    if let Err(e) = locate_routes(&cfg) {
+                        eprintln!("error: {}: {e}", file.display());
+                        return ExitCode::from(EX_CONFIG);
+                    }
+                }
                 println!("{}: ok", file.display());
                 ExitCode::SUCCESS
             }
@@ -690,6 +694,51 @@ fn render(action: &AdminAction, v: &serde_json::Value, now: u64) -> String {
         AdminAction::UserEnable { username } => format!("enabled {username}\n"),
         AdminAction::UserDel { username } => format!("deleted {username}\n"),
         AdminAction::UserPasswd { username } => format!("password of {username} changed\n"),
+    }
+}
+
+/// `check-config --resolve`: every route target named by host, located as the gateway would
+/// locate it for a request (RFC 3263), printed with the addresses in the order they would be
+/// tried. An error names every target without an address.
+fn locate_routes(cfg: &Config) -> anyhow::Result<()> {
+    use gatehouse::flow::Destination;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let mut usable: Vec<_> = cfg.listen.iter().map(|l| l.transport).collect();
+    usable.dedup();
+    let mut targets: Vec<_> = cfg
+        .routes
+        .targets()
+        .filter_map(|t| t.dest.query().map(|q| (t.dest.clone(), q)))
+        .collect();
+    targets.sort_by(|a, b| a.1.host.cmp(&b.1.host));
+    targets.dedup_by(|a, b| a.0 == b.0);
+    let mut failed = Vec::new();
+    runtime.block_on(async {
+        let locator = gatehouse::transport::dns::Locator::new(&cfg.dns, usable);
+        for (_, q) in &targets {
+            match locator.locate(q).await {
+                Ok(hops) => {
+                    let list: Vec<String> = hops
+                        .iter()
+                        .filter_map(|h| match h {
+                            Destination::Addr {
+                                transport, addr, ..
+                            } => Some(format!("{} {addr}", transport.token())),
+                            _ => None,
+                        })
+                        .collect();
+                    println!("{}: {}", q.host, list.join(", "));
+                }
+                Err(e) => failed.push(format!("{}: not found in DNS ({})", q.host, e.0)),
+            }
+        }
+    });
+    if failed.is_empty() {
+        Ok(())
+    } else {
+        anyhow::bail!("route targets without an address: {}", failed.join("; "))
     }
 }
 

@@ -100,10 +100,53 @@ pub enum Destination {
         addr: SocketAddr,
         server_name: Option<Box<str>>,
     },
-    /// A next hop by host name, resolved by the driver.
+    /// A next hop by host name: located through DNS (RFC 3263, [`crate::locate`]) before a
+    /// request is sent, or resolved by the driver for a stateless message.
     Name {
-        transport: Transport,
         host: Box<str>,
-        port: u16,
+        /// The URI's port; `None` lets DNS SRV choose.
+        port: Option<u16>,
+        /// The URI's `transport=`; `None` lets DNS NAPTR/SRV choose.
+        transport: Option<Transport>,
+        /// A `sips:` URI: TLS only.
+        secure: bool,
     },
+}
+
+impl Destination {
+    /// The RFC 3263 question for a next hop named by host.
+    pub fn query(&self) -> Option<crate::locate::Query> {
+        match self {
+            Destination::Name {
+                host,
+                port,
+                transport,
+                secure,
+            } => Some(crate::locate::Query {
+                host: host.to_string(),
+                port: *port,
+                transport: *transport,
+                secure: *secure,
+            }),
+            _ => None,
+        }
+    }
+
+    /// The transport a message to this destination uses, as far as it is known before DNS:
+    /// a name's fixed transport, TLS for `sips:`, else UDP.
+    pub fn transport(&self) -> Transport {
+        match self {
+            Destination::Flow(f) => f.transport,
+            Destination::Addr { transport, .. } => *transport,
+            Destination::Name {
+                transport, secure, ..
+            } => {
+                if *secure {
+                    Transport::Tls
+                } else {
+                    transport.unwrap_or(Transport::Udp)
+                }
+            }
+        }
+    }
 }

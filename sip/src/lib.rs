@@ -5,6 +5,7 @@
 //!   ([`framer`]), and building the responses a SIP element generates itself;
 //! - [`transaction`]: the RFC 3261 section 17 transaction machines and their timers;
 //! - [`flow`]: transports, flows and destinations (where a message came from, where it goes);
+//! - [`locate`]: RFC 3263 server location (which DNS questions, the order of the answers);
 //! - [`wireguard`]: the WireGuard SDP codec (`m=application ... vnd.wireguard`, its fmtp).
 //!
 //! Nothing here does I/O: no sockets, no clock reads, no global randomness (`now` and every
@@ -14,6 +15,7 @@ pub mod error;
 pub mod flow;
 pub mod framer;
 pub mod header;
+pub mod locate;
 pub mod message;
 pub mod transaction;
 pub mod uri;

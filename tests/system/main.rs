@@ -7,6 +7,7 @@ mod admin;
 mod client;
 mod cluster;
 mod dispatcher;
+mod dns;
 mod hardening;
 mod harness;
 mod interop;

@@ -5,7 +5,7 @@ pub mod route;
 
 use route::{destination_of, RouteTable, Target};
 
-use std::net::{SocketAddr, ToSocketAddrs};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -62,6 +62,48 @@ struct RawConfig {
     topology: RawTopology,
     #[serde(default)]
     cluster: RawCluster,
+    #[serde(default)]
+    dns: RawDns,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawDns {
+    servers: Vec<Spanned<String>>,
+    timeout_ms: Spanned<u64>,
+    attempts: Spanned<usize>,
+}
+
+impl Default for RawDns {
+    fn default() -> Self {
+        let d = DnsSettings::default();
+        RawDns {
+            servers: Vec::new(),
+            timeout_ms: unset(d.timeout.as_millis() as u64),
+            attempts: unset(d.attempts),
+        }
+    }
+}
+
+/// How next hops named by host are located (`[dns]`; RFC 3263 NAPTR, SRV, A/AAAA).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DnsSettings {
+    /// Name servers to ask (address, port 53 unless given); empty: `/etc/resolv.conf`.
+    pub servers: Vec<SocketAddr>,
+    /// How long one question waits for one server.
+    pub timeout: Duration,
+    /// How many times a question is asked before the name counts as unresolvable.
+    pub attempts: usize,
+}
+
+impl Default for DnsSettings {
+    fn default() -> Self {
+        DnsSettings {
+            servers: Vec::new(),
+            timeout: Duration::from_secs(2),
+            attempts: 2,
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -486,6 +528,8 @@ pub struct Config {
     /// How the other gateways of a cluster reach this one (`[cluster] peer_uri`, a
     /// `sip:address:port` URI): stored with the bindings whose flows this gateway holds.
     pub peer_uri: Option<String>,
+    /// DNS for next hops named by host.
+    pub dns: DnsSettings,
     pub routes: RouteTable,
     pub log_level: String,
     pub log_format: LogFormat,
@@ -566,34 +610,16 @@ impl Ctx<'_> {
     }
 }
 
-/// Whether loading a configuration resolves the host names of route targets.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Resolve {
-    /// Resolve them (once, at load): what a running gateway uses.
-    Names,
-    /// Leave them as names: no network at all (`check-config` without `--resolve`).
-    Never,
-}
-
 impl Config {
     /// The embedded default configuration.
     pub fn embedded() -> Config {
         Config::parse(DEFAULT_CONFIG, "<embedded>").expect("the embedded default config is valid")
     }
 
-    /// Reads and validates a file; route targets named by host are resolved (what a
-    /// running gateway needs: `run`, reloads, `check-config --resolve`).
+    /// Reads and validates a file. Nothing here touches the network: route targets named by
+    /// host stay names, located through DNS for each request (`check-config --resolve` asks
+    /// DNS up front).
     pub fn load(path: &std::path::Path) -> Result<Config, ConfigError> {
-        Config::load_with(path, Resolve::Names)
-    }
-
-    /// Reads and validates a file without touching the network: route targets named by host
-    /// stay names (`check-config`, the user commands).
-    pub fn load_offline(path: &std::path::Path) -> Result<Config, ConfigError> {
-        Config::load_with(path, Resolve::Never)
-    }
-
-    fn load_with(path: &std::path::Path, resolve: Resolve) -> Result<Config, ConfigError> {
         let origin = path.display().to_string();
         let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
             origin: origin.clone(),
@@ -601,7 +627,7 @@ impl Config {
             key: String::new(),
             message: format!("cannot read: {e}"),
         })?;
-        let mut cfg = Config::parse_with(&text, &origin, path.parent(), resolve)?;
+        let mut cfg = Config::parse_in(&text, &origin, path.parent())?;
         cfg.source = Some(path.to_path_buf());
         Ok(cfg)
     }
@@ -617,16 +643,6 @@ impl Config {
         text: &str,
         origin: &str,
         base: Option<&std::path::Path>,
-    ) -> Result<Config, ConfigError> {
-        Config::parse_with(text, origin, base, Resolve::Names)
-    }
-
-    /// [`Config::parse_in`], resolving route targets' host names or not.
-    pub fn parse_with(
-        text: &str,
-        origin: &str,
-        base: Option<&std::path::Path>,
-        names: Resolve,
     ) -> Result<Config, ConfigError> {
         let resolve = |p: &std::path::Path| -> PathBuf {
             match base {
@@ -812,6 +828,31 @@ impl Config {
                 Some(text.clone())
             }
         };
+        let mut servers = Vec::new();
+        for (i, s) in raw.dns.servers.iter().enumerate() {
+            let text = s.get_ref();
+            let addr = text
+                .parse::<SocketAddr>()
+                .ok()
+                .or_else(|| {
+                    text.parse::<std::net::IpAddr>()
+                        .ok()
+                        .map(|ip| (ip, 53).into())
+                })
+                .ok_or_else(|| {
+                    cx.err(
+                        s.span(),
+                        &format!("dns.servers[{i}]"),
+                        format!("`{text}` is not an IP address with an optional port"),
+                    )
+                })?;
+            servers.push(addr);
+        }
+        let dns = DnsSettings {
+            servers,
+            timeout: cx.ms(&raw.dns.timeout_ms, "dns.timeout_ms", 100, 30_000)?,
+            attempts: cx.range(&raw.dns.attempts, "dns.attempts", 1, 5, "")?,
+        };
         let mut routes = RouteTable::default();
         for (i, r) in raw.route.iter().enumerate() {
             // `target` rewrites the Request-URI, `next_hop` only says where to send it.
@@ -847,40 +888,15 @@ impl Config {
                         format!("`{target_text}` is not a sip: or sips: URI"),
                     )
                 })?;
-            let default = r
-                .transport
-                .as_ref()
-                .map_or(Transport::Udp, |t| *t.get_ref());
-            let mut dest = destination_of(&uri, default);
-            if let (
-                crate::flow::Destination::Name {
-                    transport,
-                    host,
-                    port,
-                },
-                Resolve::Names,
-            ) = (&dest, names)
-            {
-                // Resolve static targets once, at load time.
-                let addr = (host.as_ref(), *port)
-                    .to_socket_addrs()
-                    .ok()
-                    .and_then(|mut a| a.next())
-                    .ok_or_else(|| {
-                        cx.err(spanned.span(), &key, format!("cannot resolve `{host}`"))
-                    })?;
-                dest = crate::flow::Destination::Addr {
-                    transport: *transport,
-                    addr,
-                    server_name: Some(host.clone()),
-                };
-            }
-            let transport = match &dest {
-                crate::flow::Destination::Addr { transport, .. }
-                | crate::flow::Destination::Name { transport, .. } => *transport,
-                crate::flow::Destination::Flow(_) => default,
+            // A host name stays a name: DNS (RFC 3263) locates it for each request, so a
+            // partner's NAPTR/SRV records and their changes are followed.
+            let dest = destination_of(&uri, r.transport.as_ref().map(|t| *t.get_ref()));
+            let fixed = match &dest {
+                crate::flow::Destination::Addr { transport, .. } => Some(*transport),
+                crate::flow::Destination::Name { transport, .. } => *transport,
+                crate::flow::Destination::Flow(_) => None,
             };
-            if !listen.iter().any(|l| l.transport == transport) {
+            if let Some(transport) = fixed.filter(|t| !listen.iter().any(|l| l.transport == *t)) {
                 return Err(cx.err(
                     spanned.span(),
                     &key,
@@ -895,7 +911,6 @@ impl Config {
                     String::new()
                 },
                 dest,
-                transport,
             };
             match (&r.aor, &r.domain) {
                 (Some(aor), None) => {
@@ -1174,6 +1189,7 @@ impl Config {
             hide_topology: raw.topology.hide,
             balancers,
             peer_uri,
+            dns,
             trusted,
             routes,
             log_level: level,
@@ -1329,6 +1345,21 @@ mod tests {
                 "rate_limit.max_sources",
                 "allowed range 64 to",
             ),
+            (
+                "[dns]\ntimeout_ms = 5\n",
+                "dns.timeout_ms",
+                "allowed range 100 to 30000 ms",
+            ),
+            (
+                "[dns]\nattempts = 9\n",
+                "dns.attempts",
+                "allowed range 1 to 5",
+            ),
+            (
+                "[dns]\nservers = [\"ns1.example\"]\n",
+                "dns.servers[0]",
+                "is not an IP address",
+            ),
         ];
         for (table, key, says) in cases {
             let text = format!("{base}{table}");
@@ -1355,6 +1386,28 @@ mod tests {
         assert!(e.line > 0, "{e}");
         let e = Config::parse(&format!("{base}[admin]\nlisten = \"127.0.0.1:1\"\nsession_idle_s = 0\n[auth]\nstore = \"x\"\n"), "t.toml").unwrap_err();
         assert_eq!((e.line, e.key.as_str()), (8, "admin.session_idle_s"), "{e}");
+    }
+
+    #[test]
+    fn names_stay_names_and_dns_servers_take_a_default_port() {
+        let text = "[sip]\ndomains = [\"org.example\"]\n[[listen]]\ntransport = \"udp\"\naddress = \"127.0.0.1:5060\"\n\
+[[route]]\ndomain = \"partner.invalid\"\ntarget = \"sip:partner.invalid\"\n\
+[dns]\nservers = [\"192.0.2.53\", \"[2001:db8::53]:5353\"]\n";
+        let cfg = Config::parse(text, "t.toml").unwrap();
+        assert_eq!(
+            cfg.dns.servers,
+            [
+                "192.0.2.53:53".parse::<SocketAddr>().unwrap(),
+                "[2001:db8::53]:5353".parse().unwrap()
+            ]
+        );
+        let uri = crate::sip::Uri::parse("sip:bob@partner.invalid").unwrap();
+        let target = cfg.routes.lookup(&uri).unwrap();
+        // Not resolved at load: located through DNS for each request.
+        assert_eq!(
+            target.dest.query().map(|q| (q.host, q.port, q.transport)),
+            Some(("partner.invalid".to_owned(), None, None))
+        );
     }
 
     #[test]

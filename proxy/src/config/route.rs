@@ -14,7 +14,6 @@ pub struct Target {
     pub uri: String,
     /// The next hop.
     pub dest: Destination,
-    pub transport: Transport,
 }
 
 impl Target {
@@ -67,29 +66,37 @@ impl RouteTable {
     pub fn is_empty(&self) -> bool {
         self.aors.is_empty() && self.domains.is_empty()
     }
+
+    /// Every route's target (AOR routes, then domain routes; in no particular order within).
+    pub fn targets(&self) -> impl Iterator<Item = &Target> {
+        self.aors.values().chain(self.domains.values())
+    }
 }
 
-/// The next hop for a URI (RFC 3263 without DNS SRV: literal addresses, or a name the
-/// driver resolves). `sips:` and `transport=tls` mean TLS.
-pub fn destination_of(uri: &Uri<'_>, default: Transport) -> Destination {
-    let transport = if uri.scheme == crate::sip::Scheme::Sips {
-        Transport::Tls
-    } else {
-        uri.transport()
-            .and_then(Transport::from_token)
-            .unwrap_or(default)
-    };
-    let port = uri.port.unwrap_or(transport.default_port());
+/// The next hop for a URI (RFC 3263 section 4): an IP address is used as it is (UDP unless
+/// `transport=` or `fixed` says otherwise, TLS for `sips:`); a host name stays a name, with
+/// what the URI fixes, for DNS NAPTR/SRV/A to complete before the request is sent.
+pub fn destination_of(uri: &Uri<'_>, fixed: Option<Transport>) -> Destination {
+    let secure = uri.scheme == crate::sip::Scheme::Sips;
+    let named = uri.transport().and_then(Transport::from_token).or(fixed);
     match uri.ip() {
-        Some(ip) => Destination::Addr {
-            transport,
-            addr: (ip, port).into(),
-            server_name: None,
-        },
+        Some(ip) => {
+            let transport = if secure {
+                Transport::Tls
+            } else {
+                named.unwrap_or(Transport::Udp)
+            };
+            Destination::Addr {
+                transport,
+                addr: (ip, uri.port.unwrap_or(transport.default_port())).into(),
+                server_name: None,
+            }
+        }
         None => Destination::Name {
-            transport,
             host: uri.host.into(),
-            port,
+            port: uri.port,
+            transport: if secure { Some(Transport::Tls) } else { named },
+            secure,
         },
     }
 }

@@ -313,16 +313,13 @@ impl Proxy {
                 .iter()
                 .any(|n| n.contains(&ip))
         };
+        // A name is judged before DNS answers: only TLS (`sips:`, `transport=tls`) will do,
+        // since whatever address DNS gives, the certificate is what vouches for it.
+        if dest.transport() == Transport::Tls {
+            return true;
+        }
         match dest {
-            Destination::Addr {
-                transport: Transport::Tls,
-                ..
-            }
-            | Destination::Name {
-                transport: Transport::Tls,
-                ..
-            } => true,
-            Destination::Flow(f) => f.transport == Transport::Tls || internal(f.remote.ip()),
+            Destination::Flow(f) => internal(f.remote.ip()),
             Destination::Addr { addr, .. } => internal(addr.ip()),
             Destination::Name { .. } => false,
         }

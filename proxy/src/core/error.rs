@@ -64,6 +64,8 @@ pub enum Reject {
     Timeout,
     #[error("next hop unreachable")]
     Unreachable,
+    #[error("next hop not found in DNS")]
+    Unresolvable,
     #[error("authentication required (challenge)")]
     Challenge {
         challenger: Challenger,
@@ -122,6 +124,11 @@ impl Reject {
             ),
             Reject::Timeout => (408, "Request Timeout", vec![]),
             Reject::Unreachable => (503, "Service Unavailable (next hop unreachable)", vec![]),
+            Reject::Unresolvable => (
+                503,
+                "Service Unavailable (next hop not found in DNS)",
+                vec![],
+            ),
             Reject::Challenge { challenger, value } => {
                 let reason = match challenger {
                     Challenger::Proxy => "Proxy Authentication Required",
@@ -177,7 +184,7 @@ impl Reject {
 
     pub fn fault(&self) -> Fault {
         match self {
-            Reject::Timeout | Reject::Unreachable => Fault::NextHop,
+            Reject::Timeout | Reject::Unreachable | Reject::Unresolvable => Fault::NextHop,
             Reject::Overloaded
             | Reject::ShuttingDown
             | Reject::InsecureInternalHop

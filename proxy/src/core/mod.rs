@@ -44,6 +44,7 @@ pub mod admission;
 pub mod auth;
 pub mod authorize;
 pub mod error;
+pub mod locate;
 pub mod lockout;
 pub mod persist;
 pub mod ratelimit;
@@ -224,6 +225,7 @@ pub struct Proxy {
     resync: Option<TunnelResync>,
     /// Set-ups waiting for the shared store to count them against the cluster's limits.
     reserving: reserve::Reservations,
+    lookups: locate::Lookups,
     /// Bans in force at the last [`Proxy::maintain`] (metrics).
     banned_sources: usize,
     /// A tunnel was established: the next write batch is durable (its transmits wait for it).
@@ -306,6 +308,7 @@ impl Proxy {
             ratelimit: ratelimit::RateLimit::new(cfg.rate_limit),
             resync: None,
             reserving: Default::default(),
+            lookups: Default::default(),
             banned_sources: 0,
             durable: false,
             stateless: stateless::StatelessCache::new(STATELESS_CAPACITY),
@@ -506,6 +509,15 @@ impl Proxy {
             self.stats.transaction_timeouts,
             &|d| m.sip_timeouts.inc_by(d),
         );
+        let dns = self.lookups.stats;
+        for (label, n) in [("resolved", dns.resolved), ("failed", dns.failed)] {
+            bump(("sip/dns", label), n, &|d| {
+                m.sip_dns_lookups.with_label_values(&[label]).inc_by(d)
+            });
+        }
+        bump(("sip/failovers", ""), dns.failovers, &|d| {
+            m.sip_failovers.inc_by(d)
+        });
         bump(("auth/challenges", ""), auth_stats.challenges, &|d| {
             m.auth_challenges.inc_by(d)
         });
@@ -575,6 +587,7 @@ impl Proxy {
         self.expire_reservations(now);
         self.fwd.shrink();
         self.txl.shrink();
+        self.lookups.shrink();
     }
 
     /// Stop admitting new out-of-dialog requests; in-dialog requests and running
@@ -866,6 +879,7 @@ impl Proxy {
                 tunnel: None,
                 started: now,
                 latency_recorded: false,
+                resolving: 0,
             },
         );
         let result = match admitted {

@@ -4,13 +4,14 @@
 //! ACK for 2xx, and responses synthesised for branches that time out or cannot be reached.
 
 use std::collections::hash_map::RandomState;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasher, Hasher};
 use std::time::Instant;
 
 use std::net::SocketAddr;
 
 use super::admission::PeerFlow;
+use super::locate::Retry;
 use super::router::{PeerHop, Target};
 use super::{admission, authorize, Clearance, LocalAddr, Proxy, Reject, SignedDialog};
 use crate::config::route;
@@ -27,6 +28,19 @@ pub(super) struct Branch {
     pub(super) provisional: bool,
     /// The inside's Vias were not sent (topology hiding): restore them on responses.
     pub(super) hidden_vias: bool,
+    /// More addresses DNS gave for this branch's name (RFC 3263 failover).
+    pub(super) retry: Option<Box<Retry>>,
+}
+
+/// One branch's request before anything that depends on its next hop (Record-Route, Via,
+/// topology hiding): what a branch waiting for DNS, or failing over, keeps.
+#[derive(Debug, Clone)]
+pub(super) struct Prepared {
+    pub(super) msg: Message,
+    /// Where the request came from.
+    pub(super) flow: Flow,
+    pub(super) record_route: bool,
+    pub(super) loop_hash: u32,
 }
 
 /// Response context of a forwarded request (RFC 3261 16.7).
@@ -45,6 +59,8 @@ pub(super) struct Context {
     /// When the request arrived (latency metrics).
     pub(super) started: Instant,
     pub(super) latency_recorded: bool,
+    /// Branches waiting for DNS (they count as open: no final is chosen before them).
+    pub(super) resolving: u16,
 }
 
 /// The relay's state (RFC 3261 16.7): the response context of every server transaction
@@ -308,18 +324,18 @@ impl Proxy {
                 // Strict router next: it wants its URI as Request-URI.
                 let ruri = msg.request_uri().unwrap_or_default().into_owned();
                 let route_uri = na.uri.to_owned();
-                let dest = route::destination_of(&uri, Transport::Udp);
+                let dest = route::destination_of(&uri, None);
                 self.remove_route_element(msg, 0);
                 msg.push(HeaderName::Route, format!("<{ruri}>"));
                 msg.set_request_uri(&route_uri);
                 return Ok(dest);
             }
-            return Ok(route::destination_of(&uri, Transport::Udp));
+            return Ok(route::destination_of(&uri, None));
         }
         let ruri = msg.request_uri().unwrap_or_default().into_owned();
         let uri =
             Uri::parse(&ruri).map_err(|_| Reject::Malformed(crate::sip::ParseError::RequestUri))?;
-        Ok(route::destination_of(&uri, Transport::Udp))
+        Ok(route::destination_of(&uri, None))
     }
 
     /// Forwards the request to each target (parallel forking); an empty Request-URI keeps it.
@@ -353,33 +369,70 @@ impl Proxy {
             if let Some(peer) = peer {
                 self.add_peer_route(&mut branch_msg, &peer)?;
             }
-            if record_route {
-                self.add_record_route(&mut branch_msg, &flow, &dest);
+            let prepared = Prepared {
+                msg: branch_msg,
+                flow,
+                record_route,
+                loop_hash,
+            };
+            match dest.query() {
+                // A host name: DNS first (RFC 3263), off the loop.
+                Some(query) => self.locate(id, prepared, query),
+                None => self.start_branch(id, prepared, dest, VecDeque::new(), now),
             }
-            let hidden_vias = self.hides_towards(&flow, &dest);
-            if hidden_vias {
-                self.hide_request(&mut branch_msg, &dest);
-            }
-            let branch = self.fwd.next_branch(&format!("{loop_hash:08x}"));
-            self.add_via_and_forwarding_headers(&mut branch_msg, &dest, &branch);
-            let reliable = dest_transport(&dest).is_reliable();
-            let bytes = branch_msg.serialize();
-            let client = self
-                .txl
-                .start_client(bytes, method, &branch, dest, reliable, now);
-            self.fwd.add_branch(
-                id,
-                Branch {
-                    client,
-                    done: false,
-                    cancel_pending: false,
-                    provisional: false,
-                    hidden_vias,
-                },
-            );
-            self.stats.forwarded += 1;
         }
         Ok(())
+    }
+
+    /// Sends one branch of server transaction `id` to `dest` (an address or a flow); `rest`
+    /// are the addresses to fail over to (RFC 3263 section 4.3).
+    pub(super) fn start_branch(
+        &mut self,
+        id: TxId,
+        prepared: Prepared,
+        dest: Destination,
+        rest: VecDeque<Destination>,
+        now: Instant,
+    ) {
+        let retry = (!rest.is_empty()).then(|| {
+            Box::new(Retry {
+                prepared: prepared.clone(),
+                rest,
+            })
+        });
+        let Prepared {
+            msg: mut branch_msg,
+            flow,
+            record_route,
+            loop_hash,
+        } = prepared;
+        let method = branch_msg.method().unwrap_or(Method::Other);
+        if record_route {
+            self.add_record_route(&mut branch_msg, &flow, &dest);
+        }
+        let hidden_vias = self.hides_towards(&flow, &dest);
+        if hidden_vias {
+            self.hide_request(&mut branch_msg, &dest);
+        }
+        let branch = self.fwd.next_branch(&format!("{loop_hash:08x}"));
+        self.add_via_and_forwarding_headers(&mut branch_msg, &dest, &branch);
+        let reliable = dest.transport().is_reliable();
+        let bytes = branch_msg.serialize();
+        let client = self
+            .txl
+            .start_client(bytes, method, &branch, dest, reliable, now);
+        self.fwd.add_branch(
+            id,
+            Branch {
+                client,
+                done: false,
+                cancel_pending: false,
+                provisional: false,
+                hidden_vias,
+                retry,
+            },
+        );
+        self.stats.forwarded += 1;
     }
 
     /// Names the gateway holding a binding's flow, and the flow, in a Route entry signed for
@@ -582,18 +635,27 @@ impl Proxy {
             if status >= 600 && ctx.invite {
                 cancel_now.extend(ctx.branches.iter().filter(|b| !b.done).map(|b| b.client));
             }
-            let better = match &ctx.best {
-                None => true,
-                Some((best, _)) => response_rank(status) < response_rank(*best),
-            };
-            if better {
-                ctx.best = Some((status, resp));
-            }
-            self.maybe_send_best(server, now);
+            self.offer_final(server, status, resp, now);
         }
         for tx in cancel_now {
             self.send_cancel(tx, now);
         }
+    }
+
+    /// A final non-2xx response of a branch: kept when it is the best so far (16.7 item 6),
+    /// sent when no branch is left.
+    pub(super) fn offer_final(&mut self, server: TxId, status: u16, resp: Message, now: Instant) {
+        let Some(ctx) = self.fwd.context_mut(server) else {
+            return;
+        };
+        let better = match &ctx.best {
+            None => true,
+            Some((best, _)) => response_rank(status) < response_rank(*best),
+        };
+        if better {
+            ctx.best = Some((status, resp));
+        }
+        self.maybe_send_best(server, now);
     }
 
     /// Sends the best final response once every branch is done (16.7 item 6).
@@ -601,7 +663,7 @@ impl Proxy {
         let Some(ctx) = self.fwd.context_mut(server) else {
             return;
         };
-        if ctx.final_sent || ctx.branches.iter().any(|b| !b.done) {
+        if ctx.final_sent || ctx.resolving > 0 || ctx.branches.iter().any(|b| !b.done) {
             return;
         }
         if let Some((status, mut resp)) = ctx.best.take() {
@@ -628,6 +690,14 @@ impl Proxy {
         if ctx.branches.iter().any(|b| b.client == client && b.done) {
             return;
         }
+        if matches!(reject, Reject::Timeout | Reject::Unreachable)
+            && self.fail_over(server, client, now)
+        {
+            return;
+        }
+        let Some(ctx) = self.fwd.context(server) else {
+            return;
+        };
         let (code, reason, _) = reject.response();
         let request = ctx.request.clone();
         let tag = self.new_tag();
@@ -644,13 +714,6 @@ fn rr_value(local: &LocalAddr, mac: &str) -> String {
         None => String::new(),
     };
     format!("<sip:{}:{}{transport};lr;gh={mac}>", local.host, local.port)
-}
-
-fn dest_transport(dest: &Destination) -> Transport {
-    match dest {
-        Destination::Flow(f) => f.transport,
-        Destination::Addr { transport, .. } | Destination::Name { transport, .. } => *transport,
-    }
 }
 
 /// Ranking for best-response selection: 6xx first, then the lowest class (16.7 item 6).
@@ -681,11 +744,7 @@ fn via_destination(msg: &Message) -> Option<Destination> {
     let top = msg.top_via_value()?;
     let via = Via::parse(&top)?;
     let transport = Transport::from_token(via.transport)?;
-    let port = via
-        .param("rport")
-        .and_then(|p| p.parse().ok())
-        .or(via.port)
-        .unwrap_or(transport.default_port());
+    let port = via.param("rport").and_then(|p| p.parse().ok()).or(via.port);
     let ip = via
         .param("received")
         .and_then(crate::sip::uri::host_ip)
@@ -693,13 +752,15 @@ fn via_destination(msg: &Message) -> Option<Destination> {
     Some(match ip {
         Some(ip) => Destination::Addr {
             transport,
-            addr: SocketAddr::new(ip, port),
+            addr: SocketAddr::new(ip, port.unwrap_or(transport.default_port())),
             server_name: None,
         },
+        // RFC 3263 section 5: the sent-by's addresses, or its SRV records without a port.
         None => Destination::Name {
-            transport,
             host: via.host.into(),
             port,
+            transport: Some(transport),
+            secure: false,
         },
     })
 }
@@ -730,6 +791,7 @@ From: <sip:b@x>;tag=1\r\nTo: <sip:a@x>\r\nCall-ID: c\r\nCSeq: 1 OPTIONS\r\nConte
             tunnel: None,
             started: Instant::now(),
             latency_recorded: false,
+            resolving: 0,
         }
     }
 
@@ -740,6 +802,7 @@ From: <sip:b@x>;tag=1\r\nTo: <sip:a@x>\r\nCall-ID: c\r\nCSeq: 1 OPTIONS\r\nConte
             cancel_pending: false,
             provisional: false,
             hidden_vias: false,
+            retry: None,
         }
     }
 

@@ -4,7 +4,7 @@
 //! destination, and where a request goes (registered bindings first, then a route).
 
 use crate::config::route::{self, RouteTable};
-use crate::flow::{Destination, Flow, Transport};
+use crate::flow::{Destination, Flow};
 use crate::sip::{Scheme, Uri, Via};
 
 use super::registrar::Binding;
@@ -55,7 +55,7 @@ impl Target {
         };
         let uri = Uri::parse(&holder).ok()?;
         Some(Target {
-            dest: route::destination_of(&uri, Transport::Udp),
+            dest: route::destination_of(&uri, None),
             ruri: b.contact,
             peer: Some(PeerHop {
                 uri: holder.into(),
@@ -159,12 +159,11 @@ impl Router {
 
     /// The local address the gateway uses towards `dest`: same transport, same family.
     pub fn local_for(&self, dest: &Destination) -> &LocalAddr {
-        let (transport, v4) = match dest {
-            Destination::Flow(f) => (f.transport, f.remote.is_ipv4()),
-            Destination::Addr {
-                transport, addr, ..
-            } => (*transport, addr.is_ipv4()),
-            Destination::Name { transport, .. } => (*transport, true),
+        let transport = dest.transport();
+        let v4 = match dest {
+            Destination::Flow(f) => f.remote.is_ipv4(),
+            Destination::Addr { addr, .. } => addr.is_ipv4(),
+            Destination::Name { .. } => true,
         };
         self.locals
             .iter()
@@ -178,6 +177,7 @@ impl Router {
 mod tests {
     use super::*;
     use crate::config::route::Target as RouteTarget;
+    use crate::flow::Transport;
 
     fn router() -> Router {
         let mut routes = RouteTable::default();
@@ -191,7 +191,6 @@ mod tests {
                     addr: "198.51.100.20:5060".parse().unwrap(),
                     server_name: None,
                 },
-                transport: Transport::Udp,
             },
         );
         Router::new(
@@ -241,7 +240,6 @@ mod tests {
         let route = |uri: &str| RouteTarget {
             uri: uri.into(),
             dest: dest.clone(),
-            transport: Transport::Udp,
         };
         routes.add_domain("org.example", route("sip:127.0.0.1:5070;transport=udp"));
         routes.add_domain("next.example", route(""));

@@ -25,7 +25,6 @@ fn config() -> CoreConfig {
             addr: addr.parse().unwrap(),
             server_name: None,
         },
-        transport,
     };
     routes.add_aor(
         "vpn",
@@ -45,6 +44,17 @@ fn config() -> CoreConfig {
         "v6",
         "org.example",
         target("sip:v6@[2001:db8::20]:5060", UAS_V6, Transport::Udp),
+    );
+    // A partner domain named by host: located through DNS (RFC 3263) for each request.
+    routes.add_domain(
+        "partner.example",
+        Target {
+            uri: "sip:partner.example".into(),
+            dest: crate::config::route::destination_of(
+                &crate::sip::Uri::parse("sip:partner.example").unwrap(),
+                None,
+            ),
+        },
     );
     CoreConfig {
         domains: vec!["org.example".into()],
@@ -536,6 +546,142 @@ fn unreachable_next_hop_gives_503() {
         out[0].first_line(),
         "SIP/2.0 503 Service Unavailable (next hop unreachable)"
     );
+}
+
+/// The DNS answer for a named next hop, as the driver would give it.
+fn located(transport: Transport, addr: &str) -> Destination {
+    Destination::Addr {
+        transport,
+        addr: addr.parse().unwrap(),
+        server_name: Some("partner.example".into()),
+    }
+}
+
+#[test]
+fn a_named_next_hop_waits_for_dns_then_fails_over_along_its_answer() {
+    let mut h = Harness::new();
+    let out = h.send(
+        &invite("bob").replace("@org.example", "@partner.example"),
+        caller_flow(),
+    );
+    // 100 Trying only: nothing is sent before DNS answers.
+    assert_eq!(out.len(), 1, "{out:?}");
+    assert_eq!(out[0].first_line(), "SIP/2.0 100 Trying");
+    let lookup = h.proxy.poll_lookup().expect("a DNS question");
+    assert_eq!(lookup.query.host, "partner.example");
+    assert_eq!((lookup.query.port, lookup.query.transport), (None, None));
+    assert!(h.proxy.poll_lookup().is_none());
+    // Two addresses: TCP first (as a NAPTR might order it), then UDP.
+    h.proxy.handle_located(
+        lookup.id,
+        Ok(vec![
+            located(Transport::Tcp, "198.51.100.30:5060"),
+            located(Transport::Udp, "198.51.100.31:5070"),
+        ]),
+        h.now,
+    );
+    let out = h.drain();
+    assert_eq!(out.len(), 1, "{out:?}");
+    assert_eq!(out[0].dest, located(Transport::Tcp, "198.51.100.30:5060"));
+    assert_eq!(
+        out[0].first_line(),
+        "INVITE sip:bob@partner.example SIP/2.0"
+    );
+    assert!(out[0]
+        .msg()
+        .top_via_value()
+        .unwrap()
+        .starts_with("SIP/2.0/TCP"));
+    // The connection is refused: the same request goes to the next address, as a new
+    // branch with the Via of its transport.
+    h.proxy.handle_transport_error(out[0].tx.unwrap(), h.now);
+    let out = h.drain();
+    assert_eq!(out.len(), 1, "{out:?}");
+    assert_eq!(out[0].dest, located(Transport::Udp, "198.51.100.31:5070"));
+    let via = out[0].msg().top_via_value().unwrap().into_owned();
+    assert!(via.starts_with("SIP/2.0/UDP"), "{via}");
+    // Answered there: the caller gets it.
+    let out = h.send(
+        &answer(&out[0], 200, "OK", ""),
+        Flow {
+            remote: "198.51.100.31:5070".parse().unwrap(),
+            ..uas_flow()
+        },
+    );
+    assert!(
+        out.iter().any(|s| s.first_line() == "SIP/2.0 200 OK"),
+        "{out:?}"
+    );
+    assert_eq!(h.proxy.lookups.stats.failovers, 1);
+    assert_eq!(h.proxy.lookups.stats.resolved, 1);
+}
+
+#[test]
+fn a_name_dns_does_not_know_gives_503_and_the_last_address_failing_too() {
+    let mut h = Harness::new();
+    h.send(
+        &invite("bob").replace("@org.example", "@partner.example"),
+        caller_flow(),
+    );
+    let lookup = h.proxy.poll_lookup().unwrap();
+    h.proxy.handle_located(
+        lookup.id,
+        Err(locate::LocateError("partner.example: no such name".into())),
+        h.now,
+    );
+    let out = h.drain();
+    assert_eq!(
+        out[0].first_line(),
+        "SIP/2.0 503 Service Unavailable (next hop not found in DNS)"
+    );
+    // One address, unreachable: the branch's own 503.
+    let mut h = Harness::new();
+    h.send(
+        &invite("bob")
+            .replace("@org.example", "@partner.example")
+            .replace("call-1@", "call-2@"),
+        caller_flow(),
+    );
+    let lookup = h.proxy.poll_lookup().unwrap();
+    h.proxy.handle_located(
+        lookup.id,
+        Ok(vec![located(Transport::Tcp, "198.51.100.30:5060")]),
+        h.now,
+    );
+    let out = h.drain();
+    h.proxy.handle_transport_error(out[0].tx.unwrap(), h.now);
+    let out = h.drain();
+    assert_eq!(
+        out[0].first_line(),
+        "SIP/2.0 503 Service Unavailable (next hop unreachable)"
+    );
+}
+
+#[test]
+fn a_call_cancelled_while_dns_is_asked_ends_with_487_and_the_answer_is_dropped() {
+    let mut h = Harness::new();
+    let inv = invite("bob").replace("@org.example", "@partner.example");
+    h.send(&inv, caller_flow());
+    let lookup = h.proxy.poll_lookup().unwrap();
+    let cancel = inv
+        .replace("INVITE sip", "CANCEL sip")
+        .replace("CSeq: 1 INVITE", "CSeq: 1 CANCEL")
+        .replace(
+            "Content-Length: 4\r\n\r\nv=0\n",
+            "Content-Length: 0\r\n\r\n",
+        );
+    let out = h.send(&cancel, caller_flow());
+    assert!(
+        out.iter()
+            .any(|s| s.first_line() == "SIP/2.0 487 Request Terminated"),
+        "{out:?}"
+    );
+    h.proxy.handle_located(
+        lookup.id,
+        Ok(vec![located(Transport::Udp, "198.51.100.31:5070")]),
+        h.now,
+    );
+    assert!(h.drain().is_empty(), "nothing is sent after the 487");
 }
 
 #[test]
@@ -1168,7 +1314,6 @@ mod sasl {
                     addr: UAS.parse().unwrap(),
                     server_name: None,
                 },
-                transport: Transport::Udp,
             },
         );
         cfg.routes = routes;

@@ -11,6 +11,8 @@
 //! | `gatehouse_sip_transactions` | gauge | |
 //! | `gatehouse_sip_retransmissions_total` | counter | `kind` (`sent`, `absorbed`) |
 //! | `gatehouse_sip_transaction_timeouts_total` | counter | | client transactions that timed out (Timer B/F) |
+//! | `gatehouse_sip_dns_lookups_total` | counter | `outcome` (`resolved`, `failed`): next hops named by host, located per RFC 3263 |
+//! | `gatehouse_sip_failovers_total` | counter | | branches sent to the next address DNS gave after a transport error or timeout |
 //! | `gatehouse_sip_invite_final_latency_seconds` | histogram | |
 //! | `gatehouse_transport_connections` | gauge | |
 //! | `gatehouse_auth_attempts_total` | counter | `mechanism`, `outcome` |
@@ -89,6 +91,8 @@ pub struct Metrics {
     pub auth_users: IntGauge,
     pub sip_retransmissions: IntCounterVec,
     pub sip_timeouts: IntCounter,
+    pub sip_dns_lookups: IntCounterVec,
+    pub sip_failovers: IntCounter,
     pub cluster_peers: IntGauge,
     pub loop_message: Histogram,
     pub loop_tick: Histogram,
@@ -334,6 +338,17 @@ impl Metrics {
                 "gatehouse_sip_transaction_timeouts_total",
                 "Client transactions that timed out (Timer B/F: the next hop never answered)",
             ),
+            sip_dns_lookups: counter_vec(
+                &r,
+                "gatehouse_sip_dns_lookups_total",
+                "Next hops named by host located through DNS (RFC 3263 NAPTR, SRV, A/AAAA): resolved, or failed (no address; the branch ends as 503)",
+                &["outcome"],
+            ),
+            sip_failovers: counter(
+                &r,
+                "gatehouse_sip_failovers_total",
+                "Branches sent to the next address DNS gave after a transport error or a timeout (RFC 3263 section 4.3)",
+            ),
             ready: Arc::new(AtomicBool::new(false)),
             registry: r,
         };
@@ -400,6 +415,9 @@ impl Metrics {
         }
         for outcome in ["granted", "refused", "unverified"] {
             self.tunnel_limit_checks.with_label_values(&[outcome]);
+        }
+        for outcome in ["resolved", "failed"] {
+            self.sip_dns_lookups.with_label_values(&[outcome]);
         }
     }
 

@@ -19,6 +19,7 @@
 #![allow(clippy::disallowed_methods, clippy::disallowed_types)]
 
 pub mod batch;
+pub mod dns;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -143,6 +144,11 @@ enum Event {
     Closed(ConnId),
     SendFailed(Vec<TxId>),
     Resolved(Transmit),
+    /// DNS answered one of the core's questions.
+    Located(
+        u64,
+        Result<Vec<Destination>, crate::core::locate::LocateError>,
+    ),
 }
 
 struct Outgoing {
@@ -307,6 +313,7 @@ pub fn restart_keys(running: &Config, new: &Config) -> Vec<&'static str> {
     [
         (running.listen != new.listen, "listen"),
         (running.tls != new.tls, "tls"),
+        (running.dns != new.dns, "dns"),
         (a.store != b.store, "auth.store"),
         (a.realm != b.realm, "auth.realm"),
         (a.mechanisms != b.mechanisms, "auth.mechanisms"),
@@ -471,6 +478,8 @@ pub struct Driver {
     by_remote: HashMap<(Transport, SocketAddr), ConnId>,
     settings: StreamSettings,
     events: mpsc::Receiver<Event>,
+    /// RFC 3263 location of next hops named by host (tasks, off the loop).
+    locator: dns::Locator,
     tls: tls::TlsContext,
     accept_tasks: Vec<JoinHandle<()>>,
     shutdown_grace: Duration,
@@ -571,8 +580,12 @@ impl Driver {
         let (store_tx, store_events) = mpsc::unbounded_channel();
         let peer = proxy.config().peer_uri.clone();
         let storage = StorageWorker::start(store, Arc::clone(&metrics), store_tx, peer.as_deref())?;
+        let mut usable: Vec<Transport> = cfg.listen.iter().map(|l| l.transport).collect();
+        usable.dedup();
+        let locator = dns::Locator::new(&cfg.dns, usable);
         Ok(Driver {
             proxy,
+            locator,
             udp: bound.udp,
             udp_out: (0..udp_local.len()).map(|_| UdpQueue::default()).collect(),
             udp_local,
@@ -888,6 +901,7 @@ impl Driver {
                 }
             }
             Event::Resolved(t) => self.dispatch(t),
+            Event::Located(id, result) => self.proxy.handle_located(id, result, Instant::now()),
         }
     }
 
@@ -909,6 +923,14 @@ impl Driver {
                     self.hold_until = seq;
                 }
             }
+        }
+        while let Some(lookup) = self.proxy.poll_lookup() {
+            let locator = self.locator.clone();
+            let events = self.settings.events.clone();
+            tokio::spawn(async move {
+                let result = locator.locate(&lookup.query).await;
+                let _ = events.send(Event::Located(lookup.id, result)).await;
+            });
         }
         let hold = self.hold_until > self.committed;
         while let Some(t) = self.proxy.poll_transmit() {
@@ -955,26 +977,23 @@ impl Driver {
                 };
                 self.send_conn(id, t);
             }
-            Destination::Name {
-                transport,
-                host,
-                port,
-            } => {
+            Destination::Name { .. } => {
+                // A stateless message (an ACK for a 2xx, a response to a named Via): the
+                // first address DNS gives. Requests are located by the core before they get
+                // here, with failover.
                 let events = self.settings.events.clone();
+                let locator = self.locator.clone();
+                let Some(query) = t.dest.query() else {
+                    return;
+                };
                 tokio::spawn(async move {
-                    let resolved = tokio::net::lookup_host((host.as_ref(), port))
+                    let first = locator
+                        .locate(&query)
                         .await
                         .ok()
-                        .and_then(|mut a| a.next());
-                    let ev = match resolved {
-                        Some(addr) => Event::Resolved(Transmit {
-                            dest: Destination::Addr {
-                                transport,
-                                addr,
-                                server_name: Some(host),
-                            },
-                            ..t
-                        }),
+                        .and_then(|hops| hops.into_iter().next());
+                    let ev = match first {
+                        Some(dest) => Event::Resolved(Transmit { dest, ..t }),
                         None => Event::SendFailed(t.tx.into_iter().collect()),
                     };
                     let _ = events.send(ev).await;

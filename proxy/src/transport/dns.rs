@@ -1,0 +1,230 @@
+//! DNS for next hops named by host: RFC 3263 server location with `hickory-resolver`,
+//! in tasks of their own, never on the loop. The order of questions and answers is
+//! `gatehouse_sip::locate`'s (pure, unit-tested); this module asks them: NAPTR, then SRV, then
+//! A/AAAA, through the name servers of `[dns] servers` or `/etc/resolv.conf` (and
+//! `/etc/hosts`), with hickory's cache honouring each record's TTL.
+
+use std::net::{IpAddr, SocketAddr};
+
+use hickory_resolver::config::{LookupIpStrategy, NameServerConfig, ResolverConfig};
+use hickory_resolver::net::runtime::TokioRuntimeProvider;
+use hickory_resolver::proto::rr::{RData, RecordType};
+use hickory_resolver::TokioResolver;
+use rand::Rng;
+
+use crate::config::DnsSettings;
+use crate::core::locate::LocateError;
+use crate::flow::{Destination, Transport};
+use crate::sip::locate::{self, Naptr, Plan, Query, Srv};
+
+/// At most this many addresses per name (each a failover step): a zone cannot make one
+/// request hold a long list.
+const MAX_HOPS: usize = 16;
+
+/// The gateway's DNS client.
+#[derive(Clone)]
+pub struct Locator {
+    resolver: TokioResolver,
+    /// Transports the gateway has listeners for: the only ones DNS may choose.
+    usable: Vec<Transport>,
+}
+
+impl std::fmt::Debug for Locator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Locator")
+            .field("usable", &self.usable)
+            .finish()
+    }
+}
+
+impl Locator {
+    /// A locator asking `settings.servers` (or the system's name servers) for transports
+    /// `usable`. Without any name server (no `[dns] servers` and no readable
+    /// `/etc/resolv.conf`) only `/etc/hosts` answers; that is logged.
+    pub fn new(settings: &DnsSettings, usable: Vec<Transport>) -> Locator {
+        let provider = TokioRuntimeProvider::default();
+        let mut builder = if settings.servers.is_empty() {
+            match TokioResolver::builder(provider.clone()) {
+                Ok(b) => b,
+                Err(e) => {
+                    tracing::warn!(
+                        error = %e,
+                        "no system name servers (/etc/resolv.conf); names resolve through /etc/hosts only"
+                    );
+                    TokioResolver::builder_with_config(
+                        ResolverConfig::from_parts(None, Vec::new(), Vec::new()),
+                        provider,
+                    )
+                }
+            }
+        } else {
+            let servers = settings
+                .servers
+                .iter()
+                .map(|s| {
+                    let mut ns = NameServerConfig::udp_and_tcp(s.ip());
+                    for c in &mut ns.connections {
+                        c.port = s.port();
+                    }
+                    ns
+                })
+                .collect();
+            TokioResolver::builder_with_config(ResolverConfig::from_name_servers(servers), provider)
+        };
+        let opts = builder.options_mut();
+        opts.timeout = settings.timeout;
+        opts.attempts = settings.attempts;
+        opts.ip_strategy = LookupIpStrategy::Ipv4AndIpv6;
+        let resolver = builder.build().unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "DNS resolver configuration refused; using defaults");
+            TokioResolver::builder_with_config(
+                ResolverConfig::from_parts(None, Vec::new(), Vec::new()),
+                TokioRuntimeProvider::default(),
+            )
+            .build()
+            .expect("an empty resolver configuration builds")
+        });
+        Locator { resolver, usable }
+    }
+
+    /// The addresses to try for `q`, best first (RFC 3263 section 4), each with its transport
+    /// and the URI's host as the TLS server name.
+    pub async fn locate(&self, q: &Query) -> Result<Vec<Destination>, LocateError> {
+        let names = match locate::plan(q) {
+            Plan::Address(transport, port) => {
+                let hops = self.addresses(&q.host, transport, port, q).await?;
+                return Ok(hops);
+            }
+            Plan::Srv(names) => names,
+            Plan::Naptr => {
+                let records = self.naptr(&q.host).await;
+                let ordered = locate::order_naptr(&records, q.secure, &self.usable);
+                if ordered.is_empty() {
+                    locate::srv_fallback(q, &self.usable)
+                } else {
+                    ordered
+                }
+            }
+        };
+        let mut hops = Vec::new();
+        let mut any_srv = false;
+        for (transport, name) in &names {
+            let records = self.srv(name).await;
+            any_srv |= !records.is_empty();
+            let ordered = {
+                let mut rng = rand::rng();
+                locate::order_srv(&records, |sum| rng.random_range(0..=sum))
+            };
+            for srv in ordered {
+                if hops.len() >= MAX_HOPS {
+                    break;
+                }
+                if let Ok(found) = self.addresses(&srv.target, *transport, srv.port, q).await {
+                    hops.extend(found);
+                }
+            }
+        }
+        if !any_srv {
+            let (transport, port) = locate::address_fallback(q, &names);
+            return self.addresses(&q.host, transport, port, q).await;
+        }
+        hops.truncate(MAX_HOPS);
+        if hops.is_empty() {
+            return Err(LocateError(format!(
+                "the SRV targets of {} have no address",
+                q.host
+            )));
+        }
+        Ok(hops)
+    }
+
+    /// A/AAAA of `host` (IPv4 first) at `port` with `transport`.
+    async fn addresses(
+        &self,
+        host: &str,
+        transport: Transport,
+        port: u16,
+        q: &Query,
+    ) -> Result<Vec<Destination>, LocateError> {
+        let found = self
+            .resolver
+            .lookup_ip(fqdn(host).as_str())
+            .await
+            .map_err(|e| {
+                LocateError(if e.is_no_records_found() {
+                    format!("{host} has no address (A/AAAA)")
+                } else {
+                    format!("{host}: {e}")
+                })
+            })?;
+        let mut ips: Vec<IpAddr> = found.iter().collect();
+        ips.sort_by_key(|ip| ip.is_ipv6());
+        ips.truncate(MAX_HOPS);
+        if ips.is_empty() {
+            return Err(LocateError(format!("{host}: no address")));
+        }
+        Ok(ips
+            .into_iter()
+            .map(|ip| Destination::Addr {
+                transport,
+                addr: SocketAddr::new(ip, port),
+                server_name: Some(q.host.as_str().into()),
+            })
+            .collect())
+    }
+
+    /// The NAPTR records of `host`; none when there are none or DNS failed (RFC 3263 then
+    /// goes on with SRV).
+    async fn naptr(&self, host: &str) -> Vec<Naptr> {
+        let Ok(found) = self
+            .resolver
+            .lookup(fqdn(host).as_str(), RecordType::NAPTR)
+            .await
+        else {
+            return Vec::new();
+        };
+        found
+            .answers()
+            .iter()
+            .filter_map(|r| match &r.data {
+                RData::NAPTR(n) => Some(Naptr {
+                    order: n.order,
+                    preference: n.preference,
+                    flags: String::from_utf8_lossy(&n.flags).into_owned(),
+                    services: String::from_utf8_lossy(&n.services).into_owned(),
+                    replacement: n.replacement.to_ascii(),
+                }),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// The SRV records of `name`; none when there are none or DNS failed.
+    async fn srv(&self, name: &str) -> Vec<Srv> {
+        let Ok(found) = self.resolver.lookup(name, RecordType::SRV).await else {
+            return Vec::new();
+        };
+        found
+            .answers()
+            .iter()
+            .filter_map(|r| match &r.data {
+                RData::SRV(s) => Some(Srv {
+                    priority: s.priority,
+                    weight: s.weight,
+                    port: s.port,
+                    target: s.target.to_ascii(),
+                }),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
+/// A host name as an absolute name: a SIP URI's host is never relative to a search domain.
+fn fqdn(host: &str) -> String {
+    if host.ends_with('.') {
+        host.to_owned()
+    } else {
+        format!("{host}.")
+    }
+}
