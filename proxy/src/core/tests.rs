@@ -548,6 +548,17 @@ fn unreachable_next_hop_gives_503() {
     );
 }
 
+/// The CANCEL of an INVITE built by [`invite`].
+fn cancel_of(invite: &str) -> String {
+    invite
+        .replace("INVITE sip", "CANCEL sip")
+        .replace("CSeq: 1 INVITE", "CSeq: 1 CANCEL")
+        .replace(
+            "Content-Length: 4\r\n\r\nv=0\n",
+            "Content-Length: 0\r\n\r\n",
+        )
+}
+
 /// The DNS answer for a named next hop, as the driver would give it.
 fn located(transport: Transport, addr: &str) -> Destination {
     Destination::Addr {
@@ -663,13 +674,7 @@ fn a_call_cancelled_while_dns_is_asked_ends_with_487_and_the_answer_is_dropped()
     let inv = invite("bob").replace("@org.example", "@partner.example");
     h.send(&inv, caller_flow());
     let lookup = h.proxy.poll_lookup().unwrap();
-    let cancel = inv
-        .replace("INVITE sip", "CANCEL sip")
-        .replace("CSeq: 1 INVITE", "CSeq: 1 CANCEL")
-        .replace(
-            "Content-Length: 4\r\n\r\nv=0\n",
-            "Content-Length: 0\r\n\r\n",
-        );
+    let cancel = cancel_of(&inv);
     let out = h.send(&cancel, caller_flow());
     assert!(
         out.iter()
@@ -688,13 +693,7 @@ fn a_call_cancelled_while_dns_is_asked_ends_with_487_and_the_answer_is_dropped()
 fn cancel_is_answered_and_relayed_after_a_provisional() {
     let mut h = Harness::new();
     let (_, fwd) = h.forward_invite("vpn");
-    let cancel = invite("vpn")
-        .replace("INVITE sip", "CANCEL sip")
-        .replace("CSeq: 1 INVITE", "CSeq: 1 CANCEL")
-        .replace(
-            "Content-Length: 4\r\n\r\nv=0\n",
-            "Content-Length: 0\r\n\r\n",
-        );
+    let cancel = cancel_of(&invite("vpn"));
     // Before any provisional: 200 to the CANCEL, CANCEL held back (RFC 3261 9.1).
     let out = h.send(&cancel, caller_flow());
     assert_eq!(out.len(), 1);
@@ -717,10 +716,7 @@ fn cancel_is_answered_and_relayed_after_a_provisional() {
 #[test]
 fn cancel_for_unknown_transaction_gets_481() {
     let mut h = Harness::new();
-    let cancel = invite("vpn")
-        .replace("INVITE sip", "CANCEL sip")
-        .replace("CSeq: 1 INVITE", "CSeq: 1 CANCEL");
-    let out = h.send(&cancel, caller_flow());
+    let out = h.send(&cancel_of(&invite("vpn")), caller_flow());
     assert_eq!(
         out[0].first_line(),
         "SIP/2.0 481 Call/Transaction Does Not Exist"
