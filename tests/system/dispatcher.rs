@@ -376,7 +376,11 @@ fn three_gateways_behind_kamailio_dispatcher_survive_kill_9() {
     assert_eq!(held_rows.len(), 30);
     let ended: Vec<&gatehouse::tunnel::Tunnel> = held_rows.iter().take(10).collect();
     for (i, t) in ended.iter().enumerate() {
-        let mac = gatehouse::core::admission::dialog_mac(&key, &t.call_id, &t.caller_tag);
+        let mac = gatehouse::core::admission::dialog_mac(
+            &gatehouse::core::admission::MacKey::new(&key),
+            &t.call_id,
+            &t.caller_tag,
+        );
         let callee = t.callee.as_ref().expect("established");
         let bye = format!(
             "BYE {} SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:{caller_port};branch=z9hG4bKfo{i}x{};rport\r\n\

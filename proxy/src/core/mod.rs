@@ -226,6 +226,8 @@ pub struct Proxy {
     /// Set-ups waiting for the shared store to count them against the cluster's limits.
     reserving: reserve::Reservations,
     lookups: locate::Lookups,
+    /// `cfg.dialog_key`, keyed for HMAC once.
+    mac_key: admission::MacKey,
     /// Bans in force at the last [`Proxy::maintain`] (metrics).
     banned_sources: usize,
     /// A tunnel was established: the next write batch is durable (its transmits wait for it).
@@ -313,6 +315,7 @@ impl Proxy {
             durable: false,
             stateless: stateless::StatelessCache::new(STATELESS_CAPACITY),
             topology: topology::TopologyKey::derive(&cfg.dialog_key),
+            mac_key: admission::MacKey::new(&cfg.dialog_key),
             clock,
             cfg,
             txl,

@@ -248,7 +248,7 @@ impl Proxy {
                 if u.user.is_none() && self.router.is_local_hostport(&u) && u.param("gh").is_some()
                 {
                     let mac = u.param("gh").unwrap_or_default();
-                    signed = signed.or(SignedDialog::verify(&self.cfg.dialog_key, msg, mac));
+                    signed = signed.or(SignedDialog::verify(&self.mac_key, msg, mac));
                     let routes = msg.list_values(HeaderName::Route);
                     if let Some(last) = routes.last() {
                         let na = NameAddr::parse(last).ok_or(Reject::Malformed(
@@ -278,7 +278,7 @@ impl Proxy {
             let verified = u
                 .param("gh")
                 .filter(|_| u.user.is_none())
-                .and_then(|mac| SignedDialog::verify(&self.cfg.dialog_key, msg, mac));
+                .and_then(|mac| SignedDialog::verify(&self.mac_key, msg, mac));
             if !ours && verified.is_none() {
                 break;
             }
@@ -440,7 +440,7 @@ impl Proxy {
     fn add_peer_route(&self, msg: &mut Message, peer: &PeerHop) -> Result<(), Reject> {
         let token = admission::flow_token(&peer.flow).ok_or(Reject::NotFound)?;
         let mac = admission::flow_mac(
-            &self.cfg.dialog_key,
+            &self.mac_key,
             &msg.call_id(),
             msg.tag(HeaderName::From).as_deref().unwrap_or(""),
             &token,
@@ -478,9 +478,9 @@ impl Proxy {
             return Ok(None);
         }
         let mac = uri.param("gm").unwrap_or_default();
-        let peer = PeerFlow::verify(&self.cfg.dialog_key, msg, token, mac).ok_or(
-            Reject::Forbidden("Forbidden (peer route not signed by this cluster)"),
-        )?;
+        let peer = PeerFlow::verify(&self.mac_key, msg, token, mac).ok_or(Reject::Forbidden(
+            "Forbidden (peer route not signed by this cluster)",
+        ))?;
         self.remove_route_element(msg, 0);
         Ok(Some(peer))
     }
@@ -526,7 +526,7 @@ impl Proxy {
         let inbound = self.router.local_for_flow(flow);
         let outbound = self.router.local_for(dest);
         let mac = admission::dialog_mac(
-            &self.cfg.dialog_key,
+            &self.mac_key,
             &msg.call_id(),
             msg.tag(HeaderName::From).as_deref().unwrap_or(""),
         );

@@ -792,7 +792,11 @@ fn a_cluster_peers_signed_route_is_followed() {
     cfg.shared_store = true;
     let mut h = Harness::new();
     h.proxy = new_proxy(cfg);
-    let mac = super::admission::dialog_mac(&[7; 32], "call-1@partner.example", "ft1");
+    let mac = super::admission::dialog_mac(
+        &super::admission::MacKey::new(&[7; 32]),
+        "call-1@partner.example",
+        "ft1",
+    );
     let peer = format!("Route: <sip:192.0.2.77:5060;lr;gh={mac}>\r\n");
     let out = h.send(&in_dialog("BYE", &peer), caller_flow());
     assert!(
