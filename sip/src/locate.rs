@@ -344,6 +344,36 @@ mod tests {
         assert!((55..=65).contains(&firsts), "{firsts}");
     }
 
+    proptest::proptest! {
+        /// Whatever DNS returns and whatever the generator draws, every usable target comes out
+        /// exactly once, lower priority numbers first.
+        #[test]
+        fn srv_order_is_a_priority_ordered_permutation(
+            records in proptest::collection::vec(
+                (0u16..4, 0u16..100, proptest::sample::select(vec!["a.", "b.", "c.", "d.", "."])),
+                0..12,
+            ),
+            draws in proptest::collection::vec(0u32..1000, 1..16),
+        ) {
+            let records: Vec<Srv> = records
+                .into_iter()
+                .enumerate()
+                .map(|(i, (priority, weight, target))| srv(priority, weight, 5060 + i as u16, target))
+                .collect();
+            let mut n = 0;
+            let out = order_srv(&records, |sum| {
+                n += 1;
+                draws[n % draws.len()] % (sum + 1)
+            });
+            let mut want: Vec<u16> = records.iter().filter(|r| r.target != ".").map(|r| r.port).collect();
+            let mut got: Vec<u16> = out.iter().map(|r| r.port).collect();
+            want.sort_unstable();
+            got.sort_unstable();
+            proptest::prop_assert_eq!(got, want);
+            proptest::prop_assert!(out.windows(2).all(|w| w[0].priority <= w[1].priority));
+        }
+    }
+
     #[test]
     fn a_lone_dot_target_means_no_service() {
         assert!(order_srv(&[srv(0, 0, 0, ".")], |_| 0).is_empty());

@@ -5,6 +5,7 @@
 //! `/etc/hosts`), with hickory's cache honouring each record's TTL.
 
 use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
 
 use hickory_resolver::config::{LookupIpStrategy, NameServerConfig, ResolverConfig};
 use hickory_resolver::net::runtime::TokioRuntimeProvider;
@@ -27,6 +28,9 @@ pub struct Locator {
     resolver: TokioResolver,
     /// Transports the gateway has listeners for: the only ones DNS may choose.
     usable: Vec<Transport>,
+    /// The most one location may take (its several questions together): a dead name server
+    /// must not hold a request for each question's timeouts in turn.
+    deadline: Duration,
 }
 
 impl std::fmt::Debug for Locator {
@@ -84,12 +88,30 @@ impl Locator {
             .build()
             .expect("an empty resolver configuration builds")
         });
-        Locator { resolver, usable }
+        let deadline = settings.timeout * u32::try_from(settings.attempts).unwrap_or(5) * 2;
+        Locator {
+            resolver,
+            usable,
+            deadline,
+        }
     }
 
     /// The addresses to try for `q`, best first (RFC 3263 section 4), each with its transport
-    /// and the URI's host as the TLS server name.
+    /// and the URI's host as the TLS server name; an error when there are none, or when DNS
+    /// did not answer within twice `[dns] timeout_ms` × `attempts` in all.
     pub async fn locate(&self, q: &Query) -> Result<Vec<Destination>, LocateError> {
+        tokio::time::timeout(self.deadline, self.locate_inner(q))
+            .await
+            .unwrap_or_else(|_| {
+                Err(LocateError(format!(
+                    "{}: DNS did not answer within {} ms",
+                    q.host,
+                    self.deadline.as_millis()
+                )))
+            })
+    }
+
+    async fn locate_inner(&self, q: &Query) -> Result<Vec<Destination>, LocateError> {
         let names = match locate::plan(q) {
             Plan::Address(transport, port) => {
                 let hops = self.addresses(&q.host, transport, port, q).await?;
@@ -226,5 +248,41 @@ fn fqdn(host: &str) -> String {
         host.to_owned()
     } else {
         format!("{host}.")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A name server that never answers costs a request at most the location's deadline, not
+    /// each question's timeouts in turn (NAPTR, then the SRV names, then A/AAAA).
+    #[tokio::test]
+    async fn a_silent_name_server_fails_the_location_within_its_deadline() {
+        let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let settings = DnsSettings {
+            servers: vec![silent.local_addr().unwrap()],
+            timeout: Duration::from_millis(100),
+            attempts: 1,
+        };
+        let locator = Locator::new(&settings, vec![Transport::Udp, Transport::Tcp]);
+        let started = std::time::Instant::now();
+        let q = Query {
+            host: "partner.test".into(),
+            port: None,
+            transport: None,
+            secure: false,
+        };
+        let err = locator.locate(&q).await.unwrap_err();
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            started.elapsed()
+        );
+        assert!(
+            err.0.contains("DNS did not answer within 200 ms"),
+            "{}",
+            err.0
+        );
     }
 }
