@@ -163,13 +163,7 @@ impl Proxy {
 
     /// A branch whose name gave no address: as if it had answered 503 (16.9).
     fn branch_unresolved(&mut self, server: TxId, now: Instant) {
-        let Some(request) = self.fwd.context(server).map(|c| c.request.clone()) else {
-            return;
-        };
-        let (code, reason, _) = Reject::Unresolvable.response();
-        let tag = self.new_tag();
-        let bytes = crate::sip::build_response(&request, code, reason, Some(&tag), &[]);
-        if let Ok(resp) = crate::sip::Message::parse(bytes, &self.cfg.limits) {
+        if let Some((code, resp)) = self.synthesised(server, &Reject::Unresolvable) {
             self.offer_final(server, code, resp, now);
         }
     }

@@ -695,16 +695,21 @@ impl Proxy {
         {
             return;
         }
-        let Some(ctx) = self.fwd.context(server) else {
-            return;
-        };
-        let (code, reason, _) = reject.response();
-        let request = ctx.request.clone();
-        let tag = self.new_tag();
-        let bytes = build_response(&request, code, reason, Some(&tag), &[]);
-        if let Ok(resp) = Message::parse(bytes, &self.cfg.limits) {
+        if let Some((code, resp)) = self.synthesised(server, &reject) {
             self.on_branch_response(server, client, code, resp, now);
         }
+    }
+
+    /// The response a branch of `server` that ended without one stands for: `reject`'s, to
+    /// the forwarded request (16.9: a transport error as 503, a timeout as 408).
+    pub(super) fn synthesised(&mut self, server: TxId, reject: &Reject) -> Option<(u16, Message)> {
+        let request = self.fwd.context(server)?.request.clone();
+        let (code, reason, _) = reject.response();
+        let tag = self.new_tag();
+        let bytes = build_response(&request, code, reason, Some(&tag), &[]);
+        Message::parse(bytes, &self.cfg.limits)
+            .ok()
+            .map(|resp| (code, resp))
     }
 }
 

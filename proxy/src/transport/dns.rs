@@ -198,47 +198,48 @@ impl Locator {
     /// The NAPTR records of `host`; none when there are none or DNS failed (RFC 3263 then
     /// goes on with SRV).
     async fn naptr(&self, host: &str) -> Vec<Naptr> {
-        let Ok(found) = self
-            .resolver
-            .lookup(fqdn(host).as_str(), RecordType::NAPTR)
-            .await
-        else {
-            return Vec::new();
-        };
-        found
-            .answers()
-            .iter()
-            .filter_map(|r| match &r.data {
-                RData::NAPTR(n) => Some(Naptr {
-                    order: n.order,
-                    preference: n.preference,
-                    flags: String::from_utf8_lossy(&n.flags).into_owned(),
-                    services: String::from_utf8_lossy(&n.services).into_owned(),
-                    replacement: n.replacement.to_ascii(),
-                }),
-                _ => None,
-            })
-            .collect()
+        self.records(&fqdn(host), RecordType::NAPTR, |data| match data {
+            RData::NAPTR(n) => Some(Naptr {
+                order: n.order,
+                preference: n.preference,
+                flags: String::from_utf8_lossy(&n.flags).into_owned(),
+                services: String::from_utf8_lossy(&n.services).into_owned(),
+                replacement: n.replacement.to_ascii(),
+            }),
+            _ => None,
+        })
+        .await
     }
 
     /// The SRV records of `name`; none when there are none or DNS failed.
     async fn srv(&self, name: &str) -> Vec<Srv> {
-        let Ok(found) = self.resolver.lookup(name, RecordType::SRV).await else {
-            return Vec::new();
-        };
-        found
-            .answers()
-            .iter()
-            .filter_map(|r| match &r.data {
-                RData::SRV(s) => Some(Srv {
-                    priority: s.priority,
-                    weight: s.weight,
-                    port: s.port,
-                    target: s.target.to_ascii(),
-                }),
-                _ => None,
-            })
-            .collect()
+        self.records(name, RecordType::SRV, |data| match data {
+            RData::SRV(s) => Some(Srv {
+                priority: s.priority,
+                weight: s.weight,
+                port: s.port,
+                target: s.target.to_ascii(),
+            }),
+            _ => None,
+        })
+        .await
+    }
+
+    /// The answers of type `kind` for `name`, each as `read` makes it; none when DNS failed.
+    async fn records<T>(
+        &self,
+        name: &str,
+        kind: RecordType,
+        read: impl Fn(&RData) -> Option<T>,
+    ) -> Vec<T> {
+        match self.resolver.lookup(name, kind).await {
+            Ok(found) => found
+                .answers()
+                .iter()
+                .filter_map(|r| read(&r.data))
+                .collect(),
+            Err(_) => Vec::new(),
+        }
     }
 }
 
