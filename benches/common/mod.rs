@@ -65,6 +65,7 @@ pub fn config() -> CoreConfig {
         limits: Limits::default(),
         max_transactions: 1 << 20,
         timers: TimerConfig::default(),
+        failover: gatehouse::config::DEFAULT_FAILOVER,
         dialog_key: [3; 32],
         auth: gatehouse::config::AuthSettings::defaults("org.example"),
         registrar: gatehouse::config::RegistrarSettings::default(),

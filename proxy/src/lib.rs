@@ -75,6 +75,7 @@ pub fn core_config(
         limits: cfg.limits,
         max_transactions: cfg.max_transactions,
         timers: cfg.timers,
+        failover: cfg.failover,
         rate_limit: cfg.rate_limit,
         hide_topology: cfg.hide_topology,
         // The driver side draws the core's seed from the operating system.

@@ -110,6 +110,9 @@ fn partner_domains_are_located_through_naptr_and_srv_with_failover() {
     let second = Answerer::bind();
     // Nothing listens there: a TCP connect is refused at once.
     let dead = free_port();
+    // Bound but never answers: a UDP server that is down without saying so.
+    let mute = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let mute_port = mute.local_addr().unwrap().port();
     let dns_port = free_port();
     let (p1, p2) = (first.port(), second.port());
     let mut dnsmasq = Proc::spawn(
@@ -141,12 +144,19 @@ fn partner_domains_are_located_through_naptr_and_srv_with_failover() {
             format!("--srv-host=_sip._udp.srv.test,a.srv.test,{p2},10,0"),
             "--host-record=a.srv.test,127.0.0.1".to_owned(),
             "--host-record=b.srv.test,127.0.0.1".to_owned(),
+            // silent.test: the preferred UDP server never answers, the second does.
+            format!("--srv-host=_sip._udp.silent.test,mute.silent.test,{mute_port},10,0"),
+            format!("--srv-host=_sip._udp.silent.test,live.silent.test,{p1},20,0"),
+            "--host-record=mute.silent.test,127.0.0.1".to_owned(),
+            "--host-record=live.silent.test,127.0.0.1".to_owned(),
         ]),
         d,
     );
     wait_udp_bound(&mut dnsmasq, dns_port);
     let extra = format!(
         "[dns]\nservers = [\"127.0.0.1:{dns_port}\"]\ntimeout_ms = 1000\n\
+[timers]\nfailover_ms = 400\n\
+[[route]]\ndomain = \"silent.test\"\ntarget = \"sip:silent.test\"\n\
 [[route]]\ndomain = \"partner.test\"\ntarget = \"sip:partner.test\"\n\
 [[route]]\ndomain = \"srv.test\"\ntarget = \"sip:srv.test\"\n\
 [[route]]\ndomain = \"nowhere.test\"\ntarget = \"sip:nowhere.test\"\n"
@@ -182,6 +192,32 @@ fn partner_domains_are_located_through_naptr_and_srv_with_failover() {
         assert!(ok.starts_with("SIP/2.0 200"), "{ok}");
         assert!(second.saw(&ruri) && !first.saw(&ruri), "{ruri}");
     }
+
+    // A silent UDP server (RFC 3263 would wait for Timer B, 32 s): after failover_ms without
+    // a word from it, the next SRV target; the mute one saw the INVITE (and its
+    // retransmission), then nothing more.
+    let started = std::time::Instant::now();
+    let ok = call(
+        gw_udp,
+        "sip:frank@silent.test",
+        "dns-silent",
+        &[&first, &second],
+    );
+    assert!(ok.starts_with("SIP/2.0 200"), "{ok}");
+    assert!(first.saw("sip:frank@silent.test"));
+    assert!(started.elapsed() < Duration::from_secs(10));
+    mute.set_read_timeout(Some(Duration::from_millis(10)))
+        .unwrap();
+    let mut buf = vec![0u8; 65_536];
+    let mut to_mute = 0;
+    while let Ok((n, _)) = mute.recv_from(&mut buf) {
+        assert!(buf[..n].starts_with(b"INVITE sip:frank@silent.test "));
+        to_mute += 1;
+    }
+    assert!(
+        (1..=2).contains(&to_mute),
+        "{to_mute} INVITEs to the silent server"
+    );
 
     // A name DNS does not know: 503 with the reason, at once.
     let started = std::time::Instant::now();

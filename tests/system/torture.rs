@@ -150,6 +150,7 @@ fn proxy() -> Proxy {
         limits: Limits::default(),
         max_transactions: 100,
         timers: TimerConfig::default(),
+        failover: gatehouse::config::DEFAULT_FAILOVER,
         dialog_key: [1; 32],
         auth: gatehouse::config::AuthSettings::defaults("example.com"),
         registrar: gatehouse::config::RegistrarSettings::default(),

@@ -371,6 +371,8 @@ struct RawTimers {
     t4_ms: Spanned<u64>,
     #[serde(default = "d_c")]
     timer_c_ms: Spanned<u64>,
+    #[serde(default = "d_failover")]
+    failover_ms: Spanned<u64>,
 }
 
 fn d_t1() -> Spanned<u64> {
@@ -385,6 +387,13 @@ fn d_t4() -> Spanned<u64> {
 fn d_c() -> Spanned<u64> {
     Spanned::new(0..0, 180_000)
 }
+fn d_failover() -> Spanned<u64> {
+    Spanned::new(0..0, DEFAULT_FAILOVER.as_millis() as u64)
+}
+
+/// How long a branch to one of several addresses of a next hop waits for a first response
+/// (`[timers] failover_ms`).
+pub const DEFAULT_FAILOVER: Duration = Duration::from_secs(3);
 
 impl Default for RawTimers {
     fn default() -> Self {
@@ -393,6 +402,7 @@ impl Default for RawTimers {
             t2_ms: d_t2(),
             t4_ms: d_t4(),
             timer_c_ms: d_c(),
+            failover_ms: d_failover(),
         }
     }
 }
@@ -504,6 +514,10 @@ pub struct Config {
     pub listen: Vec<Listen>,
     pub tls: Option<TlsFiles>,
     pub timers: TimerConfig,
+    /// A branch to one of several addresses DNS gave for a next hop (RFC 3263) that has
+    /// heard nothing back after this long is moved to the next address (`[timers]
+    /// failover_ms`), rather than after the transaction's own timeout (64·T1).
+    pub failover: Duration,
     pub limits: Limits,
     pub max_connections: usize,
     /// Budgets per transport: TLS handshakes cannot starve plain TCP, nor the reverse.
@@ -766,6 +780,7 @@ impl Config {
             t4: cx.ms(&t.t4_ms, "timers.t4_ms", 10, 60_000)?,
             timer_c: cx.ms(&t.timer_c_ms, "timers.timer_c_ms", 100, 3_600_000)?,
         };
+        let failover = cx.ms(&t.failover_ms, "timers.failover_ms", 100, 64_000)?;
         // Addresses or prefixes (a bare address is a host prefix), host bits cleared.
         let nets =
             |list: &[Spanned<String>], key: &str| -> Result<Vec<ipnet::IpNet>, ConfigError> {
@@ -1173,6 +1188,7 @@ impl Config {
             listen,
             tls,
             timers,
+            failover,
             limits: Limits {
                 max_message_bytes,
                 max_headers,
@@ -1314,6 +1330,11 @@ mod tests {
                 "[timers]\nt1_ms = 500\nt2_ms = 100\n",
                 "timers.t2_ms",
                 "allowed range 500 to 60000 ms",
+            ),
+            (
+                "[timers]\nfailover_ms = 50\n",
+                "timers.failover_ms",
+                "allowed range 100 to 64000 ms",
             ),
             (
                 "[timers]\ntimer_c_ms = 99999999\n",

@@ -5,8 +5,16 @@
 //! and a transport error or a timeout before any response moves it to the next (section 4.3:
 //! a new client transaction, a new branch ID). A name that does not resolve, or a list that
 //! runs out, ends the branch as a 503 would.
+//!
+//! A branch that has other addresses to go to also has a shorter patience than its
+//! transaction: when it has heard nothing at all — not even a 100 Trying — `[timers]
+//! failover_ms` after it was sent, it is abandoned (no CANCEL: RFC 3261 section 9.1 forbids one
+//! before a provisional response, and its client transaction stops retransmitting) and the
+//! request goes to the next address. Over UDP a dead server is otherwise noticed only by
+//! Timer B/F, 64·T1 (32 s) later, while every caller waits.
 
-use std::collections::{HashMap, VecDeque};
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::time::Instant;
 
 use super::relay::Prepared;
@@ -39,7 +47,8 @@ struct Waiting {
 pub struct LocateStats {
     pub resolved: u64,
     pub failed: u64,
-    /// Branches moved to the next address after a transport error or timeout.
+    /// Branches moved to the next address after a transport error or timeout, or after
+    /// hearing nothing for `failover_ms`.
     pub failovers: u64,
 }
 
@@ -51,6 +60,10 @@ pub(super) struct Lookups {
     next: u64,
     waiting: HashMap<u64, Waiting>,
     out: VecDeque<Lookup>,
+    /// When each branch with addresses left gives up on a silent next hop, earliest first.
+    /// One entry per such branch, removed when due (a branch answered meanwhile is passed
+    /// over then): bounded by the branches, so by the transaction budget.
+    silence: BinaryHeap<Reverse<(Instant, TxId)>>,
     pub(super) stats: LocateStats,
 }
 
@@ -70,6 +83,24 @@ impl Lookups {
 
     pub(super) fn shrink(&mut self) {
         super::shrink_idle(&mut self.waiting);
+    }
+
+    /// Client transaction `client` fails over at `at` unless it has heard from its next hop.
+    pub(super) fn watch(&mut self, at: Instant, client: TxId) {
+        self.silence.push(Reverse((at, client)));
+    }
+
+    /// When the next silent branch is due.
+    pub(super) fn next_silence(&self) -> Option<Instant> {
+        self.silence.peek().map(|Reverse((at, _))| *at)
+    }
+
+    /// A branch due at `now`, if any.
+    pub(super) fn silent_until(&mut self, now: Instant) -> Option<TxId> {
+        match self.silence.peek() {
+            Some(Reverse((at, _))) if *at <= now => self.silence.pop().map(|Reverse((_, c))| c),
+            _ => None,
+        }
     }
 }
 
@@ -135,6 +166,29 @@ impl Proxy {
     /// before any response and its name gave more addresses, the same request goes to the
     /// next as a new branch. False when there is nothing to fail over to.
     pub(super) fn fail_over(&mut self, server: TxId, client: TxId, now: Instant) -> bool {
+        self.fail_over_if(server, client, now, |b| !b.provisional)
+    }
+
+    /// `[timers] failover_ms` after it was sent, a branch with addresses left that has heard
+    /// nothing from its next hop is abandoned for the next address.
+    pub(super) fn fail_over_silent(&mut self, client: TxId, now: Instant) {
+        let Some(server) = self.fwd.server_of(client) else {
+            return;
+        };
+        if self.fail_over_if(server, client, now, |b| !b.heard) {
+            tracing::debug!("next hop silent for failover_ms, trying the next address DNS gave");
+            self.txl.abandon_client(client);
+            self.fwd.forget_branch(client);
+        }
+    }
+
+    fn fail_over_if(
+        &mut self,
+        server: TxId,
+        client: TxId,
+        now: Instant,
+        eligible: impl Fn(&super::relay::Branch) -> bool,
+    ) -> bool {
         let Some(ctx) = self.fwd.context_mut(server) else {
             return false;
         };
@@ -144,7 +198,7 @@ impl Proxy {
         let Some(branch) = ctx
             .branches
             .iter_mut()
-            .find(|b| b.client == client && !b.done && !b.provisional)
+            .find(|b| b.client == client && !b.done && eligible(b))
         else {
             return false;
         };

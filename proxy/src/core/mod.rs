@@ -59,7 +59,7 @@ pub mod topology;
 use std::collections::HashMap;
 use std::hash::{BuildHasher, Hasher};
 use std::net::{IpAddr, SocketAddr};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use gatehouse_auth::{Authenticated, SaslServer, Secret, ServerSettings, TlsInfo};
@@ -124,6 +124,9 @@ pub struct CoreConfig {
     pub limits: Limits,
     pub max_transactions: usize,
     pub timers: TimerConfig,
+    /// How long a branch to one of several addresses of a located next hop waits for a
+    /// first response before the next address is tried (`[timers] failover_ms`).
+    pub failover: Duration,
     /// Key for the Record-Route MAC that admits in-dialog requests.
     pub dialog_key: [u8; 32],
     pub auth: AuthSettings,
@@ -337,6 +340,7 @@ impl Proxy {
     pub fn apply_config(&mut self, cfg: &crate::config::Config) {
         self.cfg.timers = cfg.timers;
         self.txl.set_timers(cfg.timers);
+        self.cfg.failover = cfg.failover;
         self.cfg.auth.failures_before_lockout = cfg.auth.failures_before_lockout;
         self.cfg.auth.failure_window = cfg.auth.failure_window;
         self.cfg.auth.lockout = cfg.auth.lockout;
@@ -664,7 +668,10 @@ impl Proxy {
     }
 
     pub fn poll_timeout(&self) -> Option<Instant> {
-        self.txl.poll_timeout()
+        match (self.txl.poll_timeout(), self.lookups.next_silence()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
     /// Entry point for every message the transports receive.
@@ -783,6 +790,9 @@ impl Proxy {
                     self.fwd.forget_branch(id);
                 }
             }
+        }
+        while let Some(client) = self.lookups.silent_until(now) {
+            self.fail_over_silent(client, now);
         }
     }
 

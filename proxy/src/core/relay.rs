@@ -26,6 +26,8 @@ pub(super) struct Branch {
     pub(super) done: bool,
     pub(super) cancel_pending: bool,
     pub(super) provisional: bool,
+    /// Any response arrived, 100 Trying included (a silent next hop is failed over).
+    pub(super) heard: bool,
     /// The inside's Vias were not sent (topology hiding): restore them on responses.
     pub(super) hidden_vias: bool,
     /// More addresses DNS gave for this branch's name (RFC 3263 failover).
@@ -100,6 +102,14 @@ impl Forwarding {
 
     pub(super) fn context_mut(&mut self, server: TxId) -> Option<&mut Context> {
         self.contexts.get_mut(&server).map(|c| &mut **c)
+    }
+
+    /// Branch `client` of server transaction `server`.
+    pub(super) fn branch_mut(&mut self, server: TxId, client: TxId) -> Option<&mut Branch> {
+        self.context_mut(server)?
+            .branches
+            .iter_mut()
+            .find(|b| b.client == client)
     }
 
     /// The server transaction ended: its context goes.
@@ -421,6 +431,9 @@ impl Proxy {
         let client = self
             .txl
             .start_client(bytes, method, &branch, dest, reliable, now);
+        if retry.is_some() {
+            self.lookups.watch(now + self.cfg.failover, client);
+        }
         self.fwd.add_branch(
             id,
             Branch {
@@ -428,6 +441,7 @@ impl Proxy {
                 done: false,
                 cancel_pending: false,
                 provisional: false,
+                heard: false,
                 hidden_vias,
                 retry,
             },
@@ -578,6 +592,10 @@ impl Proxy {
             return;
         };
         if status == 100 {
+            // Not relayed (16.7 item 4), but the next hop is alive.
+            if let Some(b) = self.fwd.branch_mut(server, client) {
+                b.heard = true;
+            }
             return;
         }
         self.tunnel_response(server, client, status, &mut msg, now);
@@ -605,6 +623,7 @@ impl Proxy {
         let Some(branch) = ctx.branches.iter_mut().find(|b| b.client == client) else {
             return;
         };
+        branch.heard = true;
         if status < 200 {
             branch.provisional = true;
             if branch.cancel_pending {
@@ -806,6 +825,7 @@ From: <sip:b@x>;tag=1\r\nTo: <sip:a@x>\r\nCall-ID: c\r\nCSeq: 1 OPTIONS\r\nConte
             done: false,
             cancel_pending: false,
             provisional: false,
+            heard: false,
             hidden_vias: false,
             retry: None,
         }

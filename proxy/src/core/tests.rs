@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 
 use super::*;
+use crate::config::DEFAULT_FAILOVER;
 use crate::flow::Transport;
 
 const GW: &str = "192.0.2.1";
@@ -71,6 +72,7 @@ fn config() -> CoreConfig {
             timer_c: Duration::from_secs(20),
             ..TimerConfig::default()
         },
+        failover: crate::config::DEFAULT_FAILOVER,
         dialog_key: [7; 32],
         auth: crate::config::AuthSettings::defaults("org.example"),
         registrar: crate::config::RegistrarSettings::default(),
@@ -145,6 +147,11 @@ impl Sent {
     }
     fn first_line(&self) -> &str {
         self.text.lines().next().unwrap_or("")
+    }
+    /// The branch parameter of the top Via.
+    fn branch(&self) -> String {
+        let via = self.msg().top_via_value().unwrap().into_owned();
+        Via::parse(&via).unwrap().branch().unwrap().to_owned()
     }
 }
 
@@ -625,6 +632,104 @@ fn a_named_next_hop_waits_for_dns_then_fails_over_along_its_answer() {
     );
     assert_eq!(h.proxy.lookups.stats.failovers, 1);
     assert_eq!(h.proxy.lookups.stats.resolved, 1);
+}
+
+/// An INVITE to partner.example whose DNS answer is two UDP addresses; returns the INVITE
+/// sent to the first.
+fn invite_located_twice(h: &mut Harness, call: &str) -> Sent {
+    h.send(
+        &invite("bob")
+            .replace("@org.example", "@partner.example")
+            .replace("call-1@", call),
+        caller_flow(),
+    );
+    let lookup = h.proxy.poll_lookup().expect("a DNS question");
+    h.proxy.handle_located(
+        lookup.id,
+        Ok(vec![
+            located(Transport::Udp, "198.51.100.30:5060"),
+            located(Transport::Udp, "198.51.100.31:5070"),
+        ]),
+        h.now,
+    );
+    let out = h.drain();
+    assert_eq!(out.len(), 1, "{out:?}");
+    assert_eq!(out[0].dest, located(Transport::Udp, "198.51.100.30:5060"));
+    out.into_iter().next().unwrap()
+}
+
+#[test]
+fn a_silent_next_hop_is_failed_over_after_failover_ms_not_timer_b() {
+    let mut h = Harness::new();
+    let first = invite_located_twice(&mut h, "call-silent@");
+    // Silent for just under failover_ms: only the INVITE's own retransmissions (T1, 2·T1).
+    let out = h.advance(DEFAULT_FAILOVER - Duration::from_millis(1));
+    assert!(
+        out.iter()
+            .all(|s| s.dest == first.dest && s.first_line().starts_with("INVITE")),
+        "{out:?}"
+    );
+    // Then the request goes to the next address as a new branch...
+    let out = h.advance(Duration::from_millis(1));
+    assert_eq!(out.len(), 1, "{out:?}");
+    assert_eq!(out[0].dest, located(Transport::Udp, "198.51.100.31:5070"));
+    assert_ne!(out[0].branch(), first.branch());
+    assert_eq!(h.proxy.lookups.stats.failovers, 1);
+    let second = out.into_iter().next().unwrap();
+    // ...and the first is abandoned: no more retransmissions to it, and a late answer from
+    // it is not relayed.
+    let late = h.send(
+        &answer(&first, 180, "Ringing", ""),
+        Flow {
+            remote: "198.51.100.30:5060".parse().unwrap(),
+            ..uas_flow()
+        },
+    );
+    assert!(late.is_empty(), "{late:?}");
+    let out = h.send(
+        &answer(&second, 200, "OK", ""),
+        Flow {
+            remote: "198.51.100.31:5070".parse().unwrap(),
+            ..uas_flow()
+        },
+    );
+    assert!(
+        out.iter().any(|s| s.first_line() == "SIP/2.0 200 OK"),
+        "{out:?}"
+    );
+    let out = h.advance(Duration::from_secs(40));
+    assert!(
+        out.iter().all(|s| s.dest != first.dest),
+        "the abandoned branch still sends: {out:?}"
+    );
+}
+
+#[test]
+fn a_next_hop_that_sent_100_trying_is_not_failed_over() {
+    let mut h = Harness::new();
+    let first = invite_located_twice(&mut h, "call-trying@");
+    let out = h.send(
+        &answer(&first, 100, "Trying", ""),
+        Flow {
+            remote: "198.51.100.30:5060".parse().unwrap(),
+            ..uas_flow()
+        },
+    );
+    assert!(out.is_empty(), "a 100 is not relayed: {out:?}");
+    let out = h.advance(DEFAULT_FAILOVER * 2);
+    assert!(out.is_empty(), "{out:?}");
+    assert_eq!(h.proxy.lookups.stats.failovers, 0);
+    let out = h.send(
+        &answer(&first, 200, "OK", ""),
+        Flow {
+            remote: "198.51.100.30:5060".parse().unwrap(),
+            ..uas_flow()
+        },
+    );
+    assert!(
+        out.iter().any(|s| s.first_line() == "SIP/2.0 200 OK"),
+        "{out:?}"
+    );
 }
 
 #[test]

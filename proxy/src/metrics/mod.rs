@@ -12,7 +12,7 @@
 //! | `gatehouse_sip_retransmissions_total` | counter | `kind` (`sent`, `absorbed`) |
 //! | `gatehouse_sip_transaction_timeouts_total` | counter | | client transactions that timed out (Timer B/F) |
 //! | `gatehouse_sip_dns_lookups_total` | counter | `outcome` (`resolved`, `failed`): next hops named by host, located per RFC 3263 |
-//! | `gatehouse_sip_failovers_total` | counter | | branches sent to the next address DNS gave after a transport error or timeout |
+//! | `gatehouse_sip_failovers_total` | counter | | branches sent to the next address DNS gave after a transport error, a timeout, or `failover_ms` of silence |
 //! | `gatehouse_sip_invite_final_latency_seconds` | histogram | |
 //! | `gatehouse_transport_connections` | gauge | |
 //! | `gatehouse_auth_attempts_total` | counter | `mechanism`, `outcome` |
@@ -347,7 +347,7 @@ impl Metrics {
             sip_failovers: counter(
                 &r,
                 "gatehouse_sip_failovers_total",
-                "Branches sent to the next address DNS gave after a transport error or a timeout (RFC 3263 section 4.3)",
+                "Branches sent to the next address DNS gave after a transport error, a timeout or failover_ms of silence (RFC 3263 section 4.3)",
             ),
             ready: Arc::new(AtomicBool::new(false)),
             registry: r,
