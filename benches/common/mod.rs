@@ -66,6 +66,7 @@ pub fn config() -> CoreConfig {
         max_transactions: 1 << 20,
         timers: TimerConfig::default(),
         failover: gatehouse::config::DEFAULT_FAILOVER,
+        dead_address: gatehouse::config::DEFAULT_DEAD_ADDRESS,
         dialog_key: [3; 32],
         auth: gatehouse::config::AuthSettings::defaults("org.example"),
         registrar: gatehouse::config::RegistrarSettings::default(),

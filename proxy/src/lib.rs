@@ -76,6 +76,7 @@ pub fn core_config(
         max_transactions: cfg.max_transactions,
         timers: cfg.timers,
         failover: cfg.failover,
+        dead_address: cfg.dead_address,
         rate_limit: cfg.rate_limit,
         hide_topology: cfg.hide_topology,
         // The driver side draws the core's seed from the operating system.

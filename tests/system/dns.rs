@@ -218,6 +218,20 @@ fn partner_domains_are_located_through_naptr_and_srv_with_failover() {
         (1..=2).contains(&to_mute),
         "{to_mute} INVITEs to the silent server"
     );
+    // The next call does not wait for it again: the address that failed is tried last
+    // (dead_address_ms, 60 s by default), so the INVITE goes straight to the live one.
+    let ok = call(
+        gw_udp,
+        "sip:grace@silent.test",
+        "dns-silent-2",
+        &[&first, &second],
+    );
+    assert!(ok.starts_with("SIP/2.0 200"), "{ok}");
+    assert!(first.saw("sip:grace@silent.test"));
+    assert!(
+        mute.recv_from(&mut buf).is_err(),
+        "the silent server was asked again"
+    );
 
     // A name DNS does not know: 503 with the reason, at once.
     let started = std::time::Instant::now();

@@ -151,6 +151,7 @@ fn proxy() -> Proxy {
         max_transactions: 100,
         timers: TimerConfig::default(),
         failover: gatehouse::config::DEFAULT_FAILOVER,
+        dead_address: gatehouse::config::DEFAULT_DEAD_ADDRESS,
         dialog_key: [1; 32],
         auth: gatehouse::config::AuthSettings::defaults("example.com"),
         registrar: gatehouse::config::RegistrarSettings::default(),

@@ -373,6 +373,8 @@ struct RawTimers {
     timer_c_ms: Spanned<u64>,
     #[serde(default = "d_failover")]
     failover_ms: Spanned<u64>,
+    #[serde(default = "d_dead_address")]
+    dead_address_ms: Spanned<u64>,
 }
 
 fn d_t1() -> Spanned<u64> {
@@ -390,6 +392,13 @@ fn d_c() -> Spanned<u64> {
 fn d_failover() -> Spanned<u64> {
     Spanned::new(0..0, DEFAULT_FAILOVER.as_millis() as u64)
 }
+fn d_dead_address() -> Spanned<u64> {
+    Spanned::new(0..0, DEFAULT_DEAD_ADDRESS.as_millis() as u64)
+}
+
+/// How long an address DNS gave that failed is tried last (`[timers] dead_address_ms`; like
+/// Kamailio's `dst_blacklist_expire`).
+pub const DEFAULT_DEAD_ADDRESS: Duration = Duration::from_secs(60);
 
 /// How long a branch to one of several addresses of a next hop waits for a first response
 /// (`[timers] failover_ms`).
@@ -403,6 +412,7 @@ impl Default for RawTimers {
             t4_ms: d_t4(),
             timer_c_ms: d_c(),
             failover_ms: d_failover(),
+            dead_address_ms: d_dead_address(),
         }
     }
 }
@@ -518,6 +528,9 @@ pub struct Config {
     /// heard nothing back after this long is moved to the next address (`[timers]
     /// failover_ms`), rather than after the transaction's own timeout (64·T1).
     pub failover: Duration,
+    /// An address DNS gave that failed (refused, timed out, silent) goes last in later
+    /// answers for this long (`[timers] dead_address_ms`; 0: never).
+    pub dead_address: Duration,
     pub limits: Limits,
     pub max_connections: usize,
     /// Budgets per transport: TLS handshakes cannot starve plain TCP, nor the reverse.
@@ -781,6 +794,7 @@ impl Config {
             timer_c: cx.ms(&t.timer_c_ms, "timers.timer_c_ms", 100, 3_600_000)?,
         };
         let failover = cx.ms(&t.failover_ms, "timers.failover_ms", 100, 64_000)?;
+        let dead_address = cx.ms(&t.dead_address_ms, "timers.dead_address_ms", 0, 3_600_000)?;
         // Addresses or prefixes (a bare address is a host prefix), host bits cleared.
         let nets =
             |list: &[Spanned<String>], key: &str| -> Result<Vec<ipnet::IpNet>, ConfigError> {
@@ -1189,6 +1203,7 @@ impl Config {
             tls,
             timers,
             failover,
+            dead_address,
             limits: Limits {
                 max_message_bytes,
                 max_headers,
@@ -1330,6 +1345,11 @@ mod tests {
                 "[timers]\nt1_ms = 500\nt2_ms = 100\n",
                 "timers.t2_ms",
                 "allowed range 500 to 60000 ms",
+            ),
+            (
+                "[timers]\ndead_address_ms = 3600001\n",
+                "timers.dead_address_ms",
+                "allowed range 0 to 3600000 ms",
             ),
             (
                 "[timers]\nfailover_ms = 50\n",

@@ -127,6 +127,9 @@ pub struct CoreConfig {
     /// How long a branch to one of several addresses of a located next hop waits for a
     /// first response before the next address is tried (`[timers] failover_ms`).
     pub failover: Duration,
+    /// How long an address DNS gave that failed is tried last (`[timers] dead_address_ms`;
+    /// zero: not at all).
+    pub dead_address: Duration,
     /// Key for the Record-Route MAC that admits in-dialog requests.
     pub dialog_key: [u8; 32],
     pub auth: AuthSettings,
@@ -341,6 +344,7 @@ impl Proxy {
         self.cfg.timers = cfg.timers;
         self.txl.set_timers(cfg.timers);
         self.cfg.failover = cfg.failover;
+        self.cfg.dead_address = cfg.dead_address;
         self.cfg.auth.failures_before_lockout = cfg.auth.failures_before_lockout;
         self.cfg.auth.failure_window = cfg.auth.failure_window;
         self.cfg.auth.lockout = cfg.auth.lockout;
@@ -461,6 +465,7 @@ impl Proxy {
     pub fn sync_metrics(&mut self) {
         let m = Arc::clone(&self.metrics);
         m.sip_transactions.set(self.txl.len() as i64);
+        m.sip_dead_addresses.set(self.lookups.dead.len() as i64);
         m.sasl_pending.set(self.gate.pending() as i64);
         m.tunnels_active.set(self.tunnels.len() as i64);
         m.registrar_bindings.set(self.registrar.count() as i64);
@@ -595,6 +600,7 @@ impl Proxy {
         self.fwd.shrink();
         self.txl.shrink();
         self.lookups.shrink();
+        self.lookups.dead.expire(now, 4096);
     }
 
     /// Stop admitting new out-of-dialog requests; in-dialog requests and running

@@ -28,6 +28,8 @@ pub(super) struct Branch {
     pub(super) provisional: bool,
     /// Any response arrived, 100 Trying included (a silent next hop is failed over).
     pub(super) heard: bool,
+    /// The address, when DNS gave it (remembered as dead when it fails without a word).
+    pub(super) located: Option<(Transport, SocketAddr)>,
     /// The inside's Vias were not sent (topology hiding): restore them on responses.
     pub(super) hidden_vias: bool,
     /// More addresses DNS gave for this branch's name (RFC 3263 failover).
@@ -388,23 +390,27 @@ impl Proxy {
             match dest.query() {
                 // A host name: DNS first (RFC 3263), off the loop.
                 Some(query) => self.locate(id, prepared, query),
-                None => self.start_branch(id, prepared, dest, VecDeque::new(), now),
+                None => self.start_branch(id, prepared, dest, None, now),
             }
         }
         Ok(())
     }
 
-    /// Sends one branch of server transaction `id` to `dest` (an address or a flow); `rest`
-    /// are the addresses to fail over to (RFC 3263 section 4.3).
+    /// Sends one branch of server transaction `id` to `dest` (an address or a flow).
+    /// `located` is `Some` when DNS gave `dest`, with the addresses after it to fail over to
+    /// (RFC 3263 section 4.3); `None` for a literal next hop.
     pub(super) fn start_branch(
         &mut self,
         id: TxId,
         prepared: Prepared,
         dest: Destination,
-        rest: VecDeque<Destination>,
+        located: Option<VecDeque<Destination>>,
         now: Instant,
     ) {
-        let retry = (!rest.is_empty()).then(|| {
+        let address = located
+            .as_ref()
+            .and_then(|_| super::locate::dead_key(&dest));
+        let retry = located.filter(|rest| !rest.is_empty()).map(|rest| {
             Box::new(Retry {
                 prepared: prepared.clone(),
                 rest,
@@ -442,6 +448,7 @@ impl Proxy {
                 cancel_pending: false,
                 provisional: false,
                 heard: false,
+                located: address,
                 hidden_vias,
                 retry,
             },
@@ -595,6 +602,9 @@ impl Proxy {
             // Not relayed (16.7 item 4), but the next hop is alive.
             if let Some(b) = self.fwd.branch_mut(server, client) {
                 b.heard = true;
+                if let Some(addr) = b.located {
+                    self.lookups.dead.revive(&addr);
+                }
             }
             return;
         }
@@ -624,6 +634,9 @@ impl Proxy {
             return;
         };
         branch.heard = true;
+        if let Some(addr) = branch.located {
+            self.lookups.dead.revive(&addr);
+        }
         if status < 200 {
             branch.provisional = true;
             if branch.cancel_pending {
@@ -709,10 +722,11 @@ impl Proxy {
         if ctx.branches.iter().any(|b| b.client == client && b.done) {
             return;
         }
-        if matches!(reject, Reject::Timeout | Reject::Unreachable)
-            && self.fail_over(server, client, now)
-        {
-            return;
+        if matches!(reject, Reject::Timeout | Reject::Unreachable) {
+            self.note_dead(server, client, now);
+            if self.fail_over(server, client, now) {
+                return;
+            }
         }
         if let Some((code, resp)) = self.synthesised(server, &reject) {
             self.on_branch_response(server, client, code, resp, now);
@@ -826,6 +840,7 @@ From: <sip:b@x>;tag=1\r\nTo: <sip:a@x>\r\nCall-ID: c\r\nCSeq: 1 OPTIONS\r\nConte
             cancel_pending: false,
             provisional: false,
             heard: false,
+            located: None,
             hidden_vias: false,
             retry: None,
         }

@@ -73,6 +73,7 @@ fn config() -> CoreConfig {
             ..TimerConfig::default()
         },
         failover: crate::config::DEFAULT_FAILOVER,
+        dead_address: crate::config::DEFAULT_DEAD_ADDRESS,
         dialog_key: [7; 32],
         auth: crate::config::AuthSettings::defaults("org.example"),
         registrar: crate::config::RegistrarSettings::default(),
@@ -702,6 +703,54 @@ fn a_silent_next_hop_is_failed_over_after_failover_ms_not_timer_b() {
         out.iter().all(|s| s.dest != first.dest),
         "the abandoned branch still sends: {out:?}"
     );
+}
+
+#[test]
+fn an_address_that_failed_is_tried_last_by_the_next_calls_until_it_answers() {
+    let mut h = Harness::new();
+    let first = invite_located_twice(&mut h, "call-a@");
+    h.advance(DEFAULT_FAILOVER);
+    assert_eq!(h.proxy.lookups.dead.len(), 1);
+    // The next call with the same answer starts at the address that works.
+    h.send(
+        &invite("bob")
+            .replace("@org.example", "@partner.example")
+            .replace("call-1@", "call-b@")
+            .replace("z9hG4bKcaller1", "z9hG4bKcaller2"),
+        caller_flow(),
+    );
+    let lookup = h.proxy.poll_lookup().unwrap();
+    h.proxy.handle_located(
+        lookup.id,
+        Ok(vec![
+            located(Transport::Udp, "198.51.100.30:5060"),
+            located(Transport::Udp, "198.51.100.31:5070"),
+        ]),
+        h.now,
+    );
+    let out = h.drain();
+    assert_eq!(out.len(), 1, "{out:?}");
+    assert_eq!(out[0].dest, located(Transport::Udp, "198.51.100.31:5070"));
+    // It fails too: the one that failed first is still there to fail over to.
+    h.proxy.handle_transport_error(out[0].tx.unwrap(), h.now);
+    let out = h.drain();
+    assert_eq!(out.len(), 1, "{out:?}");
+    assert_eq!(out[0].dest, first.dest);
+    // It answers: alive again (and the other, refused, stays dead).
+    h.send(
+        &answer(&out[0], 100, "Trying", ""),
+        Flow {
+            remote: "198.51.100.30:5060".parse().unwrap(),
+            ..uas_flow()
+        },
+    );
+    assert_eq!(h.proxy.lookups.dead.len(), 1);
+    let mut hops = std::collections::VecDeque::from([
+        located(Transport::Udp, "198.51.100.31:5070"),
+        located(Transport::Udp, "198.51.100.30:5060"),
+    ]);
+    h.proxy.lookups.dead.order(&mut hops, h.now);
+    assert_eq!(hops[0], first.dest);
 }
 
 #[test]

@@ -12,6 +12,7 @@
 //! | `gatehouse_sip_retransmissions_total` | counter | `kind` (`sent`, `absorbed`) |
 //! | `gatehouse_sip_transaction_timeouts_total` | counter | | client transactions that timed out (Timer B/F) |
 //! | `gatehouse_sip_dns_lookups_total` | counter | `outcome` (`resolved`, `failed`): next hops named by host, located per RFC 3263 |
+//! | `gatehouse_sip_dead_addresses` | gauge | | addresses DNS gave that failed lately, tried last until `dead_address_ms` is up |
 //! | `gatehouse_sip_failovers_total` | counter | | branches sent to the next address DNS gave after a transport error, a timeout, or `failover_ms` of silence |
 //! | `gatehouse_sip_invite_final_latency_seconds` | histogram | |
 //! | `gatehouse_transport_connections` | gauge | |
@@ -64,6 +65,7 @@ pub struct Metrics {
     pub sip_parse_errors: IntCounter,
     pub sip_dropped: IntCounterVec,
     pub sip_transactions: IntGauge,
+    pub sip_dead_addresses: IntGauge,
     pub invite_final_latency: Histogram,
     pub connections: IntGauge,
     pub sasl_attempts: IntCounterVec,
@@ -175,6 +177,11 @@ impl Metrics {
                 &["reason"],
             ),
             sip_transactions: gauge(&r, "gatehouse_sip_transactions", "Live SIP transactions"),
+            sip_dead_addresses: gauge(
+                &r,
+                "gatehouse_sip_dead_addresses",
+                "Addresses DNS gave that failed lately (refused, timed out, silent): tried last until timers.dead_address_ms is up",
+            ),
             invite_final_latency: histogram(
                 &r,
                 "gatehouse_sip_invite_final_latency_seconds",
