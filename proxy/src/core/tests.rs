@@ -622,10 +622,7 @@ fn a_named_next_hop_waits_for_dns_then_fails_over_along_its_answer() {
     // Answered there: the caller gets it.
     let out = h.send(
         &answer(&out[0], 200, "OK", ""),
-        Flow {
-            remote: "198.51.100.31:5070".parse().unwrap(),
-            ..uas_flow()
-        },
+        uas_at("198.51.100.31:5070"),
     );
     assert!(
         out.iter().any(|s| s.first_line() == "SIP/2.0 200 OK"),
@@ -635,27 +632,44 @@ fn a_named_next_hop_waits_for_dns_then_fails_over_along_its_answer() {
     assert_eq!(h.proxy.lookups.stats.resolved, 1);
 }
 
+/// An INVITE from the caller to bob at partner.example (a name: DNS is asked).
+fn partner_invite(call: &str, branch: &str) -> String {
+    invite("bob")
+        .replace("@org.example", "@partner.example")
+        .replace("call-1@", call)
+        .replace("z9hG4bKcaller1", branch)
+}
+
+/// The UAS answering from `addr`.
+fn uas_at(addr: &str) -> Flow {
+    Flow {
+        remote: addr.parse().unwrap(),
+        ..uas_flow()
+    }
+}
+
+/// DNS's answer for partner.example: two UDP addresses.
+fn two_addresses() -> Vec<Destination> {
+    vec![
+        located(Transport::Udp, "198.51.100.30:5060"),
+        located(Transport::Udp, "198.51.100.31:5070"),
+    ]
+}
+
+/// Answers the pending DNS question with `hops`; what the proxy sends then.
+fn answer_lookup(h: &mut Harness, hops: Vec<Destination>) -> Vec<Sent> {
+    let lookup = h.proxy.poll_lookup().expect("a DNS question");
+    h.proxy.handle_located(lookup.id, Ok(hops), h.now);
+    h.drain()
+}
+
 /// An INVITE to partner.example whose DNS answer is two UDP addresses; returns the INVITE
 /// sent to the first.
 fn invite_located_twice(h: &mut Harness, call: &str) -> Sent {
-    h.send(
-        &invite("bob")
-            .replace("@org.example", "@partner.example")
-            .replace("call-1@", call),
-        caller_flow(),
-    );
-    let lookup = h.proxy.poll_lookup().expect("a DNS question");
-    h.proxy.handle_located(
-        lookup.id,
-        Ok(vec![
-            located(Transport::Udp, "198.51.100.30:5060"),
-            located(Transport::Udp, "198.51.100.31:5070"),
-        ]),
-        h.now,
-    );
-    let out = h.drain();
+    h.send(&partner_invite(call, "z9hG4bKcaller1"), caller_flow());
+    let out = answer_lookup(h, two_addresses());
     assert_eq!(out.len(), 1, "{out:?}");
-    assert_eq!(out[0].dest, located(Transport::Udp, "198.51.100.30:5060"));
+    assert_eq!(out[0].dest, two_addresses()[0]);
     out.into_iter().next().unwrap()
 }
 
@@ -681,18 +695,12 @@ fn a_silent_next_hop_is_failed_over_after_failover_ms_not_timer_b() {
     // it is not relayed.
     let late = h.send(
         &answer(&first, 180, "Ringing", ""),
-        Flow {
-            remote: "198.51.100.30:5060".parse().unwrap(),
-            ..uas_flow()
-        },
+        uas_at("198.51.100.30:5060"),
     );
     assert!(late.is_empty(), "{late:?}");
     let out = h.send(
         &answer(&second, 200, "OK", ""),
-        Flow {
-            remote: "198.51.100.31:5070".parse().unwrap(),
-            ..uas_flow()
-        },
+        uas_at("198.51.100.31:5070"),
     );
     assert!(
         out.iter().any(|s| s.first_line() == "SIP/2.0 200 OK"),
@@ -712,23 +720,8 @@ fn an_address_that_failed_is_tried_last_by_the_next_calls_until_it_answers() {
     h.advance(DEFAULT_FAILOVER);
     assert_eq!(h.proxy.lookups.dead.len(), 1);
     // The next call with the same answer starts at the address that works.
-    h.send(
-        &invite("bob")
-            .replace("@org.example", "@partner.example")
-            .replace("call-1@", "call-b@")
-            .replace("z9hG4bKcaller1", "z9hG4bKcaller2"),
-        caller_flow(),
-    );
-    let lookup = h.proxy.poll_lookup().unwrap();
-    h.proxy.handle_located(
-        lookup.id,
-        Ok(vec![
-            located(Transport::Udp, "198.51.100.30:5060"),
-            located(Transport::Udp, "198.51.100.31:5070"),
-        ]),
-        h.now,
-    );
-    let out = h.drain();
+    h.send(&partner_invite("call-b@", "z9hG4bKcaller2"), caller_flow());
+    let out = answer_lookup(&mut h, two_addresses());
     assert_eq!(out.len(), 1, "{out:?}");
     assert_eq!(out[0].dest, located(Transport::Udp, "198.51.100.31:5070"));
     // It fails too: the one that failed first is still there to fail over to.
@@ -739,10 +732,7 @@ fn an_address_that_failed_is_tried_last_by_the_next_calls_until_it_answers() {
     // It answers: alive again (and the other, refused, stays dead).
     h.send(
         &answer(&out[0], 100, "Trying", ""),
-        Flow {
-            remote: "198.51.100.30:5060".parse().unwrap(),
-            ..uas_flow()
-        },
+        uas_at("198.51.100.30:5060"),
     );
     assert_eq!(h.proxy.lookups.dead.len(), 1);
     let mut hops = std::collections::VecDeque::from([
@@ -759,22 +749,13 @@ fn a_next_hop_that_sent_100_trying_is_not_failed_over() {
     let first = invite_located_twice(&mut h, "call-trying@");
     let out = h.send(
         &answer(&first, 100, "Trying", ""),
-        Flow {
-            remote: "198.51.100.30:5060".parse().unwrap(),
-            ..uas_flow()
-        },
+        uas_at("198.51.100.30:5060"),
     );
     assert!(out.is_empty(), "a 100 is not relayed: {out:?}");
     let out = h.advance(DEFAULT_FAILOVER * 2);
     assert!(out.is_empty(), "{out:?}");
     assert_eq!(h.proxy.lookups.stats.failovers, 0);
-    let out = h.send(
-        &answer(&first, 200, "OK", ""),
-        Flow {
-            remote: "198.51.100.30:5060".parse().unwrap(),
-            ..uas_flow()
-        },
-    );
+    let out = h.send(&answer(&first, 200, "OK", ""), uas_at("198.51.100.30:5060"));
     assert!(
         out.iter().any(|s| s.first_line() == "SIP/2.0 200 OK"),
         "{out:?}"
