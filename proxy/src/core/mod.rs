@@ -290,7 +290,11 @@ impl Proxy {
         );
         let mut proxy = Proxy {
             policy: Arc::clone(&cfg.policy),
-            tunnels: TunnelTable::default(),
+            tunnels: {
+                let mut t = TunnelTable::default();
+                t.store_proposed(cfg.shared_store);
+                t
+            },
             policy_denials: HashMap::new(),
             metrics: Arc::new(crate::metrics::Metrics::new()),
             synced: HashMap::new(),

@@ -122,6 +122,8 @@ pub struct Record {
     pskmth: Arc<str>,
     created_unix: u64,
     state: TunnelState,
+    /// The store has (or the next write batch gives it) this tunnel's row.
+    stored: bool,
     caller: Option<Hop>,
     callee: Option<Hop>,
 }
@@ -211,11 +213,15 @@ impl Interner {
 /// Ordered by Call-ID (O(log n) per look-up) so that the admin listing pages from a cursor
 /// instead of copying the whole table on the loop.
 /// Changes are remembered until the owner takes them (`take_dirty`: one store batch).
+/// A tunnel only proposed (its INVITE relayed, no 2xx yet) has a row only when the store is
+/// shared (`store_proposed`): there its row counts against the cluster's limits; a gateway of
+/// its own would write and delete a row that no restart could use.
 #[derive(Debug, Default)]
 pub struct TunnelTable {
     map: BTreeMap<Box<str>, Vec<Record>>,
     len: usize,
     dirty: HashSet<(Box<str>, Box<str>)>,
+    store_proposed: bool,
     per_identity: HashMap<Arc<str>, u32>,
     per_target: HashMap<Arc<str>, u32>,
     strings: Interner,
@@ -235,6 +241,11 @@ fn count_down(map: &mut HashMap<Arc<str>, u32>, key: &Arc<str>) {
 }
 
 impl TunnelTable {
+    /// Whether proposed tunnels get rows (a store shared by a cluster).
+    pub fn store_proposed(&mut self, yes: bool) {
+        self.store_proposed = yes;
+    }
+
     fn hop(&mut self, p: Option<Party>) -> Option<Hop> {
         p.map(|p| Hop {
             contact: p.contact.into_boxed_str(),
@@ -245,7 +256,7 @@ impl TunnelTable {
         })
     }
 
-    fn record(&mut self, t: Tunnel) -> (Box<str>, Record) {
+    fn record(&mut self, t: Tunnel, stored: bool) -> (Box<str>, Record) {
         let r = Record {
             caller_tag: t.caller_tag.into_boxed_str(),
             callee_tag: t.callee_tag.map(String::into_boxed_str),
@@ -256,6 +267,7 @@ impl TunnelTable {
             pskmth: self.strings.get(&t.pskmth),
             created_unix: t.created_unix,
             state: t.state,
+            stored,
             caller: None,
             callee: None,
         };
@@ -296,8 +308,8 @@ impl TunnelTable {
         gone
     }
 
-    fn put(&mut self, t: Tunnel) {
-        let (call_id, r) = self.record(t);
+    fn put(&mut self, t: Tunnel, stored: bool) {
+        let (call_id, r) = self.record(t, stored);
         self.take(&call_id, &r.caller_tag);
         count_up(&mut self.per_identity, &r.identity);
         count_up(&mut self.per_target, &r.to);
@@ -335,13 +347,22 @@ impl TunnelTable {
     }
 
     pub fn insert(&mut self, t: Tunnel) {
-        self.mark(&t.call_id, &t.caller_tag);
-        self.put(t);
+        // A record it replaces keeps its row: this one must then be written (or deleted).
+        let replaces_row = || {
+            self.map
+                .get(t.call_id.as_str())
+                .is_some_and(|l| l.iter().any(|r| *r.caller_tag == *t.caller_tag && r.stored))
+        };
+        let stored = self.store_proposed || t.state != TunnelState::Proposed || replaces_row();
+        if stored {
+            self.mark(&t.call_id, &t.caller_tag);
+        }
+        self.put(t, stored);
     }
 
     /// Loads a persisted entry (not dirty).
     pub fn load(&mut self, t: Tunnel) {
-        self.put(t);
+        self.put(t, true);
     }
 
     /// The entries changed since the last call: `Ok(tunnel)` to save, `Err(key)` to delete.
@@ -374,6 +395,7 @@ impl TunnelTable {
             .iter_mut()
             .find(|r| &*r.caller_tag == caller_tag)?;
         r.state = TunnelState::Established;
+        r.stored = true;
         r.callee_tag = callee_tag.map(String::into_boxed_str);
         self.dirty.insert((call_id.into(), caller_tag.into()));
         Some(r)
@@ -389,15 +411,20 @@ impl TunnelTable {
             return;
         };
         let old = std::mem::replace(&mut r.callee, hop);
-        self.mark(call_id, caller_tag);
+        if r.stored {
+            self.mark(call_id, caller_tag);
+        }
         if let Some(h) = old {
             self.strings.release(h.aor);
         }
     }
 
     pub fn remove(&mut self, call_id: &str, caller_tag: &str) -> Option<Gone> {
+        let stored = self.get_mut(call_id, caller_tag)?.stored;
         let r = self.take(call_id, caller_tag)?;
-        self.mark(call_id, caller_tag);
+        if stored {
+            self.mark(call_id, caller_tag);
+        }
         Some(r)
     }
 
@@ -683,6 +710,53 @@ mod tests {
         assert_eq!(t.interned(), shared, "c1 still names every string c2 did");
         t.remove("c1", "a");
         assert_eq!((t.len(), t.interned()), (0, 0));
-        assert_eq!(t.take_dirty().len(), 2, "both removals are writes");
+        // c1 was established (a row); c2 only proposed, on a store of its own (none).
+        assert_eq!(t.take_dirty().len(), 1, "c1's removal is a write");
+    }
+
+    /// The writes a tunnel's life costs: on a store of its own, nothing until it is
+    /// established (a proposal no restart could use), then its row, then its deletion; a
+    /// proposal that fails costs nothing. On a shared store, the proposal too (it counts
+    /// against the cluster's limits).
+    #[test]
+    fn proposals_have_rows_only_in_a_shared_store() {
+        let keys = |t: &mut TunnelTable| -> Vec<(String, &'static str)> {
+            let mut w: Vec<_> = t
+                .take_dirty()
+                .into_iter()
+                .map(|w| match w {
+                    Ok(x) => (x.call_id, x.state.as_str()),
+                    Err((c, _)) => (c, "delete"),
+                })
+                .collect();
+            w.sort();
+            w
+        };
+        let mut own = TunnelTable::default();
+        own.insert(tunnel("c1", "a", "alice", "sip:vpn@org.example"));
+        own.insert(tunnel("c2", "a", "alice", "sip:vpn@org.example"));
+        assert!(keys(&mut own).is_empty());
+        own.set_callee("c1", "a", None);
+        own.establish("c1", "a", Some("b".into()));
+        own.remove("c2", "a");
+        assert_eq!(keys(&mut own), [("c1".into(), "established")]);
+        own.remove("c1", "a");
+        assert_eq!(keys(&mut own), [("c1".into(), "delete")]);
+        // A proposal replacing a tunnel that has a row is written (or its row would stay).
+        own.insert(Tunnel {
+            state: TunnelState::Established,
+            ..tunnel("c3", "a", "alice", "sip:vpn@org.example")
+        });
+        keys(&mut own);
+        own.insert(tunnel("c3", "a", "alice", "sip:vpn@org.example"));
+        own.remove("c3", "a");
+        assert_eq!(keys(&mut own), [("c3".into(), "delete")]);
+
+        let mut shared = TunnelTable::default();
+        shared.store_proposed(true);
+        shared.insert(tunnel("c1", "a", "alice", "sip:vpn@org.example"));
+        assert_eq!(keys(&mut shared), [("c1".into(), "proposed")]);
+        shared.remove("c1", "a");
+        assert_eq!(keys(&mut shared), [("c1".into(), "delete")]);
     }
 }
