@@ -168,6 +168,9 @@ impl Message {
         pos = line_end + 1;
 
         let mut headers: Vec<HeaderField> = Vec::with_capacity(16);
+        // Folded header values (rare): unfolded once below, so reading any other value never
+        // looks for line breaks.
+        let mut folded: Vec<usize> = Vec::new();
         let body_start;
         loop {
             if pos >= b.len() {
@@ -192,6 +195,9 @@ impl Message {
                     let vs = *vs;
                     last.value = Text::Orig((vs, content_end as u32));
                     last.line = Some((ls, content_end as u32));
+                }
+                if folded.last() != Some(&(headers.len() - 1)) {
+                    folded.push(headers.len() - 1);
                 }
                 pos = le + 1;
                 continue;
@@ -222,6 +228,20 @@ impl Message {
             });
             pos = le + 1;
         }
+        for i in folded {
+            // The original line stays (`line`): serialising an untouched header copies it.
+            if let Text::Orig((s, e)) = headers[i].value {
+                let raw = &b[s as usize..e as usize];
+                let text = match std::str::from_utf8(raw) {
+                    Ok(text) => Cow::Borrowed(text),
+                    // A header the proxy interprets must be UTF-8 (as `validate` checks for
+                    // the others); one it only carries is kept as well as it can be.
+                    Err(_) if headers[i].name == HeaderName::Other => String::from_utf8_lossy(raw),
+                    Err(_) => return Err(ParseError::Encoding),
+                };
+                headers[i].value = Text::Owned(unfold(&text).into());
+            }
+        }
         let mut msg = Message {
             body: span(body_start, b.len()),
             buf,
@@ -236,33 +256,41 @@ impl Message {
     }
 
     fn validate(&mut self) -> Result<(), ParseError> {
-        for h in &self.headers {
-            if h.name != HeaderName::Other {
-                if let Text::Orig((s, e)) = h.value {
-                    std::str::from_utf8(&self.buf[s as usize..e as usize])
-                        .map_err(|_| ParseError::Encoding)?;
-                }
-            }
-        }
-        for name in [
+        // One pass: encoding of every interpreted value, and how many of each header the
+        // rules below count.
+        const COUNTED: [HeaderName; 7] = [
             HeaderName::From,
             HeaderName::To,
             HeaderName::CallId,
             HeaderName::CSeq,
-        ] {
-            match self.count(name) {
-                0 => return Err(ParseError::Missing(name)),
-                1 => {}
-                _ => return Err(ParseError::Duplicate(name)),
+            HeaderName::MaxForwards,
+            HeaderName::ContentLength,
+            HeaderName::Via,
+        ];
+        let mut counts = [0usize; COUNTED.len()];
+        for h in &self.headers {
+            if h.name == HeaderName::Other {
+                continue;
+            }
+            if let Text::Orig((s, e)) = h.value {
+                std::str::from_utf8(&self.buf[s as usize..e as usize])
+                    .map_err(|_| ParseError::Encoding)?;
+            }
+            if let Some(i) = COUNTED.iter().position(|&n| n == h.name) {
+                counts[i] += 1;
             }
         }
-        for name in [HeaderName::MaxForwards, HeaderName::ContentLength] {
-            if self.count(name) > 1 {
-                return Err(ParseError::Duplicate(name));
+        for (i, &name) in COUNTED.iter().enumerate() {
+            match (counts[i], i) {
+                // From, To, Call-ID, CSeq: exactly one.
+                (0, 0..=3) => return Err(ParseError::Missing(name)),
+                (2.., 0..=3) => return Err(ParseError::Duplicate(name)),
+                // Max-Forwards, Content-Length: at most one.
+                (2.., 4..=5) => return Err(ParseError::Duplicate(name)),
+                // Via: at least one.
+                (0, 6) => return Err(ParseError::Missing(name)),
+                _ => {}
             }
-        }
-        if self.count(HeaderName::Via) == 0 {
-            return Err(ParseError::Missing(HeaderName::Via));
         }
         for (idx, _) in self.fields(HeaderName::Via) {
             let v = self.value(idx);
@@ -367,17 +395,11 @@ impl Message {
         }
     }
 
+    /// An original value never spans lines: folded ones were unfolded at parse time.
     fn text<'s>(&'s self, t: &'s Text) -> Cow<'s, str> {
         match t {
             Text::Owned(s) => Cow::Borrowed(s),
-            Text::Orig(sp) => {
-                let raw = &self.buf[sp.0 as usize..sp.1 as usize];
-                if memchr(b'\n', raw).is_none() {
-                    self.span_str(*sp)
-                } else {
-                    Cow::Owned(unfold(&String::from_utf8_lossy(raw)))
-                }
-            }
+            Text::Orig(sp) => self.span_str(*sp),
         }
     }
 
@@ -389,10 +411,6 @@ impl Message {
     /// Present header fields with the given name.
     pub fn fields(&self, name: HeaderName) -> impl Iterator<Item = (usize, &HeaderField)> {
         self.headers().filter(move |(_, h)| h.name == name)
-    }
-
-    fn count(&self, name: HeaderName) -> usize {
-        self.fields(name).count()
     }
 
     /// The (unfolded) value of the header field at `idx`.
@@ -746,6 +764,38 @@ body";
         assert_eq!(m.status(), Some(407));
         assert_eq!(m.reason().unwrap(), "Proxy Authentication Required, please");
         assert_eq!(&m.serialize()[..], r.as_bytes());
+    }
+
+    /// Folded values are unfolded once at parse time; a folded header the proxy interprets
+    /// must still be UTF-8, one it only carries keeps its bytes on the wire.
+    #[test]
+    fn folded_values_and_their_encoding() {
+        let folded_to = INVITE.replace(
+            "t: <sip:bob@[2001:db8::2]>\r\n",
+            "t: <sip:bob@[2001:db8::2]>\r\n ;x=1\r\n",
+        );
+        let m = parse(&folded_to).unwrap();
+        assert_eq!(
+            m.value_of(HeaderName::To).unwrap(),
+            "<sip:bob@[2001:db8::2]> ;x=1"
+        );
+        let mut bad = folded_to.into_bytes();
+        let at = bad.windows(3).position(|w| w == b"x=1").unwrap();
+        bad[at + 2] = 0xff;
+        assert_eq!(
+            Message::parse(Bytes::from(bad), &Limits::default()).unwrap_err(),
+            ParseError::Encoding
+        );
+        let mut other = INVITE.as_bytes().to_vec();
+        let at = other.windows(5).position(|w| w == b"lines").unwrap();
+        other[at] = 0xff;
+        let m = Message::parse(Bytes::from(other.clone()), &Limits::default()).unwrap();
+        let subject = m
+            .headers()
+            .find(|(i, _)| m.name_text(*i) == "Subject")
+            .map(|(i, _)| m.value(i).into_owned());
+        assert_eq!(subject.as_deref(), Some("folded across \u{fffd}ines"));
+        assert_eq!(&m.serialize()[..], &other[..], "carried as it came");
     }
 
     #[test]

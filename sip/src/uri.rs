@@ -28,6 +28,40 @@ pub struct Uri<'a> {
     pub headers: &'a str,
 }
 
+/// Position of the ASCII byte `b` in `s` (a char boundary, so `s[..i]` and `s[i + 1..]` are
+/// slices). `str::find(char)` costs several times more on the short strings of a header
+/// value: it encodes the char and sets up a vectorised search.
+#[inline]
+pub(crate) fn find_byte(s: &str, b: u8) -> Option<usize> {
+    debug_assert!(b.is_ascii());
+    s.bytes().position(|c| c == b)
+}
+
+/// The last position of the ASCII byte `b` in `s`.
+#[inline]
+pub(crate) fn rfind_byte(s: &str, b: u8) -> Option<usize> {
+    debug_assert!(b.is_ascii());
+    s.bytes().rposition(|c| c == b)
+}
+
+/// `s.split(sep)` for an ASCII separator, without a char searcher.
+pub(crate) fn split_byte(s: &str, sep: u8) -> impl Iterator<Item = &str> {
+    let mut rest = Some(s);
+    std::iter::from_fn(move || {
+        let r = rest?;
+        match find_byte(r, sep) {
+            Some(i) => {
+                rest = Some(&r[i + 1..]);
+                Some(&r[..i])
+            }
+            None => {
+                rest = None;
+                Some(r)
+            }
+        }
+    })
+}
+
 /// Error for a URI that is not a well-formed SIP URI.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct UriError;
@@ -36,7 +70,7 @@ impl<'a> Uri<'a> {
     /// Parses an absolute URI. Non-SIP schemes parse with only `scheme` meaningful.
     pub fn parse(s: &'a str) -> Result<Self, UriError> {
         let s = s.trim();
-        let colon = s.find(':').ok_or(UriError)?;
+        let colon = find_byte(s, b':').ok_or(UriError)?;
         let scheme_text = &s[..colon];
         if scheme_text.is_empty()
             || !scheme_text
@@ -74,11 +108,11 @@ impl<'a> Uri<'a> {
         {
             return Err(UriError);
         }
-        let (before_headers, headers) = match rest.find('?') {
+        let (before_headers, headers) = match find_byte(rest, b'?') {
             Some(q) => (&rest[..q], &rest[q + 1..]),
             None => (rest, ""),
         };
-        let (user, hostpart) = match before_headers.find('@') {
+        let (user, hostpart) = match find_byte(before_headers, b'@') {
             Some(at) => {
                 let u = &before_headers[..at];
                 if u.is_empty() {
@@ -88,7 +122,7 @@ impl<'a> Uri<'a> {
             }
             None => (None, before_headers),
         };
-        let (hostport, params) = match hostpart.find(';') {
+        let (hostport, params) = match find_byte(hostpart, b';') {
             Some(sc) => (&hostpart[..sc], &hostpart[sc + 1..]),
             None => (hostpart, ""),
         };
@@ -125,7 +159,7 @@ pub fn split_hostport(s: &str) -> Option<(&str, Option<u16>)> {
         return None;
     }
     let (host, port_text) = if s.starts_with('[') {
-        let close = s.find(']')?;
+        let close = find_byte(s, b']')?;
         let host = &s[..=close];
         host[1..close].parse::<std::net::Ipv6Addr>().ok()?;
         let rest = &s[close + 1..];
@@ -135,7 +169,7 @@ pub fn split_hostport(s: &str) -> Option<(&str, Option<u16>)> {
             None => return None,
         }
     } else {
-        match s.rfind(':') {
+        match rfind_byte(s, b':') {
             Some(c) => (&s[..c], Some(&s[c + 1..])),
             None => (s, None),
         }
@@ -172,9 +206,9 @@ pub fn host_ip(host: &str) -> Option<IpAddr> {
 
 /// Looks up `name` in a `;`-separated parameter list (`a=1;lr;b=2`), case-insensitively.
 pub fn param_lookup<'a>(params: &'a str, name: &str) -> Option<&'a str> {
-    params.split(';').find_map(|p| {
+    split_byte(params, b';').find_map(|p| {
         let p = p.trim();
-        let (n, v) = match p.find('=') {
+        let (n, v) = match find_byte(p, b'=') {
             Some(eq) => (p[..eq].trim(), p[eq + 1..].trim()),
             None => (p, ""),
         };
@@ -186,7 +220,7 @@ pub fn param_lookup<'a>(params: &'a str, name: &str) -> Option<&'a str> {
 /// URI parameters dropped; `None` without a user part.
 pub fn aor_key(uri: &str) -> Option<String> {
     let u = Uri::parse(uri).ok()?;
-    let user = u.user?.split(';').next()?;
+    let user = split_byte(u.user?, b';').next()?;
     let scheme = match u.scheme {
         Scheme::Sips => "sips",
         _ => "sip",
@@ -217,6 +251,18 @@ mod tests {
         let u = Uri::parse("sips:alice:secret@atlanta.com?subject=x").unwrap();
         assert_eq!(u.scheme, Scheme::Sips);
         assert_eq!(u.headers, "subject=x");
+    }
+
+    proptest::proptest! {
+        /// The byte helpers answer as `str::find`, `rfind` and `split` do, whatever the text
+        /// (multi-byte characters included).
+        #[test]
+        fn byte_helpers_agree_with_str_methods(s in "[a-c;=:é€ ]{0,24}", sep in proptest::sample::select(vec![b';', b'=', b':', b'a'])) {
+            let c = sep as char;
+            proptest::prop_assert_eq!(find_byte(&s, sep), s.find(c));
+            proptest::prop_assert_eq!(rfind_byte(&s, sep), s.rfind(c));
+            proptest::prop_assert_eq!(split_byte(&s, sep).collect::<Vec<_>>(), s.split(c).collect::<Vec<_>>());
+        }
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! Typed views of the header values the proxy interprets, borrowed from unfolded text.
 
-use super::uri::{param_lookup, split_hostport, Uri};
+use super::uri::{find_byte, param_lookup, split_byte, split_hostport, Uri};
 
 /// Splits a list header value at commas that are outside quotes and angle brackets.
 pub fn split_list(value: &str) -> impl Iterator<Item = &str> {
@@ -71,8 +71,8 @@ pub fn list_is_well_formed(value: &str) -> bool {
 /// Parameters are `;`-separated `name[=value]` with a non-empty token name.
 fn params_well_formed(params: &str) -> bool {
     params.is_empty()
-        || params.split(';').all(|p| {
-            let name = p.split('=').next().unwrap_or("").trim();
+        || split_byte(params, b';').all(|p| {
+            let name = split_byte(p, b'=').next().unwrap_or("").trim();
             !name.is_empty() && name.bytes().all(super::header::is_token_char)
         })
 }
@@ -110,7 +110,7 @@ impl<'a> Via<'a> {
         if !parts[0].eq_ignore_ascii_case("SIP") || parts[1] != "2.0" || parts[2].is_empty() {
             return None;
         }
-        let (sent_by, params) = match rest.find(';') {
+        let (sent_by, params) = match find_byte(rest, b';') {
             Some(sc) => (rest[..sc].trim(), rest[sc + 1..].trim()),
             None => (rest.trim(), ""),
         };
@@ -173,7 +173,7 @@ impl<'a> NameAddr<'a> {
         }
         let (uri, params) = match lt {
             Some(lt) => {
-                let gt = v[lt..].find('>')? + lt;
+                let gt = find_byte(&v[lt..], b'>')? + lt;
                 let after = v[gt + 1..].trim_start();
                 let params = match after.strip_prefix(';') {
                     Some(p) => p,
@@ -184,7 +184,7 @@ impl<'a> NameAddr<'a> {
             }
             None => {
                 // addr-spec: URI parameters would be ambiguous, so `;` starts header params.
-                match v.find(';') {
+                match find_byte(v, b';') {
                     Some(sc) => (v[..sc].trim(), &v[sc + 1..]),
                     None => (v, ""),
                 }
