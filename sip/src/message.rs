@@ -10,6 +10,7 @@
 use std::borrow::Cow;
 
 use bytes::{BufMut, Bytes, BytesMut};
+use bytestring::ByteString;
 
 use super::error::ParseError;
 use super::header::{is_token_char, HeaderName};
@@ -112,6 +113,9 @@ enum StartLine {
 #[derive(Clone, Debug)]
 pub struct Message {
     buf: Bytes,
+    /// The start line and header section (`buf` up to the body, the same bytes) when they are
+    /// UTF-8, as they almost always are: checked once, then every span is a `str` slice.
+    head: Option<ByteString>,
     start: StartLine,
     start_line: Span,
     start_edited: bool,
@@ -242,8 +246,10 @@ impl Message {
                 headers[i].value = Text::Owned(unfold(&text).into());
             }
         }
+        let head = ByteString::try_from(buf.slice(..body_start)).ok();
         let mut msg = Message {
             body: span(body_start, b.len()),
+            head,
             buf,
             start,
             start_line,
@@ -272,9 +278,8 @@ impl Message {
             if h.name == HeaderName::Other {
                 continue;
             }
-            if let Text::Orig((s, e)) = h.value {
-                std::str::from_utf8(&self.buf[s as usize..e as usize])
-                    .map_err(|_| ParseError::Encoding)?;
+            if let (Text::Orig(sp), None) = (&h.value, &self.head) {
+                self.orig_str(*sp).ok_or(ParseError::Encoding)?;
             }
             if let Some(i) = COUNTED.iter().position(|&n| n == h.name) {
                 counts[i] += 1;
@@ -386,12 +391,19 @@ impl Message {
         }
     }
 
-    fn span_str(&self, (s, e): Span) -> Cow<'_, str> {
-        let raw = &self.buf[s as usize..e as usize];
-        // Interpreted headers were checked for UTF-8 at parse time: the fast path is the rule.
-        match std::str::from_utf8(raw) {
-            Ok(text) => Cow::Borrowed(text),
-            Err(_) => String::from_utf8_lossy(raw),
+    /// The original text of a span when it is UTF-8 (interpreted headers were checked at
+    /// parse time; with a UTF-8 head, every span is a slice of it).
+    fn orig_str(&self, (s, e): Span) -> Option<&str> {
+        match &self.head {
+            Some(head) => head.get(s as usize..e as usize),
+            None => std::str::from_utf8(&self.buf[s as usize..e as usize]).ok(),
+        }
+    }
+
+    fn span_str(&self, sp: Span) -> Cow<'_, str> {
+        match self.orig_str(sp) {
+            Some(text) => Cow::Borrowed(text),
+            None => String::from_utf8_lossy(&self.buf[sp.0 as usize..sp.1 as usize]),
         }
     }
 
@@ -456,9 +468,7 @@ impl Message {
     pub fn cseq(&self) -> CSeq<'_> {
         let idx = self.fields(HeaderName::CSeq).next().map(|(i, _)| i);
         idx.and_then(|i| match &self.headers[i].value {
-            Text::Orig((s, e)) => std::str::from_utf8(&self.buf[*s as usize..*e as usize])
-                .ok()
-                .and_then(CSeq::parse),
+            Text::Orig(sp) => self.orig_str(*sp).and_then(CSeq::parse),
             Text::Owned(o) => CSeq::parse(o),
         })
         .unwrap_or(CSeq { seq: 0, method: "" })
@@ -796,6 +806,20 @@ body";
             .map(|(i, _)| m.value(i).into_owned());
         assert_eq!(subject.as_deref(), Some("folded across \u{fffd}ines"));
         assert_eq!(&m.serialize()[..], &other[..], "carried as it came");
+        // Unfolded, the same: a header section that is not all UTF-8 is read span by span.
+        let mut raw = INVITE.as_bytes().to_vec();
+        let at = raw.windows(4).position(|w| w == b"keep").unwrap();
+        raw[at] = 0xff;
+        let m = Message::parse(Bytes::from(raw.clone()), &Limits::default()).unwrap();
+        assert_eq!(m.cseq().seq, 314159);
+        assert_eq!(m.call_id(), "a84b4c76e66710@pc33.atlanta.com");
+        assert_eq!(&m.serialize()[..], &raw[..]);
+        let at = raw.windows(5).position(|w| w == b"Alice").unwrap();
+        raw[at] = 0xff;
+        assert_eq!(
+            Message::parse(Bytes::from(raw), &Limits::default()).unwrap_err(),
+            ParseError::Encoding
+        );
     }
 
     #[test]
