@@ -1656,11 +1656,15 @@ mod sasl {
 [[listen]]\ntransport = \"tcp\"\naddress = \"{GW}:5060\"\n\
 [trust]\nsources = [\"203.0.113.0/24\"]\n[auth]\nfailures_before_lockout = 1000\n\
 [registrar]\nmin_expires_s = 3600\ndefault_expires_s = 3600\n[timers]\ntimer_c_ms = 5000\n\
+failover_ms = 700\ndead_address_ms = 0\n\
 [tunnels]\npolicy = \"policy.toml\"\n\
 [[route]]\naor = \"sip:tcp@org.example\"\ntarget = \"sip:tcp@198.51.100.21:5060;transport=tcp\"\n"
         );
         let cfg = crate::config::Config::parse_in(&text, "reload.toml", Some(&dir)).unwrap();
         h.proxy.apply_config(&cfg);
+        // Branches that start from now on: the new failover deadline and dead-address memory.
+        assert_eq!(h.proxy.cfg.failover, Duration::from_millis(700));
+        assert_eq!(h.proxy.cfg.dead_address, Duration::ZERO);
         for _ in 0..3 {
             let mut client = ScramClient::new("alice", b"guess", None);
             let out = authenticate(&mut h, &mut client);
