@@ -508,6 +508,16 @@ impl Proxy {
     pub fn teardown_stored(&mut self, t: Tunnel, now: Instant) -> Result<(), String> {
         let call_id = t.call_id.clone();
         if self.tunnels.by_call_id(&call_id).is_none() {
+            if t.caller.is_none() || t.callee.is_none() {
+                // A set-up another gateway proposed and never finished (it died with it, or
+                // is still at it): no dialog to end, so no BYE; the row goes, and the table
+                // here never holds it.
+                self.writes.push(super::persist::StoreWrite::DeleteTunnel {
+                    call_id,
+                    caller_tag: t.caller_tag,
+                });
+                return Ok(());
+            }
             self.tunnels.load(t);
         }
         self.teardown(&call_id, now)

@@ -2704,6 +2704,47 @@ Call-ID: call-1@partner.example\r\nCSeq: 5 BYE\r\nContact: <sip:vpn@198.51.100.2
         let _ = std::fs::remove_dir_all(dir);
     }
 
+    /// A row another gateway proposed and never finished (it was killed mid-set-up): ending it
+    /// from the stored record sends no BYE (there is no dialog), removes the row, and leaves
+    /// nothing in this gateway's table.
+    #[test]
+    fn a_proposal_left_by_another_gateway_is_removed_without_bye() {
+        let (dir, path) = file_store_with_alice();
+        let mut second = tunnel_harness(Store::open(&path).unwrap(), "198.51.100.0/24");
+        let proposed = crate::tunnel::Tunnel {
+            call_id: "left@partner.example".into(),
+            caller_tag: "ft1".into(),
+            callee_tag: None,
+            identity: "alice".into(),
+            from: "sip:alice@partner.example".into(),
+            to: "sip:vpn@org.example".into(),
+            prefixes: "2001:db8:456::/48".into(),
+            pskmth: "scram".into(),
+            created_unix: 1,
+            state: crate::tunnel::TunnelState::Proposed,
+            caller: None,
+            callee: None,
+        };
+        Store::open(&path)
+            .unwrap()
+            .apply(&[persist::StoreWrite::SaveTunnel(Box::new(proposed.clone()))])
+            .unwrap();
+        second.proxy.teardown_stored(proposed, second.now).unwrap();
+        let out = second.drain();
+        assert!(out.is_empty(), "{out:?}");
+        assert_eq!(second.proxy.tunnel_count(), 0);
+        assert_eq!(
+            Store::open(&path)
+                .unwrap()
+                .tunnel("left@partner.example")
+                .unwrap(),
+            None,
+            "the row is gone"
+        );
+        drop(second);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
     /// Everything the gateway logs at trace level during a full tunnel flow, with no secret in it.
     #[test]
     fn no_secret_in_logs_at_trace_level() {
