@@ -76,6 +76,7 @@ fn table_alone(n: u64) {
             from: "sip:sipp@127.0.0.1".into(),
             to: "sip:vpn@org.example".into(),
             prefixes: "2001:db8:456:1::/64".into(),
+            pubkey: String::new(),
             pskmth: "none".into(),
             created_unix: 1_800_000_000,
             state: TunnelState::Established,

@@ -165,11 +165,18 @@ pub enum Denied {
     LimitTarget,
     #[error("tunnel limit reached")]
     LimitTotal,
+    /// Not the rules' decision but the gateway's, with the same answer: a prefix of the offer
+    /// overlaps one another identity's live tunnel holds.
+    #[error("prefix held by another identity's tunnel")]
+    PrefixHeld,
+    /// The offer's public key is another identity's live tunnel's.
+    #[error("public key held by another identity's tunnel")]
+    KeyHeld,
 }
 
 impl Denied {
     /// Every reason (metrics initialise a series per label).
-    pub const ALL: [Denied; 11] = [
+    pub const ALL: [Denied; 13] = [
         Denied::NoRule,
         Denied::RuleDenies,
         Denied::Mechanism,
@@ -181,6 +188,8 @@ impl Denied {
         Denied::LimitIdentity,
         Denied::LimitTarget,
         Denied::LimitTotal,
+        Denied::PrefixHeld,
+        Denied::KeyHeld,
     ];
 
     pub fn label(self) -> &'static str {
@@ -196,6 +205,8 @@ impl Denied {
             Denied::LimitIdentity => "limit_identity",
             Denied::LimitTarget => "limit_target",
             Denied::LimitTotal => "limit_total",
+            Denied::PrefixHeld => "prefix_held",
+            Denied::KeyHeld => "key_held",
         }
     }
 }

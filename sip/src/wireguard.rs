@@ -44,6 +44,8 @@ pub enum SdpError {
     Stray,
     #[error("WireGuard offer outside an INVITE")]
     NotInInvite,
+    #[error("WireGuard offer inside a dialog (a tunnel is offered by a new INVITE only)")]
+    InDialog,
     #[error("malformed vnd.wireguard fmtp parameter")]
     FmtpParameter,
 }

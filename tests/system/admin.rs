@@ -33,6 +33,7 @@ fn listings_page_with_a_link_to_the_next_page() {
                     from: "sip:alice@partner.example".into(),
                     to: "sip:vpn@org.example".into(),
                     prefixes: "2001:db8:456:1::/64".into(),
+                    pubkey: String::new(),
                     pskmth: "scram".into(),
                     created_unix: 1,
                     state: TunnelState::Established,

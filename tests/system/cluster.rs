@@ -20,6 +20,7 @@ fn tunnel(call_id: &str) -> Tunnel {
         from: "sip:alice@partner.example".into(),
         to: "sip:vpn@org.example".into(),
         prefixes: "2001:db8:456:1::/64".into(),
+        pubkey: String::new(),
         pskmth: "scram".into(),
         created_unix: 1_700_000_000,
         state: TunnelState::Established,

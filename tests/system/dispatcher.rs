@@ -376,15 +376,23 @@ fn three_gateways_behind_kamailio_dispatcher_survive_kill_9() {
     assert_eq!(held_rows.len(), 30);
     let ended: Vec<&gatehouse::tunnel::Tunnel> = held_rows.iter().take(10).collect();
     for (i, t) in ended.iter().enumerate() {
+        let callee = t.callee.as_ref().expect("established");
+        // The caller's route set entry for the dead gateway: the endpoint's side (its
+        // Contact and tag), sealed and signed with the cluster's key.
+        let token = gatehouse::core::admission::hop_token(
+            &gatehouse::core::topology::TopologyKey::derive(&key),
+            &callee.contact,
+            Some(&callee.tag),
+        );
         let mac = gatehouse::core::admission::dialog_mac(
             &gatehouse::core::admission::MacKey::new(&key),
             &t.call_id,
             &t.caller_tag,
+            &token,
         );
-        let callee = t.callee.as_ref().expect("established");
         let bye = format!(
             "BYE {} SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:{caller_port};branch=z9hG4bKfo{i}x{};rport\r\n\
-Max-Forwards: 70\r\nRoute: <sip:{BALANCER}:{port};lr>, <sip:{};lr;gh={mac}>\r\n\
+Max-Forwards: 70\r\nRoute: <sip:{BALANCER}:{port};lr>, <sip:{};lr;gh={mac};gd={token}>\r\n\
 From: <{}>;tag={}\r\nTo: <{}>;tag={}\r\nCall-ID: {}\r\nCSeq: 10 BYE\r\nContent-Length: 0\r\n\r\n",
             callee.contact,
             std::process::id(),

@@ -24,6 +24,8 @@ use sha2::Sha256;
 
 use super::auth;
 use super::error::Reject;
+use super::router::{Routed, Target};
+use super::topology::TopologyKey;
 use crate::sip::{HeaderName, Message, Method};
 
 /// Proof that an out-of-dialog request passed the authenticate stage.
@@ -84,10 +86,29 @@ pub(super) fn is_trusted(source: IpAddr, trusted: &[IpNet]) -> bool {
     trusted.iter().any(|net| net.contains(&source))
 }
 
-/// Proof that an in-dialog request belongs to a dialog this gateway record-routed.
+/// Proof that an in-dialog request belongs to a dialog this gateway (or a gateway of its
+/// cluster, with the shared key) record-routed, and of the one next hop it may go to.
+///
+/// The Record-Route entry the gateway writes is a capability for one direction of one dialog:
+/// `gd=` seals (XChaCha20-Poly1305 under the topology key, so no internal address leaks) the
+/// URI the next hop of that direction is computed from — the proxy or Contact of the party the
+/// entry's holder sends to — and, once the callee answered, the callee's tag; `gh=` is the
+/// dialog MAC over the Call-ID, the caller's tag and `gd`. The entry in the INVITE (the
+/// callee's route set) names the caller's side; the gateway re-signs its entry in every
+/// dialog-creating answer (the caller's route set) for the callee's side. A request presenting
+/// an entry reaches that party and nobody else: not another host, not another user behind the
+/// same proxy.
 #[derive(Debug)]
 pub struct SignedDialog {
-    _proof: (),
+    /// The next hop's URI (a Route entry's or a Contact's) of the direction the entry signs.
+    hop: String,
+}
+
+impl SignedDialog {
+    /// The URI the request's next hop must be computed from.
+    pub fn hop(&self) -> &str {
+        &self.hop
+    }
 }
 
 type HmacSha256 = Hmac<Sha256>;
@@ -129,30 +150,53 @@ fn hex96(mac: HmacSha256) -> String {
     s
 }
 
-/// The `gh=` MAC of a dialog: HMAC-SHA-256 over Call-ID and the caller's tag, 96 bits in hex.
-pub fn dialog_mac(key: &MacKey, call_id: &str, caller_tag: &str) -> String {
+/// The `gh=` MAC of a dialog direction: HMAC-SHA-256 over the Call-ID, the caller's tag and
+/// the `gd=` token of the direction, 96 bits in hex.
+pub fn dialog_mac(key: &MacKey, call_id: &str, caller_tag: &str, hop_token: &str) -> String {
     let mut mac = key.start();
+    mac.update(b"gatehouse dialog v2\0");
     mac.update(call_id.as_bytes());
     mac.update(b"\0");
     mac.update(caller_tag.as_bytes());
+    mac.update(b"\0");
+    mac.update(hop_token.as_bytes());
     hex96(mac)
 }
 
+/// The `gd=` token of a dialog direction: the next hop's URI and, once known, the callee's
+/// tag, sealed so that the outside reads neither.
+pub fn hop_token(topology: &TopologyKey, hop: &str, callee_tag: Option<&str>) -> String {
+    match callee_tag {
+        Some(tag) => topology.seal(hop, &[tag.to_owned()]),
+        None => topology.seal(hop, &[]),
+    }
+}
+
 impl SignedDialog {
-    /// Checks the MAC a Route entry of ours presented against the request's Call-ID and either
-    /// tag (the request may come from either party).
-    pub(super) fn verify(key: &MacKey, msg: &Message, presented: &str) -> Option<SignedDialog> {
+    /// Checks a Route entry of ours (`gh` = `presented`, `gd` = `token`) against the request:
+    /// the MAC over its Call-ID, either tag as the caller's and the token; a token that names
+    /// the callee's tag must name the request's other tag.
+    pub(super) fn verify(
+        key: &MacKey,
+        topology: &TopologyKey,
+        msg: &Message,
+        presented: &str,
+        token: &str,
+    ) -> Option<SignedDialog> {
         let call_id = msg.call_id();
-        [HeaderName::From, HeaderName::To]
-            .iter()
-            .any(|h| {
-                let tag = msg.tag(*h).unwrap_or_default();
-                gatehouse_auth::scram::constant_time_eq(
-                    dialog_mac(key, &call_id, &tag).as_bytes(),
-                    presented.as_bytes(),
-                )
-            })
-            .then_some(SignedDialog { _proof: () })
+        let from = msg.tag(HeaderName::From).unwrap_or_default();
+        let to = msg.tag(HeaderName::To).unwrap_or_default();
+        for (caller, other) in [(&from, &to), (&to, &from)] {
+            let expected = dialog_mac(key, &call_id, caller, token);
+            if gatehouse_auth::scram::constant_time_eq(expected.as_bytes(), presented.as_bytes()) {
+                let (hop, extra) = topology.open(token)?;
+                if extra.first().is_some_and(|callee| callee != other) {
+                    return None;
+                }
+                return Some(SignedDialog { hop });
+            }
+        }
+        None
     }
 }
 
@@ -223,21 +267,50 @@ impl PeerFlow {
     }
 }
 
-/// What entitles a request to be relayed; `Proxy::relay` consumes one.
+/// What entitles a request to be relayed, and where to: `Proxy::relay` consumes one and sends
+/// the request only to the destinations it names (its branches come from here, never from a
+/// separate argument).
 #[derive(Debug)]
 pub enum Clearance {
-    /// Out of dialog: admitted, and what the policy permitted.
+    /// Out of dialog: admitted, and what the policy permitted for the route decision it
+    /// judged (`routed.target()` was the policy's target; `routed.branches()` are the hops).
     OutOfDialog {
         admission: Admission,
         permit: Permit,
+        routed: Routed,
     },
-    /// In a dialog this gateway signed.
-    InDialog(SignedDialog),
+    /// In a dialog this gateway signed, to the next hop the signature allows.
+    InDialog {
+        dialog: SignedDialog,
+        next_hop: crate::flow::Destination,
+    },
     /// Sent by another gateway of the cluster to the flow this one holds.
     Peer(PeerFlow),
 }
 
 impl Clearance {
+    /// The branches the clearance names; the clearance is used up.
+    pub(super) fn into_branches(self) -> Vec<Target> {
+        match self {
+            Clearance::OutOfDialog { routed, .. } => routed.into_branches(),
+            Clearance::InDialog { next_hop, .. } => vec![Target::direct(String::new(), next_hop)],
+            Clearance::Peer(peer) => vec![Target::direct(String::new(), peer.destination())],
+        }
+    }
+
+    /// The destinations the clearance allows a branch to start at (before DNS: a name stands
+    /// for the addresses it resolves to). The authorisation invariant: every request relayed
+    /// on behalf of a source goes to one of these.
+    pub fn destinations(&self) -> Vec<crate::flow::Destination> {
+        match self {
+            Clearance::OutOfDialog { routed, .. } => {
+                routed.branches().iter().map(|t| t.dest.clone()).collect()
+            }
+            Clearance::InDialog { next_hop, .. } => vec![next_hop.clone()],
+            Clearance::Peer(peer) => vec![peer.destination()],
+        }
+    }
+
     /// Whether the relayed request gets this gateway's Record-Route: dialog-creating requests
     /// out of dialog; never in a dialog (its route set is fixed).
     pub(super) fn record_route(&self, method: Option<Method>) -> bool {
@@ -248,7 +321,7 @@ impl Clearance {
                 method,
                 Some(Method::Invite | Method::Subscribe | Method::Refer | Method::Notify)
             ),
-            Clearance::InDialog(_) => false,
+            Clearance::InDialog { .. } => false,
         }
     }
 
@@ -256,7 +329,7 @@ impl Clearance {
     pub(super) fn identity(&self) -> &str {
         match self {
             Clearance::OutOfDialog { admission, .. } => admission.identity(),
-            Clearance::InDialog(_) => "dialog",
+            Clearance::InDialog { .. } => "dialog",
             Clearance::Peer(_) => "cluster peer",
         }
     }
@@ -266,16 +339,16 @@ impl Clearance {
 mod tests {
     use super::*;
 
-    /// The keyed-once MAC is HMAC-SHA-256 as before (Route entries written by an earlier
-    /// gateway, or another gateway of the cluster, still verify): a freshly keyed HMAC over
-    /// Call-ID, NUL, tag, truncated to 96 bits.
+    /// The keyed-once MAC is plain HMAC-SHA-256 (another gateway of the cluster computes the
+    /// same): a freshly keyed HMAC over a label, Call-ID, tag and hop token, NUL-separated,
+    /// truncated to 96 bits.
     #[test]
     fn macs_are_plain_hmac_sha256_truncated() {
         let mut key = [0u8; 32];
         key[..4].copy_from_slice(b"Jefe");
-        let mac = dialog_mac(&MacKey::new(&key), "what do ya want ", "for nothing?");
+        let mac = dialog_mac(&MacKey::new(&key), "what do ya want ", "for nothing?", "T");
         let mut reference = HmacSha256::new_from_slice(&key).unwrap();
-        reference.update(b"what do ya want \0for nothing?");
+        reference.update(b"gatehouse dialog v2\0what do ya want \0for nothing?\0T");
         let expected: String = reference.finalize().into_bytes()[..12]
             .iter()
             .map(|b| format!("{b:02x}"))
@@ -283,7 +356,17 @@ mod tests {
         assert_eq!(mac, expected);
         // The same key state serves any number of MACs.
         let key = MacKey::new(&key);
-        assert_eq!(dialog_mac(&key, "a", "b"), dialog_mac(&key, "a", "b"));
-        assert_ne!(dialog_mac(&key, "a", "b"), dialog_mac(&key, "a", "c"));
+        assert_eq!(
+            dialog_mac(&key, "a", "b", "t"),
+            dialog_mac(&key, "a", "b", "t")
+        );
+        assert_ne!(
+            dialog_mac(&key, "a", "b", "t"),
+            dialog_mac(&key, "a", "c", "t")
+        );
+        assert_ne!(
+            dialog_mac(&key, "a", "b", "t"),
+            dialog_mac(&key, "a", "b", "u")
+        );
     }
 }

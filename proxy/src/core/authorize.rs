@@ -18,11 +18,13 @@ use gatehouse_auth::Secret;
 use gatehouse_policy::{Caller, Counts, Permit, Query, Session};
 
 use super::auth::aor_key;
+use super::router::Routed;
 use super::{Admission, AdmissionBasis, Proxy, Reject};
 use crate::flow::{Destination, Flow, Transport};
 use crate::sip::{HeaderName, Message, Method, NameAddr};
 use crate::transaction::TxId;
 use crate::tunnel;
+use crate::tunnel::claims::Conflict;
 use crate::tunnel::sdp::{strip_psk, SdpError, WgSdp};
 
 use super::error::MediaFault;
@@ -134,6 +136,7 @@ impl Proxy {
         msg: &mut Message,
         admission: &Admission,
         flow: &Flow,
+        routed: &Routed,
     ) -> Result<Authorization, Reject> {
         let method = msg.method().unwrap_or(Method::Other);
         let (offer, multipart) = match classify_body(msg, method)? {
@@ -145,7 +148,8 @@ impl Proxy {
             sanitize(msg);
         }
         let from = aor_key(&addr_spec(msg, HeaderName::From)).unwrap_or_default();
-        let to = aor_key(&addr_spec(msg, HeaderName::To)).unwrap_or_default();
+        // What the request reaches, as the target stage decided: never the To header.
+        let to = routed.target();
         let (caller, identity, transcript) = match admission.basis() {
             AdmissionBasis::TrustedSource => (Caller::Trusted, "trusted".to_owned(), None),
             AdmissionBasis::Sasl(auth) => (
@@ -158,7 +162,7 @@ impl Proxy {
                 auth.transcript().map(|t| (t, auth.mechanism().name())),
             ),
         };
-        let (by_identity, by_target, total) = self.tunnels.counts(&identity, &to);
+        let (by_identity, by_target, total) = self.tunnels.counts(&identity, to);
         let method_text = msg.method_text().into_owned();
         let session = match &offer {
             Some(sdp) => Session::Tunnel {
@@ -173,7 +177,7 @@ impl Proxy {
             caller,
             tls: flow.transport == Transport::Tls,
             from: &from,
-            to: &to,
+            to,
             session,
             counts: Counts {
                 by_identity,
@@ -194,6 +198,19 @@ impl Proxy {
                 tunnel: None,
             });
         };
+        // One tunnel never takes over another's: a prefix or key another identity's live
+        // tunnel holds is refused before anything is derived or relayed.
+        let pubkey = base64::engine::general_purpose::STANDARD.encode(sdp.pubkey);
+        if let Err(conflict) = self.tunnels.check_claims(&identity, &sdp.prefixes, &pubkey) {
+            let denied = match conflict {
+                Conflict::Prefix => gatehouse_policy::Denied::PrefixHeld,
+                Conflict::Key => gatehouse_policy::Denied::KeyHeld,
+                Conflict::TooManyPrefixes => gatehouse_policy::Denied::Prefix,
+            };
+            *self.policy_denials.entry(denied.label()).or_default() += 1;
+            tracing::info!(%identity, reason = denied.label(), "tunnel offer claims what another tunnel holds");
+            return Err(Reject::PolicyDenied(denied));
+        }
         let pskmth = permit.pskmth().unwrap_or("none").to_owned();
         let psk = match (pskmth.as_str(), transcript) {
             ("scram", Some((t, mech))) => {
@@ -227,7 +244,7 @@ impl Proxy {
         id: TxId,
         msg: &mut Message,
         plan: TunnelPlan,
-        targets: &[super::router::Target],
+        routed: &Routed,
         flow: &Flow,
         now: Instant,
     ) -> Result<Proposed, Reject> {
@@ -239,7 +256,7 @@ impl Proxy {
         } = plan;
         match &psk {
             Some(psk) => {
-                for dest in targets.iter().flat_map(|t| t.hops()) {
+                for dest in routed.branches().iter().flat_map(|t| t.hops()) {
                     if !self.is_protected_inside(dest) {
                         tracing::error!(
                             "refusing to hand a PSK over an unprotected hop: make the target TLS or list its network in tunnels.internal_networks"
@@ -265,8 +282,10 @@ impl Proxy {
             callee_tag: None,
             identity,
             from: aor_key(&addr_spec(msg, HeaderName::From)).unwrap_or_default(),
-            to: aor_key(&addr_spec(msg, HeaderName::To)).unwrap_or_default(),
+            // The target the policy judged and the branches go to (not the To header).
+            to: routed.target().to_owned(),
             prefixes: sdp.prefix_text.clone(),
+            pubkey: base64::engine::general_purpose::STANDARD.encode(sdp.pubkey),
             pskmth: pskmth.clone(),
             created_unix: self.clock.unix(now),
             state: TunnelState::Proposed,
@@ -433,6 +452,8 @@ impl Proxy {
             let call_id = msg.call_id().into_owned();
             let from_tag = msg.tag(HeaderName::From).unwrap_or_default();
             let to_tag = msg.tag(HeaderName::To).unwrap_or_default();
+            // The dialog is over: its Route entries admit nothing more.
+            self.dialogs.ended(&call_id, &from_tag, &to_tag);
             if let Some(t) = self.tunnels.remove_dialog(&call_id, &from_tag, &to_tag) {
                 tracing::info!(identity = %t.identity, to = %t.to, "tunnel down (BYE)");
             } else if self.cfg.shared_store {
@@ -571,6 +592,9 @@ Content-Length: 0\r\n\r\n",
             );
         }
         self.tunnels.remove(&t.call_id, &t.caller_tag);
+        if let Some(callee_tag) = &t.callee_tag {
+            self.dialogs.ended(&t.call_id, &t.caller_tag, callee_tag);
+        }
         tracing::info!(identity = %t.identity, to = %t.to, "tunnel torn down by the admin API");
         Ok(())
     }

@@ -43,6 +43,7 @@
 pub mod admission;
 pub mod auth;
 pub mod authorize;
+pub mod dialogs;
 pub mod error;
 pub mod locate;
 pub mod lockout;
@@ -78,7 +79,7 @@ use crate::sip::{build_response, HeaderName, Limits, Message, Method, Scheme, Ur
 use crate::transaction::{
     ServerKey, ServerOutcome, TimerConfig, TransactionLayer, Transmit, TxEvent, TxId,
 };
-use crate::tunnel::TunnelTable;
+use crate::tunnel::{self, TunnelTable};
 use std::sync::Arc;
 
 /// One address the gateway listens on, as it names itself in Via and Record-Route.
@@ -232,6 +233,8 @@ pub struct Proxy {
     /// Set-ups waiting for the shared store to count them against the cluster's limits.
     reserving: reserve::Reservations,
     lookups: locate::Lookups,
+    /// The dialogs record-routed here that still live (in-dialog requests need one).
+    dialogs: dialogs::Dialogs,
     /// `cfg.dialog_key`, keyed for HMAC once.
     mac_key: admission::MacKey,
     /// Bans in force at the last [`Proxy::maintain`] (metrics).
@@ -261,6 +264,9 @@ struct TunnelResync {
 
 /// Entries of the lockout table (each about 100 bytes).
 const LOCKOUT_CAPACITY: usize = 100_000;
+/// Dialogs remembered (each about 150 bytes); at the bound the least recently used call's
+/// goes (tunnels' are never pushed out).
+const DIALOG_CAPACITY: usize = 200_000;
 /// Stateless responses kept for retransmissions (each about 600 bytes).
 const STATELESS_CAPACITY: usize = 16_384;
 
@@ -321,6 +327,7 @@ impl Proxy {
             resync: None,
             reserving: Default::default(),
             lookups: Default::default(),
+            dialogs: dialogs::Dialogs::new(DIALOG_CAPACITY),
             banned_sources: 0,
             durable: false,
             stateless: stateless::StatelessCache::new(STATELESS_CAPACITY),
@@ -335,6 +342,17 @@ impl Proxy {
             stats: CoreStats::default(),
         };
         for t in snapshot.tunnels {
+            // An established tunnel's dialog lives as long as the tunnel (its BYE must pass).
+            if let Some(callee_tag) = &t.callee_tag {
+                proxy.dialogs.answered(
+                    &t.call_id,
+                    &t.caller_tag,
+                    callee_tag,
+                    true,
+                    true,
+                    clock.instant,
+                );
+            }
             proxy.tunnels.load(t);
         }
         proxy
@@ -605,6 +623,7 @@ impl Proxy {
         self.txl.shrink();
         self.lookups.shrink();
         self.lookups.dead.expire(now, 4096);
+        self.dialogs.expire(now, 4096);
     }
 
     /// Stop admitting new out-of-dialog requests; in-dialog requests and running
@@ -826,14 +845,17 @@ impl Proxy {
                     if let Some(key) = &key {
                         self.stateless.remove(key);
                     }
-                    self.forward_ack(msg, flow);
+                    self.forward_ack(msg, flow, now);
                 }
                 return;
             }
             Some(_) => return,
             None => {}
         }
-        if let Some((bytes, to)) = key.as_ref().and_then(|k| self.stateless.lookup(k)) {
+        let cached = key
+            .as_ref()
+            .and_then(|k| self.stateless.lookup(k, flow.remote.ip()));
+        if let Some((bytes, to)) = cached {
             self.stats.stateless_resent += 1;
             self.txl.send_stateless(Destination::Flow(to), bytes);
             return;
@@ -919,9 +941,7 @@ impl Proxy {
                 loop_hash,
             } => self.route_admitted(id, msg, flow, admission, loop_hash, now),
             Admitted::Peer { peer, loop_hash } => {
-                let target = router::Target::direct(String::new(), peer.destination());
-                let clearance = Clearance::Peer(peer);
-                self.relay(id, msg, flow, vec![target], loop_hash, clearance, now)
+                self.relay(id, msg, flow, loop_hash, Clearance::Peer(peer), now)
             }
         };
         if let Err(reject) = result {
@@ -991,6 +1011,9 @@ impl Proxy {
             let Some(dialog) = signed_route else {
                 return Err(Reject::NoDialog);
             };
+            if !self.dialog_lives(msg, now) {
+                return Err(Reject::NoDialog);
+            }
             return Ok(Some(Admitted::InDialog { loop_hash, dialog }));
         }
         if self.draining {
@@ -1019,6 +1042,25 @@ impl Proxy {
         }))
     }
 
+    /// Whether an in-dialog request's dialog still lives: in this gateway's table (ended by
+    /// BYE, forgotten when idle), or — on a store shared by a cluster, where another gateway
+    /// may have record-routed it and failed over to this one — on the strength of its signed
+    /// Route entry alone, which still reaches only that dialog's peer.
+    pub(super) fn dialog_lives(&mut self, msg: &Message, now: Instant) -> bool {
+        let known = self.dialogs.lookup(
+            &msg.call_id(),
+            &msg.tag(HeaderName::From).unwrap_or_default(),
+            &msg.tag(HeaderName::To).unwrap_or_default(),
+            now,
+        );
+        known == dialogs::Known::Yes || self.cfg.shared_store
+    }
+
+    /// Dialogs remembered (see [`dialogs`]).
+    pub fn dialog_count(&self) -> usize {
+        self.dialogs.len()
+    }
+
     /// An in-dialog request of a dialog this gateway signed: along the route set.
     fn relay_in_dialog(
         &mut self,
@@ -1029,15 +1071,19 @@ impl Proxy {
         dialog: SignedDialog,
         now: Instant,
     ) -> Result<(), Reject> {
+        if tunnel::sdp::mentions_wireguard(msg.body()) {
+            // A tunnel is offered, checked, keyed and recorded by the out-of-dialog pipeline
+            // only: an offer (or answer) inside a dialog would bypass it.
+            return Err(Reject::BadOffer(tunnel::sdp::SdpError::InDialog));
+        }
         self.tunnel_in_dialog(&mut msg);
-        let dest = self.next_hop(&mut msg)?;
+        let next_hop = self.next_hop_of_dialog(&mut msg, &dialog)?;
         self.relay(
             id,
             msg,
             flow,
-            vec![router::Target::direct(String::new(), dest)],
             loop_hash,
-            Clearance::InDialog(dialog),
+            Clearance::InDialog { dialog, next_hop },
             now,
         )
     }
@@ -1052,17 +1098,19 @@ impl Proxy {
         loop_hash: u32,
         now: Instant,
     ) -> Result<(), Reject> {
-        // Stage 6: authorize (policy; a tunnel offer is validated and its PSK derived).
-        let authorization = self.authorize(&mut msg, &admission, &flow)?;
-
-        // Stage 7: target.
-        // The target stage: the AOR's registered bindings, else a static route.
+        // Stage 6 needs the target stage's decision: the policy judges the AOR the request
+        // will reach (its Request-URI, as routing read it), not the To header, which routing
+        // never reads. One value, `Routed`, goes from here into the policy query, the tunnel
+        // record and the clearance the relay consumes.
         let ruri = msg.request_uri().unwrap_or_default().into_owned();
-        let targets = self.router.targets(&ruri, self.bindings_for(&ruri, now))?;
+        let routed = self.router.route(&ruri, self.bindings_for(&ruri, now))?;
 
-        // Stage 7b: rewrite the tunnel offer for the inside (checked against the targets).
+        // Stage 6: authorize (policy; a tunnel offer is validated and its PSK derived).
+        let authorization = self.authorize(&mut msg, &admission, &flow, &routed)?;
+
+        // Stage 7b: rewrite the tunnel offer for the inside (checked against the branches).
         let proposed = match authorization.tunnel {
-            Some(plan) => Some(self.rewrite_offer(id, &mut msg, plan, &targets, &flow, now)?),
+            Some(plan) => Some(self.rewrite_offer(id, &mut msg, plan, &routed, &flow, now)?),
             None => None,
         };
 
@@ -1072,6 +1120,7 @@ impl Proxy {
         let clearance = Clearance::OutOfDialog {
             admission,
             permit: authorization.permit,
+            routed,
         };
         match proposed {
             Some(p) if self.cfg.shared_store && limits.any() => {
@@ -1079,7 +1128,6 @@ impl Proxy {
                     id,
                     msg,
                     flow,
-                    targets,
                     loop_hash,
                     clearance,
                 };
@@ -1093,7 +1141,7 @@ impl Proxy {
                 );
                 Ok(())
             }
-            _ => self.relay(id, msg, flow, targets, loop_hash, clearance, now),
+            _ => self.relay(id, msg, flow, loop_hash, clearance, now),
         }
     }
 

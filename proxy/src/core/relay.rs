@@ -220,17 +220,24 @@ impl Proxy {
     }
 
     /// Stateless forwarding of an ACK for a 2xx along the route set (16.11).
-    pub(super) fn forward_ack(&mut self, mut msg: Message, flow: Flow) {
+    pub(super) fn forward_ack(&mut self, mut msg: Message, flow: Flow, now: Instant) {
         // Only in a dialog this gateway signed (the proof is what matters here; an ACK has no
         // transaction to relay through).
-        let Ok(Some(_signed)) = self.preprocess_routes(&mut msg) else {
+        let Ok(Some(signed)) = self.preprocess_routes(&mut msg) else {
             return;
         };
+        if !self.dialog_lives(&msg, now) {
+            return;
+        }
         if self.reveal_request_uri(&mut msg).is_err() {
             return;
         }
+        if crate::tunnel::sdp::mentions_wireguard(msg.body()) {
+            // An offer or answer in an ACK would change a tunnel outside the pipeline.
+            return;
+        }
         self.tunnel_in_dialog(&mut msg);
-        let Ok(dest) = self.next_hop(&mut msg) else {
+        let Ok(dest) = self.next_hop_of_dialog(&mut msg, &signed) else {
             return;
         };
         if self.hides_towards(&flow, &dest) {
@@ -260,7 +267,14 @@ impl Proxy {
                 if u.user.is_none() && self.router.is_local_hostport(&u) && u.param("gh").is_some()
                 {
                     let mac = u.param("gh").unwrap_or_default();
-                    signed = signed.or(SignedDialog::verify(&self.mac_key, msg, mac));
+                    let token = u.param("gd").unwrap_or_default();
+                    signed = signed.or(SignedDialog::verify(
+                        &self.mac_key,
+                        &self.topology,
+                        msg,
+                        mac,
+                        token,
+                    ));
                     let routes = msg.list_values(HeaderName::Route);
                     if let Some(last) = routes.last() {
                         let na = NameAddr::parse(last).ok_or(Reject::Malformed(
@@ -287,10 +301,10 @@ impl Proxy {
                 )));
             };
             let ours = self.router.is_local_hostport(&u);
-            let verified = u
-                .param("gh")
-                .filter(|_| u.user.is_none())
-                .and_then(|mac| SignedDialog::verify(&self.mac_key, msg, mac));
+            let verified = u.param("gh").filter(|_| u.user.is_none()).and_then(|mac| {
+                let token = u.param("gd").unwrap_or_default();
+                SignedDialog::verify(&self.mac_key, &self.topology, msg, mac, token)
+            });
             if !ours && verified.is_none() {
                 break;
             }
@@ -325,6 +339,24 @@ impl Proxy {
         }
     }
 
+    /// The next hop of an in-dialog request, which must be the one its signed Route entry
+    /// names (the dialog's peer in the request's direction): anything else is refused, so a
+    /// dialog's entry reaches that party only.
+    pub(super) fn next_hop_of_dialog(
+        &self,
+        msg: &mut Message,
+        dialog: &SignedDialog,
+    ) -> Result<Destination, Reject> {
+        let dest = self.next_hop(msg)?;
+        let allowed = Uri::parse(dialog.hop())
+            .ok()
+            .map(|u| route::destination_of(&u, None));
+        if allowed.as_ref() != Some(&dest) {
+            return Err(Reject::Forbidden("Forbidden (not this dialog's peer)"));
+        }
+        Ok(dest)
+    }
+
     /// The next hop of a request after Route pre-processing (16.6 items 6 and 7).
     pub(super) fn next_hop(&self, msg: &mut Message) -> Result<Destination, Reject> {
         let routes = msg.list_values(HeaderName::Route);
@@ -350,20 +382,20 @@ impl Proxy {
         Ok(route::destination_of(&uri, None))
     }
 
-    /// Forwards the request to each target (parallel forking); an empty Request-URI keeps it.
-    #[allow(clippy::too_many_arguments)]
+    /// Forwards the request to each branch its clearance names (parallel forking); an empty
+    /// Request-URI keeps the request's.
     pub(super) fn relay(
         &mut self,
         id: TxId,
         msg: Message,
         flow: Flow,
-        targets: Vec<Target>,
         loop_hash: u32,
         clearance: Clearance,
         now: Instant,
     ) -> Result<(), Reject> {
         let record_route = clearance.record_route(msg.method());
         tracing::trace!(on_behalf_of = clearance.identity(), "relay");
+        let targets = clearance.into_branches();
         let method = msg.method().unwrap_or(Method::Other);
         if method == Method::Invite {
             self.send_trying(id, now);
@@ -542,20 +574,97 @@ impl Proxy {
     }
 
     /// Adds our Record-Route entry, or two when the request changes transport or address
-    /// family (the outbound-facing entry on top), each signed with the dialog MAC.
+    /// family (the outbound-facing entry on top), each a capability for the callee's
+    /// requests towards the caller ([`SignedDialog`]): the caller's side's next hop — the
+    /// proxy that record-routed before us, else the caller's Contact — sealed in `gd`, signed
+    /// with the dialog MAC in `gh`.
     pub(super) fn add_record_route(&self, msg: &mut Message, flow: &Flow, dest: &Destination) {
         let inbound = self.router.local_for_flow(flow);
         let outbound = self.router.local_for(dest);
+        let hop = msg
+            .list_values(HeaderName::RecordRoute)
+            .into_iter()
+            .next()
+            .or_else(|| msg.value_of(HeaderName::Contact).map(|c| c.into_owned()))
+            .and_then(|v| NameAddr::parse(&v).map(|na| na.uri.to_owned()))
+            .unwrap_or_default();
+        let token = admission::hop_token(&self.topology, &hop, None);
         let mac = admission::dialog_mac(
             &self.mac_key,
             &msg.call_id(),
             msg.tag(HeaderName::From).as_deref().unwrap_or(""),
+            &token,
         );
         let pos = msg.position_of(HeaderName::RecordRoute).unwrap_or(0);
-        msg.insert(pos, HeaderName::RecordRoute, rr_value(inbound, &mac));
+        msg.insert(
+            pos,
+            HeaderName::RecordRoute,
+            rr_value(inbound, &mac, &token),
+        );
         if outbound != inbound {
-            msg.insert(pos, HeaderName::RecordRoute, rr_value(outbound, &mac));
+            msg.insert(
+                pos,
+                HeaderName::RecordRoute,
+                rr_value(outbound, &mac, &token),
+            );
         }
+    }
+
+    /// Re-signs our Record-Route entries in a dialog-creating answer (the caller's route set)
+    /// for the caller's requests towards the callee: the callee's side's next hop — the
+    /// nearest proxy above us that record-routed, else the answer's Contact — and the callee's
+    /// tag. Our entries are the ones we wrote (`...;lr;gh=MAC;gd=TOKEN>`): only the two last
+    /// parameters change.
+    /// False when the answer has no entry of ours (nothing record-routed here).
+    pub(super) fn resign_record_route(&self, resp: &mut Message) -> bool {
+        let Some(callee_tag) = resp.tag(HeaderName::To) else {
+            return false;
+        };
+        let entries = resp.list_values(HeaderName::RecordRoute);
+        let Some(first_ours) = entries.iter().position(|e| self.is_own_rr(e)) else {
+            return false;
+        };
+        let hop = entries[..first_ours]
+            .last()
+            .cloned()
+            .or_else(|| resp.value_of(HeaderName::Contact).map(|c| c.into_owned()))
+            .and_then(|v| NameAddr::parse(&v).map(|na| na.uri.to_owned()))
+            .unwrap_or_default();
+        let token = admission::hop_token(&self.topology, &hop, Some(&callee_tag));
+        let caller_tag = resp.tag(HeaderName::From).unwrap_or_default();
+        let mac = admission::dialog_mac(&self.mac_key, &resp.call_id(), &caller_tag, &token);
+        let fields: Vec<usize> = resp
+            .fields(HeaderName::RecordRoute)
+            .map(|(i, _)| i)
+            .collect();
+        for idx in fields {
+            let value = resp.value(idx).into_owned();
+            let items: Vec<String> = split_list(&value)
+                .map(|e| match e.find(";gh=") {
+                    Some(at) if self.is_own_rr(e) => {
+                        format!("{};gh={mac};gd={token}>", &e[..at])
+                    }
+                    _ => e.to_owned(),
+                })
+                .collect();
+            let joined = items.join(", ");
+            if joined != value {
+                resp.replace_value(idx, joined);
+            }
+        }
+        true
+    }
+
+    /// A Record-Route entry this gateway (or its cluster) wrote: one of our addresses with a
+    /// `gh` parameter.
+    fn is_own_rr(&self, entry: &str) -> bool {
+        NameAddr::parse(entry)
+            .and_then(|na| {
+                Uri::parse(na.uri)
+                    .ok()
+                    .map(|u| (u.param("gh").is_some(), u))
+            })
+            .is_some_and(|(signed, u)| signed && self.router.is_local_hostport(&u))
     }
 
     // ===== responses =====
@@ -609,6 +718,27 @@ impl Proxy {
             return;
         }
         self.tunnel_response(server, client, status, &mut msg, now);
+        let creates_dialog = self.fwd.context(server).is_some_and(|c| {
+            matches!(
+                c.request.method(),
+                Some(Method::Invite | Method::Subscribe | Method::Refer | Method::Notify)
+            )
+        });
+        if creates_dialog && (101..300).contains(&status) && self.resign_record_route(&mut msg) {
+            let tunnel = self.fwd.context(server).is_some_and(|c| c.tunnel.is_some());
+            if let Some(callee_tag) = msg.tag(HeaderName::To) {
+                let caller_tag = msg.tag(HeaderName::From).unwrap_or_default();
+                let call_id = msg.call_id().into_owned();
+                self.dialogs.answered(
+                    &call_id,
+                    &caller_tag,
+                    &callee_tag,
+                    status >= 200,
+                    tunnel,
+                    now,
+                );
+            }
+        }
         if let Some(to) = self.txl.server_flow(server) {
             if self.hides_response_to(&to) {
                 let inbound = self.router.local_for_flow(&to).clone();
@@ -703,6 +833,12 @@ impl Proxy {
             if let Some(t) = &ctx.tunnel {
                 self.tunnels.remove(&t.call_id, &t.caller_tag);
             }
+            if ctx.invite {
+                // The call failed: its early dialogs are over.
+                let call_id = ctx.request.call_id().into_owned();
+                let caller_tag = ctx.request.tag(HeaderName::From).unwrap_or_default();
+                self.dialogs.failed(&call_id, &caller_tag);
+            }
             if let Some((name, value)) = &ctx.auth_info {
                 resp.insert_named(usize::MAX, HeaderName::Other, name, value.clone());
             }
@@ -746,12 +882,15 @@ impl Proxy {
     }
 }
 
-fn rr_value(local: &LocalAddr, mac: &str) -> String {
+fn rr_value(local: &LocalAddr, mac: &str, token: &str) -> String {
     let transport = match local.transport.uri_param() {
         Some(t) => format!(";transport={t}"),
         None => String::new(),
     };
-    format!("<sip:{}:{}{transport};lr;gh={mac}>", local.host, local.port)
+    format!(
+        "<sip:{}:{}{transport};lr;gh={mac};gd={token}>",
+        local.host, local.port
+    )
 }
 
 /// Ranking for best-response selection: 6xx first, then the lowest class (16.7 item 6).

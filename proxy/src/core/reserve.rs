@@ -13,7 +13,6 @@ use std::time::{Duration, Instant};
 use gatehouse_policy::{Denied, Limits};
 
 use super::persist::StoreWrite;
-use super::router::Target;
 use super::{Clearance, Proxy, Reject};
 use crate::flow::Flow;
 use crate::sip::Message;
@@ -28,7 +27,6 @@ pub(super) struct Parked {
     pub(super) id: TxId,
     pub(super) msg: Message,
     pub(super) flow: Flow,
-    pub(super) targets: Vec<Target>,
     pub(super) loop_hash: u32,
     pub(super) clearance: Clearance,
 }
@@ -181,8 +179,7 @@ impl Proxy {
             return;
         }
         let id = p.id;
-        if let Err(reject) = self.relay(id, p.msg, p.flow, p.targets, p.loop_hash, p.clearance, now)
-        {
+        if let Err(reject) = self.relay(id, p.msg, p.flow, p.loop_hash, p.clearance, now) {
             if let Some(req) = self.fwd.context(id).map(|c| c.request.clone()) {
                 self.reply(id, &req, reject, now);
             }

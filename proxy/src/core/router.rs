@@ -65,6 +65,50 @@ impl Target {
     }
 }
 
+/// The route decision for one out-of-dialog request: the AOR its Request-URI names (the
+/// binding or route was looked up for it) and the branches that follow from it. It is the one
+/// value both the policy query (`Query::to`) and the relay (through the `Clearance`) read, so
+/// what is authorised and where the request goes cannot disagree; only [`Router::route`]
+/// makes one.
+#[derive(Debug)]
+pub struct Routed {
+    target: String,
+    branches: Vec<Target>,
+}
+
+impl Routed {
+    /// The AOR the request reaches (`sip:user@host`, host lower-cased; `sip:host` for a
+    /// Request-URI without user): the policy's target and the tunnel's recorded target.
+    pub fn target(&self) -> &str {
+        &self.target
+    }
+
+    /// The branches (next hops) the route decision chose.
+    pub fn branches(&self) -> &[Target] {
+        &self.branches
+    }
+
+    /// The branches, for the relay stage that consumes the decision.
+    pub(super) fn into_branches(self) -> Vec<Target> {
+        self.branches
+    }
+}
+
+/// The AOR a Request-URI names: `sip:user@host` (parameters of the user part dropped, host
+/// lower-cased, `sips:` kept), or `sip:host` without a user part.
+fn routed_aor(uri: &Uri<'_>) -> String {
+    let scheme = if uri.scheme == Scheme::Sips {
+        "sips"
+    } else {
+        "sip"
+    };
+    let host = uri.host.to_ascii_lowercase();
+    match uri.user.and_then(|u| u.split(';').next()) {
+        Some(user) => format!("{scheme}:{user}@{host}"),
+        None => format!("{scheme}:{host}"),
+    }
+}
+
 /// Routing and self-recognition (see the module documentation).
 #[derive(Debug)]
 pub struct Router {
@@ -95,16 +139,24 @@ impl Router {
     /// route; an AOR of our domains with neither is temporarily unavailable (480), other
     /// domains are not relayed (403).
     pub fn targets(&self, ruri: &str, bindings: Vec<Binding>) -> Result<Vec<Target>, Reject> {
+        self.route(ruri, bindings).map(|r| r.branches)
+    }
+
+    /// The route decision of an out-of-dialog request ([`Router::targets`]) together with the
+    /// AOR it reaches: what the policy judges is what the branches were chosen for.
+    pub fn route(&self, ruri: &str, bindings: Vec<Binding>) -> Result<Routed, Reject> {
         let uri = Uri::parse(ruri).map_err(|_| Reject::NotFound)?;
-        let targets: Vec<Target> = bindings
+        let target = routed_aor(&uri);
+        let branches: Vec<Target> = bindings
             .into_iter()
             .filter_map(Target::of_binding)
             .collect();
-        if !targets.is_empty() {
-            return Ok(targets);
+        if !branches.is_empty() {
+            return Ok(Routed { target, branches });
         }
         if let Some(t) = self.routes.lookup(&uri) {
-            return Ok(vec![Target::direct(t.request_uri(&uri), t.dest.clone())]);
+            let branches = vec![Target::direct(t.request_uri(&uri), t.dest.clone())];
+            return Ok(Routed { target, branches });
         }
         if self.is_our_domain(uri.host) {
             Err(Reject::TemporarilyUnavailable)

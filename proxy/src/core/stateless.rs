@@ -21,6 +21,9 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
+use std::net::IpAddr;
+
+use super::canonical_ip;
 use crate::flow::Flow;
 use crate::transaction::ServerKey;
 
@@ -61,9 +64,15 @@ impl StatelessCache {
         self.map.is_empty()
     }
 
-    /// The response already sent for this request, if it is a retransmission.
-    pub fn lookup(&self, key: &ServerKey) -> Option<(Bytes, Flow)> {
-        self.map.get(key).map(|c| (c.bytes.clone(), c.flow))
+    /// The response already sent for this request, if it is a retransmission from the same
+    /// source (`source`, the address the datagram came from): a copy of someone else's
+    /// request is not answered to that someone (a spoofed first request must not turn the
+    /// cache into a reflector), it is processed afresh and answered to its own sender.
+    pub fn lookup(&self, key: &ServerKey, source: IpAddr) -> Option<(Bytes, Flow)> {
+        self.map
+            .get(key)
+            .filter(|c| canonical_ip(c.flow.remote.ip()) == canonical_ip(source))
+            .map(|c| (c.bytes.clone(), c.flow))
     }
 
     /// Remembers a response sent statelessly.
@@ -144,11 +153,25 @@ mod tests {
             c.insert(key(n), Bytes::from(format!("r{n}")), flow(), t0);
         }
         assert_eq!(c.len(), 3);
-        assert!(c.lookup(&key(0)).is_none());
-        assert_eq!(c.lookup(&key(4)).unwrap().0, Bytes::from("r4"));
+        let from = flow().remote.ip();
+        assert!(c.lookup(&key(0), from).is_none());
+        assert_eq!(c.lookup(&key(4), from).unwrap().0, Bytes::from("r4"));
         c.remove(&key(4));
-        assert!(c.lookup(&key(4)).is_none());
+        assert!(c.lookup(&key(4), from).is_none());
         c.expire(t0 + TTL);
         assert!(c.is_empty());
+    }
+
+    /// A copy of a request from another address is not answered to the first sender.
+    #[test]
+    fn only_the_sender_gets_a_retransmitted_answer() {
+        let mut c = StatelessCache::new(3);
+        c.insert(key(1), Bytes::from("r1"), flow(), Instant::now());
+        assert!(c
+            .lookup(&key(1), "198.51.100.66".parse().unwrap())
+            .is_none());
+        assert!(c
+            .lookup(&key(1), "::ffff:192.0.2.1".parse().unwrap())
+            .is_some());
     }
 }

@@ -229,6 +229,34 @@ impl Harness {
     }
 }
 
+impl Harness {
+    /// Sets up the dialog of `invite(user)`: the INVITE forwarded, the UAS's 200 (its Contact
+    /// the forwarded Request-URI) relayed back. Returns the forwarded INVITE (whose
+    /// Record-Route is the callee's route set) and the 200 the caller got (whose Record-Route,
+    /// reversed, is the caller's).
+    fn establish(&mut self, user: &str) -> (Sent, Sent) {
+        let (_, fwd) = self.forward_invite(user);
+        let ruri = fwd.msg().request_uri().unwrap().into_owned();
+        let ok = answer(&fwd, 200, "OK", "").replace(
+            "Contact: <sip:vpn@198.51.100.20:5060>",
+            &format!("Contact: <{ruri}>"),
+        );
+        let out = self.send(&ok, uas_flow());
+        let ok = out
+            .into_iter()
+            .find(|s| s.status() == Some(200))
+            .expect("the 200 is relayed to the caller");
+        (fwd, ok)
+    }
+}
+
+/// The caller's route set from the 2xx it got (Record-Route reversed), as a Route line.
+fn caller_route(ok: &Sent) -> String {
+    let mut rr = ok.msg().list_values(HeaderName::RecordRoute);
+    rr.reverse();
+    format!("Route: {}\r\n", rr.join(", "))
+}
+
 /// A response from the UAS to the forwarded request.
 fn answer(fwd: &Sent, status: u16, reason: &str, extra: &str) -> String {
     let m = fwd.msg();
@@ -875,16 +903,13 @@ Content-Length: 0\r\n\r\n"
 #[test]
 fn in_dialog_requests_follow_a_signed_route_only() {
     let mut h = Harness::new();
-    let (_, fwd) = h.forward_invite("vpn");
-    let rr = fwd.msg().list_values(HeaderName::RecordRoute)[0].clone();
-    let out = h.send(
-        &in_dialog("BYE", &format!("Route: {rr}\r\n")),
-        caller_flow(),
-    );
+    let (_, ok) = h.establish("vpn");
+    let route = caller_route(&ok);
+    let out = h.send(&in_dialog("INFO", &route), caller_flow());
     assert_eq!(out.len(), 1, "{out:?}");
     assert!(out[0]
         .first_line()
-        .starts_with("BYE sip:vpn@198.51.100.20:5060"));
+        .starts_with("INFO sip:vpn@198.51.100.20:5060"));
     assert!(
         !out[0].text.contains("Route:"),
         "our Route entry is consumed"
@@ -898,9 +923,9 @@ fn in_dialog_requests_follow_a_signed_route_only() {
         }
     );
 
-    let forged = rr.replace("gh=", "gh=00");
+    let forged = route.replace("gh=", "gh=00");
     let out = h.send(
-        &in_dialog("BYE", &format!("Route: {forged}\r\n")).replace("indlgBYE", "forged"),
+        &in_dialog("BYE", &forged).replace("indlgBYE", "forged"),
         caller_flow(),
     );
     assert_eq!(
@@ -917,6 +942,85 @@ fn in_dialog_requests_follow_a_signed_route_only() {
     );
 }
 
+/// Issue 18, item 2: a dialog's Route entry is not a bearer token. With the MAC of a live
+/// dialog, a request may go to that dialog's peer only — not to another host (UDP or TCP: a
+/// port scanner), not to another user of the same host, not through a Route of the sender's
+/// choosing — carries no WireGuard offer, and once the dialog ended (BYE), nothing passes.
+#[test]
+fn a_dialogs_route_reaches_its_peer_only_and_only_while_it_lives() {
+    let mut h = Harness::new();
+    let (fwd, ok) = h.establish("vpn");
+    let route = caller_route(&ok);
+    let refused = |h: &mut Harness, text: String, code: &str| {
+        let out = h.send(&text, caller_flow());
+        assert_eq!(out.len(), 1, "{out:?}");
+        assert!(out[0].first_line().starts_with(code), "{}", out[0].text);
+    };
+    // Another host, over UDP and TCP.
+    for (n, target) in [
+        "sip:x@192.0.2.99:5060",
+        "sip:x@192.0.2.99:22;transport=tcp",
+        "sip:vpn@198.51.100.20:5061",
+        "sip:x@partner.example",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let text = in_dialog("OPTIONS", &route)
+            .replace(
+                "OPTIONS sip:vpn@198.51.100.20:5060",
+                &format!("OPTIONS {target}"),
+            )
+            .replace("indlgOPTIONS", &format!("host{n}"));
+        refused(
+            &mut h,
+            text,
+            "SIP/2.0 403 Forbidden (not this dialog's peer)",
+        );
+    }
+    // A Route of the sender's after ours.
+    let text = in_dialog(
+        "MESSAGE",
+        &route.replace("\r\n", ", <sip:192.0.2.99;lr>\r\n"),
+    );
+    refused(
+        &mut h,
+        text,
+        "SIP/2.0 403 Forbidden (not this dialog's peer)",
+    );
+    // A re-INVITE with a WireGuard offer: only a new INVITE offers a tunnel.
+    let reinvite = in_dialog("INVITE", &route).replace(
+        "Content-Length: 0\r\n\r\n",
+        "Content-Type: application/sdp\r\nContent-Length: 14\r\n\r\nm=application \n",
+    );
+    let reinvite = reinvite.replace("m=application \n", "vnd.wireguard\n");
+    refused(&mut h, reinvite, "SIP/2.0 488");
+    // The callee's entry (from the INVITE) names the caller's side: the callee reaches the
+    // caller with it, the caller cannot use it to reach anything else.
+    let callee_rr = fwd.msg().list_values(HeaderName::RecordRoute)[0].clone();
+    let text = in_dialog("INFO", &format!("Route: {callee_rr}\r\n")).replace("indlgINFO", "swap");
+    refused(
+        &mut h,
+        text,
+        "SIP/2.0 403 Forbidden (not this dialog's peer)",
+    );
+    // The BYE passes and ends the dialog: the same entry admits nothing afterwards.
+    let out = h.send(&in_dialog("BYE", &route), caller_flow());
+    assert!(out[0]
+        .first_line()
+        .starts_with("BYE sip:vpn@198.51.100.20:5060"));
+    let text = in_dialog("INFO", &route).replace("indlgINFO", "after");
+    refused(&mut h, text, "SIP/2.0 481");
+    let ack = in_dialog("ACK", &route).replace("indlgACK", "afterack");
+    assert!(
+        h.send(&ack, caller_flow()).is_empty(),
+        "a stateless ACK goes nowhere either"
+    );
+    // Nor does another call's Call-ID or tag fit the entry.
+    let text = in_dialog("INFO", &route).replace("call-1@", "call-9@");
+    refused(&mut h, text, "SIP/2.0 481");
+}
+
 /// A Route entry another gateway of the cluster signed (its address, the shared key): the
 /// balancer brought the request here because that gateway died. It is ours to verify and pop;
 /// the BYE goes on to the endpoint and, the tunnel not being in this table, its row leaves the
@@ -927,12 +1031,20 @@ fn a_cluster_peers_signed_route_is_followed() {
     cfg.shared_store = true;
     let mut h = Harness::new();
     h.proxy = new_proxy(cfg);
+    // What the dead gateway wrote into the caller's route set: the endpoint's side, sealed
+    // and signed with the cluster's key.
+    let token = super::admission::hop_token(
+        &super::topology::TopologyKey::derive(&[7; 32]),
+        "sip:vpn@198.51.100.20:5060",
+        Some("uas1"),
+    );
     let mac = super::admission::dialog_mac(
         &super::admission::MacKey::new(&[7; 32]),
         "call-1@partner.example",
         "ft1",
+        &token,
     );
-    let peer = format!("Route: <sip:192.0.2.77:5060;lr;gh={mac}>\r\n");
+    let peer = format!("Route: <sip:192.0.2.77:5060;lr;gh={mac};gd={token}>\r\n");
     let out = h.send(&in_dialog("BYE", &peer), caller_flow());
     assert!(
         out[0]
@@ -1221,9 +1333,8 @@ max_tunnels_per_identity = 3\n";
 #[test]
 fn ack_for_2xx_is_forwarded_statelessly_along_the_route() {
     let mut h = Harness::new();
-    let (_, fwd) = h.forward_invite("vpn");
-    let rr = fwd.msg().list_values(HeaderName::RecordRoute)[0].clone();
-    let ack = in_dialog("ACK", &format!("Route: {rr}\r\n")).replace("CSeq: 2 ACK", "CSeq: 1 ACK");
+    let (_, ok) = h.establish("vpn");
+    let ack = in_dialog("ACK", &caller_route(&ok)).replace("CSeq: 2 ACK", "CSeq: 1 ACK");
     let out = h.send(&ack, caller_flow());
     assert_eq!(out.len(), 1);
     assert!(out[0]
@@ -1253,7 +1364,7 @@ fn transport_or_family_change_doubles_record_route() {
         .starts_with("SIP/2.0/TCP 192.0.2.1:5060;"));
 
     let mut h = Harness::new();
-    let (_, fwd) = h.forward_invite("v6");
+    let (fwd, ok) = h.establish("v6");
     let rr = fwd.msg().list_values(HeaderName::RecordRoute);
     assert_eq!(rr.len(), 2, "{rr:?}");
     assert!(
@@ -1266,15 +1377,16 @@ fn transport_or_family_change_doubles_record_route() {
         .unwrap()
         .starts_with("SIP/2.0/UDP [2001:db8::1]:5060;"));
     // An in-dialog request through both entries consumes both.
-    let route = format!("Route: {}, {}\r\n", rr[1], rr[0]);
     let out = h.send(
-        &in_dialog("BYE", &route).replace("198.51.100.20:5060", "[2001:db8::20]:5060"),
+        &in_dialog("BYE", &caller_route(&ok))
+            .replace("198.51.100.20:5060", "[2001:db8::20]:5060")
+            .replace("sip:vpn@", "sip:v6@"),
         caller_flow(),
     );
     assert!(
         out[0]
             .first_line()
-            .starts_with("BYE sip:vpn@[2001:db8::20]:5060"),
+            .starts_with("BYE sip:v6@[2001:db8::20]:5060"),
         "{out:?}"
     );
     assert!(!out[0].text.contains("Route:"));
@@ -1333,7 +1445,7 @@ fn transaction_table_is_bounded() {
 #[test]
 fn draining_refuses_new_calls_but_relays_in_dialog() {
     let mut h = Harness::new();
-    let (_, fwd) = h.forward_invite("vpn");
+    let (_, ok) = h.establish("vpn");
     h.proxy.begin_shutdown();
     let out = h.send(
         &invite("vpn")
@@ -1345,11 +1457,7 @@ fn draining_refuses_new_calls_but_relays_in_dialog() {
         out[0].first_line(),
         "SIP/2.0 503 Service Unavailable (shutting down)"
     );
-    let rr = fwd.msg().list_values(HeaderName::RecordRoute)[0].clone();
-    let out = h.send(
-        &in_dialog("BYE", &format!("Route: {rr}\r\n")),
-        caller_flow(),
-    );
+    let out = h.send(&in_dialog("BYE", &caller_route(&ok)), caller_flow());
     assert!(out[0].first_line().starts_with("BYE "));
 }
 
@@ -2404,13 +2512,10 @@ pskmth = [\"scram\", \"none\"]\nprefixes = [\"2001:db8:456::/48\"]\n";
     fn bye_from_either_side_and_a_restart_in_the_middle() {
         let (dir, path) = file_store_with_alice();
         let mut h = tunnel_harness(Store::open(&path).unwrap(), "198.51.100.0/24");
-        let (_, relayed) = establish_tunnel(&mut h);
-        let ok = relayed
-            .iter()
-            .find(|s| s.status() == Some(200))
-            .unwrap()
-            .msg();
-        let rr = ok.list_values(HeaderName::RecordRoute);
+        let (fwd, relayed) = establish_tunnel(&mut h);
+        assert!(relayed.iter().any(|s| s.status() == Some(200)));
+        // The endpoint's route set: the Record-Route of the INVITE it received.
+        let rr = fwd.msg().list_values(HeaderName::RecordRoute);
         drop(h);
         // Restart: the table is complete and in-dialog BYE still routes.
         let mut h = tunnel_harness(Store::open(&path).unwrap(), "198.51.100.0/24");
@@ -2719,6 +2824,7 @@ Call-ID: call-1@partner.example\r\nCSeq: 5 BYE\r\nContact: <sip:vpn@198.51.100.2
             from: "sip:alice@partner.example".into(),
             to: "sip:vpn@org.example".into(),
             prefixes: "2001:db8:456::/48".into(),
+            pubkey: String::new(),
             pskmth: "scram".into(),
             created_unix: 1,
             state: crate::tunnel::TunnelState::Proposed,

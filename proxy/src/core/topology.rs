@@ -141,15 +141,44 @@ impl Proxy {
         self.cfg.hide_topology && !self.is_inside(to.remote.ip())
     }
 
-    /// A request leaving the inside: only the gateway's own Via goes (added after this), and
-    /// Contacts become tokens.
+    /// A request leaving the inside: only the gateway's own Via goes (added after this); of
+    /// the Record-Route entries only the gateway's outward-facing one stays — its inward-facing
+    /// one goes, the inside's proxies go into the Contact token (so the outside's in-dialog
+    /// requests get them back) — and Contacts become tokens.
     pub(super) fn hide_request(&self, msg: &mut Message, dest: &Destination) {
         let vias: Vec<usize> = msg.fields(HeaderName::Via).map(|(i, _)| i).collect();
         for idx in vias {
             msg.remove(idx);
         }
         let local = self.router.local_for(dest).clone();
-        self.hide_contacts(msg, &[], &local);
+        let mut hidden = Vec::new();
+        let rr = msg.list_values(HeaderName::RecordRoute);
+        if !rr.is_empty() {
+            let mut kept = Vec::new();
+            for v in rr {
+                match self.own_rr_faces(&v, &local) {
+                    Some(true) => kept.push(v),
+                    Some(false) => {}
+                    None => hidden.push(v),
+                }
+            }
+            let fields: Vec<usize> = msg
+                .fields(HeaderName::RecordRoute)
+                .map(|(i, _)| i)
+                .collect();
+            let at = fields.first().copied().unwrap_or(0);
+            for idx in fields.into_iter().rev() {
+                msg.remove(idx);
+            }
+            if !kept.is_empty() {
+                msg.insert(at, HeaderName::RecordRoute, kept.join(", "));
+            }
+        }
+        // A token's routes are put back in reverse (they are sealed in a response's order,
+        // callee's side first); a request's inside entries are in the order the outside's
+        // requests meet them already, so they are sealed reversed.
+        hidden.reverse();
+        self.hide_contacts(msg, &hidden, &local);
     }
 
     /// A response going to an outside sender through the gateway's `inbound` address:

@@ -159,6 +159,9 @@ const MIGRATIONS: &[&str] = &[
     END $$;
     CREATE TRIGGER tunnel_counted AFTER INSERT OR DELETE ON tunnels
         FOR EACH ROW EXECUTE FUNCTION gatehouse_tunnel_counted();",
+    // 5: the caller's WireGuard public key of a tunnel (a live tunnel's key belongs to its
+    // identity: `tunnel::claims`; the same column as SQLite's migration 8).
+    "ALTER TABLE tunnels ADD COLUMN pubkey TEXT NOT NULL DEFAULT '';",
 ];
 
 /// The prefix of the `application_name` of a gateway's listening connection; the rest is its
@@ -833,16 +836,16 @@ impl PgStore {
                 }
                 StoreWrite::SaveTunnel(t) => {
                     tx.execute(
-                        "INSERT INTO tunnels (call_id, caller_tag, callee_tag, identity, from_aor, to_aor, prefixes, pskmth, created_at, state, caller, callee)
-                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)
+                        "INSERT INTO tunnels (call_id, caller_tag, callee_tag, identity, from_aor, to_aor, prefixes, pskmth, created_at, state, caller, callee, pubkey)
+                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
                          ON CONFLICT (call_id, caller_tag) DO UPDATE SET callee_tag = EXCLUDED.callee_tag,
                            identity = EXCLUDED.identity, from_aor = EXCLUDED.from_aor, to_aor = EXCLUDED.to_aor,
                            prefixes = EXCLUDED.prefixes, pskmth = EXCLUDED.pskmth, created_at = EXCLUDED.created_at,
-                           state = EXCLUDED.state, caller = EXCLUDED.caller, callee = EXCLUDED.callee",
+                           state = EXCLUDED.state, caller = EXCLUDED.caller, callee = EXCLUDED.callee, pubkey = EXCLUDED.pubkey",
                         &[
                             &t.call_id, &t.caller_tag, &t.callee_tag, &t.identity, &t.from, &t.to,
                             &t.prefixes, &t.pskmth, &(t.created_unix as i64), &t.state.as_str(),
-                            &t.caller.as_ref().map(|p| p.encode()), &t.callee.as_ref().map(|p| p.encode()),
+                            &t.caller.as_ref().map(|p| p.encode()), &t.callee.as_ref().map(|p| p.encode()), &t.pubkey,
                         ],
                     )
                     .map_err(pg)?;
@@ -1020,7 +1023,7 @@ impl PgStore {
         Ok(self
             .client()?
             .query(
-                "SELECT call_id, caller_tag, callee_tag, identity, from_aor, to_aor, prefixes, pskmth, created_at, state, caller, callee FROM tunnels \
+                "SELECT call_id, caller_tag, callee_tag, identity, from_aor, to_aor, prefixes, pskmth, created_at, state, caller, callee, pubkey FROM tunnels \
                  WHERE ($1::text IS NULL OR call_id > $1) AND ($2::text IS NULL OR call_id = $2) ORDER BY call_id, caller_tag LIMIT $3",
                 &[&q.after, &q.call_id, &limit],
             )
@@ -1045,6 +1048,7 @@ impl PgStore {
                     .get::<_, Option<String>>(11)
                     .as_deref()
                     .and_then(crate::tunnel::Party::decode),
+                pubkey: r.get(12),
             })
             .collect())
         })

@@ -96,6 +96,9 @@ const MIGRATIONS: &[&str] = &[
     // 7: the gateway holding a binding's flow (`[cluster] peer_uri`; the same column as
     // PostgreSQL's migration 3, so both backends keep the same rows).
     "ALTER TABLE bindings ADD COLUMN holder TEXT;",
+    // 8: the caller's WireGuard public key of a tunnel (a live tunnel's key belongs to its
+    // identity: `tunnel::claims`; the same column as PostgreSQL's migration 5).
+    "ALTER TABLE tunnels ADD COLUMN pubkey TEXT NOT NULL DEFAULT '';",
 ];
 
 /// An open SQLite store.
@@ -572,8 +575,8 @@ fn remove_binding(conn: &Connection, aor: &str, contact: &str) -> Result<(), Sto
 
 fn save_tunnel(conn: &Connection, t: &crate::tunnel::Tunnel) -> Result<(), StoreError> {
     conn.prepare_cached(
-        "INSERT OR REPLACE INTO tunnels (call_id, caller_tag, callee_tag, identity, from_aor, to_aor, prefixes, pskmth, created_at, state, caller, callee)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+        "INSERT OR REPLACE INTO tunnels (call_id, caller_tag, callee_tag, identity, from_aor, to_aor, prefixes, pskmth, created_at, state, caller, callee, pubkey)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
     )?
     .execute(params![
         t.call_id,
@@ -587,7 +590,8 @@ fn save_tunnel(conn: &Connection, t: &crate::tunnel::Tunnel) -> Result<(), Store
         t.created_unix as i64,
         t.state.as_str(),
         t.caller.as_ref().map(|p| p.encode()),
-        t.callee.as_ref().map(|p| p.encode())
+        t.callee.as_ref().map(|p| p.encode()),
+        t.pubkey
     ])?;
     Ok(())
 }
@@ -620,7 +624,7 @@ impl SqliteStore {
         q: &TunnelQuery<'_>,
     ) -> Result<Vec<crate::tunnel::Tunnel>, StoreError> {
         let mut stmt = self.conn.prepare_cached(
-            "SELECT call_id, caller_tag, callee_tag, identity, from_aor, to_aor, prefixes, pskmth, created_at, state, caller, callee FROM tunnels \
+            "SELECT call_id, caller_tag, callee_tag, identity, from_aor, to_aor, prefixes, pskmth, created_at, state, caller, callee, pubkey FROM tunnels \
              WHERE (?1 IS NULL OR call_id > ?1) AND (?2 IS NULL OR call_id = ?2) ORDER BY call_id, caller_tag LIMIT ?3",
         )?;
         let limit = q.limit.map_or(-1, |l| l as i64);
@@ -645,6 +649,7 @@ impl SqliteStore {
                         .get::<_, Option<String>>(11)?
                         .as_deref()
                         .and_then(crate::tunnel::Party::decode),
+                    pubkey: r.get(12)?,
                 })
             })?
             .collect::<Result<_, _>>()?;
@@ -838,6 +843,7 @@ mod tests {
                 from: "sip:alice@partner.example".into(),
                 to: "sip:vpn@org.example".into(),
                 prefixes: "2001:db8:1::/64".into(),
+                pubkey: String::new(),
                 pskmth: "scram".into(),
                 created_unix: 1,
                 state: crate::tunnel::TunnelState::Established,

@@ -46,6 +46,10 @@ pub struct Tunnel {
     pub to: String,
     /// Offered prefixes, as written.
     pub prefixes: String,
+    /// The caller's WireGuard public key (base64, as offered): claimed like the prefixes
+    /// (`claims`); empty in rows written before it was kept.
+    #[serde(default)]
+    pub pubkey: String,
     pub pskmth: String,
     pub created_unix: u64,
     pub state: TunnelState,
@@ -119,6 +123,7 @@ pub struct Record {
     from: Arc<str>,
     to: Arc<str>,
     prefixes: Arc<str>,
+    pubkey: Box<str>,
     pskmth: Arc<str>,
     created_unix: u64,
     state: TunnelState,
@@ -165,6 +170,7 @@ impl Record {
             from: self.from.to_string(),
             to: self.to.to_string(),
             prefixes: self.prefixes.to_string(),
+            pubkey: self.pubkey.to_string(),
             pskmth: self.pskmth.to_string(),
             created_unix: self.created_unix,
             state: self.state,
@@ -225,6 +231,8 @@ pub struct TunnelTable {
     per_identity: HashMap<Arc<str>, u32>,
     per_target: HashMap<Arc<str>, u32>,
     strings: Interner,
+    /// Prefixes and public keys held by the live tunnels, per identity.
+    claims: super::claims::Claims,
 }
 
 fn count_up(map: &mut HashMap<Arc<str>, u32>, key: &Arc<str>) {
@@ -264,6 +272,7 @@ impl TunnelTable {
             from: self.strings.get(&t.from),
             to: self.strings.get(&t.to),
             prefixes: self.strings.get(&t.prefixes),
+            pubkey: t.pubkey.into_boxed_str(),
             pskmth: self.strings.get(&t.pskmth),
             created_unix: t.created_unix,
             state: t.state,
@@ -281,6 +290,7 @@ impl TunnelTable {
 
     /// Counters and interned strings of a record that leaves the table.
     fn forget(&mut self, r: Record) -> Gone {
+        self.claims.release(&r.identity, &r.prefixes, &r.pubkey);
         count_down(&mut self.per_identity, &r.identity);
         count_down(&mut self.per_target, &r.to);
         self.len -= 1;
@@ -311,6 +321,7 @@ impl TunnelTable {
     fn put(&mut self, t: Tunnel, stored: bool) {
         let (call_id, r) = self.record(t, stored);
         self.take(&call_id, &r.caller_tag);
+        self.claims.claim(&r.identity, &r.prefixes, &r.pubkey);
         count_up(&mut self.per_identity, &r.identity);
         count_up(&mut self.per_target, &r.to);
         self.len += 1;
@@ -447,6 +458,17 @@ impl TunnelTable {
         self.len == 0
     }
 
+    /// Whether `identity` may offer `prefixes` and `pubkey` (base64): none of them may overlap
+    /// or equal what another identity's live tunnel holds (indexed: `claims`).
+    pub fn check_claims(
+        &self,
+        identity: &str,
+        prefixes: &[ipnet::IpNet],
+        pubkey: &str,
+    ) -> Result<(), super::claims::Conflict> {
+        self.claims.check(identity, prefixes, pubkey)
+    }
+
     /// (tunnels of this identity, tunnels to this AOR, all tunnels), from the counters.
     pub fn counts(&self, identity: &str, to: &str) -> (u32, u32, u32) {
         (
@@ -556,6 +578,7 @@ mod tests {
             from: "sip:a@partner.example".into(),
             to: to.into(),
             prefixes: "2001:db8:1::/64".into(),
+            pubkey: String::new(),
             pskmth: "scram".into(),
             created_unix: 0,
             state: TunnelState::Proposed,
