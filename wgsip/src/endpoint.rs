@@ -365,6 +365,19 @@ fn answer_invite(
             "",
         );
     }
+    if let Some(why) = held_by_another(active, &msg.call_id(), &offer.pubkey, &offer.prefixes) {
+        // Defence in depth: whatever the gateway allowed, a second tunnel never moves an
+        // allowed-ip away from a live one nor replaces its peer (key, PSK, endpoint).
+        eprintln!("refused a tunnel offer: {why}");
+        return respond(
+            msg,
+            403,
+            "Forbidden",
+            tag,
+            &format!("Warning: 399 wgsip \"{why}\"\r\n"),
+            "",
+        );
+    }
     let psk: Option<[u8; 32]> = match pskmth.as_str() {
         "gateway" => match offer.psk().and_then(|k| k.try_into().ok()) {
             Some(k) => Some(k),
@@ -420,9 +433,75 @@ fn answer_invite(
     respond(msg, 200, "OK", tag, contact, &body)
 }
 
+/// Why an offer for dialog `call_id` would take over another live tunnel of this endpoint:
+/// its public key is that tunnel's peer, or one of its prefixes overlaps (either contains the
+/// other) that tunnel's allowed-ips. The offer of the same dialog (a retransmitted INVITE) is
+/// not another tunnel.
+fn held_by_another(
+    active: &HashMap<String, Active>,
+    call_id: &str,
+    public_key: &[u8; 32],
+    prefixes: &[IpNet],
+) -> Option<&'static str> {
+    let overlaps = |a: &IpNet, b: &IpNet| a.contains(b) || b.contains(a);
+    for (id, a) in active {
+        if id == call_id {
+            continue;
+        }
+        if &a.public_key == public_key {
+            return Some("public key held by another tunnel");
+        }
+        if prefixes
+            .iter()
+            .any(|p| a.prefixes.iter().any(|q| overlaps(p, q)))
+        {
+            return Some("prefix held by another tunnel");
+        }
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_second_tunnel_never_takes_over_a_live_ones_key_or_prefix() {
+        let net = |s: &str| -> IpNet { s.parse().unwrap() };
+        let mut active = HashMap::new();
+        active.insert(
+            "alice".to_owned(),
+            Active {
+                public_key: [1; 32],
+                prefixes: vec![net("2001:db8:456:1::/64"), net("10.1.0.0/16")],
+            },
+        );
+        let held =
+            |call: &str, key: [u8; 32], p: &str| held_by_another(&active, call, &key, &[net(p)]);
+        assert_eq!(
+            held("bob", [2; 32], "2001:db8:456::/48"),
+            Some("prefix held by another tunnel"),
+            "a /48 around hers"
+        );
+        assert_eq!(
+            held("bob", [2; 32], "10.1.2.0/24"),
+            Some("prefix held by another tunnel")
+        );
+        assert_eq!(
+            held("bob", [1; 32], "2001:db8:999::/48"),
+            Some("public key held by another tunnel")
+        );
+        assert_eq!(
+            held("bob", [2; 32], "2001:db8:456:2::/64"),
+            None,
+            "beside hers"
+        );
+        assert_eq!(
+            held("alice", [1; 32], "2001:db8:456:1::/64"),
+            None,
+            "her own INVITE again"
+        );
+    }
 
     const OFFER: &str = "v=0\r\no=- 1 1 IN IP6 2001:db8:1::2\r\ns=-\r\nc=IN IP6 2001:db8:1::2\r\nt=0 0\r\n\
 m=application 51820 udp vnd.wireguard\r\n\

@@ -2508,6 +2508,159 @@ pskmth = [\"scram\", \"none\"]\nprefixes = [\"2001:db8:456::/48\"]\n";
         (dir, path)
     }
 
+    /// Issue 18, item 1: the policy judges the target the request goes to (its Request-URI
+    /// as routed), not the To header routing never reads, and the tunnel records that
+    /// target. alice may tunnel to vpn only; the domain's route would take `ceo` to the PBX.
+    #[test]
+    fn policy_judges_the_request_uri_routing_follows_not_to() {
+        let mut h = tunnel_harness(store(), "198.51.100.0/24");
+        let mut cfg = h.proxy.config().clone();
+        let pbx = Target {
+            uri: "sip:198.51.100.30:5060".into(),
+            dest: Destination::Addr {
+                transport: Transport::Udp,
+                addr: "198.51.100.30:5060".parse().unwrap(),
+                server_name: None,
+            },
+        };
+        cfg.routes.add_domain("org.example", pbx.clone());
+        cfg.routes.add_domain("partner.example", pbx);
+        h.boot(cfg, store());
+        for (n, ruri) in [
+            "sip:ceo@org.example",
+            "sip:+15550100@org.example",
+            "sip:x@partner.example",
+        ]
+        .iter()
+        .enumerate()
+        {
+            let mut client = ScramClient::new("alice", b"alice-secret", None);
+            let build = |cseq: u32, auth: Option<&str>| {
+                tunnel_invite(OFFER)(cseq, auth)
+                    .replacen("INVITE sip:vpn@org.example", &format!("INVITE {ruri}"), 1)
+                    .replace("call-1@", &format!("call-r{n}@"))
+            };
+            let out = authenticate_with(&mut h, &mut client, &build);
+            assert_eq!(out.len(), 1, "{ruri}: nothing relayed: {out:?}");
+            assert_eq!(out[0].status(), Some(403), "{ruri}: {}", out[0].text);
+            assert!(
+                out[0].text.contains("policy: no rule permits this"),
+                "{}",
+                out[0].text
+            );
+        }
+        assert_eq!(h.proxy.tunnel_count(), 0);
+        // The other way round: To names someone else, the Request-URI is vpn: permitted, and
+        // the tunnel is recorded as going to vpn, where it goes.
+        let mut client = ScramClient::new("alice", b"alice-secret", None);
+        let build = |cseq: u32, auth: Option<&str>| {
+            tunnel_invite(OFFER)(cseq, auth)
+                .replace("To: <sip:vpn@org.example>", "To: <sip:ceo@org.example>")
+        };
+        let out = authenticate_with(&mut h, &mut client, &build);
+        let fwd = out
+            .iter()
+            .find(|s| s.first_line().starts_with("INVITE"))
+            .expect("relayed");
+        assert_eq!(
+            fwd.dest,
+            Destination::Addr {
+                transport: Transport::Udp,
+                addr: UAS.parse().unwrap(),
+                server_name: None
+            }
+        );
+        let t: Vec<_> = h.proxy.tunnels().collect();
+        assert_eq!(t.len(), 1);
+        assert_eq!(t[0].to, "sip:vpn@org.example");
+    }
+
+    /// Issue 18, item 3: a prefix or public key a live tunnel holds belongs to its identity.
+    /// bob may claim neither a prefix around or inside alice's nor her key; beside them he
+    /// may, and once her tunnel ends, what was hers is free.
+    #[test]
+    fn a_tunnel_cannot_take_over_another_identitys_prefix_or_key() {
+        let with_bob = || {
+            let mut s = store();
+            s.add_user(
+                "bob",
+                b"bob-secret",
+                &["sip:bob@partner.example".into()],
+                None,
+                4096,
+            )
+            .unwrap();
+            s
+        };
+        let mut h = tunnel_harness(with_bob(), "198.51.100.0/24");
+        let (fwd, relayed) = establish_tunnel(&mut h);
+        assert!(relayed.iter().any(|s| s.status() == Some(200)));
+        let bob_offer = |prefix: &str, key: &str| {
+            OFFER
+                .replace("prefix=2001:db8:456:1::/64", &format!("prefix={prefix}"))
+                .replace("YWl42m1t56sMAYKwGZUQZNuYG+AbdW9eE7KLj3KBT1M=", key)
+        };
+        const BOB_KEY: &str = "Ym9iYm9iYm9iYm9iYm9iYm9iYm9iYm9iYm9iYm9iYm8=";
+        const ALICE_KEY: &str = "YWl42m1t56sMAYKwGZUQZNuYG+AbdW9eE7KLj3KBT1M=";
+        let bob_tries = |h: &mut Harness, n: u32, sdp: String| {
+            let mut client = ScramClient::new("bob", b"bob-secret", None);
+            let build = move |cseq: u32, auth: Option<&str>| {
+                tunnel_invite(&sdp)(cseq, auth)
+                    .replace("sip:alice@partner.example", "sip:bob@partner.example")
+                    .replace("call-1@", &format!("call-bob{n}@"))
+                    .replace("tag=ft1", &format!("tag=bob{n}"))
+            };
+            authenticate_with(h, &mut client, &build)
+        };
+        for (n, (prefix, key, reason)) in [
+            (
+                "2001:db8:456::/48",
+                BOB_KEY,
+                "prefix held by another identity's tunnel",
+            ),
+            ("2001:db8:456:1:8000::/65", BOB_KEY, "prefix held"),
+            (
+                "2001:db8:456:2::/64",
+                ALICE_KEY,
+                "public key held by another identity's tunnel",
+            ),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let out = bob_tries(&mut h, n as u32, bob_offer(prefix, key));
+            assert_eq!(out.len(), 1, "{prefix}: nothing relayed: {out:?}");
+            assert_eq!(out[0].status(), Some(403), "{}", out[0].text);
+            assert!(out[0].text.contains(reason), "{}", out[0].text);
+        }
+        assert_eq!(h.proxy.policy_denials.get("prefix_held"), Some(&2));
+        assert_eq!(h.proxy.policy_denials.get("key_held"), Some(&1));
+        let out = bob_tries(&mut h, 7, bob_offer("2001:db8:456:2::/64", BOB_KEY));
+        assert!(
+            out.iter().any(|s| s.first_line().starts_with("INVITE")),
+            "{out:?}"
+        );
+        // alice's tunnel ends (her BYE): the /48 around her old prefix is free for bob (his
+        // own /64 inside it is his).
+        let bye = format!(
+            "BYE sip:vpn@198.51.100.20:5060 SIP/2.0\r\nVia: SIP/2.0/UDP 192.0.2.200:5062;branch=z9hG4bKbyealice\r\n\
+Max-Forwards: 70\r\n{}From: <sip:alice@partner.example>;tag=ft1\r\nTo: <sip:vpn@org.example>;tag=uas1\r\n\
+Call-ID: call-1@partner.example\r\nCSeq: 9 BYE\r\nContent-Length: 0\r\n\r\n",
+            caller_route(relayed.iter().find(|s| s.status() == Some(200)).unwrap())
+        );
+        let out = h.send(&bye, outside());
+        assert!(
+            out.iter().any(|s| s.first_line().starts_with("BYE ")),
+            "{out:?}"
+        );
+        let _ = fwd;
+        let out = bob_tries(&mut h, 8, bob_offer("2001:db8:456::/48", BOB_KEY));
+        assert!(
+            out.iter().any(|s| s.first_line().starts_with("INVITE")),
+            "{out:?}"
+        );
+    }
+
     #[test]
     fn bye_from_either_side_and_a_restart_in_the_middle() {
         let (dir, path) = file_store_with_alice();
