@@ -585,6 +585,21 @@ impl Policy {
     }
 }
 
+impl Policy {
+    /// Whether some rule may let a tunnel (and so a PSK) reach `aor`: an allowing rule of
+    /// kind `tunnel` or `any` whose targets match it (a rule without targets matches every
+    /// AOR). The gateway lets such an AOR register only from the inside.
+    pub fn receives_tunnels(&self, aor: &str) -> bool {
+        self.rules.iter().any(|r| {
+            matches!(r.kind, Kind::Tunnel | Kind::Any)
+                && r.action == Action::Allow
+                && r.targets
+                    .as_ref()
+                    .is_none_or(|t| t.iter().any(|p| p.matches_aor(aor)))
+        })
+    }
+}
+
 /// Two prefixes overlap when either contains the other (same family only).
 pub fn overlaps(a: &IpNet, b: &IpNet) -> bool {
     match (a.network(), b.network()) {

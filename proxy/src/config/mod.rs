@@ -180,6 +180,8 @@ struct RawTunnels {
     internal_networks: Vec<Spanned<String>>,
     #[serde(default)]
     public_endpoints: std::collections::BTreeMap<String, Spanned<String>>,
+    #[serde(default)]
+    register_from_outside: Vec<Spanned<String>>,
 }
 
 /// Tunnel settings.
@@ -191,6 +193,10 @@ pub struct TunnelSettings {
     pub internal_networks: Vec<ipnet::IpNet>,
     /// Public WireGuard endpoint published for an internal AOR (`sip:vpn@org.example`).
     pub public_endpoints: std::collections::HashMap<String, SocketAddr>,
+    /// Tunnel targets that may register from outside the internal networks and trusted
+    /// sources (AOR keys, `sip:user@domain`); every other AOR the policy lets receive
+    /// tunnels (and so PSKs) registers from the inside only.
+    pub register_from_outside: std::collections::HashSet<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -1118,6 +1124,19 @@ impl Config {
         };
         let t = &raw.tunnels;
         let internal_networks = nets(&t.internal_networks, "tunnels.internal_networks")?;
+        let register_from_outside = t
+            .register_from_outside
+            .iter()
+            .map(|aor| {
+                crate::sip::uri::aor_key(aor.get_ref()).ok_or_else(|| {
+                    cx.err(
+                        aor.span(),
+                        "tunnels.register_from_outside",
+                        format!("`{}` is not a sip:user@domain AOR", aor.get_ref()),
+                    )
+                })
+            })
+            .collect::<Result<_, _>>()?;
         let mut public_endpoints = std::collections::HashMap::new();
         for (aor, ep) in &t.public_endpoints {
             let key = crate::sip::uri::aor_key(aor).ok_or_else(|| {
@@ -1194,6 +1213,7 @@ impl Config {
                 policy_file,
                 internal_networks,
                 public_endpoints,
+                register_from_outside,
             },
             policy: std::sync::Arc::new(policy),
             auth,

@@ -618,6 +618,18 @@ impl Proxy {
         if !may_present(&auth, &aor) {
             return Err(Reject::IdentityNotAllowed);
         }
+        // An AOR the policy lets receive tunnels gets PSKs: its bindings come from the inside
+        // only (unless listed in `tunnels.register_from_outside`), so that credentials used
+        // from outside can neither take its tunnels nor break them.
+        if !self.is_inside(flow.remote.ip())
+            && self.policy.receives_tunnels(&aor)
+            && !self.cfg.tunnels.register_from_outside.contains(&aor)
+        {
+            tracing::warn!(%aor, remote = %flow.remote, identity = auth.identity(), "registration of a tunnel target from outside refused");
+            return Err(Reject::Forbidden(
+                "Forbidden (this AOR registers from the internal networks only)",
+            ));
+        }
         let live =
             self.registrar
                 .register(&aor, &msg, &flow, auth.identity(), now, &mut self.writes)?;

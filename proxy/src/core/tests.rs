@@ -1560,6 +1560,8 @@ mod sasl {
             },
         );
         cfg.routes = routes;
+        // The inside: where the endpoints (and the UAS) are.
+        cfg.tunnels.internal_networks = vec!["198.51.100.0/24".parse().unwrap()];
         cfg.auth.failures_before_lockout = 3;
         cfg.policy = std::sync::Arc::new(
             gatehouse_policy::Policy::parse(
@@ -1765,7 +1767,7 @@ mod sasl {
 [trust]\nsources = [\"203.0.113.0/24\"]\n[auth]\nfailures_before_lockout = 1000\n\
 [registrar]\nmin_expires_s = 3600\ndefault_expires_s = 3600\n[timers]\ntimer_c_ms = 5000\n\
 failover_ms = 700\ndead_address_ms = 0\n\
-[tunnels]\npolicy = \"policy.toml\"\n\
+[tunnels]\npolicy = \"policy.toml\"\ninternal_networks = [\"198.51.100.0/24\"]\n\
 [[route]]\naor = \"sip:tcp@org.example\"\ntarget = \"sip:tcp@198.51.100.21:5060;transport=tcp\"\n"
         );
         let cfg = crate::config::Config::parse_in(&text, "reload.toml", Some(&dir)).unwrap();
@@ -2000,7 +2002,51 @@ CSeq: {cseq} REGISTER\r\nContact: {contact}\r\nExpires: 600\r\nContent-Length: 0
         }
     }
 
+    /// Issue 18, item 9: an AOR the policy lets receive tunnels registers from the inside
+    /// only — its credentials used from outside get 403 and no binding (which would take its
+    /// tunnels, or break them: a PSK never crosses an unprotected hop) — unless listed in
+    /// `tunnels.register_from_outside`.
+    #[test]
+    fn a_tunnel_target_registers_from_the_inside_only() {
+        let mut h = harness();
+        let from_outside = |h: &mut Harness| {
+            do_register_from(
+                h,
+                "vpn",
+                b"vpn-secret",
+                "<sip:vpn@192.0.2.200:5060>",
+                outside(),
+            )
+        };
+        let out = from_outside(&mut h);
+        assert_eq!(
+            out[0].first_line(),
+            "SIP/2.0 403 Forbidden (this AOR registers from the internal networks only)"
+        );
+        assert_eq!(h.proxy.registrations(), 0);
+        let mut cfg = h.proxy.config().clone();
+        cfg.tunnels
+            .register_from_outside
+            .insert("sip:vpn@org.example".into());
+        h.boot(cfg, store());
+        let out = from_outside(&mut h);
+        assert_eq!(out[0].status(), Some(200), "{}", out[0].text);
+        assert_eq!(h.proxy.registrations(), 1);
+    }
+
     fn do_register(h: &mut Harness, user: &str, password: &[u8], contact: &str) -> Vec<Sent> {
+        do_register_from(h, user, password, contact, endpoint())
+    }
+
+    /// The three REGISTER rounds from `flow`; returns the outputs of the last one.
+    fn do_register_from(
+        h: &mut Harness,
+        user: &str,
+        password: &[u8],
+        contact: &str,
+        flow: Flow,
+    ) -> Vec<Sent> {
+        let endpoint = || flow;
         let out = h.send(&register(1, None, contact), endpoint());
         assert_eq!(out[0].first_line(), "SIP/2.0 401 Unauthorized");
         assert!(out[0]
@@ -2098,7 +2144,9 @@ CSeq: {cseq} REGISTER\r\nContact: {contact}\r\nExpires: 600\r\nContent-Length: 0
             )
             .unwrap();
         }
-        let mut h = Harness::on(config(), Store::open(&path).unwrap());
+        let mut cfg = config();
+        cfg.tunnels.internal_networks = vec!["198.51.100.0/24".parse().unwrap()];
+        let mut h = Harness::on(cfg.clone(), Store::open(&path).unwrap());
         let out = do_register(&mut h, "vpn", b"vpn-secret", "<sip:vpn@198.51.100.30:5060>");
         assert_eq!(out[0].status(), Some(200));
         drop(h);
