@@ -56,8 +56,17 @@ fn call(c: &mut Criterion) {
             let fwd = fwd.expect("forwarded");
             proxy.handle_message(answer(&fwd, "180 Ringing"), uas, now);
             proxy.handle_message(answer(&fwd, "200 OK"), uas, now);
-            while proxy.poll_transmit().is_some() {}
-            let rr = fwd.list_values(HeaderName::RecordRoute).join(", ");
+            // The caller's route set: the Record-Route of the 200 it got (reversed).
+            let mut ok = None;
+            while let Some(t) = proxy.poll_transmit() {
+                if t.bytes.starts_with(b"SIP/2.0 200") {
+                    ok = Some(Message::parse(t.bytes, &limits).expect("200"));
+                }
+            }
+            let ok = ok.expect("the 200 relayed");
+            let mut rr = ok.list_values(HeaderName::RecordRoute);
+            rr.reverse();
+            let rr = rr.join(", ");
             for (method, seq) in [("ACK", 1), ("BYE", 2)] {
                 let req = format!(
                     "{method} sip:127.0.0.1:5070 SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:5080;branch=z9hG4bK-{n}-{method}\r\n\

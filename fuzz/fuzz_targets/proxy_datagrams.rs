@@ -53,6 +53,9 @@ fuzz_target!(|input: Vec<Datagram>| {
             while proxy.poll_transmit().is_some() {}
             assert!(proxy.transactions() <= 2 * 64 + 16);
             assert!(proxy.pending_sasl() <= 16);
+            // The authorisation invariant: every branch went where the clearance it was
+            // relayed on names (a violation is refused and counted; debug builds also panic).
+            assert_eq!(proxy.authorization_violations(), 0, "a branch no clearance names");
             proxy.maintain(*now);
         }
         assert_eq!(proxy.internal_errors(), 0, "a panic was caught");

@@ -11,6 +11,7 @@
 pub mod admin;
 pub mod config;
 pub mod core;
+pub mod http_guard;
 pub mod metrics;
 pub mod store;
 pub mod tls;

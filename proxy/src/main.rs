@@ -743,6 +743,12 @@ fn locate_routes(cfg: &Config) -> anyhow::Result<()> {
 }
 
 fn run(cfg: Config) -> anyhow::Result<()> {
+    // Connections, listeners, the store and its journal share one descriptor table: take
+    // what the hard limit allows (the systemd unit sets it).
+    match gatehouse::http_guard::raise_descriptor_limit() {
+        Some(limit) => tracing::info!(limit, "open descriptors allowed"),
+        None => tracing::warn!("cannot read or raise the open-descriptor limit"),
+    }
     // One thread: the driver owns the whole proxy state, so there is nothing to share, and
     // a single-threaded runtime avoids cross-thread wake-ups on every datagram.
     let runtime = tokio::runtime::Builder::new_current_thread()

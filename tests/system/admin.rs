@@ -82,7 +82,7 @@ fn listings_page_with_a_link_to_the_next_page() {
     assert_eq!((r.status, r.next_page()), (200, None));
 }
 
-fn admin_setup(extra: &str) -> (crate::sasl::Setup, SocketAddr) {
+pub fn admin_setup(extra: &str) -> (crate::sasl::Setup, SocketAddr) {
     let s = setup(&format!("[admin]\nlisten = \"127.0.0.1:0\"\n{extra}"));
     let a = s.gw.admin.expect("admin listener");
     (s, a)

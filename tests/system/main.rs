@@ -4,6 +4,7 @@
 #![allow(clippy::unwrap_used)]
 
 mod admin;
+mod attacks;
 mod client;
 mod cluster;
 mod dispatcher;

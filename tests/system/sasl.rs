@@ -93,6 +93,21 @@ pub fn setup_with(extra: &str, prepare: impl FnOnce(&Path)) -> Setup {
 /// the test's folder when `None`). A store already seeded (another gateway of the same test
 /// uses it) is used as it is.
 pub fn setup_on(store: Option<&Path>, extra: &str, prepare: impl FnOnce(&Path)) -> Setup {
+    setup_policy(
+        store,
+        extra,
+        "[[rule]]\nname = \"partners\"\nkind = \"any\"\ncallers = [\"*@partner.example\"]\n",
+        prepare,
+    )
+}
+
+/// As [`setup_on`], with `policy` as the policy file.
+pub fn setup_policy(
+    store: Option<&Path>,
+    extra: &str,
+    policy: &str,
+    prepare: impl FnOnce(&Path),
+) -> Setup {
     let dir = TempDir::new("sasl");
     let store_path = store.map_or_else(|| dir.path().join("store.sqlite"), Path::to_path_buf);
     let seeded = Store::open(&store_path)
@@ -108,11 +123,7 @@ pub fn setup_on(store: Option<&Path>, extra: &str, prepare: impl FnOnce(&Path)) 
     std::fs::write(dir.path().join("cert.pem"), key.cert.pem()).unwrap();
     std::fs::write(dir.path().join("key.pem"), key.signing_key.serialize_pem()).unwrap();
     let uas = Uas::start();
-    std::fs::write(
-        dir.path().join("policy.toml"),
-        "[[rule]]\nname = \"partners\"\nkind = \"any\"\ncallers = [\"*@partner.example\"]\n",
-    )
-    .unwrap();
+    std::fs::write(dir.path().join("policy.toml"), policy).unwrap();
     let mut config = String::from("[sip]\ndomains = [\"org.example\"]\nshutdown_grace_ms = 200\n");
     for t in ["udp", "tcp", "tls"] {
         config.push_str(&format!(

@@ -135,12 +135,27 @@ struct Call {
     scram: ScramClient,
     stage: Stage,
     started: Instant,
+    /// Its WireGuard offer: a key and a prefix of its own (no two live tunnels share either:
+    /// the gateway and the endpoint refuse a second claim).
+    offer: String,
 }
 
-/// The offer every set-up carries (a fixed key: the gateway validates, does not care whose).
-const OFFER: &str = "v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\n\
+/// The offer of one set-up: a public key derived from its Call-ID and a /128 of its own
+/// inside `2001:db8:456:1::/64` (`run` is this run's random salt, `n` the set-up's number).
+fn offer(call_id: &str, run: u32, n: u32) -> String {
+    use base64::Engine;
+    use sha2::Digest;
+    let key = base64::engine::general_purpose::STANDARD.encode(sha2::Sha256::digest(call_id));
+    format!(
+        "v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\n\
 m=application 51820 udp vnd.wireguard\r\n\
-a=fmtp:vnd.wireguard pubkey=YWl42m1t56sMAYKwGZUQZNuYG+AbdW9eE7KLj3KBT1M=;prefix=2001:db8:456:1::/64;pskmth=scram,none\r\n";
+a=fmtp:vnd.wireguard pubkey={key};prefix=2001:db8:456:1:{:x}:{:x}:{:x}:{:x}/128;pskmth=scram,none\r\n",
+        run >> 16,
+        run & 0xffff,
+        n >> 16,
+        n & 0xffff
+    )
+}
 
 struct Runner<'a> {
     o: &'a LoadOptions,
@@ -149,6 +164,8 @@ struct Runner<'a> {
     calls: HashMap<String, Call>,
     salted: SaltedCache,
     report: LoadReport,
+    /// This run's salt in its offers' prefixes (runs of one identity overlap in time).
+    run: u32,
 }
 
 impl Runner<'_> {
@@ -165,7 +182,7 @@ impl Runner<'_> {
         format!(
             "INVITE {t} SIP/2.0\r\nVia: SIP/2.0/UDP {l};branch=z9hG4bK{b};rport\r\nMax-Forwards: 70\r\n\
 From: <{f}>;tag={tag}\r\nTo: <{t}>\r\nCall-ID: {cid}\r\nCSeq: {s} INVITE\r\nContact: <sip:{u}@{l}>\r\n{auth}\
-Content-Type: application/sdp\r\nContent-Length: {n}\r\n\r\n{OFFER}",
+Content-Type: application/sdp\r\nContent-Length: {n}\r\n\r\n{o}",
             t = self.o.target,
             l = self.local,
             b = c.branch,
@@ -174,7 +191,8 @@ Content-Type: application/sdp\r\nContent-Length: {n}\r\n\r\n{OFFER}",
             cid = c.call_id,
             s = c.cseq,
             u = self.o.username,
-            n = OFFER.len(),
+            n = c.offer.len(),
+            o = c.offer,
         )
     }
 
@@ -221,8 +239,10 @@ From: <{f}>;tag={tag}\r\nTo: {to}\r\nCall-ID: {cid}\r\nCSeq: {cseq} {method}\r\n
     }
 
     fn start(&mut self, now: Instant) {
+        let call_id = format!("{}@load", token());
         let call = Call {
-            call_id: format!("{}@load", token()),
+            offer: offer(&call_id, self.run, self.report.started),
+            call_id,
             from_tag: token(),
             cseq: 1,
             branch: token(),
@@ -394,6 +414,7 @@ pub fn run(o: &LoadOptions) -> anyhow::Result<LoadReport> {
         calls: HashMap::new(),
         salted: SaltedCache::default(),
         report: LoadReport::default(),
+        run: rand::random(),
     };
     let t0 = Instant::now();
     let interval = Duration::from_secs_f64(1.0 / f64::from(o.rate.max(1)));

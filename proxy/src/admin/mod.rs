@@ -130,6 +130,9 @@ struct Session {
 /// Shared state of the admin listener.
 pub struct AdminState {
     sasl: Mutex<SaslServer>,
+    /// Failed admin logins per (user, source), source, network and user, decaying: the same
+    /// design and settings (`[auth]`) as SIP's (`core::lockout`).
+    lockout: Mutex<crate::core::lockout::Lockout>,
     store: Mutex<Store>,
     /// The store is a cluster's (PostgreSQL): known once, so no request locks the store (a
     /// blocking task may hold it for a database round trip) just to ask.
@@ -151,6 +154,8 @@ impl std::fmt::Debug for AdminState {
 
 /// Bound on admin sessions.
 const MAX_SESSIONS: usize = 1024;
+/// Entries of the admin lockout table (sampled eviction keeps a guesser's record).
+const LOCKOUT_CAPACITY: usize = 10_000;
 
 impl AdminState {
     pub fn new(
@@ -160,10 +165,17 @@ impl AdminState {
         commands: mpsc::Sender<Command>,
         log: Option<LogControl>,
         metrics: Arc<crate::metrics::Metrics>,
-        iterations: u32,
+        auth: &crate::config::AuthSettings,
     ) -> Self {
         let secret = store.key("admin-fake-verifier").unwrap_or([7; 32]);
+        let iterations = auth.iterations;
         AdminState {
+            lockout: Mutex::new(crate::core::lockout::Lockout::new(
+                auth.failures_before_lockout,
+                auth.failure_window,
+                auth.lockout,
+                LOCKOUT_CAPACITY,
+            )),
             sasl: Mutex::new(SaslServer::new(ServerSettings {
                 realm: realm.to_owned(),
                 mechanisms: vec![Mechanism::ScramSha256Plus, Mechanism::ScramSha256],
@@ -270,8 +282,59 @@ fn authenticate(
         source,
         tls,
     };
+    // Guesses are limited as SIP's are: per (user, source), source, network and user, with
+    // decay; a locked attempt is refused before the SASL step (and the store) is touched.
+    let username = lock(&state.sasl).claimed_username(&params);
+    let locked = {
+        let l = lock(&state.lockout);
+        l.source_locked(source, now).is_some()
+            || username
+                .as_deref()
+                .is_some_and(|u| l.user_locked(u, source, false, now).is_some())
+    };
+    if locked {
+        state
+            .metrics
+            .admin_logins
+            .with_label_values(&["locked"])
+            .inc();
+        tracing::warn!(%source, "admin login refused: locked out after failed attempts");
+        return Auth::Respond(reply(
+            StatusCode::FORBIDDEN,
+            json!({"error": "forbidden"}),
+            &[],
+        ));
+    }
     let store = lock(&state.store);
     let step = lock(&state.sasl).step(&params, &ex, &Admins(&store), now);
+    match &step {
+        Ok(Outcome::Success { auth, .. }) => {
+            lock(&state.lockout).success(auth.identity(), source, now);
+            state
+                .metrics
+                .admin_logins
+                .with_label_values(&["success"])
+                .inc();
+        }
+        Err(AuthError::Failed(f))
+            if !matches!(
+                f,
+                gatehouse_auth::Failure::UnknownHandle | gatehouse_auth::Failure::Expired
+            ) =>
+        {
+            let mut l = lock(&state.lockout);
+            l.failure(username.as_deref(), source, now);
+            l.sweep(now, 64);
+            drop(l);
+            state
+                .metrics
+                .admin_logins
+                .with_label_values(&["failure"])
+                .inc();
+            tracing::warn!(%source, reason = f.label(), "admin login failed");
+        }
+        _ => {}
+    }
     match step {
         Ok(Outcome::Challenge(p)) => Auth::Respond(reply(
             StatusCode::UNAUTHORIZED,
@@ -691,41 +754,51 @@ pub async fn serve(
     state: Arc<AdminState>,
     acceptor: Option<tokio_rustls::TlsAcceptor>,
 ) {
+    // Caps per listener and per source, a header deadline, a lifetime per connection, and an
+    // accept loop that backs off instead of spinning when descriptors run out.
+    let guard = crate::http_guard::HttpGuard::new(crate::http_guard::HttpLimits::ADMIN);
+    let (mut backoff, mut reserve) = (Duration::ZERO, None);
     loop {
-        let Ok((stream, remote)) = listener.accept().await else {
+        let (stream, remote) =
+            crate::http_guard::accept(&listener, &mut backoff, &mut reserve).await;
+        let Some(permit) = guard.admit(remote.ip()) else {
+            tracing::debug!(%remote, "admin connection refused: over the listener's or the source's cap");
             continue;
         };
         let state = Arc::clone(&state);
         let acceptor = acceptor.clone();
+        let guard = Arc::clone(&guard);
         tokio::spawn(async move {
+            let _permit = permit;
             let source = remote.ip();
-            match acceptor {
-                Some(acc) => {
-                    let Ok(Ok(tls)) =
-                        tokio::time::timeout(Duration::from_secs(10), acc.accept(stream)).await
-                    else {
-                        return;
-                    };
-                    // Channel binding of this connection, computed once after the handshake.
-                    let info = crate::tls::channel_binding(tls.get_ref().1);
-                    let io = hyper_util::rt::TokioIo::new(tls);
-                    let service = hyper::service::service_fn(move |req| {
-                        handle(Arc::clone(&state), req, source, Some(info.clone()))
-                    });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(io, service)
-                        .await;
+            let limits = guard.limits();
+            let http = guard.http1();
+            let serve = async move {
+                match acceptor {
+                    Some(acc) => {
+                        let Ok(Ok(tls)) =
+                            tokio::time::timeout(limits.header_timeout, acc.accept(stream)).await
+                        else {
+                            return;
+                        };
+                        // Channel binding of this connection, computed once after the handshake.
+                        let info = crate::tls::channel_binding(tls.get_ref().1);
+                        let io = hyper_util::rt::TokioIo::new(tls);
+                        let service = hyper::service::service_fn(move |req| {
+                            handle(Arc::clone(&state), req, source, Some(info.clone()))
+                        });
+                        let _ = http.serve_connection(io, service).await;
+                    }
+                    None => {
+                        let io = hyper_util::rt::TokioIo::new(stream);
+                        let service = hyper::service::service_fn(move |req| {
+                            handle(Arc::clone(&state), req, source, None)
+                        });
+                        let _ = http.serve_connection(io, service).await;
+                    }
                 }
-                None => {
-                    let io = hyper_util::rt::TokioIo::new(stream);
-                    let service = hyper::service::service_fn(move |req| {
-                        handle(Arc::clone(&state), req, source, None)
-                    });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(io, service)
-                        .await;
-                }
-            }
+            };
+            let _ = tokio::time::timeout(limits.lifetime, serve).await;
         });
     }
 }

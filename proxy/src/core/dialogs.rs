@@ -88,6 +88,7 @@ impl Dialogs {
         self.scratch.push_str(caller_tag);
     }
 
+    /// Queues a dialog (pinned ones are not queued: `u64::MAX` is no queue entry's number).
     fn touch(&mut self, key: Box<str>, expires: Instant, confirmed: bool) -> u64 {
         let seq = self.next;
         self.next += 1;
@@ -118,7 +119,12 @@ impl Dialogs {
             } else {
                 EARLY
             };
-        let seq = self.touch(key.clone(), expires, confirmed || was_confirmed);
+        let pinned = pinned || self.map.get(&key).is_some_and(|e| e.pinned);
+        let seq = if pinned {
+            u64::MAX
+        } else {
+            self.touch(key.clone(), expires, confirmed || was_confirmed)
+        };
         let entry = self.map.entry(key).or_insert_with(|| Entry {
             callees: Vec::with_capacity(1),
             confirmed: false,
@@ -218,7 +224,12 @@ impl Dialogs {
         let Some(e) = self.map.get_mut(&key).filter(|e| e.seq == seq) else {
             return Step::Moved;
         };
-        if e.pinned || e.expires > queued {
+        if e.pinned {
+            // A tunnel's dialog never expires nor is evicted: it leaves the queues for good.
+            e.seq = u64::MAX;
+            return Step::Moved;
+        }
+        if e.expires > queued {
             let expires = e.expires;
             e.seq = self.next;
             self.next += 1;

@@ -17,7 +17,8 @@
 //! 3. **checks**: CANCEL matched to its INVITE (481), Max-Forwards (483), loop detection
 //!    (482), Request-URI scheme (416), Proxy-Require (420); OPTIONS to the gateway is 200;
 //! 4. **in-dialog**: Route pre-processing (16.4), topology tokens opened ([`topology`]); an
-//!    in-dialog request must carry a Record-Route entry this gateway signed (else 481);
+//!    in-dialog request must carry a Record-Route entry this gateway signed, of a dialog that
+//!    still lives ([`dialogs`]; else 481), and goes only to the next hop that entry names (403);
 //! 5. **authenticate**: [`Admission`] proof: a trusted source, or the SASL exchange of
 //!    sip-sasl.md (407, `Proxy-Authorization`), whose identity must own the From AOR;
 //!    REGISTER runs its 401 exchange here too; failures feed the [`lockout`];
@@ -25,13 +26,17 @@
 //! Then the server transaction is created (the last quarter of `max_transactions` is kept
 //! for trusted sources) and:
 //!
-//! 6. **authorize**: the body is classified by its bytes (any `vnd.wireguard` is an offer,
-//!    whatever the label: 415/488), the policy decides (403 + Warning); a WireGuard offer is
-//!    validated (488 + Warning) and its `scram` PSK derived;
-//! 7. **target**: registered bindings of the AOR, then static routes (AOR, then domain) —
-//!    480 for the gateway's domains, 403 (no relaying) for others; then **rewrite**: the
-//!    tunnel offer for the inside (PSK only over TLS or to internal networks);
-//! 8. **relay**: Via with an RFC 3261 branch carrying the loop hash, Max-Forwards,
+//! 6. **target**: registered bindings of the Request-URI's AOR, then static routes (AOR, then
+//!    domain) — 480 for the gateway's domains, 403 (no relaying) for others: one
+//!    [`router::Routed`] value, the AOR reached and its branches;
+//! 7. **authorize**: the body is classified by its bytes (any `vnd.wireguard` is an offer,
+//!    whatever the label: 415/488), the policy decides on the `Routed` target, never the To
+//!    header (403 + Warning); a WireGuard offer is validated (488 + Warning), its prefixes and
+//!    key must not be another identity's live tunnel's (403), and its `scram` PSK derived;
+//!    then **rewrite**: the tunnel offer for the inside (PSK only over TLS or to internal
+//!    networks);
+//! 8. **relay**: only to the branches the consumed [`Clearance`] names (the authorisation
+//!    invariant); Via with an RFC 3261 branch carrying the loop hash, Max-Forwards,
 //!    Record-Route (doubled when transport or address family changes), topology hiding
 //!    towards the outside, client transaction, 100 Trying for INVITE, response context with
 //!    best-response selection (16.7), Timer C, CANCEL of pending branches, 408/503
@@ -239,6 +244,9 @@ pub struct Proxy {
     mac_key: admission::MacKey,
     /// Bans in force at the last [`Proxy::maintain`] (metrics).
     banned_sources: usize,
+    /// Branches refused because no clearance named their destination (a bug: always 0; the
+    /// fuzz target and the core tests check it after every step).
+    authorization_violations: u64,
     /// A tunnel was established: the next write batch is durable (its transmits wait for it).
     durable: bool,
     stateless: stateless::StatelessCache,
@@ -329,6 +337,7 @@ impl Proxy {
             lookups: Default::default(),
             dialogs: dialogs::Dialogs::new(DIALOG_CAPACITY),
             banned_sources: 0,
+            authorization_violations: 0,
             durable: false,
             stateless: stateless::StatelessCache::new(STATELESS_CAPACITY),
             topology: topology::TopologyKey::derive(&cfg.dialog_key),
@@ -449,6 +458,13 @@ impl Proxy {
     /// Panics caught so far, in the core and in its SASL server (0 unless there is a bug).
     pub fn internal_errors(&self) -> u64 {
         self.stats.internal_errors + self.gate.server_stats().internal_errors
+    }
+
+    /// Branches the authorisation invariant refused (every branch starts at a destination the
+    /// clearance it was relayed on names, or at an address DNS gave for one): 0 unless there
+    /// is a bug. The fuzz target and the core tests' harness check it after every step.
+    pub fn authorization_violations(&self) -> u64 {
+        self.authorization_violations
     }
 
     /// Live transactions (server and client).
@@ -925,6 +941,7 @@ impl Proxy {
                 started: now,
                 latency_recorded: false,
                 resolving: 0,
+                cleared: Vec::new(),
             },
         );
         let result = match admitted {
@@ -1098,14 +1115,14 @@ impl Proxy {
         loop_hash: u32,
         now: Instant,
     ) -> Result<(), Reject> {
-        // Stage 6 needs the target stage's decision: the policy judges the AOR the request
+        // Stage 6, target: the policy judges the AOR the request
         // will reach (its Request-URI, as routing read it), not the To header, which routing
         // never reads. One value, `Routed`, goes from here into the policy query, the tunnel
         // record and the clearance the relay consumes.
         let ruri = msg.request_uri().unwrap_or_default().into_owned();
         let routed = self.router.route(&ruri, self.bindings_for(&ruri, now))?;
 
-        // Stage 6: authorize (policy; a tunnel offer is validated and its PSK derived).
+        // Stage 7: authorize (policy; a tunnel offer is validated and its PSK derived).
         let authorization = self.authorize(&mut msg, &admission, &flow, &routed)?;
 
         // Stage 7b: rewrite the tunnel offer for the inside (checked against the branches).

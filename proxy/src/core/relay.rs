@@ -45,6 +45,9 @@ pub(super) struct Prepared {
     pub(super) flow: Flow,
     pub(super) record_route: bool,
     pub(super) loop_hash: u32,
+    /// The destination of the clearance this branch stems from (DNS turns a name into the
+    /// addresses the branch is sent to): checked by the authorisation invariant.
+    pub(super) origin: Destination,
 }
 
 /// Response context of a forwarded request (RFC 3261 16.7).
@@ -65,6 +68,9 @@ pub(super) struct Context {
     pub(super) latency_recorded: bool,
     /// Branches waiting for DNS (they count as open: no final is chosen before them).
     pub(super) resolving: u16,
+    /// The destinations the clearance consumed for this request names (the authorisation
+    /// invariant: every branch starts at one of them, or at an address DNS gave for one).
+    pub(super) cleared: Vec<Destination>,
 }
 
 /// The relay's state (RFC 3261 16.7): the response context of every server transaction
@@ -224,9 +230,11 @@ impl Proxy {
         // Only in a dialog this gateway signed (the proof is what matters here; an ACK has no
         // transaction to relay through).
         let Ok(Some(signed)) = self.preprocess_routes(&mut msg) else {
+            tracing::debug!(remote = %flow.remote, "ACK without a signed Route of ours dropped");
             return;
         };
         if !self.dialog_lives(&msg, now) {
+            tracing::debug!(remote = %flow.remote, "ACK for no live dialog dropped");
             return;
         }
         if self.reveal_request_uri(&mut msg).is_err() {
@@ -237,8 +245,12 @@ impl Proxy {
             return;
         }
         self.tunnel_in_dialog(&mut msg);
-        let Ok(dest) = self.next_hop_of_dialog(&mut msg, &signed) else {
-            return;
+        let dest = match self.next_hop_of_dialog(&mut msg, &signed) {
+            Ok(dest) => dest,
+            Err(reject) => {
+                tracing::debug!(remote = %flow.remote, %reject, "ACK dropped");
+                return;
+            }
         };
         if self.hides_towards(&flow, &dest) {
             self.hide_request(&mut msg, &dest);
@@ -395,6 +407,9 @@ impl Proxy {
     ) -> Result<(), Reject> {
         let record_route = clearance.record_route(msg.method());
         tracing::trace!(on_behalf_of = clearance.identity(), "relay");
+        if let Some(ctx) = self.fwd.context_mut(id) {
+            ctx.cleared = clearance.destinations();
+        }
         let targets = clearance.into_branches();
         let method = msg.method().unwrap_or(Method::Other);
         if method == Method::Invite {
@@ -418,6 +433,7 @@ impl Proxy {
                 flow,
                 record_route,
                 loop_hash,
+                origin: dest.clone(),
             };
             match dest.query() {
                 // A host name: DNS first (RFC 3263), off the loop.
@@ -439,6 +455,7 @@ impl Proxy {
         located: Option<VecDeque<Destination>>,
         now: Instant,
     ) {
+        let located_branch = located.is_some();
         let address = located
             .as_ref()
             .and_then(|_| super::locate::dead_key(&dest));
@@ -453,7 +470,23 @@ impl Proxy {
             flow,
             record_route,
             loop_hash,
+            origin,
         } = prepared;
+        if !self.cleared_for(id, &origin, &dest, located_branch) {
+            // A bug, never an input: the request would go where no clearance names. It is
+            // not sent; the branch is answered as unreachable, and counted.
+            self.authorization_violations += 1;
+            debug_assert!(false, "a branch to {dest:?} that no clearance names");
+            tracing::error!(?dest, "refused to relay a branch no clearance names (bug)");
+            let open = self
+                .fwd
+                .context(id)
+                .filter(|c| !c.final_sent && c.branches.is_empty());
+            if let Some(request) = open.map(|c| c.request.clone()) {
+                self.reply(id, &request, Reject::Internal, now);
+            }
+            return;
+        }
         let method = branch_msg.method().unwrap_or(Method::Other);
         if record_route {
             self.add_record_route(&mut branch_msg, &flow, &dest);
@@ -486,6 +519,23 @@ impl Proxy {
             },
         );
         self.stats.forwarded += 1;
+    }
+
+    /// The authorisation invariant for one branch of server transaction `id`: it stems from a
+    /// destination the consumed clearance names (`origin`), and goes there — or, for a name,
+    /// to an address DNS gave for it (`located`).
+    fn cleared_for(
+        &self,
+        id: TxId,
+        origin: &Destination,
+        dest: &Destination,
+        located: bool,
+    ) -> bool {
+        let Some(ctx) = self.fwd.context(id) else {
+            return false;
+        };
+        ctx.cleared.contains(origin)
+            && (origin == dest || (located && matches!(origin, Destination::Name { .. })))
     }
 
     /// Names the gateway holding a binding's flow, and the flow, in a Route entry signed for
@@ -692,8 +742,10 @@ impl Proxy {
             return;
         }
         let Some(server) = server else {
-            // Context gone (only 2xx retransmissions can get here): forward statelessly.
+            // Context gone (only 2xx retransmissions can get here): forward statelessly,
+            // re-signed as the first one was (the caller may take its route set from this one).
             if (200..300).contains(&status) {
+                self.resign_record_route(&mut msg);
                 if let Some(clean) = crate::tunnel::sdp::strip_psk(msg.body()) {
                     msg.set_body(clean.into());
                 }
@@ -969,6 +1021,7 @@ From: <sip:b@x>;tag=1\r\nTo: <sip:a@x>\r\nCall-ID: c\r\nCSeq: 1 OPTIONS\r\nConte
             started: Instant::now(),
             latency_recorded: false,
             resolving: 0,
+            cleared: Vec::new(),
         }
     }
 

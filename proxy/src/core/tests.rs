@@ -188,6 +188,12 @@ impl Harness {
     }
 
     fn drain(&mut self) -> Vec<Sent> {
+        // The authorisation invariant holds after every step the core takes.
+        assert_eq!(
+            self.proxy.authorization_violations(),
+            0,
+            "a branch went where no clearance names"
+        );
         if let Some(batch) = self.proxy.take_writes() {
             if let Some(store) = &mut self.store {
                 store.apply(&batch.writes).unwrap();

@@ -19,6 +19,7 @@
 //! | `gatehouse_auth_attempts_total` | counter | `mechanism`, `outcome` |
 //! | `gatehouse_auth_pending_exchanges` | gauge | |
 //! | `gatehouse_auth_challenges_total`, `gatehouse_auth_lockouts_total` | counter | |
+//! | `gatehouse_admin_logins_total` | counter | `outcome` (`success`, `failure`, `locked`): admin API SASL exchanges that ended, and attempts refused while locked out |
 //! | `gatehouse_policy_denials_total` | counter | `reason` |
 //! | `gatehouse_tunnel_active` | gauge | |
 //! | `gatehouse_tunnel_limit_checks_total` | counter | `outcome` (`granted`, `refused`, `unverified`): set-ups counted against the cluster's limits by the shared store (`unverified`: it did not answer in time, the gateway's own counts decided) |
@@ -72,6 +73,7 @@ pub struct Metrics {
     pub sasl_pending: IntGauge,
     pub auth_challenges: IntCounter,
     pub auth_lockouts: IntCounter,
+    pub admin_logins: IntCounterVec,
     pub policy_denials: IntCounterVec,
     pub tunnels_active: IntGauge,
     pub tunnel_limit_checks: IntCounterVec,
@@ -210,6 +212,12 @@ impl Metrics {
                 "SASL challenges sent to callers (407 rounds)",
             ),
             auth_lockouts: counter(&r, "gatehouse_auth_lockouts_total", "Lockouts started"),
+            admin_logins: counter_vec(
+                &r,
+                "gatehouse_admin_logins_total",
+                "Admin API SASL exchanges by outcome (locked: refused while locked out)",
+                &["outcome"],
+            ),
             policy_denials: counter_vec(
                 &r,
                 "gatehouse_policy_denials_total",
@@ -402,6 +410,9 @@ impl Metrics {
         for d in gatehouse_policy::Denied::ALL {
             self.policy_denials.with_label_values(&[d.label()]);
         }
+        for outcome in ["success", "failure", "locked"] {
+            self.admin_logins.with_label_values(&[outcome]);
+        }
         for area in ["sip", "sasl", "admin", "reload"] {
             self.internal_errors.with_label_values(&[area]);
         }
@@ -550,17 +561,24 @@ async fn handle(
 
 /// Serves the metrics listener until the task is dropped.
 pub async fn serve(listener: tokio::net::TcpListener, metrics: Arc<Metrics>) {
+    // The same defences as the admin API's listener (`http_guard`).
+    let guard = crate::http_guard::HttpGuard::new(crate::http_guard::HttpLimits::METRICS);
+    let (mut backoff, mut reserve) = (std::time::Duration::ZERO, None);
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
+        let (stream, remote) =
+            crate::http_guard::accept(&listener, &mut backoff, &mut reserve).await;
+        let Some(permit) = guard.admit(remote.ip()) else {
+            tracing::debug!(%remote, "metrics connection refused: over the listener's or the source's cap");
             continue;
         };
         let metrics = Arc::clone(&metrics);
+        let guard = Arc::clone(&guard);
         tokio::spawn(async move {
+            let _permit = permit;
             let io = hyper_util::rt::TokioIo::new(stream);
             let service = hyper::service::service_fn(move |req| handle(Arc::clone(&metrics), req));
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(io, service)
-                .await;
+            let serve = guard.http1().serve_connection(io, service);
+            let _ = tokio::time::timeout(guard.limits().lifetime, serve).await;
         });
     }
 }

@@ -546,7 +546,7 @@ impl Driver {
                     tx,
                     log_control(),
                     Arc::clone(&metrics),
-                    cfg.auth.iterations,
+                    &cfg.auth,
                 ));
                 let acceptor = if settings.tls { tls.acceptor() } else { None };
                 tokio::spawn(crate::admin::serve(listener, state, acceptor));

@@ -43,7 +43,7 @@ pub enum Conflict {
 type PrefixKey = (u8, u128, u8, Arc<str>);
 
 /// The claims of the live tunnels (see the module documentation).
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Claims {
     /// Holders of each prefix, with how many of their tunnels claim it.
     prefixes: BTreeMap<PrefixKey, u32>,
@@ -51,6 +51,24 @@ pub struct Claims {
     keys: HashMap<Box<str>, (Arc<str>, u32)>,
     /// The empty identity: the least key of a range (no allocation per look-up).
     floor: Arc<str>,
+    /// How many entries have each prefix length, per family (IPv4, IPv6): the look-up of
+    /// held prefixes around an offered one visits only the lengths in use.
+    lengths: [[u32; 129]; 2],
+}
+
+impl Default for Claims {
+    fn default() -> Self {
+        Claims {
+            prefixes: BTreeMap::new(),
+            keys: HashMap::new(),
+            floor: Arc::default(),
+            lengths: [[0; 129]; 2],
+        }
+    }
+}
+
+fn family(fam: u8) -> usize {
+    usize::from(fam == 6)
 }
 
 /// A prefix as (family, first address as u128, length), host bits cleared.
@@ -113,8 +131,10 @@ impl Claims {
     fn prefix_conflict(&self, identity: &str, p: &IpNet) -> bool {
         let (fam, start, len) = span(p);
         let other = |k: &PrefixKey| &*k.3 != identity;
-        // Held prefixes that contain P (or equal it): one per shorter-or-equal length.
-        for l in 0..=len {
+        // Held prefixes that contain P (or equal it): one look-up per shorter-or-equal length
+        // that some held prefix has.
+        let in_use = &self.lengths[family(fam)];
+        for l in (0..=len).filter(|&l| in_use[usize::from(l)] > 0) {
             let s = mask(fam, start, l);
             let lo: Bound<PrefixKey> = Bound::Included((fam, s, l, self.floor.clone()));
             let hi: Bound<PrefixKey> = Bound::Excluded((fam, s, l + 1, self.floor.clone()));
@@ -134,10 +154,14 @@ impl Claims {
     pub fn claim(&mut self, identity: &Arc<str>, prefixes: &str, key: &str) {
         for p in parse_prefixes(prefixes).iter().take(MAX_PREFIXES) {
             let (fam, start, len) = span(p);
-            *self
+            let n = self
                 .prefixes
                 .entry((fam, start, len, Arc::clone(identity)))
-                .or_default() += 1;
+                .or_default();
+            if *n == 0 {
+                self.lengths[family(fam)][usize::from(len)] += 1;
+            }
+            *n += 1;
         }
         if key.is_empty() {
             return;
@@ -161,6 +185,7 @@ impl Claims {
                 *n -= 1;
                 if *n == 0 {
                     self.prefixes.remove(&k);
+                    self.lengths[family(fam)][usize::from(len)] -= 1;
                 }
             }
         }
