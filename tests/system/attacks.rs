@@ -268,5 +268,8 @@ fn the_admin_listener_has_caps_and_deadlines() {
     // Places given back are free again.
     held.truncate(4);
     let mut c = AdminClient::new(addr, "root", "root-secret");
-    assert_eq!(c.request("GET", "/api/v1/status", None).unwrap().status, 200);
+    assert_eq!(
+        c.request("GET", "/api/v1/status", None).unwrap().status,
+        200
+    );
 }

@@ -90,8 +90,9 @@ pub(super) fn is_trusted(source: IpAddr, trusted: &[IpNet]) -> bool {
 /// cluster, with the shared key) record-routed, and of the one next hop it may go to.
 ///
 /// The Record-Route entry the gateway writes is a capability for one direction of one dialog:
-/// `gd=` seals (XChaCha20-Poly1305 under the topology key, so no internal address leaks) the
-/// URI the next hop of that direction is computed from — the proxy or Contact of the party the
+/// `gd=` carries ([`hop_token`]: sealed with XChaCha20-Poly1305 under the topology key when
+/// topology is hidden, so no internal address leaks) the URI the next hop of that direction is
+/// computed from — the proxy or Contact of the party the
 /// entry's holder sends to — and, once the callee answered, the callee's tag; `gh=` is the
 /// dialog MAC over the Call-ID, the caller's tag and `gd`. The entry in the INVITE (the
 /// callee's route set) names the caller's side; the gateway re-signs its entry in every
@@ -164,12 +165,53 @@ pub fn dialog_mac(key: &MacKey, call_id: &str, caller_tag: &str, hop_token: &str
 }
 
 /// The `gd=` token of a dialog direction: the next hop's URI and, once known, the callee's
-/// tag, sealed so that the outside reads neither.
-pub fn hop_token(topology: &TopologyKey, hop: &str, callee_tag: Option<&str>) -> String {
-    match callee_tag {
-        Some(tag) => topology.seal(hop, &[tag.to_owned()]),
-        None => topology.seal(hop, &[]),
+/// tag. With topology hiding (`sealed`) the outside reads neither: `s.` and the two sealed
+/// under the topology key. Without it the inside's addresses leave in Contacts anyway, so
+/// they travel readable, `p.` and base64url (no cipher on every dialog's path); the MAC over
+/// the token authenticates either form.
+pub fn hop_token(
+    topology: &TopologyKey,
+    hop: &str,
+    callee_tag: Option<&str>,
+    sealed: bool,
+) -> String {
+    use base64::Engine;
+    let extra: Vec<String> = callee_tag.map(str::to_owned).into_iter().collect();
+    if sealed {
+        return format!("s.{}", topology.seal(hop, &extra));
     }
+    let mut plain = String::with_capacity(hop.len() + 24);
+    plain.push_str(hop);
+    for e in &extra {
+        plain.push('\n');
+        plain.push_str(e);
+    }
+    format!(
+        "p.{}",
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(plain)
+    )
+}
+
+/// Reads a `gd=` token (either form): the hop URI and the callee's tag if it names one.
+fn read_hop_token(topology: &TopologyKey, token: &str) -> Option<(String, Option<String>)> {
+    use base64::Engine;
+    let (hop, mut rest) = if let Some(sealed) = token.strip_prefix("s.") {
+        let (hop, extra) = topology.open(sealed)?;
+        (hop, extra.into_iter())
+    } else {
+        let plain = token.strip_prefix("p.")?;
+        if plain.len() > 4096 {
+            return None;
+        }
+        let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(plain)
+            .ok()?;
+        let text = String::from_utf8(bytes).ok()?;
+        let mut parts = text.split('\n').map(str::to_owned);
+        let hop = parts.next()?;
+        (hop, parts.collect::<Vec<_>>().into_iter())
+    };
+    Some((hop, rest.next()))
 }
 
 impl SignedDialog {
@@ -189,8 +231,8 @@ impl SignedDialog {
         for (caller, other) in [(&from, &to), (&to, &from)] {
             let expected = dialog_mac(key, &call_id, caller, token);
             if gatehouse_auth::scram::constant_time_eq(expected.as_bytes(), presented.as_bytes()) {
-                let (hop, extra) = topology.open(token)?;
-                if extra.first().is_some_and(|callee| callee != other) {
+                let (hop, callee) = read_hop_token(topology, token)?;
+                if callee.is_some_and(|callee| &callee != other) {
                     return None;
                 }
                 return Some(SignedDialog { hop });
@@ -338,6 +380,26 @@ impl Clearance {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Both forms of a hop token read back; a sealed one does not show the hop.
+    #[test]
+    fn hop_tokens_read_back_in_either_form() {
+        let topo = TopologyKey::derive(&[7; 32]);
+        for sealed in [false, true] {
+            let t = hop_token(&topo, "sip:vpn@198.51.100.20:5060", Some("uas1"), sealed);
+            assert_eq!(
+                read_hop_token(&topo, &t),
+                Some(("sip:vpn@198.51.100.20:5060".into(), Some("uas1".into())))
+            );
+            let t = hop_token(&topo, "sip:a@b", None, sealed);
+            assert_eq!(read_hop_token(&topo, &t), Some(("sip:a@b".into(), None)));
+            assert_eq!(t.starts_with("s."), sealed);
+        }
+        let sealed = hop_token(&topo, "sip:vpn@198.51.100.20:5060", None, true);
+        assert!(!sealed.contains("198"));
+        assert_eq!(read_hop_token(&topo, "x.abc"), None);
+        assert_eq!(read_hop_token(&topo, "s.forged"), None);
+    }
 
     /// The keyed-once MAC is plain HMAC-SHA-256 (another gateway of the cluster computes the
     /// same): a freshly keyed HMAC over a label, Call-ID, tag and hop token, NUL-separated,

@@ -638,7 +638,7 @@ impl Proxy {
             .or_else(|| msg.value_of(HeaderName::Contact).map(|c| c.into_owned()))
             .and_then(|v| NameAddr::parse(&v).map(|na| na.uri.to_owned()))
             .unwrap_or_default();
-        let token = admission::hop_token(&self.topology, &hop, None);
+        let token = admission::hop_token(&self.topology, &hop, None, self.cfg.hide_topology);
         let mac = admission::dialog_mac(
             &self.mac_key,
             &msg.call_id(),
@@ -680,7 +680,12 @@ impl Proxy {
             .or_else(|| resp.value_of(HeaderName::Contact).map(|c| c.into_owned()))
             .and_then(|v| NameAddr::parse(&v).map(|na| na.uri.to_owned()))
             .unwrap_or_default();
-        let token = admission::hop_token(&self.topology, &hop, Some(&callee_tag));
+        let token = admission::hop_token(
+            &self.topology,
+            &hop,
+            Some(&callee_tag),
+            self.cfg.hide_topology,
+        );
         let caller_tag = resp.tag(HeaderName::From).unwrap_or_default();
         let mac = admission::dialog_mac(&self.mac_key, &resp.call_id(), &caller_tag, &token);
         let fields: Vec<usize> = resp

@@ -1043,6 +1043,7 @@ fn a_cluster_peers_signed_route_is_followed() {
         &super::topology::TopologyKey::derive(&[7; 32]),
         "sip:vpn@198.51.100.20:5060",
         Some("uas1"),
+        false,
     );
     let mac = super::admission::dialog_mac(
         &super::admission::MacKey::new(&[7; 32]),
