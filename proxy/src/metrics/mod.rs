@@ -30,7 +30,7 @@
 //! | `gatehouse_sip_rate_limited_total` | counter | | requests dropped by the per-source limit |
 //! | `gatehouse_sip_banned_sources` | gauge | | sources currently banned by the rate limit |
 //! | `gatehouse_sip_stateless_challenges_total` | counter | `kind` (`sent`, `retransmitted`) |
-//! | `gatehouse_transport_refused_total` | counter | `reason` (`per_source`, `tcp_budget`, `tls_budget`) |
+//! | `gatehouse_transport_refused_total` | counter | `reason` (`per_source`, `tcp_budget`, `tls_budget`, `handshake_rate`) |
 //! | `gatehouse_transport_closed_total` | counter | `reason` (`header_deadline`, `handshake_deadline`, `idle`) |
 //! | `gatehouse_store_errors_total` | counter | | store writes that failed (logged too) |
 //! | `gatehouse_store_commit_seconds` | histogram | | one batch of writes committed by the storage worker |
@@ -422,7 +422,7 @@ impl Metrics {
         for kind in ["sent", "retransmitted"] {
             self.stateless_challenges.with_label_values(&[kind]);
         }
-        for reason in ["per_source", "tcp_budget", "tls_budget"] {
+        for reason in ["per_source", "tcp_budget", "tls_budget", "handshake_rate"] {
             self.connections_refused.with_label_values(&[reason]);
         }
         for reason in ["header_deadline", "handshake_deadline", "idle"] {

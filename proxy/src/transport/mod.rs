@@ -173,6 +173,45 @@ struct StreamSettings {
     next_id: Arc<AtomicU64>,
     events: mpsc::Sender<Event>,
     metrics: Arc<crate::metrics::Metrics>,
+    /// Where inbound connections run (TLS handshake, framing): the connection threads, never
+    /// the SIP loop's ([`ConnRuntime`]).
+    spawner: tokio::runtime::Handle,
+}
+
+/// The threads inbound TCP/TLS connections run on: a TLS handshake costs about a millisecond
+/// of CPU, and on the loop's thread a flood of them delays every message on every transport.
+/// Connection tasks talk to the loop only through channels, so moving them costs nothing
+/// per message. Shut down without waiting when the driver goes (safe inside the runtime the
+/// driver runs on, unlike dropping a runtime there).
+struct ConnRuntime(Option<tokio::runtime::Runtime>);
+
+/// Threads of the connection runtime.
+const CONN_THREADS: usize = 2;
+
+impl ConnRuntime {
+    fn new() -> io::Result<ConnRuntime> {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(CONN_THREADS)
+            .thread_name("gatehouse-conn")
+            .enable_all()
+            .build()
+            .map(|rt| ConnRuntime(Some(rt)))
+    }
+
+    fn handle(&self) -> tokio::runtime::Handle {
+        match &self.0 {
+            Some(rt) => rt.handle().clone(),
+            None => tokio::runtime::Handle::current(),
+        }
+    }
+}
+
+impl Drop for ConnRuntime {
+    fn drop(&mut self) {
+        if let Some(rt) = self.0.take() {
+            rt.shutdown_background();
+        }
+    }
 }
 
 /// The places connections take: the total, a budget per inbound transport, and a share per
@@ -184,7 +223,16 @@ pub struct ConnLimiter {
     tls: Arc<Semaphore>,
     per_source: usize,
     sources: std::sync::Mutex<HashMap<gatehouse_auth::Subscriber, usize>>,
+    /// New TLS connections per subscriber in the current one-second window.
+    handshakes: std::sync::Mutex<HashMap<gatehouse_auth::Subscriber, (Instant, u32)>>,
 }
+
+/// New TLS connections (handshakes) a subscriber may open per second: each handshake costs
+/// about a millisecond of CPU, so a source gets a bounded share of the connection threads.
+pub const HANDSHAKES_PER_SOURCE: u32 = 50;
+/// Subscribers whose handshake windows are remembered at most (older windows are dropped
+/// first; a dropped window only starts afresh).
+const HANDSHAKE_SOURCES: usize = 65_536;
 
 /// Why an inbound connection was refused (metric label).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -193,6 +241,8 @@ pub enum Refusal {
     TcpBudget,
     TlsBudget,
     Total,
+    /// More new TLS connections from the subscriber this second than it may open.
+    HandshakeRate,
 }
 
 impl Refusal {
@@ -202,6 +252,7 @@ impl Refusal {
             Refusal::TcpBudget => "tcp_budget",
             Refusal::TlsBudget => "tls_budget",
             Refusal::Total => "total",
+            Refusal::HandshakeRate => "handshake_rate",
         }
     }
 }
@@ -230,7 +281,28 @@ impl ConnLimiter {
             tls: Arc::new(Semaphore::new(tls)),
             per_source,
             sources: std::sync::Mutex::new(HashMap::new()),
+            handshakes: std::sync::Mutex::new(HashMap::new()),
         })
+    }
+
+    /// Counts a new TLS connection of `sub` at `now` against [`HANDSHAKES_PER_SOURCE`].
+    fn handshake_allowed(&self, sub: gatehouse_auth::Subscriber, now: Instant) -> bool {
+        let second = Duration::from_secs(1);
+        let mut windows = self.handshakes.lock().unwrap_or_else(|p| p.into_inner());
+        if windows.len() >= HANDSHAKE_SOURCES && !windows.contains_key(&sub) {
+            windows.retain(|_, (start, _)| now.duration_since(*start) < second);
+            if windows.len() >= HANDSHAKE_SOURCES {
+                // Every window is current: a flood from as many sources; this one waits.
+                return false;
+            }
+        }
+        let (start, n) = windows.entry(sub).or_insert((now, 0));
+        if now.duration_since(*start) >= second {
+            *start = now;
+            *n = 0;
+        }
+        *n += 1;
+        *n <= HANDSHAKES_PER_SOURCE
     }
 
     fn release_source(&self, sub: gatehouse_auth::Subscriber) {
@@ -250,6 +322,9 @@ impl ConnLimiter {
         remote: SocketAddr,
     ) -> Result<ConnPermit, Refusal> {
         let sub = gatehouse_auth::Subscriber::of(remote.ip());
+        if transport == Transport::Tls && !self.handshake_allowed(sub, Instant::now()) {
+            return Err(Refusal::HandshakeRate);
+        }
         {
             let mut sources = self.sources.lock().unwrap_or_else(|p| p.into_inner());
             let n = sources.entry(sub).or_default();
@@ -482,6 +557,8 @@ pub struct Driver {
     locator: dns::Locator,
     tls: tls::TlsContext,
     accept_tasks: Vec<JoinHandle<()>>,
+    /// The threads inbound connections run on (shut down with the driver).
+    _conn_runtime: ConnRuntime,
     shutdown_grace: Duration,
     rotate: usize,
     reloader: Reloader,
@@ -516,6 +593,7 @@ impl Driver {
     /// The loop for `proxy` on `bound` sockets; `store` goes to the storage worker's thread.
     pub fn new(cfg: &Config, proxy: Proxy, bound: Bound, store: Store) -> io::Result<Driver> {
         let (events_tx, events) = mpsc::channel(8192);
+        let conn_runtime = ConnRuntime::new()?;
         let settings = StreamSettings {
             idle: cfg.connection_idle,
             header_timeout: cfg.header_timeout,
@@ -530,6 +608,7 @@ impl Driver {
             next_id: Arc::new(AtomicU64::new(1)),
             events: events_tx,
             metrics: proxy.metrics(),
+            spawner: conn_runtime.handle(),
         };
         let tls = tls::TlsContext::from_config(cfg)?;
         let mut accept_tasks = Vec::new();
@@ -597,6 +676,7 @@ impl Driver {
             events,
             tls,
             accept_tasks,
+            _conn_runtime: conn_runtime,
             shutdown_grace: cfg.shutdown_grace,
             rotate: 0,
             reloader: Reloader {
@@ -1210,7 +1290,16 @@ async fn accept_loop(
         let _ = stream.set_nodelay(true);
         let settings = settings.clone();
         let acceptor = acceptor.clone();
-        tokio::spawn(async move {
+        // The connection (its TLS handshake first) runs on the connection threads. The
+        // stream was registered with this runtime's reactor: hand it over as a std socket.
+        let Ok(stream) = stream.into_std() else {
+            continue;
+        };
+        let spawner = settings.spawner.clone();
+        spawner.spawn(async move {
+            let Ok(stream) = TcpStream::from_std(stream) else {
+                return;
+            };
             let local = stream.local_addr().unwrap_or(remote);
             let id = settings.next_id.fetch_add(1, Ordering::Relaxed);
             let (tx, rx) = mpsc::channel(1024);
@@ -1358,5 +1447,30 @@ async fn serve_conn<S: AsyncRead + AsyncWrite + Unpin>(
     let _ = settings.events.send(Event::Closed(id)).await;
     if !failed.is_empty() {
         let _ = settings.events.send(Event::SendFailed(failed)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn new_tls_connections_are_rate_limited_per_source() {
+        let limiter = ConnLimiter::new(10_000, 10_000, 10_000, 10_000);
+        let t0 = Instant::now();
+        let a = gatehouse_auth::Subscriber::of("192.0.2.1".parse().unwrap());
+        let b = gatehouse_auth::Subscriber::of("192.0.2.2".parse().unwrap());
+        for _ in 0..HANDSHAKES_PER_SOURCE {
+            assert!(limiter.handshake_allowed(a, t0));
+        }
+        assert!(!limiter.handshake_allowed(a, t0), "over the source's rate");
+        assert!(
+            limiter.handshake_allowed(b, t0),
+            "another source is not affected"
+        );
+        assert!(
+            limiter.handshake_allowed(a, t0 + Duration::from_secs(1)),
+            "a new second, a new allowance"
+        );
     }
 }
