@@ -620,13 +620,16 @@ impl SaslServer {
         mechanism: Mechanism,
         creds: &dyn CredentialSource,
     ) -> (Verifier, Option<Credential>) {
+        // The fake verifier is derived whoever asks (three HMACs), so that a known and an
+        // unknown user cost the same: the answer's timing tells nobody which users exist.
+        let fake = std::hint::black_box(self.fake_verifier(username));
         match creds.lookup(username) {
             Some(c)
                 if c.enabled && c.mechanisms.as_ref().is_none_or(|m| m.contains(&mechanism)) =>
             {
                 (c.verifier.clone(), Some(c))
             }
-            _ => (self.fake_verifier(username), None),
+            _ => (fake, None),
         }
     }
 
