@@ -289,8 +289,19 @@ fn sip_negotiated_wireguard_tunnel_with_sasl_psk() {
     std::fs::write(d.join("ca.pem"), key.cert.pem()).unwrap();
     std::fs::write(d.join("key.pem"), key.signing_key.serialize_pem()).unwrap();
     let store = d.join("store.sqlite");
-    // The same users as the other system tests: alice (sip:alice@partner.example) and vpn.
+    // The same users as the other system tests: alice (sip:alice@partner.example) and vpn;
+    // and bob, another partner, who will try to take alice's tunnel over.
     crate::sasl::seed(&store);
+    gatehouse::store::Store::open(&store)
+        .unwrap()
+        .add_user(
+            "bob",
+            b"bob-secret",
+            &["sip:bob@partner.example".into()],
+            None,
+            4096,
+        )
+        .unwrap();
     std::fs::write(
         d.join("policy.toml"),
         "org_prefixes = [\"2001:db8:789::/48\"]\n[[rule]]\nname = \"partners\"\nkind = \"tunnel\"\ncallers = [\"*@partner.example\"]\n\
@@ -325,6 +336,7 @@ targets = [\"sip:vpn@org.example\"]\npskmth = [\"scram\"]\nrequire_psk = true\np
     // The organisation's endpoint.
     write_secret(&d.join("vpn.password"), "vpn-secret\n");
     write_secret(&d.join("alice.password"), "alice-secret\n");
+    write_secret(&d.join("bob.password"), "bob-secret\n");
     write_secret(&d.join("wrong.password"), "not-the-password\n");
     std::fs::write(
         d.join("endpoint.toml"),
@@ -485,6 +497,55 @@ address = \"2001:db8:2::2\"\nprefix = \"2001:db8:789:1::/64\"\ninterface_address
         "{}",
         caller.log_text()
     );
+
+    // Issue 18, item 3: bob, another partner identity, tries to take alice's live tunnel over
+    // — a /48 around her /64 (WireGuard would move her allowed-ip to his peer), then her public
+    // key (her peer's PSK and endpoint would become his). Both are refused; her tunnel, its
+    // peer and its PSK are unharmed.
+    let bob_config = |name: &str, prefix: &str, key: &str| {
+        let path = caller_config(d, name, &id, "bob.password", prefix, false);
+        let text = std::fs::read_to_string(&path)
+            .unwrap()
+            .replace("sip:alice@partner.example", "sip:bob@partner.example")
+            .replace("username = \"alice\"", "username = \"bob\"")
+            .replace(
+                &format!("interface = \"wgp{id}\""),
+                &format!("interface = \"wgb{id}\""),
+            )
+            .replace(
+                "private_key_file = \"partner.key\"",
+                &format!("private_key_file = \"{key}\""),
+            )
+            .replace("listen_port = 51820", "listen_port = 51830\nstart_daemon = true")
+            .replace(
+                "interface_address = \"2001:db8:456:1::1/64\"",
+                "interface_address = \"2001:db8:456:2::1/64\"",
+            );
+        std::fs::write(&path, text).unwrap();
+        path
+    };
+    for (name, prefix, key) in [
+        ("bob-prefix", "2001:db8:456::/48", "bob.key"),
+        ("bob-key", "2001:db8:456:2::/64", "partner.key"),
+    ] {
+        let mut bob = call(name, &bob_config(name, prefix, key), &[]);
+        let st = bob.wait(Duration::from_secs(40));
+        assert!(!st.success(), "{name}: {}", bob.log_text());
+        assert!(bob.log_text().contains("403"), "{name}: {}", bob.log_text());
+        assert_eq!(
+            topo.peers("o"),
+            1,
+            "{name}: the endpoint still has alice's peer only"
+        );
+        assert!(
+            topo.psk("o") == psk_o,
+            "{name}: her peer's PSK is unchanged"
+        );
+        assert!(
+            topo.ping("1", "2"),
+            "{name}: her tunnel still carries traffic"
+        );
+    }
 
     // Hang up: BYE through the gateway, the endpoint removes the peer, the ping fails.
     let _ = Command::new("kill")
