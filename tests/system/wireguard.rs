@@ -516,7 +516,10 @@ address = \"2001:db8:2::2\"\nprefix = \"2001:db8:789:1::/64\"\ninterface_address
                 "private_key_file = \"partner.key\"",
                 &format!("private_key_file = \"{key}\""),
             )
-            .replace("listen_port = 51820", "listen_port = 51830\nstart_daemon = true")
+            .replace(
+                "listen_port = 51820",
+                "listen_port = 51830\nstart_daemon = true",
+            )
             .replace(
                 "interface_address = \"2001:db8:456:1::1/64\"",
                 "interface_address = \"2001:db8:456:2::1/64\"",

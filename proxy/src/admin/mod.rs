@@ -25,6 +25,10 @@
 //! s2s=<session>`; later requests send `Authorization: SASL s2s="<session>"` until the session
 //! has been idle for `admin.session_idle_s`. A failed exchange is 403, a malformed header 400,
 //! an unknown or expired handle a fresh 401. Over TLS, SCRAM-SHA-256-PLUS with `tls-exporter`.
+//! Failed logins feed a lockout of the SIP design (`core::lockout`, the `[auth]` settings): a
+//! locked user or source is refused (403) before the SASL step; failures are logged and counted
+//! (`gatehouse_admin_logins_total`). The listener is capped per listener and per source, with a
+//! header deadline and a connection lifetime (`http_guard`).
 
 // The I/O side: an HTTP listener with its own clock, session tokens and SQLite connection.
 #![allow(clippy::disallowed_methods, clippy::disallowed_types)]
