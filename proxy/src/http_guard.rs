@@ -1,5 +1,6 @@
 //! Limits and deadlines of the gateway's HTTP listeners (the admin API and `/metrics`): they
-//! face the same attackers as SIP. Each listener has
+//! face the same attackers as SIP. (The SIP TCP/TLS listeners use [`accept`] too; their limits
+//! are `transport::ConnLimiter`'s.) Each listener has
 //!
 //! - a cap on its open connections and a share per subscriber (an IPv4 address or an IPv6
 //!   /64): a connection beyond either is closed at once;

@@ -2857,6 +2857,84 @@ Call-ID: call-1@partner.example\r\nCSeq: 9 BYE\r\nContent-Length: 0\r\n\r\n",
         );
     }
 
+    /// Issue 18, item 7: a request from the inside to the outside keeps none of the inside's
+    /// Record-Route entries (nor the gateway's inward-facing one); they travel sealed in the
+    /// Contact token, so the outside's BYE still goes back through the internal proxy.
+    #[test]
+    fn topology_hiding_keeps_the_insides_record_route_inside_on_requests() {
+        let mut h = tunnel_harness(store(), "198.51.100.0/24");
+        let mut cfg = h.proxy.config().clone();
+        cfg.hide_topology = true;
+        cfg.trusted = vec!["198.51.100.0/24".parse().unwrap()];
+        cfg.policy = std::sync::Arc::new(gatehouse_policy::Policy::trusted_only());
+        cfg.routes.add_domain(
+            "outside.example",
+            Target {
+                uri: "sip:192.0.2.50:5060".into(),
+                dest: Destination::Addr {
+                    transport: Transport::Udp,
+                    addr: "192.0.2.50:5060".parse().unwrap(),
+                    server_name: None,
+                },
+            },
+        );
+        h.boot(cfg, store());
+        let pbx = uas_at("198.51.100.40:5060");
+        let invite = "INVITE sip:bob@outside.example SIP/2.0\r\nVia: SIP/2.0/UDP 198.51.100.40:5060;branch=z9hG4bKpbx1\r\n\
+Record-Route: <sip:10.0.0.7;lr>\r\nMax-Forwards: 70\r\nFrom: <sip:alice@org.example>;tag=in1\r\nTo: <sip:bob@outside.example>\r\n\
+Call-ID: out-1@org.example\r\nCSeq: 1 INVITE\r\nContact: <sip:alice@198.51.100.41:5060>\r\nContent-Length: 0\r\n\r\n";
+        let out = h.send(invite, pbx);
+        let fwd = out
+            .iter()
+            .find(|s| s.first_line().starts_with("INVITE"))
+            .unwrap_or_else(|| panic!("{out:?}"));
+        for internal in ["10.0.0.7", "198.51.100."] {
+            assert!(
+                !fwd.text.contains(internal),
+                "{internal} leaked:\n{}",
+                fwd.text
+            );
+        }
+        let rr = fwd.msg().list_values(HeaderName::RecordRoute);
+        assert_eq!(rr.len(), 1, "only the gateway's outward entry: {rr:?}");
+        // The outside answers and later hangs up along its route set, to the Contact token.
+        let contact =
+            crate::sip::NameAddr::parse(&fwd.msg().value_of(HeaderName::Contact).unwrap())
+                .unwrap()
+                .uri
+                .to_owned();
+        assert!(contact.starts_with("sip:gh."), "{contact}");
+        let outside_flow = uas_at("192.0.2.50:5060");
+        let ok = answer(fwd, 200, "OK", "");
+        let back = h.send(&ok, outside_flow);
+        assert!(back.iter().any(|s| s.status() == Some(200)), "{back:?}");
+        let bye = format!(
+            "BYE {contact} SIP/2.0\r\nVia: SIP/2.0/UDP 192.0.2.50:5060;branch=z9hG4bKobye\r\nMax-Forwards: 70\r\n\
+Route: {}\r\nFrom: <sip:bob@outside.example>;tag=uas1\r\nTo: <sip:alice@org.example>;tag=in1\r\n\
+Call-ID: out-1@org.example\r\nCSeq: 2 BYE\r\nContent-Length: 0\r\n\r\n",
+            rr[0]
+        );
+        let out = h.send(&bye, outside_flow);
+        let inward = out
+            .iter()
+            .find(|s| s.first_line().starts_with("BYE "))
+            .unwrap_or_else(|| panic!("{out:?}"));
+        assert_eq!(
+            inward.first_line(),
+            "BYE sip:alice@198.51.100.41:5060 SIP/2.0"
+        );
+        assert!(
+            inward.text.contains("Route: <sip:10.0.0.7;lr>"),
+            "{}",
+            inward.text
+        );
+        assert!(
+            matches!(inward.dest, Destination::Addr { addr, .. } if addr.to_string() == "10.0.0.7:5060"),
+            "{:?}",
+            inward.dest
+        );
+    }
+
     #[test]
     fn topology_hiding_sends_no_inside_via_and_restores_it() {
         let mut h = tunnel_harness(store(), "198.51.100.0/24");

@@ -1270,10 +1270,12 @@ async fn accept_loop(
     acceptor: Option<tokio_rustls::TlsAcceptor>,
     settings: StreamSettings,
 ) {
+    // Out of descriptors (EMFILE), accept fails at once for as long as it lasts: back off
+    // instead of spinning the thread the SIP loop shares (`http_guard::accept`).
+    let (mut backoff, mut reserve) = (Duration::ZERO, None);
     loop {
-        let Ok((stream, remote)) = listener.accept().await else {
-            continue;
-        };
+        let (stream, remote) =
+            crate::http_guard::accept(&listener, &mut backoff, &mut reserve).await;
         let permit = match settings.limit.inbound(transport, remote) {
             Ok(p) => p,
             Err(refusal) => {
