@@ -177,6 +177,13 @@ impl Dialogs {
         }
     }
 
+    /// The call of (Call-ID, caller tag) is over however it ended (its tunnel removed by
+    /// another gateway, a resynchronisation): every dialog of it goes, pinned or not.
+    pub fn end_call(&mut self, call_id: &str, caller_tag: &str) {
+        self.key(call_id, caller_tag);
+        self.map.remove(self.scratch.as_str());
+    }
+
     /// A dialog-creating request failed (final non-2xx): its early dialogs go, unless a 2xx
     /// confirmed one.
     pub fn failed(&mut self, call_id: &str, caller_tag: &str) {
@@ -284,6 +291,10 @@ mod tests {
         assert_eq!(d.lookup("c", "a", "x", t0), Known::No, "both tags");
         d.ended("c", "b", "a");
         assert_eq!(d.lookup("c", "a", "b", t0), Known::No, "over after BYE");
+        assert!(d.is_empty());
+        // A tunnel's dialog ended elsewhere goes too, pinned as it is.
+        d.answered("t", "a", "b", true, true, t0);
+        d.end_call("t", "a");
         assert!(d.is_empty());
     }
 

@@ -639,6 +639,11 @@ impl Proxy {
         self.txl.shrink();
         self.lookups.shrink();
         self.lookups.dead.expire(now, 4096);
+        // Tunnels that ended however they did (another gateway, a resynchronisation, a BYE):
+        // their dialogs end with them (a tunnel's is pinned: nothing else would remove it).
+        for (call_id, caller_tag) in self.tunnels.take_gone() {
+            self.dialogs.end_call(&call_id, &caller_tag);
+        }
         self.dialogs.expire(now, 4096);
     }
 

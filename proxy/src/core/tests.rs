@@ -2997,6 +2997,23 @@ Call-ID: call-1@partner.example\r\nCSeq: 5 BYE\r\nContact: <sip:vpn@198.51.100.2
         assert_eq!(h.proxy.tunnel_count(), 0);
     }
 
+    /// A tunnel that ended elsewhere (another gateway's BYE, a resynchronisation) takes its
+    /// dialog with it: its pinned entry does not stay in the dialog table for ever, and its
+    /// Route admits nothing more.
+    #[test]
+    fn a_tunnel_ended_elsewhere_ends_its_dialog() {
+        let mut h = tunnel_harness(store(), "198.51.100.0/24");
+        let (_, relayed) = establish_tunnel(&mut h);
+        let ok = relayed.iter().find(|s| s.status() == Some(200)).unwrap();
+        assert_eq!(h.proxy.dialog_count(), 1);
+        h.proxy.forget_tunnel("call-1@partner.example", "ft1");
+        let now = h.now;
+        h.proxy.maintain(now);
+        assert_eq!(h.proxy.dialog_count(), 0);
+        let out = h.send(&in_dialog("INFO", &caller_route(ok)), outside());
+        assert_eq!(out[0].status(), Some(481), "{}", out[0].text);
+    }
+
     #[test]
     fn admin_teardown_sends_bye_both_ways() {
         let mut h = tunnel_harness(store(), "198.51.100.0/24");

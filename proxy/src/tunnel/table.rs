@@ -233,6 +233,9 @@ pub struct TunnelTable {
     strings: Interner,
     /// Prefixes and public keys held by the live tunnels, per identity.
     claims: super::claims::Claims,
+    /// Keys (Call-ID, caller tag) of the tunnels removed since the owner last asked
+    /// (`take_gone`): their dialogs end too.
+    gone: Vec<(Box<str>, Box<str>)>,
 }
 
 fn count_up(map: &mut HashMap<Arc<str>, u32>, key: &Arc<str>) {
@@ -433,6 +436,7 @@ impl TunnelTable {
     pub fn remove(&mut self, call_id: &str, caller_tag: &str) -> Option<Gone> {
         let stored = self.get_mut(call_id, caller_tag)?.stored;
         let r = self.take(call_id, caller_tag)?;
+        self.gone.push((call_id.into(), caller_tag.into()));
         if stored {
             self.mark(call_id, caller_tag);
         }
@@ -441,7 +445,14 @@ impl TunnelTable {
 
     /// Removes a tunnel whose row is already gone (another gateway ended it): no write.
     pub fn remove_ended_elsewhere(&mut self, call_id: &str, caller_tag: &str) -> Option<Gone> {
-        self.take(call_id, caller_tag)
+        let gone = self.take(call_id, caller_tag)?;
+        self.gone.push((call_id.into(), caller_tag.into()));
+        Some(gone)
+    }
+
+    /// The keys of the tunnels removed since the last call (whatever removed them).
+    pub fn take_gone(&mut self) -> Vec<(Box<str>, Box<str>)> {
+        std::mem::take(&mut self.gone)
     }
 
     /// The tunnel of an in-dialog request, whichever side sent it (either tag may be the caller's).
