@@ -13,7 +13,8 @@ use gatehouse_auth::{
     Credential, Exchange, Mechanism, Outcome, SaslParams, SaslServer, Secret, ServerSettings,
 };
 
-fn exchange(c: &mut Criterion) {
+/// The credentials (alice) and the SASL server both benches run against.
+fn alice_and_server() -> (HashMap<String, Credential>, SaslServer) {
     let mut creds = HashMap::new();
     creds.insert(
         "alice".to_owned(),
@@ -25,7 +26,7 @@ fn exchange(c: &mut Criterion) {
             enabled: true,
         },
     );
-    let mut server = SaslServer::new(ServerSettings {
+    let server = SaslServer::new(ServerSettings {
         realm: "org.example".into(),
         mechanisms: vec![Mechanism::ScramSha256],
         ttl: Duration::from_secs(30),
@@ -35,6 +36,11 @@ fn exchange(c: &mut Criterion) {
         secret: Secret::new([1; 32]),
         seed: Secret::new([2; 32]),
     });
+    (creds, server)
+}
+
+fn exchange(c: &mut Criterion) {
+    let (creds, mut server) = alice_and_server();
     let source: IpAddr = "192.0.2.1".parse().unwrap();
     c.bench_function("gateway side of one SCRAM-SHA-256 exchange", |b| {
         b.iter_custom(|iters| {
@@ -79,27 +85,7 @@ fn exchange(c: &mut Criterion) {
 /// (issue 18, item 10: 141 vs 135 µs on the wire before the fake verifier was derived for
 /// both), or their timing tells which users exist.
 fn known_and_unknown_users(c: &mut Criterion) {
-    let mut creds = HashMap::new();
-    creds.insert(
-        "alice".to_owned(),
-        Credential {
-            username: "alice".into(),
-            verifier: Verifier::derive(b"secret", b"saltsaltsaltsalt".to_vec(), 4096),
-            aors: vec!["sip:alice@partner.example".into()],
-            mechanisms: None,
-            enabled: true,
-        },
-    );
-    let mut server = SaslServer::new(ServerSettings {
-        realm: "org.example".into(),
-        mechanisms: vec![Mechanism::ScramSha256],
-        ttl: Duration::from_secs(30),
-        max_pending: 1 << 20,
-        max_pending_per_source: 1 << 20,
-        iterations: 4096,
-        secret: Secret::new([1; 32]),
-        seed: Secret::new([2; 32]),
-    });
+    let (creds, mut server) = alice_and_server();
     let source: IpAddr = "192.0.2.1".parse().unwrap();
     for user in ["alice", "mallory"] {
         let first = SaslParams {

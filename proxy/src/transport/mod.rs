@@ -292,8 +292,10 @@ impl ConnLimiter {
         if windows.len() >= HANDSHAKE_SOURCES && !windows.contains_key(&sub) {
             windows.retain(|_, (start, _)| now.duration_since(*start) < second);
             if windows.len() >= HANDSHAKE_SOURCES {
-                // Every window is current: a flood from as many sources; this one waits.
-                return false;
+                // Every window is current (a flood from as many sources): this source cannot
+                // be tracked, and refusing it would let the flood lock out every newcomer.
+                // The TLS budget still bounds what it can take.
+                return true;
             }
         }
         let (start, n) = windows.entry(sub).or_insert((now, 0));
