@@ -12,10 +12,11 @@ pub mod scram;
 pub mod scram_msg;
 pub mod secret;
 pub mod server;
+pub mod xover;
 
 pub use header::{HeaderError, SaslParams};
 pub use secret::Secret;
 pub use server::{
-    AuthError, Authenticated, Credential, CredentialSource, Exchange, Failure, Mechanism, Outcome,
-    SaslServer, ServerSettings, ServerStats, Subscriber, TlsInfo,
+    AuthError, Authenticated, Credential, CredentialSource, Crossed, Exchange, Failure, Mechanism,
+    Outcome, SaslServer, ServerSettings, ServerStats, Subscriber, TlsInfo,
 };

@@ -203,30 +203,58 @@ pub enum AuthError {
     Failed(Failure),
 }
 
-/// Proof of a finished, validated exchange. Fields are private: only this module builds it.
+/// Proof of a finished, validated exchange. Fields are private: only this crate builds it
+/// ([`SaslServer::step`] for a local user, [`crate::xover::accept_release`] for a caller its
+/// home realm vouched for).
 #[derive(Debug)]
 pub struct Authenticated {
     identity: String,
-    mechanism: Mechanism,
+    mechanism: &'static str,
     aors: Vec<String>,
     transcript: Option<Transcript>,
+    crossover: Option<Crossed>,
+}
+
+/// What a home realm vouched for (realm crossover): its realm and the tunnel key it released,
+/// bound to these facts.
+#[derive(Debug)]
+pub struct Crossed {
+    pub realm: String,
+    pub key: Secret<[u8; 32]>,
+    pub facts: crate::xover::Facts,
 }
 
 impl Authenticated {
-    /// The authenticated identity (authzid when given and equal to the authcid, else authcid).
+    /// The authenticated identity (authzid when given and equal to the authcid, else authcid;
+    /// `user@realm` for a crossover caller).
     pub fn identity(&self) -> &str {
         &self.identity
     }
-    pub fn mechanism(&self) -> Mechanism {
+    /// The SASL mechanism's name (`SXOVER-PLUS` for a crossover caller).
+    pub fn mechanism(&self) -> &'static str {
         self.mechanism
     }
     /// The identities (SIP AORs) this user may present.
     pub fn aors(&self) -> &[String] {
         &self.aors
     }
-    /// SCRAM transcript for the PSK derivation (`None` for PLAIN and EXTERNAL).
+    /// SCRAM transcript for the PSK derivation (`None` for PLAIN, EXTERNAL and crossover).
     pub fn transcript(&self) -> Option<&Transcript> {
         self.transcript.as_ref()
+    }
+    /// The home realm's statement, for a crossover caller.
+    pub fn crossover(&self) -> Option<&Crossed> {
+        self.crossover.as_ref()
+    }
+
+    pub(crate) fn crossed(identity: String, aor: String, crossed: Crossed) -> Authenticated {
+        Authenticated {
+            identity,
+            mechanism: crate::xover::MECHANISM,
+            aors: vec![aor],
+            transcript: None,
+            crossover: Some(crossed),
+        }
     }
 }
 
@@ -787,8 +815,9 @@ impl SaslServer {
         Ok(Outcome::Success {
             auth: Authenticated {
                 identity: credential.username,
-                mechanism: mech,
+                mechanism: mech.name(),
                 aors: credential.aors,
+                crossover: None,
                 transcript: Some(Transcript {
                     auth_message,
                     client_key,
@@ -821,8 +850,9 @@ impl SaslServer {
                 Ok(Outcome::Success {
                     auth: Authenticated {
                         identity: c.username,
-                        mechanism: Mechanism::Plain,
+                        mechanism: Mechanism::Plain.name(),
                         aors: c.aors,
+                        crossover: None,
                         transcript: None,
                     },
                     info: SaslParams {
@@ -863,8 +893,9 @@ impl SaslServer {
                 Ok(Outcome::Success {
                     auth: Authenticated {
                         identity: c.username,
-                        mechanism: Mechanism::External,
+                        mechanism: Mechanism::External.name(),
                         aors: c.aors,
+                        crossover: None,
                         transcript: None,
                     },
                     info: SaslParams {

@@ -78,6 +78,7 @@ pub fn config() -> CoreConfig {
         balancers: Vec::new(),
         peer_uri: None,
         shared_store: false,
+        crossover: None,
         seed: [4; 32],
     }
 }

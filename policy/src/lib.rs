@@ -11,6 +11,9 @@
 //! name = "partners"
 //! kind = "tunnel"                              # tunnel | call | method
 //! callers = ["*@partner.example"]              # exact AOR, *@domain, realm:NAME, trusted, any
+//! crossover = ["partner.example"]              # realms whose callers this rule admits by realm
+//!                                              # crossover (their home vouches), or ["any"];
+//!                                              # absent: no crossover caller matches the rule
 //! targets = ["sip:vpn@org.example"]            # exact AOR, *@domain, any
 //! mechanisms = ["SCRAM-SHA-256-PLUS"]          # optional
 //! require_tls = true
@@ -43,6 +46,10 @@ pub enum Caller<'a> {
         aor: &'a str,
         realm: &'a str,
         mechanism: &'a str,
+        /// `Some(home realm)` when the caller's own home authenticated it by realm crossover
+        /// (docs/realm-crossover.md): such a caller matches only rules whose `crossover`
+        /// option names its realm or `any`.
+        crossover: Option<&'a str>,
     },
 }
 
@@ -56,6 +63,8 @@ pub enum Session<'a> {
         pskmth: &'a [String],
         /// Whether a `scram` PSK can be derived (a SCRAM exchange authenticated this request).
         scram_available: bool,
+        /// Whether an `xover` key is at hand (the caller's home released one for this offer).
+        xover_available: bool,
     },
     /// An INVITE that is not a tunnel (an ordinary call).
     Call,
@@ -271,6 +280,8 @@ struct RawRule {
     max_tunnels_per_target: Option<u32>,
     #[serde(default)]
     multipart: bool,
+    #[serde(default)]
+    crossover: Option<toml::Spanned<Vec<String>>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -348,6 +359,25 @@ struct Rule {
     max_per_identity: Option<u32>,
     max_per_target: Option<u32>,
     multipart: bool,
+    /// Realms admitted by crossover (`None`: none; `Some([])` never happens; `any` as `*`).
+    crossover: Option<Vec<String>>,
+}
+
+impl Rule {
+    /// A crossover caller matches only a rule that names its realm (or `any`); a local caller
+    /// is unaffected.
+    fn admits_origin(&self, caller: &Caller<'_>) -> bool {
+        match caller {
+            Caller::Authenticated {
+                crossover: Some(realm),
+                ..
+            } => self
+                .crossover
+                .as_ref()
+                .is_some_and(|list| list.iter().any(|r| r == "any" || r == realm)),
+            _ => true,
+        }
+    }
 }
 
 /// A validated policy.
@@ -368,7 +398,7 @@ pub struct PolicyError {
 }
 
 /// Known pskmth values (wireguard-sdp.md); `gateway` is internal-only, never from a caller.
-pub const PSKMTH: [&str; 2] = ["scram", "none"];
+pub const PSKMTH: [&str; 3] = ["scram", "xover", "none"];
 
 impl Policy {
     /// The policy without a file: trusted sources may do anything, nobody else anything.
@@ -389,6 +419,7 @@ impl Policy {
                 max_per_identity: None,
                 max_per_target: None,
                 multipart: false,
+                crossover: None,
             }],
             org_prefixes: Vec::new(),
             max_tunnels: None,
@@ -457,13 +488,39 @@ impl Policy {
             if let Some(p) = &r.pskmth {
                 for m in p.get_ref() {
                     if !PSKMTH.contains(&m.as_str()) {
-                        return Err(err(p.span(), format!("unknown pskmth `{m}` (scram, none)")));
+                        return Err(err(
+                            p.span(),
+                            format!("unknown pskmth `{m}` (scram, xover, none)"),
+                        ));
                     }
                 }
             }
             let prefixes = match &r.prefixes {
                 None => None,
                 Some(list) => Some(list.iter().map(net).collect::<Result<Vec<_>, _>>()?),
+            };
+            let crossover = match &r.crossover {
+                None => None,
+                Some(list) => {
+                    let realms = list.get_ref();
+                    if realms.is_empty() {
+                        return Err(err(
+                            list.span(),
+                            "`crossover` names realms or `any` (leave it out for none)".into(),
+                        ));
+                    }
+                    for realm in realms {
+                        if realm != "any" && !valid_realm(realm) {
+                            return Err(err(
+                                list.span(),
+                                format!(
+                                    "`{realm}` is not a realm (lower-case domain name, or `any`)"
+                                ),
+                            ));
+                        }
+                    }
+                    Some(realms.clone())
+                }
             };
             if r.kind == Kind::Method && r.methods.is_none() {
                 return Err(err(span, "a method rule needs `methods`".into()));
@@ -483,6 +540,7 @@ impl Policy {
                 max_per_identity: r.max_tunnels_per_identity,
                 max_per_target: r.max_tunnels_per_target,
                 multipart: r.multipart,
+                crossover,
             });
         }
         Ok(Policy {
@@ -506,6 +564,7 @@ impl Policy {
         let rule = self.rules.iter().find(|r| {
             kind_matches(r.kind)
                 && r.callers.iter().any(|p| p.matches_caller(&q.caller))
+                && r.admits_origin(&q.caller)
                 && r.targets
                     .as_ref()
                     .is_none_or(|t| t.iter().any(|p| p.matches_aor(q.to)))
@@ -534,6 +593,7 @@ impl Policy {
             prefixes,
             pskmth,
             scram_available,
+            xover_available,
         } = &q.session
         else {
             return Ok(Permit {
@@ -568,6 +628,7 @@ impl Policy {
                 .is_none_or(|list| list.iter().any(|x| x == m))
                 && PSKMTH.contains(&m)
                 && (m != "scram" || *scram_available)
+                && (m != "xover" || *xover_available)
                 && (m != "none" || !rule.require_psk)
         };
         match pskmth.iter().find(|m| acceptable(m)) {
@@ -598,6 +659,17 @@ impl Policy {
                     .is_none_or(|t| t.iter().any(|p| p.matches_aor(aor)))
         })
     }
+}
+
+/// A realm as crossover names it: a lower-case domain name (docs/realm-crossover.md).
+fn valid_realm(realm: &str) -> bool {
+    (1..=253).contains(&realm.len())
+        && realm
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+        && !realm.starts_with('.')
+        && !realm.ends_with('.')
+        && !realm.contains("..")
 }
 
 /// Two prefixes overlap when either contains the other (same family only).

@@ -78,6 +78,7 @@ fn alice(mechanism: &'static str) -> Caller<'static> {
         aor: "sip:alice@partner.example",
         realm: "org.example",
         mechanism,
+        crossover: None,
     }
 }
 
@@ -149,6 +150,7 @@ fn decisions() {
                 aor: "sip:mallory@partner.example",
                 realm: "org.example",
                 mechanism: "SCRAM-SHA-256",
+                crossover: None,
             },
             expect: Err(Denied::RuleDenies),
             ..c("explicitly denied identity, first match wins")
@@ -158,6 +160,7 @@ fn decisions() {
                 aor: "sip:eve@elsewhere.example",
                 realm: "elsewhere",
                 mechanism: "SCRAM-SHA-256",
+                crossover: None,
             },
             expect: Err(Denied::NoRule),
             ..c("unknown domain, default deny")
@@ -191,6 +194,7 @@ fn decisions() {
                 aor: "sip:bob@strict.example",
                 realm: "org.example",
                 mechanism: "SCRAM-SHA-256-PLUS",
+                crossover: None,
             },
             expect: Err(Denied::TlsRequired),
             ..c("strict needs TLS")
@@ -200,6 +204,7 @@ fn decisions() {
                 aor: "sip:bob@strict.example",
                 realm: "org.example",
                 mechanism: "SCRAM-SHA-256-PLUS",
+                crossover: None,
             },
             tls: true,
             pskmth: &["none"],
@@ -211,6 +216,7 @@ fn decisions() {
                 aor: "sip:bob@strict.example",
                 realm: "org.example",
                 mechanism: "SCRAM-SHA-256",
+                crossover: None,
             },
             tls: true,
             expect: Err(Denied::Mechanism),
@@ -221,6 +227,7 @@ fn decisions() {
                 aor: "sip:bob@strict.example",
                 realm: "org.example",
                 mechanism: "SCRAM-SHA-256-PLUS",
+                crossover: None,
             },
             tls: true,
             ..c("strict satisfied")
@@ -230,6 +237,7 @@ fn decisions() {
                 aor: "sip:anyone@anywhere.example",
                 realm: "org.example",
                 mechanism: "SCRAM-SHA-256",
+                crossover: None,
             },
             to: "sip:open@org.example",
             ..c("open rule: any identity of the realm")
@@ -277,6 +285,7 @@ fn decisions() {
                 prefixes: &prefixes,
                 pskmth: &pskmth,
                 scram_available: case.scram,
+                xover_available: false,
             },
             "call" => Session::Call,
             m => Session::Method(m),
@@ -331,4 +340,123 @@ fn labels_are_bounded_and_distinct() {
     ];
     let labels: HashSet<_> = all.iter().map(|d| d.label()).collect();
     assert_eq!(labels.len(), all.len());
+}
+
+const CROSSOVER_POLICY: &str = r#"
+[[rule]]
+name = "local-partners"
+kind = "tunnel"
+callers = ["*@partner.example"]
+targets = ["sip:vpn@org.example"]
+pskmth = ["scram", "xover"]
+
+[[rule]]
+name = "crossover-partners"
+kind = "tunnel"
+callers = ["*@partner.example", "*@other.example"]
+crossover = ["partner.example"]
+targets = ["sip:vpn@org.example"]
+pskmth = ["xover"]
+require_psk = true
+
+[[rule]]
+name = "anyone-by-crossover-may-ping"
+kind = "method"
+methods = ["OPTIONS"]
+callers = ["any"]
+crossover = ["any"]
+"#;
+
+fn crossover_query<'a>(
+    aor: &'a str,
+    crossover: Option<&'a str>,
+    session: Session<'a>,
+) -> Query<'a> {
+    Query {
+        caller: Caller::Authenticated {
+            aor,
+            realm: "org.example",
+            mechanism: "SXOVER-PLUS",
+            crossover,
+        },
+        tls: true,
+        from: aor,
+        to: "sip:vpn@org.example",
+        session,
+        counts: Counts::default(),
+    }
+}
+
+#[test]
+fn crossover_callers_match_only_rules_that_name_their_realm() {
+    let p = Policy::parse(CROSSOVER_POLICY, "policy.toml").unwrap();
+    let prefixes = nets(&["2001:db8:b0b::/64"]);
+    let pskmth = vec!["xover".to_owned(), "none".to_owned()];
+    let tunnel = |xover| Session::Tunnel {
+        prefixes: &prefixes,
+        pskmth: &pskmth,
+        scram_available: false,
+        xover_available: xover,
+    };
+    // bob's home vouched: the first rule (local callers) is skipped, the second matches.
+    let permit = p
+        .decide(&crossover_query(
+            "sip:bob@partner.example",
+            Some("partner.example"),
+            tunnel(true),
+        ))
+        .unwrap();
+    assert_eq!(permit.rule(), "crossover-partners");
+    assert_eq!(permit.pskmth(), Some("xover"));
+    // A local caller never matches through `crossover`, and gets the local rule.
+    let local = p
+        .decide(&crossover_query(
+            "sip:bob@partner.example",
+            None,
+            tunnel(false),
+        ))
+        .unwrap_err();
+    assert_eq!(local, Denied::Pskmth);
+    // other.example's callers by crossover: the realm is not named: no rule for tunnels.
+    assert_eq!(
+        p.decide(&crossover_query(
+            "sip:eve@other.example",
+            Some("other.example"),
+            tunnel(true)
+        ))
+        .unwrap_err(),
+        Denied::NoRule
+    );
+    // Without the key (none would be left), the rule requires a PSK.
+    assert_eq!(
+        p.decide(&crossover_query(
+            "sip:bob@partner.example",
+            Some("partner.example"),
+            tunnel(false)
+        ))
+        .unwrap_err(),
+        Denied::Pskmth
+    );
+    // `any` admits every crossover realm.
+    assert!(p
+        .decide(&crossover_query(
+            "sip:eve@other.example",
+            Some("other.example"),
+            Session::Method("OPTIONS")
+        ))
+        .is_ok());
+}
+
+#[test]
+fn a_bad_crossover_option_is_refused_with_its_line() {
+    for (bad, what) in [
+        ("crossover = []", "names realms"),
+        ("crossover = [\"Partner.Example\"]", "is not a realm"),
+    ] {
+        let text =
+            format!("[[rule]]\nname = \"r\"\nkind = \"tunnel\"\ncallers = [\"any\"]\n{bad}\n");
+        let e = Policy::parse(&text, "policy.toml").unwrap_err();
+        assert_eq!(e.line, 5, "{e}");
+        assert!(e.message.contains(what), "{e}");
+    }
 }

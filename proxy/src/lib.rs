@@ -11,6 +11,7 @@
 pub mod admin;
 pub mod config;
 pub mod core;
+pub mod crossover;
 pub mod http_guard;
 pub mod metrics;
 pub mod store;
@@ -82,6 +83,10 @@ pub fn core_config(
         hide_topology: cfg.hide_topology,
         // The driver side draws the core's seed from the operating system.
         seed: os_seed(),
+        crossover: cfg
+            .crossover
+            .as_ref()
+            .map(crate::core::crossover::crossover_core),
     })
 }
 

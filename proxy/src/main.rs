@@ -62,6 +62,14 @@ enum Command {
     },
     /// Print the embedded default configuration.
     DefaultConfig,
+    /// Realm crossover: create the home's HPKE key file when it does not exist (mode 0600), and
+    /// print its public key, which this realm's users put in their wgsip configuration
+    /// (`[call] home_key`). Rotation: move the old file to `previous_key_file`, make a new one,
+    /// reload.
+    XoverKey {
+        /// The key file (`[crossover.home] key_file`).
+        file: PathBuf,
+    },
     /// Manage admin identities (admin API) in the store.
     AdminUser {
         #[command(flatten)]
@@ -321,6 +329,16 @@ fn main() -> ExitCode {
             print!("{}", gatehouse::config::DEFAULT_CONFIG);
             ExitCode::SUCCESS
         }
+        Command::XoverKey { file } => match xover_key(&file) {
+            Ok(public) => {
+                println!("{public}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Run { config } => {
             let cfg = match &config {
                 Some(path) => match Config::load(path) {
@@ -944,4 +962,26 @@ mod tests {
             "(none)\n"
         );
     }
+}
+
+/// `gatehouse xover-key FILE`: the home's key (created once, never overwritten), public half out.
+fn xover_key(file: &std::path::Path) -> anyhow::Result<String> {
+    use base64::Engine;
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    if !file.exists() {
+        #[allow(clippy::disallowed_methods)] // a CLI command: the key comes from the OS
+        let private: [u8; 32] = rand::random();
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(file)
+            .with_context(|| format!("creating {}", file.display()))?;
+        writeln!(f, "{}", b64.encode(private))?;
+        f.sync_all()?;
+    }
+    let key = gatehouse::crossover::home::read_key(file)?;
+    Ok(b64.encode(key.public()))
 }

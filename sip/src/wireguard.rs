@@ -84,7 +84,7 @@ pub struct WgSdp {
 
 const TYPES: &[u8] = b"vosiuepcbtrzkam";
 /// pskmth values a WireGuard SDP may carry.
-pub const KNOWN_PSKMTH: [&str; 3] = ["none", "scram", "gateway"];
+pub const KNOWN_PSKMTH: [&str; 4] = ["none", "scram", "xover", "gateway"];
 
 fn b64() -> base64::engine::GeneralPurpose {
     base64::engine::general_purpose::STANDARD

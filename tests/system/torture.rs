@@ -163,6 +163,7 @@ fn proxy() -> Proxy {
         balancers: Vec::new(),
         peer_uri: None,
         shared_store: false,
+        crossover: None,
         seed: [6; 32],
     })
 }

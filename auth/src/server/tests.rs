@@ -215,7 +215,7 @@ fn plus_binds_to_the_tls_exporter() {
     else {
         panic!()
     };
-    assert_eq!(auth.mechanism(), Mechanism::ScramSha256Plus);
+    assert_eq!(auth.mechanism(), Mechanism::ScramSha256Plus.name());
     client.verify_server_final(&info.s2c.unwrap()).unwrap();
 
     // Same exchange on a different TLS connection (a man in the middle): the binding differs.

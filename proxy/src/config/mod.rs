@@ -1,6 +1,7 @@
 //! Configuration: TOML with unknown keys refused, validated into the types the gateway
 //! runs on. Every error names the line and the key at fault.
 
+pub mod crossover;
 pub mod route;
 
 use route::{destination_of, RouteTable, Target};
@@ -64,6 +65,8 @@ struct RawConfig {
     cluster: RawCluster,
     #[serde(default)]
     dns: RawDns,
+    #[serde(default)]
+    crossover: crossover::RawCrossover,
 }
 
 #[derive(Debug, Deserialize)]
@@ -578,6 +581,10 @@ pub struct Config {
     pub source: Option<PathBuf>,
     /// The policy in force at load time.
     pub policy: std::sync::Arc<gatehouse_policy::Policy>,
+    /// Realm crossover, foreign side (`[crossover] enabled`).
+    pub crossover: Option<crossover::CrossoverSettings>,
+    /// Realm crossover, home side (`[crossover.home]`).
+    pub crossover_home: Option<crossover::HomeSettings>,
 }
 
 struct Ctx<'a> {
@@ -1205,8 +1212,12 @@ impl Config {
                 })
             }
         };
+        let (crossover, crossover_home) =
+            raw.crossover.validate(&cx, &resolve, raw.tls.is_some())?;
         Ok(Config {
             source: None,
+            crossover,
+            crossover_home,
             admin,
             metrics_listen,
             tunnels: TunnelSettings {

@@ -86,6 +86,8 @@ pub struct SaslGate {
     /// Outcomes for the other gateways of a cluster (`Some` when the store is shared), until
     /// the core takes them as writes; at most [`SHARED_OUTCOMES_MAX`] between two takes.
     shared: Option<Vec<SharedOutcome>>,
+    /// Realm crossover is on: the proxy challenge on TLS also offers SXOVER-PLUS.
+    crossover: bool,
 }
 
 /// An authentication outcome the other gateways count: (user, source, success).
@@ -107,6 +109,7 @@ impl SaslGate {
             tls: HashMap::new(),
             stats: AuthStats::default(),
             shared: None,
+            crossover: false,
         }
     }
 
@@ -155,6 +158,75 @@ impl SaslGate {
         }
     }
 
+    /// Offer SXOVER-PLUS in proxy challenges on TLS connections (realm crossover).
+    pub fn set_crossover(&mut self, on: bool) {
+        self.crossover = on;
+    }
+
+    /// The TLS facts of a connection.
+    pub fn tls_of(&self, conn: Option<ConnId>) -> Option<&TlsInfo> {
+        conn.and_then(|c| self.tls.get(&c))
+    }
+
+    /// The lockout's name for a realm's crossover callers at one source (the user is sealed
+    /// from us): `@realm`, which no local username can be.
+    fn realm_key(realm: &str) -> String {
+        format!("@{realm}")
+    }
+
+    /// Whether a crossover round from `source` for `realm` is locked out (the source, or the
+    /// realm at that source after repeated failures).
+    pub fn crossover_locked(&mut self, realm: &str, source: IpAddr, now: Instant) -> bool {
+        let locked = self.lockout.source_locked(source, now).is_some()
+            || self
+                .lockout
+                .user_locked(&Self::realm_key(realm), source, false, now)
+                .is_some();
+        if locked {
+            self.stats.locked_out += 1;
+        }
+        locked
+    }
+
+    /// A crossover outcome, counted like a local one under the realm's name.
+    pub fn crossover_outcome(&mut self, realm: &str, source: IpAddr, success: bool, now: Instant) {
+        let key = Self::realm_key(realm);
+        if success {
+            self.lockout.success(&key, source, now);
+        } else {
+            self.lockout.failure(Some(&key), source, now);
+        }
+        self.record(Some(&key), source, success);
+    }
+
+    /// The credentials header of this gateway's realm, if any (index and parameters); a
+    /// malformed or doubled one is refused.
+    pub fn own_credentials(
+        &self,
+        msg: &Message,
+        challenger: Challenger,
+    ) -> Result<Option<(usize, SaslParams)>, Reject> {
+        let realm = self.server.realm();
+        let mut found: Option<(usize, SaslParams)> = None;
+        for (idx, _) in msg.fields(challenger.credentials_header()) {
+            let value = msg.value(idx);
+            let scheme = value.split_whitespace().next().unwrap_or("");
+            if !scheme.eq_ignore_ascii_case("SASL") {
+                continue; // another scheme: not for this gateway
+            }
+            let params = SaslParams::parse(&value).map_err(Reject::AuthMalformed)?;
+            if params.realm.as_deref().is_none_or(|r| r == realm) {
+                if found.is_some() {
+                    return Err(Reject::AuthMalformed(
+                        gatehouse_auth::HeaderError::Duplicate("realm"),
+                    ));
+                }
+                found = Some((idx, params));
+            }
+        }
+        Ok(found)
+    }
+
     /// The realm this gateway authenticates in.
     pub fn realm(&self) -> &str {
         self.server.realm()
@@ -163,6 +235,11 @@ impl SaslGate {
     /// Replaces the credential snapshot (users changed in the store).
     pub fn set_credentials(&mut self, credentials: Credentials) {
         self.credentials = credentials;
+    }
+
+    /// The credential snapshot.
+    pub fn credentials(&self) -> &Credentials {
+        &self.credentials
     }
 
     /// Users in the credential snapshot.
@@ -223,37 +300,23 @@ impl SaslGate {
         inside: bool,
         now: Instant,
     ) -> Result<(Authenticated, String), Reject> {
-        let realm = self.server.realm().to_owned();
-        let mut found: Option<(usize, SaslParams)> = None;
-        let fields: Vec<usize> = msg
-            .fields(challenger.credentials_header())
-            .map(|(i, _)| i)
-            .collect();
-        for idx in fields {
-            let value = msg.value(idx).into_owned();
-            let scheme = value.split_whitespace().next().unwrap_or("");
-            if !scheme.eq_ignore_ascii_case("SASL") {
-                continue; // another scheme: not for this gateway
-            }
-            let params = SaslParams::parse(&value).map_err(Reject::AuthMalformed)?;
-            if params.realm.as_deref().is_none_or(|r| r == realm) {
-                if found.is_some() {
-                    return Err(Reject::AuthMalformed(
-                        gatehouse_auth::HeaderError::Duplicate("realm"),
-                    ));
-                }
-                found = Some((idx, params));
-            }
-        }
+        let found = self.own_credentials(msg, challenger)?;
         let tls = flow.conn.and_then(|c| self.tls.get(&c)).cloned();
         if self.lockout.source_locked(source, now).is_some() {
             self.stats.locked_out += 1;
             return Err(Reject::AuthFailed);
         }
         let Some((idx, params)) = found else {
+            let mut challenge = self.server.challenge(tls.as_ref());
+            if self.crossover && tls.is_some() && challenger == Challenger::Proxy {
+                challenge.mech = Some(match challenge.mech {
+                    Some(m) if !m.is_empty() => format!("{m} {}", gatehouse_auth::xover::MECHANISM),
+                    _ => gatehouse_auth::xover::MECHANISM.to_owned(),
+                });
+            }
             return Err(Reject::Challenge {
                 challenger,
-                value: self.server.challenge(tls.as_ref()).emit(),
+                value: challenge.emit(),
             });
         };
         let username = self.server.claimed_username(&params);
@@ -285,7 +348,7 @@ impl SaslGate {
                 self.lockout.success(auth.identity(), source, now);
                 self.record(Some(auth.identity()), source, true);
                 msg.remove(idx);
-                tracing::info!(identity = auth.identity(), mechanism = auth.mechanism().name(), %source, "authenticated");
+                tracing::info!(identity = auth.identity(), mechanism = auth.mechanism(), %source, "authenticated");
                 Ok((auth, info.emit()))
             }
             Err(AuthError::Malformed(e)) => Err(Reject::AuthMalformed(e)),

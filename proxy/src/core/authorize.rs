@@ -58,7 +58,7 @@ pub struct TunnelCtx {
 }
 
 /// The addr-spec of From or To exactly as written (inside `<...>` when present).
-fn addr_spec(msg: &Message, name: HeaderName) -> String {
+pub(super) fn addr_spec(msg: &Message, name: HeaderName) -> String {
     msg.value_of(name)
         .and_then(|v| NameAddr::parse(&v).map(|n| n.uri.to_owned()))
         .unwrap_or_default()
@@ -150,16 +150,18 @@ impl Proxy {
         let from = aor_key(&addr_spec(msg, HeaderName::From)).unwrap_or_default();
         // What the request reaches, as the target stage decided: never the To header.
         let to = routed.target();
-        let (caller, identity, transcript) = match admission.basis() {
-            AdmissionBasis::TrustedSource => (Caller::Trusted, "trusted".to_owned(), None),
+        let (caller, identity, transcript, crossed) = match admission.basis() {
+            AdmissionBasis::TrustedSource => (Caller::Trusted, "trusted".to_owned(), None, None),
             AdmissionBasis::Sasl(auth) => (
                 Caller::Authenticated {
                     aor: &from,
                     realm: self.gate.realm(),
-                    mechanism: auth.mechanism().name(),
+                    mechanism: auth.mechanism(),
+                    crossover: auth.crossover().map(|c| c.realm.as_str()),
                 },
                 auth.identity().to_owned(),
-                auth.transcript().map(|t| (t, auth.mechanism().name())),
+                auth.transcript().map(|t| (t, auth.mechanism())),
+                auth.crossover(),
             ),
         };
         let (by_identity, by_target, total) = self.tunnels.counts(&identity, to);
@@ -169,6 +171,10 @@ impl Proxy {
                 prefixes: &sdp.prefixes,
                 pskmth: &sdp.pskmth,
                 scram_available: transcript.is_some(),
+                // The home's key is bound to the offer it saw: usable only for this one.
+                xover_available: crossed.is_some_and(|c| {
+                    c.facts.offer_pubkey == sdp.pubkey && c.facts.offer_prefix == sdp.prefix_text
+                }),
             },
             None if method == Method::Invite => Session::Call,
             None => Session::Method(&method_text),
@@ -225,6 +231,18 @@ impl Proxy {
                 Some(derive_psk(t, &binding))
             }
             ("scram", None) => return Err(Reject::PolicyDenied(gatehouse_policy::Denied::Pskmth)),
+            // The key the caller's home released, bound to (this domain, Call-ID, From, this
+            // offer's key and prefix) — the policy offered `xover` only when they match.
+            ("xover", _) => match crossed {
+                Some(c)
+                    if c.facts.offer_pubkey == sdp.pubkey
+                        && c.facts.offer_prefix == sdp.prefix_text
+                        && c.facts.call_id == msg.call_id() =>
+                {
+                    Some(Secret::new(*c.key.expose()))
+                }
+                _ => return Err(Reject::PolicyDenied(gatehouse_policy::Denied::Pskmth)),
+            },
             _ => None,
         };
         Ok(Authorization {

@@ -48,6 +48,7 @@
 pub mod admission;
 pub mod auth;
 pub mod authorize;
+pub mod crossover;
 pub mod dialogs;
 pub mod error;
 pub mod locate;
@@ -68,11 +69,12 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use gatehouse_auth::{Authenticated, SaslServer, Secret, ServerSettings, TlsInfo};
+use gatehouse_auth::{Authenticated, SaslParams, SaslServer, Secret, ServerSettings, TlsInfo};
 
 pub use crate::config::route::{RouteTable, Target};
 pub use admission::{Admission, AdmissionBasis, Clearance, PeerFlow, SignedDialog};
 pub use auth::Challenger;
+use crossover::crossover_core;
 pub use error::{Fault, MediaFault, Reject};
 pub use registrar::{Binding, WallClock};
 use relay::Context;
@@ -160,6 +162,8 @@ pub struct CoreConfig {
     /// Seed of every random choice the core makes (tags, branch salt, SASL handles): from
     /// the operating system in a gateway, fixed in tests. The core reads no global randomness.
     pub seed: [u8; 32],
+    /// Realm crossover, foreign side (`[crossover] enabled`): SXOVER-PLUS offered on TLS.
+    pub crossover: Option<crossover::CrossoverCore>,
 }
 
 /// Authentication counters for the metrics layer.
@@ -209,6 +213,8 @@ enum Admitted {
     },
     /// From another gateway of the cluster, for a flow this one holds.
     Peer { peer: PeerFlow, loop_hash: u32 },
+    /// A realm crossover round: relayed to the caller's home, the request parked meanwhile.
+    Relay(Box<SaslParams>),
 }
 
 /// What the gateway allows (OPTIONS answers).
@@ -238,6 +244,8 @@ pub struct Proxy {
     /// Set-ups waiting for the shared store to count them against the cluster's limits.
     reserving: reserve::Reservations,
     lookups: locate::Lookups,
+    /// Realm crossover, foreign side: requests parked for their home, exchanges between rounds.
+    crossover: Option<crossover::Crossover>,
     /// The dialogs record-routed here that still live (in-dialog requests need one).
     dialogs: dialogs::Dialogs,
     /// `cfg.dialog_key`, keyed for HMAC once.
@@ -317,6 +325,7 @@ impl Proxy {
                 if cfg.shared_store {
                     gate.share_outcomes();
                 }
+                gate.set_crossover(cfg.crossover.is_some());
                 gate
             },
             writes: Vec::new(),
@@ -335,6 +344,7 @@ impl Proxy {
             resync: None,
             reserving: Default::default(),
             lookups: Default::default(),
+            crossover: cfg.crossover.clone().map(crossover::Crossover::new),
             dialogs: dialogs::Dialogs::new(DIALOG_CAPACITY),
             banned_sources: 0,
             authorization_violations: 0,
@@ -395,6 +405,14 @@ impl Proxy {
         self.cfg.registrar = cfg.registrar;
         self.registrar.set_settings(cfg.registrar);
         self.policy = Arc::clone(&cfg.policy);
+        // Crossover on or off takes effect for new exchanges; parked ones finish either way.
+        match (&mut self.crossover, &cfg.crossover) {
+            (Some(x), Some(c)) => x.set_settings(crossover_core(c)),
+            (None, Some(c)) => self.crossover = Some(crossover::Crossover::new(crossover_core(c))),
+            (Some(_), None) | (None, None) => {}
+        }
+        self.cfg.crossover = cfg.crossover.as_ref().map(crossover_core);
+        self.gate.set_crossover(cfg.crossover.is_some());
     }
 
     /// Replaces the policy (hot reload). Running calls keep the decision they had.
@@ -524,6 +542,16 @@ impl Proxy {
                     .inc_by(d)
             });
         }
+        if let Some(x) = &self.crossover {
+            m.crossover_pending.set(x.pending() as i64);
+            for (&outcome, &n) in &x.stats.outcomes {
+                bump(("crossover", outcome), n, &|d| {
+                    m.crossover
+                        .with_label_values(&["foreign", outcome])
+                        .inc_by(d)
+                });
+            }
+        }
         for (&reason, &n) in &self.policy_denials {
             bump(("policy", reason), n, &|d| {
                 m.policy_denials.with_label_values(&[reason]).inc_by(d)
@@ -635,6 +663,7 @@ impl Proxy {
         self.stateless.expire(now);
         self.resync_step(4096);
         self.expire_reservations(now);
+        self.expire_crossover(now);
         self.fwd.shrink();
         self.txl.shrink();
         self.lookups.shrink();
@@ -713,6 +742,11 @@ impl Proxy {
 
     /// A new credential snapshot (users changed in the store); exchanges in progress
     /// finish with the credential they started with.
+    /// The credential snapshot in force (the crossover home service starts from it).
+    pub fn credentials(&self) -> &persist::Credentials {
+        self.gate.credentials()
+    }
+
     pub fn set_credentials(&mut self, credentials: persist::Credentials) {
         self.gate.set_credentials(credentials);
     }
@@ -919,6 +953,27 @@ impl Proxy {
             }
         };
 
+        if let Admitted::Relay(params) = admitted {
+            self.park_crossover(&params, msg, flow, response_flow, key, source, now);
+            return;
+        }
+        self.proceed(msg, flow, response_flow, key, admitted, auth_info, now);
+    }
+
+    /// From the server transaction on, for a request stages 3 to 5 admitted (at once, or
+    /// when its home answered a crossover round).
+    #[allow(clippy::too_many_arguments)]
+    fn proceed(
+        &mut self,
+        msg: Message,
+        flow: Flow,
+        response_flow: Flow,
+        key: Option<ServerKey>,
+        admitted: Admitted,
+        auth_info: Option<(&'static str, String)>,
+        now: Instant,
+    ) {
+        let method = msg.method().unwrap_or(Method::Other);
         // The transaction budget: the last quarter is kept for trusted sources (the inside).
         let budget = if self.is_trusted(flow.remote.ip()) {
             self.cfg.max_transactions
@@ -965,6 +1020,8 @@ impl Proxy {
             Admitted::Peer { peer, loop_hash } => {
                 self.relay(id, msg, flow, loop_hash, Clearance::Peer(peer), now)
             }
+            // Parked before any transaction exists (handled by the caller).
+            Admitted::Relay(_) => Ok(()),
         };
         if let Err(reject) = result {
             self.stats.rejected += 1;
@@ -1056,7 +1113,10 @@ impl Proxy {
             };
         }
 
-        // Stage 5: authenticate.
+        // Stage 5: authenticate (a realm crossover round is relayed to the caller's home).
+        if let Some(params) = self.crossover_round(msg, flow, source, now)? {
+            return Ok(Some(Admitted::Relay(Box::new(params))));
+        }
         let admission = self.authenticate(msg, flow, source, auth_info, now)?;
         Ok(Some(Admitted::OutOfDialog {
             admission,

@@ -85,6 +85,7 @@ fn config() -> CoreConfig {
         balancers: Vec::new(),
         peer_uri: None,
         shared_store: false,
+        crossover: None,
         seed: [5; 32],
     }
 }

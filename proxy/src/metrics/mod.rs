@@ -20,6 +20,8 @@
 //! | `gatehouse_auth_pending_exchanges` | gauge | |
 //! | `gatehouse_auth_challenges_total`, `gatehouse_auth_lockouts_total` | counter | |
 //! | `gatehouse_admin_logins_total` | counter | `outcome` (`success`, `failure`, `locked`): admin API SASL exchanges that ended, and attempts refused while locked out |
+//! | `gatehouse_crossover_total` | counter | `side` (`foreign`: rounds of callers from other realms relayed to their home; `home`: rounds foreign gateways relayed to us), `outcome` (`relayed`, `challenge`, `success`, `released`, `refused`, `deadline`, `unreachable`, `certificate`, refusal labels); no realm or user labels |
+//! | `gatehouse_crossover_pending` | gauge | requests parked for their home (foreign side) |
 //! | `gatehouse_policy_denials_total` | counter | `reason` |
 //! | `gatehouse_tunnel_active` | gauge | |
 //! | `gatehouse_tunnel_limit_checks_total` | counter | `outcome` (`granted`, `refused`, `unverified`): set-ups counted against the cluster's limits by the shared store (`unverified`: it did not answer in time, the gateway's own counts decided) |
@@ -74,6 +76,8 @@ pub struct Metrics {
     pub auth_challenges: IntCounter,
     pub auth_lockouts: IntCounter,
     pub admin_logins: IntCounterVec,
+    pub crossover: IntCounterVec,
+    pub crossover_pending: IntGauge,
     pub policy_denials: IntCounterVec,
     pub tunnels_active: IntGauge,
     pub tunnel_limit_checks: IntCounterVec,
@@ -217,6 +221,17 @@ impl Metrics {
                 "gatehouse_admin_logins_total",
                 "Admin API SASL exchanges by outcome (locked: refused while locked out)",
                 &["outcome"],
+            ),
+            crossover: counter_vec(
+                &r,
+                "gatehouse_crossover_total",
+                "Realm crossover rounds by side and outcome",
+                &["side", "outcome"],
+            ),
+            crossover_pending: gauge(
+                &r,
+                "gatehouse_crossover_pending",
+                "Requests parked while their home realm answers",
             ),
             policy_denials: counter_vec(
                 &r,
@@ -412,6 +427,17 @@ impl Metrics {
         }
         for outcome in ["success", "failure", "locked"] {
             self.admin_logins.with_label_values(&[outcome]);
+        }
+        for outcome in ["relayed", "challenge", "success", "refused", "deadline"] {
+            self.crossover.with_label_values(&["foreign", outcome]);
+        }
+        for outcome in [
+            "challenge",
+            "released",
+            "bad_credentials",
+            "domain_not_allowed",
+        ] {
+            self.crossover.with_label_values(&["home", outcome]);
         }
         for area in ["sip", "sasl", "admin", "reload"] {
             self.internal_errors.with_label_values(&[area]);

@@ -160,6 +160,46 @@ impl Locator {
         Ok(hops)
     }
 
+    /// The addresses of a service found by SRV (RFC 2782 order and weights), or of `host`
+    /// itself at `default_port` when it has no SRV records; within the location deadline.
+    pub async fn service(
+        &self,
+        srv_name: &str,
+        host: &str,
+        default_port: u16,
+    ) -> Result<Vec<SocketAddr>, LocateError> {
+        let find = async {
+            let records = self.srv(&fqdn(srv_name)).await;
+            let targets: Vec<(String, u16)> = if records.is_empty() {
+                vec![(host.to_owned(), default_port)]
+            } else {
+                let mut rng = rand::rng();
+                locate::order_srv(&records, |sum| rng.random_range(0..=sum))
+                    .into_iter()
+                    .map(|r| (r.target.trim_end_matches('.').to_owned(), r.port))
+                    .collect()
+            };
+            let mut out = Vec::new();
+            for (target, port) in targets.into_iter().take(MAX_HOPS) {
+                if let Ok(found) = self.resolver.lookup_ip(fqdn(&target).as_str()).await {
+                    out.extend(found.iter().map(|ip| SocketAddr::new(ip, port)));
+                }
+                if out.len() >= MAX_HOPS {
+                    break;
+                }
+            }
+            out.truncate(MAX_HOPS);
+            if out.is_empty() {
+                Err(LocateError(format!("{srv_name}: no address")))
+            } else {
+                Ok(out)
+            }
+        };
+        tokio::time::timeout(self.deadline, find)
+            .await
+            .unwrap_or_else(|_| Err(LocateError(format!("{srv_name}: DNS did not answer"))))
+    }
+
     /// A/AAAA of `host` (IPv4 first) at `port` with `transport`.
     async fn addresses(
         &self,

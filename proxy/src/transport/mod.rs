@@ -57,6 +57,8 @@ pub struct Bound {
     pub metrics: Option<TcpListener>,
     /// The admin API listener, when configured.
     pub admin: Option<TcpListener>,
+    /// The realm crossover home service's listener (`[crossover.home] listen`).
+    pub crossover_home: Option<TcpListener>,
 }
 
 impl Bound {
@@ -93,12 +95,21 @@ impl Bound {
             ),
             None => None,
         };
+        let crossover_home = match &cfg.crossover_home {
+            Some(h) => Some(
+                TcpListener::bind(h.listen)
+                    .await
+                    .map_err(|e| with_addr(e, h.listen))?,
+            ),
+            None => None,
+        };
         Ok(Bound {
             udp,
             streams,
             addrs,
             metrics,
             admin,
+            crossover_home,
         })
     }
 }
@@ -149,6 +160,8 @@ enum Event {
         u64,
         Result<Vec<Destination>, crate::core::locate::LocateError>,
     ),
+    /// A caller's home answered a crossover round (or the relay gave up).
+    Crossed(u64, crate::core::crossover::Answer),
 }
 
 struct Outgoing {
@@ -407,6 +420,44 @@ pub fn restart_keys(running: &Config, new: &Config) -> Vec<&'static str> {
         ),
         (running.admin != new.admin, "admin"),
         (
+            running.crossover.as_ref().map(|c| {
+                (
+                    &c.certificate,
+                    &c.private_key,
+                    &c.trusted_cas,
+                    &c.homes,
+                    c.allow_private,
+                )
+            }) != new.crossover.as_ref().map(|c| {
+                (
+                    &c.certificate,
+                    &c.private_key,
+                    &c.trusted_cas,
+                    &c.homes,
+                    c.allow_private,
+                )
+            }),
+            "crossover",
+        ),
+        (
+            running.crossover_home.as_ref().map(|h| {
+                (
+                    h.listen,
+                    &h.foreign_domains,
+                    h.rate_per_domain,
+                    h.max_pending,
+                )
+            }) != new.crossover_home.as_ref().map(|h| {
+                (
+                    h.listen,
+                    &h.foreign_domains,
+                    h.rate_per_domain,
+                    h.max_pending,
+                )
+            }),
+            "crossover.home",
+        ),
+        (
             running.max_connections != new.max_connections,
             "limits.max_connections",
         ),
@@ -566,6 +617,10 @@ pub struct Driver {
     reloader: Reloader,
     metrics: Arc<crate::metrics::Metrics>,
     admin: Option<mpsc::Receiver<crate::admin::Command>>,
+    /// The realm crossover relay client (foreign side), when `[crossover] enabled`.
+    relay: Option<crate::crossover::relay::Relay>,
+    /// The realm crossover home service, when `[crossover.home]` is configured.
+    crossover_home: Option<Arc<crate::crossover::home::HomeService>>,
     /// The storage worker (its own thread) and what it reports.
     storage: Option<StorageWorker>,
     store_events: mpsc::UnboundedReceiver<StoreEvent>,
@@ -660,11 +715,50 @@ impl Driver {
             .collect::<io::Result<Vec<_>>>()?;
         let (store_tx, store_events) = mpsc::unbounded_channel();
         let peer = proxy.config().peer_uri.clone();
+        // The crossover home's fake verifiers are the SIP side's (same key, same users).
+        let xover_secret = match &cfg.crossover_home {
+            Some(_) => Some(
+                store
+                    .key("fake-verifier")
+                    .map_err(|e| io::Error::other(e.to_string()))?,
+            ),
+            None => None,
+        };
         let storage = StorageWorker::start(store, Arc::clone(&metrics), store_tx, peer.as_deref())?;
         let mut usable: Vec<Transport> = cfg.listen.iter().map(|l| l.transport).collect();
         usable.dedup();
         let locator = dns::Locator::new(&cfg.dns, usable);
+        let relay = match &cfg.crossover {
+            Some(x) => Some(crate::crossover::relay::Relay::new(x, locator.clone())?),
+            None => None,
+        };
+        let crossover_home = match (
+            bound.crossover_home,
+            &cfg.crossover_home,
+            &cfg.tls,
+            xover_secret,
+        ) {
+            (Some(listener), Some(h), Some(tls_files), Some(secret)) => {
+                let home = Arc::new(crate::crossover::home::HomeService::new(
+                    h,
+                    &cfg.auth,
+                    secret,
+                    proxy.credentials().clone(),
+                    Arc::clone(&metrics),
+                )?);
+                let acceptor = home.acceptor(tls_files)?;
+                tokio::spawn(crate::crossover::home::serve(
+                    listener,
+                    Arc::clone(&home),
+                    acceptor,
+                ));
+                Some(home)
+            }
+            _ => None,
+        };
         Ok(Driver {
+            relay,
+            crossover_home,
             proxy,
             locator,
             udp: bound.udp,
@@ -763,6 +857,15 @@ impl Driver {
                             .unwrap_or_else(|| Err("internal error".into())),
                         Err(e) => Err(e),
                     };
+                    if let (Ok(_), Some(home)) = (&outcome, &self.crossover_home) {
+                        // Key rotation: the files are read off the loop; a bad file keeps the
+                        // keys in force.
+                        let home = Arc::clone(home);
+                        tokio::task::spawn_blocking(move || match home.reload_keys() {
+                            Ok(()) => tracing::info!("crossover home keys reloaded"),
+                            Err(e) => tracing::error!(error = %e, "crossover home keys not reloaded; the keys in force stay"),
+                        });
+                    }
                     match &outcome {
                         Ok(what) => tracing::info!(%what, "reloaded"),
                         Err(e) => tracing::error!(error = %e, "reload refused; the configuration in force stays"),
@@ -879,6 +982,9 @@ impl Driver {
             }
             StoreEvent::Credentials(c) => {
                 tracing::info!(users = c.len(), "credentials refreshed from the store");
+                if let Some(home) = &self.crossover_home {
+                    home.set_credentials(c.clone());
+                }
                 self.proxy.set_credentials(c);
             }
         }
@@ -984,6 +1090,7 @@ impl Driver {
             }
             Event::Resolved(t) => self.dispatch(t),
             Event::Located(id, result) => self.proxy.handle_located(id, result, Instant::now()),
+            Event::Crossed(id, answer) => self.proxy.handle_crossover(id, answer, Instant::now()),
         }
     }
 
@@ -1013,6 +1120,24 @@ impl Driver {
                 let result = locator.locate(&lookup.query).await;
                 let _ = events.send(Event::Located(lookup.id, result)).await;
             });
+        }
+        while let Some(question) = self.proxy.poll_crossover() {
+            let events = self.settings.events.clone();
+            let id = question.id;
+            match &self.relay {
+                Some(relay) => {
+                    let relay = relay.clone();
+                    tokio::spawn(async move {
+                        let answer = relay.ask(question).await;
+                        let _ = events.send(Event::Crossed(id, answer)).await;
+                    });
+                }
+                None => self.proxy.handle_crossover(
+                    id,
+                    crate::core::crossover::Answer::Failed("unconfigured"),
+                    Instant::now(),
+                ),
+            }
         }
         let hold = self.hold_until > self.committed;
         while let Some(t) = self.proxy.poll_transmit() {

@@ -1,0 +1,48 @@
+//! Realm crossover, the I/O side (docs/realm-crossover.md): the relay client a foreign
+//! gateway uses to reach a caller's home over HTTPS with its client certificate
+//! ([`relay`]), the home's HTTPS service that authenticates its users for foreign gateways
+//! ([`home`]), and the JSON the two exchange ([`wire`]). The protocol itself is sans-IO in
+//! `gatehouse_auth::xover` (tokens, seal, keys) and `core::crossover` (parking, bounds).
+
+pub mod home;
+pub mod relay;
+pub mod wire;
+
+use rustls::pki_types::CertificateDer;
+
+/// The domains a certificate names as RFC 5922 would have them: its DNS subject alternative
+/// names and the hosts of its `sip:` URI SANs, lower case; wildcards are never a domain.
+pub fn certificate_domains(cert: &CertificateDer<'_>) -> Vec<String> {
+    use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
+    let Ok((_, x)) = X509Certificate::from_der(cert.as_ref()) else {
+        return Vec::new();
+    };
+    let Ok(Some(san)) = x.subject_alternative_name() else {
+        return Vec::new();
+    };
+    let mut out: Vec<String> = san
+        .value
+        .general_names
+        .iter()
+        .filter_map(|n| match n {
+            GeneralName::DNSName(d) => Some((*d).to_ascii_lowercase()),
+            GeneralName::URI(u) => u
+                .strip_prefix("sip:")
+                .filter(|h| !h.contains(['@', ';', ':', '?']))
+                .map(str::to_ascii_lowercase),
+            _ => None,
+        })
+        .filter(|d| !d.contains('*') && gatehouse_auth::xover::valid_realm(d))
+        .collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// Whether a (chain-verified) certificate names `realm` exactly (no wildcard): what a home's
+/// server certificate must do, whatever name DNS led to.
+pub fn names_exactly(cert: &CertificateDer<'_>, realm: &str) -> bool {
+    certificate_domains(cert)
+        .iter()
+        .any(|d| d.eq_ignore_ascii_case(realm))
+}
