@@ -212,7 +212,7 @@ pub struct Authenticated {
     mechanism: &'static str,
     aors: Vec<String>,
     transcript: Option<Transcript>,
-    crossover: Option<Crossed>,
+    crossover: Option<Box<Crossed>>,
 }
 
 /// What a home realm vouched for (realm crossover): its realm and the tunnel key it released,
@@ -244,7 +244,7 @@ impl Authenticated {
     }
     /// The home realm's statement, for a crossover caller.
     pub fn crossover(&self) -> Option<&Crossed> {
-        self.crossover.as_ref()
+        self.crossover.as_deref()
     }
 
     pub(crate) fn crossed(identity: String, aor: String, crossed: Crossed) -> Authenticated {
@@ -253,7 +253,7 @@ impl Authenticated {
             mechanism: crate::xover::MECHANISM,
             aors: vec![aor],
             transcript: None,
-            crossover: Some(crossed),
+            crossover: Some(Box::new(crossed)),
         }
     }
 }

@@ -900,6 +900,28 @@ fn user(store: StoreArgs, action: UserAction) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `gatehouse xover-key FILE`: the home's key (created once, never overwritten), public half out.
+fn xover_key(file: &std::path::Path) -> anyhow::Result<String> {
+    use base64::Engine;
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    if !file.exists() {
+        #[allow(clippy::disallowed_methods)] // a CLI command: the key comes from the OS
+        let private: [u8; 32] = rand::random();
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(file)
+            .with_context(|| format!("creating {}", file.display()))?;
+        writeln!(f, "{}", b64.encode(private))?;
+        f.sync_all()?;
+    }
+    let key = gatehouse::crossover::home::read_key(file)?;
+    Ok(b64.encode(key.public()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -962,26 +984,4 @@ mod tests {
             "(none)\n"
         );
     }
-}
-
-/// `gatehouse xover-key FILE`: the home's key (created once, never overwritten), public half out.
-fn xover_key(file: &std::path::Path) -> anyhow::Result<String> {
-    use base64::Engine;
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let b64 = base64::engine::general_purpose::STANDARD;
-    if !file.exists() {
-        #[allow(clippy::disallowed_methods)] // a CLI command: the key comes from the OS
-        let private: [u8; 32] = rand::random();
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(file)
-            .with_context(|| format!("creating {}", file.display()))?;
-        writeln!(f, "{}", b64.encode(private))?;
-        f.sync_all()?;
-    }
-    let key = gatehouse::crossover::home::read_key(file)?;
-    Ok(b64.encode(key.public()))
 }

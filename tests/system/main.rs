@@ -7,6 +7,7 @@ mod admin;
 mod attacks;
 mod client;
 mod cluster;
+mod crossover;
 mod dispatcher;
 mod dns;
 mod hardening;

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use gatehouse_auth::scram::{derive_psk, PskBinding, ScramClient};
+use gatehouse_auth::xover::{self, derive_key, Facts, XoverClient};
 use gatehouse_auth::SaslParams;
 use gatehouse_sip::wireguard::WgSdp;
 use gatehouse_sip::{HeaderName, Message, NameAddr};
@@ -50,7 +51,12 @@ fn call(cfg: &Config, target: &str, opts: &CallOptions) -> anyhow::Result<()> {
 
     let call_id = format!("{}@wgsip", token());
     let from_tag = token();
-    let pskmth = cfg.call.pskmth.join(",");
+    let crossover = cfg.call.home_key.is_some();
+    let pskmth = if crossover && cfg.call.pskmth == ["scram"] {
+        "xover".to_owned()
+    } else {
+        cfg.call.pskmth.join(",")
+    };
     let offer = wgsdp::body(
         cfg.wireguard.address,
         cfg.wireguard.listen_port,
@@ -76,18 +82,65 @@ Contact: <sip:{user}@{l}{cp}>\r\n{auth}Content-Type: application/sdp\r\nContent-
             len = offer.len(),
         )
     };
-    // Over TLS this is SCRAM-SHA-256-PLUS, bound to this connection (tls-exporter).
-    let client = ScramClient::new(&cfg.sip.username, password.as_bytes(), ua.channel_binding());
-    let mechanism = client.mechanism().to_owned();
-    // Until the call is answered, a gateway that cannot be reached lets the next one try.
-    let (ok, transcript) = ua
-        .authenticate(&build, 1, client, true, &mut |_, _| {})
-        .map_err(lost)?;
+    // Realm crossover: authenticated by our own home, through this gateway (sealed, TLS only).
+    let facts = Facts {
+        foreign_domain: uri_host(target)?,
+        call_id: call_id.clone(),
+        from_tag: from_tag.clone(),
+        from_aor: from.clone(),
+        channel_binding: ua.channel_binding().unwrap_or_default(),
+        offer_pubkey: public.to_vec(),
+        offer_prefix: cfg.wireguard.prefix.to_string(),
+    };
+    let (ok, auth) = if let Some(home_key) = &cfg.call.home_key {
+        let home_key = home_public_key(home_key)?;
+        if ua.channel_binding().is_none() {
+            bail!("realm crossover needs sip.transport = \"tls\" (the home checks this channel)");
+        }
+        let identity = cfg.call.identity.clone().unwrap_or_else(|| {
+            format!(
+                "{}@{}",
+                cfg.sip.username,
+                uri_host(&cfg.sip.aor).unwrap_or_default()
+            )
+        });
+        let start = || {
+            #[allow(clippy::disallowed_methods)] // the caller draws its ephemeral key here
+            let ikm: [u8; 32] = rand::random();
+            XoverClient::start(
+                &home_key,
+                &identity,
+                password.as_bytes(),
+                facts.clone(),
+                ikm,
+                None,
+            )
+            .map_err(anyhow::Error::from)
+        };
+        let (ok, success) = ua
+            .authenticate_xover(&build, 1, &start, &mut |_, _| {})
+            .map_err(lost)?;
+        (ok, success.map(Verified::Crossover))
+    } else {
+        // Over TLS this is SCRAM-SHA-256-PLUS, bound to this connection (tls-exporter).
+        let client = ScramClient::new(&cfg.sip.username, password.as_bytes(), ua.channel_binding());
+        // Until the call is answered, a gateway that cannot be reached lets the next one try.
+        let (ok, transcript) = ua
+            .authenticate(&build, 1, client, true, &mut |_, _| {})
+            .map_err(lost)?;
+        (ok, transcript.map(Verified::Scram))
+    };
     let status = ok.status().unwrap_or(0);
     if status != 200 {
         bail!("call refused: {status} {}", ok.reason().unwrap_or_default());
     }
-    let transcript = transcript.context("the gateway did not authenticate itself")?;
+    let auth = auth.context("the gateway (or the home) did not authenticate itself")?;
+    let mechanism = match &auth {
+        Verified::Scram(_) if ua.channel_binding().is_some() => "SCRAM-SHA-256-PLUS",
+        Verified::Scram(_) => "SCRAM-SHA-256",
+        Verified::Crossover(_) => xover::MECHANISM,
+    }
+    .to_owned();
     // ACK the 2xx along the route set before anything else.
     let route = route_set(&ok);
     let contact = ok
@@ -115,8 +168,15 @@ From: <{from}>;tag={from_tag}\r\nTo: {to}\r\nCall-ID: {call_id}\r\nCSeq: {cseq} 
         .first()
         .cloned()
         .unwrap_or_else(|| "none".into());
-    let psk = match chosen.as_str() {
-        "scram" => {
+    let psk = match (chosen.as_str(), &auth) {
+        ("xover", Verified::Crossover(ok)) => {
+            let mut k = *derive_key(&ok.transcript, &facts).expose();
+            if opts.corrupt_psk {
+                k[0] ^= 0xff;
+            }
+            Some(k)
+        }
+        ("scram", Verified::Scram(transcript)) => {
             let binding = PskBinding {
                 mech: &mechanism,
                 from: &from,
@@ -125,14 +185,14 @@ From: <{from}>;tag={from_tag}\r\nTo: {to}\r\nCall-ID: {call_id}\r\nCSeq: {cseq} 
                 pubkey: public,
                 prefix: &cfg.wireguard.prefix.to_string(),
             };
-            let mut k = *derive_psk(&transcript, &binding).expose();
+            let mut k = *derive_psk(transcript, &binding).expose();
             if opts.corrupt_psk {
                 k[0] ^= 0xff;
             }
             Some(k)
         }
-        "none" => None,
-        other => bail!("unexpected pskmth {other} in the answer"),
+        ("none", _) => None,
+        (other, _) => bail!("unexpected pskmth {other} in the answer"),
     };
     let peer = PeerConfig {
         public_key: answer.pubkey,
@@ -149,9 +209,19 @@ From: <{from}>;tag={from_tag}\r\nTo: {to}\r\nCall-ID: {call_id}\r\nCSeq: {cseq} 
         base64_key(&answer.pubkey),
         answer.endpoint(),
         answer.prefix_text,
-        if psk.is_some() { "yes (scram)" } else { "no" }
+        if psk.is_some() {
+            format!("yes ({chosen})")
+        } else {
+            "no".into()
+        }
     );
-    println!("authenticated with {mechanism}, server-final verified");
+    match &auth {
+        Verified::Crossover(ok) => println!(
+            "authenticated as {} by its home with {mechanism}, key released to {}, server-final verified",
+            ok.identity, ok.released_to
+        ),
+        Verified::Scram(_) => println!("authenticated with {mechanism}, server-final verified"),
+    }
 
     // Keep the dialog until asked to hang up; answer a BYE from the other side.
     let mut hung_up_by_peer = false;
@@ -174,6 +244,29 @@ From: <{from}>;tag={from_tag}\r\nTo: {to}\r\nCall-ID: {call_id}\r\nCSeq: {cseq} 
     }
     println!("tunnel down");
     Ok(())
+}
+
+/// What authenticated the call: the gateway itself (SCRAM), or our home through it.
+enum Verified {
+    Scram(gatehouse_auth::scram::Transcript),
+    Crossover(gatehouse_auth::xover::XoverSuccess),
+}
+
+/// The host of a SIP URI (or `<...>` name-addr), lower case.
+fn uri_host(uri: &str) -> anyhow::Result<String> {
+    let inner = uri.trim().trim_start_matches('<').trim_end_matches('>');
+    let u =
+        gatehouse_sip::Uri::parse(inner).map_err(|_| anyhow::anyhow!("not a SIP URI: {uri}"))?;
+    Ok(u.host.trim_end_matches('.').to_ascii_lowercase())
+}
+
+fn home_public_key(b64: &str) -> anyhow::Result<[u8; 32]> {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD
+        .decode(b64.trim())
+        .ok()
+        .and_then(|k| <[u8; 32]>::try_from(k.as_slice()).ok())
+        .context("call.home_key: base64 of a 32-byte key (gatehouse xover-key prints it)")
 }
 
 fn base64_key(k: &[u8; 32]) -> String {

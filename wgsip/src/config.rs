@@ -112,6 +112,15 @@ pub struct Call {
     /// pskmth list offered, in preference order.
     #[serde(default = "default_offer")]
     pub pskmth: Vec<String>,
+    /// Realm crossover (docs/realm-crossover.md): the base64 HPKE public key of this caller's
+    /// home realm (`gatehouse xover-key` prints it). When set, the caller authenticates with
+    /// SXOVER-PLUS against its home through the gateway it calls (TLS only), and offers
+    /// `pskmth=xover` unless `pskmth` says otherwise.
+    #[serde(default)]
+    pub home_key: Option<String>,
+    /// The identity at the home (`user@realm`); default: `username@` the host of `sip.aor`.
+    #[serde(default)]
+    pub identity: Option<String>,
 }
 
 fn default_offer() -> Vec<String> {
@@ -122,6 +131,8 @@ impl Default for Call {
     fn default() -> Self {
         Call {
             pskmth: default_offer(),
+            home_key: None,
+            identity: None,
         }
     }
 }

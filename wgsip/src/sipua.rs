@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use bytes::Bytes;
 use gatehouse_auth::scram::{ScramClient, Transcript};
+use gatehouse_auth::xover::{self, XoverClient, XoverSuccess};
 use gatehouse_auth::SaslParams;
 use gatehouse_sip::{HeaderName, Limits, Message};
 
@@ -358,6 +359,82 @@ impl Ua {
             .verify_server_final(&info.s2c.context("no server-final")?)
             .context("the gateway failed to prove itself (server-final does not verify)")?;
         Ok((r, Some(transcript)))
+    }
+}
+
+impl Ua {
+    /// Runs a realm crossover (SXOVER-PLUS) through the gateway: the sealed rounds with the
+    /// caller's home, relayed; returns the final response and, after a success whose home
+    /// statement verified (server-final, identity, the domain the key went to), what the
+    /// home vouched.
+    pub fn authenticate_xover(
+        &self,
+        build: &dyn Fn(u32, Option<&SaslParams>) -> String,
+        first_cseq: u32,
+        start: &dyn Fn() -> anyhow::Result<(XoverClient, Vec<u8>)>,
+        on_other: &mut dyn FnMut(&Message, SocketAddr),
+    ) -> anyhow::Result<(Message, Option<XoverSuccess>)> {
+        let mut cseq = first_cseq;
+        let mut r = self.transact(&build(cseq, None), cseq, on_other)?;
+        if r.status() != Some(407) {
+            return Ok((r, None));
+        }
+        let offered = SaslParams::parse(
+            &header(&r, "Proxy-Authenticate").context("challenge without SASL")?,
+        )?;
+        if !offered
+            .mech
+            .unwrap_or_default()
+            .split(' ')
+            .any(|m| m == xover::MECHANISM)
+        {
+            bail!(
+                "the gateway does not offer {} (it needs TLS and [crossover] enabled)",
+                xover::MECHANISM
+            );
+        }
+        let realm = offered.realm;
+        let (mut client, first) = start()?;
+        cseq += 1;
+        let p = SaslParams {
+            realm: realm.clone(),
+            mech: Some(xover::MECHANISM.into()),
+            c2s: Some(first),
+            ..SaslParams::default()
+        };
+        r = self.transact(&build(cseq, Some(&p)), cseq, on_other)?;
+        if r.status() != Some(407) {
+            bail!(
+                "crossover refused: {} {}",
+                r.status().unwrap_or(0),
+                r.reason().unwrap_or_default()
+            );
+        }
+        let c = SaslParams::parse(&header(&r, "Proxy-Authenticate").context("no SASL challenge")?)?;
+        let next = client
+            .step(&c.s2c.context("no home-next token")?)
+            .context("the home's answer does not open (not our home?)")?;
+        cseq += 1;
+        let p = SaslParams {
+            realm,
+            s2s: c.s2s,
+            c2s: Some(next),
+            ..SaslParams::default()
+        };
+        r = self.transact(&build(cseq, Some(&p)), cseq, on_other)?;
+        let Some(info) = header(&r, "Proxy-Authentication-Info") else {
+            bail!(
+                "authentication failed: {} {}",
+                r.status().unwrap_or(0),
+                r.reason().unwrap_or_default()
+            );
+        };
+        let info = SaslParams::parse(&info)?;
+        // Mutual: only our home can seal this; it names us and the domain it released to.
+        let ok = client
+            .finish(&info.s2c.context("no home-final")?)
+            .context("the home's final statement does not verify")?;
+        Ok((r, Some(ok)))
     }
 }
 
