@@ -69,8 +69,10 @@ impl Topology {
         sh(&full)
     }
 
-    fn build(dir: &Path) -> Topology {
-        let id = format!("{}", std::process::id() % 100_000);
+    /// `tag` tells apart the topologies of tests running at once (names of links, namespaces
+    /// and WireGuard sockets are global).
+    fn build(dir: &Path, tag: &str) -> Topology {
+        let id = format!("{tag}{}", std::process::id() % 100_000);
         let mut t = Topology {
             id,
             daemons: Vec::new(),
@@ -280,7 +282,7 @@ fn sip_negotiated_wireguard_tunnel_with_sasl_psk() {
     }
     let dir = TempDir::new("wg");
     let d = dir.path();
-    let topo = Topology::build(d);
+    let topo = Topology::build(d, "");
     let id = topo.id.clone();
 
     // The gateway: certificate, store, policy, configuration.
@@ -588,4 +590,216 @@ address = \"2001:db8:2::2\"\nprefix = \"2001:db8:789:1::/64\"\ninterface_address
 fn caller_pid(p: &Proc) -> String {
     // `ip netns exec` execs the program, so the child's PID is wgsip's.
     p.pid().to_string()
+}
+
+/// Issue 19 (a): bob exists only at partner.example. His home's crossover service runs on the
+/// partner site; org.example's gateway relays his SXOVER-PLUS rounds to it over mutual TLS
+/// (certificates from a test CA), admits him as bob@partner.example by crossover, and hands
+/// the key his home released to the internal endpoint. Real `wgsip call`, `wgsip endpoint`,
+/// wireguard-go: the tunnel carries pings, both ends hold the same PSK, and the foreign
+/// gateway's debug log holds no SCRAM message in clear.
+#[test]
+fn tunnel_by_realm_crossover() {
+    if !available() {
+        return;
+    }
+    let dir = TempDir::new("wgx");
+    let d = dir.path();
+    let topo = Topology::build(d, "x");
+    let id = topo.id.clone();
+    let pki = crate::crossover::Pki::new();
+    std::fs::write(d.join("ca.pem"), &pki.ca_pem).unwrap();
+    pki.issue(d, "org", &["org.example"]);
+    pki.issue(d, "partner", &["partner.example"]);
+    let home_key = d.join("home.key");
+    let out = Command::new(bin("gatehouse"))
+        .arg("xover-key")
+        .arg(&home_key)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let home_public = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+
+    // partner.example's gateway, bob's home, on the partner site.
+    let home_store = d.join("home.sqlite");
+    gatehouse::store::Store::open(&home_store)
+        .unwrap()
+        .add_user(
+            "bob",
+            b"bob-secret",
+            &["sip:bob@partner.example".into()],
+            None,
+            4096,
+        )
+        .unwrap();
+    std::fs::write(
+        d.join("home.toml"),
+        format!(
+            "[sip]\ndomains = [\"partner.example\"]\nshutdown_grace_ms = 200\n\
+[[listen]]\ntransport = \"udp\"\naddress = \"[2001:db8:1::2]:5070\"\n\
+[tls]\ncertificate = \"partner.pem\"\nprivate_key = \"partner.key\"\n\
+[auth]\nstore = \"{}\"\n[crossover]\ntrusted_cas = \"ca.pem\"\n\
+[crossover.home]\nlisten = \"[2001:db8:1::2]:8443\"\nkey_file = \"home.key\"\nforeign_domains = [\"org.example\"]\n\
+[log]\nlevel = \"info\"\n",
+            home_store.display()
+        ),
+    )
+    .unwrap();
+    let partner_ns = topo.ns("p");
+    let home = Proc::spawn(
+        "gatehouse-home",
+        Command::new("ip")
+            .args(["netns", "exec", &partner_ns])
+            .arg(bin("gatehouse"))
+            .args(["run", "--config"])
+            .arg(d.join("home.toml")),
+        d,
+    );
+
+    // org.example's gateway: crossover on; bob has no account in its store.
+    let store = d.join("org.sqlite");
+    crate::sasl::seed(&store);
+    std::fs::write(
+        d.join("policy.toml"),
+        "org_prefixes = [\"2001:db8:789::/48\"]\n[[rule]]\nname = \"partners-by-crossover\"\nkind = \"tunnel\"\n\
+callers = [\"*@partner.example\"]\ncrossover = [\"partner.example\"]\ntargets = [\"sip:vpn@org.example\"]\n\
+pskmth = [\"xover\"]\nrequire_psk = true\nprefixes = [\"2001:db8:456::/48\"]\n",
+    )
+    .unwrap();
+    std::fs::write(
+        d.join("gatehouse.toml"),
+        format!(
+            "[sip]\ndomains = [\"org.example\"]\nshutdown_grace_ms = 500\n\
+[[listen]]\ntransport = \"tls\"\naddress = \"[2001:db8:1::1]:5061\"\n[[listen]]\ntransport = \"tls\"\naddress = \"[2001:db8:2::1]:5061\"\n\
+[tls]\ncertificate = \"org.pem\"\nprivate_key = \"org.key\"\n\
+[auth]\nstore = \"{}\"\n[tunnels]\npolicy = \"policy.toml\"\ninternal_networks = [\"2001:db8:2::/64\"]\n\
+[crossover]\nenabled = true\ncertificate = \"org.pem\"\nprivate_key = \"org.key\"\ntrusted_cas = \"ca.pem\"\n\
+[crossover.homes]\n\"partner.example\" = \"[2001:db8:1::2]:8443\"\n[log]\nlevel = \"debug\"\n",
+            store.display()
+        ),
+    )
+    .unwrap();
+    let gw_ns = topo.ns("g");
+    let gw = Proc::spawn(
+        "gatehouse-org",
+        Command::new("ip")
+            .args(["netns", "exec", &gw_ns])
+            .arg(bin("gatehouse"))
+            .args(["run", "--config"])
+            .arg(d.join("gatehouse.toml")),
+        d,
+    );
+
+    write_secret(&d.join("vpn.password"), "vpn-secret\n");
+    write_secret(&d.join("bob.password"), "bob-secret\n");
+    std::fs::write(
+        d.join("endpoint.toml"),
+        format!(
+            "[sip]\ngateway = \"[2001:db8:2::1]:5061\"\ntransport = \"tls\"\ntls_ca = \"ca.pem\"\ntls_server_name = \"org.example\"\n\
+bind = \"[2001:db8:2::2]:5062\"\naor = \"sip:vpn@org.example\"\nusername = \"vpn\"\n\
+password_file = \"vpn.password\"\n[wireguard]\ninterface = \"wgo{id}\"\nprivate_key_file = \"org-wg.key\"\nlisten_port = 51821\n\
+address = \"2001:db8:2::2\"\nprefix = \"2001:db8:789:1::/64\"\ninterface_address = \"2001:db8:789:1::1/64\"\n\
+[accept]\npskmth = [\"gateway\"]\nprefixes = [\"2001:db8:456::/48\"]\n"
+        ),
+    )
+    .unwrap();
+    let org_ns = topo.ns("o");
+    let endpoint = Proc::spawn(
+        "endpoint",
+        Command::new("ip")
+            .args(["netns", "exec", &org_ns])
+            .arg(bin("wgsip"))
+            .args(["endpoint", "--config"])
+            .arg(d.join("endpoint.toml")),
+        d,
+    );
+    assert!(
+        wait_for_line(
+            &endpoint,
+            "registered sip:vpn@org.example",
+            Duration::from_secs(40)
+        ),
+        "endpoint:\n{}\ngateway:\n{}",
+        endpoint.log_text(),
+        gw.log_text()
+    );
+
+    std::fs::write(
+        d.join("bob.toml"),
+        format!(
+            "[sip]\ngateway = \"[2001:db8:1::1]:5061\"\ntransport = \"tls\"\ntls_ca = \"ca.pem\"\ntls_server_name = \"org.example\"\n\
+bind = \"[2001:db8:1::2]:0\"\naor = \"sip:bob@partner.example\"\nusername = \"bob\"\npassword_file = \"bob.password\"\n\
+[wireguard]\ninterface = \"wgp{id}\"\nprivate_key_file = \"bob-wg.key\"\nlisten_port = 51820\naddress = \"2001:db8:1::2\"\n\
+prefix = \"2001:db8:456:1::/64\"\ninterface_address = \"2001:db8:456:1::1/64\"\n\
+[call]\npskmth = [\"xover\"]\nhome_key = \"{home_public}\"\n"
+        ),
+    )
+    .unwrap();
+    let mut caller = Proc::spawn(
+        "call",
+        Command::new("ip")
+            .args(["netns", "exec", &partner_ns])
+            .arg(bin("wgsip"))
+            .args(["call", "sip:vpn@org.example", "--config"])
+            .arg(d.join("bob.toml")),
+        d,
+    );
+    assert!(
+        wait_for_line(&caller, "tunnel up", Duration::from_secs(40)),
+        "caller:\n{}\nendpoint:\n{}\norg gateway:\n{}\nhome:\n{}",
+        caller.log_text(),
+        endpoint.log_text(),
+        gw.log_text(),
+        home.log_text()
+    );
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !topo.ping("1", "1") {
+        assert!(Instant::now() < deadline, "no ping through the tunnel");
+    }
+    assert!(topo.ping("3", "2"), "ping -6 crosses the tunnel");
+    let (psk_p, psk_o) = (topo.psk("p"), topo.psk("o"));
+    assert!(
+        psk_p.as_deref().is_some_and(|k| k != "(none)"),
+        "the caller uses a PSK"
+    );
+    assert!(psk_p == psk_o, "both sides use the same PSK (not printed)");
+    let log = caller.log_text();
+    assert!(log.contains("psk yes (xover)"), "{log}");
+    assert!(
+        log.contains("authenticated as bob@partner.example by its home with SXOVER-PLUS, key released to org.example"),
+        "{log}"
+    );
+    // The home logged the release (foreign domain, user, a hash of the Call-ID).
+    assert!(
+        home.log_text().contains("tunnel key released"),
+        "{}",
+        home.log_text()
+    );
+    // The foreign gateway saw only ciphertext: no SCRAM message in its debug log.
+    let gw_log = gw.log_text();
+    for clear in ["n=bob", "c=biws", "n=bob,r=", ",p="] {
+        assert!(
+            !gw_log.contains(clear),
+            "`{clear}` in the foreign gateway's log"
+        );
+    }
+    assert!(
+        gw_log.contains("authenticated by its home (crossover)"),
+        "{gw_log}"
+    );
+
+    let _ = Command::new("kill")
+        .args(["-TERM", &caller_pid(&caller)])
+        .status();
+    let st = caller.wait(Duration::from_secs(40));
+    assert!(st.success(), "{}", caller.log_text());
+    assert!(
+        wait_for_line(&endpoint, "tunnel down", Duration::from_secs(20)),
+        "{}",
+        endpoint.log_text()
+    );
 }
