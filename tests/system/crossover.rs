@@ -168,6 +168,10 @@ pub struct Variant {
     /// another address (an impostor, a silent listener).
     pub home_at: Option<SocketAddr>,
     pub deadline_ms: u64,
+    /// Find homes through this DNS server (SRV `_sxover._tcp.REALM`) instead of pinning.
+    pub dns: Option<SocketAddr>,
+    /// The home's crossover port (chosen in advance when DNS must name it).
+    pub home_port: Option<u16>,
 }
 
 impl Default for Variant {
@@ -177,6 +181,8 @@ impl Default for Variant {
             foreign_cert: &["org.example"],
             home_at: None,
             deadline_ms: 3000,
+            dns: None,
+            home_port: None,
         }
     }
 }
@@ -217,7 +223,7 @@ pub fn federation(v: Variant) -> Federation {
             4096,
         )
         .unwrap();
-    let home_port = free_port();
+    let home_port = v.home_port.unwrap_or_else(free_port);
     let home = Gateway::start(&format!(
         "[sip]\ndomains = [\"partner.example\"]\nshutdown_grace_ms = 200\n\
 [[listen]]\ntransport = \"udp\"\naddress = \"127.0.0.1:0\"\n\
@@ -248,6 +254,10 @@ prefixes = [\"2001:db8:b0b::/48\"]\n\
     let home_at = v
         .home_at
         .unwrap_or_else(|| format!("127.0.0.1:{home_port}").parse().unwrap());
+    let discovery = match v.dns {
+        Some(dns) => format!("[dns]\nservers = [\"{dns}\"]\ntimeout_ms = 1000\n"),
+        None => format!("[crossover.homes]\n\"partner.example\" = \"{home_at}\"\n"),
+    };
     let org = Gateway::start(&format!(
         "[sip]\ndomains = [\"org.example\"]\nshutdown_grace_ms = 200\n\
 [[listen]]\ntransport = \"udp\"\naddress = \"127.0.0.1:0\"\n[[listen]]\ntransport = \"tls\"\naddress = \"127.0.0.1:0\"\n\
@@ -256,7 +266,7 @@ prefixes = [\"2001:db8:b0b::/48\"]\n\
 [tunnels]\npolicy = \"{d}/policy.toml\"\ninternal_networks = [\"127.0.0.0/8\"]\n\
 [crossover]\nenabled = true\ncertificate = \"{d}/org-client.pem\"\nprivate_key = \"{d}/org-client.key\"\n\
 trusted_cas = \"{d}/ca.pem\"\nallow_private = true\ndeadline_ms = {dl}\n\
-[crossover.homes]\n\"partner.example\" = \"{home_at}\"\n\
+{discovery}\
 [[route]]\naor = \"sip:vpn@org.example\"\ntarget = \"sip:vpn@{uas}\"\n\
 [metrics]\nlisten = \"127.0.0.1:0\"\n[log]\nlevel = \"debug\"\n",
         d = d.display(),
@@ -526,31 +536,41 @@ fn a_foreign_gateway_whose_certificate_names_another_domain_gets_nothing() {
     assert_eq!(f.home_outcome("foreign_domain"), 1);
 }
 
-#[test]
-fn an_impostor_home_whose_certificate_does_not_name_the_realm_is_not_asked() {
-    // An impostor: a crossover service with a valid certificate for impostor.example, where
-    // the foreign gateway looks for partner.example's home (as poisoned DNS would point it).
-    let impostor_dir = TempDir::new("impostor");
-    let d = impostor_dir.path();
-    let pki = Pki::new();
-    std::fs::write(d.join("ca.pem"), &pki.ca_pem).unwrap();
-    pki.issue(d, "imp", &["impostor.example"]);
-    std::fs::write(d.join("home.key"), format!("{}\n", b64().encode(HOME_SK))).unwrap();
-    let port = free_port();
-    let _impostor = Gateway::start(&format!(
+/// An impostor: a crossover service whose certificate, from the same trusted CA, names
+/// impostor.example, at 127.0.0.1:`port` (where poisoned DNS or a wrong pin sends the foreign
+/// gateway looking for partner.example's home).
+fn impostor(f: &Federation, dir: &Path, port: u16) -> Gateway {
+    f.pki.issue(dir, "imp", &["impostor.example"]);
+    std::fs::write(dir.join("ca.pem"), &f.pki.ca_pem).unwrap();
+    std::fs::write(
+        dir.join("imp-home.key"),
+        format!("{}\n", b64().encode(HOME_SK)),
+    )
+    .unwrap();
+    let gw = Gateway::start(&format!(
         "[sip]\ndomains = [\"impostor.example\"]\nshutdown_grace_ms = 200\n\
 [[listen]]\ntransport = \"udp\"\naddress = \"127.0.0.1:0\"\n\
 [tls]\ncertificate = \"{d}/imp.pem\"\nprivate_key = \"{d}/imp.key\"\n\
 [crossover]\ntrusted_cas = \"{d}/ca.pem\"\n\
-[crossover.home]\nlisten = \"127.0.0.1:{port}\"\nkey_file = \"{d}/home.key\"\nforeign_domains = [\"any\"]\n",
-        d = d.display()
+[crossover.home]\nlisten = \"127.0.0.1:{port}\"\nkey_file = \"{d}/imp-home.key\"\nforeign_domains = [\"any\"]\n",
+        d = dir.display()
     ));
     crate::harness::wait_tcp_listening(port);
+    gw
+}
+
+#[test]
+fn an_impostor_home_whose_certificate_does_not_name_the_realm_is_not_asked() {
+    let port = free_port();
     let f = federation(Variant {
         home_at: Some(format!("127.0.0.1:{port}").parse().unwrap()),
         ..Variant::default()
     });
+    let dir = TempDir::new("impostor");
+    let _impostor = impostor(&f, dir.path(), port);
     assert_eq!(first_answer(&f, "xover-impostor@test").status(), Some(403));
+    // Refused at the TLS check (the certificate verifies but names impostor.example), so
+    // nothing was ever sent to it.
     assert_eq!(f.outcome("foreign", "certificate"), 1);
 }
 
@@ -690,4 +710,68 @@ Contact: <sip:bob@{l};transport=tls>\r\n{auth}Content-Type: application/sdp\r\nC
             n = body.len(),
         )
     }
+}
+
+/// dnsmasq on a loopback port answering `_sxover._tcp.partner.example` with `target:port`.
+fn dns_server(dir: &Path, target_port: u16) -> (crate::harness::Proc, SocketAddr) {
+    let port = free_port();
+    let mut dnsmasq = crate::harness::Proc::spawn(
+        "dnsmasq",
+        std::process::Command::new("dnsmasq").args([
+            "--keep-in-foreground".to_owned(),
+            "--conf-file=/dev/null".to_owned(),
+            "--no-resolv".to_owned(),
+            "--no-hosts".to_owned(),
+            "--bind-interfaces".to_owned(),
+            "--listen-address=127.0.0.1".to_owned(),
+            format!("--port={port}"),
+            "--pid-file=".to_owned(),
+            "--log-queries".to_owned(),
+            "--log-facility=-".to_owned(),
+            "--local=/partner.example/".to_owned(),
+            format!(
+                "--srv-host=_sxover._tcp.partner.example,xover.partner.example,{target_port},10,0"
+            ),
+            "--host-record=xover.partner.example,127.0.0.1".to_owned(),
+        ]),
+        dir,
+    );
+    crate::harness::wait_udp_bound(&mut dnsmasq, port);
+    (dnsmasq, format!("127.0.0.1:{port}").parse().unwrap())
+}
+
+#[test]
+fn the_home_is_found_by_dns_srv_and_an_impostor_there_is_refused() {
+    if !crate::harness::tool("dnsmasq") {
+        return;
+    }
+    let dir = TempDir::new("xover-dns");
+    // The real home, found through SRV: bob's call goes through.
+    let home_port = free_port();
+    let (dns, dns_addr) = dns_server(dir.path(), home_port);
+    let f = federation(Variant {
+        dns: Some(dns_addr),
+        home_port: Some(home_port),
+        ..Variant::default()
+    });
+    let mut c = Caller::connect(&f, "xover-dns@test");
+    let (r, mut x) = call(&f, &mut c, b"bob-secret");
+    assert_eq!(r.status(), Some(200), "{r:?}\ndnsmasq:\n{}", dns.log_text());
+    let info = SaslParams::parse(&header(&r, "Proxy-Authentication-Info").unwrap()).unwrap();
+    assert!(x.finish(&info.s2c.unwrap()).is_ok());
+    assert!(dns.log_text().contains("_sxover._tcp.partner.example"));
+    drop(f);
+    drop(dns);
+
+    // DNS poisoned: SRV names a server with a valid certificate for another domain.
+    let port = free_port();
+    let (_dns, dns_addr) = dns_server(dir.path(), port);
+    let f = federation(Variant {
+        dns: Some(dns_addr),
+        ..Variant::default()
+    });
+    let imp_dir = TempDir::new("impostor-dns");
+    let _impostor = impostor(&f, imp_dir.path(), port);
+    assert_eq!(first_answer(&f, "xover-poisoned@test").status(), Some(403));
+    assert_eq!(f.outcome("foreign", "certificate"), 1);
 }

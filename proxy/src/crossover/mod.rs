@@ -49,3 +49,39 @@ pub fn names_exactly(cert: &CertificateDer<'_>, realm: &str) -> bool {
         .iter()
         .any(|d| d.eq_ignore_ascii_case(realm))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cert(names: &[&str]) -> CertificateDer<'static> {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let params = rcgen::CertificateParams::new(
+            names.iter().map(|n| (*n).to_owned()).collect::<Vec<_>>(),
+        )
+        .unwrap();
+        params.self_signed(&key).unwrap().der().clone()
+    }
+
+    #[test]
+    fn a_home_certificate_must_name_the_realm_exactly() {
+        assert!(names_exactly(
+            &cert(&["partner.example"]),
+            "partner.example"
+        ));
+        assert!(names_exactly(
+            &cert(&["PARTNER.example", "x.example"]),
+            "partner.example"
+        ));
+        // A wildcard that webpki would accept for the name is not the realm (RFC 5922 7.2).
+        assert!(!names_exactly(&cert(&["*.example"]), "partner.example"));
+        assert!(!names_exactly(
+            &cert(&["home.partner.example"]),
+            "partner.example"
+        ));
+        assert_eq!(
+            certificate_domains(&cert(&["org.example", "*.org.example"])),
+            vec!["org.example".to_owned()]
+        );
+    }
+}
