@@ -228,7 +228,7 @@ fn crossover(c: &mut Criterion) {
         })
     });
     if rounds > 0 {
-        println!(
+        eprintln!(
             "caller side of one crossover exchange beyond SCRAM (HPKE set-up and seal, the \
              home's statement opened and checked, key derived; the SCRAM client step with its \
              PBKDF2 not counted): {:.1} µs per exchange over {rounds}",

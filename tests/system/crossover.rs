@@ -172,6 +172,10 @@ pub struct Variant {
     pub dns: Option<SocketAddr>,
     /// The home's crossover port (chosen in advance when DNS must name it).
     pub home_port: Option<u16>,
+    /// `[crossover.home] rate_per_domain` (rounds per second; each set-up is two).
+    pub home_rate: u32,
+    /// More of org.example's configuration (a table at the end).
+    pub org_extra: &'static str,
 }
 
 impl Default for Variant {
@@ -183,6 +187,8 @@ impl Default for Variant {
             deadline_ms: 3000,
             dns: None,
             home_port: None,
+            home_rate: 20,
+            org_extra: "",
         }
     }
 }
@@ -230,11 +236,12 @@ pub fn federation(v: Variant) -> Federation {
 [tls]\ncertificate = \"{d}/partner.pem\"\nprivate_key = \"{d}/partner.key\"\n\
 [auth]\nstore = \"{s}\"\nfailures_before_lockout = 3\n\
 [crossover]\ntrusted_cas = \"{d}/ca.pem\"\n\
-[crossover.home]\nlisten = \"127.0.0.1:{home_port}\"\nkey_file = \"{d}/home.key\"\nforeign_domains = {fd}\n\
+[crossover.home]\nlisten = \"127.0.0.1:{home_port}\"\nkey_file = \"{d}/home.key\"\nforeign_domains = {fd}\nrate_per_domain = {rate}\n\
 [metrics]\nlisten = \"127.0.0.1:0\"\n[log]\nlevel = \"debug\"\n",
         d = d.display(),
         s = home_store.display(),
         fd = v.foreign_domains,
+        rate = v.home_rate,
     ));
     crate::harness::wait_tcp_listening(home_port);
 
@@ -268,7 +275,8 @@ prefixes = [\"2001:db8:b0b::/48\"]\n\
 trusted_cas = \"{d}/ca.pem\"\nallow_private = true\ndeadline_ms = {dl}\n\
 {discovery}\
 [[route]]\naor = \"sip:vpn@org.example\"\ntarget = \"sip:vpn@{uas}\"\n\
-[metrics]\nlisten = \"127.0.0.1:0\"\n[log]\nlevel = \"debug\"\n",
+[metrics]\nlisten = \"127.0.0.1:0\"\n[log]\nlevel = \"debug\"\n{extra}",
+        extra = v.org_extra,
         d = d.display(),
         s = org_store.display(),
         dl = v.deadline_ms,
@@ -774,4 +782,76 @@ fn the_home_is_found_by_dns_srv_and_an_impostor_there_is_refused() {
     let _impostor = impostor(&f, imp_dir.path(), port);
     assert_eq!(first_answer(&f, "xover-poisoned@test").status(), Some(403));
     assert_eq!(f.outcome("foreign", "certificate"), 1);
+}
+
+/// A measurement, not a check (run by hand, figures in docs/PERFORMANCE.md):
+/// `cargo test --test system crossover::measure_crossover_set_ups -- --ignored --nocapture`.
+/// 200 sequential crossover set-ups on one TLS connection (the caller's PBKDF2 is in each),
+/// against a local SCRAM set-up of alice for comparison; set-up time from the first INVITE to
+/// the verified 200, and this process's CPU (both gateways and the caller run in it).
+#[test]
+#[ignore]
+fn measure_crossover_set_ups() {
+    fn cpu() -> Duration {
+        let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
+        let fields: Vec<&str> = stat
+            .rsplit(')')
+            .next()
+            .unwrap()
+            .split_whitespace()
+            .collect();
+        let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+        Duration::from_millis(ticks * 10)
+    }
+    let f = federation(Variant {
+        home_rate: 100_000,
+        // One source sends every round: the per-source rate limit would drop them.
+        org_extra: "[rate_limit]\nenabled = false\n",
+        ..Variant::default()
+    });
+    let n = 200;
+    let mut times = Vec::new();
+    let cpu0 = cpu();
+    // One TLS connection for all (new connections from one source are rate-limited, issue 18).
+    let mut c = Caller::connect(&f, "measure@test");
+    for i in 0..n {
+        let t = Instant::now();
+        c.call_id = format!("measure-{i}@test");
+        c.cseq = 0;
+        let (r, mut x) = call(&f, &mut c, b"bob-secret");
+        assert_eq!(r.status(), Some(200));
+        let info = SaslParams::parse(&header(&r, "Proxy-Authentication-Info").unwrap()).unwrap();
+        x.finish(&info.s2c.unwrap()).unwrap();
+        times.push(t.elapsed());
+    }
+    let spent = cpu() - cpu0;
+    times.sort();
+    eprintln!(
+        "crossover set-ups: {n}, p50 {:?}, p99 {:?}, process CPU per set-up {:?}",
+        times[n / 2],
+        times[n * 99 / 100],
+        spent / n as u32
+    );
+    // The same through a local SCRAM-SHA-256-PLUS exchange of alice (org.example's own user; a
+    // plain call), on one TLS connection, the client's PBKDF2 in each as above.
+    let mut client = SipClient::tls(f.org.addr(Transport::Tls), f.pki.ca_der.clone());
+    let mut local = Vec::new();
+    let cpu0 = cpu();
+    for i in 0..n {
+        let t = Instant::now();
+        let mut scram =
+            gatehouse_auth::scram::ScramClient::new("alice", b"alice-secret", client.exporter());
+        let mut call = crate::sasl::Call::new(&format!("local-{i}"));
+        let r = crate::sasl::authenticated_invite(&mut client, &mut scram, &mut call);
+        assert_eq!(r.status(), Some(200));
+        local.push(t.elapsed());
+    }
+    let spent = cpu() - cpu0;
+    local.sort();
+    eprintln!(
+        "local SCRAM-PLUS set-ups: {n}, p50 {:?}, p99 {:?}, process CPU per set-up {:?}",
+        local[n / 2],
+        local[n * 99 / 100],
+        spent / n as u32
+    );
 }

@@ -3223,3 +3223,299 @@ Call-ID: call-1@partner.example\r\nCSeq: 5 BYE\r\nContact: <sip:vpn@198.51.100.2
         let _ = std::io::sink().flush();
     }
 }
+
+/// Realm crossover, foreign side (docs/realm-crossover.md), through the sans-IO core with a
+/// sans-IO home (`XoverHome`) playing the partner's crossover service: the rounds are parked
+/// and asked as questions (no transaction, no branch), resumed by the home's answers, and the
+/// tunnel offer reaches the inside with exactly the caller's key; a handle used from another
+/// connection, and a home that never answers, end in 403.
+#[test]
+fn a_crossover_caller_is_parked_relayed_and_admitted_by_its_home() {
+    use base64::Engine;
+    use gatehouse_auth::xover::{
+        derive_key, Facts, HomeKey, HomeKeys, HomeOutcome, Relayed, XoverClient, XoverHome,
+        MECHANISM,
+    };
+    use gatehouse_auth::{Credential, SaslParams, SaslServer, ServerSettings};
+
+    let mut cfg = config();
+    cfg.trusted = Vec::new();
+    cfg.crossover = Some(crate::core::crossover::CrossoverCore {
+        realms: crate::config::crossover::Allowed::Any,
+        deadline: Duration::from_secs(2),
+        max_pending: 8,
+        max_pending_per_realm: 8,
+    });
+    cfg.tunnels.internal_networks = vec!["198.51.100.0/24".parse().unwrap()];
+    cfg.policy = std::sync::Arc::new(
+        gatehouse_policy::Policy::parse(
+            "[[rule]]\nname = \"x\"\nkind = \"tunnel\"\ncallers = [\"*@partner.example\"]\n\
+crossover = [\"partner.example\"]\ntargets = [\"sip:vpn@org.example\"]\npskmth = [\"xover\"]\n",
+            "t",
+        )
+        .unwrap(),
+    );
+    let mut h = Harness::new();
+    h.proxy = new_proxy(cfg);
+    let tls = |conn: u64| Flow {
+        transport: Transport::Tls,
+        local: format!("{GW}:5061").parse().unwrap(),
+        remote: "203.0.113.5:40000".parse().unwrap(),
+        conn: Some(conn),
+    };
+    for conn in [1, 2] {
+        h.proxy.set_connection_tls(
+            conn,
+            gatehouse_auth::TlsInfo {
+                exporter: vec![conn as u8; 32],
+                peer_identity: None,
+            },
+        );
+    }
+    // The home: bob's SCRAM verifier at partner.example, its key pair.
+    let home_sk = [0x42u8; 32];
+    let public = *HomeKey::from_private(&home_sk).unwrap().public();
+    let mut home = XoverHome::new(
+        HomeKeys {
+            realm: "partner.example".into(),
+            keys: vec![HomeKey::from_private(&home_sk).unwrap()],
+        },
+        SaslServer::new(ServerSettings {
+            realm: "partner.example".into(),
+            mechanisms: vec![gatehouse_auth::Mechanism::ScramSha256],
+            ttl: Duration::from_secs(30),
+            max_pending: 16,
+            max_pending_per_source: 16,
+            iterations: 4096,
+            secret: gatehouse_auth::Secret::new([1; 32]),
+            seed: gatehouse_auth::Secret::new([2; 32]),
+        }),
+        16,
+        Duration::from_secs(30),
+    );
+    let mut creds = std::collections::HashMap::new();
+    creds.insert(
+        "bob".to_owned(),
+        Credential {
+            username: "bob".into(),
+            verifier: gatehouse_auth::scram::Verifier::derive(
+                b"bob-secret",
+                b"0123456789abcdef".to_vec(),
+                4096,
+            ),
+            aors: vec!["sip:bob@partner.example".into()],
+            mechanisms: None,
+            enabled: true,
+        },
+    );
+    let pubkey = "YWl42m1t56sMAYKwGZUQZNuYG+AbdW9eE7KLj3KBT1M=";
+    let body = format!(
+        "v=0\r\no=- 1 1 IN IP4 203.0.113.5\r\ns=-\r\nc=IN IP4 203.0.113.5\r\nt=0 0\r\n\
+m=application 51820 udp vnd.wireguard\r\na=fmtp:vnd.wireguard pubkey={pubkey};prefix=2001:db8:b0b::/64;pskmth=xover\r\n"
+    );
+    let invite = |cseq: u32, auth: Option<&SaslParams>| {
+        let auth = auth
+            .map(|p| format!("Proxy-Authorization: {}\r\n", p.emit()))
+            .unwrap_or_default();
+        format!(
+            "INVITE sip:vpn@org.example SIP/2.0\r\nVia: SIP/2.0/TLS 203.0.113.5:40000;branch=z9hG4bKx{cseq};rport\r\n\
+Max-Forwards: 70\r\nFrom: <sip:bob@partner.example>;tag=b1\r\nTo: <sip:vpn@org.example>\r\n\
+Call-ID: xover-1@partner.example\r\nCSeq: {cseq} INVITE\r\nContact: <sip:bob@203.0.113.5:40000;transport=tls>\r\n\
+{auth}Content-Type: application/sdp\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+    };
+    let facts = Facts {
+        foreign_domain: "org.example".into(),
+        call_id: "xover-1@partner.example".into(),
+        from_tag: "b1".into(),
+        from_aor: "sip:bob@partner.example".into(),
+        channel_binding: vec![1; 32],
+        offer_pubkey: base64::engine::general_purpose::STANDARD
+            .decode(pubkey)
+            .unwrap(),
+        offer_prefix: "2001:db8:b0b::/64".into(),
+    };
+    // Round 0: the challenge offers SXOVER-PLUS on TLS.
+    let out = h.send(&invite(1, None), tls(1));
+    let offered = out[0]
+        .msg()
+        .value_of(HeaderName::ProxyAuthenticate)
+        .unwrap()
+        .into_owned();
+    assert!(offered.contains(MECHANISM), "{offered}");
+    // Round 1: parked, nothing sent; the question carries what this gateway sees.
+    let (mut client, c1) = XoverClient::start(
+        &public,
+        "bob@partner.example",
+        b"bob-secret",
+        facts.clone(),
+        [9; 32],
+        None,
+    )
+    .unwrap();
+    let p1 = SaslParams {
+        realm: Some("org.example".into()),
+        mech: Some(MECHANISM.into()),
+        c2s: Some(c1),
+        ..SaslParams::default()
+    };
+    assert!(h.send(&invite(2, Some(&p1)), tls(1)).is_empty());
+    assert_eq!(
+        h.proxy.transactions(),
+        0,
+        "no transaction for a parked round"
+    );
+    let q = h.proxy.poll_crossover().expect("a question for the driver");
+    assert_eq!(q.realm, "partner.example");
+    assert_eq!(q.facts.channel_binding, vec![1; 32]);
+    assert_eq!(q.facts.foreign_domain, "org.example");
+    let domains = vec!["org.example".to_owned()];
+    let source: std::net::IpAddr = GW.parse().unwrap();
+    let home_now = h.now;
+    let mut ask = |q: &crate::core::crossover::Question| {
+        let rel = Relayed {
+            facts: &q.facts,
+            domains: &domains,
+            source,
+        };
+        match home.step(&q.params, &rel, &creds, &|_| false, home_now) {
+            Ok(HomeOutcome::Challenge { handle, token }) => {
+                crate::core::crossover::Answer::Challenge { handle, token }
+            }
+            Ok(HomeOutcome::Success {
+                identity,
+                released_to,
+                key,
+                token,
+                ..
+            }) => crate::core::crossover::Answer::Success {
+                identity,
+                released_to,
+                key,
+                token,
+            },
+            Err(_) => crate::core::crossover::Answer::Refused,
+        }
+    };
+    let answer = ask(&q);
+    h.proxy.handle_crossover(q.id, answer, h.now);
+    let out = h.drain();
+    assert_eq!(out.len(), 1);
+    assert_eq!(out[0].status(), Some(407));
+    let ch = SaslParams::parse(
+        &out[0]
+            .msg()
+            .value_of(HeaderName::ProxyAuthenticate)
+            .unwrap(),
+    )
+    .unwrap();
+    let c2 = client.step(&ch.s2c.clone().unwrap()).unwrap();
+    let p2 = SaslParams {
+        realm: Some("org.example".into()),
+        s2s: ch.s2s.clone(),
+        c2s: Some(c2),
+        ..SaslParams::default()
+    };
+    // Our handle from another TLS connection: refused without asking the home.
+    let stolen = h.send(&invite(3, Some(&p2)), tls(2));
+    assert_eq!(stolen[0].status(), Some(403));
+    assert!(h.proxy.poll_crossover().is_none());
+    // (The handle is single use: the genuine caller starts again from round 1.)
+    let (mut client, c1) = XoverClient::start(
+        &public,
+        "bob@partner.example",
+        b"bob-secret",
+        facts.clone(),
+        [8; 32],
+        None,
+    )
+    .unwrap();
+    let p1 = SaslParams {
+        c2s: Some(c1),
+        ..p1
+    };
+    assert!(h.send(&invite(4, Some(&p1)), tls(1)).is_empty());
+    let q = h.proxy.poll_crossover().unwrap();
+    let answer = ask(&q);
+    h.proxy.handle_crossover(q.id, answer, h.now);
+    let out = h.drain();
+    let ch = SaslParams::parse(
+        &out[0]
+            .msg()
+            .value_of(HeaderName::ProxyAuthenticate)
+            .unwrap(),
+    )
+    .unwrap();
+    let c2 = client.step(&ch.s2c.clone().unwrap()).unwrap();
+    let p2 = SaslParams {
+        realm: Some("org.example".into()),
+        s2s: ch.s2s,
+        c2s: Some(c2),
+        ..SaslParams::default()
+    };
+    assert!(h.send(&invite(5, Some(&p2)), tls(1)).is_empty());
+    let q = h.proxy.poll_crossover().unwrap();
+    let answer = ask(&q);
+    h.proxy.handle_crossover(q.id, answer, h.now);
+    let out = h.drain();
+    // Relayed inward with the key the caller derives; 100 Trying to the caller.
+    let fwd = out
+        .iter()
+        .find(|s| s.first_line().starts_with("INVITE"))
+        .expect("relayed inward");
+    assert!(fwd.msg().value_of(HeaderName::ProxyAuthorization).is_none());
+    let ok = answer_ok(fwd);
+    let out = h.send(&ok, uas_flow());
+    let to_caller = out.iter().find(|s| s.status() == Some(200)).unwrap();
+    let reply = to_caller.msg();
+    let info = reply
+        .headers()
+        .find(|(i, _)| {
+            reply
+                .name_text(*i)
+                .eq_ignore_ascii_case("Proxy-Authentication-Info")
+        })
+        .map(|(i, _)| reply.value(i).into_owned())
+        .expect("the home's final token");
+    let info = SaslParams::parse(&info).unwrap();
+    let ok = client.finish(&info.s2c.unwrap()).unwrap();
+    let key = derive_key(&ok.transcript, &facts);
+    let psk = base64::engine::general_purpose::STANDARD.encode(key.expose());
+    assert!(fwd.text.contains(&format!("psk={psk}")), "{}", fwd.text);
+    assert!(!to_caller.text.contains("psk="));
+
+    // A home that never answers: the round ends in 403 at the deadline, nothing else waits.
+    let (_, c1) = XoverClient::start(
+        &public,
+        "bob@partner.example",
+        b"bob-secret",
+        facts,
+        [7; 32],
+        None,
+    )
+    .unwrap();
+    let p1 = SaslParams {
+        realm: Some("org.example".into()),
+        mech: Some(MECHANISM.into()),
+        c2s: Some(c1),
+        ..SaslParams::default()
+    };
+    assert!(h.send(&invite(6, Some(&p1)), tls(1)).is_empty());
+    let _unanswered = h.proxy.poll_crossover().unwrap();
+    h.now += Duration::from_secs(3);
+    h.proxy.maintain(h.now);
+    let out = h.drain();
+    assert_eq!(out.len(), 1);
+    assert_eq!(out[0].status(), Some(403));
+}
+
+/// A 200 with a WireGuard answer (`pskmth=gateway`) to a forwarded INVITE.
+fn answer_ok(fwd: &Sent) -> String {
+    let body = "v=0\r\no=- 1 1 IN IP4 198.51.100.20\r\ns=-\r\nc=IN IP4 198.51.100.20\r\nt=0 0\r\n\
+m=application 51821 udp vnd.wireguard\r\na=fmtp:vnd.wireguard pubkey=pOCSkrZRwni5dyxWn1+puxPZBrRqtoyd+dwrRAn4ogk=;prefix=2001:db8:789:1::/64;pskmth=gateway\r\n";
+    answer(fwd, 200, "OK", "Content-Type: application/sdp\r\n").replace(
+        "Content-Length: 0\r\n\r\n",
+        &format!("Content-Length: {}\r\n\r\n{body}", body.len()),
+    )
+}

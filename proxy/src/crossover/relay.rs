@@ -245,7 +245,8 @@ impl Relay {
 /// scheme some peers write.
 pub fn parse_info(value: &str) -> Option<SaslParams> {
     let v = value.trim();
-    if v.len() >= 5 && v[..5].eq_ignore_ascii_case("SASL ") {
+    // `get`, not indexing: the value is a peer's text, and byte 5 may fall inside a character.
+    if v.get(..5).is_some_and(|s| s.eq_ignore_ascii_case("SASL ")) {
         SaslParams::parse(v).ok()
     } else {
         SaslParams::parse(&format!("SASL {v}")).ok()
@@ -290,5 +291,7 @@ mod tests {
         assert_eq!(std_form.s2c, Some(vec![0, 1, 2]));
         let sasl_form = parse_info("SASL s2c=\"AAEC\", s2s=\"x\"").unwrap();
         assert_eq!(sasl_form.s2c, Some(vec![0, 1, 2]));
+        // Found by the crossover_relay fuzz target: a multi-byte character across byte 5.
+        assert!(parse_info("{\n\n\n\u{1e9}\0\0V=").is_none());
     }
 }
