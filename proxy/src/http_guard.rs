@@ -40,6 +40,15 @@ impl HttpLimits {
         header_timeout: Duration::from_secs(5),
         lifetime: Duration::from_secs(300),
     };
+    /// The realm crossover home service: foreign gateways, each one source relaying many
+    /// callers' rounds (one connection per round), so a larger share per source; a round is
+    /// one request, so a short lifetime.
+    pub const CROSSOVER: HttpLimits = HttpLimits {
+        max_connections: 1024,
+        per_source: 128,
+        header_timeout: Duration::from_secs(5),
+        lifetime: Duration::from_secs(30),
+    };
     /// `/metrics`, `/healthz`, `/readyz`: scrapers and probes.
     pub const METRICS: HttpLimits = HttpLimits {
         max_connections: 64,

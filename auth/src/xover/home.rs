@@ -315,12 +315,8 @@ impl XoverHome {
             Err(e) => return Err(failed(Some(&user), auth_reason(e))),
         };
         // The From AOR the caller presents must be one of the user's.
-        let from = parked.facts.from_aor.replacen("sips:", "sip:", 1);
-        if !auth
-            .aors()
-            .iter()
-            .any(|a| a.replacen("sips:", "sip:", 1).eq_ignore_ascii_case(&from))
-        {
+        let from = aor_key(&parked.facts.from_aor);
+        if !auth.aors().iter().any(|a| aor_key(a) == from) {
             return Err(failed(
                 Some(&user),
                 HomeReason::Auth(Failure::IdentityNotAllowed),
@@ -346,10 +342,32 @@ impl XoverHome {
     }
 }
 
+/// An AOR for comparison: `sips:` as `sip:`, without `<>`, parameters or port, the host in
+/// lower case (`<sip:bob@Partner.Example;transport=tls>` is `sip:bob@partner.example`).
+fn aor_key(aor: &str) -> String {
+    let a = aor.trim().trim_start_matches('<').trim_end_matches('>');
+    let a = a
+        .strip_prefix("sips:")
+        .map_or_else(|| a.to_owned(), |r| format!("sip:{r}"));
+    let a = a.split([';', '?']).next().unwrap_or("");
+    match a.rsplit_once('@') {
+        Some((user, host)) => format!(
+            "{user}@{}",
+            host.split(':').next().unwrap_or(host).to_ascii_lowercase()
+        ),
+        None => a.to_ascii_lowercase(),
+    }
+}
+
 fn auth_reason(e: AuthError) -> HomeReason {
     match e {
         AuthError::Malformed(_) => HomeReason::Malformed("SCRAM"),
         AuthError::Internal => HomeReason::Internal,
         AuthError::Failed(f) => HomeReason::Auth(f),
     }
+}
+
+#[cfg(test)]
+pub(super) fn aor_key_for_tests(aor: &str) -> String {
+    aor_key(aor)
 }

@@ -474,3 +474,19 @@ fn a_home_vouches_only_for_its_own_realm_and_releases_to_us() {
         );
     }
 }
+
+#[test]
+fn aors_compare_as_the_gateway_compares_them() {
+    assert_eq!(
+        home::aor_key_for_tests("<sips:bob@Partner.Example:5061;transport=tls>"),
+        "sip:bob@partner.example"
+    );
+    assert_eq!(
+        home::aor_key_for_tests("sip:bob@partner.example"),
+        "sip:bob@partner.example"
+    );
+    assert_ne!(
+        home::aor_key_for_tests("sip:Bob@partner.example"),
+        "sip:bob@partner.example"
+    );
+}

@@ -155,7 +155,10 @@ impl Proxy {
             AdmissionBasis::Sasl(auth) => (
                 Caller::Authenticated {
                     aor: &from,
-                    realm: self.gate.realm(),
+                    // The realm that authenticated the caller: ours, or its home's.
+                    realm: auth
+                        .crossover()
+                        .map_or(self.gate.realm(), |c| c.realm.as_str()),
                     mechanism: auth.mechanism(),
                     crossover: auth.crossover().map(|c| c.realm.as_str()),
                 },

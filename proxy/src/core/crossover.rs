@@ -406,7 +406,6 @@ impl Proxy {
             if let Some(x) = self.crossover.as_mut() {
                 x.count("not_offered");
             }
-            self.gate.count_challenge();
             return Err(Reject::AuthFailed);
         }
         if realm.is_some_and(|r| self.gate.crossover_locked(&r, source, now)) {

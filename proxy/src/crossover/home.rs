@@ -395,14 +395,15 @@ async fn handle(
     Ok(svc.round(authorization.as_deref(), &body, &domains, source))
 }
 
-/// Serves the crossover home on `listener` (caps per source and deadlines of the admin API's
-/// listener; a client certificate is required by the acceptor).
+/// Serves the crossover home on `listener` (`HttpLimits::CROSSOVER`: caps in all and per
+/// source, header deadline, connection lifetime; a client certificate is required by the
+/// acceptor).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     svc: Arc<HomeService>,
     acceptor: tokio_rustls::TlsAcceptor,
 ) {
-    let guard = crate::http_guard::HttpGuard::new(crate::http_guard::HttpLimits::ADMIN);
+    let guard = crate::http_guard::HttpGuard::new(crate::http_guard::HttpLimits::CROSSOVER);
     let (mut backoff, mut reserve) = (Duration::ZERO, None);
     loop {
         let (stream, remote) =
