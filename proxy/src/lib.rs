@@ -86,7 +86,7 @@ pub fn core_config(
         crossover: cfg
             .crossover
             .as_ref()
-            .map(crate::core::crossover::crossover_core),
+            .map(|c| crate::core::crossover::crossover_core(c, cfg.auth.max_pending_per_source)),
     })
 }
 

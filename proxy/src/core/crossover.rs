@@ -28,6 +28,9 @@ pub struct CrossoverCore {
     pub deadline: Duration,
     pub max_pending: usize,
     pub max_pending_per_realm: usize,
+    /// Rounds one source (an IPv4 address, an IPv6 /64) may have waiting for homes
+    /// (`[auth] max_pending_per_source`, as for its SASL exchanges).
+    pub max_pending_per_source: usize,
 }
 
 /// A question for the driver: relay these parameters to the home of `realm`.
@@ -129,6 +132,7 @@ pub struct Crossover {
     /// (deadline, id), in deadline order (one deadline for all).
     deadlines: VecDeque<(Instant, u64)>,
     per_realm: HashMap<String, usize>,
+    per_source: HashMap<gatehouse_auth::Subscriber, usize>,
     questions: VecDeque<Question>,
     between: HashMap<String, Between>,
     between_order: VecDeque<(Instant, String)>,
@@ -143,6 +147,7 @@ impl Crossover {
             parked: HashMap::new(),
             deadlines: VecDeque::new(),
             per_realm: HashMap::new(),
+            per_source: HashMap::new(),
             questions: VecDeque::new(),
             between: HashMap::new(),
             between_order: VecDeque::new(),
@@ -262,8 +267,14 @@ impl Crossover {
             }
         };
         let in_realm = self.per_realm.get(&realm).copied().unwrap_or(0);
+        let from_source = self
+            .per_source
+            .get(&gatehouse_auth::Subscriber::of(parked.source))
+            .copied()
+            .unwrap_or(0);
         if self.parked.len() >= self.settings.max_pending
             || in_realm >= self.settings.max_pending_per_realm
+            || from_source >= self.settings.max_pending_per_source
         {
             return Err(Refusal::Overloaded);
         }
@@ -275,6 +286,10 @@ impl Crossover {
         self.next_id += 1;
         let deadline = now + self.settings.deadline;
         *self.per_realm.entry(realm.clone()).or_default() += 1;
+        *self
+            .per_source
+            .entry(gatehouse_auth::Subscriber::of(parked.source))
+            .or_default() += 1;
         self.questions.push_back(Question {
             id,
             realm: realm.clone(),
@@ -288,11 +303,18 @@ impl Crossover {
         self.count("relayed");
     }
 
-    fn release(&mut self, realm: &str) {
+    fn release(&mut self, realm: &str, source: std::net::IpAddr) {
         if let Some(n) = self.per_realm.get_mut(realm) {
             *n -= 1;
             if *n == 0 {
                 self.per_realm.remove(realm);
+            }
+        }
+        let sub = gatehouse_auth::Subscriber::of(source);
+        if let Some(n) = self.per_source.get_mut(&sub) {
+            *n -= 1;
+            if *n == 0 {
+                self.per_source.remove(&sub);
             }
         }
     }
@@ -300,7 +322,7 @@ impl Crossover {
     /// The parked request an answer belongs to (none when it expired meanwhile).
     pub fn take(&mut self, id: u64) -> Option<Parked> {
         let (p, _) = self.parked.remove(&id)?;
-        self.release(&p.realm.clone());
+        self.release(&p.realm.clone(), p.source);
         Some(p)
     }
 
@@ -367,12 +389,16 @@ impl Crossover {
 }
 
 /// The core's view of the `[crossover]` settings.
-pub fn crossover_core(c: &crate::config::crossover::CrossoverSettings) -> CrossoverCore {
+pub fn crossover_core(
+    c: &crate::config::crossover::CrossoverSettings,
+    max_pending_per_source: usize,
+) -> CrossoverCore {
     CrossoverCore {
         realms: c.realms.clone(),
         deadline: c.deadline,
         max_pending: c.max_pending,
         max_pending_per_realm: c.max_pending_per_realm,
+        max_pending_per_source: max_pending_per_source.max(1),
     }
 }
 

@@ -407,11 +407,21 @@ impl Proxy {
         self.policy = Arc::clone(&cfg.policy);
         // Crossover on or off takes effect for new exchanges; parked ones finish either way.
         match (&mut self.crossover, &cfg.crossover) {
-            (Some(x), Some(c)) => x.set_settings(crossover_core(c)),
-            (None, Some(c)) => self.crossover = Some(crossover::Crossover::new(crossover_core(c))),
+            (Some(x), Some(c)) => {
+                x.set_settings(crossover_core(c, cfg.auth.max_pending_per_source))
+            }
+            (None, Some(c)) => {
+                self.crossover = Some(crossover::Crossover::new(crossover_core(
+                    c,
+                    cfg.auth.max_pending_per_source,
+                )))
+            }
             (Some(_), None) | (None, None) => {}
         }
-        self.cfg.crossover = cfg.crossover.as_ref().map(crossover_core);
+        self.cfg.crossover = cfg
+            .crossover
+            .as_ref()
+            .map(|c| crossover_core(c, cfg.auth.max_pending_per_source));
         self.gate.set_crossover(cfg.crossover.is_some());
     }
 

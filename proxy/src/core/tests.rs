@@ -3245,6 +3245,7 @@ fn a_crossover_caller_is_parked_relayed_and_admitted_by_its_home() {
         deadline: Duration::from_secs(2),
         max_pending: 8,
         max_pending_per_realm: 8,
+        max_pending_per_source: 8,
     });
     cfg.tunnels.internal_networks = vec!["198.51.100.0/24".parse().unwrap()];
     cfg.policy = std::sync::Arc::new(
@@ -3508,6 +3509,13 @@ Call-ID: xover-1@partner.example\r\nCSeq: {cseq} INVITE\r\nContact: <sip:bob@203
     let out = h.drain();
     assert_eq!(out.len(), 1);
     assert_eq!(out[0].status(), Some(403));
+
+    // One source has at most `max_pending_per_source` (8 here) rounds waiting for homes.
+    for cseq in 10..18 {
+        assert!(h.send(&invite(cseq, Some(&p1)), tls(1)).is_empty());
+    }
+    let out = h.send(&invite(18, Some(&p1)), tls(1));
+    assert_eq!(out[0].status(), Some(503), "{}", out[0].text);
 }
 
 /// A 200 with a WireGuard answer (`pskmth=gateway`) to a forwarded INVITE.
