@@ -620,7 +620,7 @@ fn render(action: &AdminAction, v: &serde_json::Value, now: u64) -> String {
     match action {
         AdminAction::Tunnels => table(
             &[
-                "CALL-ID", "IDENTITY", "FROM", "TO", "PREFIXES", "PSKMTH", "STATE", "UP",
+                "CALL-ID", "IDENTITY", "FROM", "TO", "PREFIXES", "PSKMTH", "STATE", "UP", "ORIGIN",
             ],
             &rows(&|t| {
                 let up = t["created"]
@@ -631,7 +631,7 @@ fn render(action: &AdminAction, v: &serde_json::Value, now: u64) -> String {
                 ]
                 .iter()
                 .map(|k| cell(&t[*k]))
-                .chain([up])
+                .chain([up, cell(&t["origin"])])
                 .collect()
             }),
         ),
@@ -963,10 +963,10 @@ mod tests {
         let tunnels = serde_json::json!([
             {"call_id": "c1@p", "identity": "alice", "from": "sip:alice@partner.example",
              "to": "sip:vpn@org.example", "prefixes": "2001:db8:456:1::/64", "pskmth": "scram",
-             "state": "established", "created": 1000},
+             "state": "established", "created": 1000, "origin": "local"},
             {"call_id": "c22@p", "identity": "bob", "from": "sip:bob@partner.example",
              "to": "sip:vpn@org.example", "prefixes": null, "pskmth": "none",
-             "state": "proposed", "created": 1190}
+             "state": "proposed", "created": 1190, "origin": "crossover"}
         ]);
         let text = render(&AdminAction::Tunnels, &tunnels, 1192);
         let lines: Vec<&str> = text.lines().collect();
@@ -976,9 +976,9 @@ mod tests {
             lines[1].starts_with("c1@p     alice     sip:alice@"),
             "{text}"
         );
-        assert!(lines[1].ends_with("established  3m12s"), "{text}");
+        assert!(lines[1].ends_with("established  3m12s  local"), "{text}");
         assert!(lines[2].contains("  -  "), "null shows as -: {text}");
-        assert!(lines[2].ends_with("proposed     2s"), "{text}");
+        assert!(lines[2].ends_with("proposed     2s     crossover"), "{text}");
         assert_eq!(
             render(&AdminAction::Tunnels, &serde_json::json!([]), 0),
             "(none)\n"

@@ -858,8 +858,16 @@ pub fn execute(proxy: &mut crate::core::Proxy, cmd: Command, connections: usize)
 
 /// A tunnel as the listings show it.
 fn tunnel_json(t: &crate::tunnel::Tunnel) -> Value {
+    // Who vouched for the caller: a trusted source, this gateway (local), or the caller's home
+    // realm (crossover: its key is the home's, `pskmth=xover`).
+    let (origin, realm) = match (t.identity.as_str(), t.pskmth.as_str()) {
+        ("trusted", _) => ("trusted", None),
+        (id, "xover") => ("crossover", id.rsplit_once('@').map(|(_, r)| r)),
+        _ => ("local", None),
+    };
     json!({"call_id": t.call_id, "identity": t.identity, "from": t.from, "to": t.to, "prefixes": t.prefixes,
-           "pskmth": t.pskmth, "state": t.state.as_str(), "created": t.created_unix})
+           "pskmth": t.pskmth, "state": t.state.as_str(), "created": t.created_unix,
+           "origin": origin, "realm": realm})
 }
 
 /// A page of every gateway's tunnels, from the shared database (on a blocking thread).
@@ -925,5 +933,44 @@ mod tests {
             assert_eq!(percent_decode(&percent_encode(s)), s);
         }
         assert_eq!(percent_decode("%aé%zz%4"), "%aé%zz%4");
+    }
+}
+
+#[cfg(test)]
+mod listing_tests {
+    use crate::tunnel::{Tunnel, TunnelState};
+
+    fn tunnel(identity: &str, pskmth: &str) -> Tunnel {
+        Tunnel {
+            call_id: "c1".into(),
+            caller_tag: "t".into(),
+            callee_tag: None,
+            identity: identity.into(),
+            from: "sip:bob@partner.example".into(),
+            to: "sip:vpn@org.example".into(),
+            prefixes: "2001:db8:456:1::/64".into(),
+            pubkey: String::new(),
+            pskmth: pskmth.into(),
+            created_unix: 0,
+            state: TunnelState::Established,
+            caller: None,
+            callee: None,
+        }
+    }
+
+    #[test]
+    fn a_tunnel_listing_says_who_vouched_for_the_caller() {
+        let x = super::tunnel_json(&tunnel("bob@partner.example", "xover"));
+        assert_eq!(
+            (x["origin"].as_str(), x["realm"].as_str()),
+            (Some("crossover"), Some("partner.example"))
+        );
+        let l = super::tunnel_json(&tunnel("alice", "scram"));
+        assert_eq!(
+            (l["origin"].as_str(), l["realm"].as_str()),
+            (Some("local"), None)
+        );
+        let t = super::tunnel_json(&tunnel("trusted", "none"));
+        assert_eq!(t["origin"].as_str(), Some("trusted"));
     }
 }
