@@ -978,7 +978,10 @@ mod tests {
         );
         assert!(lines[1].ends_with("established  3m12s  local"), "{text}");
         assert!(lines[2].contains("  -  "), "null shows as -: {text}");
-        assert!(lines[2].ends_with("proposed     2s     crossover"), "{text}");
+        assert!(
+            lines[2].ends_with("proposed     2s     crossover"),
+            "{text}"
+        );
         assert_eq!(
             render(&AdminAction::Tunnels, &serde_json::json!([]), 0),
             "(none)\n"
