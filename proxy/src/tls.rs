@@ -29,6 +29,19 @@ pub fn roots_from_pem_file(path: &std::path::Path) -> io::Result<rustls::RootCer
     Ok(roots)
 }
 
+/// A certificate chain and its private key from PEM files (an error names the file at fault).
+pub fn cert_and_key(
+    certificate: &std::path::Path,
+    private_key: &std::path::Path,
+) -> io::Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)> {
+    let certs = CertificateDer::pem_file_iter(certificate)
+        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| invalid(format!("{}: {e}", certificate.display())))?;
+    let key = PrivateKeyDer::from_pem_file(private_key)
+        .map_err(|e| invalid(format!("{}: {e}", private_key.display())))?;
+    Ok((certs, key))
+}
+
 /// A client configuration that verifies servers against `roots`.
 pub fn client_config(roots: rustls::RootCertStore) -> io::Result<rustls::ClientConfig> {
     Ok(rustls::ClientConfig::builder_with_provider(provider())
@@ -63,11 +76,7 @@ impl TlsContext {
         let Some(files) = &cfg.tls else {
             return Ok(TlsContext::default());
         };
-        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&files.certificate)
-            .and_then(|it| it.collect::<Result<_, _>>())
-            .map_err(|e| invalid(format!("{}: {e}", files.certificate.display())))?;
-        let key = PrivateKeyDer::from_pem_file(&files.private_key)
-            .map_err(|e| invalid(format!("{}: {e}", files.private_key.display())))?;
+        let (certs, key) = cert_and_key(&files.certificate, &files.private_key)?;
         let builder = rustls::ServerConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()
             .map_err(|e| invalid(e.to_string()))?;

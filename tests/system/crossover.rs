@@ -324,25 +324,7 @@ impl Caller {
 
     /// Sends the next INVITE round and returns its final response (or challenge).
     pub fn invite(&mut self, auth: Option<&SaslParams>) -> Message {
-        self.cseq += 1;
-        let auth = auth
-            .map(|p| format!("Proxy-Authorization: {}\r\n", p.emit()))
-            .unwrap_or_default();
-        let body = format!(
-            "v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\n\
-m=application 51820 udp vnd.wireguard\r\n\
-a=fmtp:vnd.wireguard pubkey={OFFER_KEY};prefix={OFFER_PREFIX};pskmth=xover\r\n"
-        );
-        let msg = format!(
-            "INVITE sip:vpn@org.example SIP/2.0\r\nVia: SIP/2.0/TLS {l};branch=z9hG4bKx{c}{s};rport\r\nMax-Forwards: 70\r\n\
-From: <sip:bob@partner.example>;tag={t}\r\nTo: <sip:vpn@org.example>\r\nCall-ID: {c}\r\nCSeq: {s} INVITE\r\n\
-Contact: <sip:bob@{l};transport=tls>\r\n{auth}Content-Type: application/sdp\r\nContent-Length: {n}\r\n\r\n{body}",
-            l = self.client.local,
-            c = self.call_id,
-            s = self.cseq,
-            t = self.from_tag,
-            n = body.len(),
-        );
+        let msg = self.invite_text(auth);
         self.client.send(&msg);
         self.client.recv_final_or_challenge()
     }

@@ -515,7 +515,7 @@ impl Proxy {
                 Refusal::Overloaded => Reject::Overloaded,
                 _ => Reject::AuthFailed,
             };
-            self.reply_stateless(&p.msg, p.response_flow, p.key, reject, None, now);
+            self.answer_parked(&p, reject, None, now);
         }
     }
 
@@ -566,7 +566,7 @@ impl Proxy {
                     challenger: Challenger::Proxy,
                     value,
                 };
-                self.reply_stateless(&p.msg, p.response_flow, p.key, reject, None, now);
+                self.answer_parked(&p, reject, None, now);
             }
             Answer::Success {
                 identity,
@@ -587,14 +587,7 @@ impl Proxy {
                     Err(e) => {
                         self.count_crossover("statement");
                         tracing::warn!(realm = %p.realm, error = %e, "a home's statement refused");
-                        self.reply_stateless(
-                            &p.msg,
-                            p.response_flow,
-                            p.key,
-                            Reject::AuthFailed,
-                            None,
-                            now,
-                        );
+                        self.answer_parked(&p, Reject::AuthFailed, None, now);
                         return;
                     }
                 };
@@ -612,14 +605,7 @@ impl Proxy {
                 match Admission::authenticated(auth, from.as_deref()) {
                     Ok(admission) => {
                         if self.draining {
-                            self.reply_stateless(
-                                &p.msg,
-                                p.response_flow,
-                                p.key,
-                                Reject::ShuttingDown,
-                                auth_info,
-                                now,
-                            );
+                            self.answer_parked(&p, Reject::ShuttingDown, auth_info, now);
                             return;
                         }
                         let loop_hash = self.loop_hash(&p.msg);
@@ -637,37 +623,40 @@ impl Proxy {
                             now,
                         );
                     }
-                    Err(reject) => {
-                        self.reply_stateless(&p.msg, p.response_flow, p.key, reject, auth_info, now)
-                    }
+                    Err(reject) => self.answer_parked(&p, reject, auth_info, now),
                 }
             }
             Answer::Refused => {
                 self.count_crossover("refused");
                 self.gate.crossover_outcome(&p.realm, p.source, false, now);
                 tracing::info!(realm = %p.realm, source = %p.source, "crossover refused by the home");
-                self.reply_stateless(
-                    &p.msg,
-                    p.response_flow,
-                    p.key,
-                    Reject::AuthFailed,
-                    None,
-                    now,
-                );
+                self.answer_parked(&p, Reject::AuthFailed, None, now);
             }
             Answer::Failed(why) => {
                 self.count_crossover(why);
                 tracing::info!(realm = %p.realm, reason = why, "no answer from the home");
-                self.reply_stateless(
-                    &p.msg,
-                    p.response_flow,
-                    p.key,
-                    Reject::AuthFailed,
-                    None,
-                    now,
-                );
+                self.answer_parked(&p, Reject::AuthFailed, None, now);
             }
         }
+    }
+
+    /// The stateless answer to a parked round (its home refused, failed or is too late, or
+    /// the gateway is draining): no server transaction was ever made for it.
+    fn answer_parked(
+        &mut self,
+        p: &Parked,
+        reject: Reject,
+        auth_info: Option<(&'static str, String)>,
+        now: Instant,
+    ) {
+        self.reply_stateless(
+            &p.msg,
+            p.response_flow,
+            p.key.clone(),
+            reject,
+            auth_info,
+            now,
+        );
     }
 
     fn count_crossover(&mut self, label: &'static str) {
@@ -685,14 +674,7 @@ impl Proxy {
         for p in late {
             self.count_crossover("deadline");
             tracing::info!(realm = %p.realm, "the home did not answer within the deadline");
-            self.reply_stateless(
-                &p.msg,
-                p.response_flow,
-                p.key,
-                Reject::AuthFailed,
-                None,
-                now,
-            );
+            self.answer_parked(&p, Reject::AuthFailed, None, now);
         }
     }
 }

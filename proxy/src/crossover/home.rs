@@ -21,8 +21,6 @@ use gatehouse_auth::xover::{
 use gatehouse_auth::{Mechanism, SaslParams, SaslServer, Secret, ServerSettings};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::{Request, Response, StatusCode};
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use sha2::Digest;
 
 use super::wire;
@@ -167,11 +165,7 @@ impl HomeService {
         tls: &crate::config::TlsFiles,
     ) -> std::io::Result<tokio_rustls::TlsAcceptor> {
         let invalid = |m: String| std::io::Error::new(std::io::ErrorKind::InvalidInput, m);
-        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&tls.certificate)
-            .and_then(|it| it.collect::<Result<_, _>>())
-            .map_err(|e| invalid(format!("{}: {e}", tls.certificate.display())))?;
-        let key = PrivateKeyDer::from_pem_file(&tls.private_key)
-            .map_err(|e| invalid(format!("{}: {e}", tls.private_key.display())))?;
+        let (certs, key) = crate::tls::cert_and_key(&tls.certificate, &tls.private_key)?;
         if !certs
             .first()
             .is_some_and(|c| super::names_exactly(c, &self.realm))

@@ -16,8 +16,7 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::pki_types::ServerName;
 use tokio_rustls::TlsConnector;
 
 use super::wire;
@@ -83,12 +82,7 @@ impl Relay {
     /// Loads the client certificate, its key and the anchors (a missing or bad file is an
     /// error naming it).
     pub fn new(settings: &CrossoverSettings, locator: Locator) -> std::io::Result<Relay> {
-        let certs: Vec<CertificateDer<'static>> =
-            CertificateDer::pem_file_iter(&settings.certificate)
-                .and_then(|it| it.collect::<Result<_, _>>())
-                .map_err(|e| invalid(format!("{}: {e}", settings.certificate.display())))?;
-        let key = PrivateKeyDer::from_pem_file(&settings.private_key)
-            .map_err(|e| invalid(format!("{}: {e}", settings.private_key.display())))?;
+        let (certs, key) = crate::tls::cert_and_key(&settings.certificate, &settings.private_key)?;
         let roots = crate::tls::roots_from_pem_file(&settings.trusted_cas)?;
         let config = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
             .with_safe_default_protocol_versions()
