@@ -247,6 +247,19 @@ impl Authenticated {
         self.crossover.as_deref()
     }
 
+    /// The same identity for a later request of the same exchange's call (federation: the
+    /// rounds a partner's gateway asks for after this gateway authenticated the caller), with
+    /// nothing a key can be derived from: no transcript, no home statement.
+    pub fn resumed(&self) -> Authenticated {
+        Authenticated {
+            identity: self.identity.clone(),
+            mechanism: self.mechanism,
+            aors: self.aors.clone(),
+            transcript: None,
+            crossover: None,
+        }
+    }
+
     pub(crate) fn crossed(identity: String, aor: String, crossed: Crossed) -> Authenticated {
         Authenticated {
             identity,

@@ -63,8 +63,15 @@ pub enum Session<'a> {
         pskmth: &'a [String],
         /// Whether a `scram` PSK can be derived (a SCRAM exchange authenticated this request).
         scram_available: bool,
-        /// Whether an `xover` key is at hand (the caller's home released one for this offer).
+        /// Whether an `xover` key is at hand (the caller's home released one for this offer;
+        /// outward, whether the far end's gateway can obtain one from this gateway as the
+        /// caller's home).
         xover_available: bool,
+        /// The target is another organisation's domain (federation, docs/realm-crossover.md):
+        /// the caller is one of ours, so its prefixes may be the organisation's own
+        /// (`org_prefixes` guards inbound offers only), and no `scram` PSK of this gateway's
+        /// ever goes outward (the far end keys the tunnel with `xover`).
+        outward: bool,
     },
     /// An INVITE that is not a tunnel (an ordinary call).
     Call,
@@ -594,6 +601,7 @@ impl Policy {
             pskmth,
             scram_available,
             xover_available,
+            outward,
         } = &q.session
         else {
             return Ok(Permit {
@@ -604,7 +612,7 @@ impl Policy {
             });
         };
         for p in prefixes.iter() {
-            if self.org_prefixes.iter().any(|o| overlaps(o, p)) {
+            if !outward && self.org_prefixes.iter().any(|o| overlaps(o, p)) {
                 return Err(Denied::OrgPrefix);
             }
             if let Some(allowed) = &rule.prefixes {
@@ -627,7 +635,7 @@ impl Policy {
                 .as_ref()
                 .is_none_or(|list| list.iter().any(|x| x == m))
                 && PSKMTH.contains(&m)
-                && (m != "scram" || *scram_available)
+                && (m != "scram" || (*scram_available && !outward))
                 && (m != "xover" || *xover_available)
                 && (m != "none" || !rule.require_psk)
         };

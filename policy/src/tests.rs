@@ -286,6 +286,7 @@ fn decisions() {
                 pskmth: &pskmth,
                 scram_available: case.scram,
                 xover_available: false,
+                outward: false,
             },
             "call" => Session::Call,
             m => Session::Method(m),
@@ -397,6 +398,7 @@ fn crossover_callers_match_only_rules_that_name_their_realm() {
         pskmth: &pskmth,
         scram_available: false,
         xover_available: xover,
+        outward: false,
     };
     // bob's home vouched: the first rule (local callers) is skipped, the second matches.
     let permit = p
@@ -459,4 +461,67 @@ fn a_bad_crossover_option_is_refused_with_its_line() {
         assert_eq!(e.line, 5, "{e}");
         assert!(e.message.contains(what), "{e}");
     }
+}
+
+const OUTWARD_POLICY: &str = r#"
+org_prefixes = ["2001:db8:789::/48"]
+[[rule]]
+name = "alice-to-partners"
+kind = "tunnel"
+callers = ["sip:alice@org.example"]
+targets = ["*@partner.example"]
+pskmth = ["scram", "xover"]
+require_psk = true
+prefixes = ["2001:db8:789:a::/64"]
+"#;
+
+#[test]
+fn an_outward_tunnel_may_offer_our_own_prefix_and_is_never_keyed_by_our_scram() {
+    let p = Policy::parse(OUTWARD_POLICY, "policy.toml").unwrap();
+    let own = nets(&["2001:db8:789:a::/64"]);
+    let pskmth = vec!["scram".to_owned(), "xover".to_owned()];
+    let query = |prefixes, outward, to| Query {
+        caller: Caller::Authenticated {
+            aor: "sip:alice@org.example",
+            realm: "org.example",
+            mechanism: "SCRAM-SHA-256-PLUS",
+            crossover: None,
+        },
+        tls: true,
+        from: "sip:alice@org.example",
+        to,
+        session: Session::Tunnel {
+            prefixes,
+            pskmth: &pskmth,
+            scram_available: true,
+            xover_available: outward,
+            outward,
+        },
+        counts: Counts::default(),
+    };
+    // Outward: the organisation's own prefix is what its caller offers; scram is skipped
+    // even though the caller prefers it and a transcript exists: the far end keys it.
+    let permit = p
+        .decide(&query(&own, true, "sip:vpn@partner.example"))
+        .unwrap();
+    assert_eq!(permit.pskmth(), Some("xover"));
+    // The same offer inbound would claim an org prefix: refused.
+    assert_eq!(
+        p.decide(&query(&own, false, "sip:vpn@partner.example"))
+            .unwrap_err(),
+        Denied::OrgPrefix
+    );
+    // Outward, the rule's prefixes still bound what may be offered.
+    let other = nets(&["2001:db8:789:b::/64"]);
+    assert_eq!(
+        p.decide(&query(&other, true, "sip:vpn@partner.example"))
+            .unwrap_err(),
+        Denied::Prefix
+    );
+    // Another domain is not a target of the rule.
+    assert_eq!(
+        p.decide(&query(&own, true, "sip:vpn@third.example"))
+            .unwrap_err(),
+        Denied::NoRule
+    );
 }

@@ -15,7 +15,7 @@ use gatehouse_sip::wireguard::WgSdp;
 use gatehouse_sip::{HeaderName, Message, NameAddr};
 
 use crate::config::Config;
-use crate::sipua::{hostport, respond, token};
+use crate::sipua::{self, hostport, respond, token};
 use crate::site::{is_connection_error, lost, Site};
 use crate::uapi::PeerConfig;
 use crate::{net, wgsdp};
@@ -92,43 +92,77 @@ Contact: <sip:{user}@{l}{cp}>\r\n{auth}Content-Type: application/sdp\r\nContent-
         offer_pubkey: public.to_vec(),
         offer_prefix: cfg.wireguard.prefix.to_string(),
     };
-    let (ok, auth) = if let Some(home_key) = &cfg.call.home_key {
-        let home_key = home_public_key(home_key)?;
-        if ua.channel_binding().is_none() {
-            bail!("realm crossover needs sip.transport = \"tls\" (the home checks this channel)");
+    // Who challenges decides how to answer: a gateway of our own realm gets SCRAM (over TLS
+    // SCRAM-SHA-256-PLUS, bound to this connection with tls-exporter); a gateway of another
+    // realm gets SXOVER-PLUS sealed to our home (realm crossover, TLS only). In a federation
+    // both happen in turn: our own gateway first, then — its 407 relayed by ours — the
+    // partner's (docs/realm-crossover.md, "Federation").
+    let identity = cfg.call.identity.clone().unwrap_or_else(|| {
+        format!(
+            "{}@{}",
+            cfg.sip.username,
+            uri_host(&cfg.sip.aor).unwrap_or_default()
+        )
+    });
+    let home_realm = identity.rsplit_once('@').map(|(_, r)| r.to_owned());
+    let mut cseq = 1;
+    let mut r = ua
+        .transact(&build(cseq, None), cseq, &mut |_, _| {})
+        .map_err(lost)?;
+    let mut own: Option<gatehouse_auth::scram::Transcript> = None;
+    let mut crossed: Option<xover::XoverSuccess> = None;
+    while r.status() == Some(407) && crossed.is_none() {
+        let realm = sipua::header(&r, "Proxy-Authenticate")
+            .and_then(|h| SaslParams::parse(&h).ok())
+            .and_then(|p| p.realm);
+        let foreign = cfg.call.home_key.is_some() && realm != home_realm;
+        if !foreign && own.is_none() {
+            let client =
+                ScramClient::new(&cfg.sip.username, password.as_bytes(), ua.channel_binding());
+            // Until the call is answered, a gateway that cannot be reached lets the next one try.
+            let (next, transcript) = ua
+                .authenticate_from(r, &build, cseq + 1, client, true, &mut |_, _| {})
+                .map_err(lost)?;
+            (r, own, cseq) = (next, transcript, cseq + 2);
+            if own.is_none() {
+                break;
+            }
+        } else if let (true, Some(home_key)) = (foreign, &cfg.call.home_key) {
+            let home_key = home_public_key(home_key)?;
+            if ua.channel_binding().is_none() {
+                bail!(
+                    "realm crossover needs sip.transport = \"tls\" (the home checks this channel)"
+                );
+            }
+            let start = || {
+                #[allow(clippy::disallowed_methods)] // the caller draws its ephemeral key here
+                let ikm: [u8; 32] = rand::random();
+                XoverClient::start(
+                    &home_key,
+                    &identity,
+                    password.as_bytes(),
+                    facts.clone(),
+                    ikm,
+                    None,
+                )
+                .map_err(anyhow::Error::from)
+            };
+            let (next, success) = ua
+                .authenticate_xover_from(r, &build, cseq + 1, &start, &mut |_, _| {})
+                .map_err(lost)?;
+            (r, crossed, cseq) = (next, success, cseq + 2);
+            if crossed.is_none() {
+                break;
+            }
+        } else {
+            break;
         }
-        let identity = cfg.call.identity.clone().unwrap_or_else(|| {
-            format!(
-                "{}@{}",
-                cfg.sip.username,
-                uri_host(&cfg.sip.aor).unwrap_or_default()
-            )
-        });
-        let start = || {
-            #[allow(clippy::disallowed_methods)] // the caller draws its ephemeral key here
-            let ikm: [u8; 32] = rand::random();
-            XoverClient::start(
-                &home_key,
-                &identity,
-                password.as_bytes(),
-                facts.clone(),
-                ikm,
-                None,
-            )
-            .map_err(anyhow::Error::from)
-        };
-        let (ok, success) = ua
-            .authenticate_xover(&build, 1, &start, &mut |_, _| {})
-            .map_err(lost)?;
-        (ok, success.map(Verified::Crossover))
-    } else {
-        // Over TLS this is SCRAM-SHA-256-PLUS, bound to this connection (tls-exporter).
-        let client = ScramClient::new(&cfg.sip.username, password.as_bytes(), ua.channel_binding());
-        // Until the call is answered, a gateway that cannot be reached lets the next one try.
-        let (ok, transcript) = ua
-            .authenticate(&build, 1, client, true, &mut |_, _| {})
-            .map_err(lost)?;
-        (ok, transcript.map(Verified::Scram))
+    }
+    let ok = r;
+    let auth = match (crossed, own) {
+        (Some(x), _) => Some(Verified::Crossover(x)),
+        (None, Some(t)) => Some(Verified::Scram(t)),
+        (None, None) => None,
     };
     let status = ok.status().unwrap_or(0);
     if status != 200 {
@@ -157,7 +191,7 @@ From: <{from}>;tag={from_tag}\r\nTo: {to}\r\nCall-ID: {call_id}\r\nCSeq: {cseq} 
             b = token(),
         )
     };
-    ua.send(&in_dialog("ACK", 3), ua.gateway)?;
+    ua.send(&in_dialog("ACK", cseq), ua.gateway)?;
 
     let answer = WgSdp::parse(ok.body())?.context("the answer is not a WireGuard SDP")?;
     if answer.psk().is_some() {
@@ -235,7 +269,7 @@ From: <{from}>;tag={from_tag}\r\nTo: {to}\r\nCall-ID: {call_id}\r\nCSeq: {cseq} 
         }
     }
     if !hung_up_by_peer {
-        let r = ua.transact(&in_dialog("BYE", 4), 4, &mut |_, _| {})?;
+        let r = ua.transact(&in_dialog("BYE", cseq + 1), cseq + 1, &mut |_, _| {})?;
         println!("hung up: {}", r.status().unwrap_or(0));
     }
     iface.remove_peer(&answer.pubkey)?;

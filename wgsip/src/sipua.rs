@@ -293,6 +293,25 @@ impl Ua {
         &self,
         build: &dyn Fn(u32, Option<&SaslParams>) -> String,
         first_cseq: u32,
+        client: ScramClient,
+        proxy: bool,
+        on_other: &mut dyn FnMut(&Message, SocketAddr),
+    ) -> anyhow::Result<(Message, Option<Transcript>)> {
+        let challenge_status = if proxy { 407 } else { 401 };
+        let r = self.transact(&build(first_cseq, None), first_cseq, on_other)?;
+        if r.status() != Some(challenge_status) {
+            return Ok((r, None));
+        }
+        self.authenticate_from(r, build, first_cseq + 1, client, proxy, on_other)
+    }
+
+    /// [`Ua::authenticate`] from a challenge already received (`challenge`, 401 or 407): its
+    /// rounds are numbered from `cseq`, two of them.
+    pub fn authenticate_from(
+        &self,
+        challenge: Message,
+        build: &dyn Fn(u32, Option<&SaslParams>) -> String,
+        mut cseq: u32,
         mut client: ScramClient,
         proxy: bool,
         on_other: &mut dyn FnMut(&Message, SocketAddr),
@@ -303,11 +322,7 @@ impl Ua {
             ("WWW-Authenticate", "Authentication-Info")
         };
         let challenge_status = if proxy { 407 } else { 401 };
-        let mut cseq = first_cseq;
-        let mut r = self.transact(&build(cseq, None), cseq, on_other)?;
-        if r.status() != Some(challenge_status) {
-            return Ok((r, None));
-        }
+        let mut r = challenge;
         let mech = client.mechanism().to_owned();
         let offered =
             SaslParams::parse(&header(&r, challenge_hdr).context("challenge without SASL")?)?;
@@ -320,7 +335,6 @@ impl Ua {
             bail!("the gateway does not offer {mech}");
         }
         let realm = offered.realm;
-        cseq += 1;
         let p = SaslParams {
             realm: realm.clone(),
             mech: Some(mech),
@@ -374,11 +388,24 @@ impl Ua {
         start: &dyn Fn() -> anyhow::Result<(XoverClient, Vec<u8>)>,
         on_other: &mut dyn FnMut(&Message, SocketAddr),
     ) -> anyhow::Result<(Message, Option<XoverSuccess>)> {
-        let mut cseq = first_cseq;
-        let mut r = self.transact(&build(cseq, None), cseq, on_other)?;
+        let r = self.transact(&build(first_cseq, None), first_cseq, on_other)?;
         if r.status() != Some(407) {
             return Ok((r, None));
         }
+        self.authenticate_xover_from(r, build, first_cseq + 1, start, on_other)
+    }
+
+    /// [`Ua::authenticate_xover`] from a 407 already received (`challenge`: the foreign
+    /// gateway's, relayed by our own gateway in a federation): two rounds numbered from `cseq`.
+    pub fn authenticate_xover_from(
+        &self,
+        challenge: Message,
+        build: &dyn Fn(u32, Option<&SaslParams>) -> String,
+        mut cseq: u32,
+        start: &dyn Fn() -> anyhow::Result<(XoverClient, Vec<u8>)>,
+        on_other: &mut dyn FnMut(&Message, SocketAddr),
+    ) -> anyhow::Result<(Message, Option<XoverSuccess>)> {
+        let mut r = challenge;
         let offered = SaslParams::parse(
             &header(&r, "Proxy-Authenticate").context("challenge without SASL")?,
         )?;
@@ -395,7 +422,6 @@ impl Ua {
         }
         let realm = offered.realm;
         let (mut client, first) = start()?;
-        cseq += 1;
         let p = SaslParams {
             realm: realm.clone(),
             mech: Some(xover::MECHANISM.into()),

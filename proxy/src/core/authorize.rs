@@ -137,6 +137,7 @@ impl Proxy {
         admission: &Admission,
         flow: &Flow,
         routed: &Routed,
+        outward: bool,
     ) -> Result<Authorization, Reject> {
         let method = msg.method().unwrap_or(Method::Other);
         let (offer, multipart) = match classify_body(msg, method)? {
@@ -173,11 +174,21 @@ impl Proxy {
             Some(sdp) => Session::Tunnel {
                 prefixes: &sdp.prefixes,
                 pskmth: &sdp.pskmth,
-                scram_available: transcript.is_some(),
-                // The home's key is bound to the offer it saw: usable only for this one.
-                xover_available: crossed.is_some_and(|c| {
-                    c.facts.offer_pubkey == sdp.pubkey && c.facts.offer_prefix == sdp.prefix_text
-                }),
+                scram_available: transcript.is_some() && !outward,
+                xover_available: if outward {
+                    // The far end's gateway can get a key from us, the caller's home, for one
+                    // of our own callers over TLS (the home checks that channel).
+                    flow.transport == Transport::Tls
+                        && crossed.is_none()
+                        && matches!(admission.basis(), AdmissionBasis::Sasl(_))
+                } else {
+                    // The home's key is bound to the offer it saw: usable only for this one.
+                    crossed.is_some_and(|c| {
+                        c.facts.offer_pubkey == sdp.pubkey
+                            && c.facts.offer_prefix == sdp.prefix_text
+                    })
+                },
+                outward,
             },
             None if method == Method::Invite => Session::Call,
             None => Session::Method(&method_text),
@@ -234,6 +245,9 @@ impl Proxy {
                 Some(derive_psk(t, &binding))
             }
             ("scram", None) => return Err(Reject::PolicyDenied(gatehouse_policy::Denied::Pskmth)),
+            // Outward, the partner's gateway gets the key from us as the caller's home: none
+            // of ours goes with the offer.
+            ("xover", _) if outward => None,
             // The key the caller's home released, bound to (this domain, Call-ID, From, this
             // offer's key and prefix) — the policy offered `xover` only when they match.
             ("xover", _) => match crossed {
@@ -256,6 +270,45 @@ impl Proxy {
                 psk,
                 identity,
             }),
+        })
+    }
+
+    /// Federation: an outward tunnel whose far end keys it by crossover (`xover`) is
+    /// remembered (see [`super::outward`]) — its caller's later rounds, the home's check of
+    /// its channel. 503 when the table (or this identity's share) is full.
+    pub(super) fn remember_outward(
+        &mut self,
+        msg: &Message,
+        flow: &Flow,
+        admission: &Admission,
+        plan: &TunnelPlan,
+        domain: &str,
+        now: Instant,
+    ) -> Result<(), Reject> {
+        let (AdmissionBasis::Sasl(auth), Some(conn), "xover") =
+            (admission.basis(), flow.conn, plan.pskmth.as_str())
+        else {
+            return Ok(());
+        };
+        let Some(channel) = self.gate.tls_of(flow.conn).map(|t| t.exporter.clone()) else {
+            return Ok(());
+        };
+        let call = super::outward::NewOutward {
+            call_id: &msg.call_id(),
+            from_tag: &msg.tag(HeaderName::From).unwrap_or_default(),
+            domain,
+            from_aor: &addr_spec(msg, HeaderName::From),
+            channel: &channel,
+            conn,
+            request_uri: &msg.request_uri().unwrap_or_default(),
+            identity: auth,
+        };
+        self.outward.record(call, now).map_err(|_| {
+            tracing::info!(
+                identity = auth.identity(),
+                "outward calls table full for this identity or in all"
+            );
+            Reject::Overloaded
         })
     }
 

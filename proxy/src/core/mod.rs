@@ -53,6 +53,7 @@ pub mod dialogs;
 pub mod error;
 pub mod locate;
 pub mod lockout;
+pub mod outward;
 pub mod persist;
 pub mod ratelimit;
 pub mod registrar;
@@ -246,6 +247,8 @@ pub struct Proxy {
     lookups: locate::Lookups,
     /// Realm crossover, foreign side: requests parked for their home, exchanges between rounds.
     crossover: Option<crossover::Crossover>,
+    /// Federation: tunnel calls this gateway authenticated and sent to other domains.
+    outward: outward::Outbound,
     /// The dialogs record-routed here that still live (in-dialog requests need one).
     dialogs: dialogs::Dialogs,
     /// `cfg.dialog_key`, keyed for HMAC once.
@@ -345,6 +348,7 @@ impl Proxy {
             reserving: Default::default(),
             lookups: Default::default(),
             crossover: cfg.crossover.clone().map(crossover::Crossover::new),
+            outward: outward::Outbound::default(),
             dialogs: dialogs::Dialogs::new(DIALOG_CAPACITY),
             banned_sources: 0,
             authorization_violations: 0,
@@ -674,6 +678,7 @@ impl Proxy {
         self.resync_step(4096);
         self.expire_reservations(now);
         self.expire_crossover(now);
+        self.outward.expire(now);
         self.fwd.shrink();
         self.txl.shrink();
         self.lookups.shrink();
@@ -752,6 +757,12 @@ impl Proxy {
 
     /// A new credential snapshot (users changed in the store); exchanges in progress
     /// finish with the credential they started with.
+    /// The outward calls this gateway vouches for as their caller's home (the crossover home
+    /// service reads them).
+    pub fn outward_calls(&self) -> Arc<outward::OutwardCalls> {
+        self.outward.shared()
+    }
+
     /// The credential snapshot in force (the crossover home service starts from it).
     pub fn credentials(&self) -> &persist::Credentials {
         self.gate.credentials()
@@ -1197,12 +1208,22 @@ impl Proxy {
         let ruri = msg.request_uri().unwrap_or_default().into_owned();
         let routed = self.router.route(&ruri, self.bindings_for(&ruri, now))?;
 
-        // Stage 7: authorize (policy; a tunnel offer is validated and its PSK derived).
-        let authorization = self.authorize(&mut msg, &admission, &flow, &routed)?;
+        // Federation: a target in another organisation's domain.
+        let outward = self.router.foreign_domain(&routed);
 
-        // Stage 7b: rewrite the tunnel offer for the inside (checked against the branches).
+        // Stage 7: authorize (policy; a tunnel offer is validated and its PSK derived).
+        let authorization =
+            self.authorize(&mut msg, &admission, &flow, &routed, outward.is_some())?;
+
+        // Stage 7b: rewrite the tunnel offer for the inside (checked against the branches);
+        // an outward tunnel's call is remembered for the partner's rounds and our home.
         let proposed = match authorization.tunnel {
-            Some(plan) => Some(self.rewrite_offer(id, &mut msg, plan, &routed, &flow, now)?),
+            Some(plan) => {
+                if let Some(domain) = &outward {
+                    self.remember_outward(&msg, &flow, &admission, &plan, domain, now)?;
+                }
+                Some(self.rewrite_offer(id, &mut msg, plan, &routed, &flow, now)?)
+            }
             None => None,
         };
 
@@ -1260,6 +1281,22 @@ impl Proxy {
     ) -> Result<Admission, Reject> {
         if let Some(admission) = Admission::trusted(flow.remote.ip(), &self.cfg.trusted) {
             return Ok(admission);
+        }
+        // Federation: a later round of an outward call this gateway authenticated, on the
+        // same connection (see [`outward`]); the partner's credentials pass on untouched.
+        if flow.conn.is_some() && self.gate.own_credentials(msg, Challenger::Proxy)?.is_none() {
+            let ruri = msg.request_uri().unwrap_or_default();
+            let resumed = self.outward.resume(
+                &msg.call_id(),
+                &msg.tag(HeaderName::From).unwrap_or_default(),
+                flow.conn,
+                &ruri,
+                now,
+            );
+            if let Some(authenticated) = resumed {
+                let from = auth::header_aor(msg, HeaderName::From);
+                return Admission::authenticated(authenticated, from.as_deref());
+            }
         }
         let round = self
             .gate

@@ -165,6 +165,15 @@ impl Router {
         }
     }
 
+    /// The domain of a routed target that is not one of ours (lower case): the request
+    /// leaves the organisation (federation).
+    pub fn foreign_domain(&self, routed: &Routed) -> Option<String> {
+        let uri = Uri::parse(routed.target()).ok()?;
+        let host = uri.host.trim_end_matches('.');
+        (!self.is_our_domain(host) && !self.is_local_hostport(&uri))
+            .then(|| host.to_ascii_lowercase())
+    }
+
     pub fn is_our_domain(&self, host: &str) -> bool {
         self.domains.iter().any(|d| d.eq_ignore_ascii_case(host))
     }

@@ -2390,6 +2390,181 @@ pskmth = [\"scram\", \"none\"]\nprefixes = [\"2001:db8:456::/48\"]\n";
         );
     }
 
+    /// Federation (docs/realm-crossover.md): alice, authenticated here over TLS, opens a
+    /// tunnel to another organisation's domain. The offer leaves with `pskmth=xover` and no
+    /// key of ours; the partner's 407 comes back with our server-final; her next rounds (the
+    /// partner's credentials, not ours) resume on her connection only, and the home side can
+    /// read her channel for that call and that domain only.
+    #[test]
+    fn an_outward_tunnel_leaves_unkeyed_and_resumes_on_its_connection_only() {
+        let mut h = harness();
+        let mut cfg = h.proxy.config().clone();
+        cfg.policy = std::sync::Arc::new(
+            gatehouse_policy::Policy::parse(
+                "org_prefixes = [\"2001:db8:456::/48\"]\n\
+[[rule]]\nname = \"out\"\nkind = \"tunnel\"\ncallers = [\"sip:alice@partner.example\"]\n\
+targets = [\"*@far.example\"]\npskmth = [\"scram\", \"xover\"]\nrequire_psk = true\n",
+                "t",
+            )
+            .unwrap(),
+        );
+        cfg.routes.add_domain(
+            "far.example",
+            Target {
+                uri: "sip:far.example".into(),
+                dest: Destination::Addr {
+                    transport: Transport::Tls,
+                    addr: "203.0.113.80:5061".parse().unwrap(),
+                    server_name: Some("far.example".into()),
+                },
+            },
+        );
+        h.boot(cfg, store());
+        let tls = |conn: u64| Flow {
+            transport: Transport::Tls,
+            local: format!("{GW}:5061").parse().unwrap(),
+            remote: "198.51.100.7:40000".parse().unwrap(),
+            conn: Some(conn),
+        };
+        for conn in [7, 8] {
+            h.proxy.set_connection_tls(
+                conn,
+                gatehouse_auth::TlsInfo {
+                    exporter: vec![conn as u8; 32],
+                    peer_identity: None,
+                },
+            );
+        }
+        let offer = OFFER.replace("pskmth=scram,none", "pskmth=scram,xover");
+        let build = |cseq: u32, auth: Option<&str>| {
+            tunnel_invite(&offer)(cseq, auth)
+                .replace("sip:vpn@org.example", "sip:vpn@far.example")
+                .replace(
+                    "SIP/2.0/UDP caller.example:5060",
+                    "SIP/2.0/TLS caller.example:40000",
+                )
+        };
+        let mut client = ScramClient::new("alice", b"alice-secret", None);
+        let out = authenticate_from(&mut h, &mut client, &build, tls(7));
+        let fwd = out
+            .iter()
+            .find(|s| s.first_line().starts_with("INVITE"))
+            .expect("relayed to the partner");
+        assert_eq!(
+            fmtp(&fwd.text),
+            "a=fmtp:vnd.wireguard pubkey=YWl42m1t56sMAYKwGZUQZNuYG+AbdW9eE7KLj3KBT1M=;prefix=2001:db8:456:1::/64;pskmth=xover",
+            "no key of ours, the partner keys it by crossover"
+        );
+        assert!(!fwd.text.contains("realm=\"org.example\""), "{}", fwd.text);
+        let t = h.proxy.tunnels().next().unwrap();
+        assert_eq!(
+            (t.identity.as_str(), t.pskmth.as_str(), t.to.as_str()),
+            ("alice", "xover", "sip:vpn@far.example")
+        );
+        // The partner challenges; alice gets its 407 with our server-final.
+        let far = Flow {
+            transport: Transport::Tls,
+            local: format!("{GW}:40001").parse().unwrap(),
+            remote: "203.0.113.80:5061".parse().unwrap(),
+            conn: Some(9),
+        };
+        let challenge = "Proxy-Authenticate: SASL realm=\"far.example\", mech=\"SXOVER-PLUS\"\r\n";
+        let back = h.send(
+            &answer(fwd, 407, "Proxy Authentication Required", challenge),
+            far,
+        );
+        let relayed = back.iter().find(|s| s.status() == Some(407)).unwrap();
+        assert!(
+            relayed.text.contains("realm=\"far.example\""),
+            "{}",
+            relayed.text
+        );
+        let info = relayed.msg();
+        let info = info
+            .headers()
+            .find(|(i, _)| info.name_text(*i) == "Proxy-Authentication-Info")
+            .map(|(i, _)| info.value(i).into_owned())
+            .expect("our server-final on the partner's challenge");
+        client
+            .verify_server_final(&SaslParams::parse(&info).unwrap().s2c.unwrap())
+            .unwrap();
+        // The home side: her channel with us, for this call relayed by far.example only.
+        let calls = h.proxy.outward_calls();
+        let domains = |d: &str| vec![d.to_owned()];
+        let from = "sip:alice@partner.example";
+        assert_eq!(
+            calls.channel_for(
+                "call-1@partner.example",
+                "ft1",
+                from,
+                &domains("far.example"),
+                h.now
+            ),
+            Some(vec![7; 32])
+        );
+        assert_eq!(
+            calls.channel_for(
+                "call-1@partner.example",
+                "ft1",
+                from,
+                &domains("other.example"),
+                h.now
+            ),
+            None
+        );
+        assert_eq!(
+            calls.channel_for(
+                "call-1@partner.example",
+                "ft1",
+                "sip:eve@partner.example",
+                &domains("far.example"),
+                h.now
+            ),
+            None
+        );
+        // Her next round carries the partner's credentials: resumed on her connection...
+        let partner_round = SaslParams {
+            realm: Some("far.example".into()),
+            mech: Some("SXOVER-PLUS".into()),
+            c2s: Some(b"sealed".to_vec()),
+            ..SaslParams::default()
+        }
+        .emit();
+        let out = h.send(&build(4, Some(&partner_round)), tls(7));
+        let again = out
+            .iter()
+            .find(|s| s.first_line().starts_with("INVITE"))
+            .expect("resumed without a new exchange with us");
+        assert!(
+            again.text.contains("realm=\"far.example\""),
+            "{}",
+            again.text
+        );
+        // ... never on another connection, for another target, or after its time.
+        let out = h.send(&build(5, Some(&partner_round)), tls(8));
+        assert_eq!(
+            out[0].status(),
+            Some(407),
+            "another connection: our challenge"
+        );
+        let elsewhere = build(6, Some(&partner_round)).replacen(
+            "INVITE sip:vpn@far.example",
+            "INVITE sip:ceo@far.example",
+            1,
+        );
+        let out = h.send(&elsewhere, tls(7));
+        assert_eq!(
+            out[0].status(),
+            Some(407),
+            "another Request-URI: our challenge"
+        );
+        h.now += crate::core::outward::TTL;
+        h.proxy.maintain(h.now);
+        let out = h.send(&build(7, Some(&partner_round)), tls(7));
+        assert_eq!(out[0].status(), Some(407), "after its time: our challenge");
+        assert!(h.proxy.outward_calls().is_empty());
+    }
+
     #[test]
     fn a_psk_in_an_answer_from_inside_is_stripped() {
         let mut h = tunnel_harness(store(), "198.51.100.0/24");

@@ -26,6 +26,7 @@ use sha2::Digest;
 use super::wire;
 use crate::config::crossover::HomeSettings;
 use crate::core::lockout::Lockout;
+use crate::core::outward::OutwardCalls;
 use crate::core::persist::Credentials;
 
 /// Foreign domains whose rate is tracked at once (verified certificates only reach here).
@@ -85,6 +86,8 @@ pub struct HomeService {
     settings: HomeSettings,
     realm: String,
     metrics: Arc<crate::metrics::Metrics>,
+    /// Federation: the calls our SIP core sent to other domains for our own callers.
+    outward: Arc<OutwardCalls>,
 }
 
 impl std::fmt::Debug for HomeService {
@@ -102,6 +105,7 @@ impl HomeService {
         secret: [u8; 32],
         credentials: Credentials,
         metrics: Arc<crate::metrics::Metrics>,
+        outward: Arc<OutwardCalls>,
     ) -> std::io::Result<HomeService> {
         let keys = load_keys(settings, &auth.realm)?;
         let server = SaslServer::new(ServerSettings {
@@ -139,6 +143,7 @@ impl HomeService {
             settings: settings.clone(),
             realm: auth.realm.clone(),
             metrics,
+            outward,
         })
     }
 
@@ -253,13 +258,25 @@ impl HomeService {
             self.count("malformed");
             return plain(StatusCode::BAD_REQUEST, "SASL Authorization expected");
         };
-        let facts = match wire::parse_facts(body) {
+        let mut facts = match wire::parse_facts(body) {
             Ok(f) => f,
             Err(why) => {
                 self.count("malformed");
                 return plain(StatusCode::BAD_REQUEST, why);
             }
         };
+        // Federation: our own caller, whose call our gateway sent to the relaying domain,
+        // bound its exchange to its channel with us; the relaying gateway's connection is with
+        // our gateway, not with the caller. Only for such a call is that binding expected.
+        if let Some(channel) = self.outward.channel_for(
+            &facts.call_id,
+            &facts.from_tag,
+            &facts.from_aor,
+            &allowed,
+            now,
+        ) {
+            facts.channel_binding = channel;
+        }
         let credentials = match self.credentials.lock() {
             Ok(c) => Arc::clone(&c),
             Err(_) => return plain(StatusCode::INTERNAL_SERVER_ERROR, ""),

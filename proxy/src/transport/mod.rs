@@ -745,6 +745,7 @@ impl Driver {
                     secret,
                     proxy.credentials().clone(),
                     Arc::clone(&metrics),
+                    proxy.outward_calls(),
                 )?);
                 let acceptor = home.acceptor(tls_files)?;
                 tokio::spawn(crate::crossover::home::serve(
