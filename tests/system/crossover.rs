@@ -29,7 +29,7 @@ const OFFER_KEY: &str = "YWl42m1t56sMAYKwGZUQZNuYG+AbdW9eE7KLj3KBT1M=";
 const OFFER_PREFIX: &str = "2001:db8:b0b::/64";
 const HOME_SK: [u8; 32] = [0x42; 32];
 
-fn b64() -> base64::engine::GeneralPurpose {
+pub fn b64() -> base64::engine::GeneralPurpose {
     base64::engine::general_purpose::STANDARD
 }
 
@@ -373,7 +373,7 @@ fn call(f: &Federation, c: &mut Caller, password: &[u8]) -> (Message, XoverClien
 }
 
 /// 32 unpredictable bytes (from the standard library's randomly keyed hasher).
-fn rand_ikm() -> [u8; 32] {
+pub fn rand_ikm() -> [u8; 32] {
     use std::hash::{BuildHasher, Hasher};
     let mut out = [0u8; 32];
     for chunk in out.chunks_mut(8) {
@@ -431,7 +431,7 @@ impl Federation {
     }
 }
 
-fn counter(metrics: SocketAddr, side: &str, outcome: &str) -> u64 {
+pub fn counter(metrics: SocketAddr, side: &str, outcome: &str) -> u64 {
     // The foreign side's counters are synchronised on the loop's 250 ms tick.
     let deadline = Instant::now() + WAIT;
     loop {
@@ -704,26 +704,38 @@ Contact: <sip:bob@{l};transport=tls>\r\n{auth}Content-Type: application/sdp\r\nC
 
 /// dnsmasq on a loopback port answering `_sxover._tcp.partner.example` with `target:port`.
 fn dns_server(dir: &Path, target_port: u16) -> (crate::harness::Proc, SocketAddr) {
-    let port = free_port();
-    let mut dnsmasq = crate::harness::Proc::spawn(
-        "dnsmasq",
-        std::process::Command::new("dnsmasq").args([
-            "--keep-in-foreground".to_owned(),
-            "--conf-file=/dev/null".to_owned(),
-            "--no-resolv".to_owned(),
-            "--no-hosts".to_owned(),
-            "--bind-interfaces".to_owned(),
-            "--listen-address=127.0.0.1".to_owned(),
-            format!("--port={port}"),
-            "--pid-file=".to_owned(),
-            "--log-queries".to_owned(),
-            "--log-facility=-".to_owned(),
-            "--local=/partner.example/".to_owned(),
+    dnsmasq(
+        dir,
+        &[
             format!(
                 "--srv-host=_sxover._tcp.partner.example,xover.partner.example,{target_port},10,0"
             ),
             "--host-record=xover.partner.example,127.0.0.1".to_owned(),
-        ]),
+        ],
+    )
+}
+
+/// dnsmasq on a loopback port, authoritative for partner.example with these `records`
+/// (dnsmasq options).
+pub fn dnsmasq(dir: &Path, records: &[String]) -> (crate::harness::Proc, SocketAddr) {
+    let port = free_port();
+    let mut args = vec![
+        "--keep-in-foreground".to_owned(),
+        "--conf-file=/dev/null".to_owned(),
+        "--no-resolv".to_owned(),
+        "--no-hosts".to_owned(),
+        "--bind-interfaces".to_owned(),
+        "--listen-address=127.0.0.1".to_owned(),
+        format!("--port={port}"),
+        "--pid-file=".to_owned(),
+        "--log-queries".to_owned(),
+        "--log-facility=-".to_owned(),
+        "--local=/partner.example/".to_owned(),
+    ];
+    args.extend(records.iter().cloned());
+    let mut dnsmasq = crate::harness::Proc::spawn(
+        "dnsmasq",
+        std::process::Command::new("dnsmasq").args(args),
         dir,
     );
     crate::harness::wait_udp_bound(&mut dnsmasq, port);

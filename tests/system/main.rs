@@ -10,6 +10,7 @@ mod cluster;
 mod crossover;
 mod dispatcher;
 mod dns;
+mod federation;
 mod hardening;
 mod harness;
 mod interop;
