@@ -186,6 +186,36 @@ Contact: <sip:alice@{l};transport=tls>\r\n{auth}Content-Type: application/sdp\r\
         self.client.recv_final_or_challenge()
     }
 
+    /// An in-dialog request of the call `ok` (its 2xx) set up, along its route set; its final
+    /// response (none for ACK).
+    fn in_dialog(&mut self, ok: &Message, method: &str, cseq: Option<u32>) -> Option<Message> {
+        let route: Vec<String> = ok
+            .list_values(gatehouse_sip::HeaderName::RecordRoute)
+            .into_iter()
+            .rev()
+            .collect();
+        let contact = header(ok, "Contact").unwrap();
+        let target = contact
+            .trim()
+            .trim_start_matches('<')
+            .split('>')
+            .next()
+            .unwrap()
+            .to_owned();
+        let to = header(ok, "To").unwrap();
+        let n = cseq.unwrap_or(self.cseq);
+        let msg = format!(
+            "{method} {target} SIP/2.0\r\nVia: SIP/2.0/TLS {l};branch=z9hG4bKd{method}{n};rport\r\nMax-Forwards: 70\r\n\
+Route: {route}\r\nFrom: <sip:alice@org.example>;tag=alice1\r\nTo: {to}\r\nCall-ID: {c}\r\nCSeq: {n} {method}\r\n\
+Content-Length: 0\r\n\r\n",
+            l = self.client.local,
+            c = self.call_id,
+            route = route.join(", "),
+        );
+        self.client.send(&msg);
+        (method != "ACK").then(|| self.client.recv_final_or_challenge())
+    }
+
     /// SCRAM-SHA-256-PLUS with her own gateway: the response to the third round (the partner's
     /// answer, relayed) and the verified transcript.
     fn authenticate_here(&mut self, password: &[u8]) -> Message {
@@ -306,6 +336,13 @@ fn an_internal_caller_opens_a_tunnel_to_a_partner_authenticated_by_its_own_home(
     );
     assert_eq!(home_released(&o), 1);
     assert_eq!(counter(o.partner.metrics.unwrap(), "foreign", "success"), 1);
+    // The dialog runs through both gateways: ACK, then BYE along the route set, answered by
+    // the partner's endpoint.
+    assert!(a.in_dialog(&r, "ACK", None).is_none());
+    let bye = a
+        .in_dialog(&r, "BYE", Some(a.cseq + 1))
+        .expect("BYE answered");
+    assert_eq!(bye.status(), Some(200), "{bye:?}");
 }
 
 #[test]

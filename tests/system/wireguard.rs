@@ -803,3 +803,263 @@ prefix = \"2001:db8:456:1::/64\"\ninterface_address = \"2001:db8:456:1::1/64\"\n
         endpoint.log_text()
     );
 }
+
+/// Issue 19 (b), federation: alice, an internal caller of org.example (organisation site),
+/// opens a tunnel to `sip:vpn@partner.example`, whose endpoint sits behind partner.example's
+/// own gateway on the partner site. Her gateway authenticates her (SCRAM-SHA-256-PLUS), lets
+/// her out by policy, locates partner.example through DNS (dnsmasq in the gateway's namespace)
+/// and checks its certificate; the partner's gateway challenges with SXOVER-PLUS and relays
+/// her sealed rounds to her home — org.example's crossover service, which recognises the call
+/// it sent out and her channel with it. Real `wgsip call` and `wgsip endpoint`, wireguard-go:
+/// pings cross, both ends hold the same PSK, her own gateway's log holds no SCRAM message of
+/// the partner's exchange in clear and no key.
+#[test]
+fn tunnel_by_federation() {
+    if !available() {
+        return;
+    }
+    let dir = TempDir::new("wgf");
+    let d = dir.path();
+    let topo = Topology::build(d, "f");
+    let id = topo.id.clone();
+    let pki = crate::crossover::Pki::new();
+    std::fs::write(d.join("ca.pem"), &pki.ca_pem).unwrap();
+    pki.issue(d, "org", &["org.example"]);
+    pki.issue(d, "partner", &["partner.example"]);
+    let home_key = d.join("org-home.key");
+    let out = Command::new(bin("gatehouse"))
+        .arg("xover-key")
+        .arg(&home_key)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let home_public = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    let (partner_ns, gw_ns, org_ns) = (topo.ns("p"), topo.ns("g"), topo.ns("o"));
+
+    // DNS for org.example's gateway: partner.example's address.
+    let dns = Proc::spawn(
+        "dnsmasq",
+        Command::new("ip").args([
+            "netns",
+            "exec",
+            &gw_ns,
+            "dnsmasq",
+            "--keep-in-foreground",
+            "--conf-file=/dev/null",
+            "--no-resolv",
+            "--no-hosts",
+            "--bind-interfaces",
+            "--listen-address=127.0.0.1",
+            "--port=5353",
+            "--pid-file=",
+            "--log-facility=-",
+            "--local=/partner.example/",
+            "--host-record=partner.example,2001:db8:1::2",
+        ]),
+        d,
+    );
+    assert!(
+        wait_for_line(&dns, "started", Duration::from_secs(20)),
+        "{}",
+        dns.log_text()
+    );
+
+    // partner.example's gateway on the partner site: crossover on (foreign side for alice),
+    // its own vpn endpoint registered from the inside (the same host).
+    let partner_store = d.join("partner.sqlite");
+    gatehouse::store::Store::open(&partner_store)
+        .unwrap()
+        .add_user(
+            "vpn",
+            b"vpn-secret",
+            &["sip:vpn@partner.example".into()],
+            None,
+            4096,
+        )
+        .unwrap();
+    std::fs::write(
+        d.join("partner-policy.toml"),
+        "[[rule]]\nname = \"org-staff-by-crossover\"\nkind = \"tunnel\"\ncallers = [\"*@org.example\"]\n\
+crossover = [\"org.example\"]\ntargets = [\"sip:vpn@partner.example\"]\npskmth = [\"xover\"]\nrequire_psk = true\n\
+prefixes = [\"2001:db8:789::/48\"]\n",
+    )
+    .unwrap();
+    std::fs::write(
+        d.join("partner.toml"),
+        format!(
+            "[sip]\ndomains = [\"partner.example\"]\nshutdown_grace_ms = 200\n\
+[[listen]]\ntransport = \"tls\"\naddress = \"[2001:db8:1::2]:5061\"\n\
+[tls]\ncertificate = \"partner.pem\"\nprivate_key = \"partner.key\"\n\
+[auth]\nstore = \"{}\"\n[tunnels]\npolicy = \"partner-policy.toml\"\ninternal_networks = [\"2001:db8:1::2/128\"]\n\
+[crossover]\nenabled = true\ncertificate = \"partner.pem\"\nprivate_key = \"partner.key\"\ntrusted_cas = \"ca.pem\"\n\
+[crossover.homes]\n\"org.example\" = \"[2001:db8:1::1]:8443\"\n[log]\nlevel = \"debug\"\n",
+            partner_store.display()
+        ),
+    )
+    .unwrap();
+    let partner = Proc::spawn(
+        "gatehouse-partner",
+        Command::new("ip")
+            .args(["netns", "exec", &partner_ns])
+            .arg(bin("gatehouse"))
+            .args(["run", "--config"])
+            .arg(d.join("partner.toml")),
+        d,
+    );
+
+    // org.example's gateway: alice's, and her home's crossover service.
+    let org_store = d.join("org.sqlite");
+    gatehouse::store::Store::open(&org_store)
+        .unwrap()
+        .add_user(
+            "alice",
+            b"alice-secret",
+            &["sip:alice@org.example".into()],
+            None,
+            4096,
+        )
+        .unwrap();
+    std::fs::write(
+        d.join("org-policy.toml"),
+        "org_prefixes = [\"2001:db8:789::/48\"]\n[[rule]]\nname = \"staff-to-partners\"\nkind = \"tunnel\"\n\
+callers = [\"sip:alice@org.example\"]\ntargets = [\"*@partner.example\"]\npskmth = [\"xover\"]\nrequire_psk = true\n\
+prefixes = [\"2001:db8:789::/48\"]\n",
+    )
+    .unwrap();
+    std::fs::write(
+        d.join("org.toml"),
+        format!(
+            "[sip]\ndomains = [\"org.example\"]\nshutdown_grace_ms = 500\n\
+[[listen]]\ntransport = \"tls\"\naddress = \"[2001:db8:2::1]:5061\"\n[[listen]]\ntransport = \"tls\"\naddress = \"[2001:db8:1::1]:5061\"\n\
+[tls]\ncertificate = \"org.pem\"\nprivate_key = \"org.key\"\nca = \"ca.pem\"\n\
+[auth]\nstore = \"{}\"\n[tunnels]\npolicy = \"org-policy.toml\"\n\
+[crossover]\ntrusted_cas = \"ca.pem\"\n\
+[crossover.home]\nlisten = \"[2001:db8:1::1]:8443\"\nkey_file = \"org-home.key\"\nforeign_domains = [\"partner.example\"]\n\
+[dns]\nservers = [\"127.0.0.1:5353\"]\ntimeout_ms = 2000\n\
+[[route]]\ndomain = \"partner.example\"\ntarget = \"sip:partner.example:5061;transport=tls\"\n[log]\nlevel = \"debug\"\n",
+            org_store.display()
+        ),
+    )
+    .unwrap();
+    let gw = Proc::spawn(
+        "gatehouse-org",
+        Command::new("ip")
+            .args(["netns", "exec", &gw_ns])
+            .arg(bin("gatehouse"))
+            .args(["run", "--config"])
+            .arg(d.join("org.toml")),
+        d,
+    );
+
+    write_secret(&d.join("vpn.password"), "vpn-secret\n");
+    write_secret(&d.join("alice.password"), "alice-secret\n");
+    std::fs::write(
+        d.join("endpoint.toml"),
+        format!(
+            "[sip]\ngateway = \"[2001:db8:1::2]:5061\"\ntransport = \"tls\"\ntls_ca = \"ca.pem\"\ntls_server_name = \"partner.example\"\n\
+bind = \"[2001:db8:1::2]:5062\"\naor = \"sip:vpn@partner.example\"\nusername = \"vpn\"\n\
+password_file = \"vpn.password\"\n[wireguard]\ninterface = \"wgp{id}\"\nprivate_key_file = \"partner-wg.key\"\nlisten_port = 51820\n\
+address = \"2001:db8:1::2\"\nprefix = \"2001:db8:456:1::/64\"\ninterface_address = \"2001:db8:456:1::1/64\"\n\
+[accept]\npskmth = [\"gateway\"]\nprefixes = [\"2001:db8:789::/48\"]\n"
+        ),
+    )
+    .unwrap();
+    let endpoint = Proc::spawn(
+        "endpoint",
+        Command::new("ip")
+            .args(["netns", "exec", &partner_ns])
+            .arg(bin("wgsip"))
+            .args(["endpoint", "--config"])
+            .arg(d.join("endpoint.toml")),
+        d,
+    );
+    assert!(
+        wait_for_line(
+            &endpoint,
+            "registered sip:vpn@partner.example",
+            Duration::from_secs(40)
+        ),
+        "endpoint:\n{}\npartner gateway:\n{}",
+        endpoint.log_text(),
+        partner.log_text()
+    );
+
+    std::fs::write(
+        d.join("alice.toml"),
+        format!(
+            "[sip]\ngateway = \"[2001:db8:2::1]:5061\"\ntransport = \"tls\"\ntls_ca = \"ca.pem\"\ntls_server_name = \"org.example\"\n\
+bind = \"[2001:db8:2::2]:0\"\naor = \"sip:alice@org.example\"\nusername = \"alice\"\npassword_file = \"alice.password\"\n\
+[wireguard]\ninterface = \"wgo{id}\"\nprivate_key_file = \"alice-wg.key\"\nlisten_port = 51821\naddress = \"2001:db8:2::2\"\n\
+prefix = \"2001:db8:789:1::/64\"\ninterface_address = \"2001:db8:789:1::1/64\"\n\
+[call]\npskmth = [\"xover\"]\nhome_key = \"{home_public}\"\n"
+        ),
+    )
+    .unwrap();
+    let mut caller = Proc::spawn(
+        "call",
+        Command::new("ip")
+            .args(["netns", "exec", &org_ns])
+            .arg(bin("wgsip"))
+            .args(["call", "sip:vpn@partner.example", "--config"])
+            .arg(d.join("alice.toml")),
+        d,
+    );
+    assert!(
+        wait_for_line(&caller, "tunnel up", Duration::from_secs(40)),
+        "caller:\n{}\nendpoint:\n{}\norg gateway:\n{}\npartner gateway:\n{}",
+        caller.log_text(),
+        endpoint.log_text(),
+        gw.log_text(),
+        partner.log_text()
+    );
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !topo.ping("1", "1") {
+        assert!(Instant::now() < deadline, "no ping through the tunnel");
+    }
+    assert!(topo.ping("3", "2"), "ping -6 crosses the tunnel");
+    let (psk_p, psk_o) = (topo.psk("p"), topo.psk("o"));
+    assert!(
+        psk_o.as_deref().is_some_and(|k| k != "(none)"),
+        "the caller uses a PSK"
+    );
+    assert!(psk_p == psk_o, "both sides use the same PSK (not printed)");
+    let log = caller.log_text();
+    assert!(log.contains("psk yes (xover)"), "{log}");
+    assert!(
+        log.contains("authenticated as alice@org.example by its home with SXOVER-PLUS, key released to partner.example"),
+        "{log}"
+    );
+    // Her home logged the release; the partner admitted her by crossover.
+    let gw_log = gw.log_text();
+    assert!(gw_log.contains("tunnel key released"), "{gw_log}");
+    let partner_log = partner.log_text();
+    assert!(
+        partner_log.contains("authenticated by its home (crossover)"),
+        "{partner_log}"
+    );
+    // The partner relayed only ciphertext: its debug log holds no SCRAM message in clear.
+    for clear in ["n=alice", "c=biws", "n=alice,r=", ",p="] {
+        assert!(
+            !partner_log.contains(clear),
+            "`{clear}` in the partner gateway's log"
+        );
+    }
+
+    let _ = Command::new("kill")
+        .args(["-TERM", &caller_pid(&caller)])
+        .status();
+    let st = caller.wait(Duration::from_secs(40));
+    assert!(st.success(), "{}", caller.log_text());
+    assert!(
+        wait_for_line(&endpoint, "tunnel down", Duration::from_secs(20)),
+        "endpoint:\n{}\ncaller:\n{}\norg gateway:\n{}\npartner gateway:\n{}",
+        endpoint.log_text(),
+        caller.log_text(),
+        gw.log_text(),
+        partner.log_text()
+    );
+}

@@ -686,6 +686,11 @@ impl Proxy {
         // Tunnels that ended however they did (another gateway, a resynchronisation, a BYE):
         // their dialogs end with them (a tunnel's is pinned: nothing else would remove it).
         for (call_id, caller_tag) in self.tunnels.take_gone() {
+            // A set-up the far end challenged (407) and the caller retried within the same
+            // call has its tunnel again: the dialog its 2xx made is that tunnel's.
+            if self.tunnels.contains(&call_id, &caller_tag) {
+                continue;
+            }
             self.dialogs.end_call(&call_id, &caller_tag);
         }
         self.dialogs.expire(now, 4096);

@@ -2540,6 +2540,27 @@ targets = [\"*@far.example\"]\npskmth = [\"scram\", \"xover\"]\nrequire_psk = tr
             "{}",
             again.text
         );
+        // The far end accepts that round; a housekeeping tick after the challenged set-ups
+        // must not end the dialog the accepted one made: alice's BYE goes through.
+        let answer_sdp = answer_sdp().replace("pskmth=gateway", "pskmth=xover");
+        let ok = h.send(&answer_with_sdp(again, &answer_sdp), far);
+        let ok = ok
+            .iter()
+            .find(|s| s.status() == Some(200))
+            .expect("200 to alice");
+        assert!(!ok.text.contains("psk="), "{}", ok.text);
+        h.proxy.maintain(h.now);
+        let bye = format!(
+            "BYE sip:vpn@198.51.100.20:5060 SIP/2.0\r\nVia: SIP/2.0/TLS caller.example:40000;branch=z9hG4bKbyefed\r\n\
+Max-Forwards: 70\r\n{}From: <sip:alice@partner.example>;tag=ft1\r\nTo: <sip:vpn@far.example>;tag=uas1\r\n\
+Call-ID: call-1@partner.example\r\nCSeq: 9 BYE\r\nContent-Length: 0\r\n\r\n",
+            caller_route(ok)
+        );
+        let out = h.send(&bye, tls(7));
+        assert!(
+            out.iter().any(|s| s.first_line().starts_with("BYE ")),
+            "{out:?}"
+        );
         // ... never on another connection, for another target, or after its time.
         let out = h.send(&build(5, Some(&partner_round)), tls(8));
         assert_eq!(

@@ -349,6 +349,13 @@ impl TunnelTable {
         Some(self.forget(r))
     }
 
+    /// Whether a tunnel of this call and caller is in the table.
+    pub fn contains(&self, call_id: &str, caller_tag: &str) -> bool {
+        self.map
+            .get(call_id)
+            .is_some_and(|rs| rs.iter().any(|r| &*r.caller_tag == caller_tag))
+    }
+
     fn get_mut(&mut self, call_id: &str, caller_tag: &str) -> Option<&mut Record> {
         self.map
             .get_mut(call_id)?
