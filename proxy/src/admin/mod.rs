@@ -859,10 +859,17 @@ pub fn execute(proxy: &mut crate::core::Proxy, cmd: Command, connections: usize)
 /// A tunnel as the listings show it.
 fn tunnel_json(t: &crate::tunnel::Tunnel) -> Value {
     // Who vouched for the caller: a trusted source, this gateway (local), or the caller's home
-    // realm (crossover: its key is the home's, `pskmth=xover`).
+    // realm (crossover: its key is the home's, `pskmth=xover`, its identity `user@realm`); a
+    // local caller's tunnel keyed by crossover went out to a partner (federation: the realm
+    // shown is the partner's domain, which keys it).
     let (origin, realm) = match (t.identity.as_str(), t.pskmth.as_str()) {
         ("trusted", _) => ("trusted", None),
-        (id, "xover") => ("crossover", id.rsplit_once('@').map(|(_, r)| r)),
+        (id, "xover") if id.contains('@') => ("crossover", id.rsplit_once('@').map(|(_, r)| r)),
+        (_, "xover") => (
+            "outward",
+            t.to.rsplit_once('@')
+                .map(|(_, d)| d.split([':', ';']).next().unwrap_or(d)),
+        ),
         _ => ("local", None),
     };
     json!({"call_id": t.call_id, "identity": t.identity, "from": t.from, "to": t.to, "prefixes": t.prefixes,
@@ -972,5 +979,13 @@ mod listing_tests {
         );
         let t = super::tunnel_json(&tunnel("trusted", "none"));
         assert_eq!(t["origin"].as_str(), Some("trusted"));
+        // Federation: our own alice, keyed by the partner with us as her home.
+        let mut out = tunnel("alice", "xover");
+        out.to = "sip:vpn@partner.example".into();
+        let o = super::tunnel_json(&out);
+        assert_eq!(
+            (o["origin"].as_str(), o["realm"].as_str()),
+            (Some("outward"), Some("partner.example"))
+        );
     }
 }

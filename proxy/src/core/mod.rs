@@ -21,7 +21,9 @@
 //!    still lives ([`dialogs`]; else 481), and goes only to the next hop that entry names (403);
 //! 5. **authenticate**: [`Admission`] proof: a trusted source, or the SASL exchange of
 //!    sip-sasl.md (407, `Proxy-Authorization`), whose identity must own the From AOR;
-//!    REGISTER runs its 401 exchange here too; failures feed the [`lockout`];
+//!    REGISTER runs its 401 exchange here too; failures feed the [`lockout`]; a realm crossover
+//!    round is parked for the caller's home ([`crossover`]); a later round of an outward call
+//!    this gateway authenticated resumes on its own connection ([`outward`]);
 //!
 //! Then the server transaction is created (the last quarter of `max_transactions` is kept
 //! for trusted sources) and:
@@ -32,7 +34,9 @@
 //! 7. **authorize**: the body is classified by its bytes (any `vnd.wireguard` is an offer,
 //!    whatever the label: 415/488), the policy decides on the `Routed` target, never the To
 //!    header (403 + Warning); a WireGuard offer is validated (488 + Warning), its prefixes and
-//!    key must not be another identity's live tunnel's (403), and its `scram` PSK derived;
+//!    key must not be another identity's live tunnel's (403), and its `scram` PSK derived
+//!    (an outward tunnel, to another organisation's domain, gets no key of ours: `xover`, its
+//!    call remembered for the partner's rounds and our crossover home service);
 //!    then **rewrite**: the tunnel offer for the inside (PSK only over TLS or to internal
 //!    networks);
 //! 8. **relay**: only to the branches the consumed [`Clearance`] names (the authorisation
