@@ -525,3 +525,16 @@ fn an_outward_tunnel_may_offer_our_own_prefix_and_is_never_keyed_by_our_scram() 
         Denied::NoRule
     );
 }
+
+#[test]
+fn the_shipped_example_policies_parse() {
+    for f in [
+        "examples/policy.toml",
+        "examples/federation/org-policy.toml",
+        "examples/federation/partner-policy.toml",
+    ] {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/").to_owned() + f;
+        let text = std::fs::read_to_string(&path).unwrap();
+        Policy::parse(&text, f).unwrap_or_else(|e| panic!("{f}: {e}"));
+    }
+}

@@ -1,6 +1,9 @@
 //! `wgsip call`: offers a tunnel to an AOR through the gateway, authenticates with SCRAM,
 //! verifies the gateway (server-final), derives the `scram` PSK, configures its WireGuard
-//! peer from the answer, and hangs up with BYE on SIGINT/SIGTERM.
+//! peer from the answer, and hangs up with BYE on SIGINT/SIGTERM. With `[call] home_key` it
+//! answers a challenge of another realm with SXOVER-PLUS sealed to its home (realm crossover,
+//! `pskmth=xover`); calling a partner through its own gateway (federation) it does both in
+//! turn: SCRAM with its gateway, then crossover for the partner's (docs/realm-crossover.md).
 
 // Status lines on standard output are this command's interface.
 #![allow(clippy::print_stdout)]
