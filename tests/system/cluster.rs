@@ -444,6 +444,8 @@ fn a_reconnected_listener_resynchronises_the_tunnel_table() {
         timeout: Duration::from_secs(10),
         progress: false,
         hold: true,
+        tls: None,
+        crossover: None,
     })
     .expect("load run");
     assert_eq!(report.succeeded, 1, "{}", report.summary());

@@ -176,6 +176,8 @@ pub struct Variant {
     pub home_rate: u32,
     /// More of org.example's configuration (a table at the end).
     pub org_extra: &'static str,
+    /// The prefixes org.example's crossover rule lets partner.example's callers offer.
+    pub partner_prefixes: &'static str,
 }
 
 impl Default for Variant {
@@ -189,6 +191,7 @@ impl Default for Variant {
             home_port: None,
             home_rate: 20,
             org_extra: "",
+            partner_prefixes: "2001:db8:b0b::/48",
         }
     }
 }
@@ -250,11 +253,14 @@ pub fn federation(v: Variant) -> Federation {
     crate::sasl::seed(&org_store);
     std::fs::write(
         d.join("policy.toml"),
-        "org_prefixes = [\"2001:db8:789::/48\"]\n\
+        format!(
+            "org_prefixes = [\"2001:db8:789::/48\"]\n\
 [[rule]]\nname = \"partners-by-crossover\"\nkind = \"tunnel\"\ncallers = [\"*@partner.example\"]\n\
 crossover = [\"partner.example\"]\ntargets = [\"sip:vpn@org.example\"]\npskmth = [\"xover\"]\nrequire_psk = true\n\
-prefixes = [\"2001:db8:b0b::/48\"]\n\
+prefixes = [\"{}\"]\n\
 [[rule]]\nname = \"local-calls\"\nkind = \"call\"\ncallers = [\"*@partner.example\"]\n",
+            v.partner_prefixes
+        ),
     )
     .unwrap();
     let uas = WgUas::start();
@@ -420,6 +426,11 @@ fn a_caller_with_no_account_here_is_authenticated_by_its_home_and_gets_the_same_
 }
 
 impl Federation {
+    /// The test CA's PEM file.
+    pub fn ca_file(&self) -> std::path::PathBuf {
+        self._dir.path().join("ca.pem")
+    }
+
     /// `gatehouse_crossover_total{side, outcome}` at the foreign gateway (org.example).
     pub fn outcome(&self, side: &str, outcome: &str) -> u64 {
         counter(self.org.metrics.expect("metrics"), side, outcome)
@@ -783,6 +794,50 @@ fn the_home_is_found_by_dns_srv_and_an_impostor_there_is_refused() {
 /// 200 sequential crossover set-ups on one TLS connection (the caller's PBKDF2 is in each),
 /// against a local SCRAM set-up of alice for comparison; set-up time from the first INVITE to
 /// the verified 200, and this process's CPU (both gateways and the caller run in it).
+/// `gatehouse-load` in crossover mode: complete set-ups by a caller org.example does not know,
+/// over one TLS connection, each verified (the home's statement names bob and org.example).
+#[test]
+fn gatehouse_load_runs_crossover_set_ups() {
+    let f = federation(Variant {
+        home_rate: 100_000,
+        // One source sends every round: the per-source rate limit would drop them.
+        org_extra: "[rate_limit]\nenabled = false\n",
+        // gatehouse-load offers a /128 of its own per set-up in 2001:db8:456:1::/64.
+        partner_prefixes: "2001:db8:456::/48",
+        ..Variant::default()
+    });
+    let report = wgsip::load::run(&wgsip::load::LoadOptions {
+        gateway: f.org.addr(Transport::Tls),
+        local: "127.0.0.1:0".parse().unwrap(),
+        target: "sip:vpn@org.example".into(),
+        username: "bob".into(),
+        password: "bob-secret".into(),
+        from: "sip:bob@partner.example".into(),
+        rate: 50,
+        count: 20,
+        concurrency: 10,
+        timeout: WAIT,
+        progress: false,
+        hold: false,
+        tls: Some(wgsip::load::TlsTarget {
+            ca: f.ca_file(),
+            server_name: Some("org.example".into()),
+        }),
+        crossover: Some(wgsip::load::CrossoverCaller {
+            home_key: f.home_public,
+            identity: "bob@partner.example".into(),
+        }),
+    })
+    .unwrap();
+    assert_eq!(
+        (report.succeeded, report.failed),
+        (20, 0),
+        "{}",
+        report.summary()
+    );
+    assert_eq!(f.home_outcome("released"), 20);
+}
+
 #[test]
 #[ignore]
 fn measure_crossover_set_ups() {

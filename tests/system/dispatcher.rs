@@ -197,6 +197,8 @@ fn held(port: u16, count: u32, rate: u32, local: Option<u16>) -> LoadOptions {
         timeout: Duration::from_secs(10),
         progress: false,
         hold: local.is_some(),
+        tls: None,
+        crossover: None,
     }
 }
 

@@ -22,6 +22,8 @@ fn options(gateway: std::net::SocketAddr, password: &str, count: u32) -> LoadOpt
         timeout: Duration::from_secs(10),
         progress: false,
         hold: false,
+        tls: None,
+        crossover: None,
     }
 }
 

@@ -11,6 +11,13 @@
 //!
 //! PBKDF2 runs once per run (the SaltedPassword is cached, RFC 5802 section 5.1), so the
 //! client's own cost per set-up is a few HMACs, and the gateway is what gets measured.
+//!
+//! Over TLS (`tls`: one connection, verified against a CA) the exchange is SCRAM-SHA-256-PLUS
+//! bound to the connection. With `crossover` the caller is a stranger to the gateway: it
+//! answers the gateway's 407 with SXOVER-PLUS sealed to its home's key (docs/realm-crossover.md),
+//! two rounds relayed by the gateway to the home, and verifies the home's statement; each
+//! set-up then costs the client an HPKE set-up and its own PBKDF2 (the exchange is sealed: no
+//! cache), the foreign gateway its relays and the home its verification — measure each process.
 
 // A load tool reports on standard output.
 #![allow(clippy::print_stdout)]
@@ -22,10 +29,11 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use bytes::Bytes;
 use gatehouse_auth::scram::{SaltedCache, ScramClient};
+use gatehouse_auth::xover::{self, Facts, XoverClient};
 use gatehouse_auth::SaslParams;
 use gatehouse_sip::{HeaderName, Limits, Message, NameAddr};
 
-use crate::sipua::{header, token};
+use crate::sipua::{header, token, Ua};
 
 /// What to run.
 #[derive(Debug, Clone)]
@@ -51,6 +59,28 @@ pub struct LoadOptions {
     pub progress: bool,
     /// Leave each tunnel up after its ACK (no BYE).
     pub hold: bool,
+    /// One TLS connection instead of UDP.
+    pub tls: Option<TlsTarget>,
+    /// Realm crossover: authenticate by the caller's home through the gateway (TLS only).
+    pub crossover: Option<CrossoverCaller>,
+}
+
+/// The gateway's TLS identity.
+#[derive(Debug, Clone)]
+pub struct TlsTarget {
+    /// PEM file of the CA its certificate chains to.
+    pub ca: std::path::PathBuf,
+    /// The name its certificate must carry (default: its address).
+    pub server_name: Option<String>,
+}
+
+/// A caller the gateway does not know, vouched for by its home.
+#[derive(Debug, Clone)]
+pub struct CrossoverCaller {
+    /// The home realm's HPKE public key.
+    pub home_key: [u8; 32],
+    /// `user@realm` at the home.
+    pub identity: String,
 }
 
 /// What happened.
@@ -126,13 +156,21 @@ enum Stage {
     Closing,
 }
 
+/// How a set-up authenticates.
+enum Auth {
+    /// With the gateway itself.
+    Scram(ScramClient),
+    /// With its home, through the gateway: the facts it seals, then the exchange.
+    Xover(Facts, Option<XoverClient>),
+}
+
 struct Call {
     call_id: String,
     from_tag: String,
     cseq: u32,
     /// Branch of the INVITE in flight (its ACK for a 407 reuses it).
     branch: String,
-    scram: ScramClient,
+    auth: Auth,
     stage: Stage,
     started: Instant,
     /// Its WireGuard offer: a key and a prefix of its own (no two live tunnels share either:
@@ -141,25 +179,37 @@ struct Call {
 }
 
 /// The offer of one set-up: a public key derived from its Call-ID and a /128 of its own
-/// inside `2001:db8:456:1::/64` (`run` is this run's random salt, `n` the set-up's number).
-fn offer(call_id: &str, run: u32, n: u32) -> String {
+/// inside `2001:db8:456:1::/64` (`run` is this run's random salt, `n` the set-up's number);
+/// returns the SDP, the key and the prefix.
+fn offer(call_id: &str, run: u32, n: u32, pskmth: &str) -> (String, [u8; 32], String) {
     use base64::Engine;
     use sha2::Digest;
-    let key = base64::engine::general_purpose::STANDARD.encode(sha2::Sha256::digest(call_id));
-    format!(
-        "v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\n\
-m=application 51820 udp vnd.wireguard\r\n\
-a=fmtp:vnd.wireguard pubkey={key};prefix=2001:db8:456:1:{:x}:{:x}:{:x}:{:x}/128;pskmth=scram,none\r\n",
+    let raw: [u8; 32] = sha2::Sha256::digest(call_id).into();
+    let key = base64::engine::general_purpose::STANDARD.encode(raw);
+    let prefix = format!(
+        "2001:db8:456:1:{:x}:{:x}:{:x}:{:x}/128",
         run >> 16,
         run & 0xffff,
         n >> 16,
         n & 0xffff
-    )
+    );
+    let sdp = format!(
+        "v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\n\
+m=application 51820 udp vnd.wireguard\r\n\
+a=fmtp:vnd.wireguard pubkey={key};prefix={prefix};pskmth={pskmth}\r\n"
+    );
+    (sdp, raw, prefix)
+}
+
+/// The way to the gateway: a UDP socket, or one TLS connection.
+enum Wire {
+    Udp(UdpSocket),
+    Tls(Box<Ua>),
 }
 
 struct Runner<'a> {
     o: &'a LoadOptions,
-    sock: UdpSocket,
+    wire: Wire,
     local: SocketAddr,
     calls: HashMap<String, Call>,
     salted: SaltedCache,
@@ -172,16 +222,40 @@ impl Runner<'_> {
     fn send(&self, text: &str) {
         // A send error on loopback means the socket buffer is full: the set-up times out
         // and is counted, which is what overload should look like.
-        let _ = self.sock.send_to(text.as_bytes(), self.o.gateway);
+        match &self.wire {
+            Wire::Udp(sock) => {
+                let _ = sock.send_to(text.as_bytes(), self.o.gateway);
+            }
+            Wire::Tls(ua) => {
+                let _ = ua.send(text, self.o.gateway);
+            }
+        }
+    }
+
+    /// The Via transport and the Contact's parameters.
+    fn transport(&self) -> (&'static str, &'static str) {
+        match &self.wire {
+            Wire::Udp(_) => ("UDP", ""),
+            Wire::Tls(_) => ("TLS", ";transport=tls"),
+        }
+    }
+
+    /// The connection's tls-exporter (channel binding), over TLS.
+    fn channel_binding(&self) -> Option<Vec<u8>> {
+        match &self.wire {
+            Wire::Udp(_) => None,
+            Wire::Tls(ua) => ua.channel_binding(),
+        }
     }
 
     fn invite(&self, c: &Call, auth: Option<&SaslParams>) -> String {
         let auth = auth
             .map(|p| format!("Proxy-Authorization: {}\r\n", p.emit()))
             .unwrap_or_default();
+        let (tp, cp) = self.transport();
         format!(
-            "INVITE {t} SIP/2.0\r\nVia: SIP/2.0/UDP {l};branch=z9hG4bK{b};rport\r\nMax-Forwards: 70\r\n\
-From: <{f}>;tag={tag}\r\nTo: <{t}>\r\nCall-ID: {cid}\r\nCSeq: {s} INVITE\r\nContact: <sip:{u}@{l}>\r\n{auth}\
+            "INVITE {t} SIP/2.0\r\nVia: SIP/2.0/{tp} {l};branch=z9hG4bK{b};rport\r\nMax-Forwards: 70\r\n\
+From: <{f}>;tag={tag}\r\nTo: <{t}>\r\nCall-ID: {cid}\r\nCSeq: {s} INVITE\r\nContact: <sip:{u}@{l}{cp}>\r\n{auth}\
 Content-Type: application/sdp\r\nContent-Length: {n}\r\n\r\n{o}",
             t = self.o.target,
             l = self.local,
@@ -198,8 +272,9 @@ Content-Type: application/sdp\r\nContent-Length: {n}\r\n\r\n{o}",
 
     /// ACK of a non-2xx final response: same branch, same CSeq number, the response's To.
     fn ack_non_2xx(&self, c: &Call, resp: &Message) -> String {
+        let (tp, _) = self.transport();
         format!(
-            "ACK {t} SIP/2.0\r\nVia: SIP/2.0/UDP {l};branch=z9hG4bK{b};rport\r\nMax-Forwards: 70\r\n\
+            "ACK {t} SIP/2.0\r\nVia: SIP/2.0/{tp} {l};branch=z9hG4bK{b};rport\r\nMax-Forwards: 70\r\n\
 From: <{f}>;tag={tag}\r\nTo: {to}\r\nCall-ID: {cid}\r\nCSeq: {s} ACK\r\nContent-Length: 0\r\n\r\n",
             t = self.o.target,
             l = self.local,
@@ -226,8 +301,9 @@ From: <{f}>;tag={tag}\r\nTo: {to}\r\nCall-ID: {cid}\r\nCSeq: {s} ACK\r\nContent-
             let rev: Vec<String> = rr.into_iter().rev().collect();
             format!("Route: {}\r\n", rev.join(", "))
         };
+        let (tp, _) = self.transport();
         format!(
-            "{method} {contact} SIP/2.0\r\nVia: SIP/2.0/UDP {l};branch=z9hG4bK{b};rport\r\nMax-Forwards: 70\r\n{route}\
+            "{method} {contact} SIP/2.0\r\nVia: SIP/2.0/{tp} {l};branch=z9hG4bK{b};rport\r\nMax-Forwards: 70\r\n{route}\
 From: <{f}>;tag={tag}\r\nTo: {to}\r\nCall-ID: {cid}\r\nCSeq: {cseq} {method}\r\nContent-Length: 0\r\n\r\n",
             l = self.local,
             b = token(),
@@ -240,13 +316,39 @@ From: <{f}>;tag={tag}\r\nTo: {to}\r\nCall-ID: {cid}\r\nCSeq: {cseq} {method}\r\n
 
     fn start(&mut self, now: Instant) {
         let call_id = format!("{}@load", token());
+        let from_tag = token();
+        let pskmth = if self.o.crossover.is_some() {
+            "xover"
+        } else {
+            "scram,none"
+        };
+        let (sdp, pubkey, prefix) = offer(&call_id, self.run, self.report.started, pskmth);
+        let auth = match &self.o.crossover {
+            Some(_) => Auth::Xover(
+                Facts {
+                    foreign_domain: target_host(&self.o.target),
+                    call_id: call_id.clone(),
+                    from_tag: from_tag.clone(),
+                    from_aor: self.o.from.clone(),
+                    channel_binding: self.channel_binding().unwrap_or_default(),
+                    offer_pubkey: pubkey.to_vec(),
+                    offer_prefix: prefix,
+                },
+                None,
+            ),
+            None => Auth::Scram(ScramClient::new(
+                &self.o.username,
+                self.o.password.as_bytes(),
+                self.channel_binding(),
+            )),
+        };
         let call = Call {
-            offer: offer(&call_id, self.run, self.report.started),
+            offer: sdp,
             call_id,
-            from_tag: token(),
+            from_tag,
             cseq: 1,
             branch: token(),
-            scram: ScramClient::new(&self.o.username, self.o.password.as_bytes(), None),
+            auth,
             stage: Stage::Offered,
             started: now,
         };
@@ -316,25 +418,40 @@ From: <{f}>;tag={tag}\r\nTo: {to}\r\nCall-ID: {cid}\r\nCSeq: {cseq} {method}\r\n
                 let challenge = header(resp, "Proxy-Authenticate")
                     .and_then(|v| SaslParams::parse(&v).ok())
                     .ok_or_else(|| format!("{stage_name}: 407 without a SASL challenge"))?;
-                let params = match c.stage {
-                    Stage::Offered => SaslParams {
+                let params = match (&c.stage, &mut c.auth) {
+                    (Stage::Offered, Auth::Scram(scram)) => SaslParams {
                         realm: challenge.realm.clone(),
-                        mech: Some(c.scram.mechanism().into()),
-                        c2s: Some(c.scram.client_first()),
+                        mech: Some(scram.mechanism().into()),
+                        c2s: Some(scram.client_first()),
                         ..SaslParams::default()
                     },
-                    _ => {
+                    (Stage::Offered, Auth::Xover(facts, client)) => {
+                        let (x, first) = self.xover_start(facts, &challenge)?;
+                        *client = Some(x);
+                        SaslParams {
+                            realm: challenge.realm.clone(),
+                            mech: Some(xover::MECHANISM.into()),
+                            c2s: Some(first),
+                            ..SaslParams::default()
+                        }
+                    }
+                    (_, auth) => {
                         let s2c = challenge
                             .s2c
-                            .ok_or_else(|| "client-first: 407 without server-first".to_owned())?;
-                        let cf = c
-                            .scram
-                            .client_final_cached(&s2c, &mut self.salted)
-                            .map_err(|e| format!("server-first: {e}"))?;
+                            .ok_or_else(|| "client-first: 407 without a server token".to_owned())?;
+                        let next = match auth {
+                            Auth::Scram(scram) => scram
+                                .client_final_cached(&s2c, &mut self.salted)
+                                .map_err(|e| format!("server-first: {e}"))?,
+                            Auth::Xover(_, Some(x)) => x
+                                .step(&s2c)
+                                .map_err(|e| format!("home-next: {}", e.label()))?,
+                            Auth::Xover(_, None) => return Err("client-first: not sent".into()),
+                        };
                         SaslParams {
                             realm: challenge.realm.clone(),
                             s2s: challenge.s2s,
-                            c2s: Some(cf),
+                            c2s: Some(next),
                             ..SaslParams::default()
                         }
                     }
@@ -352,10 +469,22 @@ From: <{f}>;tag={tag}\r\nTo: {to}\r\nCall-ID: {cid}\r\nCSeq: {cseq} {method}\r\n
             (Stage::Final, 200..=299) => {
                 let ack = self.in_dialog(c, resp, "ACK", c.cseq);
                 self.send(&ack);
-                let verified = header(resp, "Proxy-Authentication-Info")
+                let last = header(resp, "Proxy-Authentication-Info")
                     .and_then(|v| SaslParams::parse(&v).ok())
-                    .and_then(|p| p.s2c)
-                    .is_some_and(|sf| c.scram.verify_server_final(&sf).is_ok());
+                    .and_then(|p| p.s2c);
+                let verified = last.is_some_and(|sf| match &mut c.auth {
+                    Auth::Scram(scram) => scram.verify_server_final(&sf).is_ok(),
+                    // Mutual with the home: its final opens, SCRAM's server-final verifies,
+                    // and the statement names us and the domain we called.
+                    Auth::Xover(facts, Some(x)) => x.finish(&sf).is_ok_and(|ok| {
+                        self.o
+                            .crossover
+                            .as_ref()
+                            .is_some_and(|o| ok.identity == o.identity)
+                            && ok.released_to == facts.foreign_domain
+                    }),
+                    Auth::Xover(_, None) => false,
+                });
                 if !self.o.hold {
                     let bye = self.in_dialog(c, resp, "BYE", c.cseq + 1);
                     self.send(&bye);
@@ -382,6 +511,37 @@ From: <{f}>;tag={tag}\r\nTo: {to}\r\nCall-ID: {cid}\r\nCSeq: {cseq} {method}\r\n
         }
     }
 
+    /// The first crossover token, for a gateway that offers SXOVER-PLUS.
+    fn xover_start(
+        &self,
+        facts: &Facts,
+        challenge: &SaslParams,
+    ) -> Result<(XoverClient, Vec<u8>), String> {
+        let offered = challenge
+            .mech
+            .as_deref()
+            .unwrap_or("")
+            .split(' ')
+            .any(|m| m == xover::MECHANISM);
+        if !offered {
+            return Err("offer: the gateway does not offer SXOVER-PLUS".into());
+        }
+        let Some(o) = &self.o.crossover else {
+            return Err("offer: no home key".into());
+        };
+        #[allow(clippy::disallowed_methods)] // the caller's ephemeral key material
+        let ikm: [u8; 32] = rand::random();
+        XoverClient::start(
+            &o.home_key,
+            &o.identity,
+            self.o.password.as_bytes(),
+            facts.clone(),
+            ikm,
+            None,
+        )
+        .map_err(|e| format!("offer: {}", e.label()))
+    }
+
     fn expire(&mut self, now: Instant) {
         let timeout = self.o.timeout;
         let late: Vec<(String, bool)> = self
@@ -404,12 +564,26 @@ From: <{f}>;tag={tag}\r\nTo: {to}\r\nCall-ID: {cid}\r\nCSeq: {cseq} {method}\r\n
 
 /// Runs the load; returns the report (also printed when `progress` is set).
 pub fn run(o: &LoadOptions) -> anyhow::Result<LoadReport> {
-    let sock = UdpSocket::bind(o.local).with_context(|| format!("cannot bind {}", o.local))?;
-    let local = sock.local_addr()?;
-    sock.set_read_timeout(Some(Duration::from_millis(1)))?;
+    let (wire, local) = match &o.tls {
+        Some(t) => {
+            let ua = Ua::connect_tls(o.gateway, &t.ca, t.server_name.as_deref())?;
+            let local = ua.local;
+            (Wire::Tls(Box::new(ua)), local)
+        }
+        None if o.crossover.is_some() => {
+            anyhow::bail!("realm crossover needs TLS (the home checks the caller's channel)")
+        }
+        None => {
+            let sock =
+                UdpSocket::bind(o.local).with_context(|| format!("cannot bind {}", o.local))?;
+            sock.set_read_timeout(Some(Duration::from_millis(1)))?;
+            let local = sock.local_addr()?;
+            (Wire::Udp(sock), local)
+        }
+    };
     let mut r = Runner {
         o,
-        sock,
+        wire,
         local,
         calls: HashMap::new(),
         salted: SaltedCache::default(),
@@ -432,20 +606,26 @@ pub fn run(o: &LoadOptions) -> anyhow::Result<LoadReport> {
         if r.report.started >= o.count && r.calls.is_empty() {
             break;
         }
-        match r.sock.recv_from(&mut buf) {
-            Ok((n, _)) => {
-                if let Ok(m) = Message::parse(Bytes::copy_from_slice(&buf[..n]), &limits) {
-                    if !m.is_request() {
-                        r.on_response(m, Instant::now());
-                    }
+        let received = match &r.wire {
+            Wire::Udp(sock) => match sock.recv_from(&mut buf) {
+                Ok((n, _)) => Message::parse(Bytes::copy_from_slice(&buf[..n]), &limits).ok(),
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    None
                 }
-            }
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) => {}
-            Err(e) => return Err(e).context("receiving"),
+                Err(e) => return Err(e).context("receiving"),
+            },
+            Wire::Tls(ua) => ua
+                .recv(Duration::from_millis(1))
+                .context("receiving")?
+                .map(|(m, _)| m),
+        };
+        if let Some(m) = received.filter(|m| !m.is_request()) {
+            r.on_response(m, Instant::now());
         }
         let now = Instant::now();
         if now >= next_expiry {
@@ -467,4 +647,14 @@ pub fn run(o: &LoadOptions) -> anyhow::Result<LoadReport> {
     r.report.elapsed = t0.elapsed();
     r.report.latencies.sort();
     Ok(r.report)
+}
+
+/// The host of the target AOR (the foreign domain a crossover caller seals), lower case.
+fn target_host(target: &str) -> String {
+    let rest = target.split_once(':').map_or(target, |(_, r)| r);
+    let host = rest.rsplit_once('@').map_or(rest, |(_, h)| h);
+    host.split([':', ';', '>'])
+        .next()
+        .unwrap_or("")
+        .to_ascii_lowercase()
 }

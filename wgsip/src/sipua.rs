@@ -170,7 +170,8 @@ impl Ua {
     /// The next parsable message within `limit`.
     pub fn recv(&self, limit: Duration) -> anyhow::Result<Option<(Message, SocketAddr)>> {
         let deadline = Instant::now() + limit;
-        let mut buf = vec![0u8; 65535];
+        // On the stack: a load generator calls this thousands of times a second.
+        let mut buf = [0u8; 65535];
         if let Conn::Tls(stream, framer) = &mut *self.conn() {
             loop {
                 if let Some(gatehouse_sip::framer::Frame::Message(b)) = framer.next_frame()? {

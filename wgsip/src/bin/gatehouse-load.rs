@@ -9,16 +9,16 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
-use wgsip::load::{run, LoadOptions};
+use wgsip::load::{run, CrossoverCaller, LoadOptions, TlsTarget};
 
 #[derive(Parser)]
 #[command(
     name = "gatehouse-load",
     version,
-    about = "Complete SASL (SCRAM-SHA-256) tunnel set-ups through a Gatehouse gateway at a target rate"
+    about = "Complete SASL tunnel set-ups (SCRAM-SHA-256, -PLUS over TLS, or realm crossover) through a Gatehouse gateway at a target rate"
 )]
 struct Cli {
-    /// The gateway's UDP address.
+    /// The gateway's address (UDP; its TLS listener with --tls-ca).
     #[arg(long, default_value = "127.0.0.1:5060")]
     gateway: SocketAddr,
     /// Local address to send from.
@@ -55,6 +55,21 @@ struct Cli {
     /// Leave the tunnels up: no BYE after the ACK (to fill a gateway's table, or a cluster's).
     #[arg(long)]
     hold: bool,
+    /// Over one TLS connection (the gateway's TLS address in --gateway), verified against
+    /// this CA (PEM): SCRAM-SHA-256-PLUS bound to the connection.
+    #[arg(long)]
+    tls_ca: Option<std::path::PathBuf>,
+    /// The name the gateway's certificate must carry (default: its address).
+    #[arg(long, requires = "tls_ca")]
+    tls_server_name: Option<String>,
+    /// Realm crossover: the caller's home's public key (base64; `gatehouse xover-key` prints
+    /// it). The gateway does not know the caller: SXOVER-PLUS through it to the home. Needs
+    /// --tls-ca.
+    #[arg(long, requires_all = ["tls_ca", "identity"])]
+    home_key: Option<String>,
+    /// The caller's identity at its home, `user@realm` (with --home-key).
+    #[arg(long, requires = "home_key")]
+    identity: Option<String>,
 }
 
 fn main() -> ExitCode {
@@ -73,6 +88,24 @@ fn main() -> ExitCode {
             return ExitCode::from(64);
         }
     };
+    let crossover = match (&cli.home_key, &cli.identity) {
+        (Some(key), Some(identity)) => {
+            use base64::Engine;
+            let key = base64::engine::general_purpose::STANDARD
+                .decode(key.trim())
+                .ok()
+                .and_then(|k| <[u8; 32]>::try_from(k).ok());
+            let Some(home_key) = key else {
+                eprintln!("gatehouse-load: --home-key: base64 of a 32-byte key");
+                return ExitCode::from(64);
+            };
+            Some(CrossoverCaller {
+                home_key,
+                identity: identity.clone(),
+            })
+        }
+        _ => None,
+    };
     let opts = LoadOptions {
         gateway: cli.gateway,
         local: cli.local,
@@ -86,6 +119,11 @@ fn main() -> ExitCode {
         timeout: Duration::from_millis(cli.timeout_ms),
         progress: !cli.quiet,
         hold: cli.hold,
+        tls: cli.tls_ca.map(|ca| TlsTarget {
+            ca,
+            server_name: cli.tls_server_name,
+        }),
+        crossover,
     };
     match run(&opts) {
         Ok(report) => {
