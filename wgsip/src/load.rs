@@ -161,7 +161,7 @@ enum Auth {
     /// With the gateway itself.
     Scram(ScramClient),
     /// With its home, through the gateway: the facts it seals, then the exchange.
-    Xover(Facts, Option<XoverClient>),
+    Xover(Facts, Option<Box<XoverClient>>),
 }
 
 struct Call {
@@ -427,7 +427,7 @@ From: <{f}>;tag={tag}\r\nTo: {to}\r\nCall-ID: {cid}\r\nCSeq: {cseq} {method}\r\n
                     },
                     (Stage::Offered, Auth::Xover(facts, client)) => {
                         let (x, first) = self.xover_start(facts, &challenge)?;
-                        *client = Some(x);
+                        *client = Some(Box::new(x));
                         SaslParams {
                             realm: challenge.realm.clone(),
                             mech: Some(xover::MECHANISM.into()),
