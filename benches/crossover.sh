@@ -126,14 +126,15 @@ wait_udp 5091; wait_udp 5066; wait_udp 5070
 # home, and the load client's summary.
 measure() {
     local label=$1; shift
-    local o0 h0 o1 h1 ok
+    local o0 h0 o1 h1 ok failed
     o0=$(cpu_ticks "$org"); h0=$(cpu_ticks "$home")
     "$load" --gateway 127.0.0.1:5061 --tls-ca ca.pem --tls-server-name org.example \
         --rate "$rate" --count "$count" --concurrency 200 --quiet "$@" >load.log 2>&1 || true
     o1=$(cpu_ticks "$org"); h1=$(cpu_ticks "$home")
     ok=$(awk '/^set-ups:/ {print $4}' load.log)
-    python3 -c 'import sys; o0, o1, h0, h1, tck, ok = map(int, sys.argv[1:7]); n = max(ok, 1); print(f"{sys.argv[7]}: rate={sys.argv[8]} set-ups={sys.argv[9]} ok={ok} cpu_ms_per_setup org.example={(o1 - o0) * 1000 / tck / n:.3f} home={(h1 - h0) * 1000 / tck / n:.3f}")' \
-        "$o0" "$o1" "$h0" "$h1" "$tck" "${ok:-0}" "$label" "$rate" "$count"
+    failed=$(awk '/^set-ups:/ {print $6}' load.log)
+    python3 -c 'import sys; o0, o1, h0, h1, tck, ok = map(int, sys.argv[1:7]); n = max(ok, 1); print(f"{sys.argv[7]}: rate={sys.argv[8]} set-ups={sys.argv[9]} ok={ok} failed={sys.argv[10]} cpu_ms_per_setup org.example={(o1 - o0) * 1000 / tck / n:.3f} home={(h1 - h0) * 1000 / tck / n:.3f}")' \
+        "$o0" "$o1" "$h0" "$h1" "$tck" "${ok:-0}" "$label" "$rate" "$count" "${failed:-?}"
     sed 's/^/  /' load.log
 }
 

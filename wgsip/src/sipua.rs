@@ -95,6 +95,8 @@ impl Ua {
         let conn = rustls::ClientConnection::new(Arc::new(config), name)?;
         let tcp = TcpStream::connect_timeout(&gateway, Duration::from_secs(10))
             .with_context(|| format!("cannot reach {gateway}"))?;
+        // SIP messages are small and each waits for an answer: no Nagle delay.
+        tcp.set_nodelay(true)?;
         let local = tcp.local_addr()?;
         let mut stream = rustls::StreamOwned::new(conn, tcp);
         while stream.conn.is_handshaking() {
