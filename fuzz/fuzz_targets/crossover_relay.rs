@@ -7,10 +7,11 @@ use gatehouse::crossover::wire;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    if let Ok(facts) = wire::parse_facts(data) {
+    if let Ok((facts, client)) = wire::parse_facts(data) {
         assert!(facts.check().is_ok());
-        let again = wire::parse_facts(wire::facts_json(&facts).as_bytes()).expect("round trip");
-        assert_eq!(again, facts);
+        let again =
+            wire::parse_facts(wire::facts_json(&facts, client).as_bytes()).expect("round trip");
+        assert_eq!(again, (facts, client));
     }
     if let Ok(st) = wire::parse_statement(data) {
         assert!(st.identity.len() <= 512 && st.released_to.len() <= 253);

@@ -2,7 +2,7 @@
 //! receive parsed messages with a time limit, and the TLS exporter for -PLUS.
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream, UdpSocket};
+use std::net::{IpAddr, SocketAddr, TcpStream, UdpSocket};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -48,8 +48,25 @@ impl SipClient {
     }
 
     pub fn tls(gw: SocketAddr, ca: CertificateDer<'static>) -> SipClient {
+        SipClient::tls_over(TcpStream::connect(gw).unwrap(), ca)
+    }
+
+    /// A TLS client whose connection comes from `local_ip` (another loopback address: another
+    /// subscriber).
+    pub fn tls_from(gw: SocketAddr, ca: CertificateDer<'static>, local_ip: IpAddr) -> SipClient {
+        let sock = socket2::Socket::new(
+            socket2::Domain::for_address(gw),
+            socket2::Type::STREAM,
+            None,
+        )
+        .unwrap();
+        sock.bind(&SocketAddr::new(local_ip, 0).into()).unwrap();
+        sock.connect(&gw.into()).unwrap();
+        SipClient::tls_over(sock.into(), ca)
+    }
+
+    fn tls_over(tcp: TcpStream, ca: CertificateDer<'static>) -> SipClient {
         let conn = tls_connection(ca);
-        let tcp = TcpStream::connect(gw).unwrap();
         tcp.set_read_timeout(Some(WAIT)).unwrap();
         let local = tcp.local_addr().unwrap();
         let mut stream = rustls::StreamOwned::new(conn, tcp);

@@ -499,6 +499,47 @@ fn a_wrong_password_is_refused_and_the_home_locks_the_user() {
     assert_eq!(f.home_outcome("locked"), 1);
 }
 
+/// Someone guessing bob's password through org.example's gateway, from another address,
+/// locks bob out at his home only for that address: the home counts the caller org.example
+/// reports (`client`), not org.example's gateway, which every caller it relays shares.
+#[test]
+fn a_guesser_through_the_foreign_gateway_does_not_lock_the_user_out_everywhere() {
+    let f = federation(Variant::default());
+    let guesser = |n: u32| Caller {
+        client: SipClient::tls_from(
+            f.org.addr(Transport::Tls),
+            f.pki.ca_der.clone(),
+            "127.0.0.2".parse().unwrap(),
+        ),
+        call_id: format!("xover-guess-{n}@test"),
+        from_tag: "g1".into(),
+        cseq: 0,
+    };
+    for n in 0..3 {
+        let (r, _) = call(&f, &mut guesser(n), b"guess");
+        assert_eq!(r.status(), Some(403), "{r:?}");
+    }
+    // The guesser is locked out at the home: even its first round is refused now.
+    let mut c = guesser(3);
+    let (_, token) = XoverClient::start(
+        &f.home_public,
+        "bob@partner.example",
+        b"guess",
+        c.facts(),
+        rand_ikm(),
+        None,
+    )
+    .unwrap();
+    assert_eq!(first_round(&mut c, token).status(), Some(403));
+    assert_eq!(f.home_outcome("locked"), 1);
+    // bob, from his own address, is not.
+    let mut c = Caller::connect(&f, "xover-bob-after-guesses@test");
+    let (r, mut x) = call(&f, &mut c, b"bob-secret");
+    assert_eq!(r.status(), Some(200), "{r:?}");
+    let info = SaslParams::parse(&header(&r, "Proxy-Authentication-Info").unwrap()).unwrap();
+    x.finish(&info.s2c.unwrap()).expect("home-final verifies");
+}
+
 /// The first round only: what the foreign gateway answers to bob's client-first.
 fn first_answer(f: &Federation, call_id: &str) -> Message {
     let mut c = Caller::connect(f, call_id);

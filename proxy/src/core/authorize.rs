@@ -300,6 +300,7 @@ impl Proxy {
             from_aor: &addr_spec(msg, HeaderName::From),
             channel: &channel,
             conn,
+            source: flow.remote.ip(),
             request_uri: &msg.request_uri().unwrap_or_default(),
             identity: auth,
         };

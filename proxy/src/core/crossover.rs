@@ -42,6 +42,9 @@ pub struct Question {
     pub params: SaslParams,
     /// The facts as this gateway sees them (the body of the relay).
     pub facts: Facts,
+    /// The caller's address as this gateway sees it (the subscriber its own limits count): the
+    /// home counts its lockout against the caller, not against this gateway.
+    pub client: std::net::IpAddr,
     /// When the answer is no longer wanted.
     pub deadline: Instant,
 }
@@ -295,6 +298,7 @@ impl Crossover {
             realm: realm.clone(),
             params: home_params,
             facts: parked.facts.clone(),
+            client: parked.source,
             deadline,
         });
         self.deadlines.push_back((deadline, id));

@@ -23,6 +23,7 @@
 //! scan). The map is a `DashMap`: the home service's reads never wait for the SIP loop.
 
 use std::collections::{HashMap, VecDeque};
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -56,6 +57,8 @@ struct Outward {
     /// logged).
     channel: Vec<u8>,
     conn: ConnId,
+    /// The caller's address (what our home's lockout counts for it).
+    source: IpAddr,
     request_uri: String,
     identity: Authenticated,
     resumes: u8,
@@ -70,8 +73,9 @@ pub struct OutwardCalls {
 
 impl OutwardCalls {
     /// The channel binding the home expects for an exchange relayed by one of `domains`
-    /// about (`call_id`, `from_tag`, `from_aor`): the caller's channel with this gateway, when
-    /// this gateway sent that call to that domain less than [`TTL`] ago.
+    /// about (`call_id`, `from_tag`, `from_aor`) — the caller's channel with this gateway —
+    /// and the caller's address, when this gateway sent that call to that domain less than
+    /// [`TTL`] ago.
     pub fn channel_for(
         &self,
         call_id: &str,
@@ -79,12 +83,12 @@ impl OutwardCalls {
         from_aor: &str,
         domains: &[String],
         now: Instant,
-    ) -> Option<Vec<u8>> {
+    ) -> Option<(Vec<u8>, IpAddr)> {
         let key: CallKey = (call_id.into(), from_tag.into());
         let call = self.calls.get(&key)?;
         let relayed_by_its_domain = domains.iter().any(|d| d.eq_ignore_ascii_case(&call.domain));
         (now < call.expires && relayed_by_its_domain && call.from_aor == from_aor)
-            .then(|| call.channel.clone())
+            .then(|| (call.channel.clone(), call.source))
     }
 
     /// Calls remembered.
@@ -106,6 +110,7 @@ pub struct NewOutward<'a> {
     pub from_aor: &'a str,
     pub channel: &'a [u8],
     pub conn: ConnId,
+    pub source: IpAddr,
     pub request_uri: &'a str,
     pub identity: &'a Authenticated,
 }
@@ -148,6 +153,7 @@ impl Outbound {
                 from_aor: call.from_aor.to_owned(),
                 channel: call.channel.to_vec(),
                 conn: call.conn,
+                source: call.source,
                 request_uri: call.request_uri.to_owned(),
                 identity: call.identity.resumed(),
                 resumes: 0,

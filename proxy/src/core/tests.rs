@@ -2500,7 +2500,7 @@ targets = [\"*@far.example\"]\npskmth = [\"scram\", \"xover\"]\nrequire_psk = tr
                 &domains("far.example"),
                 h.now
             ),
-            Some(vec![7; 32])
+            Some((vec![7; 32], "198.51.100.7".parse().unwrap()))
         );
         assert_eq!(
             calls.channel_for(

@@ -6,8 +6,11 @@
 //! are who is asking. Then, per request: the domain must be allowed
 //! (`foreign_domains`), under its rate (`rate_per_domain`, token bucket, burst 4x); the
 //! HTTP-SASL round runs in the sans-IO [`XoverHome`] (SCRAM with the store's verifiers, the
-//! same lockout settings as SIP, per user and relaying source); every key released is logged
-//! (foreign domain, user, a hash of the Call-ID) and counted. No lock is held across an await.
+//! same lockout settings as SIP, per user and per caller — the `client` address the relaying
+//! gateway reports, or for our own callers going out (federation) the address our gateway saw
+//! them at, never the relaying gateway's own address, which all of its callers share); every key
+//! released is logged (foreign domain, user, a hash of the Call-ID) and counted. No lock is held
+//! across an await.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -258,17 +261,22 @@ impl HomeService {
             self.count("malformed");
             return plain(StatusCode::BAD_REQUEST, "SASL Authorization expected");
         };
-        let mut facts = match wire::parse_facts(body) {
+        let (mut facts, reported) = match wire::parse_facts(body) {
             Ok(f) => f,
             Err(why) => {
                 self.count("malformed");
                 return plain(StatusCode::BAD_REQUEST, why);
             }
         };
+        // Whom the lockout counts: the caller as the relaying gateway saw it, not the gateway
+        // (all of a partner's callers share its address: counting that would let anyone
+        // guessing through the partner lock every caller relayed by it out).
+        let mut client = reported.unwrap_or(source);
         // Federation: our own caller, whose call our gateway sent to the relaying domain,
         // bound its exchange to its channel with us; the relaying gateway's connection is with
-        // our gateway, not with the caller. Only for such a call is that binding expected.
-        if let Some(channel) = self.outward.channel_for(
+        // our gateway, not with the caller. Only for such a call is that binding expected, and
+        // its caller's address is the one our gateway saw.
+        if let Some((channel, caller)) = self.outward.channel_for(
             &facts.call_id,
             &facts.from_tag,
             &facts.from_aor,
@@ -276,6 +284,7 @@ impl HomeService {
             now,
         ) {
             facts.channel_binding = channel;
+            client = caller;
         }
         let credentials = match self.credentials.lock() {
             Ok(c) => Arc::clone(&c),
@@ -290,19 +299,22 @@ impl HomeService {
             let (Ok(mut lockout), Ok(mut home)) = (self.lockout.lock(), self.home.lock()) else {
                 return plain(StatusCode::INTERNAL_SERVER_ERROR, "");
             };
-            let locked = |u: &str| lockout.user_locked(u, source, false, now).is_some();
+            let locked = |u: &str| {
+                lockout.source_locked(client, now).is_some()
+                    || lockout.user_locked(u, client, false, now).is_some()
+            };
             let outcome = home.step(&params, &relayed, credentials.as_ref(), &locked, now);
             match &outcome {
                 Ok(HomeOutcome::Success { identity, .. }) => {
                     let user = identity
                         .rsplit_once('@')
                         .map_or(identity.as_str(), |(u, _)| u);
-                    lockout.success(user, source, now);
+                    lockout.success(user, client, now);
                 }
                 Err(HomeFailure {
                     user,
                     reason: HomeReason::Auth(_) | HomeReason::Xover(_),
-                }) => lockout.failure(user.as_deref(), source, now),
+                }) => lockout.failure(user.as_deref(), client, now),
                 Ok(HomeOutcome::Challenge { .. }) | Err(_) => {}
             }
             outcome
@@ -338,6 +350,7 @@ impl HomeService {
                     identity = %identity,
                     call_id_hash = %hex8(&call_hash),
                     %source,
+                    %client,
                     "crossover: tunnel key released"
                 );
                 // RFC 7615's form: auth-params, no scheme (http-sasl.md).
@@ -361,7 +374,7 @@ impl HomeService {
             }
             Err(f) => {
                 self.count(f.reason.label());
-                tracing::info!(reason = f.reason.label(), %source, ?domains, "crossover round refused");
+                tracing::info!(reason = f.reason.label(), %source, %client, ?domains, "crossover round refused");
                 match f.reason {
                     HomeReason::Malformed(why) => plain(StatusCode::BAD_REQUEST, why),
                     HomeReason::Internal => plain(StatusCode::INTERNAL_SERVER_ERROR, ""),

@@ -178,7 +178,10 @@ impl Relay {
             .header("Host", q.realm.as_str())
             .header("Authorization", q.params.emit())
             .header("Content-Type", "application/json")
-            .body(Full::new(Bytes::from(wire::facts_json(&q.facts))))
+            .body(Full::new(Bytes::from(wire::facts_json(
+                &q.facts,
+                Some(q.client),
+            ))))
             .map_err(|_| Failure::Protocol("request"))?;
         let response = sender
             .send_request(request)

@@ -3,6 +3,8 @@
 //! each field as in the tokens), unknown members are ignored, a missing or mistyped one is
 //! an error. The `key` of a statement is a secret: it is never logged.
 
+use std::net::IpAddr;
+
 use base64::Engine;
 use gatehouse_auth::xover::Facts;
 use gatehouse_auth::Secret;
@@ -15,25 +17,30 @@ fn b64() -> base64::engine::GeneralPurpose {
 }
 
 /// The facts as a JSON object (the foreign domain is not in it: the home takes it from the
-/// relaying gateway's certificate).
-pub fn facts_json(f: &Facts) -> String {
-    serde_json::json!({
+/// relaying gateway's certificate), with the caller's address as the relaying gateway sees it
+/// (`client`: what the home's lockout counts, instead of the relaying gateway's own address).
+pub fn facts_json(f: &Facts, client: Option<IpAddr>) -> String {
+    let mut v = serde_json::json!({
         "call_id": f.call_id,
         "from_tag": f.from_tag,
         "from": f.from_aor,
         "cb": b64().encode(&f.channel_binding),
         "pubkey": b64().encode(&f.offer_pubkey),
         "prefix": f.offer_prefix,
-    })
-    .to_string()
+    });
+    if let (Some(ip), Some(o)) = (client, v.as_object_mut()) {
+        o.insert("client".into(), serde_json::Value::String(ip.to_string()));
+    }
+    v.to_string()
 }
 
 fn text<'a>(v: &'a serde_json::Value, name: &'static str) -> Result<&'a str, &'static str> {
     v.get(name).and_then(|x| x.as_str()).ok_or(name)
 }
 
-/// Reads the facts a foreign gateway reported (foreign domain left empty).
-pub fn parse_facts(body: &[u8]) -> Result<Facts, &'static str> {
+/// Reads the facts a foreign gateway reported (foreign domain left empty) and the caller's
+/// address it reported, if any (`client`; not an IP address: an error).
+pub fn parse_facts(body: &[u8]) -> Result<(Facts, Option<IpAddr>), &'static str> {
     if body.len() > BODY_MAX {
         return Err("body too long");
     }
@@ -51,7 +58,15 @@ pub fn parse_facts(body: &[u8]) -> Result<Facts, &'static str> {
         offer_prefix: text(&v, "prefix")?.to_owned(),
     };
     facts.check().map_err(|_| "a fact is too long")?;
-    Ok(facts)
+    let client = match v.get("client") {
+        None => None,
+        Some(c) => Some(
+            c.as_str()
+                .and_then(|c| c.parse::<IpAddr>().ok())
+                .ok_or("client")?,
+        ),
+    };
+    Ok((facts, client))
 }
 
 /// The home's success statement.
@@ -109,9 +124,16 @@ mod tests {
     #[test]
     fn facts_and_statements_round_trip_and_bad_ones_are_named() {
         assert_eq!(
-            parse_facts(facts_json(&facts()).as_bytes()).unwrap(),
-            facts()
+            parse_facts(facts_json(&facts(), None).as_bytes()).unwrap(),
+            (facts(), None)
         );
+        let client: IpAddr = "2001:db8::7".parse().unwrap();
+        assert_eq!(
+            parse_facts(facts_json(&facts(), Some(client)).as_bytes()).unwrap(),
+            (facts(), Some(client))
+        );
+        let bad = facts_json(&facts(), None).replacen('{', "{\"client\":\"nowhere\",", 1);
+        assert_eq!(parse_facts(bad.as_bytes()).unwrap_err(), "client");
         let s = parse_statement(
             statement_json("bob@partner.example", "org.example", &[9; 32]).as_bytes(),
         )
@@ -122,10 +144,13 @@ mod tests {
         );
         assert_eq!(parse_facts(b"[]").unwrap_err(), "not an object");
         assert_eq!(parse_facts(b"{\"call_id\":1}").unwrap_err(), "call_id");
-        let long = facts_json(&Facts {
-            call_id: "x".repeat(2000),
-            ..facts()
-        });
+        let long = facts_json(
+            &Facts {
+                call_id: "x".repeat(2000),
+                ..facts()
+            },
+            None,
+        );
         assert_eq!(
             parse_facts(long.as_bytes()).unwrap_err(),
             "a fact is too long"
