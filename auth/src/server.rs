@@ -133,12 +133,15 @@ impl std::fmt::Debug for ServerSettings {
 }
 
 /// TLS facts of the connection a request came on.
-#[derive(Clone)]
+#[derive(Clone, Default)]
 pub struct TlsInfo {
     /// RFC 9266 tls-exporter channel-binding data (32 bytes).
     pub exporter: Vec<u8>,
     /// Identity of a verified client certificate, for EXTERNAL.
     pub peer_identity: Option<String>,
+    /// The domains a verified client certificate names (DNS or `sip:` URI SANs, no
+    /// wildcards): the peer is a gateway of these domains (RFC 5922).
+    pub peer_domains: Vec<String>,
 }
 
 impl std::fmt::Debug for TlsInfo {

@@ -54,6 +54,7 @@ fuzz_target!(|input: Input| {
     let tls = TlsInfo {
         exporter: vec![9; 32],
         peer_identity: Some("alice".into()),
+        ..Default::default()
     };
     let ex = Exchange {
         call_id: "c",

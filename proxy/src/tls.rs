@@ -84,7 +84,8 @@ impl TlsContext {
             None => builder.with_no_client_auth(),
             Some(ca) => {
                 // Client certificates are optional (SCRAM callers have none) but, when
-                // presented, verified: their identity is what EXTERNAL authenticates.
+                // presented, verified: their identity is what EXTERNAL authenticates, and
+                // their domains name a peer gateway (a federated partner's).
                 let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
                     Arc::new(roots_from_pem_file(ca)?),
                     provider(),
@@ -96,12 +97,20 @@ impl TlsContext {
             }
         };
         let server = builder
-            .with_single_cert(certs, key)
+            .with_single_cert(certs.clone(), key.clone_key())
             .map_err(|e| invalid(format!("TLS certificate/key: {e}")))?;
         let connector = match &files.ca {
             None => None,
             Some(ca) => {
-                let client = client_config(roots_from_pem_file(ca)?)?;
+                // Outbound, the gateway presents its own certificate: a partner's gateway that
+                // asks for client certificates learns it is talking to our domain's gateway
+                // (federation: our callers' crossover failures then count at their home only).
+                let client = rustls::ClientConfig::builder_with_provider(provider())
+                    .with_safe_default_protocol_versions()
+                    .map_err(|e| invalid(e.to_string()))?
+                    .with_root_certificates(roots_from_pem_file(ca)?)
+                    .with_client_auth_cert(certs, key)
+                    .map_err(|e| invalid(format!("TLS certificate/key: {e}")))?;
                 Some(TlsConnector::from(Arc::new(client)))
             }
         };
@@ -136,12 +145,13 @@ pub fn channel_binding(conn: &rustls::ServerConnection) -> gatehouse_auth::TlsIn
     {
         exporter.clear();
     }
+    let peer = conn.peer_certificates().and_then(|c| c.first());
     gatehouse_auth::TlsInfo {
         exporter,
-        peer_identity: conn
-            .peer_certificates()
-            .and_then(|c| c.first())
-            .and_then(|c| certificate_identity(c)),
+        peer_identity: peer.and_then(|c| certificate_identity(c)),
+        peer_domains: peer
+            .map(crate::crossover::certificate_domains)
+            .unwrap_or_default(),
     }
 }
 

@@ -40,6 +40,12 @@ pub struct Outward {
 /// `policy_callers`: who org.example lets open tunnels to partner.example.
 /// `partner_cert`: the names in the certificate partner.example's SIP listener presents.
 fn outward(policy_callers: &str, partner_cert: &[&str]) -> Outward {
+    outward_with(policy_callers, partner_cert, true)
+}
+
+/// `peer_certificates`: partner.example asks SIP peers for client certificates (`[tls]
+/// client_ca`), so it knows org.example's gateway when it sees it.
+fn outward_with(policy_callers: &str, partner_cert: &[&str], peer_certificates: bool) -> Outward {
     let dir = TempDir::new("federation");
     let d = dir.path();
     let pki = Pki::new();
@@ -70,8 +76,8 @@ prefixes = [\"2001:db8:789::/48\"]\n",
         "[sip]\ndomains = [\"partner.example\"]\nshutdown_grace_ms = 200\n\
 [[listen]]\ntransport = \"udp\"\naddress = \"127.0.0.1:0\"\n\
 [[listen]]\ntransport = \"tls\"\naddress = \"127.0.0.1:0\"\n\
-[tls]\ncertificate = \"{d}/partner.pem\"\nprivate_key = \"{d}/partner.key\"\n\
-[auth]\nstore = \"{s}\"\n\
+[tls]\ncertificate = \"{d}/partner.pem\"\nprivate_key = \"{d}/partner.key\"\n{client_ca}\
+[auth]\nstore = \"{s}\"\nfailures_before_lockout = 3\n\
 [tunnels]\npolicy = \"{d}/partner-policy.toml\"\ninternal_networks = [\"127.0.0.0/8\"]\n\
 [crossover]\nenabled = true\ncertificate = \"{d}/partner-client.pem\"\nprivate_key = \"{d}/partner-client.key\"\n\
 trusted_cas = \"{d}/ca.pem\"\nallow_private = true\ndeadline_ms = 3000\n\
@@ -81,6 +87,11 @@ trusted_cas = \"{d}/ca.pem\"\nallow_private = true\ndeadline_ms = 3000\n\
         d = d.display(),
         s = partner_store.display(),
         uas = uas.addr,
+        client_ca = if peer_certificates {
+            format!("client_ca = \"{}/ca.pem\"\n", d.display())
+        } else {
+            String::new()
+        },
     ));
     let partner_port = partner.addr(Transport::Tls).port();
     let (dns, dns_addr) = dnsmasq(d, &["--host-record=partner.example,127.0.0.1".to_owned()]);
@@ -88,16 +99,19 @@ trusted_cas = \"{d}/ca.pem\"\nallow_private = true\ndeadline_ms = 3000\n\
     // org.example: alice's gateway and home. partner.example is located through DNS and must
     // present a certificate for that domain.
     let org_store = d.join("org.sqlite");
-    Store::open(&org_store)
-        .unwrap()
-        .add_user(
-            "alice",
-            b"alice-secret",
-            &["sip:alice@org.example".into()],
-            None,
-            4096,
-        )
-        .unwrap();
+    let mut users = Store::open(&org_store).unwrap();
+    for user in ["alice", "carol"] {
+        users
+            .add_user(
+                user,
+                format!("{user}-secret").as_bytes(),
+                &[format!("sip:{user}@org.example")],
+                None,
+                4096,
+            )
+            .unwrap();
+    }
+    drop(users);
     std::fs::write(
         d.join("org-policy.toml"),
         format!(
@@ -135,6 +149,8 @@ targets = [\"*@partner.example\"]\npskmth = [\"xover\"]\nrequire_psk = true\npre
 
 /// alice: a TLS connection to her own gateway and one call's identifiers.
 struct Alice {
+    /// The caller's username (its AOR is `sip:USER@org.example`).
+    user: String,
     client: SipClient,
     call_id: String,
     cseq: u32,
@@ -142,7 +158,12 @@ struct Alice {
 
 impl Alice {
     fn connect(o: &Outward, call_id: &str) -> Alice {
+        Alice::as_user(o, "alice", call_id)
+    }
+
+    fn as_user(o: &Outward, user: &str, call_id: &str) -> Alice {
         Alice {
+            user: user.to_owned(),
             client: SipClient::tls(o.org.addr(Transport::Tls), o.pki.ca_der.clone()),
             call_id: call_id.to_owned(),
             cseq: 0,
@@ -156,7 +177,7 @@ impl Alice {
             foreign_domain: "partner.example".into(),
             call_id: self.call_id.clone(),
             from_tag: "alice1".into(),
-            from_aor: "sip:alice@org.example".into(),
+            from_aor: format!("sip:{}@org.example", self.user),
             channel_binding: self.client.exporter().unwrap(),
             offer_pubkey: b64().decode(OFFER_KEY).unwrap(),
             offer_prefix: OFFER_PREFIX.into(),
@@ -175,9 +196,10 @@ a=fmtp:vnd.wireguard pubkey={OFFER_KEY};prefix={OFFER_PREFIX};pskmth=xover\r\n"
         );
         let msg = format!(
             "INVITE sip:vpn@partner.example SIP/2.0\r\nVia: SIP/2.0/TLS {l};branch=z9hG4bKa{c}{s};rport\r\nMax-Forwards: 70\r\n\
-From: <sip:alice@org.example>;tag=alice1\r\nTo: <sip:vpn@partner.example>\r\nCall-ID: {c}\r\nCSeq: {s} INVITE\r\n\
-Contact: <sip:alice@{l};transport=tls>\r\n{auth}Content-Type: application/sdp\r\nContent-Length: {n}\r\n\r\n{body}",
+From: <sip:{u}@org.example>;tag=alice1\r\nTo: <sip:vpn@partner.example>\r\nCall-ID: {c}\r\nCSeq: {s} INVITE\r\n\
+Contact: <sip:{u}@{l};transport=tls>\r\n{auth}Content-Type: application/sdp\r\nContent-Length: {n}\r\n\r\n{body}",
             l = self.client.local,
+            u = self.user,
             c = self.call_id,
             s = self.cseq,
             n = body.len(),
@@ -219,7 +241,7 @@ Content-Length: 0\r\n\r\n",
     /// SCRAM-SHA-256-PLUS with her own gateway: the response to the third round (the partner's
     /// answer, relayed) and the verified transcript.
     fn authenticate_here(&mut self, password: &[u8]) -> Message {
-        let mut scram = ScramClient::new("alice", password, self.client.exporter());
+        let mut scram = ScramClient::new(&self.user, password, self.client.exporter());
         let r = self.invite(None);
         assert_eq!(r.status(), Some(407), "{r:?}");
         assert_eq!(challenge(&r).realm.as_deref(), Some("org.example"));
@@ -257,6 +279,18 @@ fn crossover_with_home(
     a: &mut Alice,
     partner_407: &Message,
 ) -> (Message, XoverClient) {
+    let password = format!("{}-secret", a.user);
+    crossover_with_password(o, a, partner_407, password.as_bytes())
+}
+
+/// [`crossover_with_home`] with `password` sealed to the home (the caller's SCRAM with its
+/// own gateway already done).
+fn crossover_with_password(
+    o: &Outward,
+    a: &mut Alice,
+    partner_407: &Message,
+    password: &[u8],
+) -> (Message, XoverClient) {
     let offered = challenge(partner_407);
     assert_eq!(offered.realm.as_deref(), Some("partner.example"));
     assert!(
@@ -269,8 +303,8 @@ fn crossover_with_home(
     );
     let (mut x, token) = XoverClient::start(
         &o.org_home_public,
-        "alice@org.example",
-        b"alice-secret",
+        &format!("{}@org.example", a.user),
+        password,
         a.facts(),
         rand_ikm(),
         None,
@@ -436,4 +470,61 @@ fn an_outward_exchange_replayed_on_another_channel_is_refused_by_the_home() {
     // The home's refusal: the facts it saw (her channel with us) are not the sealed ones.
     assert_eq!(counter(o.org.metrics.unwrap(), "home", "facts"), 1);
     assert_eq!(counter_now(o.org.metrics.unwrap(), "home", "released"), 0);
+}
+
+/// One federated user's wrong passwords (sealed to our home) must not lock every caller of
+/// org.example out at partner.example, whose gateway sees them all come from one source, ours:
+/// partner.example asks SIP peers for certificates (`[tls] client_ca`), recognises org.example's
+/// gateway by the one it presents outbound, and leaves the lockout of org.example's users to
+/// their home. Without the certificates, the same mistakes lock the realm out at that source.
+#[test]
+fn one_users_mistakes_do_not_lock_the_whole_organisation_out_at_a_partner() {
+    if !crate::harness::tool("dnsmasq") {
+        return;
+    }
+    for peer_certificates in [true, false] {
+        let o = outward_with(
+            "[\"*@org.example\"]",
+            &["partner.example"],
+            peer_certificates,
+        );
+        // carol authenticates here, then seals a wrong password for her home: three times.
+        for n in 0..3 {
+            let mut carol = Alice::as_user(&o, "carol", &format!("federation-carol-{n}@test"));
+            let partner_407 = carol.authenticate_here(b"carol-secret");
+            assert_eq!(partner_407.status(), Some(407), "{partner_407:?}");
+            let (r, _) = crossover_with_password(&o, &mut carol, &partner_407, b"not-carols");
+            assert_eq!(r.status(), Some(403), "{r:?}");
+        }
+        // alice, right afterwards, from the same gateway.
+        let mut a = Alice::connect(&o, "federation-alice-after-carol@test");
+        let partner_407 = a.authenticate_here(b"alice-secret");
+        assert_eq!(partner_407.status(), Some(407), "{partner_407:?}");
+        let first = {
+            let (_, token) = XoverClient::start(
+                &o.org_home_public,
+                "alice@org.example",
+                b"alice-secret",
+                a.facts(),
+                rand_ikm(),
+                None,
+            )
+            .unwrap();
+            a.invite(Some(&SaslParams {
+                realm: Some("partner.example".into()),
+                mech: Some(MECHANISM.into()),
+                c2s: Some(token),
+                ..SaslParams::default()
+            }))
+        };
+        if peer_certificates {
+            assert_eq!(first.status(), Some(407), "relayed to her home: {first:?}");
+        } else {
+            assert_eq!(
+                first.status(),
+                Some(403),
+                "the realm is locked at our source"
+            );
+        }
+    }
 }

@@ -183,6 +183,7 @@ fn tls(exporter: u8) -> TlsInfo {
     TlsInfo {
         exporter: vec![exporter; 32],
         peer_identity: None,
+        ..Default::default()
     }
 }
 
@@ -490,6 +491,7 @@ fn plain_and_external() {
     let cert = TlsInfo {
         exporter: vec![1; 32],
         peer_identity: Some("alice".into()),
+        ..Default::default()
     };
     let ext = SaslParams {
         mech: Some("EXTERNAL".into()),

@@ -188,15 +188,36 @@ impl SaslGate {
         locked
     }
 
-    /// A crossover outcome, counted like a local one under the realm's name.
-    pub fn crossover_outcome(&mut self, realm: &str, source: IpAddr, success: bool, now: Instant) {
+    /// A crossover outcome, counted like a local one under the realm's name — except in the
+    /// lockout when the request came from the realm's own gateway (see
+    /// [`SaslGate::from_realms_gateway`]).
+    pub fn crossover_outcome(
+        &mut self,
+        realm: &str,
+        source: IpAddr,
+        conn: Option<ConnId>,
+        success: bool,
+        now: Instant,
+    ) {
         let key = Self::realm_key(realm);
-        if success {
-            self.lockout.success(&key, source, now);
-        } else {
-            self.lockout.failure(Some(&key), source, now);
+        if !self.from_realms_gateway(conn, realm) {
+            if success {
+                self.lockout.success(&key, source, now);
+            } else {
+                self.lockout.failure(Some(&key), source, now);
+            }
         }
         self.record(Some(&key), source, success);
+    }
+
+    /// Whether `conn` is a TLS connection from a gateway of `realm` itself (its verified
+    /// client certificate names the realm: `[tls] client_ca`). Federation: every caller of that
+    /// realm comes through its gateway, one source here; the realm's home locks its users out
+    /// per user and caller, so this gateway's lockout of (realm, source) would only lock the
+    /// whole realm out on one user's mistakes.
+    pub fn from_realms_gateway(&self, conn: Option<ConnId>, realm: &str) -> bool {
+        self.tls_of(conn)
+            .is_some_and(|t| t.peer_domains.iter().any(|d| d.eq_ignore_ascii_case(realm)))
     }
 
     /// The credentials header of this gateway's realm, if any (index and parameters); a

@@ -438,7 +438,10 @@ impl Proxy {
             }
             return Err(Reject::AuthFailed);
         }
-        if realm.is_some_and(|r| self.gate.crossover_locked(&r, source, now)) {
+        if realm.is_some_and(|r| {
+            !self.gate.from_realms_gateway(flow.conn, &r)
+                && self.gate.crossover_locked(&r, source, now)
+        }) {
             return Err(Reject::AuthFailed);
         }
         msg.remove(idx);
@@ -596,7 +599,8 @@ impl Proxy {
                     }
                 };
                 self.count_crossover("success");
-                self.gate.crossover_outcome(&p.realm, p.source, true, now);
+                self.gate
+                    .crossover_outcome(&p.realm, p.source, p.flow.conn, true, now);
                 tracing::info!(identity = %identity, realm = %p.realm, source = %p.source, "authenticated by its home (crossover)");
                 let info = SaslParams {
                     realm: Some(realm_own),
@@ -632,7 +636,8 @@ impl Proxy {
             }
             Answer::Refused => {
                 self.count_crossover("refused");
-                self.gate.crossover_outcome(&p.realm, p.source, false, now);
+                self.gate
+                    .crossover_outcome(&p.realm, p.source, p.flow.conn, false, now);
                 tracing::info!(realm = %p.realm, source = %p.source, "crossover refused by the home");
                 self.answer_parked(&p, Reject::AuthFailed, None, now);
             }

@@ -2432,6 +2432,7 @@ targets = [\"*@far.example\"]\npskmth = [\"scram\", \"xover\"]\nrequire_psk = tr
                 gatehouse_auth::TlsInfo {
                     exporter: vec![conn as u8; 32],
                     peer_identity: None,
+                    ..Default::default()
                 },
             );
         }
@@ -3466,6 +3467,7 @@ crossover = [\"partner.example\"]\ntargets = [\"sip:vpn@org.example\"]\npskmth =
             gatehouse_auth::TlsInfo {
                 exporter: vec![conn as u8; 32],
                 peer_identity: None,
+                ..Default::default()
             },
         );
     }
