@@ -301,21 +301,8 @@ fn crossover_with_password(
             .any(|m| m == MECHANISM),
         "the partner offers crossover over TLS"
     );
-    let (mut x, token) = XoverClient::start(
-        &o.org_home_public,
-        &format!("{}@org.example", a.user),
-        password,
-        a.facts(),
-        rand_ikm(),
-        None,
-    )
-    .unwrap();
-    let r = a.invite(Some(&SaslParams {
-        realm: Some("partner.example".into()),
-        mech: Some(MECHANISM.into()),
-        c2s: Some(token),
-        ..SaslParams::default()
-    }));
+    let (facts, user) = (a.facts(), a.user.clone());
+    let (r, mut x) = sealed_first_round(o, &user, a, password, facts);
     assert_eq!(r.status(), Some(407), "{r:?}");
     let ch = challenge(&r);
     let next = x.step(&ch.s2c.unwrap()).expect("her home's token opens");
@@ -337,6 +324,33 @@ fn counter_now(metrics: std::net::SocketAddr, side: &str, outcome: &str) -> u64 
         .find_map(|l| l.strip_prefix(&needle))
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or(0)
+}
+
+/// `user`'s first sealed round for the partner (`facts` as sealed, `password` at the home),
+/// sent on `via` (the user's connection, or another one): the response and the client.
+fn sealed_first_round(
+    o: &Outward,
+    user: &str,
+    via: &mut Alice,
+    password: &[u8],
+    facts: Facts,
+) -> (Message, XoverClient) {
+    let (x, token) = XoverClient::start(
+        &o.org_home_public,
+        &format!("{user}@org.example"),
+        password,
+        facts,
+        rand_ikm(),
+        None,
+    )
+    .unwrap();
+    let r = via.invite(Some(&SaslParams {
+        realm: Some("partner.example".into()),
+        mech: Some(MECHANISM.into()),
+        c2s: Some(token),
+        ..SaslParams::default()
+    }));
+    (r, x)
 }
 
 fn home_released(o: &Outward) -> u64 {
@@ -429,43 +443,14 @@ fn an_outward_exchange_replayed_on_another_channel_is_refused_by_the_home() {
     // another TLS connection (same Call-ID, From tag, Request-URI) gets org.example's 407.
     let mut other = Alice::connect(&o, "federation-replay@test");
     other.cseq = a.cseq;
-    let (_, token) = XoverClient::start(
-        &o.org_home_public,
-        "alice@org.example",
-        b"alice-secret",
-        a.facts(),
-        rand_ikm(),
-        None,
-    )
-    .unwrap();
-    let round = SaslParams {
-        realm: Some("partner.example".into()),
-        mech: Some(MECHANISM.into()),
-        c2s: Some(token),
-        ..SaslParams::default()
-    };
-    let r = other.invite(Some(&round));
+    let (r, _) = sealed_first_round(&o, "alice", &mut other, b"alice-secret", a.facts());
     assert_eq!(r.status(), Some(407), "{r:?}");
     assert_eq!(challenge(&r).realm.as_deref(), Some("org.example"));
     // An exchange sealed with another channel than alice's with her gateway: the home
     // refuses it (the partner relays it faithfully; the binding is what fails).
     let mut forged = a.facts();
     forged.channel_binding = vec![0x55; 32];
-    let (_, token) = XoverClient::start(
-        &o.org_home_public,
-        "alice@org.example",
-        b"alice-secret",
-        forged,
-        rand_ikm(),
-        None,
-    )
-    .unwrap();
-    let r = a.invite(Some(&SaslParams {
-        realm: Some("partner.example".into()),
-        mech: Some(MECHANISM.into()),
-        c2s: Some(token),
-        ..SaslParams::default()
-    }));
+    let (r, _) = sealed_first_round(&o, "alice", &mut a, b"alice-secret", forged);
     assert_eq!(r.status(), Some(403), "{r:?}");
     // The home's refusal: the facts it saw (her channel with us) are not the sealed ones.
     assert_eq!(counter(o.org.metrics.unwrap(), "home", "facts"), 1);
@@ -500,23 +485,8 @@ fn one_users_mistakes_do_not_lock_the_whole_organisation_out_at_a_partner() {
         let mut a = Alice::connect(&o, "federation-alice-after-carol@test");
         let partner_407 = a.authenticate_here(b"alice-secret");
         assert_eq!(partner_407.status(), Some(407), "{partner_407:?}");
-        let first = {
-            let (_, token) = XoverClient::start(
-                &o.org_home_public,
-                "alice@org.example",
-                b"alice-secret",
-                a.facts(),
-                rand_ikm(),
-                None,
-            )
-            .unwrap();
-            a.invite(Some(&SaslParams {
-                realm: Some("partner.example".into()),
-                mech: Some(MECHANISM.into()),
-                c2s: Some(token),
-                ..SaslParams::default()
-            }))
-        };
+        let facts = a.facts();
+        let (first, _) = sealed_first_round(&o, "alice", &mut a, b"alice-secret", facts);
         if peer_certificates {
             assert_eq!(first.status(), Some(407), "relayed to her home: {first:?}");
         } else {

@@ -592,6 +592,154 @@ fn caller_pid(p: &Proc) -> String {
     p.pid().to_string()
 }
 
+/// A gateway or wgsip process run in one of the topology's namespaces:
+/// `program ARGS... --config CONFIG`.
+fn spawn_in(
+    topo: &Topology,
+    which: &str,
+    name: &str,
+    program: &str,
+    args: &[&str],
+    config: &Path,
+    dir: &Path,
+) -> Proc {
+    Proc::spawn(
+        name,
+        Command::new("ip")
+            .args(["netns", "exec", &topo.ns(which)])
+            .arg(bin(program))
+            .args(args)
+            .arg("--config")
+            .arg(config),
+        dir,
+    )
+}
+
+/// `gatehouse xover-key FILE`: a home's key pair written, its public key returned.
+fn xover_key(file: &Path) -> String {
+    let out = Command::new(bin("gatehouse"))
+        .arg("xover-key")
+        .arg(file)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// A store at `path` holding `user` (password `USER-secret`) with the AOR `sip:USER@DOMAIN`.
+fn store_with_user(path: &Path, user: &str, domain: &str) {
+    gatehouse::store::Store::open(path)
+        .unwrap()
+        .add_user(
+            user,
+            format!("{user}-secret").as_bytes(),
+            &[format!("sip:{user}@{domain}")],
+            None,
+            4096,
+        )
+        .unwrap();
+}
+
+/// A wgsip configuration: `role` is `endpoint` (registers `aor`, accepts `accept_prefixes`
+/// with a PSK from the gateway) or `call` (offers `prefix` with `pskmth=xover`, sealed to
+/// `home_key`); the site's WireGuard interface is `wg{site}{id}`.
+struct Wgsip<'a> {
+    gateway: &'a str,
+    server_name: &'a str,
+    bind: &'a str,
+    user: &'a str,
+    domain: &'a str,
+    site: &'a str,
+    listen_port: u16,
+    address: &'a str,
+    prefix: &'a str,
+    interface_address: &'a str,
+    role: &'a str,
+}
+
+impl Wgsip<'_> {
+    fn write(&self, dir: &Path, id: &str) -> std::path::PathBuf {
+        let Wgsip {
+            gateway,
+            server_name,
+            bind,
+            user,
+            domain,
+            site,
+            listen_port,
+            address,
+            prefix,
+            interface_address,
+            role,
+        } = self;
+        write_secret(
+            &dir.join(format!("{user}.password")),
+            &format!("{user}-secret\n"),
+        );
+        let tail = match *role {
+            "endpoint" => "[accept]\npskmth = [\"gateway\"]\nprefixes = [\"2001:db8:789::/48\", \"2001:db8:456::/48\"]\n".to_owned(),
+            home_key => format!("[call]\npskmth = [\"xover\"]\nhome_key = \"{home_key}\"\n"),
+        };
+        let file = dir.join(format!("{user}-{site}.toml"));
+        std::fs::write(
+            &file,
+            format!(
+                "[sip]\ngateway = \"{gateway}\"\ntransport = \"tls\"\ntls_ca = \"ca.pem\"\ntls_server_name = \"{server_name}\"\n\
+bind = \"{bind}\"\naor = \"sip:{user}@{domain}\"\nusername = \"{user}\"\npassword_file = \"{user}.password\"\n\
+[wireguard]\ninterface = \"wg{site}{id}\"\nprivate_key_file = \"{user}-wg.key\"\nlisten_port = {listen_port}\n\
+address = \"{address}\"\nprefix = \"{prefix}\"\ninterface_address = \"{interface_address}\"\n{tail}"
+            ),
+        )
+        .unwrap();
+        file
+    }
+}
+
+/// What both crossover tunnels end with: pings cross, both ends hold the same PSK (never
+/// printed), the caller says who vouched for it; then the caller hangs up and the endpoint
+/// takes the tunnel down.
+fn tunnel_up_and_down(
+    topo: &Topology,
+    caller: &mut Proc,
+    endpoint: &Proc,
+    vouched: &str,
+    explain: &dyn Fn() -> String,
+) {
+    assert!(
+        wait_for_line(caller, "tunnel up", Duration::from_secs(40)),
+        "{}",
+        explain()
+    );
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !topo.ping("1", "1") {
+        assert!(Instant::now() < deadline, "no ping through the tunnel");
+    }
+    assert!(topo.ping("3", "2"), "ping -6 crosses the tunnel");
+    let (psk_p, psk_o) = (topo.psk("p"), topo.psk("o"));
+    assert!(
+        psk_p.as_deref().is_some_and(|k| k != "(none)"),
+        "the tunnel has a PSK"
+    );
+    assert!(psk_p == psk_o, "both sides use the same PSK (not printed)");
+    let log = caller.log_text();
+    assert!(log.contains("psk yes (xover)"), "{log}");
+    assert!(log.contains(vouched), "{log}");
+    let _ = Command::new("kill")
+        .args(["-TERM", &caller_pid(caller)])
+        .status();
+    let st = caller.wait(Duration::from_secs(40));
+    assert!(st.success(), "{}", caller.log_text());
+    assert!(
+        wait_for_line(endpoint, "tunnel down", Duration::from_secs(20)),
+        "{}",
+        explain()
+    );
+}
+
 /// Issue 19 (a): bob exists only at partner.example. His home's crossover service runs on the
 /// partner site; org.example's gateway relays his SXOVER-PLUS rounds to it over mutual TLS
 /// (certificates from a test CA), admits him as bob@partner.example by crossover, and hands
@@ -611,31 +759,11 @@ fn tunnel_by_realm_crossover() {
     std::fs::write(d.join("ca.pem"), &pki.ca_pem).unwrap();
     pki.issue(d, "org", &["org.example"]);
     pki.issue(d, "partner", &["partner.example"]);
-    let home_key = d.join("home.key");
-    let out = Command::new(bin("gatehouse"))
-        .arg("xover-key")
-        .arg(&home_key)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let home_public = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    let home_public = xover_key(&d.join("home.key"));
 
     // partner.example's gateway, bob's home, on the partner site.
     let home_store = d.join("home.sqlite");
-    gatehouse::store::Store::open(&home_store)
-        .unwrap()
-        .add_user(
-            "bob",
-            b"bob-secret",
-            &["sip:bob@partner.example".into()],
-            None,
-            4096,
-        )
-        .unwrap();
+    store_with_user(&home_store, "bob", "partner.example");
     std::fs::write(
         d.join("home.toml"),
         format!(
@@ -649,14 +777,13 @@ fn tunnel_by_realm_crossover() {
         ),
     )
     .unwrap();
-    let partner_ns = topo.ns("p");
-    let home = Proc::spawn(
+    let home = spawn_in(
+        &topo,
+        "p",
         "gatehouse-home",
-        Command::new("ip")
-            .args(["netns", "exec", &partner_ns])
-            .arg(bin("gatehouse"))
-            .args(["run", "--config"])
-            .arg(d.join("home.toml")),
+        "gatehouse",
+        &["run"],
+        &d.join("home.toml"),
         d,
     );
 
@@ -683,38 +810,37 @@ pskmth = [\"xover\"]\nrequire_psk = true\nprefixes = [\"2001:db8:456::/48\"]\n",
         ),
     )
     .unwrap();
-    let gw_ns = topo.ns("g");
-    let gw = Proc::spawn(
+    let gw = spawn_in(
+        &topo,
+        "g",
         "gatehouse-org",
-        Command::new("ip")
-            .args(["netns", "exec", &gw_ns])
-            .arg(bin("gatehouse"))
-            .args(["run", "--config"])
-            .arg(d.join("gatehouse.toml")),
+        "gatehouse",
+        &["run"],
+        &d.join("gatehouse.toml"),
         d,
     );
 
-    write_secret(&d.join("vpn.password"), "vpn-secret\n");
-    write_secret(&d.join("bob.password"), "bob-secret\n");
-    std::fs::write(
-        d.join("endpoint.toml"),
-        format!(
-            "[sip]\ngateway = \"[2001:db8:2::1]:5061\"\ntransport = \"tls\"\ntls_ca = \"ca.pem\"\ntls_server_name = \"org.example\"\n\
-bind = \"[2001:db8:2::2]:5062\"\naor = \"sip:vpn@org.example\"\nusername = \"vpn\"\n\
-password_file = \"vpn.password\"\n[wireguard]\ninterface = \"wgo{id}\"\nprivate_key_file = \"org-wg.key\"\nlisten_port = 51821\n\
-address = \"2001:db8:2::2\"\nprefix = \"2001:db8:789:1::/64\"\ninterface_address = \"2001:db8:789:1::1/64\"\n\
-[accept]\npskmth = [\"gateway\"]\nprefixes = [\"2001:db8:456::/48\"]\n"
-        ),
-    )
-    .unwrap();
-    let org_ns = topo.ns("o");
-    let endpoint = Proc::spawn(
+    let endpoint_config = Wgsip {
+        gateway: "[2001:db8:2::1]:5061",
+        server_name: "org.example",
+        bind: "[2001:db8:2::2]:5062",
+        user: "vpn",
+        domain: "org.example",
+        site: "o",
+        listen_port: 51821,
+        address: "2001:db8:2::2",
+        prefix: "2001:db8:789:1::/64",
+        interface_address: "2001:db8:789:1::1/64",
+        role: "endpoint",
+    }
+    .write(d, &id);
+    let endpoint = spawn_in(
+        &topo,
+        "o",
         "endpoint",
-        Command::new("ip")
-            .args(["netns", "exec", &org_ns])
-            .arg(bin("wgsip"))
-            .args(["endpoint", "--config"])
-            .arg(d.join("endpoint.toml")),
+        "wgsip",
+        &["endpoint"],
+        &endpoint_config,
         d,
     );
     assert!(
@@ -728,50 +854,44 @@ address = \"2001:db8:2::2\"\nprefix = \"2001:db8:789:1::/64\"\ninterface_address
         gw.log_text()
     );
 
-    std::fs::write(
-        d.join("bob.toml"),
-        format!(
-            "[sip]\ngateway = \"[2001:db8:1::1]:5061\"\ntransport = \"tls\"\ntls_ca = \"ca.pem\"\ntls_server_name = \"org.example\"\n\
-bind = \"[2001:db8:1::2]:0\"\naor = \"sip:bob@partner.example\"\nusername = \"bob\"\npassword_file = \"bob.password\"\n\
-[wireguard]\ninterface = \"wgp{id}\"\nprivate_key_file = \"bob-wg.key\"\nlisten_port = 51820\naddress = \"2001:db8:1::2\"\n\
-prefix = \"2001:db8:456:1::/64\"\ninterface_address = \"2001:db8:456:1::1/64\"\n\
-[call]\npskmth = [\"xover\"]\nhome_key = \"{home_public}\"\n"
-        ),
-    )
-    .unwrap();
-    let mut caller = Proc::spawn(
+    let bob_config = Wgsip {
+        gateway: "[2001:db8:1::1]:5061",
+        server_name: "org.example",
+        bind: "[2001:db8:1::2]:0",
+        user: "bob",
+        domain: "partner.example",
+        site: "p",
+        listen_port: 51820,
+        address: "2001:db8:1::2",
+        prefix: "2001:db8:456:1::/64",
+        interface_address: "2001:db8:456:1::1/64",
+        role: &home_public,
+    }
+    .write(d, &id);
+    let mut caller = spawn_in(
+        &topo,
+        "p",
         "call",
-        Command::new("ip")
-            .args(["netns", "exec", &partner_ns])
-            .arg(bin("wgsip"))
-            .args(["call", "sip:vpn@org.example", "--config"])
-            .arg(d.join("bob.toml")),
+        "wgsip",
+        &["call", "sip:vpn@org.example"],
+        &bob_config,
         d,
     );
-    assert!(
-        wait_for_line(&caller, "tunnel up", Duration::from_secs(40)),
-        "caller:\n{}\nendpoint:\n{}\norg gateway:\n{}\nhome:\n{}",
-        caller.log_text(),
-        endpoint.log_text(),
-        gw.log_text(),
-        home.log_text()
-    );
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while !topo.ping("1", "1") {
-        assert!(Instant::now() < deadline, "no ping through the tunnel");
-    }
-    assert!(topo.ping("3", "2"), "ping -6 crosses the tunnel");
-    let (psk_p, psk_o) = (topo.psk("p"), topo.psk("o"));
-    assert!(
-        psk_p.as_deref().is_some_and(|k| k != "(none)"),
-        "the caller uses a PSK"
-    );
-    assert!(psk_p == psk_o, "both sides use the same PSK (not printed)");
-    let log = caller.log_text();
-    assert!(log.contains("psk yes (xover)"), "{log}");
-    assert!(
-        log.contains("authenticated as bob@partner.example by its home with SXOVER-PLUS, key released to org.example"),
-        "{log}"
+    let explain = || {
+        format!(
+            "caller:\n{}\nendpoint:\n{}\norg gateway:\n{}\nhome:\n{}",
+            caller_log(d, "call"),
+            endpoint.log_text(),
+            gw.log_text(),
+            home.log_text()
+        )
+    };
+    tunnel_up_and_down(
+        &topo,
+        &mut caller,
+        &endpoint,
+        "authenticated as bob@partner.example by its home with SXOVER-PLUS, key released to org.example",
+        &explain,
     );
     // The home logged the release (foreign domain, user, a hash of the Call-ID).
     assert!(
@@ -791,17 +911,11 @@ prefix = \"2001:db8:456:1::/64\"\ninterface_address = \"2001:db8:456:1::1/64\"\n
         gw_log.contains("authenticated by its home (crossover)"),
         "{gw_log}"
     );
+}
 
-    let _ = Command::new("kill")
-        .args(["-TERM", &caller_pid(&caller)])
-        .status();
-    let st = caller.wait(Duration::from_secs(40));
-    assert!(st.success(), "{}", caller.log_text());
-    assert!(
-        wait_for_line(&endpoint, "tunnel down", Duration::from_secs(20)),
-        "{}",
-        endpoint.log_text()
-    );
+/// The log of the process `name` started in `dir` (for messages while it is borrowed).
+fn caller_log(dir: &Path, name: &str) -> String {
+    std::fs::read_to_string(dir.join(format!("{name}.log"))).unwrap_or_default()
 }
 
 /// Issue 19 (b), federation: alice, an internal caller of org.example (organisation site),
@@ -811,8 +925,8 @@ prefix = \"2001:db8:456:1::/64\"\ninterface_address = \"2001:db8:456:1::1/64\"\n
 /// and checks its certificate; the partner's gateway challenges with SXOVER-PLUS and relays
 /// her sealed rounds to her home — org.example's crossover service, which recognises the call
 /// it sent out and her channel with it. Real `wgsip call` and `wgsip endpoint`, wireguard-go:
-/// pings cross, both ends hold the same PSK, her own gateway's log holds no SCRAM message of
-/// the partner's exchange in clear and no key.
+/// pings cross, both ends hold the same PSK, and the partner's log holds no SCRAM message of
+/// her exchange in clear.
 #[test]
 fn tunnel_by_federation() {
     if !available() {
@@ -826,19 +940,7 @@ fn tunnel_by_federation() {
     std::fs::write(d.join("ca.pem"), &pki.ca_pem).unwrap();
     pki.issue(d, "org", &["org.example"]);
     pki.issue(d, "partner", &["partner.example"]);
-    let home_key = d.join("org-home.key");
-    let out = Command::new(bin("gatehouse"))
-        .arg("xover-key")
-        .arg(&home_key)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let home_public = String::from_utf8_lossy(&out.stdout).trim().to_owned();
-    let (partner_ns, gw_ns, org_ns) = (topo.ns("p"), topo.ns("g"), topo.ns("o"));
+    let home_public = xover_key(&d.join("org-home.key"));
 
     // DNS for org.example's gateway: partner.example's address.
     let dns = Proc::spawn(
@@ -846,7 +948,7 @@ fn tunnel_by_federation() {
         Command::new("ip").args([
             "netns",
             "exec",
-            &gw_ns,
+            &topo.ns("g"),
             "dnsmasq",
             "--keep-in-foreground",
             "--conf-file=/dev/null",
@@ -871,16 +973,7 @@ fn tunnel_by_federation() {
     // partner.example's gateway on the partner site: crossover on (foreign side for alice),
     // its own vpn endpoint registered from the inside (the same host).
     let partner_store = d.join("partner.sqlite");
-    gatehouse::store::Store::open(&partner_store)
-        .unwrap()
-        .add_user(
-            "vpn",
-            b"vpn-secret",
-            &["sip:vpn@partner.example".into()],
-            None,
-            4096,
-        )
-        .unwrap();
+    store_with_user(&partner_store, "vpn", "partner.example");
     std::fs::write(
         d.join("partner-policy.toml"),
         "[[rule]]\nname = \"org-staff-by-crossover\"\nkind = \"tunnel\"\ncallers = [\"*@org.example\"]\n\
@@ -893,7 +986,7 @@ prefixes = [\"2001:db8:789::/48\"]\n",
         format!(
             "[sip]\ndomains = [\"partner.example\"]\nshutdown_grace_ms = 200\n\
 [[listen]]\ntransport = \"tls\"\naddress = \"[2001:db8:1::2]:5061\"\n\
-[tls]\ncertificate = \"partner.pem\"\nprivate_key = \"partner.key\"\n\
+[tls]\ncertificate = \"partner.pem\"\nprivate_key = \"partner.key\"\nclient_ca = \"ca.pem\"\n\
 [auth]\nstore = \"{}\"\n[tunnels]\npolicy = \"partner-policy.toml\"\ninternal_networks = [\"2001:db8:1::2/128\"]\n\
 [crossover]\nenabled = true\ncertificate = \"partner.pem\"\nprivate_key = \"partner.key\"\ntrusted_cas = \"ca.pem\"\n\
 [crossover.homes]\n\"org.example\" = \"[2001:db8:1::1]:8443\"\n[log]\nlevel = \"debug\"\n",
@@ -901,28 +994,19 @@ prefixes = [\"2001:db8:789::/48\"]\n",
         ),
     )
     .unwrap();
-    let partner = Proc::spawn(
+    let partner = spawn_in(
+        &topo,
+        "p",
         "gatehouse-partner",
-        Command::new("ip")
-            .args(["netns", "exec", &partner_ns])
-            .arg(bin("gatehouse"))
-            .args(["run", "--config"])
-            .arg(d.join("partner.toml")),
+        "gatehouse",
+        &["run"],
+        &d.join("partner.toml"),
         d,
     );
 
     // org.example's gateway: alice's, and her home's crossover service.
     let org_store = d.join("org.sqlite");
-    gatehouse::store::Store::open(&org_store)
-        .unwrap()
-        .add_user(
-            "alice",
-            b"alice-secret",
-            &["sip:alice@org.example".into()],
-            None,
-            4096,
-        )
-        .unwrap();
+    store_with_user(&org_store, "alice", "org.example");
     std::fs::write(
         d.join("org-policy.toml"),
         "org_prefixes = [\"2001:db8:789::/48\"]\n[[rule]]\nname = \"staff-to-partners\"\nkind = \"tunnel\"\n\
@@ -945,36 +1029,37 @@ prefixes = [\"2001:db8:789::/48\"]\n",
         ),
     )
     .unwrap();
-    let gw = Proc::spawn(
+    let gw = spawn_in(
+        &topo,
+        "g",
         "gatehouse-org",
-        Command::new("ip")
-            .args(["netns", "exec", &gw_ns])
-            .arg(bin("gatehouse"))
-            .args(["run", "--config"])
-            .arg(d.join("org.toml")),
+        "gatehouse",
+        &["run"],
+        &d.join("org.toml"),
         d,
     );
 
-    write_secret(&d.join("vpn.password"), "vpn-secret\n");
-    write_secret(&d.join("alice.password"), "alice-secret\n");
-    std::fs::write(
-        d.join("endpoint.toml"),
-        format!(
-            "[sip]\ngateway = \"[2001:db8:1::2]:5061\"\ntransport = \"tls\"\ntls_ca = \"ca.pem\"\ntls_server_name = \"partner.example\"\n\
-bind = \"[2001:db8:1::2]:5062\"\naor = \"sip:vpn@partner.example\"\nusername = \"vpn\"\n\
-password_file = \"vpn.password\"\n[wireguard]\ninterface = \"wgp{id}\"\nprivate_key_file = \"partner-wg.key\"\nlisten_port = 51820\n\
-address = \"2001:db8:1::2\"\nprefix = \"2001:db8:456:1::/64\"\ninterface_address = \"2001:db8:456:1::1/64\"\n\
-[accept]\npskmth = [\"gateway\"]\nprefixes = [\"2001:db8:789::/48\"]\n"
-        ),
-    )
-    .unwrap();
-    let endpoint = Proc::spawn(
+    let endpoint_config = Wgsip {
+        gateway: "[2001:db8:1::2]:5061",
+        server_name: "partner.example",
+        bind: "[2001:db8:1::2]:5062",
+        user: "vpn",
+        domain: "partner.example",
+        site: "p",
+        listen_port: 51820,
+        address: "2001:db8:1::2",
+        prefix: "2001:db8:456:1::/64",
+        interface_address: "2001:db8:456:1::1/64",
+        role: "endpoint",
+    }
+    .write(d, &id);
+    let endpoint = spawn_in(
+        &topo,
+        "p",
         "endpoint",
-        Command::new("ip")
-            .args(["netns", "exec", &partner_ns])
-            .arg(bin("wgsip"))
-            .args(["endpoint", "--config"])
-            .arg(d.join("endpoint.toml")),
+        "wgsip",
+        &["endpoint"],
+        &endpoint_config,
         d,
     );
     assert!(
@@ -988,52 +1073,47 @@ address = \"2001:db8:1::2\"\nprefix = \"2001:db8:456:1::/64\"\ninterface_address
         partner.log_text()
     );
 
-    std::fs::write(
-        d.join("alice.toml"),
-        format!(
-            "[sip]\ngateway = \"[2001:db8:2::1]:5061\"\ntransport = \"tls\"\ntls_ca = \"ca.pem\"\ntls_server_name = \"org.example\"\n\
-bind = \"[2001:db8:2::2]:0\"\naor = \"sip:alice@org.example\"\nusername = \"alice\"\npassword_file = \"alice.password\"\n\
-[wireguard]\ninterface = \"wgo{id}\"\nprivate_key_file = \"alice-wg.key\"\nlisten_port = 51821\naddress = \"2001:db8:2::2\"\n\
-prefix = \"2001:db8:789:1::/64\"\ninterface_address = \"2001:db8:789:1::1/64\"\n\
-[call]\npskmth = [\"xover\"]\nhome_key = \"{home_public}\"\n"
-        ),
-    )
-    .unwrap();
-    let mut caller = Proc::spawn(
+    let alice_config = Wgsip {
+        gateway: "[2001:db8:2::1]:5061",
+        server_name: "org.example",
+        bind: "[2001:db8:2::2]:0",
+        user: "alice",
+        domain: "org.example",
+        site: "o",
+        listen_port: 51821,
+        address: "2001:db8:2::2",
+        prefix: "2001:db8:789:1::/64",
+        interface_address: "2001:db8:789:1::1/64",
+        role: &home_public,
+    }
+    .write(d, &id);
+    let mut caller = spawn_in(
+        &topo,
+        "o",
         "call",
-        Command::new("ip")
-            .args(["netns", "exec", &org_ns])
-            .arg(bin("wgsip"))
-            .args(["call", "sip:vpn@partner.example", "--config"])
-            .arg(d.join("alice.toml")),
+        "wgsip",
+        &["call", "sip:vpn@partner.example"],
+        &alice_config,
         d,
     );
-    assert!(
-        wait_for_line(&caller, "tunnel up", Duration::from_secs(40)),
-        "caller:\n{}\nendpoint:\n{}\norg gateway:\n{}\npartner gateway:\n{}",
-        caller.log_text(),
-        endpoint.log_text(),
-        gw.log_text(),
-        partner.log_text()
+    let explain = || {
+        format!(
+            "caller:\n{}\nendpoint:\n{}\norg gateway:\n{}\npartner gateway:\n{}",
+            caller_log(d, "call"),
+            endpoint.log_text(),
+            gw.log_text(),
+            partner.log_text()
+        )
+    };
+    tunnel_up_and_down(
+        &topo,
+        &mut caller,
+        &endpoint,
+        "authenticated as alice@org.example by its home with SXOVER-PLUS, key released to partner.example",
+        &explain,
     );
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while !topo.ping("1", "1") {
-        assert!(Instant::now() < deadline, "no ping through the tunnel");
-    }
-    assert!(topo.ping("3", "2"), "ping -6 crosses the tunnel");
-    let (psk_p, psk_o) = (topo.psk("p"), topo.psk("o"));
-    assert!(
-        psk_o.as_deref().is_some_and(|k| k != "(none)"),
-        "the caller uses a PSK"
-    );
-    assert!(psk_p == psk_o, "both sides use the same PSK (not printed)");
-    let log = caller.log_text();
-    assert!(log.contains("psk yes (xover)"), "{log}");
-    assert!(
-        log.contains("authenticated as alice@org.example by its home with SXOVER-PLUS, key released to partner.example"),
-        "{log}"
-    );
-    // Her home logged the release; the partner admitted her by crossover.
+    // Her home logged the release; the partner admitted her by crossover and saw only
+    // ciphertext of her exchange.
     let gw_log = gw.log_text();
     assert!(gw_log.contains("tunnel key released"), "{gw_log}");
     let partner_log = partner.log_text();
@@ -1041,25 +1121,10 @@ prefix = \"2001:db8:789:1::/64\"\ninterface_address = \"2001:db8:789:1::1/64\"\n
         partner_log.contains("authenticated by its home (crossover)"),
         "{partner_log}"
     );
-    // The partner relayed only ciphertext: its debug log holds no SCRAM message in clear.
     for clear in ["n=alice", "c=biws", "n=alice,r=", ",p="] {
         assert!(
             !partner_log.contains(clear),
             "`{clear}` in the partner gateway's log"
         );
     }
-
-    let _ = Command::new("kill")
-        .args(["-TERM", &caller_pid(&caller)])
-        .status();
-    let st = caller.wait(Duration::from_secs(40));
-    assert!(st.success(), "{}", caller.log_text());
-    assert!(
-        wait_for_line(&endpoint, "tunnel down", Duration::from_secs(20)),
-        "endpoint:\n{}\ncaller:\n{}\norg gateway:\n{}\npartner gateway:\n{}",
-        endpoint.log_text(),
-        caller.log_text(),
-        gw.log_text(),
-        partner.log_text()
-    );
 }
