@@ -158,6 +158,26 @@ impl SaslParams {
         }
         s
     }
+
+    /// The parameters as HTTP's `Authentication-Info` carries them (RFC 7615: a list of
+    /// auth-params, no scheme; http-sasl.md): `s2c="...", s2s="..."`.
+    pub fn emit_auth_params(&self) -> String {
+        let v = self.emit();
+        v.strip_prefix("SASL ").unwrap_or("").to_owned()
+    }
+
+    /// An `Authentication-Info` value in RFC 7615's form (auth-params) or with a leading
+    /// `SASL` scheme (older Gatehouse, and the SIP profile's form); `None` when malformed.
+    pub fn parse_info(value: &str) -> Option<SaslParams> {
+        let v = value.trim();
+        // `get`, not indexing: the value is a peer's text, and byte 5 may fall inside a
+        // character.
+        if v.get(..5).is_some_and(|s| s.eq_ignore_ascii_case("SASL ")) {
+            SaslParams::parse(v).ok()
+        } else {
+            SaslParams::parse(&format!("SASL {v}")).ok()
+        }
+    }
 }
 
 fn escape(v: &str) -> String {

@@ -497,7 +497,9 @@ impl AdminClient {
         let info = r
             .header("authentication-info")
             .ok_or_else(|| ClientError::Auth(format!("status {}", r.status)))?;
-        let info = SaslParams::parse(info).map_err(|e| ClientError::Auth(e.to_string()))?;
+        // RFC 7615's form, or with a leading `SASL` (gateways before 2026-12).
+        let info = SaslParams::parse_info(info)
+            .ok_or_else(|| ClientError::Auth("malformed Authentication-Info".into()))?;
         scram
             .verify_server_final(info.s2c.as_deref().unwrap_or_default())
             .map_err(|e| ClientError::Auth(e.to_string()))?;

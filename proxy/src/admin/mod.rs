@@ -21,8 +21,8 @@
 //! | `PUT /api/v1/log-level` `{"level"}` | admin | change the log level |
 //!
 //! Authentication: `WWW-Authenticate: SASL realm=..., mech=...` (401); two SCRAM rounds with
-//! `Authorization: SASL ...`; the success carries `Authentication-Info: SASL s2c=<server-final>,
-//! s2s=<session>`; later requests send `Authorization: SASL s2s="<session>"` until the session
+//! `Authorization: SASL ...`; the success carries `Authentication-Info: s2c=<server-final>,
+//! s2s=<session>` (RFC 7615's form, no scheme; the client also accepts a leading `SASL`); later requests send `Authorization: SASL s2s="<session>"` until the session
 //! has been idle for `admin.session_idle_s`. A failed exchange is 403, a malformed header 400,
 //! an unknown or expired handle a fresh 401. Over TLS, SCRAM-SHA-256-PLUS with `tls-exporter`.
 //! Failed logins feed a lockout of the SIP design (`core::lockout`, the `[auth]` settings): a
@@ -381,7 +381,8 @@ fn authenticate(
             Auth::Ok {
                 username: auth.identity().to_owned(),
                 role,
-                info: Some(info.emit()),
+                // RFC 7615's form: auth-params, no scheme (http-sasl.md).
+                info: Some(info.emit_auth_params()),
             }
         }
         Err(AuthError::Malformed(e)) => Auth::Respond(reply(

@@ -358,8 +358,7 @@ impl HomeService {
                     s2c: Some(token),
                     ..SaslParams::default()
                 }
-                .emit();
-                let info = info.strip_prefix("SASL ").unwrap_or(&info).to_owned();
+                .emit_auth_params();
                 Response::builder()
                     .status(StatusCode::OK)
                     .header("Authentication-Info", info)
