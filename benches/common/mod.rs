@@ -55,6 +55,7 @@ pub fn config() -> CoreConfig {
     );
     CoreConfig {
         domains: vec!["org.example".into()],
+        aliases: Vec::new(),
         locals: vec![LocalAddr::new(
             Transport::Udp,
             "127.0.0.1:5060".parse().expect("addr"),

@@ -68,6 +68,7 @@ pub fn core_config(
         policy: std::sync::Arc::clone(&cfg.policy),
         registrar: cfg.registrar,
         domains: cfg.domains.clone(),
+        aliases: cfg.aliases.clone(),
         locals,
         routes: cfg.routes.clone(),
         trusted: cfg.trusted.clone(),

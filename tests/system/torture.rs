@@ -140,6 +140,7 @@ fn invalid_torture_messages_are_refused_with_the_fault_named() {
 fn proxy() -> Proxy {
     new_proxy(CoreConfig {
         domains: vec!["example.com".into()],
+        aliases: Vec::new(),
         locals: vec![LocalAddr::new(
             Transport::Udp,
             "192.0.2.200:5060".parse().unwrap(),

@@ -342,6 +342,10 @@ pub struct RegistrarSettings {
 #[serde(deny_unknown_fields)]
 struct RawSip {
     domains: Spanned<Vec<String>>,
+    /// Other names and addresses of this gateway (Kamailio's `alias`): a Request-URI host
+    /// among them (or one of the listen addresses) is the gateway's domains.
+    #[serde(default)]
+    aliases: Option<Spanned<Vec<String>>>,
     #[serde(default = "default_grace")]
     shutdown_grace_ms: Spanned<u64>,
 }
@@ -530,6 +534,9 @@ pub struct TlsFiles {
 #[derive(Debug, Clone)]
 pub struct Config {
     pub domains: Vec<String>,
+    /// Host names and addresses that name this gateway besides its listen addresses
+    /// (lower-case, no port).
+    pub aliases: Vec<String>,
     pub listen: Vec<Listen>,
     pub tls: Option<TlsFiles>,
     pub timers: TimerConfig,
@@ -731,6 +738,22 @@ impl Config {
                     "sip.domains",
                     format!("`{d}` is not a host name"),
                 ));
+            }
+        }
+        let mut aliases = Vec::new();
+        if let Some(list) = &raw.sip.aliases {
+            for a in list.get_ref() {
+                let a = a.to_ascii_lowercase();
+                let host_only =
+                    crate::sip::uri::split_hostport(&a).is_some_and(|(_, p)| p.is_none());
+                if !host_only {
+                    return Err(cx.err(
+                        list.span(),
+                        "sip.aliases",
+                        format!("`{a}` is not a host name or address (no port)"),
+                    ));
+                }
+                aliases.push(a.trim_start_matches('[').trim_end_matches(']').to_owned());
             }
         }
         if raw.listen.is_empty() {
@@ -1230,6 +1253,7 @@ impl Config {
             auth,
             registrar,
             domains,
+            aliases,
             listen,
             tls,
             timers,
@@ -1308,6 +1332,23 @@ mod tests {
             let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/").to_owned() + f;
             Config::load(std::path::Path::new(&path)).unwrap_or_else(|e| panic!("{f}: {e}"));
         }
+    }
+
+    #[test]
+    fn aliases_are_hosts_without_ports() {
+        let base = "[sip]\ndomains = [\"org.example\"]\naliases = [\"GW.org.example\", \"192.0.2.1\", \"[2001:db8::1]\"]\n\
+[[listen]]\ntransport = \"udp\"\naddress = \"127.0.0.1:5060\"\n";
+        let c = Config::parse(base, "t.toml").unwrap();
+        assert_eq!(
+            c.aliases,
+            vec!["gw.org.example", "192.0.2.1", "2001:db8::1"]
+        );
+        let e = Config::parse(
+            &base.replace("\"192.0.2.1\"", "\"192.0.2.1:5060\""),
+            "t.toml",
+        )
+        .unwrap_err();
+        assert_eq!((e.line, e.key.as_str()), (3, "sip.aliases"), "{e}");
     }
 
     #[test]

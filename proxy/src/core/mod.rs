@@ -130,6 +130,8 @@ pub fn host_text(ip: IpAddr) -> String {
 pub struct CoreConfig {
     /// SIP domains the gateway is the authority for (lower-case).
     pub domains: Vec<String>,
+    /// Other hosts naming the gateway (`[sip] aliases`).
+    pub aliases: Vec<String>,
     pub locals: Vec<LocalAddr>,
     pub routes: RouteTable,
     /// Sources admitted without authentication (Kamailio `permissions` style).
@@ -338,6 +340,7 @@ impl Proxy {
             writes: Vec::new(),
             router: router::Router::new(
                 cfg.domains.clone(),
+                cfg.aliases.clone(),
                 cfg.locals.clone(),
                 cfg.routes.clone(),
             ),
@@ -399,9 +402,10 @@ impl Proxy {
         self.cfg.auth.lockout = cfg.auth.lockout;
         self.gate.set_lockout(&cfg.auth);
         self.cfg.domains = cfg.domains.clone();
+        self.cfg.aliases = cfg.aliases.clone();
         self.cfg.routes = cfg.routes.clone();
         self.router
-            .set_routes(cfg.domains.clone(), cfg.routes.clone());
+            .set_routes(cfg.domains.clone(), cfg.aliases.clone(), cfg.routes.clone());
         self.cfg.trusted = cfg.trusted.clone();
         self.cfg.balancers = cfg.balancers.clone();
         self.cfg.tunnels = cfg.tunnels.clone();
@@ -1091,7 +1095,11 @@ impl Proxy {
         if !matches!(uri.scheme, Scheme::Sip | Scheme::Sips) {
             return Err(Reject::UnsupportedScheme);
         }
-        let to_self = self.router.is_self_uri(&uri) && msg.position_of(HeaderName::Route).is_none();
+        // The gateway itself: a URI naming it without a user, or an OPTIONS to one of its
+        // addresses or aliases whatever the user (`sipsak -s sip:ping@GATEWAY`).
+        let names_us = self.router.is_self_uri(&uri)
+            || (msg.method() == Some(Method::Options) && self.router.is_myself(&uri));
+        let to_self = names_us && msg.position_of(HeaderName::Route).is_none();
         if msg.max_forwards() == Some(0) {
             if to_self && msg.method() == Some(Method::Options) {
                 return Ok(None);
@@ -1214,7 +1222,9 @@ impl Proxy {
         // will reach (its Request-URI, as routing read it), not the To header, which routing
         // never reads. One value, `Routed`, goes from here into the policy query, the tunnel
         // record and the clearance the relay consumes.
+        // A Request-URI naming the gateway by address or alias is for its domains.
         let ruri = msg.request_uri().unwrap_or_default().into_owned();
+        let ruri = self.router.as_our_domain(&ruri).unwrap_or(ruri);
         let routed = self.router.route(&ruri, self.bindings_for(&ruri, now))?;
 
         // Federation: a target in another organisation's domain.

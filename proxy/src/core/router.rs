@@ -1,7 +1,8 @@
 //! The target stage and the gateway's own names: [`Router`] owns the served domains, the
-//! local addresses (as the gateway names itself in Via and Record-Route) and the static
-//! routes; it says whether a URI names the gateway, which local address faces a
-//! destination, and where a request goes (registered bindings first, then a route).
+//! local addresses (as the gateway names itself in Via and Record-Route), the aliases and the
+//! static routes; it says whether a URI names the gateway (its addresses and aliases are its
+//! domains: Kamailio's `myself`), which local address faces a destination, and where a
+//! request goes (registered bindings first, then a route).
 
 use crate::config::route::{self, RouteTable};
 use crate::flow::{Destination, Flow};
@@ -114,25 +115,58 @@ fn routed_aor(uri: &Uri<'_>) -> String {
 pub struct Router {
     /// Lower-case domains the gateway is the authority for.
     domains: Vec<String>,
+    /// Other hosts that name the gateway (lower-case; any port).
+    aliases: Vec<String>,
     /// Never empty (the configuration needs a listener).
     locals: Vec<LocalAddr>,
     routes: RouteTable,
 }
 
 impl Router {
-    pub fn new(domains: Vec<String>, locals: Vec<LocalAddr>, routes: RouteTable) -> Self {
+    pub fn new(
+        domains: Vec<String>,
+        aliases: Vec<String>,
+        locals: Vec<LocalAddr>,
+        routes: RouteTable,
+    ) -> Self {
         assert!(!locals.is_empty(), "a gateway listens somewhere");
         Router {
             domains,
+            aliases,
             locals,
             routes,
         }
     }
 
-    /// New domains and routes (reload); listeners need a restart.
-    pub fn set_routes(&mut self, domains: Vec<String>, routes: RouteTable) {
+    /// New domains, aliases and routes (reload); listeners need a restart.
+    pub fn set_routes(&mut self, domains: Vec<String>, aliases: Vec<String>, routes: RouteTable) {
         self.domains = domains;
+        self.aliases = aliases;
         self.routes = routes;
+    }
+
+    /// Whether a URI's host (and port) names this gateway itself: one of its listen addresses
+    /// or advertised names, or an alias (Kamailio's `myself`, less the domains).
+    pub fn is_myself(&self, uri: &Uri<'_>) -> bool {
+        let host = uri.host.trim_start_matches('[').trim_end_matches(']');
+        self.is_local_hostport(uri) || self.aliases.iter().any(|a| a.eq_ignore_ascii_case(host))
+    }
+
+    /// A Request-URI that names the gateway by address or alias, with a user, read as that
+    /// user in the first domain (`sip:ping@192.0.2.1` -> `sip:ping@org.example`): requests to
+    /// the gateway's addresses are for its domains. Other URIs: `None`.
+    pub fn as_our_domain(&self, ruri: &str) -> Option<String> {
+        let uri = Uri::parse(ruri).ok()?;
+        let user = uri.user?.split(';').next()?;
+        if self.is_our_domain(uri.host) || !self.is_myself(&uri) {
+            return None;
+        }
+        let scheme = if uri.scheme == Scheme::Sips {
+            "sips"
+        } else {
+            "sip"
+        };
+        Some(format!("{scheme}:{user}@{}", self.domains.first()?))
     }
 
     /// The target stage: the AOR's registered `bindings` when there are any, else a static
@@ -256,6 +290,7 @@ mod tests {
         );
         Router::new(
             vec!["org.example".into()],
+            vec!["gw.org.example".into(), "203.0.113.1".into()],
             vec![
                 LocalAddr::new(Transport::Udp, "192.0.2.1:5060".parse().unwrap(), None),
                 LocalAddr::new(Transport::Udp, "[2001:db8::1]:5060".parse().unwrap(), None),
@@ -288,6 +323,38 @@ mod tests {
         ));
     }
 
+    /// The gateway's own addresses and aliases are its domains (Kamailio's `myself`):
+    /// `sip:vpn@192.0.2.1` is `sip:vpn@org.example`; another port, another host, or a domain
+    /// of ours already is left alone.
+    #[test]
+    fn own_addresses_and_aliases_are_the_first_domain() {
+        let r = router();
+        for ruri in [
+            "sip:vpn@192.0.2.1",
+            "sip:vpn@192.0.2.1:5060",
+            "sip:vpn@[2001:db8::1]",
+            "sip:vpn@sip.org.example:5061",
+            "sip:vpn@gw.org.example",
+            "sip:vpn@203.0.113.1:5080",
+        ] {
+            assert_eq!(
+                r.as_our_domain(ruri).as_deref(),
+                Some("sip:vpn@org.example"),
+                "{ruri}"
+            );
+        }
+        for ruri in [
+            "sip:vpn@192.0.2.1:5070",
+            "sip:vpn@192.0.2.9",
+            "sip:vpn@org.example",
+            "sip:192.0.2.1",
+        ] {
+            assert_eq!(r.as_our_domain(ruri), None, "{ruri}");
+        }
+        assert!(r.is_myself(&Uri::parse("sip:ping@192.0.2.1").unwrap()));
+        assert!(!r.is_myself(&Uri::parse("sip:ping@198.51.100.20").unwrap()));
+    }
+
     /// A target with a user replaces the Request-URI; one with only host and port keeps the
     /// user (real phones answer for their user); a `next_hop` route keeps the URI whole.
     #[test]
@@ -307,6 +374,7 @@ mod tests {
         routes.add_aor("vpn", "org.example", route("sip:vpn-1@127.0.0.1:5070"));
         let r = Router::new(
             vec!["org.example".into(), "next.example".into()],
+            Vec::new(),
             vec![LocalAddr::new(
                 Transport::Udp,
                 "192.0.2.1:5060".parse().unwrap(),

@@ -59,6 +59,7 @@ fn config() -> CoreConfig {
     );
     CoreConfig {
         domains: vec!["org.example".into()],
+        aliases: Vec::new(),
         locals: vec![
             LocalAddr::new(Transport::Udp, format!("{GW}:5060").parse().unwrap(), None),
             LocalAddr::new(Transport::Tcp, format!("{GW}:5060").parse().unwrap(), None),
@@ -286,6 +287,44 @@ fn answer(fwd: &Sent, status: u16, reason: &str, extra: &str) -> String {
     s.push_str(extra);
     s.push_str("Contact: <sip:vpn@198.51.100.20:5060>\r\nContent-Length: 0\r\n\r\n");
     s
+}
+
+/// Issue 21 item 4: the gateway's own addresses are "us" (Kamailio's `myself`). An OPTIONS to
+/// `sip:ping@<its address>` is answered by the gateway (it was 403, relaying denied), and an
+/// INVITE to `sip:vpn@<its address>` is routed as `sip:vpn@org.example`; another port is not
+/// the gateway.
+#[test]
+fn the_gateways_own_addresses_are_its_domains() {
+    let mut h = Harness::new();
+    let options = invite("vpn")
+        .replace("INVITE sip:vpn@org.example", "OPTIONS sip:ping@192.0.2.1")
+        .replace("CSeq: 1 INVITE", "CSeq: 1 OPTIONS");
+    let out = h.send(&options, caller_flow());
+    assert_eq!(out.len(), 1, "{out:?}");
+    assert_eq!(out[0].status(), Some(200), "{}", out[0].text);
+    let to_address = invite("vpn").replacen(
+        "INVITE sip:vpn@org.example",
+        "INVITE sip:vpn@192.0.2.1:5060",
+        1,
+    );
+    let out = h.send(&to_address, caller_flow());
+    let fwd = out
+        .iter()
+        .find(|s| s.first_line().starts_with("INVITE"))
+        .expect("routed like sip:vpn@org.example");
+    assert_eq!(
+        fwd.msg().request_uri().unwrap(),
+        "sip:vpn@198.51.100.20:5060"
+    );
+    let elsewhere = invite("vpn")
+        .replacen(
+            "INVITE sip:vpn@org.example",
+            "INVITE sip:vpn@192.0.2.1:5999",
+            1,
+        )
+        .replace("z9hG4bKcaller1", "z9hG4bKcaller2");
+    let out = h.send(&elsewhere, caller_flow());
+    assert_eq!(out[0].status(), Some(403), "{}", out[0].text);
 }
 
 #[test]
