@@ -624,6 +624,31 @@ impl Ctx<'_> {
         Ok(x)
     }
 
+    /// A share of a total (a per-source or per-kind cap under an overall one): written, it
+    /// must not exceed the total (`FILE:LINE: key: at most TOTAL_KEY (TOTAL)`); unset, it is
+    /// `derive(total)`, never more than the total either.
+    fn share(
+        &self,
+        v: &Spanned<usize>,
+        key: &str,
+        total: usize,
+        total_key: &str,
+        derive: impl Fn(usize) -> usize,
+    ) -> Result<usize, ConfigError> {
+        if v.span() == (0..0) {
+            return Ok(derive(total).clamp(1, total.max(1)));
+        }
+        let x = self.range(v, key, 1, 10_000_000, "")?;
+        if x > total {
+            return Err(self.err(
+                v.span(),
+                key,
+                format!("at most {total_key} ({total}), not {x}: a share cannot exceed its total"),
+            ));
+        }
+        Ok(x)
+    }
+
     fn ms(&self, v: &Spanned<u64>, key: &str, lo: u64, hi: u64) -> Result<Duration, ConfigError> {
         self.range(v, key, lo, hi, " ms").map(Duration::from_millis)
     }
@@ -1020,11 +1045,30 @@ impl Config {
         let max_headers = cx.range(&l.max_headers, "limits.max_headers", 8, 1024, "")?;
         let count = |v: &Spanned<usize>, key: &str| cx.range(v, key, 1, 10_000_000, "");
         let max_connections = count(&l.max_connections, "limits.max_connections")?;
-        let max_tcp_connections = count(&l.max_tcp_connections, "limits.max_tcp_connections")?;
-        let max_tls_connections = count(&l.max_tls_connections, "limits.max_tls_connections")?;
-        let max_connections_per_source = count(
+        // Shares of the total: per kind at most the total (default 1536, or the total when it
+        // is smaller), per source a sixteenth of it (default 64 of 4096) — one source never
+        // takes every slot.
+        let total = "limits.max_connections";
+        let max_tcp_connections = cx.share(
+            &l.max_tcp_connections,
+            "limits.max_tcp_connections",
+            max_connections,
+            total,
+            |t| t.min(1536),
+        )?;
+        let max_tls_connections = cx.share(
+            &l.max_tls_connections,
+            "limits.max_tls_connections",
+            max_connections,
+            total,
+            |t| t.min(1536),
+        )?;
+        let max_connections_per_source = cx.share(
             &l.max_connections_per_source,
             "limits.max_connections_per_source",
+            max_connections,
+            total,
+            |t| (t / 16).min(64),
         )?;
         let max_transactions = cx.range(
             &l.max_transactions,
@@ -1066,6 +1110,7 @@ impl Config {
             )?,
         };
         let a = &raw.auth;
+        let max_pending = cx.range(&a.max_pending, "auth.max_pending", 1, 10_000_000, "")?;
         let realm = match &a.realm {
             Some(r) if r.get_ref().trim().is_empty() => {
                 return Err(cx.err(r.span(), "auth.realm", "must not be empty"))
@@ -1095,13 +1140,14 @@ impl Config {
                 None => resolve(p.get_ref()),
             }),
             exchange_ttl: cx.ms(&a.exchange_ttl_ms, "auth.exchange_ttl_ms", 1000, 300_000)?,
-            max_pending: cx.range(&a.max_pending, "auth.max_pending", 1, 10_000_000, "")?,
-            max_pending_per_source: cx.range(
+            max_pending,
+            // A share of the pending table: by default 32, or a sixteenth of a smaller table.
+            max_pending_per_source: cx.share(
                 &a.max_pending_per_source,
                 "auth.max_pending_per_source",
-                1,
-                1_000_000,
-                "",
+                max_pending,
+                "auth.max_pending",
+                |t| (t / 16).min(32),
             )?,
             iterations: cx.range(
                 &a.iterations,
@@ -1332,6 +1378,58 @@ mod tests {
             let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/").to_owned() + f;
             Config::load(std::path::Path::new(&path)).unwrap_or_else(|e| panic!("{f}: {e}"));
         }
+    }
+
+    /// Issue 21 item 5: a share (per source, per kind) never exceeds the total it lives
+    /// under: unset, it is derived from the total; written larger, it is refused with its line.
+    #[test]
+    fn shares_never_exceed_their_totals() {
+        let base = "[sip]\ndomains = [\"org.example\"]\n[[listen]]\ntransport = \"udp\"\naddress = \"127.0.0.1:5060\"\n";
+        let c =
+            Config::parse(&format!("{base}[limits]\nmax_connections = 50\n"), "t.toml").unwrap();
+        assert_eq!(
+            (
+                c.max_connections_per_source,
+                c.max_tcp_connections,
+                c.max_tls_connections
+            ),
+            (3, 50, 50),
+            "derived from the total"
+        );
+        let c = Config::parse(base, "t.toml").unwrap();
+        assert_eq!(
+            (c.max_connections_per_source, c.max_tcp_connections),
+            (64, 1536),
+            "the defaults of a default total"
+        );
+        for (extra, key, line) in [
+            (
+                "[limits]\nmax_connections = 50\nmax_connections_per_source = 64\n",
+                "limits.max_connections_per_source",
+                8,
+            ),
+            (
+                "[limits]\nmax_connections = 50\nmax_tcp_connections = 51\n",
+                "limits.max_tcp_connections",
+                8,
+            ),
+            (
+                "[limits]\nmax_tls_connections = 5000\n",
+                "limits.max_tls_connections",
+                7,
+            ),
+            (
+                "[auth]\nmax_pending = 100\nmax_pending_per_source = 101\n",
+                "auth.max_pending_per_source",
+                8,
+            ),
+        ] {
+            let e = Config::parse(&format!("{base}{extra}"), "t.toml").unwrap_err();
+            assert_eq!((e.key.as_str(), e.line), (key, line), "{e}");
+            assert!(e.to_string().contains("cannot exceed its total"), "{e}");
+        }
+        let c = Config::parse(&format!("{base}[auth]\nmax_pending = 100\n"), "t.toml").unwrap();
+        assert_eq!(c.auth.max_pending_per_source, 6);
     }
 
     #[test]
