@@ -1303,7 +1303,10 @@ impl Proxy {
         }
         // Federation: a later round of an outward call this gateway authenticated, on the
         // same connection (see [`outward`]); the partner's credentials pass on untouched.
-        if flow.conn.is_some() && self.gate.own_credentials(msg, Challenger::Proxy)?.is_none() {
+        if flow.conn.is_some()
+            && !self.outward.is_empty()
+            && self.gate.own_credentials(msg, Challenger::Proxy)?.is_none()
+        {
             let ruri = msg.request_uri().unwrap_or_default();
             let resumed = self.outward.resume(
                 &msg.call_id(),
