@@ -67,6 +67,24 @@ struct RawConfig {
     dns: RawDns,
     #[serde(default)]
     crossover: crossover::RawCrossover,
+    #[serde(default)]
+    engine: RawEngine,
+}
+
+/// `[engine]`: how the process runs (read at start; a reload reports a change as needing a
+/// restart).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawEngine {
+    memory_reserve_mib: Spanned<usize>,
+}
+
+impl Default for RawEngine {
+    fn default() -> Self {
+        RawEngine {
+            memory_reserve_mib: unset(64),
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -592,6 +610,9 @@ pub struct Config {
     pub crossover: Option<crossover::CrossoverSettings>,
     /// Realm crossover, home side (`[crossover.home]`).
     pub crossover_home: Option<crossover::HomeSettings>,
+    /// Heap written once at start and kept, with freed memory never given back
+    /// (`[engine] memory_reserve_mib`, in bytes here; `gatehouse_heap::keep_warm`).
+    pub memory_reserve: usize,
 }
 
 struct Ctx<'a> {
@@ -1283,10 +1304,19 @@ impl Config {
         };
         let (crossover, crossover_home) =
             raw.crossover.validate(&cx, &resolve, raw.tls.is_some())?;
+        // At most 16 GiB: a reserve is memory the process holds for its whole life.
+        let memory_reserve = cx.range(
+            &raw.engine.memory_reserve_mib,
+            "engine.memory_reserve_mib",
+            0,
+            16_384,
+            " MiB",
+        )? << 20;
         Ok(Config {
             source: None,
             crossover,
             crossover_home,
+            memory_reserve,
             admin,
             metrics_listen,
             tunnels: TunnelSettings {
@@ -1366,6 +1396,7 @@ mod tests {
         let c = Config::embedded();
         assert!(c.listen.iter().all(|l| l.address.ip().is_loopback()));
         assert_eq!(c.domains, vec!["org.example"]);
+        assert_eq!(c.memory_reserve, 64 << 20, "the default heap reserve");
     }
 
     #[test]
@@ -1485,6 +1516,11 @@ mod tests {
                 "[limits]\nmax_message_bytes = 100000\n",
                 "limits.max_message_bytes",
                 "allowed range 1024 to 65535 bytes",
+            ),
+            (
+                "[engine]\nmemory_reserve_mib = 20000\n",
+                "engine.memory_reserve_mib",
+                "allowed range 0 to 16384 MiB",
             ),
             (
                 "[limits]\nmax_transactions = 0\n",

@@ -404,6 +404,10 @@ pub fn restart_keys(running: &Config, new: &Config) -> Vec<&'static str> {
         (running.listen != new.listen, "listen"),
         (running.tls != new.tls, "tls"),
         (running.dns != new.dns, "dns"),
+        (
+            running.memory_reserve != new.memory_reserve,
+            "engine.memory_reserve_mib",
+        ),
         (a.store != b.store, "auth.store"),
         (a.realm != b.realm, "auth.realm"),
         (a.mechanisms != b.mechanisms, "auth.mechanisms"),
