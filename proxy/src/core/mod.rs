@@ -87,7 +87,9 @@ use relay::Context;
 use crate::config::{AuthSettings, RegistrarSettings, TunnelSettings};
 use crate::flow::{ConnId, Destination, Flow, Transport};
 use crate::sip::values::split_list;
-use crate::sip::{build_response, HeaderName, Limits, Message, Method, Scheme, Uri, Via};
+use crate::sip::{
+    build_response, HeaderName, Limits, Message, Method, ResponseWriter, Scheme, Uri, Via,
+};
 use crate::transaction::{
     ServerKey, ServerOutcome, TimerConfig, TransactionLayer, Transmit, TxEvent, TxId,
 };
@@ -1578,10 +1580,9 @@ fn looks_like_response(b: &[u8]) -> bool {
 
 /// A response to a request that could not be parsed, from its raw header lines: Via, From,
 /// To (given the gateway's `tag` when it has none, RFC 3261 8.2.6.2), Call-ID and CSeq as they
-/// came. `None` without a Via (nowhere to send it).
+/// came, through the one response writer. `None` without a Via (nowhere to send it).
 fn raw_response(b: &[u8], code: u16, reason: &str, tag: &str) -> Option<Bytes> {
-    let mut out = format!("SIP/2.0 {code} {reason}\r\n").into_bytes();
-    let mut has_via = false;
+    let mut w = ResponseWriter::new(code, reason, Some(tag));
     for line in b.split(|&c| c == b'\n').skip(1) {
         let line = line.strip_suffix(b"\r").unwrap_or(line);
         if line.is_empty() {
@@ -1590,30 +1591,12 @@ fn raw_response(b: &[u8], code: u16, reason: &str, tag: &str) -> Option<Bytes> {
         let Some(colon) = line.iter().position(|&c| c == b':') else {
             continue;
         };
-        let name = HeaderName::from_wire(line[..colon].trim_ascii());
-        if matches!(
-            name,
-            HeaderName::Via
-                | HeaderName::From
-                | HeaderName::To
-                | HeaderName::CallId
-                | HeaderName::CSeq
-        ) {
-            has_via |= name == HeaderName::Via;
-            let value = line[colon + 1..].trim_ascii();
-            out.extend_from_slice(name.canonical().as_bytes());
-            out.extend_from_slice(b": ");
-            out.extend_from_slice(value);
-            let tagged = value.windows(5).any(|w| w.eq_ignore_ascii_case(b";tag="));
-            if name == HeaderName::To && !tagged {
-                out.extend_from_slice(b";tag=");
-                out.extend_from_slice(tag.as_bytes());
-            }
-            out.extend_from_slice(b"\r\n");
-        }
+        w.copy(
+            HeaderName::from_wire(line[..colon].trim_ascii()),
+            line[colon + 1..].trim_ascii(),
+        );
     }
-    out.extend_from_slice(b"Server: Gatehouse\r\nContent-Length: 0\r\n\r\n");
-    has_via.then(|| Bytes::from(out))
+    w.has_via().then(|| w.finish(&[]))
 }
 
 /// Logs a refusal at the level its fault deserves: the caller's mistakes are routine
