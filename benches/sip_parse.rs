@@ -1,5 +1,5 @@
-//! Micro-benchmarks of the sans-IO layers: parsing, editing and serialising a message,
-//! and one whole proxied call through the core (INVITE/100/180/200/ACK/BYE/200) without
+//! Micro-benchmarks of the sans-IO layers: parsing, editing and serialising a message, a
+//! WireGuard offer's codec, and one whole proxied call through the core (INVITE/100/180/200/ACK/BYE/200) without
 //! sockets — the user-space share of the proxy's CPU cost per call.
 
 #![allow(clippy::unwrap_used)]
@@ -89,5 +89,20 @@ CSeq: {seq} {method}\r\nRoute: {rr}\r\nMax-Forwards: 70\r\nContent-Length: 0\r\n
     });
 }
 
-criterion_group!(benches, parse, call);
+/// The WireGuard offer of every tunnel INVITE: parsed (with sdp-rs's guard), one parameter set
+/// and written out, as the authorize stage does (issue 20: one body must not be paid twice).
+fn offer(c: &mut Criterion) {
+    let body = INVITE.split_once("\r\n\r\n").expect("a body").1.as_bytes();
+    c.bench_function("WireGuard offer: parse, set psk, serialise", |b| {
+        b.iter(|| {
+            let mut w = gatehouse_sip::wireguard::WgSdp::parse(black_box(body))
+                .expect("valid")
+                .expect("WireGuard");
+            w.set_param("psk", Some("AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="));
+            w.to_bytes()
+        })
+    });
+}
+
+criterion_group!(benches, parse, offer, call);
 criterion_main!(benches);

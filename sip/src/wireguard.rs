@@ -103,14 +103,13 @@ impl WgSdp {
                 return Err(SdpError::Line(i + 1));
             }
         }
-        let lines: Vec<String> = pieces
+        let mut lines: Vec<String> = pieces
             .iter()
             .map(|l| l.strip_suffix('\r').unwrap_or(l).to_string())
             .collect();
-        let lines: Vec<String> = match lines.last() {
-            Some(l) if l.is_empty() => lines[..lines.len() - 1].to_vec(),
-            _ => lines,
-        };
+        if lines.last().is_some_and(String::is_empty) {
+            lines.pop();
+        }
         for (i, l) in lines.iter().enumerate() {
             let b = l.as_bytes();
             // RFC 4566: no NUL, CR or LF in a line; the gateway also refuses the other
@@ -253,18 +252,20 @@ impl WgSdp {
             (None, Some(v)) => self.params.push((name.to_owned(), v.to_owned())),
             (None, None) => {}
         }
-        let joined: Vec<String> = self
-            .params
-            .iter()
-            .map(|(n, v)| {
-                if v.is_empty() {
-                    n.clone()
-                } else {
-                    format!("{n}={v}")
-                }
-            })
-            .collect();
-        self.lines[self.fmtp_line] = format!("a=fmtp:vnd.wireguard {}", joined.join(";"));
+        // The line is written in place: one buffer, no string per parameter.
+        let line = &mut self.lines[self.fmtp_line];
+        line.clear();
+        line.push_str("a=fmtp:vnd.wireguard ");
+        for (i, (n, v)) in self.params.iter().enumerate() {
+            if i > 0 {
+                line.push(';');
+            }
+            line.push_str(n);
+            if !v.is_empty() {
+                line.push('=');
+                line.push_str(v);
+            }
+        }
     }
 
     /// Replaces the WireGuard endpoint (`c=` in force and the `m=` port).
@@ -328,16 +329,48 @@ fn parse_connection(line: &str) -> Result<IpAddr, SdpError> {
     }
 }
 
-/// sdp-rs must parse the body and keep every line (its 0.2.1 drops lines silently).
+/// sdp-rs must parse the body and keep every line (its 0.2.1 drops lines silently after the
+/// first one it does not expect, and still returns `Ok`).
 fn sdp_rs_accounts_for(text: &str, lines: usize) -> Result<(), SdpError> {
-    let parsed =
-        sdp_rs::SessionDescription::try_from(text.to_owned()).map_err(|_| SdpError::Unaccounted)?;
-    let out = parsed.to_string();
-    let kept = out.lines().filter(|l| !l.trim().is_empty()).count();
-    if kept < lines {
+    let parsed = sdp_rs::SessionDescription::try_from(text).map_err(|_| SdpError::Unaccounted)?;
+    if lines_held(&parsed) < lines {
         return Err(SdpError::Unaccounted);
     }
     Ok(())
+}
+
+/// The lines a parsed description holds: what its `Display` would write, one line per field
+/// value (sdp-rs 0.2.1's `SessionDescription`, `Time` and `MediaDescription` writers), counted
+/// without writing them (issue 20: the offer was parsed, then written out again only to be
+/// counted). `structural_count_is_the_written_count` checks the two agree.
+fn lines_held(sd: &sdp_rs::SessionDescription) -> usize {
+    let opt = |present: bool| usize::from(present);
+    let times: usize = sd
+        .times
+        .iter()
+        .map(|t| 1 + t.repeat.len() + opt(t.zone.is_some()))
+        .sum();
+    let media: usize = sd
+        .media_descriptions
+        .iter()
+        .map(|m| {
+            1 + opt(m.info.is_some())
+                + m.connections.len()
+                + m.bandwidths.len()
+                + opt(m.key.is_some())
+                + m.attributes.len()
+        })
+        .sum();
+    3 + opt(sd.session_info.is_some())
+        + opt(sd.uri.is_some())
+        + sd.emails.len()
+        + sd.phones.len()
+        + opt(sd.connection.is_some())
+        + sd.bandwidths.len()
+        + times
+        + opt(sd.key.is_some())
+        + sd.attributes.len()
+        + media
 }
 
 /// Removes every `psk` fmtp parameter from a WireGuard SDP body; `None` when there was none.
@@ -553,6 +586,49 @@ a=fmtp:vnd.wireguard  pubkey=y; Psk = CCCC\n--b--\r\n";
             None,
             "other formats untouched"
         );
+    }
+
+    /// `lines_held` counts what sdp-rs's writer would write, for every shape of description:
+    /// each session- and media-level line type, repeats and zones, several media, and bodies
+    /// sdp-rs truncates (the count and the writer agree on what it kept).
+    #[test]
+    fn structural_count_is_the_written_count() {
+        let full = "v=0\r\no=- 1 2 IN IP4 192.0.2.1\r\ns=x\r\ni=info\r\nu=http://example.com/\r\n\
+e=a@example.com\r\ne=b@example.com\r\np=+1 555 0100\r\nc=IN IP4 192.0.2.1\r\nb=AS:64\r\nb=CT:128\r\n\
+t=3724394400 3724398000\r\nr=604800 3600 0\r\nr=7d 1h 0 25h\r\nz=2882844526 -1h 2898848070 0\r\nt=0 0\r\n\
+k=prompt\r\na=recvonly\r\na=tool:x\r\n\
+m=audio 49170 RTP/AVP 0\r\ni=voice\r\nc=IN IP4 192.0.2.2\r\nc=IN IP4 192.0.2.3\r\nb=AS:32\r\nk=prompt\r\na=sendrecv\r\n\
+m=application 57660 udp vnd.wireguard\r\na=fmtp:vnd.wireguard pubkey=x;prefix=y\r\na=sendrecv\r\n";
+        let mut bodies: Vec<String> = vec![
+            SEED.to_owned(),
+            full.to_owned(),
+            full.replace("\r\n", "\n"),
+            // Out of order and unknown lines: sdp-rs keeps a prefix of the body.
+            SEED.replace("s=-\r\n", "x=unknown\r\ns=-\r\n"),
+            SEED.replace("a=sendrecv\r\n", "a=sendrecv\r\nc=IN IP4 192.0.2.9\r\n"),
+            full.replace("k=prompt\r\na=recvonly", "a=recvonly\r\nk=prompt"),
+        ];
+        for f in ["offer.sdp", "answer.sdp"] {
+            let path = format!(
+                "{}/../fuzz/seeds/wireguard_sdp/{f}",
+                env!("CARGO_MANIFEST_DIR")
+            );
+            bodies.push(std::fs::read_to_string(path).unwrap());
+        }
+        let mut parsed = 0;
+        for body in &bodies {
+            let Ok(sd) = sdp_rs::SessionDescription::try_from(body.as_str()) else {
+                continue;
+            };
+            parsed += 1;
+            let written = sd.to_string();
+            let written = written.lines().filter(|l| !l.trim().is_empty()).count();
+            assert_eq!(lines_held(&sd), written, "{body}");
+        }
+        assert!(parsed >= 6, "sdp-rs parsed {parsed} of the bodies");
+        // The full body is held whole: the count is the body's line count.
+        let sd = sdp_rs::SessionDescription::try_from(full).unwrap();
+        assert_eq!(lines_held(&sd), full.lines().count());
     }
 
     #[test]
