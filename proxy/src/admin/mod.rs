@@ -486,190 +486,228 @@ async fn handle(
         tracing::info!(admin = %username, %method, %path, "admin action");
     }
     let p: Vec<&str> = parts.iter().map(String::as_str).collect();
-    let resp = match (&method, p.as_slice()) {
-        (&Method::GET, ["status"]) => match ask(&state, Command::Status).await {
-            Some(v) => reply(StatusCode::OK, v, &[]),
-            None => unavailable(),
-        },
+    let resp = route(&state, &method, &p, role, req).await;
+    Ok(with_info(resp, info))
+}
+
+/// The API's routes (method and path under `/api/v1/`), each to its handler: the one place the
+/// API's shape is written. Writes already need the admin role (checked by [`handle`]); the
+/// users table needs it to be read too.
+async fn route(
+    state: &Arc<AdminState>,
+    method: &Method,
+    path: &[&str],
+    role: Role,
+    req: Request<hyper::body::Incoming>,
+) -> Resp {
+    match (method, path) {
+        (&Method::GET, ["status"]) => status(state).await,
         (&Method::GET, [list @ ("tunnels" | "registrations")]) => {
-            match Page::from_query(req.uri().query()) {
-                Err(e) => reply(StatusCode::BAD_REQUEST, json!({ "error": e }), &[]),
-                Ok(page) => {
-                    let limit = page.limit;
-                    let cluster = page.cluster.unwrap_or(state.shared);
-                    let listing = if *list == "tunnels" && cluster {
-                        stored_tunnels(&state, page).await
-                    } else if *list == "tunnels" {
-                        ask(&state, |tx| Command::Tunnels(page, tx)).await
-                    } else {
-                        ask(&state, |tx| Command::Registrations(page, tx)).await
-                    };
-                    match listing {
-                        Some((rows, next)) => {
-                            let link: Vec<(&str, String)> = next
-                                .map(|key| {
-                                    (
-                                        "link",
-                                        format!(
-                                            "</api/v1/{list}?after={}&limit={limit}>; rel=\"next\"",
-                                            percent_encode(&key)
-                                        ),
-                                    )
-                                })
-                                .into_iter()
-                                .collect();
-                            reply(StatusCode::OK, rows, &link)
-                        }
-                        None => unavailable(),
-                    }
-                }
-            }
+            listing(state, list, req.uri().query()).await
         }
-        (&Method::DELETE, ["tunnels", id]) => {
-            let mut outcome = ask(&state, |tx| Command::Teardown((*id).to_owned(), tx)).await;
-            // Not in this gateway's table: another gateway of the cluster (alive or not) set
-            // it up; its record in the shared database is enough to end it from here.
-            if matches!(outcome, Some(Err(_))) && state.shared {
-                let st = Arc::clone(&state);
-                let call_id = (*id).to_owned();
-                let stored = tokio::task::spawn_blocking(move || lock(&st.store).tunnel(&call_id))
-                    .await
-                    .ok()
-                    .and_then(Result::ok)
-                    .flatten();
-                if let Some(t) = stored {
-                    outcome = ask(&state, |tx| Command::TeardownStored(Box::new(t), tx)).await;
-                }
-            }
-            match outcome {
-                Some(Ok(())) => reply(StatusCode::OK, json!({"torn_down": id}), &[]),
-                Some(Err(e)) => reply(StatusCode::NOT_FOUND, json!({"error": e}), &[]),
-                None => unavailable(),
-            }
-        }
-        (&Method::DELETE, ["registrations", aor]) => match ask(&state, |tx| {
-            Command::RemoveRegistration((*aor).to_owned(), tx)
-        })
-        .await
-        {
-            Some(0) => reply(StatusCode::NOT_FOUND, json!({"error": "no binding"}), &[]),
-            Some(n) => reply(StatusCode::OK, json!({"removed": n}), &[]),
-            None => unavailable(),
-        },
+        (&Method::DELETE, ["tunnels", id]) => teardown_tunnel(state, id).await,
+        (&Method::DELETE, ["registrations", aor]) => remove_registration(state, aor).await,
         (_, ["users", ..]) if role != Role::Admin => forbidden(),
-        (&Method::GET, ["users"]) => {
-            let st = Arc::clone(&state);
-            let users = tokio::task::spawn_blocking(move || lock(&st.store).list_users()).await;
-            match users.unwrap_or_else(|_| {
-                Err(crate::store::StoreError::Invalid("internal error".into()))
-            }) {
-                Ok(list) => reply(
-                    StatusCode::OK,
-                    Value::Array(
-                        list.into_iter()
-                            .map(|u| json!({"username": u.username, "aors": u.aors, "enabled": u.enabled, "mechanisms": u.mechanisms}))
-                            .collect(),
-                    ),
-                    &[],
-                ),
-                Err(e) => reply(StatusCode::INTERNAL_SERVER_ERROR, json!({"error": e.to_string()}), &[]),
-            }
-        }
-        (&Method::POST, ["users"]) => {
-            let body = body_json(req).await.unwrap_or(Value::Null);
-            let username = body["username"].as_str().unwrap_or("");
-            let password =
-                zeroize::Zeroizing::new(body["password"].as_str().unwrap_or("").to_owned());
-            let aors: Vec<String> = body["aors"]
-                .as_array()
-                .map(|a| {
-                    a.iter()
-                        .filter_map(|x| x.as_str().map(str::to_owned))
-                        .collect()
-                })
-                .unwrap_or_default();
-            if username.is_empty() || password.is_empty() || aors.is_empty() {
-                reply(
-                    StatusCode::BAD_REQUEST,
-                    json!({"error": "username, password and aors are required"}),
-                    &[],
-                )
-            } else {
-                let username = username.to_owned();
-                let iterations = state.iterations;
-                change_users(&state, StatusCode::CREATED, move |st| {
-                    st.add_user(&username, password.as_bytes(), &aors, None, iterations)
-                })
-                .await
-            }
-        }
+        (&Method::GET, ["users"]) => list_users(state).await,
+        (&Method::POST, ["users"]) => add_user(state, body_json(req).await).await,
         (&Method::PUT, ["users", name, "password"]) => {
-            let name = (*name).to_owned();
-            let body = body_json(req).await.unwrap_or(Value::Null);
-            let password =
-                zeroize::Zeroizing::new(body["password"].as_str().unwrap_or("").to_owned());
-            if password.is_empty() {
-                reply(
-                    StatusCode::BAD_REQUEST,
-                    json!({"error": "password is required"}),
-                    &[],
-                )
-            } else {
-                let iterations = state.iterations;
-                change_users(&state, StatusCode::OK, move |st| {
-                    st.set_password(&name, password.as_bytes(), iterations)
-                })
-                .await
-            }
+            set_password(state, name, body_json(req).await).await
         }
         (&Method::POST, ["users", name, action @ ("disable" | "enable")]) => {
             let (name, enable) = ((*name).to_owned(), *action == "enable");
-            change_users(&state, StatusCode::OK, move |st| {
+            change_users(state, StatusCode::OK, move |st| {
                 st.set_enabled(&name, enable)
             })
             .await
         }
         (&Method::DELETE, ["users", name]) => {
             let name = (*name).to_owned();
-            change_users(&state, StatusCode::OK, move |st| st.delete_user(&name)).await
+            change_users(state, StatusCode::OK, move |st| st.delete_user(&name)).await
         }
-        (&Method::POST, ["reload"]) => match ask(&state, Command::Reload).await {
-            Some(Ok(what)) => reply(StatusCode::OK, json!({"reloaded": what}), &[]),
-            Some(Err(e)) => reply(StatusCode::UNPROCESSABLE_ENTITY, json!({"error": e}), &[]),
-            None => unavailable(),
-        },
-        (&Method::PUT, ["log-level"]) => {
-            let body = body_json(req).await.unwrap_or(Value::Null);
-            let level = body["level"].as_str().unwrap_or("").to_owned();
-            if !["error", "warn", "info", "debug", "trace"].contains(&level.as_str()) {
-                reply(
-                    StatusCode::BAD_REQUEST,
-                    json!({"error": "level is one of error, warn, info, debug, trace"}),
-                    &[],
-                )
-            } else {
-                match &state.log {
-                    Some(set) => match set(&level) {
-                        Ok(()) => reply(StatusCode::OK, json!({"level": level}), &[]),
-                        Err(e) => {
-                            reply(StatusCode::INTERNAL_SERVER_ERROR, json!({"error": e}), &[])
-                        }
-                    },
-                    None => reply(
-                        StatusCode::NOT_IMPLEMENTED,
-                        json!({"error": "no log control in this process"}),
-                        &[],
-                    ),
-                }
-            }
-        }
+        (&Method::POST, ["reload"]) => reload(state).await,
+        (&Method::PUT, ["log-level"]) => set_log_level(state, body_json(req).await),
         _ => reply(
             StatusCode::NOT_FOUND,
             json!({"error": "no such endpoint"}),
             &[],
         ),
+    }
+}
+
+/// `GET /status`.
+async fn status(state: &AdminState) -> Resp {
+    match ask(state, Command::Status).await {
+        Some(v) => reply(StatusCode::OK, v, &[]),
+        None => unavailable(),
+    }
+}
+
+/// `GET /tunnels` and `GET /registrations`: one page, with a `Link` to the next.
+async fn listing(state: &Arc<AdminState>, list: &str, query: Option<&str>) -> Resp {
+    let page = match Page::from_query(query) {
+        Ok(page) => page,
+        Err(e) => return reply(StatusCode::BAD_REQUEST, json!({ "error": e }), &[]),
     };
-    Ok(with_info(resp, info))
+    let limit = page.limit;
+    let cluster = page.cluster.unwrap_or(state.shared);
+    let listing = if list == "tunnels" && cluster {
+        stored_tunnels(state, page).await
+    } else if list == "tunnels" {
+        ask(state, |tx| Command::Tunnels(page, tx)).await
+    } else {
+        ask(state, |tx| Command::Registrations(page, tx)).await
+    };
+    let Some((rows, next)) = listing else {
+        return unavailable();
+    };
+    let link: Vec<(&str, String)> = next
+        .map(|key| {
+            (
+                "link",
+                format!(
+                    "</api/v1/{list}?after={}&limit={limit}>; rel=\"next\"",
+                    percent_encode(&key)
+                ),
+            )
+        })
+        .into_iter()
+        .collect();
+    reply(StatusCode::OK, rows, &link)
+}
+
+/// `DELETE /tunnels/{call-id}`.
+async fn teardown_tunnel(state: &Arc<AdminState>, id: &str) -> Resp {
+    let mut outcome = ask(state, |tx| Command::Teardown(id.to_owned(), tx)).await;
+    // Not in this gateway's table: another gateway of the cluster (alive or not) set it up;
+    // its record in the shared database is enough to end it from here.
+    if matches!(outcome, Some(Err(_))) && state.shared {
+        let st = Arc::clone(state);
+        let call_id = id.to_owned();
+        let stored = tokio::task::spawn_blocking(move || lock(&st.store).tunnel(&call_id))
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .flatten();
+        if let Some(t) = stored {
+            outcome = ask(state, |tx| Command::TeardownStored(Box::new(t), tx)).await;
+        }
+    }
+    match outcome {
+        Some(Ok(())) => reply(StatusCode::OK, json!({"torn_down": id}), &[]),
+        Some(Err(e)) => reply(StatusCode::NOT_FOUND, json!({"error": e}), &[]),
+        None => unavailable(),
+    }
+}
+
+/// `DELETE /registrations/{aor}`.
+async fn remove_registration(state: &AdminState, aor: &str) -> Resp {
+    match ask(state, |tx| Command::RemoveRegistration(aor.to_owned(), tx)).await {
+        Some(0) => reply(StatusCode::NOT_FOUND, json!({"error": "no binding"}), &[]),
+        Some(n) => reply(StatusCode::OK, json!({"removed": n}), &[]),
+        None => unavailable(),
+    }
+}
+
+/// `GET /users` (never key material).
+async fn list_users(state: &Arc<AdminState>) -> Resp {
+    let st = Arc::clone(state);
+    let users = tokio::task::spawn_blocking(move || lock(&st.store).list_users()).await;
+    match users
+        .unwrap_or_else(|_| Err(crate::store::StoreError::Invalid("internal error".into())))
+    {
+        Ok(list) => reply(
+            StatusCode::OK,
+            Value::Array(
+                list.into_iter()
+                    .map(|u| json!({"username": u.username, "aors": u.aors, "enabled": u.enabled, "mechanisms": u.mechanisms}))
+                    .collect(),
+            ),
+            &[],
+        ),
+        Err(e) => reply(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            json!({"error": e.to_string()}),
+            &[],
+        ),
+    }
+}
+
+/// `POST /users`: `username`, `password` and `aors` are required.
+async fn add_user(state: &Arc<AdminState>, body: Option<Value>) -> Resp {
+    let body = body.unwrap_or(Value::Null);
+    let username = body["username"].as_str().unwrap_or("").to_owned();
+    let password = zeroize::Zeroizing::new(body["password"].as_str().unwrap_or("").to_owned());
+    let aors: Vec<String> = body["aors"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|x| x.as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default();
+    if username.is_empty() || password.is_empty() || aors.is_empty() {
+        return reply(
+            StatusCode::BAD_REQUEST,
+            json!({"error": "username, password and aors are required"}),
+            &[],
+        );
+    }
+    let iterations = state.iterations;
+    change_users(state, StatusCode::CREATED, move |st| {
+        st.add_user(&username, password.as_bytes(), &aors, None, iterations)
+    })
+    .await
+}
+
+/// `PUT /users/{name}/password`.
+async fn set_password(state: &Arc<AdminState>, name: &str, body: Option<Value>) -> Resp {
+    let body = body.unwrap_or(Value::Null);
+    let password = zeroize::Zeroizing::new(body["password"].as_str().unwrap_or("").to_owned());
+    if password.is_empty() {
+        return reply(
+            StatusCode::BAD_REQUEST,
+            json!({"error": "password is required"}),
+            &[],
+        );
+    }
+    let (name, iterations) = (name.to_owned(), state.iterations);
+    change_users(state, StatusCode::OK, move |st| {
+        st.set_password(&name, password.as_bytes(), iterations)
+    })
+    .await
+}
+
+/// `POST /reload`: configuration and policy, as SIGHUP.
+async fn reload(state: &AdminState) -> Resp {
+    match ask(state, Command::Reload).await {
+        Some(Ok(what)) => reply(StatusCode::OK, json!({"reloaded": what}), &[]),
+        Some(Err(e)) => reply(StatusCode::UNPROCESSABLE_ENTITY, json!({"error": e}), &[]),
+        None => unavailable(),
+    }
+}
+
+/// `PUT /log-level`.
+fn set_log_level(state: &AdminState, body: Option<Value>) -> Resp {
+    let body = body.unwrap_or(Value::Null);
+    let level = body["level"].as_str().unwrap_or("");
+    if !["error", "warn", "info", "debug", "trace"].contains(&level) {
+        return reply(
+            StatusCode::BAD_REQUEST,
+            json!({"error": "level is one of error, warn, info, debug, trace"}),
+            &[],
+        );
+    }
+    match &state.log {
+        Some(set) => match set(level) {
+            Ok(()) => reply(StatusCode::OK, json!({"level": level}), &[]),
+            Err(e) => reply(StatusCode::INTERNAL_SERVER_ERROR, json!({"error": e}), &[]),
+        },
+        None => reply(
+            StatusCode::NOT_IMPLEMENTED,
+            json!({"error": "no log control in this process"}),
+            &[],
+        ),
+    }
 }
 
 fn with_info(mut r: Resp, info: Option<String>) -> Resp {
