@@ -4,7 +4,7 @@
 #![allow(dead_code)]
 
 use bytes::Bytes;
-use gatehouse::core::{CoreConfig, LocalAddr, RouteTable, Target};
+use gatehouse::core::{CoreConfig, LocalAddr, Route, RouteTable};
 use gatehouse_sip::flow::{Destination, Flow, Transport};
 use gatehouse_sip::transaction::TimerConfig;
 use gatehouse_sip::{HeaderName, Limits, Message};
@@ -44,7 +44,7 @@ pub fn config() -> CoreConfig {
     let mut routes = RouteTable::default();
     routes.add_domain(
         "org.example",
-        Target {
+        Route {
             uri: "sip:127.0.0.1:5070".into(),
             dest: Destination::Addr {
                 transport: Transport::Udp,

@@ -4,7 +4,7 @@
 pub mod crossover;
 pub mod route;
 
-use route::{destination_of, RouteTable, Target};
+use route::{destination_of, Route, RouteTable};
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -809,65 +809,12 @@ impl Config {
                 "at least one [[listen]] table is required",
             ));
         }
-        let mut listen = Vec::new();
-        for (i, l) in raw.listen.iter().enumerate() {
-            let key = format!("listen[{i}].address");
-            let address: SocketAddr = l.address.get_ref().parse().map_err(|_| {
-                cx.err(
-                    l.address.span(),
-                    &key,
-                    "expected IP:port, e.g. \"127.0.0.1:5060\" or \"[::1]:5060\"",
-                )
-            })?;
-            let advertise = match &l.advertise {
-                None => None,
-                Some(a) => {
-                    let (h, p) = crate::sip::uri::split_hostport(a.get_ref()).ok_or_else(|| {
-                        cx.err(
-                            a.span(),
-                            &format!("listen[{i}].advertise"),
-                            "expected host[:port]",
-                        )
-                    })?;
-                    Some((h.to_owned(), p.unwrap_or(address.port())))
-                }
-            };
-            if *l.transport.get_ref() == Transport::Tls && raw.tls.is_none() {
-                return Err(cx.err(
-                    l.transport.span(),
-                    &format!("listen[{i}].transport"),
-                    "a tls listener needs a [tls] table",
-                ));
-            }
-            listen.push(Listen {
-                transport: *l.transport.get_ref(),
-                address,
-                advertise,
-            });
-        }
-        let tls = match &raw.tls {
-            None => None,
-            Some(t) => {
-                for (p, key) in [
-                    (&t.certificate, "tls.certificate"),
-                    (&t.private_key, "tls.private_key"),
-                ] {
-                    if !resolve(p.get_ref()).exists() {
-                        return Err(cx.err(
-                            p.span(),
-                            key,
-                            format!("{} does not exist", resolve(p.get_ref()).display()),
-                        ));
-                    }
-                }
-                Some(TlsFiles {
-                    certificate: resolve(t.certificate.get_ref()),
-                    private_key: resolve(t.private_key.get_ref()),
-                    ca: t.ca.as_ref().map(|c| resolve(c.get_ref())),
-                    client_ca: t.client_ca.as_ref().map(|c| resolve(c.get_ref())),
-                })
-            }
-        };
+        let listen = listeners(&cx, &raw.listen, raw.tls.is_some())?;
+        let tls = raw
+            .tls
+            .as_ref()
+            .map(|t| t.validate(&cx, &resolve))
+            .transpose()?;
         let t = &raw.timers;
         let timers = TimerConfig {
             t1: cx.ms(&t.t1_ms, "timers.t1_ms", 10, 10_000)?,
@@ -877,28 +824,8 @@ impl Config {
         };
         let failover = cx.ms(&t.failover_ms, "timers.failover_ms", 100, 64_000)?;
         let dead_address = cx.ms(&t.dead_address_ms, "timers.dead_address_ms", 0, 3_600_000)?;
-        // Addresses or prefixes (a bare address is a host prefix), host bits cleared.
-        let nets =
-            |list: &[Spanned<String>], key: &str| -> Result<Vec<ipnet::IpNet>, ConfigError> {
-                list.iter()
-                    .enumerate()
-                    .map(|(i, n)| {
-                        let text = n.get_ref();
-                        text.parse::<ipnet::IpNet>()
-                            .or_else(|_| text.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
-                            .map(|net| net.trunc())
-                            .map_err(|_| {
-                                cx.err(
-                                    n.span(),
-                                    &format!("{key}[{i}]"),
-                                    format!("`{text}` is not an address or prefix"),
-                                )
-                            })
-                    })
-                    .collect()
-            };
-        let trusted = nets(&raw.trust.sources, "trust.sources")?;
-        let balancers = nets(&raw.cluster.balancers, "cluster.balancers")?;
+        let trusted = cx.nets(&raw.trust.sources, "trust.sources")?;
+        let balancers = cx.nets(&raw.cluster.balancers, "cluster.balancers")?;
         // A trusted balancer would admit everyone it relays without authentication.
         for (i, b) in balancers.iter().enumerate() {
             if trusted.iter().any(|t| t.contains(b) || b.contains(t)) {
@@ -939,114 +866,8 @@ impl Config {
                 Some(text.clone())
             }
         };
-        let mut servers = Vec::new();
-        for (i, s) in raw.dns.servers.iter().enumerate() {
-            let text = s.get_ref();
-            let addr = text
-                .parse::<SocketAddr>()
-                .ok()
-                .or_else(|| {
-                    text.parse::<std::net::IpAddr>()
-                        .ok()
-                        .map(|ip| (ip, 53).into())
-                })
-                .ok_or_else(|| {
-                    cx.err(
-                        s.span(),
-                        &format!("dns.servers[{i}]"),
-                        format!("`{text}` is not an IP address with an optional port"),
-                    )
-                })?;
-            servers.push(addr);
-        }
-        let dns = DnsSettings {
-            servers,
-            timeout: cx.ms(&raw.dns.timeout_ms, "dns.timeout_ms", 100, 30_000)?,
-            attempts: cx.range(&raw.dns.attempts, "dns.attempts", 1, 5, "")?,
-        };
-        let mut routes = RouteTable::default();
-        for (i, r) in raw.route.iter().enumerate() {
-            // `target` rewrites the Request-URI, `next_hop` only says where to send it.
-            let (spanned, key, rewrites) = match (&r.target, &r.next_hop) {
-                (Some(t), None) => (t, format!("route[{i}].target"), true),
-                (None, Some(n)) => (n, format!("route[{i}].next_hop"), false),
-                (Some(_), Some(n)) => return Err(cx.err(
-                    n.span(),
-                    &format!("route[{i}].next_hop"),
-                    "give `target` (rewrites the Request-URI) or `next_hop` (keeps it), not both",
-                )),
-                (None, None) => {
-                    let span = r
-                        .aor
-                        .as_ref()
-                        .or(r.domain.as_ref())
-                        .map_or_else(|| cx.end(), |s| s.span());
-                    return Err(cx.err(
-                        span,
-                        &format!("route[{i}]"),
-                        "needs `target` or `next_hop`",
-                    ));
-                }
-            };
-            let target_text = spanned.get_ref();
-            let uri = Uri::parse(target_text)
-                .ok()
-                .filter(|u| matches!(u.scheme, Scheme::Sip | Scheme::Sips))
-                .ok_or_else(|| {
-                    cx.err(
-                        spanned.span(),
-                        &key,
-                        format!("`{target_text}` is not a sip: or sips: URI"),
-                    )
-                })?;
-            // A host name stays a name: DNS (RFC 3263) locates it for each request, so a
-            // partner's NAPTR/SRV records and their changes are followed.
-            let dest = destination_of(&uri, r.transport.as_ref().map(|t| *t.get_ref()));
-            let fixed = match &dest {
-                crate::flow::Destination::Addr { transport, .. } => Some(*transport),
-                crate::flow::Destination::Name { transport, .. } => *transport,
-                crate::flow::Destination::Flow(_) => None,
-            };
-            if let Some(transport) = fixed.filter(|t| !listen.iter().any(|l| l.transport == *t)) {
-                return Err(cx.err(
-                    spanned.span(),
-                    &key,
-                    format!("no listener for transport {transport}"),
-                ));
-            }
-            let target = Target {
-                // Empty: the Request-URI stays (`next_hop`).
-                uri: if rewrites {
-                    target_text.clone()
-                } else {
-                    String::new()
-                },
-                dest,
-            };
-            match (&r.aor, &r.domain) {
-                (Some(aor), None) => {
-                    let u = Uri::parse(aor.get_ref())
-                        .ok()
-                        .filter(|u| u.user.is_some())
-                        .ok_or_else(|| {
-                            cx.err(
-                                aor.span(),
-                                &format!("route[{i}].aor"),
-                                "expected sip:user@domain",
-                            )
-                        })?;
-                    routes.add_aor(u.user.unwrap_or_default(), u.host, target);
-                }
-                (None, Some(domain)) => routes.add_domain(domain.get_ref(), target),
-                _ => {
-                    return Err(cx.err(
-                        spanned.span(),
-                        &format!("route[{i}]"),
-                        "give exactly one of `aor` or `domain`",
-                    ));
-                }
-            }
-        }
+        let dns = raw.dns.validate(&cx)?;
+        let routes = route_table(&cx, &raw.route, &listen)?;
         let level = raw.log.level.get_ref().to_ascii_lowercase();
         if !["error", "warn", "info", "debug", "trace"].contains(&level.as_str()) {
             return Err(cx.err(
@@ -1055,7 +876,115 @@ impl Config {
                 "one of error, warn, info, debug, trace",
             ));
         }
-        let l = &raw.limits;
+        let LimitSettings {
+            max_message_bytes,
+            max_headers,
+            max_connections,
+            max_tcp_connections,
+            max_tls_connections,
+            max_connections_per_source,
+            max_transactions,
+            connection_idle,
+            header_timeout,
+            handshake_timeout,
+        } = raw.limits.validate(&cx)?;
+        let rate_limit = raw.rate_limit.validate(&cx)?;
+        let auth = raw.auth.validate(&cx, &domains[0], &resolve)?;
+        let registrar = raw.registrar.validate(&cx)?;
+        let (tunnels, policy) = raw.tunnels.validate(&cx, &resolve)?;
+        let metrics_listen = raw.metrics.validate(&cx)?;
+        let admin = raw.admin.validate(
+            &cx,
+            &domains[0],
+            raw.tls.is_some(),
+            raw.auth.store.is_some(),
+        )?;
+        let (crossover, crossover_home) =
+            raw.crossover.validate(&cx, &resolve, raw.tls.is_some())?;
+        // At most 16 GiB: a reserve is memory the process holds for its whole life.
+        let memory_reserve = cx.range(
+            &raw.engine.memory_reserve_mib,
+            "engine.memory_reserve_mib",
+            0,
+            16_384,
+            " MiB",
+        )? << 20;
+        Ok(Config {
+            source: None,
+            crossover,
+            crossover_home,
+            memory_reserve,
+            admin,
+            metrics_listen,
+            tunnels,
+            policy: std::sync::Arc::new(policy),
+            auth,
+            registrar,
+            domains,
+            aliases,
+            listen,
+            tls,
+            timers,
+            failover,
+            dead_address,
+            limits: Limits {
+                max_message_bytes,
+                max_headers,
+            },
+            max_connections,
+            max_tcp_connections,
+            max_tls_connections,
+            max_connections_per_source,
+            connection_idle,
+            header_timeout,
+            handshake_timeout,
+            max_transactions,
+            rate_limit,
+            hide_topology: raw.topology.hide,
+            balancers,
+            peer_uri,
+            dns,
+            trusted,
+            routes,
+            log_level: level,
+            log_format: raw.log.format,
+            shutdown_grace: cx.ms(
+                &raw.sip.shutdown_grace_ms,
+                "sip.shutdown_grace_ms",
+                0,
+                600_000,
+            )?,
+        })
+    }
+}
+
+impl Ctx<'_> {
+    /// Addresses or prefixes (a bare address is a host prefix), host bits cleared.
+    fn nets(&self, list: &[Spanned<String>], key: &str) -> Result<Vec<ipnet::IpNet>, ConfigError> {
+        list.iter()
+            .enumerate()
+            .map(|(i, n)| {
+                let text = n.get_ref();
+                text.parse::<ipnet::IpNet>()
+                    .or_else(|_| text.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                    .map(|net| net.trunc())
+                    .map_err(|_| {
+                        self.err(
+                            n.span(),
+                            &format!("{key}[{i}]"),
+                            format!("`{text}` is not an address or prefix"),
+                        )
+                    })
+            })
+            .collect()
+    }
+}
+
+impl RawLimits {
+    /// `[limits]`: sizes, connection budgets (shares never above their totals), transactions
+    /// and connection deadlines.
+    fn validate(&self, cx: &Ctx<'_>) -> Result<LimitSettings, ConfigError> {
+        let l = self;
         let max_message_bytes = cx.range(
             &l.max_message_bytes,
             "limits.max_message_bytes",
@@ -1116,7 +1045,39 @@ impl Config {
             100,
             600_000,
         )?;
-        let rl = &raw.rate_limit;
+        Ok(LimitSettings {
+            max_message_bytes,
+            max_headers,
+            max_connections,
+            max_tcp_connections,
+            max_tls_connections,
+            max_connections_per_source,
+            max_transactions,
+            connection_idle,
+            header_timeout,
+            handshake_timeout,
+        })
+    }
+}
+
+/// `[limits]` validated (spread over [`Config`]'s fields).
+struct LimitSettings {
+    max_message_bytes: usize,
+    max_headers: usize,
+    max_connections: usize,
+    max_tcp_connections: usize,
+    max_tls_connections: usize,
+    max_connections_per_source: usize,
+    max_transactions: usize,
+    connection_idle: Duration,
+    header_timeout: Duration,
+    handshake_timeout: Duration,
+}
+
+impl RawRateLimit {
+    /// `[rate_limit]`.
+    fn validate(&self, cx: &Ctx<'_>) -> Result<RateLimitSettings, ConfigError> {
+        let rl = self;
         let rate_limit = RateLimitSettings {
             enabled: rl.enabled,
             requests: cx.range(&rl.requests, "rate_limit.requests", 1, 10_000_000, "")?,
@@ -1130,19 +1091,32 @@ impl Config {
                 "",
             )?,
         };
-        let a = &raw.auth;
+        Ok(rate_limit)
+    }
+}
+
+impl RawAuth {
+    /// `[auth]`: the realm defaults to the first served domain; a store file is relative to
+    /// the configuration's folder.
+    fn validate(
+        &self,
+        cx: &Ctx<'_>,
+        first_domain: &str,
+        resolve: &dyn Fn(&std::path::Path) -> PathBuf,
+    ) -> Result<AuthSettings, ConfigError> {
+        let a = self;
         let max_pending = cx.range(&a.max_pending, "auth.max_pending", 1, 10_000_000, "")?;
         let realm = match &a.realm {
             Some(r) if r.get_ref().trim().is_empty() => {
                 return Err(cx.err(r.span(), "auth.realm", "must not be empty"))
             }
             Some(r) => r.get_ref().clone(),
-            None => domains[0].clone(),
+            None => first_domain.to_owned(),
         };
         let mut mechanisms = Vec::new();
         for m in a.mechanisms.get_ref() {
             let mech = gatehouse_auth::Mechanism::from_name(m)
-                .ok_or_else(|| cx.err(a.mechanisms.span(), "auth.mechanisms", format!("unknown mechanism `{m}` (SCRAM-SHA-256-PLUS, SCRAM-SHA-256, EXTERNAL, PLAIN)")))?;
+            .ok_or_else(|| cx.err(a.mechanisms.span(), "auth.mechanisms", format!("unknown mechanism `{m}` (SCRAM-SHA-256-PLUS, SCRAM-SHA-256, EXTERNAL, PLAIN)")))?;
             mechanisms.push(mech);
         }
         if mechanisms.is_empty() {
@@ -1192,7 +1166,14 @@ impl Config {
             )?,
             lockout: cx.ms(&a.lockout_ms, "auth.lockout_ms", 1000, 86_400_000)?,
         };
-        let r = &raw.registrar;
+        Ok(auth)
+    }
+}
+
+impl RawRegistrar {
+    /// `[registrar]`: expiry bounds in order (min <= default <= max).
+    fn validate(&self, cx: &Ctx<'_>) -> Result<RegistrarSettings, ConfigError> {
+        let r = self;
         let min_expires = cx.range(&r.min_expires_s, "registrar.min_expires_s", 1, 86_400, " s")?;
         let max_expires = cx.range(
             &r.max_expires_s,
@@ -1219,8 +1200,20 @@ impl Config {
                 "",
             )?,
         };
-        let t = &raw.tunnels;
-        let internal_networks = nets(&t.internal_networks, "tunnels.internal_networks")?;
+        Ok(registrar)
+    }
+}
+
+impl RawTunnels {
+    /// `[tunnels]` and the policy file it names (read and validated here: a bad policy is
+    /// refused with the configuration).
+    fn validate(
+        &self,
+        cx: &Ctx<'_>,
+        resolve: &dyn Fn(&std::path::Path) -> PathBuf,
+    ) -> Result<(TunnelSettings, gatehouse_policy::Policy), ConfigError> {
+        let t = self;
+        let internal_networks = cx.nets(&t.internal_networks, "tunnels.internal_networks")?;
         let register_from_outside = t
             .register_from_outside
             .iter()
@@ -1258,7 +1251,22 @@ impl Config {
             Some(p) => load_policy(&resolve(p.get_ref()))
                 .map_err(|e| cx.err(p.span(), "tunnels.policy", e.to_string()))?,
         };
-        let metrics_listen = match &raw.metrics.listen {
+        Ok((
+            TunnelSettings {
+                policy_file,
+                internal_networks,
+                public_endpoints,
+                register_from_outside,
+            },
+            policy,
+        ))
+    }
+}
+
+impl RawMetrics {
+    /// `[metrics]`.
+    fn validate(&self, cx: &Ctx<'_>) -> Result<Option<SocketAddr>, ConfigError> {
+        let metrics_listen = match &self.listen {
             None => None,
             Some(l) => Some(
                 l.get_ref()
@@ -1266,21 +1274,34 @@ impl Config {
                     .map_err(|_| cx.err(l.span(), "metrics.listen", "expected IP:port"))?,
             ),
         };
-        let admin = match &raw.admin.listen {
+        Ok(metrics_listen)
+    }
+}
+
+impl RawAdmin {
+    /// `[admin]`: plain HTTP only on loopback (unless allowed), TLS needs `[tls]`, and the
+    /// admin identities live in the store.
+    fn validate(
+        &self,
+        cx: &Ctx<'_>,
+        first_domain: &str,
+        has_tls: bool,
+        has_store: bool,
+    ) -> Result<Option<AdminSettings>, ConfigError> {
+        let admin = match &self.listen {
             None => None,
             Some(l) => {
                 let listen: SocketAddr = l
                     .get_ref()
                     .parse()
                     .map_err(|_| cx.err(l.span(), "admin.listen", "expected IP:port"))?;
-                if !raw.admin.tls && !plain_http_allowed(listen, raw.admin.allow_remote_plain_http)
-                {
+                if !self.tls && !plain_http_allowed(listen, self.allow_remote_plain_http) {
                     return Err(cx.err(l.span(), "admin.listen", "plain HTTP only on loopback: set admin.tls = true (or allow_remote_plain_http)"));
                 }
-                if raw.admin.tls && raw.tls.is_none() {
+                if self.tls && !has_tls {
                     return Err(cx.err(l.span(), "admin.tls", "needs the [tls] table"));
                 }
-                if raw.auth.store.is_none() {
+                if !has_store {
                     return Err(cx.err(
                         l.span(),
                         "admin.listen",
@@ -1289,81 +1310,212 @@ impl Config {
                 }
                 Some(AdminSettings {
                     listen,
-                    realm: raw
-                        .admin
+                    realm: self
                         .realm
                         .clone()
-                        .unwrap_or_else(|| format!("admin.{}", domains[0])),
-                    tls: raw.admin.tls,
-                    session_idle: Duration::from_secs(match &raw.admin.session_idle_s {
+                        .unwrap_or_else(|| format!("admin.{first_domain}")),
+                    tls: self.tls,
+                    session_idle: Duration::from_secs(match &self.session_idle_s {
                         Some(v) => cx.range(v, "admin.session_idle_s", 1, 86_400, " s")?,
                         None => 900,
                     }),
                 })
             }
         };
-        let (crossover, crossover_home) =
-            raw.crossover.validate(&cx, &resolve, raw.tls.is_some())?;
-        // At most 16 GiB: a reserve is memory the process holds for its whole life.
-        let memory_reserve = cx.range(
-            &raw.engine.memory_reserve_mib,
-            "engine.memory_reserve_mib",
-            0,
-            16_384,
-            " MiB",
-        )? << 20;
-        Ok(Config {
-            source: None,
-            crossover,
-            crossover_home,
-            memory_reserve,
-            admin,
-            metrics_listen,
-            tunnels: TunnelSettings {
-                policy_file,
-                internal_networks,
-                public_endpoints,
-                register_from_outside,
-            },
-            policy: std::sync::Arc::new(policy),
-            auth,
-            registrar,
-            domains,
-            aliases,
-            listen,
-            tls,
-            timers,
-            failover,
-            dead_address,
-            limits: Limits {
-                max_message_bytes,
-                max_headers,
-            },
-            max_connections,
-            max_tcp_connections,
-            max_tls_connections,
-            max_connections_per_source,
-            connection_idle,
-            header_timeout,
-            handshake_timeout,
-            max_transactions,
-            rate_limit,
-            hide_topology: raw.topology.hide,
-            balancers,
-            peer_uri,
-            dns,
-            trusted,
-            routes,
-            log_level: level,
-            log_format: raw.log.format,
-            shutdown_grace: cx.ms(
-                &raw.sip.shutdown_grace_ms,
-                "sip.shutdown_grace_ms",
-                0,
-                600_000,
-            )?,
+        Ok(admin)
+    }
+}
+
+/// `[[listen]]`: addresses, advertised names, and a `[tls]` table for every TLS listener.
+fn listeners(cx: &Ctx<'_>, raw: &[RawListen], has_tls: bool) -> Result<Vec<Listen>, ConfigError> {
+    let mut listen = Vec::new();
+    for (i, l) in raw.iter().enumerate() {
+        let key = format!("listen[{i}].address");
+        let address: SocketAddr = l.address.get_ref().parse().map_err(|_| {
+            cx.err(
+                l.address.span(),
+                &key,
+                "expected IP:port, e.g. \"127.0.0.1:5060\" or \"[::1]:5060\"",
+            )
+        })?;
+        let advertise = match &l.advertise {
+            None => None,
+            Some(a) => {
+                let (h, p) = crate::sip::uri::split_hostport(a.get_ref()).ok_or_else(|| {
+                    cx.err(
+                        a.span(),
+                        &format!("listen[{i}].advertise"),
+                        "expected host[:port]",
+                    )
+                })?;
+                Some((h.to_owned(), p.unwrap_or(address.port())))
+            }
+        };
+        if *l.transport.get_ref() == Transport::Tls && !has_tls {
+            return Err(cx.err(
+                l.transport.span(),
+                &format!("listen[{i}].transport"),
+                "a tls listener needs a [tls] table",
+            ));
+        }
+        listen.push(Listen {
+            transport: *l.transport.get_ref(),
+            address,
+            advertise,
+        });
+    }
+    Ok(listen)
+}
+
+impl RawTls {
+    /// `[tls]`: the certificate and key must exist (relative to the configuration's folder).
+    fn validate(
+        &self,
+        cx: &Ctx<'_>,
+        resolve: &dyn Fn(&std::path::Path) -> PathBuf,
+    ) -> Result<TlsFiles, ConfigError> {
+        for (p, key) in [
+            (&self.certificate, "tls.certificate"),
+            (&self.private_key, "tls.private_key"),
+        ] {
+            if !resolve(p.get_ref()).exists() {
+                return Err(cx.err(
+                    p.span(),
+                    key,
+                    format!("{} does not exist", resolve(p.get_ref()).display()),
+                ));
+            }
+        }
+        Ok(TlsFiles {
+            certificate: resolve(self.certificate.get_ref()),
+            private_key: resolve(self.private_key.get_ref()),
+            ca: self.ca.as_ref().map(|c| resolve(c.get_ref())),
+            client_ca: self.client_ca.as_ref().map(|c| resolve(c.get_ref())),
         })
     }
+}
+
+impl RawDns {
+    /// `[dns]`: name servers as `IP` (port 53) or `IP:port`.
+    fn validate(&self, cx: &Ctx<'_>) -> Result<DnsSettings, ConfigError> {
+        let mut servers = Vec::new();
+        for (i, s) in self.servers.iter().enumerate() {
+            let text = s.get_ref();
+            let addr = text
+                .parse::<SocketAddr>()
+                .ok()
+                .or_else(|| {
+                    text.parse::<std::net::IpAddr>()
+                        .ok()
+                        .map(|ip| (ip, 53).into())
+                })
+                .ok_or_else(|| {
+                    cx.err(
+                        s.span(),
+                        &format!("dns.servers[{i}]"),
+                        format!("`{text}` is not an IP address with an optional port"),
+                    )
+                })?;
+            servers.push(addr);
+        }
+        let dns = DnsSettings {
+            servers,
+            timeout: cx.ms(&self.timeout_ms, "dns.timeout_ms", 100, 30_000)?,
+            attempts: cx.range(&self.attempts, "dns.attempts", 1, 5, "")?,
+        };
+        Ok(dns)
+    }
+}
+
+/// `[[route]]`: each an `aor` or a `domain` with a `target` (rewrites the Request-URI) or a
+/// `next_hop` (keeps it), over a transport some listener serves.
+fn route_table(
+    cx: &Ctx<'_>,
+    raw: &[RawRoute],
+    listen: &[Listen],
+) -> Result<RouteTable, ConfigError> {
+    let mut routes = RouteTable::default();
+    for (i, r) in raw.iter().enumerate() {
+        // `target` rewrites the Request-URI, `next_hop` only says where to send it.
+        let (spanned, key, rewrites) = match (&r.target, &r.next_hop) {
+            (Some(t), None) => (t, format!("route[{i}].target"), true),
+            (None, Some(n)) => (n, format!("route[{i}].next_hop"), false),
+            (Some(_), Some(n)) => {
+                return Err(cx.err(
+                    n.span(),
+                    &format!("route[{i}].next_hop"),
+                    "give `target` (rewrites the Request-URI) or `next_hop` (keeps it), not both",
+                ))
+            }
+            (None, None) => {
+                let span = r
+                    .aor
+                    .as_ref()
+                    .or(r.domain.as_ref())
+                    .map_or_else(|| cx.end(), |s| s.span());
+                return Err(cx.err(span, &format!("route[{i}]"), "needs `target` or `next_hop`"));
+            }
+        };
+        let target_text = spanned.get_ref();
+        let uri = Uri::parse(target_text)
+            .ok()
+            .filter(|u| matches!(u.scheme, Scheme::Sip | Scheme::Sips))
+            .ok_or_else(|| {
+                cx.err(
+                    spanned.span(),
+                    &key,
+                    format!("`{target_text}` is not a sip: or sips: URI"),
+                )
+            })?;
+        // A host name stays a name: DNS (RFC 3263) locates it for each request, so a
+        // partner's NAPTR/SRV records and their changes are followed.
+        let dest = destination_of(&uri, r.transport.as_ref().map(|t| *t.get_ref()));
+        let fixed = match &dest {
+            crate::flow::Destination::Addr { transport, .. } => Some(*transport),
+            crate::flow::Destination::Name { transport, .. } => *transport,
+            crate::flow::Destination::Flow(_) => None,
+        };
+        if let Some(transport) = fixed.filter(|t| !listen.iter().any(|l| l.transport == *t)) {
+            return Err(cx.err(
+                spanned.span(),
+                &key,
+                format!("no listener for transport {transport}"),
+            ));
+        }
+        let target = Route {
+            // Empty: the Request-URI stays (`next_hop`).
+            uri: if rewrites {
+                target_text.clone()
+            } else {
+                String::new()
+            },
+            dest,
+        };
+        match (&r.aor, &r.domain) {
+            (Some(aor), None) => {
+                let u = Uri::parse(aor.get_ref())
+                    .ok()
+                    .filter(|u| u.user.is_some())
+                    .ok_or_else(|| {
+                        cx.err(
+                            aor.span(),
+                            &format!("route[{i}].aor"),
+                            "expected sip:user@domain",
+                        )
+                    })?;
+                routes.add_aor(u.user.unwrap_or_default(), u.host, target);
+            }
+            (None, Some(domain)) => routes.add_domain(domain.get_ref(), target),
+            _ => {
+                return Err(cx.err(
+                    spanned.span(),
+                    &format!("route[{i}]"),
+                    "give exactly one of `aor` or `domain`",
+                ));
+            }
+        }
+    }
+    Ok(routes)
 }
 
 /// Reads and validates a policy file (errors name the file and line).

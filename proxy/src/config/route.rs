@@ -6,17 +6,19 @@ use std::collections::HashMap;
 use crate::flow::{Destination, Transport};
 use crate::sip::Uri;
 
-/// Where requests for a matched AOR or domain go.
+/// One configured `[[route]]`: where requests for a matched AOR or domain go. The router turns
+/// it into the branch it forwards (`core::router::Target`, the only "target" type: a route is
+/// configuration, a target is a branch of one request).
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Target {
-    /// The route's `target` (see [`Target::request_uri`]); empty for a `next_hop` route, which
+pub struct Route {
+    /// The route's `target` (see [`Route::request_uri`]); empty for a `next_hop` route, which
     /// keeps the Request-URI.
     pub uri: String,
     /// The next hop.
     pub dest: Destination,
 }
 
-impl Target {
+impl Route {
     /// The Request-URI of a request for `ruri` sent along this route: the target when it names
     /// a user; the request's user at the target's host and port when it names none (like
     /// Kamailio's `$rd`/`$rp`: a phone behind the route still sees whom the call is for);
@@ -38,21 +40,21 @@ impl Target {
 /// AOR routes win over domain routes. Keys are lower-cased hosts; users compare exactly.
 #[derive(Clone, Debug, Default)]
 pub struct RouteTable {
-    aors: HashMap<(String, String), Target>,
-    domains: HashMap<String, Target>,
+    aors: HashMap<(String, String), Route>,
+    domains: HashMap<String, Route>,
 }
 
 impl RouteTable {
-    pub fn add_aor(&mut self, user: &str, host: &str, target: Target) {
+    pub fn add_aor(&mut self, user: &str, host: &str, target: Route) {
         self.aors
             .insert((user.to_owned(), host.to_ascii_lowercase()), target);
     }
 
-    pub fn add_domain(&mut self, host: &str, target: Target) {
+    pub fn add_domain(&mut self, host: &str, target: Route) {
         self.domains.insert(host.to_ascii_lowercase(), target);
     }
 
-    pub fn lookup(&self, uri: &Uri<'_>) -> Option<&Target> {
+    pub fn lookup(&self, uri: &Uri<'_>) -> Option<&Route> {
         let host = uri.host.to_ascii_lowercase();
         if let Some(user) = uri.user {
             let user = user.split(';').next().unwrap_or(user);
@@ -68,7 +70,7 @@ impl RouteTable {
     }
 
     /// Every route's target (AOR routes, then domain routes; in no particular order within).
-    pub fn targets(&self) -> impl Iterator<Item = &Target> {
+    pub fn targets(&self) -> impl Iterator<Item = &Route> {
         self.aors.values().chain(self.domains.values())
     }
 }

@@ -76,7 +76,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use gatehouse_auth::{Authenticated, SaslParams, SaslServer, Secret, ServerSettings, TlsInfo};
 
-pub use crate::config::route::{RouteTable, Target};
+pub use crate::config::route::{Route, RouteTable};
 pub use admission::{Admission, AdmissionBasis, Clearance, PeerFlow, SignedDialog};
 pub use auth::Challenger;
 use crossover::crossover_core;

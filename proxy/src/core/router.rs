@@ -271,7 +271,7 @@ impl Router {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::route::Target as RouteTarget;
+    use crate::config::route::Route;
     use crate::flow::Transport;
 
     fn router() -> Router {
@@ -279,7 +279,7 @@ mod tests {
         routes.add_aor(
             "vpn",
             "org.example",
-            RouteTarget {
+            Route {
                 uri: "sip:vpn@198.51.100.20:5060".into(),
                 dest: Destination::Addr {
                     transport: Transport::Udp,
@@ -365,7 +365,7 @@ mod tests {
             server_name: None,
         };
         let mut routes = RouteTable::default();
-        let route = |uri: &str| RouteTarget {
+        let route = |uri: &str| Route {
             uri: uri.into(),
             dest: dest.clone(),
         };

@@ -19,7 +19,7 @@ const UAS_V6: &str = "[2001:db8::20]:5060";
 
 fn config() -> CoreConfig {
     let mut routes = RouteTable::default();
-    let target = |uri: &str, addr: &str, transport| Target {
+    let target = |uri: &str, addr: &str, transport| Route {
         uri: uri.into(),
         dest: Destination::Addr {
             transport,
@@ -49,7 +49,7 @@ fn config() -> CoreConfig {
     // A partner domain named by host: located through DNS (RFC 3263) for each request.
     routes.add_domain(
         "partner.example",
-        Target {
+        Route {
             uri: "sip:partner.example".into(),
             dest: crate::config::route::destination_of(
                 &crate::sip::Uri::parse("sip:partner.example").unwrap(),
@@ -1597,7 +1597,7 @@ mod sasl {
         routes.add_aor(
             "vpn",
             "org.example",
-            Target {
+            Route {
                 uri: "sip:vpn@198.51.100.20:5060".into(),
                 dest: Destination::Addr {
                     transport: Transport::Udp,
@@ -2449,7 +2449,7 @@ targets = [\"*@far.example\"]\npskmth = [\"scram\", \"xover\"]\nrequire_psk = tr
         );
         cfg.routes.add_domain(
             "far.example",
-            Target {
+            Route {
                 uri: "sip:far.example".into(),
                 dest: Destination::Addr {
                     transport: Transport::Tls,
@@ -2807,7 +2807,7 @@ Call-ID: call-1@partner.example\r\nCSeq: 9 BYE\r\nContent-Length: 0\r\n\r\n",
     fn policy_judges_the_request_uri_routing_follows_not_to() {
         let mut h = tunnel_harness(store(), "198.51.100.0/24");
         let mut cfg = h.proxy.config().clone();
-        let pbx = Target {
+        let pbx = Route {
             uri: "sip:198.51.100.30:5060".into(),
             dest: Destination::Addr {
                 transport: Transport::Udp,
@@ -3106,7 +3106,7 @@ Call-ID: call-1@partner.example\r\nCSeq: 9 BYE\r\nContent-Length: 0\r\n\r\n",
         cfg.policy = std::sync::Arc::new(gatehouse_policy::Policy::trusted_only());
         cfg.routes.add_domain(
             "outside.example",
-            Target {
+            Route {
                 uri: "sip:192.0.2.50:5060".into(),
                 dest: Destination::Addr {
                     transport: Transport::Udp,
