@@ -424,6 +424,15 @@ impl SqliteStore {
         self.path.as_deref()
     }
 
+    /// Stops this connection's commits from checkpointing the WAL (SQLite's default runs a
+    /// checkpoint inside the commit that passes 1000 pages: 10-500 ms with the file's sync, and
+    /// a tunnel's 200 waits for its commit; docs/PERFORMANCE.md). The storage worker's connection
+    /// does this and a [`Checkpointer`] keeps the WAL short beside it.
+    pub fn leave_checkpoints_to_another_thread(&mut self) -> Result<(), StoreError> {
+        self.conn.pragma_update(None, "wal_autocheckpoint", 0)?;
+        Ok(())
+    }
+
     /// What a starting core needs: credentials, bindings live at `now_unix` (expired ones are
     /// deleted), the tunnel table. Writes a previous run left in the journal (the write lock
     /// was held elsewhere when it stopped) are applied first.
@@ -760,6 +769,53 @@ impl SqliteStore {
 mod tests {
     use super::*;
 
+    /// The storage worker's commits never checkpoint: the WAL grows past SQLite's 1000-page
+    /// automatic checkpoint untouched until the checkpointer's connection copies it, and the
+    /// next commit then starts it over.
+    #[test]
+    fn commits_leave_the_wal_to_the_checkpointer() {
+        let dir = std::env::temp_dir().join(format!("gh-ckpt-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("store.sqlite");
+        let wal = dir.join("store.sqlite-wal");
+        let _ = std::fs::remove_file(&path);
+        let _ = std::fs::remove_file(&wal);
+        let mut s = SqliteStore::open(&path).unwrap();
+        s.leave_checkpoints_to_another_thread().unwrap();
+        s.conn.execute_batch("CREATE TABLE bulk (b BLOB)").unwrap();
+        let frame = 4096 + 24;
+        let commit = |s: &SqliteStore| {
+            s.conn
+                .execute("INSERT INTO bulk VALUES (zeroblob(4000))", [])
+                .unwrap()
+        };
+        for _ in 0..1500 {
+            commit(&s);
+        }
+        let frames = std::fs::metadata(&wal).unwrap().len() / frame;
+        assert!(
+            frames > 1500,
+            "no commit checkpointed: {frames} frames in the WAL"
+        );
+        let other = Connection::open(&path).unwrap();
+        let (log, done) = checkpoint(&other).unwrap();
+        assert!(
+            log > 1500 && done == log,
+            "the checkpointer copied {done} of {log}"
+        );
+        let size = std::fs::metadata(&wal).unwrap().len();
+        for _ in 0..100 {
+            commit(&s);
+        }
+        assert_eq!(
+            std::fs::metadata(&wal).unwrap().len(),
+            size,
+            "after a complete checkpoint the WAL is written from its start again"
+        );
+        drop((s, other));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     #[test]
     fn users_round_trip_without_plaintext() {
         let dir = std::env::temp_dir().join(format!("gh-store-{}", std::process::id()));
@@ -866,4 +922,46 @@ mod tests {
             .collect();
         assert_eq!(ids, ["good"]);
     }
+}
+
+/// Checkpoints a store file's WAL on its own thread and connection, so that no commit of the
+/// storage worker waits for one. A passive checkpoint copies what no reader still needs into
+/// the database file and never blocks a writer; once everything is copied, the next write
+/// transaction starts the WAL over, so it stays short under a steady load.
+#[derive(Debug)]
+pub struct Checkpointer {
+    /// Dropped to stop the thread (it ends at its next wake-up, at most [`CHECKPOINT_EVERY`]).
+    _stop: std::sync::mpsc::Sender<()>,
+}
+
+/// How often the checkpointer runs.
+pub const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
+
+impl Checkpointer {
+    /// Starts checkpointing `path` every [`CHECKPOINT_EVERY`] until dropped.
+    pub fn start(path: &Path) -> Result<Checkpointer, StoreError> {
+        let conn = Connection::open(path)?;
+        conn.busy_timeout(Duration::from_millis(100))?;
+        let (stop, stopped) = std::sync::mpsc::channel::<()>();
+        std::thread::Builder::new()
+            .name("gatehouse-ckpt".into())
+            .spawn(move || {
+                while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+                    stopped.recv_timeout(CHECKPOINT_EVERY)
+                {
+                    if let Err(e) = checkpoint(&conn) {
+                        tracing::debug!(error = %e, "WAL checkpoint failed; retried in a second");
+                    }
+                }
+            })
+            .map_err(|e| StoreError::Invalid(format!("cannot start the checkpointer: {e}")))?;
+        Ok(Checkpointer { _stop: stop })
+    }
+}
+
+/// One passive checkpoint: (frames in the WAL, frames now in the database file).
+pub fn checkpoint(conn: &Connection) -> Result<(i64, i64), StoreError> {
+    Ok(conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
+        Ok((r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))
+    })?)
 }

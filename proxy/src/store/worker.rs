@@ -177,10 +177,32 @@ impl StorageWorker {
                 },
             )?;
         }
+        // A file store's WAL is checkpointed beside the worker, never inside one of its
+        // commits (a checkpoint in the commit path held tunnels' 200s for up to half a second).
+        let checkpointer = match &mut store {
+            Store::Sqlite(sq) => match sq.path().map(std::path::Path::to_owned) {
+                // Started first: commits stop checkpointing only once something else does.
+                Some(path) => match super::sqlite::Checkpointer::start(&path)
+                    .and_then(|c| sq.leave_checkpoints_to_another_thread().map(|()| c))
+                {
+                    Ok(c) => Some(c),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "no separate WAL checkpointer; commits checkpoint");
+                        None
+                    }
+                },
+                None => None,
+            },
+            Store::Postgres(_) => None,
+        };
         let m = Arc::clone(&metrics);
         let thread = std::thread::Builder::new()
             .name("gatehouse-store".into())
-            .spawn(move || Worker::new(store, m, events).run(rx))?;
+            .spawn(move || {
+                // Ends with the worker.
+                let _checkpointer = checkpointer;
+                Worker::new(store, m, events).run(rx)
+            })?;
         Ok(StorageWorker {
             jobs: Some(tx),
             thread: Some(thread),
